@@ -1,0 +1,60 @@
+"""The original package's entry points (``import fastacd as acd``), on the batched engine."""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .engine import Decomposer
+
+_DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def decomposer_for(model: torch.nn.Module, backend: str = "auto") -> Decomposer:
+    """A Decomposer per (model, backend), traced once and reused across calls."""
+    per_model = _DECOMPOSERS.setdefault(model, {})
+    if backend not in per_model:
+        per_model[backend] = Decomposer(model, backend=backend)
+    return per_model[backend]
+
+
+def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=None, device=None,
+       transform=None):
+    """Contextual decomposition scores for a blob (drop-in for ``acd.cd``).
+
+    Params
+    ------
+    im_torch: torch.Tensor, shape (1, C, H, W)
+    model: any traceable PyTorch model (put in eval mode, as the original does)
+    mask: array_like, 1 = relevant; (H, W), (1, C, H, W) like ``im_torch``, or a batch of M masks
+        (M, H, W) / (M, 1 or C, H, W), scored in one batched call
+    model_type: accepted for compatibility ('mnist', 'resnet18'); the tracer handles any model
+    device: None = the model's device; otherwise the model and image are moved there
+    transform: used when ``mask`` is None: ``transform(im_torch)`` is the relevant input
+
+    Returns
+    -------
+    relevant, irrelevant: torch.Tensor, (M, num_classes); relevant + irrelevant = the logits
+    """
+    del model_type  # every architecture goes through the same traced engine
+    model.eval()  # as the original: CD is defined on eval behaviour
+    if device is not None:
+        model = model.to(device)
+    else:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    if isinstance(im_torch, np.ndarray):
+        im_torch = torch.from_numpy(im_torch)
+    im_torch = im_torch.to(device)
+    dec = decomposer_for(model)
+    if mask is not None:
+        res = dec.cd(im_torch, mask)
+    elif transform is not None:
+        relevant = transform(im_torch).to(device=device, dtype=im_torch.dtype)
+        if relevant.dim() < im_torch.dim():
+            relevant = relevant.reshape((1,) * (im_torch.dim() - relevant.dim()) + tuple(relevant.shape))
+        res = dec.cd_relevant_input(im_torch, relevant.expand(-1, *im_torch.shape[1:]))
+    else:
+        raise ValueError("cd needs either a mask or a transform")
+    return res.relevant, res.irrelevant

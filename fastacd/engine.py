@@ -1,0 +1,365 @@
+"""The batched CD engine (design.md section 4).
+
+``Decomposer`` traces a model once and scores many masks per call:
+
+* the true activation ``a`` of every node is computed once per image (batch 1) and shared;
+* the relevant part ``r`` carries the M masks; ``i`` is never stored: a rule that needs it
+  uses ``a - r``. A conv/linear layer therefore applies its weights M + 1 times, not 2M;
+* M is cut into chunks so that peak memory stays under a budget; results do not depend
+  on the chunk size;
+* backends: ``reference`` (one mask at a time, separate r and i: the oracle), ``torch``
+  (batched, pure torch) and ``compiled`` (batched, fused C++/CUDA element-wise ops).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from . import _torch_ops
+from .graph import (CapturedGraph, Step, UnsupportedOpError, affine_parts, batchnorm_parts,
+                    call_with, describe_node, load_arg, maxpool_fn)
+
+BACKENDS = ("auto", "reference", "torch", "compiled")
+_CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB: measured sweet spot on a 2-core CPU (bench/README.md)
+_BYTES_PER_MASK_FACTOR = 6     # live copies of the largest activation per mask during a step
+
+
+def compiled_ops():
+    """The fused ops module if the compiled extension is built, else None."""
+    try:
+        from . import ops
+    except ImportError:
+        return None
+    return ops if getattr(ops, "HAS_COMPILED", False) else None
+
+
+def available_backends() -> list[str]:
+    return ["reference", "torch"] + (["compiled"] if compiled_ops() is not None else [])
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "compiled" if compiled_ops() is not None else "torch"
+    if backend == "compiled" and compiled_ops() is None:
+        raise RuntimeError("backend='compiled' needs the C++ extension fastacd._C, which is not "
+                           "built. Run `make setup` (or `pip install --no-build-isolation -e .`), "
+                           "or use backend='torch'.")
+    return backend
+
+
+@dataclass
+class CDResult:
+    """CD scores of M masks for one input.
+
+    relevant, irrelevant: (M, *output_shape); ``relevant + irrelevant == output`` for each mask.
+    output: (*output_shape,) the model's output (logits; a trailing softmax is not applied).
+    """
+    relevant: torch.Tensor
+    irrelevant: torch.Tensor
+    output: torch.Tensor
+
+    def scores(self, label: int) -> torch.Tensor:
+        """The relevant score of one class for every mask, shape (M,)."""
+        return self.relevant[:, label]
+
+    def to_json(self) -> dict:
+        return {"relevant": self.relevant.tolist(), "irrelevant": self.irrelevant.tolist(),
+                "output": self.output.tolist()}
+
+
+class Decomposer:
+    """Trace a model once; compute CD for many masks per call.
+
+    >>> dec = Decomposer(model.eval())
+    >>> res = dec.cd(x, masks)          # x: (1, C, H, W); masks: (M, H, W) of 0/1
+    >>> res.relevant.shape              # (M, num_classes)
+
+    The model must be in eval mode (CD is defined on eval behaviour: dropout off, batchnorm
+    with running statistics); a model in training mode raises ``ValueError``.
+    ``memory_budget`` (bytes) bounds the activations held for the masks of one chunk; the
+    default is 1 GiB on the CPU and half the free memory on a GPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str = "auto",
+                 memory_budget: int | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.graph = CapturedGraph(model)
+        self.backend = resolve_backend(backend)
+        self.memory_budget = memory_budget
+        self._ops = compiled_ops() if self.backend == "compiled" else _torch_ops
+
+    # ---- public -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for x (trailing softmax not applied)."""
+        x = self._check_input(x)
+        values, _ = self._total_pass(x)
+        return values[self.graph.result_node]
+
+    def cd(self, x: torch.Tensor, masks, *, chunk_size: int | None = None) -> CDResult:
+        """CD of each mask: the relevant input is ``mask * x``, the irrelevant ``(1 - mask) * x``.
+
+        masks: (H, W) or x's shape without the batch dim for one mask; (M, H, W),
+        (M, 1, H, W) or (M, C, H, W) for M masks (for a 2-d input (1, F): (F,) or (M, F)).
+        """
+        x = self._check_input(x)
+        masks = self._check_masks(x, masks)
+        return self.cd_relevant_input(x, masks * x, chunk_size=chunk_size, _checked=True)
+
+    def cd_relevant_input(self, x: torch.Tensor, relevant_input: torch.Tensor, *,
+                          chunk_size: int | None = None, _checked: bool = False) -> CDResult:
+        """CD with the input's relevant part given directly, shape (M, *x.shape[1:])."""
+        if not _checked:
+            x = self._check_input(x)
+            if relevant_input.shape[1:] != x.shape[1:] or relevant_input.dim() != x.dim():
+                raise ValueError(f"relevant_input must have shape (M, {', '.join(map(str, x.shape[1:]))}), "
+                                 f"got {tuple(relevant_input.shape)}")
+            relevant_input = relevant_input.to(device=x.device, dtype=x.dtype)
+        if relevant_input.shape[0] == 0:
+            raise ValueError("empty mask batch: pass at least one mask")
+        values, aux = self._total_pass(x)
+        out = values[self.graph.result_node]
+        if self.backend == "reference":
+            from .reference.cd import propagate_graph
+            pairs = [propagate_graph(self.graph, r[None], x - r[None]) for r in relevant_input]
+            return CDResult(relevant=torch.cat([p[0] for p in pairs]),
+                            irrelevant=torch.cat([p[1] for p in pairs]), output=out[0])
+        m = relevant_input.shape[0]
+        step = chunk_size or self.chunk_size(values, x)
+        rel = torch.cat([self._relevant_pass(relevant_input[s:s + step], values, aux)
+                         for s in range(0, m, step)])
+        return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
+
+    def chunk_size(self, values: dict | None = None, x: torch.Tensor | None = None) -> int:
+        """Masks per engine pass under the memory budget."""
+        if values is None:
+            raise ValueError("chunk_size needs the activations of a forward pass")
+        largest = max((v.numel() * v.element_size() for v in values.values()
+                       if isinstance(v, torch.Tensor)), default=1)
+        budget = self.memory_budget or default_memory_budget(x.device)
+        return max(1, int(budget // (largest * _BYTES_PER_MASK_FACTOR)))
+
+    # ---- validation -----------------------------------------------------------------------
+    def _check_input(self, x) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 2 or x.shape[0] != 1:
+            raise ValueError(f"input must have a batch dimension of 1, e.g. (1, C, H, W); got shape "
+                             f"{tuple(x.shape)}. Use x[None] for a single image, and call once per image.")
+        training = self.graph.modules_in_training_mode()
+        if training:
+            raise ValueError(f"the model is in training mode ({', '.join(training[:3])}"
+                             f"{', ...' if len(training) > 3 else ''}); CD is defined on eval behaviour "
+                             "(dropout off, batchnorm running statistics). Call model.eval() first.")
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            if param.device != x.device:
+                raise ValueError(f"input is on {x.device} but the model is on {param.device}; "
+                                 f"move one of them, e.g. x.to('{param.device}')")
+            if param.dtype != x.dtype:
+                raise TypeError(f"input is {x.dtype} but the model's parameters are {param.dtype}; "
+                                f"use x.to({param.dtype}) or model.to({x.dtype})")
+        if not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf values")
+        return x
+
+    @staticmethod
+    def _check_masks(x: torch.Tensor, masks) -> torch.Tensor:
+        """Masks as (M, 1 or C, *spatial) (or (M, F) for a 2-d input), validated.
+
+        A 3-d mask for an image is read as M masks of (H, W); a per-channel mask for one
+        image is (1, C, H, W), as in the original package.
+        """
+        if not isinstance(masks, torch.Tensor):
+            masks = torch.as_tensor(np.asarray(masks))
+        masks = masks.to(device=x.device, dtype=x.dtype)
+        feat, spatial, shape = tuple(x.shape[1:]), tuple(x.shape[2:]), tuple(masks.shape)
+        dims = lambda t: ", ".join(map(str, t))
+        if x.dim() == 2:
+            if shape == feat:
+                masks = masks[None]
+            elif masks.dim() != 2 or shape[1:] != feat:
+                raise ValueError(f"mask shape {shape} does not fit the input of shape "
+                                 f"{tuple(x.shape)}; expected ({dims(feat)},) or (M, {dims(feat)})")
+        elif shape == spatial:
+            masks = masks[None, None]
+        elif masks.dim() == len(spatial) + 1 and shape[1:] == spatial:
+            masks = masks[:, None]
+        elif not (masks.dim() == x.dim() and shape[2:] == spatial and shape[1] in (1, x.shape[1])):
+            raise ValueError(
+                f"mask shape {shape} does not fit the input of shape {tuple(x.shape)}; expected "
+                f"({dims(spatial)}), (M, {dims(spatial)}), (M, 1, {dims(spatial)}) or (M, {dims(feat)})")
+        if masks.shape[0] == 0:
+            raise ValueError("empty mask batch: pass at least one mask")
+        if not torch.isfinite(masks).all():
+            raise ValueError("masks contain NaN or Inf values")
+        return masks
+
+    # ---- the two passes -----------------------------------------------------------------
+    def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
+        """The true activation of every node (batch 1), plus what the rules reuse per chunk."""
+        g = self.graph
+        values: dict[fx.Node, Any] = {}
+        aux: dict[fx.Node, Any] = {}
+        value_of = values.__getitem__
+        for node in g.nodes:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
+                continue
+            if node.op == "get_attr":
+                values[node] = _fetch_attr(g.gm, node.target)
+                continue
+            step = g.steps.get(node)
+            if step is None:
+                values[node] = run_plain(g.gm, node, value_of)
+                continue
+            a = values[step.dep[0]]
+            kind = step.kind
+            if kind == "affine":
+                weights, bias = affine_parts(step, value_of)
+                pre = weights(a)
+                aux[node] = (weights, bias, pre)
+                out = pre if bias is None else pre + _torch_ops._channel_view(bias, pre)
+            elif kind == "batchnorm":
+                scale, shift, apply = batchnorm_parts(step, value_of)
+                aux[node] = (scale, shift)
+                out = apply(a)
+            elif kind == "maxpool":
+                out, idx = maxpool_fn(step, value_of)(a)
+                aux[node] = idx
+            elif kind == "output_softmax":
+                out = a
+            else:
+                out = call_with(g, step, value_of, {})
+            if kind != "shape" and not (isinstance(out, torch.Tensor) and out.dim() >= 1
+                                        and out.shape[0] == 1):
+                raise UnsupportedOpError(
+                    f"{describe_node(node)} changes the batch dimension (output shape "
+                    f"{tuple(getattr(out, 'shape', ()))} for a batch of 1); CD needs every "
+                    "input-dependent op to treat samples independently")
+            values[node] = out
+        return values, aux
+
+    def _relevant_pass(self, r0: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
+        """The relevant part of every node for one chunk of masks."""
+        g, ops, m = self.graph, self._ops, r0.shape[0]
+        rel: dict[fx.Node, torch.Tensor] = {g.input_node: r0}
+        value_of = values.__getitem__
+        for index, node in enumerate(g.nodes):
+            step = g.steps.get(node)
+            if step is None or step.kind == "shape":
+                continue
+            r = rel[step.dep[0]]
+            kind = step.kind
+            if kind == "affine":
+                weights, bias, pre = aux[node]
+                zr = weights(r)
+                if bias is None:
+                    out = zr.clamp_min(0) if step.relu_fused else zr
+                else:
+                    out = ops.bias_split(zr, pre, bias, step.relu_fused)
+            elif kind == "batchnorm":
+                scale, shift = aux[node]
+                out = ops.bn_split(r, values[step.dep[0]], scale, shift, step.relu_fused)
+            elif kind == "activation" and step.fused_into is not None:
+                out = r  # the producer already applied this ReLU
+            elif kind == "maxpool":
+                out = ops.maxpool_gather(r, aux[node])
+            elif kind == "reshape":
+                out = r.reshape((m,) + tuple(values[node].shape[1:]))
+            elif kind in ("add", "sub"):
+                out = _combine(node, kind, rel, values, m)
+            elif kind == "neg":
+                out = -r
+            elif kind == "scale":
+                other = [a for a in node.args[:2] if a is not step.dep[0]]
+                c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
+                out = r * c if step.extra["op"] == "mul" else r / c
+            elif kind == "cat":
+                out = _cat(node, rel, values, m)
+            elif kind == "output_softmax":
+                out = r
+            else:  # activation, linear, getitem, user rules: the op itself on r
+                out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+            want = (m,) + tuple(values[node].shape[1:])
+            if tuple(out.shape) != want:
+                raise UnsupportedOpError(
+                    f"{describe_node(node)} does not treat the samples of a batch independently "
+                    f"(relevant part has shape {tuple(out.shape)}, expected {want})")
+            rel[node] = out
+            for d in step.dep:  # free what no later step reads
+                if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                    rel.pop(d, None)
+        return rel[g.result_node]
+
+
+def _combine(node: fx.Node, kind: str, rel: dict, values: dict, m: int) -> torch.Tensor:
+    """Relevant part of a + b or a - b; an operand that does not depend on the input is irrelevant."""
+    a = node.args[0]
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    ra = rel.get(a) if isinstance(a, fx.Node) else None
+    rb = rel.get(b) if isinstance(b, fx.Node) else None
+    if ra is not None and rb is not None:
+        return ra + rb if kind == "add" else ra - rb
+    want = (m,) + tuple(values[node].shape[1:])  # a constant may broadcast the shape
+    if ra is not None:
+        return ra.expand(want)
+    return (rb if kind == "add" else -rb).expand(want)
+
+
+def _cat(node: fx.Node, rel: dict, values: dict, m: int) -> torch.Tensor:
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    total = values[node]
+    if dim % total.dim() == 0:
+        raise UnsupportedOpError(f"{describe_node(node)} concatenates along the batch dimension")
+    parts = []
+    for t in tensors:
+        if isinstance(t, fx.Node) and t in rel:
+            parts.append(rel[t])
+        else:  # a constant joins the irrelevant part
+            v = values[t] if isinstance(t, fx.Node) else t
+            parts.append(torch.zeros((m,) + tuple(v.shape[1:]), dtype=total.dtype, device=total.device))
+    return torch.cat(parts, dim)
+
+
+def run_plain(gm: fx.GraphModule, node: fx.Node, value_of) -> Any:
+    """Run a node that does not depend on the input, as torch.fx would."""
+    args = load_arg(value_of, node.args)
+    kwargs = load_arg(value_of, node.kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise RuntimeError(f"unexpected node {node.op}")
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of activations for the masks of one chunk: 1 GiB on the CPU, half the free GPU memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _CPU_DEFAULT_BUDGET
