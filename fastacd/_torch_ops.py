@@ -69,3 +69,49 @@ def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     flat = rel.reshape(m, c, -1)
     idx = indices.reshape(1, c, -1).expand(m, c, -1)
     return flat.gather(2, idx).reshape((m, c) + tuple(indices.shape[2:]))
+
+
+def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch.Tensor,
+                 out_gate: torch.Tensor, prev_rel_c: torch.Tensor, prev_total_c: torch.Tensor,
+                 in_phrase: torch.Tensor, first_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step of CD (the reference ``cd_text`` cell rule) for M masks.
+
+    rel_gates:    (M, 4H) ``W_ih x_t*[t in phrase] + W_hh rel_h_{t-1}``, no bias, gates i,f,g,o
+    total_gates:  (1, 4H) ``W_ih x_t + W_hh h_{t-1}`` of the true LSTM, no bias
+    bias:         (4H,)   ``b_ih + b_hh``
+    out_gate:     (1, H)  ``sigmoid`` of the true output gate (the reference computes o
+                          from the full input, not split)
+    prev_rel_c:   (M, H)  relevant cell state at t-1 (ignored on the first step)
+    prev_total_c: (1, H)  true cell state at t-1 (ignored on the first step)
+    in_phrase:    (M,)    1.0 where token t is relevant: the ``sigmoid(b_i) * tanh(b_g)``
+                          term goes to the relevant part there, to the irrelevant part elsewhere
+    first_step:   no forget-gate term at t = 0
+    Returns ``(rel_c, rel_h)``, each (M, H).
+
+    Irrelevant pre-activations are ``total - relevant``: the reference's separate irrelevant
+    propagation sums with the relevant one to the true LSTM state exactly (the three-player
+    split of a gate sums to ``f(a + b + c)``), so this is the same number up to rounding.
+    """
+    hid = prev_rel_c.shape[-1]
+    b_i, b_f, b_g, _ = bias.reshape(4, hid).unbind(0)
+    r_i, r_f, r_g, _ = rel_gates.split(hid, dim=1)
+    t_i, t_f, t_g, _ = total_gates.split(hid, dim=1)
+
+    def split3(rel, total, b, act):
+        # three-player split of act(rel + irrel + b) with irrel = total - rel:
+        # (relevant share, bias share); the irrelevant share is never needed
+        act_b = act(b)
+        rel_share = 0.5 * ((act(rel + b) - act_b) + (act(total + b) - act(total - rel + b)))
+        return rel_share, act_b
+
+    rel_ci, bias_ci = split3(r_i, t_i, b_i, torch.sigmoid)
+    rel_cg, bias_cg = split3(r_g, t_g, b_g, torch.tanh)
+    rel_c = rel_ci * (rel_cg + bias_cg) + bias_ci * rel_cg + in_phrase.unsqueeze(1) * (bias_ci * bias_cg)
+    total_c = torch.sigmoid(t_i + b_i) * torch.tanh(t_g + b_g)
+    if not first_step:
+        rel_cf, bias_cf = split3(r_f, t_f, b_f, torch.sigmoid)
+        rel_c = rel_c + (rel_cf + bias_cf) * prev_rel_c
+        total_c = total_c + torch.sigmoid(t_f + b_f) * prev_total_c
+    # two-player tanh split of the cell: relevant share of tanh(rel_c + irrel_c)
+    rel_h = out_gate * (0.5 * (torch.tanh(rel_c) + (torch.tanh(total_c) - torch.tanh(total_c - rel_c))))
+    return rel_c, rel_h
