@@ -1,0 +1,43 @@
+"""Shared test configuration: CUDA skipping, tolerances, the shared data folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared/data beside the project root holds artifacts of the original work (optional).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ACD_MNIST_WEIGHTS = SHARED_DATA / "acd_mnist_cnn.pt"
+
+# One tolerance table keyed by dtype (style.md item 7): (rtol, atol relative to the output scale).
+# float32 atol is 1e-4 of the scale: CD logits of random-init nets are sums with heavy
+# cancellation (AlexNet's float32 engine differs from the float64 oracle by 3e-5 of the scale).
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10)}
+
+
+def cpu_and_cuda():
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_close_scaled(actual, expected, dtype):
+    """assert_close with the dtype's rtol and an atol scaled by the magnitude of ``expected``."""
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(float(expected.detach().abs().max()), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
+
+
+@pytest.fixture
+def acd_mnist_weights():
+    if not ACD_MNIST_WEIGHTS.exists():
+        pytest.skip(f"{ACD_MNIST_WEIGHTS} not present (shared data of the original work)")
+    return ACD_MNIST_WEIGHTS

@@ -1,0 +1,232 @@
+"""The batched engine against the reference CD, on many architectures and dtypes."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastacd
+from fastacd.models import acd_mnist_cnn, digits_28
+
+from conftest import assert_close_scaled
+from models import MLP, ConcatNet, FunctionalNet, torchvision_model
+
+FAST_BACKENDS = [b for b in fastacd.available_backends() if b != "reference"]
+
+
+def tile_masks(h: int, w: int, n: int, seed: int = 0, tile: int = 8) -> torch.Tensor:
+    """n random masks made of tiles (what ACD scores), plus the full and the empty mask."""
+    g = torch.Generator().manual_seed(seed)
+    grid = (torch.rand(n, 1, -(-h // tile), -(-w // tile), generator=g) > 0.6).float()
+    masks = torch.nn.functional.interpolate(grid, scale_factor=tile)[:, 0, :h, :w]
+    return torch.cat([masks, torch.ones(1, h, w), torch.zeros(1, h, w)])
+
+
+ARCHS = {  # name: (model factory, input shape)
+    "vgg11_bn": (lambda: torchvision_model("vgg11_bn"), (1, 3, 64, 64)),
+    "vgg16": (lambda: torchvision_model("vgg16"), (1, 3, 64, 64)),
+    "alexnet": (lambda: torchvision_model("alexnet"), (1, 3, 64, 64)),
+    "resnet18": (lambda: torchvision_model("resnet18"), (1, 3, 64, 64)),
+    "resnet50": (lambda: torchvision_model("resnet50"), (1, 3, 64, 64)),
+    "densenet121": (lambda: torchvision_model("densenet121"), (1, 3, 64, 64)),
+    "mobilenet_v2": (lambda: torchvision_model("mobilenet_v2"), (1, 3, 64, 64)),
+    "functional": (lambda: FunctionalNet().eval(), (1, 3, 16, 16)),
+    "concat": (lambda: ConcatNet().eval(), (1, 3, 12, 12)),
+    "mnist_cnn": (lambda: acd_mnist_cnn(), (1, 1, 28, 28)),
+}
+
+
+def _case(name, dtype):
+    torch.manual_seed(1)
+    factory, shape = ARCHS[name]
+    model = factory().to(dtype)
+    x = torch.randn(shape).to(dtype)  # same values in float32 and float64
+    masks = tile_masks(shape[2], shape[3], 3, tile=max(2, shape[2] // 8)).to(dtype)
+    return model, x, masks
+
+
+# Deriving i = a - r instead of propagating it changes rounding; through MobileNetV2's ~50
+# batchnorms without eps (|s r| / (|s r| + |s i|)) that difference grows to ~1e-6 of the
+# output in float64 (the reference itself is stable under re-batching: ~1e-15). Documented
+# in docs/engine.md; every other architecture meets 1e-10.
+# Random-init MobileNetV2 is ill-conditioned under the published rules: its float32
+# reference is off from the float64 one by 75% of the output, so float32 is not compared.
+FLOAT64_RTOL = {"mobilenet_v2": 1e-3}
+ILL_CONDITIONED_IN_FLOAT32 = {"mobilenet_v2"}
+# The full mask gives relevant = output only where no batchnorm meets 0/0 (its rule sends the
+# shift to the irrelevant part there, in the reference too): nets without batchnorm.
+FULL_MASK_EXACT = {"vgg16", "alexnet", "functional", "mnist_cnn"}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_engine_matches_reference(name, dtype, backend):
+    if dtype == torch.float32 and name in ILL_CONDITIONED_IN_FLOAT32:
+        pytest.skip("float32 CD of this random-init net is ill-conditioned (reference included)")
+    model, x, masks = _case(name, dtype)
+    tiles = masks[:-2]  # the random tile masks
+    with torch.no_grad():
+        # The oracle runs in float64 even for float32 (its own float32 arithmetic is off by
+        # up to 1e-2 of the output on VGG16, the engine's by ~1e-6).
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), tiles.double())
+        ref_rel, ref_irrel = ref_rel.to(dtype), ref_irrel.to(dtype)
+        model.to(dtype)
+        dec = fastacd.Decomposer(model, backend=backend)
+        res = dec.cd(x, masks)
+        logits = dec.forward(x)  # the model's output without a trailing log_softmax
+    assert res.relevant.shape == (len(masks), logits.shape[1])
+    if dtype == torch.float64 and name in FLOAT64_RTOL:
+        tol = dict(rtol=FLOAT64_RTOL[name], atol=FLOAT64_RTOL[name] * float(ref_rel.abs().max()))
+        torch.testing.assert_close(res.relevant[:-2], ref_rel, **tol)
+        torch.testing.assert_close(res.irrelevant[:-2], ref_irrel, **tol)
+    else:
+        assert_close_scaled(res.relevant[:-2], ref_rel, dtype)
+        assert_close_scaled(res.irrelevant[:-2], ref_irrel, dtype)
+    # relevant + irrelevant = the model's output, for the engine and the reference
+    assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), dtype)
+    assert_close_scaled(ref_rel + ref_irrel, logits.expand_as(ref_rel), dtype)
+    if name in FULL_MASK_EXACT and dtype == torch.float64:  # full mask: everything relevant
+        assert_close_scaled(res.relevant[-2], logits[0], dtype)
+        assert res.irrelevant[-2].abs().max() <= 1e-4 * logits.abs().max()
+    # empty mask: everything irrelevant
+    assert res.relevant[-1].abs().max() <= 1e-4 * logits.abs().max()
+
+
+def test_reference_backend_equals_reference_module():
+    model, x, masks = _case("resnet18", torch.float64)
+    with torch.no_grad():
+        res = fastacd.Decomposer(model, backend="reference").cd(x, masks[:2])
+        rel, irrel = fastacd.reference.cd(model, x, masks[:2])
+    torch.testing.assert_close(res.relevant, rel, rtol=0, atol=0)
+    torch.testing.assert_close(res.irrelevant, irrel, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_vgg16_224_float32():
+    torch.manual_seed(0)
+    model = torchvision_model("vgg16", num_classes=1000)
+    x = torch.randn(1, 3, 224, 224)
+    masks = tile_masks(224, 224, 1, tile=14)[[0, 2]]  # one tile mask and the empty mask
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks)
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), masks.double())
+    assert_close_scaled(res.relevant, ref_rel.float(), torch.float32)
+    assert_close_scaled(res.irrelevant, ref_irrel.float(), torch.float32)
+
+
+def test_mlp_with_trailing_softmax_and_1d_masks():
+    torch.manual_seed(0)
+    model = MLP().eval().double()
+    x = torch.randn(1, 12, dtype=torch.float64)
+    masks = (torch.rand(5, 12) > 0.5).double()
+    dec = fastacd.Decomposer(model, backend="torch")
+    with torch.no_grad():
+        res = dec.cd(x, masks)
+        ref_rel, _ = fastacd.reference.cd(model, x, masks)
+        logits = model.net[:-1](x)  # before the softmax
+    assert_close_scaled(res.relevant, ref_rel, torch.float64)
+    assert_close_scaled(res.relevant + res.irrelevant, logits.expand(5, -1), torch.float64)
+    assert_close_scaled(dec.forward(x), logits, torch.float64)
+    single = dec.cd(x, masks[0])  # (F,) is one mask
+    assert_close_scaled(single.relevant, res.relevant[:1], torch.float64)
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18", "densenet121"])
+def test_results_do_not_depend_on_chunk_size(name):
+    model, x, masks = _case(name, torch.float64)
+    dec = fastacd.Decomposer(model)
+    with torch.no_grad():
+        whole = dec.cd(x, masks)
+        for chunk in (1, 2):
+            part = dec.cd(x, masks, chunk_size=chunk)
+            assert_close_scaled(part.relevant, whole.relevant, torch.float64)
+        tiny_budget = fastacd.Decomposer(model, memory_budget=1).cd(x, masks)  # one mask a chunk
+    assert_close_scaled(tiny_budget.relevant, whole.relevant, torch.float64)
+
+
+def test_chunk_size_follows_memory_budget():
+    model, x, _ = _case("vgg11_bn", torch.float32)
+    big = fastacd.Decomposer(model, memory_budget=1 << 30)
+    small = fastacd.Decomposer(model, memory_budget=1 << 22)
+    with torch.no_grad():
+        values, _ = big._total_pass(x)
+    largest = 64 * 64 * 64 * 4  # vgg11_bn's first conv output: 64 channels at 64x64, float32
+    assert big.chunk_size(values, x) == (1 << 30) // (largest * 6)
+    assert small.chunk_size(values, x) == max(1, (1 << 22) // (largest * 6))
+
+
+def test_empty_mask_gives_everything_irrelevant():
+    model, x, masks = _case("resnet18", torch.float64)
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks[-1])
+        logits = model(x)
+    assert_close_scaled(res.irrelevant[0], logits[0], torch.float64)
+    assert res.relevant.abs().max() <= 1e-10 * logits.abs().max()
+
+
+def test_drop_in_cd_matches_decomposer_and_accepts_original_arguments():
+    model, x, masks = _case("mnist_cnn", torch.float32)
+    mask = masks[0].numpy()
+    with torch.no_grad():
+        rel, irrel = fastacd.cd(x, model, mask, model_type="mnist", device="cpu")
+        res = fastacd.Decomposer(model).cd(x, masks[0])
+        rel_t, irrel_t = fastacd.cd(x, model, transform=lambda im: im * masks[0])
+        rel_b, _ = fastacd.cd(x, model, masks)  # a batch of masks in one call
+    torch.testing.assert_close(rel, res.relevant)
+    torch.testing.assert_close(irrel, res.irrelevant)
+    torch.testing.assert_close(rel_t, res.relevant)
+    assert rel_b.shape == (len(masks), 10)
+    torch.testing.assert_close(rel_b[:1], rel)
+
+
+def test_drop_in_cd_sets_eval_like_the_original():
+    model, x, masks = _case("vgg11_bn", torch.float32)
+    model.train()
+    with torch.no_grad():
+        fastacd.cd(x, model, masks[0])
+    assert not model.training
+
+
+def test_mnist_cnn_with_published_weights(acd_mnist_weights):
+    model = acd_mnist_cnn(acd_mnist_weights).double()
+    images, labels = digits_28(torch.float64)
+    x = images[:1]
+    masks = tile_masks(28, 28, 4, tile=4).double()
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks)
+        ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
+        log_probs = model(x)
+    assert_close_scaled(res.relevant, ref_rel, torch.float64)
+    assert_close_scaled(res.irrelevant, ref_irrel, torch.float64)
+    # the logits CD decomposes are what the model's log_softmax normalises
+    torch.testing.assert_close(torch.log_softmax(res.relevant[-2:-1], 1), log_probs)
+
+
+def test_gradients_flow_through_the_engine():
+    model, x, masks = _case("functional", torch.float64)
+    res = fastacd.Decomposer(model).cd(x, masks[:2])
+    res.relevant[:, 0].sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("acd") is None, reason="original acd package not installed")
+@pytest.mark.parametrize("name,model_type", [("vgg11_bn", None), ("alexnet", None),
+                                             ("resnet18", "resnet18"), ("mnist_cnn", "mnist")])
+def test_matches_original_acd_package(name, model_type):
+    """Cross-check against the original package (float32 only: it builds float32 zeros)."""
+    import acd
+    model, x, masks = _case(name, torch.float32)
+    if name == "mnist_cnn":
+        from conftest import ACD_MNIST_WEIGHTS
+        if ACD_MNIST_WEIGHTS.exists():
+            model = acd_mnist_cnn(ACD_MNIST_WEIGHTS)
+    mask = masks[0]
+    with torch.no_grad():
+        rel, irrel = acd.cd(x, model, mask.numpy(), model_type=model_type, device="cpu")
+        res = fastacd.Decomposer(model).cd(x, mask)
+    assert_close_scaled(res.relevant, rel, torch.float32)
+    assert_close_scaled(res.irrelevant, irrel, torch.float32)
