@@ -12,17 +12,16 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from . import _torch_ops
-from .graph import (CapturedGraph, Step, UnsupportedOpError, affine_parts, batchnorm_parts,
-                    call_with, describe_node, load_arg, maxpool_fn)
+from .graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts,
+                    call_with, check_eval, describe_node, load_arg, maxpool_fn)
 
 BACKENDS = ("auto", "reference", "torch", "compiled")
 _CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB: measured sweet spot on a 2-core CPU (bench/README.md)
@@ -158,11 +157,7 @@ class Decomposer:
         if x.dim() < 2 or x.shape[0] != 1:
             raise ValueError(f"input must have a batch dimension of 1, e.g. (1, C, H, W); got shape "
                              f"{tuple(x.shape)}. Use x[None] for a single image, and call once per image.")
-        training = self.graph.modules_in_training_mode()
-        if training:
-            raise ValueError(f"the model is in training mode ({', '.join(training[:3])}"
-                             f"{', ...' if len(training) > 3 else ''}); CD is defined on eval behaviour "
-                             "(dropout off, batchnorm running statistics). Call model.eval() first.")
+        check_eval(self.model)
         param = next(self.model.parameters(), None)
         if param is not None:
             if param.device != x.device:

@@ -159,7 +159,9 @@ def describe_node(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else ""
     if node.op == "call_module":
-        what, path = f"module {node.target!r}", node.target
+        owner = node.graph.owning_module
+        typ = type(owner.get_submodule(node.target)).__name__ if owner is not None else "?"
+        what, path = f"module {node.target!r} ({typ})", node.target
     elif node.op == "call_method":
         what = f"method .{node.target}()"
     else:
@@ -177,6 +179,7 @@ class CapturedGraph:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
         try:
             graph = _Tracer().trace(model)
         except Exception as exc:  # torch.fx raises many types; say what to do
@@ -320,7 +323,8 @@ class CapturedGraph:
     def _binary_rule(self, node, dep, kind) -> Step:
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         if kind in ("mul", "div"):
-            if len(dep) > 1 or (kind == "div" and b in self.dependent):
+            both = a in self.dependent and b in self.dependent  # x * x counts too
+            if both or (kind == "div" and b in self.dependent):
                 raise self._unsupported(
                     node, "a product or quotient of two input-dependent values (not linear; "
                     "CD has no rule for it)")
@@ -372,9 +376,15 @@ class CapturedGraph:
                     last[a] = order[node]
         return last
 
-    def modules_in_training_mode(self) -> list[str]:
-        return [name or type(self.model).__name__
-                for name, m in self.model.named_modules() if m.training]
+
+def check_eval(model: nn.Module) -> None:
+    """Raise if any module is in training mode: CD is defined on eval behaviour."""
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"the model is in training mode ({', '.join(training[:3])}"
+            f"{', ...' if len(training) > 3 else ''}); CD is defined on eval behaviour "
+            "(dropout off, batchnorm running statistics). Call model.eval() first.")
 
 
 def _arg(node: fx.Node, pos: int, name: str, default):

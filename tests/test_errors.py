@@ -1,0 +1,184 @@
+"""Bad input gets a clear error that says what was wrong and what to do."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastacd
+
+from models import FunctionalNet
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return FunctionalNet().eval()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(1, 3, 16, 16)
+
+
+def test_mask_of_the_wrong_size(model, x):
+    with pytest.raises(ValueError, match=r"mask shape \(15, 16\) does not fit the input of shape \(1, 3, 16, 16\)"):
+        fastacd.Decomposer(model).cd(x, torch.ones(15, 16))
+    with pytest.raises(ValueError, match="expected"):
+        fastacd.Decomposer(model).cd(x, torch.ones(4, 2, 16, 16))
+
+
+def test_empty_mask_batch(model, x):
+    with pytest.raises(ValueError, match="empty mask batch"):
+        fastacd.Decomposer(model).cd(x, torch.ones(0, 16, 16))
+
+
+def test_nan_and_inf_in_input(model, x):
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fastacd.Decomposer(model).cd(bad, torch.ones(16, 16))
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fastacd.cd(bad, model, torch.ones(16, 16))
+
+
+def test_nan_in_mask(model, x):
+    m = torch.ones(16, 16)
+    m[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="masks contain NaN"):
+        fastacd.Decomposer(model).cd(x, m)
+
+
+def test_model_in_training_mode(model, x):
+    dec = fastacd.Decomposer(model)
+    model.train()
+    with pytest.raises(ValueError, match=r"training mode .*Call model.eval\(\)"):
+        dec.cd(x, torch.ones(16, 16))  # switched after capture
+    with pytest.raises(ValueError, match=r"training mode .*Call model.eval\(\)"):
+        fastacd.Decomposer(model)
+
+
+def test_device_mismatch(model, x):
+    meta_x = torch.empty(1, 3, 16, 16, device="meta")
+    with pytest.raises(ValueError, match=r"input is on meta but the model is on cpu"):
+        fastacd.Decomposer(model).cd(meta_x, torch.ones(16, 16))
+
+
+def test_dtype_mismatch(model, x):
+    with pytest.raises(TypeError, match=r"input is torch.float64 but the model's parameters are torch.float32"):
+        fastacd.Decomposer(model).cd(x.double(), torch.ones(16, 16))
+
+
+def test_batch_of_images_is_refused(model):
+    with pytest.raises(ValueError, match="batch dimension of 1"):
+        fastacd.Decomposer(model).cd(torch.randn(2, 3, 16, 16), torch.ones(16, 16))
+
+
+def test_unknown_backend(model):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastacd.Decomposer(model, backend="fast")
+
+
+class Gated(nn.Module):
+    """x * sigmoid(x): a product of two input-dependent values has no CD rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y * torch.sigmoid(y)).flatten(1)
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def test_unsupported_op_names_the_op_the_node_and_the_fix():
+    with pytest.raises(fastacd.UnsupportedOpError) as err:
+        fastacd.Decomposer(Gated().eval())
+    msg = str(err.value)
+    assert "torch.sigmoid" in msg and "graph node 'sigmoid'" in msg
+    assert "fastacd.register_rule" in msg
+
+
+def test_unsupported_module_names_its_path():
+    with pytest.raises(fastacd.UnsupportedOpError, match=r"(?s)module 'norm' \(LayerNorm\).*fastacd.register_rule"):
+        fastacd.Decomposer(WithLayerNorm().eval())
+
+
+def test_product_of_two_dependent_values_is_refused():
+    class Square(nn.Module):
+        def forward(self, x):
+            return (x * x).flatten(1)
+    with pytest.raises(fastacd.UnsupportedOpError, match="product or quotient of two input-dependent"):
+        fastacd.Decomposer(Square().eval())
+
+
+def test_softmax_inside_the_network_is_refused():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(F.softmax(x, dim=1))
+    with pytest.raises(fastacd.UnsupportedOpError, match="softmax inside the network"):
+        fastacd.Decomposer(Attn().eval())
+
+
+def test_register_rule_makes_a_new_module_work():
+    class Blur(nn.Module):  # a fixed linear filter
+        def forward(self, x):
+            return F.avg_pool2d(x, 3, stride=1, padding=1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.blur = Blur()
+            self.fc = nn.Linear(4 * 14 * 14, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.blur(F.relu(self.conv(x))), 1))
+
+    torch.manual_seed(0)
+    net = Net().eval().double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    masks = (torch.rand(3, 16, 16) > 0.5).double()
+    fastacd.register_rule(Blur, "linear")
+    try:
+        dec = fastacd.Decomposer(net)
+        assert dec.graph.steps[[n for n in dec.graph.nodes if n.target == "blur"][0]].kind == "linear"
+        res = dec.cd(x, masks)
+        rel, irrel = fastacd.reference.cd(net, x, masks)
+        torch.testing.assert_close(res.relevant, rel, rtol=1e-10, atol=1e-12)
+    finally:
+        from fastacd.graph import _USER_RULES
+        _USER_RULES.pop(Blur)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        fastacd.register_rule(Blur, "magic")
+
+
+def test_untraceable_model_says_why():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x.flatten(1)
+            return -x.flatten(1)
+    with pytest.raises(fastacd.UnsupportedOpError, match="could not trace Branchy with torch.fx"):
+        fastacd.Decomposer(Branchy().eval())
+
+
+def test_cd_without_mask_or_transform(model, x):
+    with pytest.raises(ValueError, match="either a mask or a transform"):
+        fastacd.cd(x, model)
