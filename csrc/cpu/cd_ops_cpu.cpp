@@ -1,0 +1,342 @@
+// CPU implementations of the fused CD ops: OpenMP over masks and channels, contiguous
+// inner loops over positions that the compiler vectorises. The math is in
+// kernels/cd_math.h; this file only computes indices.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "csrc/checks.h"
+#include "kernels/cd_math.h"
+
+namespace fastacd {
+namespace {
+
+// Below this many elements a loop runs on one thread: the fork costs more than it saves.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+int threads_for(int64_t work) { return work < kParallelGrain ? 1 : at::get_num_threads(); }
+
+
+void check_cpu_float(const char* op, std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
+  check_device(op, c10::DeviceType::CPU, args);
+  const auto& [first, first_name] = *args.begin();
+  for (const auto& [t, name] : args) {
+    check_float_dtype(op, *t, name, /*allow_reduced=*/false);
+    check_same_dtype(op, *first, first_name, *t, name);
+  }
+}
+
+// ---------------------------------------------------------------- bias_split
+// OpenMP pragmas sit in these templates, not in the AT_DISPATCH lambdas (toolchain.md).
+
+template <typename scalar_t, bool kRelu>
+void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out,
+                     int64_t M, int64_t C, int64_t S) {
+  const int nt = threads_for(M * C * S);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t c = row % C;
+    const scalar_t b = bias[c];
+    const scalar_t* r = rel + row * S;
+    const scalar_t* t = total + c * S;
+    scalar_t* o = out + row * S;
+    for (int64_t s = 0; s < S; ++s) o[s] = math::bias_split(r[s], t[s], b, kRelu);
+  }
+}
+
+// Linear layers (M, F): a row per mask, the bias varies along the row.
+template <typename scalar_t, bool kRelu>
+void bias_split_rows(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out,
+                     int64_t M, int64_t C) {
+  const int nt = threads_for(M * C);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* r = rel + m * C;
+    scalar_t* o = out + m * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = math::bias_split(r[c], total[c], bias[c], kRelu);
+  }
+}
+
+template <typename scalar_t>
+void bias_split_kernel(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& bias,
+                       at::Tensor& out, bool relu) {
+  const int64_t M = rel.size(0), C = rel.size(1), S = positions(rel);
+  const scalar_t* r = rel.const_data_ptr<scalar_t>();
+  const scalar_t* t = total.const_data_ptr<scalar_t>();
+  const scalar_t* b = bias.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  if (S == 1) {
+    relu ? bias_split_rows<scalar_t, true>(r, t, b, o, M, C) : bias_split_rows<scalar_t, false>(r, t, b, o, M, C);
+  } else {
+    relu ? bias_split_loop<scalar_t, true>(r, t, b, o, M, C, S)
+         : bias_split_loop<scalar_t, false>(r, t, b, o, M, C, S);
+  }
+}
+
+at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                          bool relu) {
+  constexpr const char* op = "fastacd::bias_split";
+  check_cpu_float(op, {{&rel_pre, "rel_pre"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
+  check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
+  check_channel_vector(op, bias, "bias", rel_pre.size(1));
+  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor r = rel_pre.contiguous(), t = total_pre.contiguous(), b = bias.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_cpu", [&] { bias_split_kernel<scalar_t>(r, t, b, out, relu); });
+  return out;
+}
+
+// Parallel over channels: each thread owns its channel's slice of grad_total and its
+// grad_bias entry, so the sums over masks need no atomics.
+template <typename scalar_t>
+void bias_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total,
+                                const scalar_t* bias, scalar_t* g_rel, scalar_t* g_total,
+                                scalar_t* g_bias, int64_t M, int64_t C, int64_t S, bool relu) {
+  const int nt = threads_for(M * C * S);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t b = bias[c];
+    const scalar_t* t = total + c * S;
+    scalar_t* gt = g_total + c * S;
+    for (int64_t s = 0; s < S; ++s) gt[s] = scalar_t(0);
+    double gb = 0;  // a sum over M * S terms: accumulate in double
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t off = (m * C + c) * S;
+      for (int64_t s = 0; s < S; ++s) {
+        const auto d = math::bias_split_grad(grad[off + s], rel[off + s], t[s], b, relu);
+        g_rel[off + s] = d.rel;
+        gt[s] += d.total;
+        gb += d.bias;
+      }
+    }
+    g_bias[c] = static_cast<scalar_t>(gb);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+    bool relu) {
+  constexpr const char* op = "fastacd::bias_split_backward";
+  check_cpu_float(op, {{&rel_pre, "rel_pre"}, {&grad, "grad"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
+  check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
+  check_channel_vector(op, bias, "bias", rel_pre.size(1));
+  TORCH_CHECK(grad.sizes() == rel_pre.sizes(), op, ": grad must have the shape of rel_pre ", rel_pre.sizes(),
+              ", got ", grad.sizes(), ".");
+  at::Tensor g_rel = at::empty(rel_pre.sizes(), rel_pre.options());
+  at::Tensor g_total = at::zeros(total_pre.sizes(), total_pre.options());
+  at::Tensor g_bias = at::zeros(bias.sizes(), bias.options());
+  if (g_total.numel() == 0) return {g_rel, g_total, g_bias};
+  const at::Tensor g = grad.contiguous(), r = rel_pre.contiguous(), t = total_pre.contiguous(),
+                   b = bias.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_backward_cpu", [&] {
+    bias_split_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                         t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                         g_rel.mutable_data_ptr<scalar_t>(), g_total.mutable_data_ptr<scalar_t>(),
+                                         g_bias.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r),
+                                         relu);
+  });
+  return {g_rel, g_total, g_bias};
+}
+
+// ---------------------------------------------------------------- bn_split
+
+template <typename scalar_t, bool kRelu>
+void bn_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* scale, const scalar_t* shift,
+                   scalar_t* out, int64_t M, int64_t C, int64_t S) {
+  const int nt = threads_for(M * C * S);
+  if (S == 1) {  // (M, F), e.g. BatchNorm1d after a linear layer
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < C; ++c)
+        out[m * C + c] = math::bn_split(rel[m * C + c], total[c], scale[c], shift[c], kRelu);
+    }
+    return;
+  }
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t c = row % C;
+    const scalar_t sc = scale[c], sh = shift[c];
+    const scalar_t* r = rel + row * S;
+    const scalar_t* t = total + c * S;
+    scalar_t* o = out + row * S;
+    for (int64_t s = 0; s < S; ++s) o[s] = math::bn_split(r[s], t[s], sc, sh, kRelu);
+  }
+}
+
+at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                        const at::Tensor& shift, bool relu) {
+  constexpr const char* op = "fastacd::bn_split";
+  check_cpu_float(op, {{&rel, "rel"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
+  check_rel_total(op, rel, "rel", total, "total");
+  check_channel_vector(op, scale, "scale", rel.size(1));
+  check_channel_vector(op, shift, "shift", rel.size(1));
+  at::Tensor out = at::empty(rel.sizes(), rel.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bn_split_cpu", [&] {
+    const auto args = std::make_tuple(r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                      sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(),
+                                      out.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r));
+    relu ? std::apply(bn_split_loop<scalar_t, true>, args) : std::apply(bn_split_loop<scalar_t, false>, args);
+  });
+  return out;
+}
+
+template <typename scalar_t>
+void bn_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total,
+                              const scalar_t* scale, const scalar_t* shift, scalar_t* g_rel, scalar_t* g_total,
+                              scalar_t* g_scale, scalar_t* g_shift, int64_t M, int64_t C, int64_t S, bool relu) {
+  const int nt = threads_for(M * C * S);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t sc = scale[c], sh = shift[c];
+    const scalar_t* t = total + c * S;
+    scalar_t* gt = g_total + c * S;
+    for (int64_t s = 0; s < S; ++s) gt[s] = scalar_t(0);
+    double gsc = 0, gsh = 0;  // sums over M * S terms: accumulate in double
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t off = (m * C + c) * S;
+      for (int64_t s = 0; s < S; ++s) {
+        const auto d = math::bn_split_grad(grad[off + s], rel[off + s], t[s], sc, sh, relu);
+        g_rel[off + s] = d.rel;
+        gt[s] += d.total;
+        gsc += d.scale;
+        gsh += d.shift;
+      }
+    }
+    g_scale[c] = static_cast<scalar_t>(gsc);
+    g_shift[c] = static_cast<scalar_t>(gsh);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+    const at::Tensor& shift, bool relu) {
+  constexpr const char* op = "fastacd::bn_split_backward";
+  check_cpu_float(op, {{&rel, "rel"}, {&grad, "grad"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
+  check_rel_total(op, rel, "rel", total, "total");
+  check_channel_vector(op, scale, "scale", rel.size(1));
+  check_channel_vector(op, shift, "shift", rel.size(1));
+  TORCH_CHECK(grad.sizes() == rel.sizes(), op, ": grad must have the shape of rel ", rel.sizes(), ", got ",
+              grad.sizes(), ".");
+  at::Tensor g_rel = at::empty(rel.sizes(), rel.options());
+  at::Tensor g_total = at::zeros(total.sizes(), total.options());
+  at::Tensor g_scale = at::zeros(scale.sizes(), scale.options());
+  at::Tensor g_shift = at::zeros(shift.sizes(), shift.options());
+  if (g_total.numel() == 0) return {g_rel, g_total, g_scale, g_shift};
+  const at::Tensor g = grad.contiguous(), r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(),
+                   sh = shift.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bn_split_backward_cpu", [&] {
+    bn_split_backward_kernel<scalar_t>(
+        g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+        sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), g_rel.mutable_data_ptr<scalar_t>(),
+        g_total.mutable_data_ptr<scalar_t>(), g_scale.mutable_data_ptr<scalar_t>(),
+        g_shift.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r), relu);
+  });
+  return {g_rel, g_total, g_scale, g_shift};
+}
+
+// ---------------------------------------------------------------- maxpool_gather
+
+// Indices come from max_pool on the shared total: (1, C, *So), small next to rel.
+// Checking their range once up front keeps the gather loops branch-free.
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t S) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t k = 0; k < idx.numel(); ++k) {
+    lo = std::min(lo, p[k]);
+    hi = std::max(hi, p[k]);
+  }
+  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < S), op, ": indices must lie in [0, ", S,
+              ") (flat positions into the spatial dims of rel), found values in [", lo, ", ", hi, "].");
+}
+
+template <typename scalar_t>
+void maxpool_gather_kernel(const scalar_t* rel, const int64_t* idx, scalar_t* out, int64_t M, int64_t C,
+                           int64_t S, int64_t So) {
+  const int nt = threads_for(M * C * So);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t* ix = idx + (row % C) * So;
+    const scalar_t* src = rel + row * S;
+    scalar_t* dst = out + row * So;
+    for (int64_t o = 0; o < So; ++o) dst[o] = src[ix[o]];
+  }
+}
+
+
+at::Tensor maxpool_gather_cpu(const at::Tensor& rel, const at::Tensor& indices) {
+  constexpr const char* op = "fastacd::maxpool_gather";
+  check_device(op, c10::DeviceType::CPU, {{&rel, "rel"}, {&indices, "indices"}});
+  check_float_dtype(op, rel, "rel", /*allow_reduced=*/false);
+  check_gather_indices(op, rel, indices);
+  at::Tensor out = at::empty(gathered_shape(rel.size(0), indices), rel.options());
+  const at::Tensor ix = indices.contiguous();
+  const int64_t S = positions(rel);
+  check_indices_in_range(op, ix, S);
+  if (out.numel() == 0) return out;
+  const int64_t So = ix.numel() / ix.size(1);
+  const at::Tensor r = rel.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "maxpool_gather_cpu", [&] {
+    maxpool_gather_kernel<scalar_t>(r.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(),
+                                    out.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), S, So);
+  });
+  return out;
+}
+
+// Scatter-add back; overlapping windows can pick one position twice. Each thread owns
+// whole (mask, channel) rows, so this is deterministic and needs no atomics.
+template <typename scalar_t>
+void maxpool_gather_backward_kernel(const scalar_t* grad, const int64_t* idx, scalar_t* g_rel, int64_t M,
+                                    int64_t C, int64_t S, int64_t So) {
+  const int nt = threads_for(M * C * So);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t* ix = idx + (row % C) * So;
+    const scalar_t* src = grad + row * So;
+    scalar_t* dst = g_rel + row * S;
+    for (int64_t o = 0; o < So; ++o) dst[ix[o]] += src[o];
+  }
+}
+
+at::Tensor maxpool_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& indices,
+                                       at::IntArrayRef rel_shape) {
+  constexpr const char* op = "fastacd::maxpool_gather_backward";
+  check_device(op, c10::DeviceType::CPU, {{&grad, "grad"}, {&indices, "indices"}});
+  check_float_dtype(op, grad, "grad", /*allow_reduced=*/false);
+  at::Tensor g_rel = at::zeros(rel_shape, grad.options());
+  check_gather_indices(op, g_rel, indices);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(gathered_shape(g_rel.size(0), indices)), op,
+              ": grad must have shape (M, C, *So) with M = ", g_rel.size(0), " and (C, *So) = ",
+              indices.sizes().slice(1), ", got ", grad.sizes(), ".");
+  const at::Tensor ix = indices.contiguous();
+  const int64_t S = positions(g_rel);
+  check_indices_in_range(op, ix, S);
+  if (grad.numel() == 0) return g_rel;
+  const int64_t So = ix.numel() / ix.size(1);
+  const at::Tensor g = grad.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "maxpool_gather_backward_cpu", [&] {
+    maxpool_gather_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(),
+                                             g_rel.mutable_data_ptr<scalar_t>(), g_rel.size(0), g_rel.size(1),
+                                             S, So);
+  });
+  return g_rel;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastacd, CPU, m) {
+  m.impl("bias_split", &bias_split_cpu);
+  m.impl("bias_split_backward", &bias_split_backward_cpu);
+  m.impl("bn_split", &bn_split_cpu);
+  m.impl("bn_split_backward", &bn_split_backward_cpu);
+  m.impl("maxpool_gather", &maxpool_gather_cpu);
+  m.impl("maxpool_gather_backward", &maxpool_gather_backward_cpu);
+}
+
+}  // namespace fastacd

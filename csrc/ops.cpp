@@ -1,0 +1,48 @@
+// fastacd._C: every operator schema of the extension, in one place (style.md item 1).
+// The implementations register per dispatch key: csrc/cpu/*.cpp for CPU, kernels/*.cu
+// for CUDA. Fake (meta) kernels and autograd are registered from Python
+// (fastacd/ops.py), so the ops work under torch.compile and are differentiable.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastacd, m) {
+  // Conv/linear bias split (+ optional ReLU): rel_pre (M,C,*S), total_pre (1,C,*S), bias (C,).
+  m.def("bias_split(Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor");
+  m.def("bias_split_backward(Tensor grad, Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Eval batchnorm split (+ optional ReLU): rel (M,C,*S), total (1,C,*S), scale/shift (C,).
+  m.def("bn_split(Tensor rel, Tensor total, Tensor scale, Tensor shift, bool relu=False) -> Tensor");
+  m.def("bn_split_backward(Tensor grad, Tensor rel, Tensor total, Tensor scale, Tensor shift,"
+        " bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Max-pool of M relevant maps at the shared argmax: rel (M,C,*S), indices (1,C,*So) int64.
+  m.def("maxpool_gather(Tensor rel, Tensor indices) -> Tensor");
+  m.def("maxpool_gather_backward(Tensor grad, Tensor indices, SymInt[] rel_shape) -> Tensor");
+}
+
+// Build facts for fastacd.ops.build_info(), fixed at compile time by setup.py.
+#ifndef FASTACD_CUDA_ARCHS
+#define FASTACD_CUDA_ARCHS none
+#endif
+#define FASTACD_STR2(x) #x
+#define FASTACD_STR(x) FASTACD_STR2(x)
+
+// A plain Python module: importing fastacd._C loads this library, whose static
+// initialisers register the ops with the dispatcher (no pybind11 needed).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef FASTACD_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "openmp", _OPENMP);
+#else
+  PyModule_AddIntConstant(mod, "openmp", 0);
+#endif
+  PyModule_AddStringConstant(mod, "cuda_archs", FASTACD_STR(FASTACD_CUDA_ARCHS));
+  PyModule_AddStringConstant(mod, "cxx_compiler", __VERSION__);
+  return mod;
+}

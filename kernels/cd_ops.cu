@@ -1,0 +1,326 @@
+// CUDA implementations of the fused CD ops. Each kernel computes indices, loads in the
+// tensor's dtype, calls the math of kernels/cd_math.h in the accumulation type
+// (float32 for float16/bfloat16) and stores. Launchers follow style.md item 3: check
+// device, dtype, shape; device guard; early return on empty input; contiguous; dispatch;
+// launch on the current stream; check the launch.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "csrc/checks.h"
+#include "kernels/cd_math.h"
+
+namespace fastacd {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Grid-stride loops: enough blocks to fill the GPU, capped so the grid stays legal.
+unsigned int blocks_for(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+}
+
+#define FASTACD_GRID_STRIDE(k, n) \
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < (n); k += int64_t(blockDim.x) * gridDim.x)
+
+
+void check_cuda_float(const char* op, std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
+  check_device(op, c10::DeviceType::CUDA, args);
+  const auto& [first, first_name] = *args.begin();
+  for (const auto& [t, name] : args) {
+    check_float_dtype(op, *t, name, /*allow_reduced=*/true);
+    check_same_dtype(op, *first, first_name, *t, name);
+  }
+}
+
+// The dtype that per-channel partial sums are kept in (float32 for half/bfloat16).
+at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+#define FASTACD_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------- bias_split
+
+template <typename scalar_t>
+__global__ void bias_split_kernel(const scalar_t* __restrict__ rel, const scalar_t* __restrict__ total,
+                                  const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t n,
+                                  int64_t C, int64_t S, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t CS = C * S;
+  FASTACD_GRID_STRIDE(k, n) {
+    const int64_t cs = k % CS;
+    out[k] = static_cast<scalar_t>(math::bias_split<acc_t>(acc_t(rel[k]), acc_t(total[cs]), acc_t(bias[cs / S]), relu));
+  }
+}
+
+at::Tensor bias_split_cuda(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                           bool relu) {
+  constexpr const char* op = "fastacd::bias_split";
+  check_cuda_float(op, {{&rel_pre, "rel_pre"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
+  check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
+  check_channel_vector(op, bias, "bias", rel_pre.size(1));
+  const c10::cuda::CUDAGuard guard(rel_pre.device());
+  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const at::Tensor r = rel_pre.contiguous(), t = total_pre.contiguous(), b = bias.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(r.scalar_type(), "bias_split_cuda", [&] {
+    bias_split_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), n, r.size(1), positions(r), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// One thread per (channel, position): it walks the M masks, so the sum over masks
+// for grad_total needs no atomics; per-position bias partials are summed afterwards.
+template <typename scalar_t, typename acc_t>
+__global__ void bias_split_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+                                           const scalar_t* __restrict__ total, const scalar_t* __restrict__ bias,
+                                           scalar_t* __restrict__ g_rel, scalar_t* __restrict__ g_total,
+                                           acc_t* __restrict__ bias_partial, int64_t M, int64_t C, int64_t S,
+                                           bool relu) {
+  const int64_t CS = C * S;
+  FASTACD_GRID_STRIDE(cs, CS) {
+    const acc_t t = acc_t(total[cs]), b = acc_t(bias[cs / S]);
+    acc_t gt = 0, gb = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t k = m * CS + cs;
+      const auto d = math::bias_split_grad<acc_t>(acc_t(grad[k]), acc_t(rel[k]), t, b, relu);
+      g_rel[k] = static_cast<scalar_t>(d.rel);
+      gt += d.total;
+      gb += d.bias;
+    }
+    g_total[cs] = static_cast<scalar_t>(gt);
+    bias_partial[cs] = gb;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+    bool relu) {
+  constexpr const char* op = "fastacd::bias_split_backward";
+  check_cuda_float(op, {{&rel_pre, "rel_pre"}, {&grad, "grad"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
+  check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
+  check_channel_vector(op, bias, "bias", rel_pre.size(1));
+  TORCH_CHECK(grad.sizes() == rel_pre.sizes(), op, ": grad must have the shape of rel_pre ", rel_pre.sizes(),
+              ", got ", grad.sizes(), ".");
+  const c10::cuda::CUDAGuard guard(rel_pre.device());
+  at::Tensor g_rel = at::empty(rel_pre.sizes(), rel_pre.options());
+  at::Tensor g_total = at::zeros(total_pre.sizes(), total_pre.options());
+  at::Tensor partial = at::zeros({rel_pre.size(1), positions(rel_pre)},
+                                 rel_pre.options().dtype(acc_dtype(rel_pre.scalar_type())));
+  if (g_total.numel() == 0) return {g_rel, g_total, at::zeros(bias.sizes(), bias.options())};
+  const at::Tensor g = grad.contiguous(), r = rel_pre.contiguous(), t = total_pre.contiguous(),
+                   b = bias.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(r.scalar_type(), "bias_split_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bias_split_backward_kernel<scalar_t, acc_t><<<blocks_for(t.numel()), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+        b.const_data_ptr<scalar_t>(), g_rel.mutable_data_ptr<scalar_t>(), g_total.mutable_data_ptr<scalar_t>(),
+        partial.mutable_data_ptr<acc_t>(), r.size(0), r.size(1), positions(r), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {g_rel, g_total, at::sum(partial, {1}).to(bias.scalar_type())};
+}
+
+// ---------------------------------------------------------------- bn_split
+
+template <typename scalar_t>
+__global__ void bn_split_kernel(const scalar_t* __restrict__ rel, const scalar_t* __restrict__ total,
+                                const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
+                                scalar_t* __restrict__ out, int64_t n, int64_t C, int64_t S, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t CS = C * S;
+  FASTACD_GRID_STRIDE(k, n) {
+    const int64_t cs = k % CS, c = cs / S;
+    out[k] = static_cast<scalar_t>(
+        math::bn_split<acc_t>(acc_t(rel[k]), acc_t(total[cs]), acc_t(scale[c]), acc_t(shift[c]), relu));
+  }
+}
+
+at::Tensor bn_split_cuda(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                         const at::Tensor& shift, bool relu) {
+  constexpr const char* op = "fastacd::bn_split";
+  check_cuda_float(op, {{&rel, "rel"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
+  check_rel_total(op, rel, "rel", total, "total");
+  check_channel_vector(op, scale, "scale", rel.size(1));
+  check_channel_vector(op, shift, "shift", rel.size(1));
+  const c10::cuda::CUDAGuard guard(rel.device());
+  at::Tensor out = at::empty(rel.sizes(), rel.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const at::Tensor r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(r.scalar_type(), "bn_split_cuda", [&] {
+    bn_split_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+        sh.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, r.size(1), positions(r), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_split_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+                                         const scalar_t* __restrict__ total, const scalar_t* __restrict__ scale,
+                                         const scalar_t* __restrict__ shift, scalar_t* __restrict__ g_rel,
+                                         scalar_t* __restrict__ g_total, acc_t* __restrict__ scale_partial,
+                                         acc_t* __restrict__ shift_partial, int64_t M, int64_t C, int64_t S,
+                                         bool relu) {
+  const int64_t CS = C * S;
+  FASTACD_GRID_STRIDE(cs, CS) {
+    const int64_t c = cs / S;
+    const acc_t t = acc_t(total[cs]), sc = acc_t(scale[c]), sh = acc_t(shift[c]);
+    acc_t gt = 0, gsc = 0, gsh = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t k = m * CS + cs;
+      const auto d = math::bn_split_grad<acc_t>(acc_t(grad[k]), acc_t(rel[k]), t, sc, sh, relu);
+      g_rel[k] = static_cast<scalar_t>(d.rel);
+      gt += d.total;
+      gsc += d.scale;
+      gsh += d.shift;
+    }
+    g_total[cs] = static_cast<scalar_t>(gt);
+    scale_partial[cs] = gsc;
+    shift_partial[cs] = gsh;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+    const at::Tensor& shift, bool relu) {
+  constexpr const char* op = "fastacd::bn_split_backward";
+  check_cuda_float(op, {{&rel, "rel"}, {&grad, "grad"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
+  check_rel_total(op, rel, "rel", total, "total");
+  check_channel_vector(op, scale, "scale", rel.size(1));
+  check_channel_vector(op, shift, "shift", rel.size(1));
+  TORCH_CHECK(grad.sizes() == rel.sizes(), op, ": grad must have the shape of rel ", rel.sizes(), ", got ",
+              grad.sizes(), ".");
+  const c10::cuda::CUDAGuard guard(rel.device());
+  at::Tensor g_rel = at::empty(rel.sizes(), rel.options());
+  at::Tensor g_total = at::zeros(total.sizes(), total.options());
+  const auto acc_opts = rel.options().dtype(acc_dtype(rel.scalar_type()));
+  at::Tensor scale_partial = at::zeros({rel.size(1), positions(rel)}, acc_opts);
+  at::Tensor shift_partial = at::zeros({rel.size(1), positions(rel)}, acc_opts);
+  if (g_total.numel() == 0)
+    return {g_rel, g_total, at::zeros(scale.sizes(), scale.options()), at::zeros(shift.sizes(), shift.options())};
+  const at::Tensor g = grad.contiguous(), r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(),
+                   sh = shift.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(r.scalar_type(), "bn_split_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_split_backward_kernel<scalar_t, acc_t><<<blocks_for(t.numel()), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+        sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), g_rel.mutable_data_ptr<scalar_t>(),
+        g_total.mutable_data_ptr<scalar_t>(), scale_partial.mutable_data_ptr<acc_t>(),
+        shift_partial.mutable_data_ptr<acc_t>(), r.size(0), r.size(1), positions(r), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {g_rel, g_total, at::sum(scale_partial, {1}).to(scale.scalar_type()),
+          at::sum(shift_partial, {1}).to(shift.scalar_type())};
+}
+
+// ---------------------------------------------------------------- maxpool_gather
+
+// Out-of-range indices stop the kernel with a device assert (checking them on the host
+// would synchronise).
+template <typename scalar_t>
+__global__ void maxpool_gather_kernel(const scalar_t* __restrict__ rel, const int64_t* __restrict__ idx,
+                                      scalar_t* __restrict__ out, int64_t n, int64_t C, int64_t S, int64_t So) {
+  FASTACD_GRID_STRIDE(k, n) {
+    const int64_t row = k / So, o = k - row * So;
+    const int64_t p = idx[(row % C) * So + o];
+    CUDA_KERNEL_ASSERT(p >= 0 && p < S && "fastacd::maxpool_gather: index out of range");
+    out[k] = rel[row * S + p];
+  }
+}
+
+
+at::Tensor maxpool_gather_cuda(const at::Tensor& rel, const at::Tensor& indices) {
+  constexpr const char* op = "fastacd::maxpool_gather";
+  check_device(op, c10::DeviceType::CUDA, {{&rel, "rel"}, {&indices, "indices"}});
+  check_float_dtype(op, rel, "rel", /*allow_reduced=*/true);
+  check_gather_indices(op, rel, indices);
+  const c10::cuda::CUDAGuard guard(rel.device());
+  at::Tensor out = at::empty(gathered_shape(rel.size(0), indices), rel.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const at::Tensor r = rel.contiguous(), ix = indices.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(r.scalar_type(), "maxpool_gather_cuda", [&] {
+    maxpool_gather_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        r.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n,
+        r.size(1), positions(r), ix.numel() / ix.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Overlapping windows can send two outputs to one position: atomics into an
+// accumulation-type buffer (float or double atomics are native), cast at the end.
+template <typename scalar_t, typename acc_t>
+__global__ void maxpool_gather_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ idx,
+                                               acc_t* __restrict__ g_rel, int64_t n, int64_t C, int64_t S,
+                                               int64_t So) {
+  FASTACD_GRID_STRIDE(k, n) {
+    const int64_t row = k / So, o = k - row * So;
+    const int64_t p = idx[(row % C) * So + o];
+    CUDA_KERNEL_ASSERT(p >= 0 && p < S && "fastacd::maxpool_gather_backward: index out of range");
+    atomicAdd(g_rel + row * S + p, acc_t(grad[k]));
+  }
+}
+
+at::Tensor maxpool_gather_backward_cuda(const at::Tensor& grad, const at::Tensor& indices,
+                                        at::IntArrayRef rel_shape) {
+  constexpr const char* op = "fastacd::maxpool_gather_backward";
+  check_device(op, c10::DeviceType::CUDA, {{&grad, "grad"}, {&indices, "indices"}});
+  check_float_dtype(op, grad, "grad", /*allow_reduced=*/true);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor acc = at::zeros(rel_shape, grad.options().dtype(acc_dtype(grad.scalar_type())));
+  check_gather_indices(op, acc, indices);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(gathered_shape(acc.size(0), indices)), op,
+              ": grad must have shape (M, C, *So) with M = ", acc.size(0), " and (C, *So) = ",
+              indices.sizes().slice(1), ", got ", grad.sizes(), ".");
+  const int64_t n = grad.numel();
+  if (n == 0) return acc.to(grad.scalar_type());
+  at::globalContext().alertNotDeterministic("fastacd::maxpool_gather_backward (CUDA atomics)");
+  const at::Tensor g = grad.contiguous(), ix = indices.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(g.scalar_type(), "maxpool_gather_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    maxpool_gather_backward_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(), acc.mutable_data_ptr<acc_t>(), n,
+        acc.size(1), positions(acc), ix.numel() / ix.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return acc.to(grad.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastacd, CUDA, m) {
+  m.impl("bias_split", &bias_split_cuda);
+  m.impl("bias_split_backward", &bias_split_backward_cuda);
+  m.impl("bn_split", &bn_split_cuda);
+  m.impl("bn_split_backward", &bn_split_backward_cuda);
+  m.impl("maxpool_gather", &maxpool_gather_cuda);
+  m.impl("maxpool_gather_backward", &maxpool_gather_backward_cuda);
+}
+
+}  // namespace fastacd
