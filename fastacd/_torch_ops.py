@@ -93,25 +93,26 @@ def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch
     split of a gate sums to ``f(a + b + c)``), so this is the same number up to rounding.
     """
     hid = prev_rel_c.shape[-1]
-    b_i, b_f, b_g, _ = bias.reshape(4, hid).unbind(0)
-    r_i, r_f, r_g, _ = rel_gates.split(hid, dim=1)
-    t_i, t_f, t_g, _ = total_gates.split(hid, dim=1)
-
-    def split3(rel, total, b, act):
-        # three-player split of act(rel + irrel + b) with irrel = total - rel:
-        # (relevant share, bias share); the irrelevant share is never needed
-        act_b = act(b)
-        rel_share = 0.5 * ((act(rel + b) - act_b) + (act(total + b) - act(total - rel + b)))
-        return rel_share, act_b
-
-    rel_ci, bias_ci = split3(r_i, t_i, b_i, torch.sigmoid)
-    rel_cg, bias_cg = split3(r_g, t_g, b_g, torch.tanh)
-    rel_c = rel_ci * (rel_cg + bias_cg) + bias_ci * rel_cg + in_phrase.unsqueeze(1) * (bias_ci * bias_cg)
-    total_c = torch.sigmoid(t_i + b_i) * torch.tanh(t_g + b_g)
+    m = rel_gates.shape[0]
+    b3 = bias[:3 * hid].unsqueeze(0)                       # (1, 3H) biases of i, f, g
+    total3 = total_gates[:, :3 * hid] + b3                 # (1, 3H) true pre-activations
+    rel3 = rel_gates[:, :3 * hid]
+    # every activation the three-player split needs, in one batch of rows:
+    # act(rel + b), act(irrel + b) with irrel = total - rel, act(b), act(total + b)
+    pre = torch.cat([rel3 + b3, total3 - rel3, b3, total3])
+    act = torch.cat([torch.sigmoid(pre[:, :2 * hid]), torch.tanh(pre[:, 2 * hid:])], dim=1)
+    act_rel, act_irrel, act_b, act_all = act[:m], act[m:2 * m], act[2 * m:2 * m + 1], act[2 * m + 1:]
+    # relevant share of the split: 0.5 * [(act(a + c) - act(c)) + (act(a + b + c) - act(b + c))]
+    share = 0.5 * ((act_rel - act_b) + (act_all - act_irrel))
+    rel_i, rel_f, rel_g = share.split(hid, dim=1)
+    bias_i, bias_f, bias_g = act_b.split(hid, dim=1)
+    all_i, all_f, all_g = act_all.split(hid, dim=1)
+    rel_c = rel_i * (rel_g + bias_g) + bias_i * rel_g + in_phrase.unsqueeze(1) * (bias_i * bias_g)
+    total_c = all_i * all_g
     if not first_step:
-        rel_cf, bias_cf = split3(r_f, t_f, b_f, torch.sigmoid)
-        rel_c = rel_c + (rel_cf + bias_cf) * prev_rel_c
-        total_c = total_c + torch.sigmoid(t_f + b_f) * prev_total_c
+        rel_c = rel_c + (rel_f + bias_f) * prev_rel_c
+        total_c = total_c + all_f * prev_total_c
     # two-player tanh split of the cell: relevant share of tanh(rel_c + irrel_c)
-    rel_h = out_gate * (0.5 * (torch.tanh(rel_c) + (torch.tanh(total_c) - torch.tanh(total_c - rel_c))))
+    th = torch.tanh(torch.cat([rel_c, total_c - rel_c, total_c]))
+    rel_h = out_gate * (0.5 * (th[:m] + (th[2 * m:] - th[m:2 * m])))
     return rel_c, rel_h

@@ -1,0 +1,263 @@
+"""Agglomerative CD over a sentence (drop-in for ``acd.agg_1d``).
+
+``agglomerate`` builds the hierarchy the way the original does (score every word, keep
+the top percentile, grow each selected phrase by one word left or right, repeat) and
+returns the same dict. What is faster: every candidate of one step (each component, and
+each component plus its left / right neighbour) is scored in one call (one batched LSTM
+recurrence for ``cd``, one model call for ``occlusion`` / ``build_up``), and a phrase is
+never scored twice (a component that did not grow keeps its cached score).
+
+``collapse_tree`` and ``threshold_scores`` are the original's, with its crashes fixed.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from skimage import measure
+
+from . import tiling_1d
+from .text import Batch, TextDecomposer, cd_text, cd_text_phrases, tokens_of
+
+METHODS = ("cd", "occlusion", "build_up")
+
+
+def threshold_scores(scores, percentile_include, absolute):
+    """Boolean mask of the scores at or above ``percentile_include`` (NaN = already picked).
+
+    With 5 or fewer scores left the percentile is fixed (59, 49, 59, 49, 0 for 5..1 left)
+    so that the last words are picked in small groups, as in the original.
+    """
+    scores = np.asarray(scores)
+    if absolute:
+        scores = np.absolute(scores)
+    num_left = scores.size - np.sum(np.isnan(scores))
+    if num_left == 0:  # the original gets NaN from nanpercentile (and a warning): no pick
+        return np.zeros(scores.shape, dtype=bool)
+    if num_left <= 5:
+        percentile_include = {5: 59, 4: 49, 3: 59, 2: 49, 1: 0}[int(num_left)]
+    thresh = np.nanpercentile(scores, percentile_include)
+    return scores >= thresh
+
+
+def _check_args(method, sweep_dim, label, num_classes=None):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if sweep_dim != 1:
+        raise ValueError("1-D agglomeration supports sweep_dim=1 only (the original indexes "
+                         "words by tile and fails for other values)")
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label={label} is not a class index of the model's {num_classes} "
+                         "outputs")
+
+
+def _select(scores, label, subtract):
+    # the score of the class, minus the score of the other class of a binary task
+    if subtract:
+        return scores[:, label] - scores[:, int(1 - label)]
+    return scores[:, label]
+
+
+class _CDScorer:
+    """CD scores of phrases of one sentence, cached, many phrases per engine call."""
+
+    def __init__(self, model, batch):
+        self.dec = TextDecomposer.from_model(model, dtype=torch.float64)
+        with torch.no_grad():
+            self.sent = self.dec.prepare(batch)
+        self.cache: dict[tuple[int, int], np.ndarray] = {}
+        self.calls = 0
+
+    def __call__(self, spans) -> np.ndarray:
+        missing = list(dict.fromkeys(s for s in spans if s not in self.cache))
+        if missing:
+            with torch.no_grad():
+                rel = self.dec.cd(self.sent, phrases=missing).relevant.cpu().numpy()
+            self.cache.update(zip(missing, rel))
+            self.calls += 1
+        return np.array([self.cache[s] for s in spans])
+
+
+class _ModelScorer:
+    """The model's outputs on tiles of one sentence, cached, many tiles per model call."""
+
+    def __init__(self, model, batch, method, device):
+        self.model, self.batch, self.method = model, batch, method
+        self.text = tokens_of(batch).cpu().numpy()
+        self.device = device
+        self.cache: dict[bytes, np.ndarray] = {}
+        self.calls = 0
+
+    def _run(self, cols):
+        b = copy.copy(self.batch)  # the caller's batch is never modified
+        b.text = torch.as_tensor(np.stack(cols, axis=1), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self.model(b).detach().cpu().numpy()
+
+    def original(self):
+        return self._run([self.text])
+
+    def __call__(self, tile_masks) -> np.ndarray:
+        keys = [np.packbits(m).tobytes() for m in tile_masks]
+        todo = {}
+        for k, m in zip(keys, tile_masks):
+            if k not in self.cache and k not in todo:
+                todo[k] = (np.where(m, 0, self.text) if self.method == "occlusion"
+                           else np.where(m, self.text, 0))
+        if todo:
+            out = self._run(list(todo.values()))
+            self.cache.update(zip(todo.keys(), out))
+            self.calls += 1
+        return np.array([self.cache[k] for k in keys])
+
+
+def agglomerate(model, batch, percentile_include, method, sweep_dim, label, num_iters=5,
+                subtract=True, absolute=True, device=None):
+    """Hierarchical interpretation of one sentence (drop-in for ``acd.agg_1d.agglomerate``).
+
+    model: for ``cd``, a text model fastacd can decompose (``.embed``, ``.lstm``,
+        ``.hidden_to_label`` as in the original, or see ``TextDecomposer.from_model``); for
+        ``occlusion`` / ``build_up``, any model called as ``model(batch)`` on a batch whose
+        ``.text`` is (seq_len, N) token ids (0 = blank word), returning (N, num_classes).
+    batch: ``.text`` (seq_len, 1) token ids; it is not modified (the original overwrote it).
+    label: the class explained; with ``subtract`` the score is class ``label`` minus class
+        ``1 - label`` (binary tasks, as the original).
+    device: where tiles are put for the model (default: ``batch.text``'s device).
+
+    Returns the original's dict: ``scores_list``, ``mask_list``, ``comps_list``,
+    ``comp_scores_list``, ``score_orig``.
+    """
+    _check_args(method, sweep_dim, label)
+    L = tokens_of(batch).shape[0]
+    if method == "cd":
+        scorer = _CDScorer(model, batch)
+        # the whole sentence and every word in one call
+        first = scorer([(0, L - 1)] + [(i, i) for i in range(L)])
+        score_orig = _select(first[:1], label, subtract)[0]
+        scores = _select(first[1:], label, subtract)
+        score_phrases = lambda spans: _select(scorer(spans), label, subtract)  # noqa: E731
+    else:
+        dev = device if device is not None else batch.text.device
+        scorer = _ModelScorer(model, batch, method, dev)
+        score_orig = _select(scorer.original(), label, subtract)[0]
+
+        def score_tiles(tiles):
+            out = scorer(tiles)
+            if method == "occlusion":
+                out = score_orig - out
+            return _select(out, label, subtract)
+
+        eye = np.eye(L, dtype=bool)
+        scores = score_tiles(list(eye))
+
+    mask = threshold_scores(scores, percentile_include, absolute=absolute)
+    scores_list, mask_list, comps_list = [np.copy(scores)], [mask], []
+    comp_scores_list = [{0: score_orig}]
+    positions = np.arange(L)
+    for _ in range(num_iters):
+        comps = np.copy(measure.label(mask_list[-1], background=0, connectivity=1))
+        # every candidate of this step: each component, and it grown left and right
+        cands = []
+        for num in range(1, np.max(comps) + 1):
+            comp = comps == num
+            left, right = tiling_1d.border_positions(comp, sweep_dim)
+            cands.append((num, comp, left, right))
+        if method == "cd":
+            spans = []
+            for num, comp, left, right in cands:
+                pos = np.flatnonzero(comp)
+                lo, hi = int(pos[0]), int(pos[-1])
+                spans += [(lo, hi), (min(lo, left), hi), (lo, max(hi, right))]
+            vals = score_phrases(spans)
+        else:
+            tiles = []
+            for num, comp, left, right in cands:
+                tiles += [comp, comp | (positions == left), comp | (positions == right)]
+            vals = score_tiles(tiles) if tiles else np.zeros(0)
+        comp_scores = {}
+        for k, (num, comp, left, right) in enumerate(cands):
+            s_comp, s_left, s_right = vals[3 * k:3 * k + 3]
+            comp_scores[num] = np.copy(s_comp)
+            scores[left] = s_left - s_comp
+            scores[right] = s_right - s_comp
+        scores[mask_list[-1]] = np.nan
+        mask = threshold_scores(scores, percentile_include, absolute=absolute)
+        scores_list.append(np.copy(scores))
+        mask_list.append(mask_list[-1] + mask)
+        comps_list.append(comps)
+        comp_scores_list.append(comp_scores)
+        if np.sum(mask) == 0:
+            break
+    comps_list = [np.zeros(L, dtype=int)] + comps_list
+    return {"scores_list": scores_list, "mask_list": mask_list, "comps_list": comps_list,
+            "comp_scores_list": comp_scores_list, "score_orig": score_orig}
+
+
+def collapse_tree(lists):
+    """Levels of the hierarchy from ``agglomerate``'s output (the original's rule).
+
+    Updates ``lists`` in place (``comps_list``, ``comp_scores_list``) and returns it, as the
+    original does. A component of one word stays on level 0; a component that grew from one
+    earlier component keeps that one's level; one that joined several goes one level above
+    the highest of them.
+    """
+    num_iters = len(lists["comps_list"])
+    num_words = len(lists["comps_list"][0])
+    comps_list = [np.zeros(num_words, dtype=int) for _ in range(num_iters)]
+    comp_scores_list = [{0: 0} for _ in range(num_iters)]
+    comp_levels_list = [{0: 0} for _ in range(num_iters)]
+    comps_list[0] = np.arange(num_words)
+    comp_levels_list[0] = {i: 0 for i in range(num_words)}
+    for i in range(1, num_iters):
+        comps = lists["comps_list"][i]
+        comps_old = lists["comps_list"][i - 1]
+        comp_scores = lists["comp_scores_list"][i]
+        for comp_num in range(1, np.max(comps) + 1):
+            comp = comps == comp_num
+            if np.sum(comp) == 1:
+                comp_levels_list[i][comp_num] = 0
+                continue
+            matches = np.unique(comps_old[comp])
+            if matches.size == 1:
+                level = comp_levels_list[i - 1][matches[0]]
+            else:
+                level = np.max([comp_levels_list[i - 1][m] for m in matches]) + 1
+            comp_levels_list[i][comp_num] = level
+            new_comp_num = int(np.max(comps_list[level]) + 1)
+            comps_list[level][comp] = new_comp_num
+            comp_scores_list[level][new_comp_num] = comp_scores[comp_num]
+    # keep the levels that hold a component (the original ran past the end when all did)
+    kept = 0
+    while kept < len(comps_list) and np.sum(comps_list[kept] > 0):
+        kept += 1
+    lists["comps_list"] = comps_list[:kept]
+    lists["comp_scores_list"] = comp_scores_list[:kept]
+    return lists
+
+
+def get_scores_1d(batch, model, method, label, only_one, score_orig, text_orig, subtract=False,
+                  device=None):
+    """Drop-in for ``acd.score_funcs.get_scores_1d``: scores of the tiles in ``batch.text``
+    ((seq_len, N) token ids; phrases for ``cd`` read from the non-zero ids as the
+    original), or of the whole sentence ``text_orig`` when ``only_one``. All CD phrases go
+    through one batched call; ``batch`` is not modified.
+    """
+    if method == "cd":
+        if only_one:
+            text = tokens_of(batch)
+            rel, _ = cd_text_phrases(Batch(text), model, [(0, text.shape[0] - 1)])
+        else:
+            starts, stops = tiling_1d.tiles_to_cd(batch)
+            rel, _ = cd_text_phrases(Batch(torch.as_tensor(np.asarray(text_orig).reshape(-1))),
+                                     model, list(zip(starts, stops)))
+        scores = rel
+    else:
+        with torch.no_grad():
+            scores = model(batch).detach().cpu().numpy()
+        if method == "occlusion" and not only_one:
+            scores = score_orig - scores
+    return _select(scores, label, subtract)
+
+
+__all__ = ["agglomerate", "collapse_tree", "threshold_scores", "get_scores_1d", "cd_text"]

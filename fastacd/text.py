@@ -1,0 +1,603 @@
+"""CD for text models: embedding -> ``nn.LSTM`` -> linear head, many phrases per call.
+
+The cell rule is the reference ``cd_text`` (design.md section 2): at step t the relevant
+part of the LSTM input is the word vector where token t is in the phrase (else 0); gates
+are split with the three-player rule, the ``sigmoid(b_i) * tanh(b_g)`` term goes to the
+relevant part inside the phrase and to the irrelevant part outside it, the forget gate
+carries the previous cell, the output gate is the true one (computed from the full input),
+and the hidden state splits the cell with the two-player tanh rule.
+
+The batched engine (``TextDecomposer``) runs that rule for M masks at once:
+
+* the true LSTM pass of a sentence (gates, cells, hidden states, output gates) is
+  computed once and cached, shared by all masks and calls;
+* the relevant state of the M masks is one (M, H) batch: one GEMM per step
+  (``W_hh @ rel_h``) and one fused cell op (``fastacd.ops.lstm_cd_cell`` when the
+  compiled extension is built, ``fastacd._torch_ops.lstm_cd_cell`` otherwise);
+* irrelevant parts are never propagated: ``irrelevant = total - relevant`` (the rule keeps
+  ``relevant + irrelevant == true state`` at every step);
+* steps before the first relevant token (after the last, for a backward direction) are
+  skipped: there the relevant state is exactly zero.
+
+Beyond the reference: multi-layer and bidirectional ``nn.LSTM``. The rule is applied per
+layer and per direction; layer l > 0 gets the relevant part of layer l-1's output (both
+directions concatenated) as its relevant input, and the bias-times-bias term follows the
+token mask of step t in every layer and direction (see docs/text.md).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import _torch_ops
+
+READOUTS = ("last", "final")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class Batch:
+    """A minimal stand-in for a torchtext batch: ``.text`` is a (seq_len, 1) LongTensor.
+
+    >>> batch = Batch([4, 17, 9])          # token ids of one sentence
+    >>> batch.text.shape
+    torch.Size([3, 1])
+    """
+
+    def __init__(self, text):
+        t = torch.as_tensor(text)
+        if t.dim() == 1:
+            t = t.unsqueeze(1)
+        self.text = t
+
+    def __repr__(self):
+        return f"Batch(text={tuple(self.text.shape)})"
+
+
+def tokens_of(batch_or_tokens, vocab_size: int | None = None) -> torch.Tensor:
+    """The token ids of one sentence as a 1-d LongTensor, checked.
+
+    Accepts an object with ``.text`` (seq_len, 1) (a torchtext batch or ``Batch``), a
+    (seq_len,) or (seq_len, 1) integer tensor, or a list of ints.
+    """
+    text = getattr(batch_or_tokens, "text", batch_or_tokens)
+    if isinstance(text, np.ndarray) or isinstance(text, (list, tuple)):
+        text = torch.as_tensor(np.asarray(text))
+    if not isinstance(text, torch.Tensor):
+        raise TypeError("expected a batch with a .text (seq_len, 1) LongTensor, a token tensor or "
+                        f"a list of token ids, got {type(batch_or_tokens).__name__}")
+    if text.dtype.is_floating_point or text.dtype == torch.bool or text.is_complex():
+        raise TypeError(f"token ids must be integers, got dtype {text.dtype}")
+    if text.dim() == 2:
+        if text.shape[1] != 1:
+            raise ValueError(f"text CD explains one sentence: .text must be (seq_len, 1), got "
+                             f"{tuple(text.shape)}; pass the sentences one at a time")
+        text = text[:, 0]
+    elif text.dim() != 1:
+        raise ValueError(f".text must be (seq_len, 1) or (seq_len,), got {tuple(text.shape)}")
+    if text.numel() == 0:
+        raise ValueError("the sentence is empty (seq_len 0): CD needs at least one token")
+    text = text.long()
+    if vocab_size is not None:
+        bad = (text < 0) | (text >= vocab_size)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0])
+            raise ValueError(f"token id {int(text[pos])} at position {pos} is outside the "
+                             f"embedding's vocabulary [0, {vocab_size}); map unknown words to "
+                             "a valid id (e.g. <unk>) first")
+    return text
+
+
+def check_phrase(start, stop, length: int) -> tuple[int, int]:
+    """Validate an inclusive phrase ``start..stop`` of a sentence of ``length`` tokens."""
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+                continue
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    start, stop = int(start), int(stop)
+    if start < 0:
+        raise ValueError(f"start={start} is negative: phrases are 0-based positions")
+    if start > stop:
+        raise ValueError(f"start={start} > stop={stop}: the phrase is start..stop, stop inclusive")
+    if stop >= length:
+        raise ValueError(f"stop={stop} is beyond the sentence ({length} tokens, positions "
+                         f"0..{length - 1}); stop is inclusive")
+    return start, stop
+
+
+def phrase_masks(phrases, length: int, dtype=torch.float64) -> torch.Tensor:
+    """(M, length) 0/1 masks of inclusive ``(start, stop)`` phrases."""
+    if isinstance(phrases, torch.Tensor):
+        phrases = phrases.tolist()
+    pairs = [check_phrase(s, e, length) for s, e in phrases]
+    masks = torch.zeros(len(pairs), length, dtype=dtype)
+    for m, (s, e) in enumerate(pairs):
+        masks[m, s:e + 1] = 1
+    return masks
+
+
+def all_phrases(length: int) -> list[tuple[int, int]]:
+    """Every contiguous phrase of a sentence: T (T + 1) / 2 inclusive ``(start, stop)`` pairs."""
+    return [(s, e) for s in range(length) for e in range(s, length)]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _cell_fn(backend: str) -> Callable:
+    if backend not in ("auto", "torch", "compiled"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'compiled', got {backend!r}")
+    if backend == "torch":
+        return _torch_ops.lstm_cd_cell
+    try:
+        from . import ops
+        fn = ops.lstm_cd_cell
+        compiled = getattr(ops, "HAS_COMPILED", True)
+    except (ImportError, AttributeError):
+        fn, compiled = None, False
+    if fn is not None and compiled:
+        return fn
+    if backend == "compiled":
+        raise RuntimeError("backend='compiled' needs fastacd.ops.lstm_cd_cell from the built C++ "
+                           "extension, which is not available; build it (`pip install "
+                           "--no-build-isolation -e .`) or use backend='torch'")
+    return _torch_ops.lstm_cd_cell
+
+
+@dataclass
+class _Direction:
+    """Weights and the true (total) pass of one layer and direction for one sentence."""
+    w_ih: torch.Tensor       # (4H, In)
+    w_hh: torch.Tensor       # (4H, H)
+    bias: torch.Tensor       # (4H,)  b_ih + b_hh
+    reverse: bool
+    xw: torch.Tensor         # (T, 4H) W_ih x_t of the true input, no bias
+    gates: torch.Tensor      # (T, 4H) W_ih x_t + W_hh h_{t-1}, no bias
+    c: torch.Tensor          # (T, H) true cell state
+    h: torch.Tensor          # (T, H) true hidden state
+    o: torch.Tensor          # (T, H) sigmoid of the true output gate
+
+
+@dataclass
+class Sentence:
+    """One sentence prepared for CD: the true LSTM pass, computed once for all masks."""
+    tokens: torch.Tensor                 # (T,)
+    layers: list[list[_Direction]]
+    features: torch.Tensor               # (F,) true readout features (head input)
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class TextCDResult:
+    """CD scores of M phrases (or token masks) of one sentence.
+
+    relevant, irrelevant: (M, C) = ``head.weight @ feature`` for the relevant and the
+    irrelevant part of the head input, without the head's bias (as the reference
+    ``cd_text``): ``relevant + irrelevant == logits - head.bias``. Without a head, (M, F)
+    parts of the features themselves. masks: (M, T) the token masks scored.
+    """
+    relevant: torch.Tensor
+    irrelevant: torch.Tensor
+    masks: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def scores(self, label: int) -> torch.Tensor:
+        return self.relevant[:, label]
+
+    def to_json(self) -> dict:
+        return {"relevant": self.relevant.tolist(), "irrelevant": self.irrelevant.tolist(),
+                "masks": self.masks.to(torch.int64).tolist(),
+                "bias": None if self.bias is None else self.bias.tolist()}
+
+
+class TextDecomposer:
+    """CD for ``head(readout(lstm(embed(tokens))))``, many phrases per call.
+
+    >>> dec = TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
+    >>> res = dec.cd(tokens, phrases=[(0, 1), (2, 4)])   # inclusive (start, stop) pairs
+    >>> res.relevant.shape                               # (2, num_classes)
+
+    embed:   ``nn.Embedding`` (ids are checked against its vocabulary) or any callable
+             mapping (T,) token ids to (T, E) vectors.
+    lstm:    ``nn.LSTM``, any ``num_layers``, uni- or bidirectional, ``batch_first`` either
+             way (CD is defined on eval behaviour: no inter-layer dropout); ``proj_size=0``.
+    head:    ``nn.Linear`` on the readout features, or None to get the features' parts.
+    readout: ``"last"`` the LSTM output at the last position (``out[-1]``; both
+             directions at position T-1) or ``"final"`` the final hidden state of each
+             direction (``h_n`` of the last layer: forward at T-1, backward at 0). The
+             two agree for a unidirectional LSTM.
+    dtype:   arithmetic dtype (default: the LSTM's); the drop-in ``cd_text`` uses float64
+             like the reference.
+    backend: ``"auto"`` (compiled cell when built, else torch), ``"torch"``, ``"compiled"``.
+    memory_budget: bytes for the per-chunk mask state; M is split into chunks under it
+             (results do not depend on the chunking).
+
+    Gradients flow through the engine (no ``.data``/``no_grad`` inside); wrap calls in
+    ``torch.no_grad()`` when you do not need them.
+    """
+
+    def __init__(self, embed, lstm: nn.LSTM, head: nn.Module | None = None, readout: str = "last",
+                 dtype: torch.dtype | None = None, backend: str = "auto",
+                 memory_budget: int | None = None):
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}; other "
+                            "recurrent modules have no CD rule here")
+        if getattr(lstm, "proj_size", 0):
+            raise ValueError("nn.LSTM with proj_size > 0 is not supported (no CD rule for the "
+                             "projection); use proj_size=0")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if head is not None and not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear (or None for the features), got "
+                            f"{type(head).__name__}; decompose other heads on the features")
+        if not callable(embed):
+            raise TypeError("embed must be an nn.Embedding or a callable mapping token ids to "
+                            "vectors")
+        self.embed, self.lstm, self.head, self.readout = embed, lstm, head, readout
+        self.dtype = dtype or lstm.weight_ih_l0.dtype
+        self.backend = backend
+        self._cell = _cell_fn(backend)
+        self.memory_budget = memory_budget or (1 << 28)
+        self.num_directions = 2 if lstm.bidirectional else 1
+
+    # -------------------------------------------------------------- construction helpers
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs) -> "TextDecomposer":
+        """Find the embedding, LSTM and head of a text classifier.
+
+        Models with the original package's attribute names (``.embed``, ``.lstm``,
+        ``.hidden_to_label``) use those, read out at the last position as ``cd_text`` does.
+        Otherwise ``model.forward`` is traced with ``torch.fx`` and must be
+        embedding -> LSTM -> (output at the last position, or the last layer's ``h_n``)
+        -> linear, optionally followed by softmax / log-softmax.
+        """
+        if all(hasattr(model, a) for a in ("embed", "lstm", "hidden_to_label")):
+            kwargs.setdefault("readout", "last")
+            return cls(model.embed, model.lstm, model.hidden_to_label, **kwargs)
+        embed, lstm, head, readout = _discover(model)
+        kwargs.setdefault("readout", readout)
+        return cls(embed, lstm, head, **kwargs)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.embed.num_embeddings if isinstance(self.embed, nn.Embedding) else None
+
+    def _weights(self, layer: int, reverse: bool):
+        sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+        lstm, dt = self.lstm, self.dtype
+        w_ih = getattr(lstm, "weight_ih" + sfx).to(dt)
+        w_hh = getattr(lstm, "weight_hh" + sfx).to(dt)
+        if lstm.bias:
+            bias = (getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx)).to(dt)
+        else:
+            bias = torch.zeros(w_ih.shape[0], dtype=dt, device=w_ih.device)
+        return w_ih, w_hh, bias
+
+    # -------------------------------------------------------------- the true pass
+
+    def embed_tokens(self, tokens) -> torch.Tensor:
+        tokens = tokens_of(tokens, self.vocab_size).to(self.lstm.weight_ih_l0.device)
+        vecs = self.embed(tokens)
+        if vecs.dim() != 2 or vecs.shape[0] != tokens.shape[0]:
+            raise ValueError(f"embed must map (T,) token ids to (T, E) vectors, got "
+                             f"{tuple(vecs.shape)} for T={tokens.shape[0]}")
+        return vecs.to(self.dtype)
+
+    def prepare(self, tokens) -> Sentence:
+        """Run the true LSTM once on a sentence; reuse the result for any number of masks."""
+        tokens = tokens_of(tokens, self.vocab_size)
+        x = self.embed_tokens(tokens)
+        T = x.shape[0]
+        layers = []
+        for layer in range(self.lstm.num_layers):
+            dirs = []
+            for d in range(self.num_directions):
+                w_ih, w_hh, bias = self._weights(layer, reverse=d == 1)
+                H = w_hh.shape[1]
+                xw = x @ w_ih.T
+                gates, cs, hs, os_ = [], [], [], []
+                h = torch.zeros(1, H, dtype=self.dtype, device=x.device)
+                c = torch.zeros_like(h)
+                for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
+                    g = xw[t:t + 1] + h @ w_hh.T
+                    gi, gf, gg, go = (g + bias).split(H, dim=1)
+                    c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+                    o = torch.sigmoid(go)
+                    h = o * torch.tanh(c)
+                    gates.append(g), cs.append(c), hs.append(h), os_.append(o)
+                if d == 1:
+                    gates, cs, hs, os_ = gates[::-1], cs[::-1], hs[::-1], os_[::-1]
+                dirs.append(_Direction(w_ih, w_hh, bias, d == 1, xw, torch.cat(gates),
+                                       torch.cat(cs), torch.cat(hs), torch.cat(os_)))
+            layers.append(dirs)
+            x = torch.cat([dd.h for dd in dirs], dim=1)
+        feats = self._readout([dd.h.unsqueeze(0) for dd in layers[-1]], T)[0]
+        return Sentence(tokens, layers, feats)
+
+    def _readout(self, outs: list[torch.Tensor], T: int) -> torch.Tensor:
+        """Head input from per-direction (M, T, H) outputs of the last layer."""
+        if self.readout == "last" or len(outs) == 1:
+            return torch.cat([o[:, T - 1] for o in outs], dim=1)
+        return torch.cat([outs[0][:, T - 1], outs[1][:, 0]], dim=1)
+
+    def forward(self, tokens) -> torch.Tensor:
+        """The model's output (logits, with the head's bias) recomputed from the parts."""
+        s = self.prepare(tokens)
+        return s.features if self.head is None else self.head(s.features.to(self.head.weight.dtype))
+
+    # -------------------------------------------------------------- CD
+
+    def cd(self, tokens_or_sentence, phrases=None, masks=None) -> TextCDResult:
+        """CD of M phrases (``phrases``: inclusive (start, stop) pairs) or M token masks
+        (``masks``: (T,) or (M, T) of 0/1) of one sentence, in one recurrence."""
+        sent = (tokens_or_sentence if isinstance(tokens_or_sentence, Sentence)
+                else self.prepare(tokens_or_sentence))
+        T = sent.length
+        if (phrases is None) == (masks is None):
+            raise ValueError("give exactly one of phrases=[(start, stop), ...] or masks=(M, T)")
+        dev = sent.features.device
+        if phrases is not None:
+            mask = phrase_masks(phrases, T, self.dtype).to(dev)
+        else:
+            mask = torch.as_tensor(masks).to(dev)
+            if mask.dim() == 1:
+                mask = mask.unsqueeze(0)
+            if mask.dim() != 2 or mask.shape[1] != T:
+                raise ValueError(f"masks must be (T,) or (M, T) with T={T} tokens, got "
+                                 f"{tuple(mask.shape)}")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
+            mask = mask.to(self.dtype)
+        M = mask.shape[0]
+        feats = []
+        for lo in range(0, M, self._chunk(T)):
+            feats.append(self._relevant_features(sent, mask[lo:lo + self._chunk(T)]))
+        rel = torch.cat(feats) if feats else sent.features.new_zeros(0, sent.features.shape[0])
+        irrel = sent.features.unsqueeze(0) - rel
+        if self.head is None:
+            return TextCDResult(rel, irrel, mask)
+        w = self.head.weight.to(self.dtype)
+        bias = None if self.head.bias is None else self.head.bias.to(self.dtype)
+        return TextCDResult(rel @ w.T, irrel @ w.T, mask, bias)
+
+    def _chunk(self, T: int) -> int:
+        H = self.lstm.hidden_size
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_mask = T * H * itemsize * (4 + 2 * self.num_directions) * self.num_directions + 1
+        return max(1, self.memory_budget // per_mask)
+
+    def _relevant_features(self, sent: Sentence, mask: torch.Tensor) -> torch.Tensor:
+        T = sent.length
+        last_layer = len(sent.layers) - 1
+        rel_in = None
+        active = mask.any(dim=0)
+        for li, dirs in enumerate(sent.layers):
+            outs = []
+            if rel_in is not None:
+                # a backward direction carries relevance to positions before the phrase
+                active = active | (rel_in != 0).any(dim=2).any(dim=0)
+            for dd in dirs:
+                if rel_in is None:    # layer 0: the word vector where the token is relevant
+                    xw_rel = mask.unsqueeze(2) * dd.xw.unsqueeze(0)
+                else:
+                    xw_rel = rel_in @ dd.w_ih.T
+                keep = li < last_layer or (self.readout == "last" and dd.reverse)
+                outs.append(self._run_direction(dd, xw_rel, mask, active.tolist(), keep))
+            if li < last_layer:
+                rel_in = torch.cat(outs, dim=2)
+        if len(outs) == 1:
+            return outs[0] if outs[0].dim() == 2 else outs[0][:, T - 1]
+        fwd, bwd = outs
+        fwd = fwd if fwd.dim() == 2 else fwd[:, T - 1]
+        if self.readout == "last":
+            bwd = bwd[:, T - 1]
+        return torch.cat([fwd, bwd if bwd.dim() == 2 else bwd[:, 0]], dim=1)
+
+    def _run_direction(self, dd: _Direction, xw_rel: torch.Tensor, mask: torch.Tensor,
+                       active: list[bool], keep_sequence: bool) -> torch.Tensor:
+        """Relevant hidden states of one direction: (M, T, H) if ``keep_sequence``, else the
+        state after the direction's last step, (M, H)."""
+        M, T = mask.shape
+        H = dd.w_hh.shape[1]
+        order = list(range(T - 1, -1, -1)) if dd.reverse else list(range(T))
+        # Before the first step with a relevant input (in processing order) the relevant
+        # state is exactly zero for every mask: the recurrence starts there.
+        first = next((k for k, t in enumerate(order) if active[t]), len(order))
+        rel_h = xw_rel.new_zeros(M, H)
+        rel_c = xw_rel.new_zeros(M, H)
+        seq = xw_rel.new_zeros(M, T, H) if keep_sequence else None
+        w_hh_t = dd.w_hh.T
+        for k in range(first, T):
+            t = order[k]
+            prev = order[k - 1] if k > 0 else t
+            rel_gates = torch.addmm(xw_rel[:, t], rel_h, w_hh_t) if k > first else xw_rel[:, t]
+            rel_c, rel_h = self._cell(rel_gates, dd.gates[t:t + 1], dd.bias, dd.o[t:t + 1],
+                                      rel_c, dd.c[prev:prev + 1], mask[:, t], k == 0)
+            if keep_sequence:
+                seq[:, t] = rel_h
+        return seq if keep_sequence else rel_h
+
+
+def _discover(model: nn.Module):
+    """Embedding, LSTM, head and readout of an embedding -> LSTM -> linear model, by fx."""
+    import operator
+    import torch.fx as fx
+
+    def fail(why):
+        return ValueError(
+            f"cannot read {type(model).__name__} as embedding -> nn.LSTM -> linear on the last "
+            f"step ({why}); build TextDecomposer(embed, lstm, head, readout=...) yourself, or "
+            "give the model the attributes .embed, .lstm and .hidden_to_label")
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure gets the same advice
+        raise fail(f"torch.fx could not trace forward: {type(e).__name__}: {e}") from e
+    mods = dict(gm.named_modules())
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    by_type = lambda t: [n for n in calls if isinstance(mods[n.target], t)]  # noqa: E731
+    embs, lstms, lins = by_type(nn.Embedding), by_type(nn.LSTM), by_type(nn.Linear)
+    if len(embs) != 1 or len(lstms) != 1 or len(lins) != 1:
+        raise fail(f"found {len(embs)} embeddings, {len(lstms)} LSTMs, {len(lins)} linear layers;"
+                   " need one of each")
+    lstm_node, head_node = lstms[0], lins[0]
+    lstm = mods[lstm_node.target]
+    # walk back from the head's input to the LSTM through getitem nodes
+    node, path = head_node.args[0], []
+    while isinstance(node, fx.Node) and node is not lstm_node:
+        if node.op == "call_function" and node.target is operator.getitem:
+            path.append(node.args[1])
+            node = node.args[0]
+        elif node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in ("contiguous", "squeeze"):
+            node = node.args[0]
+        else:
+            raise fail(f"the head's input comes from {node.format_node()}")
+    if node is not lstm_node:
+        raise fail("the head's input does not come from the LSTM")
+    path = path[::-1]
+    last = (-1, ) if not lstm.batch_first else ((slice(None), -1),)
+    if len(path) == 2 and path[0] == 0 and (path[1] == -1 or (lstm.batch_first and path[1] in last)):
+        readout = "last"
+    elif (len(path) == 3 and path[0] == 1 and path[1] == 0 and path[2] == -1
+          and not lstm.bidirectional):
+        readout = "final"
+    else:
+        raise fail(f"unsupported readout {path} (supported: out[-1], out[:, -1] for batch_first, "
+                   "h_n[-1] of a unidirectional LSTM)")
+    for user in head_node.users:
+        if user.op != "output" and not (user.op in ("call_function", "call_method") and
+                                        getattr(user.target, "__name__", "") in
+                                        ("softmax", "log_softmax")):
+            raise fail(f"the head's output goes on to {user.format_node()}")
+    return mods[embs[0].target], lstm, mods[head_node.target], readout
+
+
+# --------------------------------------------------------------------------- drop-in
+
+
+def _drop_in_decomposer(model) -> TextDecomposer:
+    for a in ("embed", "lstm", "hidden_to_label"):
+        if not hasattr(model, a):
+            raise AttributeError(f"cd_text needs model.{a} (the original package's text model: "
+                                 ".embed, .lstm, .hidden_to_label, .hidden_dim); for other models "
+                                 "use fastacd.text.TextDecomposer(embed, lstm, head)")
+    if model.lstm.num_layers != 1 or model.lstm.bidirectional:
+        raise ValueError("cd_text follows the original: a one-layer unidirectional LSTM; use "
+                         "TextDecomposer for multi-layer or bidirectional LSTMs")
+    return TextDecomposer(model.embed, model.lstm, model.hidden_to_label, readout="last",
+                          dtype=torch.float64)
+
+
+def cd_text(batch, model, start, stop, return_irrel_scores=False):
+    """Drop-in for ``acd.cd_text``: CD scores of the phrase ``start..stop`` (inclusive).
+
+    ``batch.text`` is the sentence, (seq_len, 1) token ids; ``model`` has ``.embed``,
+    ``.lstm`` (one layer), ``.hidden_to_label``. Returns a float64 numpy array of class
+    scores ``hidden_to_label.weight @ h_relevant`` (no bias, as the original), and the
+    irrelevant scores too when ``return_irrel_scores``.
+    """
+    dec = _drop_in_decomposer(model)
+    with torch.no_grad():
+        sent = dec.prepare(batch)
+        start, stop = check_phrase(start, stop, sent.length)
+        res = dec.cd(sent, phrases=[(start, stop)])
+    scores = res.relevant[0].cpu().numpy()
+    if return_irrel_scores:
+        return scores, res.irrelevant[0].cpu().numpy()
+    return scores
+
+
+def cd_text_phrases(batch, model, phrases) -> tuple[np.ndarray, np.ndarray]:
+    """``cd_text`` for many phrases in one call: (M, C) relevant and irrelevant float64 scores."""
+    dec = _drop_in_decomposer(model)
+    with torch.no_grad():
+        res = dec.cd(batch, phrases=phrases)
+    return res.relevant.cpu().numpy(), res.irrelevant.cpu().numpy()
+
+
+# --------------------------------------------------------------------------- hierarchy output
+
+
+def text_hierarchy(lists: dict, words: Sequence[str] | None = None) -> dict:
+    """A JSON-ready form of a 1-D hierarchy (``agg_1d.agglomerate``, collapsed or not).
+
+    Returns ``{"words": [...], "score_orig": float, "levels": [[{"start", "stop", "words",
+    "score"}, ...], ...]}``: one list of phrases (components, inclusive positions) per level.
+    """
+    comps_list = lists["comps_list"]
+    n = len(comps_list[0])
+    words = [str(w) for w in (words if words is not None else range(n))]
+    if len(words) != n:
+        raise ValueError(f"{len(words)} words for a hierarchy over {n} tokens")
+    levels = []
+    for comps, comp_scores in zip(comps_list, lists["comp_scores_list"]):
+        comps = np.asarray(comps)
+        phrases = []
+        for num in sorted(int(k) for k in np.unique(comps) if k > 0):
+            pos = np.flatnonzero(comps == num)
+            score = comp_scores.get(num)
+            phrases.append({"start": int(pos.min()), "stop": int(pos.max()),
+                            "positions": pos.tolist(),
+                            "words": " ".join(words[p] for p in pos),
+                            "score": None if score is None else float(np.asarray(score))})
+        levels.append(phrases)
+    return {"words": words, "score_orig": float(np.asarray(lists["score_orig"])),
+            "levels": levels}
+
+
+def text_hierarchy_json(lists: dict, words: Sequence[str] | None = None, **kwargs) -> str:
+    return json.dumps(text_hierarchy(lists, words), **kwargs)
+
+
+def plot_text_hierarchy(lists: dict, words: Sequence[str], cmap: str = "RdBu", ax=None,
+                        vmax: float | None = None):
+    """Plot a 1-D hierarchy like the paper's sentiment figure: one row per level, each
+    phrase a box around its words, coloured by its score (red negative, blue positive).
+
+    Returns the matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    h = text_hierarchy(lists, words)
+    levels = [lv for lv in h["levels"] if lv]
+    scores = [p["score"] for lv in levels for p in lv if p["score"] is not None]
+    vmax = vmax or max([abs(s) for s in scores] + [1e-12])
+    norm, cm = Normalize(-vmax, vmax), plt.get_cmap(cmap)
+    n = len(h["words"])
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n), 0.5 * len(levels) + 1.0))
+    else:
+        fig = ax.figure
+    for row, lv in enumerate(levels):
+        y = len(levels) - 1 - row
+        for p in lv:
+            color = cm(norm(p["score"])) if p["score"] is not None else (0.9, 0.9, 0.9, 1)
+            ax.add_patch(plt.Rectangle((p["start"], y + 0.1), p["stop"] - p["start"] + 1, 0.8,
+                                       facecolor=color, edgecolor="k", linewidth=0.5))
+            for pos in p["positions"]:
+                ax.text(pos + 0.5, y + 0.5, h["words"][pos], ha="center", va="center",
+                        fontsize=9)
+    ax.set_xlim(0, n)
+    ax.set_ylim(0, max(len(levels), 1))
+    ax.set_yticks([len(levels) - 1 - r + 0.5 for r in range(len(levels))])
+    ax.set_yticklabels([f"level {r}" for r in range(len(levels))])
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=ax, label="CD score")
+    fig.tight_layout()
+    return fig
