@@ -128,7 +128,8 @@ class Decomposer:
         out = values[self.graph.result_node]
         if self.backend == "reference":
             from .reference.cd import propagate_graph
-            pairs = [propagate_graph(self.graph, r[None], x - r[None]) for r in relevant_input]
+            indices = {n: aux[n] for n, st in self.graph.steps.items() if st.kind == "maxpool"}
+            pairs = [propagate_graph(self.graph, r[None], x - r[None], indices) for r in relevant_input]
             return CDResult(relevant=torch.cat([p[0] for p in pairs]),
                             irrelevant=torch.cat([p[1] for p in pairs]), output=out[0])
         m = relevant_input.shape[0]
@@ -204,50 +205,7 @@ class Decomposer:
 
     # ---- the two passes -----------------------------------------------------------------
     def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
-        """The true activation of every node (batch 1), plus what the rules reuse per chunk."""
-        g = self.graph
-        values: dict[fx.Node, Any] = {}
-        aux: dict[fx.Node, Any] = {}
-        value_of = values.__getitem__
-        for node in g.nodes:
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
-                continue
-            if node.op == "get_attr":
-                values[node] = _fetch_attr(g.gm, node.target)
-                continue
-            step = g.steps.get(node)
-            if step is None:
-                values[node] = run_plain(g.gm, node, value_of)
-                continue
-            a = values[step.dep[0]]
-            kind = step.kind
-            if kind == "affine":
-                weights, bias = affine_parts(step, value_of)
-                pre = weights(a)
-                aux[node] = (weights, bias, pre)
-                out = pre if bias is None else pre + _torch_ops._channel_view(bias, pre)
-            elif kind == "batchnorm":
-                scale, shift, apply = batchnorm_parts(step, value_of)
-                aux[node] = (scale, shift)
-                out = apply(a)
-            elif kind == "maxpool":
-                out, idx = maxpool_fn(step, value_of)(a)
-                aux[node] = idx
-            elif kind == "output_softmax":
-                out = a
-            else:
-                out = call_with(g, step, value_of, {})
-            if kind != "shape" and not (isinstance(out, torch.Tensor) and out.dim() >= 1
-                                        and out.shape[0] == 1):
-                raise UnsupportedOpError(
-                    f"{describe_node(node)} changes the batch dimension (output shape "
-                    f"{tuple(getattr(out, 'shape', ()))} for a batch of 1); CD needs every "
-                    "input-dependent op to treat samples independently")
-            values[node] = out
-        return values, aux
+        return total_pass(self.graph, x)
 
     def _relevant_pass(self, r0: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
         """The relevant part of every node for one chunk of masks."""
@@ -300,6 +258,55 @@ class Decomposer:
                 if g.last_use.get(d, -1) <= index and d is not g.result_node:
                     rel.pop(d, None)
         return rel[g.result_node]
+
+
+def total_pass(g: CapturedGraph, x: torch.Tensor) -> tuple[dict, dict]:
+    """The true activation of every node (batch 1), plus what the rules reuse per chunk.
+
+    Shared with the reference: max-pool indices come from these true activations.
+    """
+    values: dict[fx.Node, Any] = {}
+    aux: dict[fx.Node, Any] = {}
+    value_of = values.__getitem__
+    for node in g.nodes:
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
+            continue
+        if node.op == "get_attr":
+            values[node] = _fetch_attr(g.gm, node.target)
+            continue
+        step = g.steps.get(node)
+        if step is None:
+            values[node] = run_plain(g.gm, node, value_of)
+            continue
+        a = values[step.dep[0]]
+        kind = step.kind
+        if kind == "affine":
+            weights, bias = affine_parts(step, value_of)
+            pre = weights(a)
+            aux[node] = (weights, bias, pre)
+            out = pre if bias is None else pre + _torch_ops._channel_view(bias, pre)
+        elif kind == "batchnorm":
+            scale, shift, apply = batchnorm_parts(step, value_of)
+            aux[node] = (scale, shift)
+            out = apply(a)
+        elif kind == "maxpool":
+            out, idx = maxpool_fn(step, value_of)(a)
+            aux[node] = idx
+        elif kind == "output_softmax":
+            out = a
+        else:
+            out = call_with(g, step, value_of, {})
+        if kind != "shape" and not (isinstance(out, torch.Tensor) and out.dim() >= 1
+                                    and out.shape[0] == 1):
+            raise UnsupportedOpError(
+                f"{describe_node(node)} changes the batch dimension (output shape "
+                f"{tuple(getattr(out, 'shape', ()))} for a batch of 1); CD needs every "
+                "input-dependent op to treat samples independently")
+        values[node] = out
+    return values, aux
 
 
 def _combine(node: fx.Node, kind: str, rel: dict, values: dict, m: int) -> torch.Tensor:

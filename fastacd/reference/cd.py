@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts, call_with,
-                     load_arg, maxpool_fn)
+                     load_arg)
 
 EPS = 1e-20
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, CapturedGraph]" = weakref.WeakKeyDictionary()
@@ -40,9 +40,14 @@ def propagate_batchnorm(r, i, scale, shift, apply):
     return rel, apply(r + i) - rel
 
 
-def propagate_maxpool(r, i, pool_with_indices):
-    """Gather both parts at the argmax positions of their sum."""
-    _, idx = pool_with_indices(r + i)
+def propagate_maxpool(r, i, idx):
+    """Gather both parts at the argmax positions of the true activation (= r + i).
+
+    The indices come from the model's own forward pass, not from the floating-point sum
+    r + i: at exact ties (constant backgrounds, e.g. MNIST digits) that sum's rounding
+    noise would pick the position, and it differs from mask to mask (docs/engine.md).
+    """
+    idx = idx.expand(r.shape[0], *idx.shape[1:])
     n, c = idx.shape[:2]
     flat = idx.reshape(n, c, -1)
 
@@ -51,8 +56,15 @@ def propagate_maxpool(r, i, pool_with_indices):
     return gather(r), gather(i)
 
 
-def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: torch.Tensor):
-    """Propagate one (relevant, irrelevant) split of the input through the captured graph."""
+def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: torch.Tensor,
+                    pool_indices: dict | None = None):
+    """Propagate one (relevant, irrelevant) split of the input through the captured graph.
+
+    ``pool_indices`` maps each max-pool node to the argmax indices of the true activation
+    (``pooling_indices(graph, x)``); computed from ``relevant + irrelevant`` when omitted.
+    """
+    if pool_indices is None:
+        pool_indices = pooling_indices(graph, relevant + irrelevant)
     parts: dict[fx.Node, tuple] = {graph.input_node: (relevant, irrelevant)}
     plain: dict[fx.Node, object] = {}
 
@@ -95,7 +107,7 @@ def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: to
             rel = apply(r)
             out = (rel, apply(r + i) - rel)
         elif kind == "maxpool":
-            out = propagate_maxpool(r, i, maxpool_fn(step, value_of))
+            out = propagate_maxpool(r, i, pool_indices[node])
         elif kind in ("add", "sub"):
             out = _combine(node, kind, parts, value_of)
         elif kind == "neg":
@@ -114,6 +126,13 @@ def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: to
             raise UnsupportedOpError(f"the reference has no rule of kind {kind!r}")
         parts[node] = out
     return parts[graph.result_node]
+
+
+def pooling_indices(graph: CapturedGraph, x: torch.Tensor) -> dict:
+    """Argmax indices of every max-pool in the model's forward pass on x (batch 1)."""
+    from ..engine import total_pass
+    _, aux = total_pass(graph, x)
+    return {n: aux[n] for n, s in graph.steps.items() if s.kind == "maxpool"}
 
 
 def _combine(node, kind, parts, value_of):
@@ -165,9 +184,10 @@ def cd(model: torch.nn.Module, x: torch.Tensor, mask) -> tuple[torch.Tensor, tor
     from ..engine import Decomposer
     masks = Decomposer._check_masks(x, mask)
     graph = captured(model)
+    indices = pooling_indices(graph, x)
     rels, irrels = [], []
     for m in masks:
-        r, i = propagate_graph(graph, m[None] * x, (1 - m[None]) * x)
+        r, i = propagate_graph(graph, m[None] * x, (1 - m[None]) * x, indices)
         rels.append(r)
         irrels.append(i)
     return torch.cat(rels), torch.cat(irrels)
