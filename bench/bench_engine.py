@@ -1,0 +1,75 @@
+"""CD of 64 masks on one 224x224 image vs plain forward passes, and vs the reference backend.
+
+    make bench            (or: .venv/bin/python -m pytest bench/bench_engine.py -q)
+
+Figures (bench/results/engine.json), all ratios taken in the same run:
+* ``cd_per_mask_over_best_forward``: CD time per mask / the best plain forward time per image
+  over batch sizes 1, 8 and 64 (the floor is about 1: one weight application per mask);
+* ``reference_over_engine``: reference backend (one mask at a time, r and i separately)
+  over the batched engine on the same masks (a subset, the reference is slow).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import fastacd
+
+from _results import best_time, record
+
+MASKS = 64
+REFERENCE_MASKS = 8
+
+
+def _tile_masks(n: int, size: int = 224, tile: int = 14) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    grid = size // tile
+    masks = torch.zeros(n, size, size)
+    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
+        r, c = divmod(cell, grid)
+        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
+    return masks
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet18", "alexnet"])
+def test_cd_vs_forward(benchmark, arch):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = _tile_masks(MASKS)
+    dec = fastacd.Decomposer(model)
+    with torch.no_grad():
+        forward_per_image = {
+            b: best_time(lambda: model(x.expand(b, -1, -1, -1).contiguous()), repeats=2) / b
+            for b in (1, 8, 64)}
+        cd_time = benchmark.pedantic(lambda: dec.cd(x, masks), rounds=2, warmup_rounds=1)
+        cd_time = best_time(lambda: dec.cd(x, masks), repeats=2, warmup=0)
+        ref = fastacd.Decomposer(model, backend="reference")
+        ref_time = best_time(lambda: ref.cd(x, masks[:REFERENCE_MASKS]), repeats=1, warmup=0)
+        fast_sub = best_time(lambda: dec.cd(x, masks[:REFERENCE_MASKS]), repeats=1, warmup=0)
+    best_forward = min(forward_per_image.values())
+    figures = {
+        "cd_per_mask_over_best_forward": cd_time / MASKS / best_forward,
+        "reference_over_engine": ref_time / fast_sub,
+        "cd_seconds_64_masks": cd_time,
+        "backend_compiled": float(dec.backend == "compiled"),
+        "chunk_size": float(dec.chunk_size(dec._total_pass(x)[0], x)),
+        **{f"forward_per_image_b{b}": t for b, t in forward_per_image.items()},
+    }
+    record("engine", arch, **figures)
+    print(arch, {k: round(v, 4) for k, v in figures.items()})
+
+
+@pytest.mark.parametrize("backend", fastacd.available_backends()[1:])
+def test_backends_vgg16(benchmark, backend):
+    """torch vs compiled backend on the same 64 masks (VGG16)."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = _tile_masks(MASKS)
+    dec = fastacd.Decomposer(model, backend=backend)
+    with torch.no_grad():
+        benchmark.pedantic(lambda: dec.cd(x, masks), rounds=1, warmup_rounds=1)
+        t = best_time(lambda: dec.cd(x, masks), repeats=2, warmup=0)
+    record("engine", f"vgg16_backend_{backend}", cd_seconds_64_masks=t)
