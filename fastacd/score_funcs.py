@@ -146,9 +146,11 @@ def tiles_to_cd(batch):
 
 
 def _cd_text_many(batch, model, starts, stops):
-    """CD scores (M, classes) of the phrases [starts[i], stops[i]] of one sentence."""
-    from .text import cd_text  # lazily: the text module is optional here
-    return np.array([np.asarray(cd_text(batch, model, start=a, stop=b)) for a, b in zip(starts, stops)])
+    """CD scores (M, classes) of the phrases [starts[i], stops[i]] of one sentence, in one
+    batched call of the text engine."""
+    from .text import cd_text_phrases  # lazily: importing score_funcs does not load the text engine
+    relevant, _ = cd_text_phrases(batch, model, [(int(a), int(b)) for a, b in zip(starts, stops)])
+    return relevant
 
 
 def get_scores_1d(batch, model, method, label, only_one, score_orig, text_orig, subtract=False,
@@ -160,8 +162,9 @@ def get_scores_1d(batch, model, method, label, only_one, score_orig, text_orig, 
     device = _device_of(model, device)
     if method == "cd":
         if only_one:
+            # the original passed stop = num_words, one past the end: the whole sentence
             num_words = batch.text.data.cpu().numpy().shape[0]
-            scores = _cd_text_many(batch, model, [0], [num_words])
+            scores = _cd_text_many(batch, model, [0], [num_words - 1])
         else:
             starts, stops = tiles_to_cd(batch)
             batch.text.data = torch.as_tensor(np.asarray(text_orig), dtype=torch.long, device=device)
