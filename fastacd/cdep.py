@@ -1,0 +1,446 @@
+"""CDEP: penalise CD explanations during training (Rieger et al., ICML 2020).
+
+CDEP ("Interpretations are useful: penalizing explanations to align neural networks with
+prior knowledge") adds a term to the loss that makes a model ignore features it should
+not use: a region of the image, single pixels (colour), a phrase.
+
+The image penalty is the CDEP repository's ``cdep`` score. For an input ``x`` and a mask
+``m`` of what must *not* matter, CD splits every output logit ``z_c`` into a relevant part
+``r_c`` (the masked features' contribution) and an irrelevant part ``i_c = z_c - r_c``;
+the score is the softmax over that pair of the relevant part, averaged over the logits::
+
+    cdep(x, m) = mean_c  softmax([r_c, i_c])[0]  =  mean_c  sigmoid(r_c - i_c)
+
+(the repository takes the mean over all ``N x classes`` logits of a batch). With several
+masks per batch this module averages over the masks (``reduction="mean"``); the
+repository's ColorMNIST script sums over its 8 blobs (``reduction="sum"``).
+
+How it is computed (design.md sections 2 and 4, with gradients):
+
+* **paired evaluation**: the true activations of the N images of a batch are computed once
+  (batch N); the relevant parts of K masks per image are one batch of K*N, and image n's
+  relevant part is paired with image n's true activation (``i = a - r`` is never
+  propagated nor stored);
+* **low memory**: the element-wise CD rules (bias split, batchnorm split) are autograd
+  functions that keep only their inputs and recompute the few element-wise products in
+  the backward pass, so no irrelevant activation and no intermediate of the rule stays
+  alive between forward and backward;
+* **shared forward**: ``CDEPPenalty.forward_with_penalty`` returns the model's logits from
+  the same true-activation pass, so a training step costs about one plain forward + one
+  relevant pass, instead of a plain forward + separate relevant and irrelevant passes.
+
+The arithmetic is the project's CD (the ``acd`` package's eps rule ``1e-20`` for the bias
+split, design.md section 2); the CDEP repository's copy of CD uses ``|zr| + |zi| + 1e-19``
+in the same denominator, a difference far below float32 resolution except when both parts
+are exactly zero.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import _torch_ops
+from .engine import Decomposer, _cat, _combine, _fetch_attr, run_plain
+from .graph import (CapturedGraph, affine_parts, batchnorm_parts, call_with, load_arg,
+                    maxpool_fn)
+
+REDUCTIONS = ("mean", "sum")
+
+
+# --------------------------------------------------------------------------------------
+# the penalty on CD scores
+# --------------------------------------------------------------------------------------
+def cdep_score(relevant: torch.Tensor, irrelevant: torch.Tensor) -> torch.Tensor:
+    """The CDEP repository's ``cdep`` score of CD outputs of any shape: the mean over all
+    entries of ``softmax([relevant, irrelevant])[0]`` (= ``sigmoid(relevant - irrelevant)``)."""
+    pair = torch.stack((relevant.reshape(-1), irrelevant.reshape(-1)), dim=1)
+    return torch.softmax(pair, dim=1)[:, 0].mean()
+
+
+# --------------------------------------------------------------------------------------
+# per-example masks
+# --------------------------------------------------------------------------------------
+def canonical_masks(x: torch.Tensor, masks) -> torch.Tensor:
+    """Masks for a batch ``x`` (N, C, *S) as (K, N, 1 or C, *S): K masks per example.
+
+    Accepted (1 = the feature must not matter):
+
+    * ``(*S)``: one mask shared by every example;
+    * ``(N, *S)``, ``(N, 1, *S)``, ``(N, C, *S)``: one mask per example;
+    * ``(K, N, 1 or C, *S)``: K masks per example.
+
+    K masks shared by the whole batch, e.g. the random pixel blobs of ColorMNIST, are
+    ``shared_masks(blobs, N)``. For a 2-d input (N, F): ``(F,)``, ``(N, F)`` or ``(K, N, F)``.
+    """
+    if not isinstance(masks, torch.Tensor):
+        masks = torch.as_tensor(masks)
+    masks = masks.to(device=x.device, dtype=x.dtype)
+    n, feat, spatial = x.shape[0], tuple(x.shape[1:]), tuple(x.shape[2:])
+    shape = tuple(masks.shape)
+    if x.dim() == 2:
+        if shape == feat:
+            return masks.expand(1, n, *feat)
+        if shape == (n,) + feat:
+            return masks[None]
+        if masks.dim() == 3 and shape[1:] == (n,) + feat:
+            return masks
+        raise ValueError(f"masks of shape {shape} do not fit the batch of shape {tuple(x.shape)}; "
+                         f"expected {feat}, {(n,) + feat} or (K, {n}, {feat[0]})")
+    if shape == spatial:
+        return masks.expand(1, n, 1, *spatial)
+    if masks.dim() == len(spatial) + 1 and shape == (n,) + spatial:
+        return masks[None, :, None]
+    if masks.dim() == x.dim() and shape[0] == n and shape[2:] == spatial and shape[1] in (1, feat[0]):
+        return masks[None]
+    if (masks.dim() == x.dim() + 1 and shape[1] == n and shape[3:] == spatial
+            and shape[2] in (1, feat[0])):
+        return masks
+    s = ", ".join(map(str, spatial))
+    raise ValueError(
+        f"masks of shape {shape} do not fit the batch of shape {tuple(x.shape)}; expected ({s}) "
+        f"shared, ({n}, {s}) or ({n}, 1|{feat[0]}, {s}) per example, or (K, {n}, 1|{feat[0]}, {s}). "
+        "For K masks shared by the batch use fastacd.cdep.shared_masks(masks, N).")
+
+
+def shared_masks(masks: torch.Tensor, n: int) -> torch.Tensor:
+    """K masks (K, *S) or (K, 1|C, *S) used for every one of n examples -> (K, n, 1|C, *S)."""
+    masks = torch.as_tensor(masks)
+    if masks.dim() < 2:
+        raise ValueError(f"masks must be (K, *S) or (K, C, *S), got shape {tuple(masks.shape)}")
+    if masks.dim() == 3:  # (K, H, W): spatial masks for images
+        masks = masks[:, None]
+    return masks[:, None].expand(masks.shape[0], n, *masks.shape[1:])
+
+
+def box_masks(boxes, shape) -> torch.Tensor:
+    """One rectangle per example: boxes (N, 4) as (top, left, height, width), shape (H, W).
+
+    Returns (N, 1, H, W) float masks, 1 inside the box (e.g. a decoy patch)."""
+    boxes = torch.as_tensor(boxes, dtype=torch.long)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) as (top, left, height, width), got {tuple(boxes.shape)}")
+    h, w = shape
+    rows = torch.arange(h)[None, :, None]
+    cols = torch.arange(w)[None, None, :]
+    top, left, bh, bw = (boxes[:, j, None, None] for j in range(4))
+    inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    return inside[:, None].float()
+
+
+def pixel_masks(n: int, k: int, shape, prob: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """K random single-pixel masks per example (the ColorMNIST blobs): (K, n, 1, H, W).
+
+    prob: (H, W) sampling weights (e.g. how often a pixel is foreground), uniform if None;
+    or (n, H, W) weights per example (e.g. that example's own foreground)."""
+    h, w = shape
+    if prob is None:
+        prob = torch.ones(h * w)
+    prob = torch.as_tensor(prob, dtype=torch.float64)
+    weights = prob.reshape(-1, h * w).expand(n, h * w) if prob.dim() <= 2 else prob.reshape(n, h * w)
+    idx = torch.multinomial(weights, k, replacement=True, generator=generator)  # (n, k)
+    masks = torch.zeros(k, n, h * w)
+    masks.scatter_(2, idx.t()[:, :, None], 1.0)
+    return masks.reshape(k, n, 1, h, w)
+
+
+# --------------------------------------------------------------------------------------
+# element-wise rules with a small autograd footprint
+# --------------------------------------------------------------------------------------
+def _repeat_total(total: torch.Tensor, k: int) -> torch.Tensor:
+    """The true activation of N images for K*N relevant maps (mask-major order)."""
+    return total if k == 1 else total.repeat((k,) + (1,) * (total.dim() - 1))
+
+
+def _bias_split_paired(rel_pre, total_out, bias, relu: bool, k: int):
+    # total_out is the layer's ordinary output (with bias), so the forward pass of the true
+    # activations is the plain forward; its pre-bias value is total_out - bias.
+    pre = total_out - _torch_ops._channel_view(bias, total_out)
+    return _torch_ops.bias_split(rel_pre, _repeat_total(pre, k), bias, relu)
+
+
+def _bn_split_paired(rel, total, scale, shift, relu: bool, k: int):
+    return _torch_ops.bn_split(rel, _repeat_total(total, k), scale, shift, relu)
+
+
+class _Recompute(torch.autograd.Function):
+    """Run an element-wise rule without keeping its intermediates: backward recomputes them.
+
+    Saves only the rule's inputs (the relevant pre-activation, the shared true activation,
+    the channel parameters); the gradient is autograd's gradient of the pure-torch formula,
+    so it equals the gradient of ``fastacd._torch_ops`` exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, relu, k, *tensors):
+        ctx.fn, ctx.relu, ctx.k = fn, relu, k
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors, relu, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad[3:])]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(())
+        if wanted:
+            with torch.enable_grad():
+                out = ctx.fn(*inputs, ctx.relu, ctx.k)
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, None, None) + tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def _rule(fn, relu: bool, k: int, *tensors, low_memory: bool):
+    if low_memory and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _Recompute.apply(fn, relu, k, *tensors)
+    return fn(*tensors, relu, k)
+
+
+# --------------------------------------------------------------------------------------
+# paired evaluation over a batch
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put a model in eval mode (CD is defined on eval behaviour)."""
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in states:
+            m.training = training
+
+
+def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
+              low_memory: bool = True, pool_indices: dict | None = None):
+    """CD of a batch: image n's relevant part paired with image n's true activation.
+
+    graph: the model captured in eval mode (``CapturedGraph``); the model's parameters are
+    read at call time, so it follows training.
+    x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
+    image n), or None for the true activations only.
+    pool_indices: a dict to receive the argmax indices of every max-pool (optional).
+    Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
+    k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
+    """
+    n = x.shape[0]
+    m = n if relevant_input is None else relevant_input.shape[0]
+    if m % n:
+        raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
+    k = m // n
+    g = graph
+    values: dict[fx.Node, Any] = {}
+    rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
+    value_of = values.__getitem__
+    for index, node in enumerate(g.nodes):
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
+            continue
+        if node.op == "get_attr":
+            values[node] = _fetch_attr(g.gm, node.target)
+            continue
+        step = g.steps.get(node)
+        if step is None:
+            values[node] = run_plain(g.gm, node, value_of)
+            continue
+        kind = step.kind
+        a = values[step.dep[0]]
+        # ---- the true activation (batch N): the model's ordinary forward, in eval behaviour
+        if kind == "maxpool":
+            total, idx = maxpool_fn(step, value_of)(a)
+            if pool_indices is not None:
+                pool_indices[node] = idx
+        elif kind == "affine" and step.module is not None:
+            total = step.module(a)
+        elif kind == "output_softmax":
+            total = a
+        else:
+            total = call_with(g, step, value_of, {})
+        values[node] = total
+        if kind == "shape" or relevant_input is None:
+            continue
+        # ---- the relevant part (batch K*N)
+        r = rel[step.dep[0]]
+        if kind == "affine":
+            weights, bias = affine_parts(step, value_of)
+            zr = weights(r)
+            if bias is None:
+                out = zr.clamp_min(0) if step.relu_fused else zr
+            else:
+                out = _rule(_bias_split_paired, step.relu_fused, k, zr, total, bias,
+                            low_memory=low_memory)
+        elif kind == "batchnorm":
+            scale, shift, _ = batchnorm_parts(step, value_of)
+            out = _rule(_bn_split_paired, step.relu_fused, k, r, a, scale, shift,
+                        low_memory=low_memory)
+        elif kind == "maxpool":
+            out = _gather(r, _repeat_total(idx, k))
+        elif kind == "activation" and step.fused_into is not None:
+            out = r  # the producer already applied this ReLU to the relevant part
+        elif kind == "reshape":
+            out = r.reshape((m,) + tuple(total.shape[1:]))
+        elif kind in ("add", "sub"):
+            out = _combine(node, kind, rel, values, m)
+        elif kind == "neg":
+            out = -r
+        elif kind == "scale":
+            other = [q for q in node.args[:2] if q is not step.dep[0]]
+            c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
+            out = r * c if step.extra["op"] == "mul" else r / c
+        elif kind == "cat":
+            out = _cat(node, rel, values, m)
+        elif kind == "output_softmax":
+            out = r
+        else:  # activation, linear, getitem, user rules: the op itself on r
+            out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+        rel[node] = out
+        for d in step.dep:  # free relevant parts no later step reads
+            if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                rel.pop(d, None)
+    return rel.get(g.result_node), values[g.result_node]
+
+
+def _gather(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Max-pool gather of relevant maps at the argmax of their own image (same batch)."""
+    n, c = idx.shape[:2]
+    return r.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).reshape(idx.shape)
+
+
+# --------------------------------------------------------------------------------------
+# the penalty object
+# --------------------------------------------------------------------------------------
+_TRAIN_DIFFERENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+class CDEPPenalty:
+    """The CDEP image penalty for a model, traced once.
+
+    >>> penalty = CDEPPenalty(model)
+    >>> for x, y, masks in loader:               # masks: what must not matter, per example
+    ...     opt.zero_grad()
+    ...     loss = F.cross_entropy(model(x), y) + lam * penalty(x, masks)
+    ...     loss.backward(); opt.step()
+
+    or, saving one forward pass when the model behaves the same in train and eval mode
+    (no dropout, no batchnorm)::
+
+    ...     logits, pen = penalty.forward_with_penalty(x, masks)
+    ...     loss = F.cross_entropy(logits, y) + lam * pen
+
+    CD is defined on eval behaviour, so the penalty runs the model in eval mode (dropout
+    off, batchnorm with running statistics) whatever mode the model is in; the model's own
+    mode is left as it was.
+
+    backend: ``"paired"`` (default; batch evaluation in pure torch with the low-memory
+    autograd rules), ``"engine"`` (one ``Decomposer`` call per image: uses the compiled
+    ops when they are built, slower for large batches) or ``"reference"`` (relevant and
+    irrelevant parts propagated separately, one image and mask at a time: the oracle).
+    """
+
+    BACKENDS = ("paired", "engine", "reference", "straightforward")
+
+    def __init__(self, model: nn.Module, backend: str = "paired", reduction: str = "mean",
+                 low_memory: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.model, self.backend, self.reduction, self.low_memory = model, backend, reduction, low_memory
+        with eval_mode(model):
+            self.graph = CapturedGraph(model)
+        self._decomposer: Decomposer | None = None
+
+    def __call__(self, x: torch.Tensor, masks) -> torch.Tensor:
+        """The penalty (a scalar tensor) for a batch x (N, ...) and its masks."""
+        return self.forward_with_penalty(x, masks, _need_logits=False)[1]
+
+    def scores(self, x: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(relevant, irrelevant) each (K, N, *out), and the output (N, *out)."""
+        x = self._check_batch(x)
+        masks = canonical_masks(x, masks)
+        k, n = masks.shape[:2]
+        r0 = (masks * x[None]).reshape((k * n,) + tuple(x.shape[1:]))
+        with eval_mode(self.model):
+            rel, out = self._relevant(x, r0, k)
+        rel = rel.reshape((k, n) + tuple(out.shape[1:]))
+        return rel, out[None] - rel, out
+
+    def forward_with_penalty(self, x: torch.Tensor, masks, _need_logits: bool = True):
+        """(logits (N, classes), penalty): the logits come from the same pass of the true
+        activations, in eval behaviour; use them as the ordinary forward only for a model
+        that behaves the same in train and eval mode (no dropout, no batchnorm)."""
+        if _need_logits:
+            odd = [type(m).__name__ for m in self.model.modules()
+                   if isinstance(m, _TRAIN_DIFFERENT) and m.training]
+            if odd:
+                raise ValueError(
+                    f"the model has modules that behave differently in training ({', '.join(odd[:3])}); "
+                    "its eval-mode logits are not its training forward. Use "
+                    "`loss(model(x), y) + lam * penalty(x, masks)` instead of forward_with_penalty.")
+        rel, irrel, out = self.scores(x, masks)
+        per_mask = torch.stack([cdep_score(rel[j], irrel[j]) for j in range(rel.shape[0])])
+        pen = per_mask.mean() if self.reduction == "mean" else per_mask.sum()
+        return out, pen
+
+    # ---- backends ------------------------------------------------------------------------
+    def _relevant(self, x, r0, k):
+        n = x.shape[0]
+        if self.backend == "paired":
+            return paired_cd(self.graph, x, r0, low_memory=self.low_memory)
+        if self.backend == "straightforward":
+            return straightforward_cd(self.graph, x, r0)
+        if self.backend == "engine":
+            if self._decomposer is None:
+                self._decomposer = Decomposer(self.model, backend="auto")
+                self._decomposer.graph = self.graph
+            dec = self._decomposer
+            rows = [dec.cd_relevant_input(x[i:i + 1], r0[i::n]) for i in range(n)]
+            rel = torch.stack([res.relevant for res in rows], 1)  # (K, N, *out)
+            out = torch.stack([res.output for res in rows])
+            return rel.reshape((k * n,) + tuple(out.shape[1:])), out
+        from .reference.cd import propagate_graph
+        pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1])
+                 for j in range(r0.shape[0])]
+        rel = torch.cat([p[0] for p in pairs])
+        out = torch.cat([p[0] + p[1] for p in pairs[:n]])
+        return rel, out
+
+    def _check_batch(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        return x
+
+
+def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor,
+                       pool_indices: dict | None = None):
+    """CD the way the CDEP code computes it: relevant and irrelevant parts of the whole
+    batch propagated separately through every layer (the reference arithmetic). Same
+    inputs and outputs as ``paired_cd``; for comparison and benchmarks.
+
+    pool_indices: the max-pool argmax indices of the true batch, e.g. from
+    ``paired_cd(graph, x, None, pool_indices=d)`` run as the ordinary forward; computed
+    when omitted. The max-pool positions come from the true activations (as in the reference); the CDEP
+    code takes them from ``max_pool(r + i)``, which is the same up to rounding at ties.
+    """
+    from .reference.cd import propagate_graph
+    n, m = x.shape[0], relevant_input.shape[0]
+    k = m // n
+    if pool_indices is None:  # a training step has them from its forward pass
+        pool_indices = {}
+        with torch.no_grad():
+            paired_cd(graph, x, None, pool_indices=pool_indices)
+    pools = {node: _repeat_total(idx, k) for node, idx in pool_indices.items()}
+    rel, irrel = propagate_graph(graph, relevant_input, _repeat_total(x, k) - relevant_input,
+                                 pool_indices=pools)
+    return rel, (rel + irrel)[:n]
