@@ -1,0 +1,576 @@
+"""Agglomerative CD for images: the original ``acd.agg_2d`` on the batched engine.
+
+``agglomerate`` takes the original package's arguments and returns the same dict of lists
+(design.md section 3; docs/hierarchies.md lists every deliberate difference). The fast path
+differs from the published algorithm only in how the scores are obtained:
+
+* every candidate of one iteration (each component, all components together, each
+  component plus each neighbouring tile) is gathered first, duplicates dropped, and the rest
+  scored in one engine call (``Decomposer.cd`` for ``cd``, a batched forward pass for
+  ``occlusion`` / ``build_up``);
+* a per-run cache keyed by the candidate's tile set means no mask is ever scored twice:
+  components that did not change between iterations, and in the merge phase every pair
+  whose members were not merged in the last round, are read from the cache.
+
+The algorithm itself is written once over "units" (square tiles here; superpixels in
+``fastacd.hierarchy``), so the drop-in and the modern API share it.
+"""
+from __future__ import annotations
+
+import copy
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.signal import convolve2d
+from skimage import measure
+from tqdm.auto import tqdm
+
+from . import tiling_2d as tiling
+from .tiling_2d import METHODS
+
+_CHUNK = 256  # candidates per engine call: bounds the (M, C, H, W) relevant inputs held at once
+
+
+# ------------------------------------------------------------------------------------------
+# The original helpers (users call them directly)
+# ------------------------------------------------------------------------------------------
+def refine_scores(scores, lab_num):
+    """The score of class ``lab_num`` for every row."""
+    return scores[:, lab_num]
+
+
+def threshold_scores(scores, percentile_include, method=None):
+    """Select the scores at or above a percentile (NaN = already selected, never picked).
+
+    The percentile drops by 15 once more than a third of the scores are NaN, then by 4 at a
+    time until something is selected (never below 0, where the original crashed).
+    """
+    scores = np.asarray(scores)
+    if np.isnan(scores).all():
+        raise ValueError("threshold_scores: every score is NaN (everything is already selected)")
+    if np.sum(np.isnan(scores)) > scores.size / 3:
+        percentile_include -= 15
+    while True:
+        thresh = np.nanpercentile(scores, min(max(percentile_include, 0), 100))
+        with np.errstate(invalid="ignore"):
+            im_thresh = np.logical_and(scores >= thresh, ~np.isnan(scores))
+        if im_thresh.any():
+            return im_thresh
+        percentile_include -= 4
+
+
+_CROSS = np.zeros((3, 3))
+_CROSS[:, 1] = 1
+_CROSS[1, :] = 1
+
+
+def smooth_im_thresh(im_thresh_old, im_thresh):
+    """Add the union of both selections plus every cell with at least 3 of its 4 neighbours in it."""
+    im = im_thresh_old + im_thresh
+    count = convolve2d(im, _CROSS, mode="same")
+    return im + np.logical_and(np.logical_not(im), count >= 3)
+
+
+def establish_correspondence(seg1, seg2):
+    """Relabel the components ``seg2`` so that they keep the numbers they had in ``seg1``.
+
+    A component containing old components takes the smallest of their numbers; new
+    components take the smallest free numbers, the last new one (in label order) first, as
+    in the original. Unlike the original, which had 11 numbers and silently fell back to
+    the unmatched labels when it ran out, any number of components is handled.
+    """
+    seg1, seg2 = np.asarray(seg1), np.asarray(seg2)
+    seg_out = np.zeros(seg1.shape, dtype="int64")
+    used, new = set(), []
+    for i in range(1, int(np.max(seg2, initial=0)) + 1):
+        seg = seg2 == i
+        old = seg1[seg]
+        matches = np.unique(old[old != 0])
+        if matches.size == 0:
+            new.append(seg)
+        else:
+            lab = int(matches.min())
+            seg_out[seg] = lab
+            used.add(lab)
+    free = (k for k in range(1, len(used) + len(new) + 2) if k not in used)
+    for seg in reversed(new):
+        seg_out[seg] = next(free)
+    return seg_out
+
+
+# ------------------------------------------------------------------------------------------
+# Units: the pieces a hierarchy is made of
+# ------------------------------------------------------------------------------------------
+class TileUnits:
+    """Square tiles of ``sweep_dim`` pixels; state arrays have the grid's shape.
+
+    Components use 8-connectivity (``connectivity=2``) and neighbours are the 4 edge-sharing
+    tiles, as in the original.
+    """
+
+    def __init__(self, image_hw, sweep_dim: int, connectivity: int = 2):
+        self.hw = (int(image_hw[0]), int(image_hw[1]))
+        self.sweep_dim = int(sweep_dim)
+        self.shape = tiling.grid_shape(self.hw, self.sweep_dim)
+        self.connectivity = connectivity
+
+    def singles(self):
+        for idx in np.ndindex(*self.shape):
+            m = np.zeros(self.shape, dtype=bool)
+            m[idx] = True
+            yield m
+
+    def label(self, sel):
+        return np.copy(measure.label(sel, background=0, connectivity=self.connectivity))
+
+    def neighbours(self, mask):
+        return tiling.neighbour_tiles(mask)
+
+    def smooth(self, old, new):
+        return smooth_im_thresh(old, new)
+
+    def pixels(self, mask) -> np.ndarray:
+        return tiling.upsample(mask, self.sweep_dim, self.hw)
+
+
+class SegmentUnits:
+    """Superpixels given as an (H, W) label image with labels 0..n-1; state arrays are (n,).
+
+    Neighbours are segments sharing a pixel edge; components are connected through the same
+    adjacency; smoothing adds a segment with at least 3 selected neighbours (the tile rule).
+    """
+
+    def __init__(self, segments: np.ndarray):
+        seg = np.asarray(segments)
+        _, seg = np.unique(seg, return_inverse=True)
+        self.segments = seg.reshape(np.asarray(segments).shape).astype(np.int64)
+        self.hw = self.segments.shape
+        n = int(self.segments.max()) + 1
+        self.shape = (n,)
+        adj = np.zeros((n, n), dtype=bool)
+        for a, b in ((self.segments[1:], self.segments[:-1]),
+                     (self.segments[:, 1:], self.segments[:, :-1])):
+            diff = a != b
+            adj[a[diff], b[diff]] = True
+            adj[b[diff], a[diff]] = True
+        self.adj = adj
+
+    def singles(self):
+        for i in range(self.shape[0]):
+            m = np.zeros(self.shape, dtype=bool)
+            m[i] = True
+            yield m
+
+    def label(self, sel):
+        labels = np.zeros(self.shape, dtype=np.int64)
+        k = 0
+        for start in np.flatnonzero(sel):
+            if labels[start]:
+                continue
+            k += 1
+            labels[start] = k
+            stack = [start]
+            while stack:
+                u = stack.pop()
+                for v in np.flatnonzero(self.adj[u] & sel & (labels == 0)):
+                    labels[v] = k
+                    stack.append(v)
+        return labels
+
+    def neighbours(self, mask):
+        near = self.adj[mask].any(0) & ~mask
+        return [(int(i),) for i in np.flatnonzero(near)]
+
+    def smooth(self, old, new):
+        im = np.logical_or(old, new)
+        count = self.adj[:, im].sum(1)
+        return im | (~im & (count >= 3))
+
+    def pixels(self, mask) -> np.ndarray:
+        return np.asarray(mask)[self.segments]
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring with a per-run cache
+# ------------------------------------------------------------------------------------------
+class OcclusionSum:
+    """The original's "all components combined" image for occlusion: the SUM of the images
+    with each component occluded (a quirk kept in the drop-in)."""
+
+    def __init__(self, masks):
+        self.masks = tuple(masks)
+
+    def key(self):
+        return ("occlusion_sum",) + tuple(m.tobytes() for m in self.masks)
+
+
+FULL = "full"  # candidate: the unmodified input (score = the model's output, never negated)
+
+
+def logits_module(dec) -> torch.nn.Module:
+    """The traced model up to its logits (a trailing softmax / log-softmax dropped): batched."""
+    g = dec.graph
+    step = g.steps.get(g.result_node)
+    if step is None or step.kind != "output_softmax":
+        return g.gm
+    graph = copy.deepcopy(g.gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    out = next(n for n in graph.nodes if n.op == "output")
+    out.args = (by_name[step.dep[0].name],)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(g.gm, graph)
+
+
+def _numpy_rows(out) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    return np.asarray(out)
+
+
+def is_batched(pred_ims, pred_ims_batched=None) -> bool:
+    """Whether ``pred_ims`` takes a batch of images: ``pred_ims_batched=True`` or an attribute
+    ``pred_ims.batched = True`` (see ``batched``); otherwise it is called one image at a time,
+    as in the original."""
+    if pred_ims_batched is not None:
+        return bool(pred_ims_batched)
+    return bool(getattr(pred_ims, "batched", False))
+
+
+def batched(fn):
+    """Mark a ``pred_ims(model, ims)`` callable as taking a batch (N, H, W[, 3]) -> (N, classes)."""
+    fn.batched = True
+    return fn
+
+
+class Scorer:
+    """Scores of candidates (unit masks) for one image, each candidate scored at most once.
+
+    ``requested`` counts candidates asked for (what the one-mask-at-a-time reference scores),
+    ``scored`` the distinct ones actually sent to the model, ``calls`` the engine calls.
+    """
+
+    def __init__(self, units, method, model, *, dec=None, x=None, im_orig=None, pred_ims=None,
+                 pred_ims_batched=False, progress=False):
+        self.units, self.method, self.model = units, method, model
+        self.dec, self.x, self.im_orig, self.pred_ims = dec, x, im_orig, pred_ims
+        self.pred_ims_batched = pred_ims_batched
+        self.cache: dict = {}
+        self.requested = self.scored = self.calls = 0
+        self.progress = progress
+        self._logits = None
+
+    @staticmethod
+    def key(cand):
+        if isinstance(cand, str):
+            return (cand,)
+        if isinstance(cand, OcclusionSum):
+            return cand.key()
+        return (cand.tobytes(),)
+
+    def __call__(self, cands) -> np.ndarray:
+        keys = [self.key(c) for c in cands]
+        self.requested += len(cands)
+        todo = {}
+        for k, c in zip(keys, cands):
+            if k not in self.cache and k not in todo:
+                todo[k] = c
+        if todo:
+            self.scored += len(todo)
+            rows = self._score(list(todo.values()))
+            for k, row in zip(todo, rows):
+                self.cache[k] = row
+        return np.stack([self.cache[k] for k in keys])
+
+    # ---- the model calls ----------------------------------------------------------------
+    def _score(self, cands) -> np.ndarray:
+        out = []
+        bar = tqdm(total=len(cands), disable=not self.progress, leave=False, desc="scoring")
+        for s in range(0, len(cands), _CHUNK):
+            chunk = cands[s:s + _CHUNK]
+            self.calls += 1
+            out.append(self._score_cd(chunk) if self.method == "cd" else self._score_images(chunk))
+            bar.update(len(chunk))
+        bar.close()
+        return np.concatenate(out)
+
+    def _score_cd(self, cands) -> np.ndarray:
+        hw = self.units.hw
+        masks = np.stack([np.ones(hw, dtype=bool) if isinstance(c, str) else self.units.pixels(c)
+                          for c in cands])
+        masks = torch.from_numpy(masks).to(device=self.x.device, dtype=self.x.dtype)
+        with torch.no_grad():
+            return _numpy_rows(self.dec.cd(self.x, masks).relevant)
+
+    def _image(self, cand):
+        """The numpy image the original hands to ``pred_ims`` for a candidate."""
+        im = self.im_orig
+        if isinstance(cand, str):
+            return im
+        if isinstance(cand, OcclusionSum):
+            total = np.zeros(im.shape)
+            for m in cand.masks:
+                total += tiling.tile_image(im, self.units.pixels(m), "occlusion")
+            return total
+        return tiling.tile_image(im, self.units.pixels(cand), self.method)
+
+    def _input(self, cand) -> torch.Tensor:
+        """The model input for a candidate when no ``pred_ims`` is given: ``im_torch`` times a
+        keep-mask (the region kept for build_up, zeroed for occlusion)."""
+        x = self.x
+        if isinstance(cand, str):
+            return x[0]
+        if isinstance(cand, OcclusionSum):
+            keep = sum(1.0 - self.units.pixels(m) for m in cand.masks)
+        elif self.method == "build_up":
+            keep = self.units.pixels(cand).astype(np.float64)
+        else:
+            keep = 1.0 - self.units.pixels(cand)
+        return x[0] * torch.from_numpy(np.asarray(keep)).to(x)
+
+    def _score_images(self, cands) -> np.ndarray:
+        if self.pred_ims is None:
+            if self._logits is None:
+                self._logits = logits_module(self.dec)
+            with torch.no_grad():
+                rows = _numpy_rows(self._logits(torch.stack([self._input(c) for c in cands])))
+        elif self.pred_ims_batched:
+            rows = _numpy_rows(self.pred_ims(self.model, np.stack([self._image(c) for c in cands])))
+        else:
+            rows = np.stack([_numpy_rows(self.pred_ims(self.model, self._image(c)))[0] for c in cands])
+        rows = rows.reshape(len(cands), -1)
+        if self.method == "occlusion":  # occlusion scores are negated, the full image's never
+            sign = np.array([1 if isinstance(c, str) else -1 for c in cands]).reshape(-1, 1)
+            rows = np.where(sign > 0, rows, -1 * rows)
+        return rows
+
+
+# ------------------------------------------------------------------------------------------
+# The algorithm, once, over units
+# ------------------------------------------------------------------------------------------
+def _check_label(scores_raw, lab_num):
+    n = scores_raw.shape[1]
+    if not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
+        raise ValueError(f"lab_num must be a class index in 0..{n - 1} (the model has {n} outputs), "
+                         f"got {lab_num!r}")
+
+
+def run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
+                   image_shape, corrected=False, progress=False) -> dict:
+    """Tile scores, then ``num_iters`` rounds of grow-and-select (design.md section 3)."""
+    scores_orig_raw = scorer(list(units.singles()))
+    _check_label(scores_orig_raw, lab_num)
+    scores_track = np.copy(refine_scores(scores_orig_raw, lab_num)).reshape(units.shape)
+    im_thresh = threshold_scores(scores_track, percentile_include, method)
+    scores_list, im_thresh_list, comps_list = [np.copy(scores_track)], [im_thresh], []
+    comp_scores_raw_list = [{0: scorer([FULL])[0]}]
+    combined_list = []
+
+    def components(step):
+        comps = units.label(im_thresh_list[-1])
+        if step > 0:
+            comps = establish_correspondence(comps_list[-1], comps)
+        nums = np.unique(comps)
+        return comps, nums[nums > 0]
+
+    for step in tqdm(range(num_iters), disable=not progress, desc="ACD iterations"):
+        # everything selected: nothing left to grow (the original crashed here for sweep_dim > 1)
+        if np.all(im_thresh_list[-1]):
+            break
+        comps, nums = components(step)
+        masks = {k: comps == k for k in nums}
+        combined = (OcclusionSum(masks.values()) if method == "occlusion" and not corrected
+                    else comps > 0)
+        around = {k: units.neighbours(masks[k]) for k in nums}
+        cands = []
+        for k in nums:
+            cands += [masks[k], combined]
+            for t in around[k]:
+                m = masks[k].copy()
+                m[t] = True
+                cands.append(m)
+        rows = scorer(cands)
+
+        comp_scores_raw_dict, gains, pos = {}, {}, 0
+        for k in nums:
+            comp_row, combined_row = rows[pos], rows[pos + 1]
+            score_comp = np.copy(comp_row[lab_num])
+            comp_scores_raw_dict[k] = np.copy(comp_row)
+            for i, t in enumerate(around[k]):
+                gain = np.max(rows[pos + 2 + i][lab_num] - score_comp)
+                # the original keeps the last component's gain; corrected keeps the best one
+                if corrected and t in gains:
+                    gain = max(gain, gains[t])
+                gains[t] = gain
+                scores_track[t] = gain
+            pos += 2 + len(around[k])
+        scores_track[im_thresh_list[-1]] = np.nan
+        im_thresh = threshold_scores(scores_track, percentile_include, method)
+        scores_list.append(np.copy(scores_track))
+        im_thresh_list.append(units.smooth(im_thresh_list[-1], im_thresh))
+        comps_list.append(comps)
+        comp_scores_raw_list.append(comp_scores_raw_dict)
+        combined_list.append(np.copy(combined_row))
+
+    if corrected:
+        # the last selection becomes components too (the original drops it)
+        comps, nums = components(len(comps_list))
+        rows = scorer([comps == k for k in nums] + [comps > 0])
+        comps_list.append(comps)
+        comp_scores_raw_list.append({k: np.copy(r) for k, r in zip(nums, rows[:-1])})
+        combined_list.append(np.copy(rows[-1]))
+        scores_list.append(np.copy(scores_list[-1]))
+        im_thresh_list.append(im_thresh_list[-1])
+
+    comps_list = [np.zeros(image_shape)] + comps_list
+    return {"scores_list": scores_list,
+            "im_thresh_list": im_thresh_list,
+            "comps_list": comps_list,
+            "comp_scores_raw_list": comp_scores_raw_list,
+            "comp_scores_raw_combined_list": combined_list,
+            "scores_orig_raw": scores_orig_raw,
+            "num_before_final": len(im_thresh_list)}
+
+
+def run_merges(lists, scorer, lab_num, progress=False) -> dict:
+    """Merge the pair whose union gains most over its better part until one component is left.
+
+    Pair unions come from the scorer's cache unless one of the pair was just merged.
+    """
+    bar = tqdm(disable=not progress, desc="ACD merges")
+    while np.unique(lists["comps_list"][-1]).size > 2:
+        comps = np.copy(lists["comps_list"][-1])
+        raw = deepcopy(lists["comp_scores_raw_list"][-1])
+        nums = [k for k in np.unique(comps) if k > 0]
+        masks = {k: comps == k for k in nums}
+        pairs = [(a, b) for a in nums for b in nums if a < b]
+        rows = scorer([masks[a] | masks[b] for a, b in pairs])
+        best, best_pair, best_row = -np.inf, None, None
+        for (a, b), row in zip(pairs, rows):
+            diff = np.copy(row[lab_num]) - max(raw[a][lab_num], raw[b][lab_num])
+            if diff > best:
+                best, best_pair, best_row = diff, (a, b), np.copy(row)
+        if best_pair is None:
+            raise FloatingPointError("every pair's merge score is NaN; check the model's output")
+        a, b = best_pair
+        comps[comps == b] = a
+        raw[a] = best_row
+        raw.pop(b)
+        lists["comps_list"].append(comps)
+        lists["comp_scores_raw_list"].append(raw)
+        lists["scores_list"].append(lists["scores_list"][-1])
+        lists["im_thresh_list"].append(lists["im_thresh_list"][-1])
+        lists["comp_scores_raw_combined_list"].append(lists["comp_scores_raw_combined_list"][-1])
+        bar.update(1)
+    bar.close()
+    return lists
+
+
+# ------------------------------------------------------------------------------------------
+# Validation and set-up shared with fastacd.hierarchy and the reference
+# ------------------------------------------------------------------------------------------
+def check_args(method, percentile_include, sweep_dim, image_hw, num_iters):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(percentile_include, bool) or not np.isscalar(percentile_include) \
+            or not 0 <= float(percentile_include) <= 100:
+        raise ValueError(f"percentile_include must be a number in 0..100, got {percentile_include!r}")
+    if isinstance(sweep_dim, bool) or not isinstance(sweep_dim, (int, np.integer)) or sweep_dim < 1:
+        raise ValueError(f"sweep_dim must be a positive integer (tile side in pixels), got {sweep_dim!r}")
+    if sweep_dim > min(image_hw):
+        raise ValueError(f"sweep_dim={sweep_dim} is larger than the image ({image_hw[0]}x{image_hw[1]}); "
+                         "use a tile side no larger than the image's shorter side")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 0:
+        raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
+
+
+def prepare_model_input(model, im_torch, device, image_hw=None):
+    """Model and input on one device (``device=None``: the model's)."""
+    if device is not None:
+        model = model.to(device)
+    else:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    if im_torch is None:
+        return model, None
+    if isinstance(im_torch, np.ndarray):
+        im_torch = torch.from_numpy(im_torch)
+    if not isinstance(im_torch, torch.Tensor):
+        raise TypeError(f"im_torch must be a torch.Tensor (1, C, H, W), got {type(im_torch).__name__}")
+    if im_torch.dim() == 3:
+        im_torch = im_torch[None]
+    if image_hw is not None and tuple(im_torch.shape[-2:]) != tuple(image_hw):
+        raise ValueError(f"im_torch has spatial shape {tuple(im_torch.shape[-2:])} but im_orig is "
+                         f"{tuple(image_hw)}; they must show the same image")
+    return model, im_torch.to(device)
+
+
+# ------------------------------------------------------------------------------------------
+# The drop-in
+# ------------------------------------------------------------------------------------------
+def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig, lab_num,
+                num_iters=5, im_torch=None, model_type="mnist", device=None, *,
+                backend="auto", pred_ims_batched=None, progress=False, stats=None):
+    """Agglomerative CD of one image (drop-in for ``acd.agg_2d.agglomerate``).
+
+    Params
+    ------
+    model: torch model (put in eval mode)
+    pred_ims: ``pred_ims(model, im)`` -> (1, num_classes) scores for one numpy image (H, W) or
+        (H, W, 3), as in the original; used by ``occlusion`` and ``build_up``. A batched one,
+        (N, H, W[, 3]) -> (N, num_classes), is used when ``pred_ims_batched=True`` or when it
+        has the attribute ``batched = True`` (``fastacd.agg_2d.batched`` sets it). With
+        ``pred_ims=None`` the model is run on ``im_torch`` with the region zeroed / kept.
+    percentile_include: 0..100, tiles at or above this percentile are selected
+    method: 'cd', 'occlusion' or 'build_up'
+    sweep_dim: tile side in pixels
+    im_orig: the image as numpy, (H, W) or (H, W, 3)
+    lab_num: class index to explain
+    im_torch: the model input (1, C, H, W) (needed for 'cd')
+    model_type: accepted for compatibility; every model goes through the traced engine
+    device: None = the model's device
+    backend: engine backend ('auto', 'torch', 'compiled', 'reference')
+    progress: tqdm bars (off by default)
+    stats: optional dict, filled with candidates requested / scored and engine calls
+
+    Returns the original's dict: scores_list, im_thresh_list, comps_list,
+    comp_scores_raw_list, comp_scores_raw_combined_list, scores_orig_raw, num_before_final.
+    """
+    del model_type
+    from .api import decomposer_for
+    im_orig = np.asarray(im_orig)
+    if im_orig.ndim not in (2, 3):
+        raise ValueError(f"im_orig must be (H, W) or (H, W, 3), got shape {im_orig.shape}")
+    check_args(method, percentile_include, sweep_dim, im_orig.shape[:2], num_iters)
+    if method == "cd" and im_torch is None:
+        raise ValueError("method='cd' needs im_torch, the model input (1, C, H, W) for im_orig")
+    if method != "cd" and pred_ims is None and im_torch is None:
+        raise ValueError(f"method={method!r} needs pred_ims(model, im) or im_torch")
+    model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
+    model.eval()
+    dec = decomposer_for(model, backend) if x is not None else None
+    units = TileUnits(im_orig.shape[:2], sweep_dim)
+    scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
+                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress)
+    lists = run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
+                           im_orig.shape, progress=progress)
+    lists = run_merges(lists, scorer, lab_num, progress=progress)
+    if stats is not None:
+        stats.update(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
+    return lists
+
+
+def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_dim, im_orig,
+                      lab_num, num_iters=5, im_torch=None, model_type="mnist", device=None, *,
+                      backend="auto", pred_ims_batched=None):
+    """The merge phase alone on a dict from ``agglomerate`` (drop-in)."""
+    from .api import decomposer_for
+    im_orig = np.asarray(im_orig)
+    model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
+    model.eval()
+    dec = decomposer_for(model, backend) if x is not None else None
+    units = TileUnits(im_orig.shape[:2], sweep_dim)
+    scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
+                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched))
+    return run_merges(lists, scorer, lab_num)
