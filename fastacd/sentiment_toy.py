@@ -7,7 +7,7 @@ Sentences follow a few templates::
     the movie was not good               -> negative   (negation flips the adjective)
     the plot is good but the acting is boring -> negative   (the clause after "but" wins)
 
->>> model, vocab = train_toy_model()            # about a second or two on one CPU core
+>>> model, vocab = train_toy_model()            # a few seconds on one CPU core
 >>> batch = vocab.batch("the movie was not good")
 >>> model(batch).argmax(1)                      # tensor([0]): negative
 
@@ -110,7 +110,7 @@ class SentimentLSTM(nn.Module):
         return self.hidden_to_label(out[-1])
 
 
-def train_toy_model(seed: int = 0, steps: int = 400, n_train: int = 3000, batch_size: int = 64,
+def train_toy_model(seed: int = 0, steps: int = 250, n_train: int = 3000, batch_size: int = 64,
                     lr: float = 0.02) -> tuple[SentimentLSTM, Vocab]:
     """Train ``SentimentLSTM`` on ``generate(n_train, seed)``; returns (model in eval, vocab).
 
@@ -131,14 +131,22 @@ def train_toy_model(seed: int = 0, steps: int = 400, n_train: int = 3000, batch_
     sizes = torch.tensor([float(len(b)) for b in buckets.values()])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(steps):
-        k = int(torch.multinomial(sizes, 1, generator=gen))
-        text, labels = tensors[k]
-        idx = torch.randint(0, text.shape[1], (min(batch_size, text.shape[1]),), generator=gen)
-        loss = nn.functional.cross_entropy(model(text[:, idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # one thread: the tensors are tiny (threads only add overhead, worse on a busy machine)
+    # and the result does not depend on the machine's thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            k = int(torch.multinomial(sizes, 1, generator=gen))
+            text, labels = tensors[k]
+            idx = torch.randint(0, text.shape[1], (min(batch_size, text.shape[1]),),
+                                generator=gen)
+            loss = nn.functional.cross_entropy(model(text[:, idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), VOCAB
 
 
