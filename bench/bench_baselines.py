@@ -93,13 +93,13 @@ def _ig_loop_input_grads(model, im, num_classes=10, steps=100):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "resnet18_64"])
+@pytest.mark.parametrize("name", ["mnist_cnn", "resnet18_32"])
 def test_ig(benchmark, name):
     torch.manual_seed(0)
     if name == "mnist_cnn":
         model, im = MnistNet().eval(), torch.randn(1, 1, 28, 28)
     else:
-        model, im = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+        model, im = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
     size = im.shape[-1]
     batched = lambda: score_funcs.ig_scores_2d(model, im, num_classes=10, im_size=size)
     fixed_loop = lambda: _ig_loop_input_grads(model, im)
