@@ -2,7 +2,9 @@
 // The implementations register per dispatch key: csrc/cpu/*.cpp for CPU, kernels/*.cu
 // for CUDA. Fake (meta) kernels and autograd are registered from Python
 // (fastacd/ops.py), so the ops work under torch.compile and are differentiable.
+#ifndef FASTACD_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastacd, m) {
@@ -17,8 +19,16 @@ TORCH_LIBRARY(fastacd, m) {
   // Max-pool of M relevant maps at the shared argmax: rel (M,C,*S), indices (1,C,*So) int64.
   m.def("maxpool_gather(Tensor rel, Tensor indices) -> Tensor");
   m.def("maxpool_gather_backward(Tensor grad, Tensor indices, SymInt[] rel_shape) -> Tensor");
+  // One LSTM step of CD for M masks: rel_gates (M,4H), total_gates (1,4H), bias (4H,),
+  // out_gate (1,H), prev_rel_c (M,H), prev_total_c (1,H), in_phrase (M,) -> rel_c, rel_h (M,H).
+  m.def("lstm_cd_cell(Tensor rel_gates, Tensor total_gates, Tensor bias, Tensor out_gate, Tensor prev_rel_c,"
+        " Tensor prev_total_c, Tensor in_phrase, bool first_step) -> (Tensor, Tensor)");
+  m.def("lstm_cd_cell_backward(Tensor grad_c, Tensor grad_h, Tensor rel_gates, Tensor total_gates, Tensor bias,"
+        " Tensor out_gate, Tensor prev_rel_c, Tensor prev_total_c, Tensor in_phrase, bool first_step)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifndef FASTACD_NO_PYTHON
 // Build facts for fastacd.ops.build_info(), fixed at compile time by setup.py.
 #ifndef FASTACD_CUDA_ARCHS
 #define FASTACD_CUDA_ARCHS none
@@ -46,3 +56,4 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(mod, "cxx_compiler", __VERSION__);
   return mod;
 }
+#endif  // FASTACD_NO_PYTHON

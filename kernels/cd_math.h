@@ -9,6 +9,8 @@
 // The pure-torch oracle of each formula is fastacd/_torch_ops.py; keep them in step.
 #pragma once
 
+#include <math.h>
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTACD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -123,6 +125,169 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   out.scale = g * r + gc * (ka * r + kb * ir);
   out.shift = g * q;
   return out;
+}
+
+// ---------------------------------------------------------------------------------
+// LSTM CD cell step (the reference cd_text cell rule, design.md section 2) for M masks.
+// Per hidden unit j, the quantities of the true LSTM are shared by all masks
+// (LstmColumn); per mask m, the relevant pre-activations of gates i, f, g give the
+// relevant cell and hidden state (lstm_cd_cell). Irrelevant = total - relevant.
+//   split3(r; t, b, act) = 1/2 [(act(r + b) - act(b)) + (act(t + b) - act(t - r + b))]
+//   rel_c = ri' (rg' + tanh(bg)) + sig(bi) rg' + in_phrase sig(bi) tanh(bg)
+//           [+ (rf' + sig(bf)) prev_rel_c after the first step]
+//   total_c = sig(ti + bi) tanh(tg + bg) [+ sig(tf + bf) prev_total_c]
+//   rel_h = o * 1/2 [tanh(rel_c) + (tanh(total_c) - tanh(total_c - rel_c))]
+// with ri' = split3(ri; ti, bi, sig), rg' = split3(rg; tg, bg, tanh), rf' likewise.
+// ---------------------------------------------------------------------------------
+FASTACD_HOST_DEVICE float exp_(float x) { return ::expf(x); }
+FASTACD_HOST_DEVICE double exp_(double x) { return ::exp(x); }
+FASTACD_HOST_DEVICE float tanh_(float x) { return ::tanhf(x); }
+FASTACD_HOST_DEVICE double tanh_(double x) { return ::tanh(x); }
+
+template <typename T>
+FASTACD_HOST_DEVICE T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
+
+// An activation with its derivative expressed through its value.
+struct Sigmoid {
+  template <typename T> FASTACD_HOST_DEVICE static T f(T x) { return sigmoid_(x); }
+  template <typename T> FASTACD_HOST_DEVICE static T df(T x) { const T y = sigmoid_(x); return y * (T(1) - y); }
+};
+struct Tanh {
+  template <typename T> FASTACD_HOST_DEVICE static T f(T x) { return tanh_(x); }
+  template <typename T> FASTACD_HOST_DEVICE static T df(T x) { const T y = tanh_(x); return T(1) - y * y; }
+};
+
+// One gate of hidden unit j, as seen by every mask: bias b, total pre-activation + bias tb.
+template <typename T>
+struct LstmGate {
+  T b, tb, act_b, act_tb;
+};
+
+template <typename Act, typename T>
+FASTACD_HOST_DEVICE LstmGate<T> lstm_gate(T total, T bias) {
+  LstmGate<T> g;
+  g.b = bias;
+  g.tb = total + bias;
+  g.act_b = Act::f(bias);
+  g.act_tb = Act::f(g.tb);
+  return g;
+}
+
+// The relevant share of the three-player split of act(r + i + b), i = t - r.
+template <typename Act, typename T>
+FASTACD_HOST_DEVICE T split3_rel(T r, const LstmGate<T>& g) {
+  return T(0.5) * ((Act::f(r + g.b) - g.act_b) + (g.act_tb - Act::f(g.tb - r)));
+}
+
+template <typename T>
+struct LstmColumn {
+  LstmGate<T> i, f, g;
+  T out_gate, prev_total_c, total_c, tanh_total_c;
+};
+
+template <typename T>
+FASTACD_HOST_DEVICE LstmColumn<T> lstm_column(T ti, T tf, T tg, T bi, T bf, T bg, T out_gate, T prev_total_c,
+                                              bool first_step) {
+  LstmColumn<T> col;
+  col.i = lstm_gate<Sigmoid>(ti, bi);
+  col.f = lstm_gate<Sigmoid>(tf, bf);
+  col.g = lstm_gate<Tanh>(tg, bg);
+  col.out_gate = out_gate;
+  col.prev_total_c = prev_total_c;
+  col.total_c = col.i.act_tb * col.g.act_tb + (first_step ? T(0) : col.f.act_tb * prev_total_c);
+  col.tanh_total_c = tanh_(col.total_c);
+  return col;
+}
+
+template <typename T>
+struct LstmCell {
+  T rel_c, rel_h;
+};
+
+template <typename T>
+FASTACD_HOST_DEVICE LstmCell<T> lstm_cd_cell(const LstmColumn<T>& col, T ri, T rf, T rg, T prev_rel_c,
+                                             T in_phrase, bool first_step) {
+  const T rci = split3_rel<Sigmoid>(ri, col.i);
+  const T rcg = split3_rel<Tanh>(rg, col.g);
+  T rel_c = rci * (rcg + col.g.act_b) + col.i.act_b * rcg + in_phrase * (col.i.act_b * col.g.act_b);
+  if (!first_step) rel_c += (split3_rel<Sigmoid>(rf, col.f) + col.f.act_b) * prev_rel_c;
+  LstmCell<T> out;
+  out.rel_c = rel_c;
+  out.rel_h = col.out_gate * (T(0.5) * (tanh_(rel_c) + (col.tanh_total_c - tanh_(col.total_c - rel_c))));
+  return out;
+}
+
+// Gradient of one (mask, unit) element of lstm_cd_cell, given the incoming gradients
+// of rel_c (gc) and rel_h (gh). Per-mask terms (ri, rf, rg, prev_rel_c) are the
+// element's own; the caller sums in_phrase over units and the shared terms over masks.
+template <typename T>
+struct LstmCellGrad {
+  T ri, rf, rg, prev_rel_c, in_phrase;             // per element
+  T ti, tf, tg, bi, bf, bg, out_gate, prev_total_c;  // shared by all masks: summed over M
+};
+
+// d split3_rel / d (r, t, b): the three partial derivatives.
+template <typename T>
+struct Split3Grad {
+  T r, t, b;
+};
+
+template <typename Act, typename T>
+FASTACD_HOST_DEVICE Split3Grad<T> split3_rel_grad(T r, const LstmGate<T>& g) {
+  const T d_rb = Act::df(r + g.b), d_trb = Act::df(g.tb - r), d_tb = Act::df(g.tb);
+  Split3Grad<T> d;
+  d.r = T(0.5) * (d_rb + d_trb);
+  d.t = T(0.5) * (d_tb - d_trb);
+  d.b = T(0.5) * ((d_rb - Act::df(g.b)) + (d_tb - d_trb));
+  return d;
+}
+
+template <typename T>
+FASTACD_HOST_DEVICE LstmCellGrad<T> lstm_cd_cell_grad(const LstmColumn<T>& col, T ri, T rf, T rg, T prev_rel_c,
+                                                      T in_phrase, bool first_step, T gc, T gh) {
+  const T rci = split3_rel<Sigmoid>(ri, col.i);
+  const T rcg = split3_rel<Tanh>(rg, col.g);
+  const T rcf = first_step ? T(0) : split3_rel<Sigmoid>(rf, col.f);
+  const T bci = col.i.act_b, bcg = col.g.act_b, bcf = col.f.act_b;
+  T rel_c = rci * (rcg + bcg) + bci * rcg + in_phrase * (bci * bcg);
+  if (!first_step) rel_c += (rcf + bcf) * prev_rel_c;
+  // rel_h = o/2 [tanh(rel_c) + tanh(total_c) - tanh(total_c - rel_c)]
+  const T th_rel = tanh_(rel_c), th_diff = tanh_(col.total_c - rel_c);
+  const T d_rel = T(1) - th_rel * th_rel, d_diff = T(1) - th_diff * th_diff;
+  const T d_tot = T(1) - col.tanh_total_c * col.tanh_total_c;
+  const T Gc = gc + gh * col.out_gate * T(0.5) * (d_rel + d_diff);  // total gradient on rel_c
+  const T Gt = gh * col.out_gate * T(0.5) * (d_tot - d_diff);       // gradient on total_c
+  LstmCellGrad<T> d;
+  d.out_gate = gh * T(0.5) * (th_rel + (col.tanh_total_c - th_diff));
+  d.in_phrase = Gc * (bci * bcg);
+  // input and candidate gates: rel_c = rci (rcg + bcg) + bci rcg + ph bci bcg
+  const Split3Grad<T> si = split3_rel_grad<Sigmoid>(ri, col.i);
+  const Split3Grad<T> sg = split3_rel_grad<Tanh>(rg, col.g);
+  const T Gi = Gc * (rcg + bcg);  // on rci
+  const T Gg = Gc * (rci + bci);  // on rcg
+  // total_c = sig(ti + bi) tanh(tg + bg) + sig(tf + bf) prev_total_c
+  const T dtc_i = Sigmoid::df(col.i.tb) * col.g.act_tb;
+  const T dtc_g = col.i.act_tb * Tanh::df(col.g.tb);
+  d.ri = Gi * si.r;
+  d.rg = Gg * sg.r;
+  d.ti = Gi * si.t + Gt * dtc_i;
+  d.tg = Gg * sg.t + Gt * dtc_g;
+  d.bi = Gi * si.b + Gc * (rcg + in_phrase * bcg) * Sigmoid::df(col.i.b) + Gt * dtc_i;
+  d.bg = Gg * sg.b + Gc * (rci + in_phrase * bci) * Tanh::df(col.g.b) + Gt * dtc_g;
+  if (first_step) {
+    d.rf = d.tf = d.bf = d.prev_rel_c = d.prev_total_c = T(0);
+  } else {
+    // rel_c += (rcf + bcf) prev_rel_c
+    const Split3Grad<T> sf = split3_rel_grad<Sigmoid>(rf, col.f);
+    const T Gf = Gc * prev_rel_c;  // on rcf (and on bcf)
+    const T dtc_f = Sigmoid::df(col.f.tb) * col.prev_total_c;
+    d.rf = Gf * sf.r;
+    d.prev_rel_c = Gc * (rcf + bcf);
+    d.tf = Gf * sf.t + Gt * dtc_f;
+    d.bf = Gf * (sf.b + Sigmoid::df(col.f.b)) + Gt * dtc_f;
+    d.prev_total_c = Gt * col.f.act_tb;
+  }
+  return d;
 }
 
 }  // namespace math

@@ -1,0 +1,51 @@
+// Host-side pieces of fastacd::lstm_cd_cell shared by the CPU and CUDA launchers:
+// argument checks and the assembly of the per-unit gradient sums into the op's outputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include "csrc/checks.h"
+
+namespace fastacd {
+
+// Gradient rows shared by all masks, in the order the kernels write them.
+enum LstmSharedGrad : int64_t { kTi, kTf, kTg, kBi, kBf, kBg, kOut, kPrevTotalC, kNumShared };
+
+// Shapes: rel_gates (M, 4H), total_gates (1, 4H), bias (4H,), out_gate (1, H),
+// prev_rel_c (M, H), prev_total_c (1, H), in_phrase (M,). Returns H. Device and dtype
+// are checked by the caller (they differ between CPU and CUDA).
+inline int64_t check_lstm_shapes(const char* op, const at::Tensor& rel_gates, const at::Tensor& total_gates,
+                                 const at::Tensor& bias, const at::Tensor& out_gate, const at::Tensor& prev_rel_c,
+                                 const at::Tensor& prev_total_c, const at::Tensor& in_phrase) {
+  TORCH_CHECK(prev_rel_c.dim() == 2, op, ": prev_rel_c must be (M, H), got shape ", prev_rel_c.sizes(), ".");
+  const int64_t M = prev_rel_c.size(0), H = prev_rel_c.size(1);
+  auto expect = [&](const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape, const char* text) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", text, " = ",
+                at::IntArrayRef(shape), " (M = ", M, ", H = ", H, " from prev_rel_c), got ", t.sizes(), ".");
+  };
+  expect(rel_gates, "rel_gates", {M, 4 * H}, "(M, 4H)");
+  expect(total_gates, "total_gates", {1, 4 * H}, "(1, 4H)");
+  expect(bias, "bias", {4 * H}, "(4H,)");
+  expect(out_gate, "out_gate", {1, H}, "(1, H)");
+  expect(prev_total_c, "prev_total_c", {1, H}, "(1, H)");
+  expect(in_phrase, "in_phrase", {M}, "(M,)");
+  return H;
+}
+
+// shared: (kNumShared, H) sums over masks, accumulation dtype. Returns
+// (grad_total_gates (1, 4H), grad_bias (4H,), grad_out_gate (1, H), grad_prev_total_c (1, H))
+// in `dtype`; the output gate's pre-activations get no gradient (o is given, not split).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assemble_lstm_shared_grads(
+    const at::Tensor& shared, at::ScalarType dtype) {
+  const int64_t H = shared.size(1);
+  const at::Tensor s = shared.to(dtype);
+  const at::Tensor zero = at::zeros({H}, s.options());
+  at::Tensor g_total = at::cat({s[kTi], s[kTf], s[kTg], zero}).view({1, 4 * H});
+  at::Tensor g_bias = at::cat({s[kBi], s[kBf], s[kBg], zero});
+  return {g_total, g_bias, s[kOut].view({1, H}).clone(), s[kPrevTotalC].view({1, H}).clone()};
+}
+
+}  // namespace fastacd

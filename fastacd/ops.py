@@ -1,0 +1,268 @@
+"""The fused CD ops: thin wrappers over ``torch.ops.fastacd.*`` (the compiled extension
+``fastacd._C``), with the pure-torch formulas of :mod:`fastacd._torch_ops` as fallback.
+
+Each function has the signature of its ``_torch_ops`` twin. It runs the compiled kernel
+when the extension is built and has a kernel for the tensor's device and dtype (CPU:
+float32/float64; CUDA: float32/float64/float16/bfloat16), and the pure-torch formula
+otherwise, so callers never special-case devices. Below each wrapper: its fake (meta)
+kernel for ``torch.compile``, and its autograd, whose backward is a compiled op of its own.
+
+``HAS_COMPILED`` says whether the extension imported; ``build_info()`` describes it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _torch_ops
+
+try:
+    from . import _C  # loading the library registers torch.ops.fastacd.*
+    HAS_COMPILED = True
+    _IMPORT_ERROR = None
+except ImportError as exc:  # not built (or built against another torch): pure torch
+    _C = None
+    HAS_COMPILED = False
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "lstm_cd_cell")
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return HAS_COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastacd::{op}", key)
+
+
+# (device type, dtype) pairs with a compiled kernel, fixed at import.
+_KERNEL_TYPES = frozenset(
+    ([("cpu", d) for d in (torch.float32, torch.float64)] if _has_kernel("bias_split", "CPU") else [])
+    + ([("cuda", d) for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)]
+       if _has_kernel("bias_split", "CUDA") else []))
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """Whether the compiled kernel handles ``t``'s device and dtype. Read at call time, so
+    setting ``fastacd.ops.HAS_COMPILED = False`` forces the pure-torch path."""
+    return HAS_COMPILED and (t.device.type, t.dtype) in _KERNEL_TYPES
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    # Fake kernels check shapes too, so torch.compile reports bad input when tracing.
+    torch._check(cond, lambda: f"fastacd::{op}: {msg}")
+
+
+def _check_same_device(op: str, *named) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        _check(t.device == first.device, op, f"{name} is on {t.device} but {first_name} is on "
+               f"{first.device}. Move all arguments to one device.")
+
+
+def _check_rel_total(op: str, rel, rel_name: str, total, total_name: str) -> None:
+    _check(rel.dim() >= 2, op, f"{rel_name} must be (M, C, *S) with at least 2 dims, got {tuple(rel.shape)}")
+    _check(total.dim() == rel.dim() and total.shape[0] == 1 and total.shape[1:] == rel.shape[1:], op,
+           f"{total_name} must have shape (1, C, *S) matching {rel_name} {tuple(rel.shape)}, "
+           f"got {tuple(total.shape)}.")
+
+
+def _check_channel_vector(op: str, p, name: str, channels) -> None:
+    _check(p.dim() == 1 and p.shape[0] == channels, op,
+           f"{name} must have shape (C,) = ({channels},), got {tuple(p.shape)}.")
+
+
+# --------------------------------------------------------------------------- bias_split
+
+def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
+               relu: bool = False) -> torch.Tensor:
+    """Relevant output of a conv/linear layer for M masks (the bias split, then ReLU if asked).
+
+    rel_pre (M, C, *S) = W r without bias; total_pre (1, C, *S) = W a without bias;
+    bias (C,). Returns (M, C, *S). Linear layers pass (M, F), (1, F), (F,).
+    """
+    if _compiled(rel_pre):
+        return torch.ops.fastacd.bias_split.default(rel_pre, total_pre, bias, relu)
+    return _torch_ops.bias_split(rel_pre, total_pre, bias, relu)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::bias_split")
+    def _bias_split_fake(rel_pre, total_pre, bias, relu=False):
+        op = "bias_split"
+        _check_same_device(op, ("rel_pre", rel_pre), ("total_pre", total_pre), ("bias", bias))
+        _check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre")
+        _check_channel_vector(op, bias, "bias", rel_pre.shape[1])
+        return rel_pre.new_empty(rel_pre.shape)
+
+    @torch.library.register_fake("fastacd::bias_split_backward")
+    def _bias_split_backward_fake(grad, rel_pre, total_pre, bias, relu):
+        return rel_pre.new_empty(rel_pre.shape), total_pre.new_empty(total_pre.shape), bias.new_empty(bias.shape)
+
+    def _bias_split_setup(ctx, inputs, output):
+        rel_pre, total_pre, bias = inputs[:3]
+        ctx.relu = inputs[3] if len(inputs) > 3 else False
+        ctx.save_for_backward(rel_pre, total_pre, bias)
+
+    def _bias_split_backward(ctx, grad):
+        rel_pre, total_pre, bias = ctx.saved_tensors
+        g_rel, g_total, g_bias = torch.ops.fastacd.bias_split_backward.default(
+            grad, rel_pre, total_pre, bias, ctx.relu)
+        return g_rel, g_total, g_bias, None
+
+    torch.library.register_autograd("fastacd::bias_split", _bias_split_backward, setup_context=_bias_split_setup)
+
+
+# --------------------------------------------------------------------------- bn_split
+
+def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             relu: bool = False) -> torch.Tensor:
+    """Relevant output of an eval batchnorm ``scale * a + shift`` for M masks (then ReLU if asked).
+
+    rel (M, C, *S), total (1, C, *S), scale and shift (C,). Returns (M, C, *S).
+    """
+    if _compiled(rel):
+        return torch.ops.fastacd.bn_split.default(rel, total, scale, shift, relu)
+    return _torch_ops.bn_split(rel, total, scale, shift, relu)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::bn_split")
+    def _bn_split_fake(rel, total, scale, shift, relu=False):
+        op = "bn_split"
+        _check_same_device(op, ("rel", rel), ("total", total), ("scale", scale), ("shift", shift))
+        _check_rel_total(op, rel, "rel", total, "total")
+        _check_channel_vector(op, scale, "scale", rel.shape[1])
+        _check_channel_vector(op, shift, "shift", rel.shape[1])
+        return rel.new_empty(rel.shape)
+
+    @torch.library.register_fake("fastacd::bn_split_backward")
+    def _bn_split_backward_fake(grad, rel, total, scale, shift, relu):
+        return (rel.new_empty(rel.shape), total.new_empty(total.shape), scale.new_empty(scale.shape),
+                shift.new_empty(shift.shape))
+
+    def _bn_split_setup(ctx, inputs, output):
+        rel, total, scale, shift = inputs[:4]
+        ctx.relu = inputs[4] if len(inputs) > 4 else False
+        ctx.save_for_backward(rel, total, scale, shift)
+
+    def _bn_split_backward(ctx, grad):
+        g_rel, g_total, g_scale, g_shift = torch.ops.fastacd.bn_split_backward.default(
+            grad, *ctx.saved_tensors, ctx.relu)
+        return g_rel, g_total, g_scale, g_shift, None
+
+    torch.library.register_autograd("fastacd::bn_split", _bn_split_backward, setup_context=_bn_split_setup)
+
+
+# --------------------------------------------------------------------------- maxpool_gather
+
+def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Max-pool of M relevant maps at the argmax positions of the shared total.
+
+    rel (M, C, *S); indices (1, C, *So) int64, flat positions into the spatial dims of rel
+    (as ``max_pool{1,2,3}d(total, ..., return_indices=True)`` gives). Returns (M, C, *So).
+    """
+    if _compiled(rel):
+        return torch.ops.fastacd.maxpool_gather.default(rel, indices)
+    return _torch_ops.maxpool_gather(rel, indices)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::maxpool_gather")
+    def _maxpool_gather_fake(rel, indices):
+        op = "maxpool_gather"
+        _check_same_device(op, ("rel", rel), ("indices", indices))
+        _check(indices.dtype == torch.int64, op, f"indices must be int64, got {indices.dtype}.")
+        _check(rel.dim() >= 2, op, f"rel must be (M, C, *S) with at least 2 dims, got {tuple(rel.shape)}")
+        _check(indices.dim() >= 2 and indices.shape[0] == 1 and indices.shape[1] == rel.shape[1], op,
+               f"indices must have shape (1, C, *So) with C = {rel.shape[1]}, got {tuple(indices.shape)}.")
+        return rel.new_empty((rel.shape[0],) + tuple(indices.shape[1:]))
+
+    @torch.library.register_fake("fastacd::maxpool_gather_backward")
+    def _maxpool_gather_backward_fake(grad, indices, rel_shape):
+        return grad.new_empty(rel_shape)
+
+    def _maxpool_gather_setup(ctx, inputs, output):
+        rel, indices = inputs
+        ctx.rel_shape = list(rel.shape)
+        ctx.save_for_backward(indices)
+
+    def _maxpool_gather_backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return torch.ops.fastacd.maxpool_gather_backward.default(grad, indices, ctx.rel_shape), None
+
+    torch.library.register_autograd("fastacd::maxpool_gather", _maxpool_gather_backward,
+                                    setup_context=_maxpool_gather_setup)
+
+
+# --------------------------------------------------------------------------- lstm_cd_cell
+
+def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch.Tensor,
+                 out_gate: torch.Tensor, prev_rel_c: torch.Tensor, prev_total_c: torch.Tensor,
+                 in_phrase: torch.Tensor, first_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step of CD (the reference ``cd_text`` cell rule) for M masks.
+
+    rel_gates (M, 4H) and total_gates (1, 4H): gate pre-activations without bias, gates
+    i, f, g, o; bias (4H,); out_gate (1, H) the true output gate (after sigmoid);
+    prev_rel_c (M, H), prev_total_c (1, H) (unused on the first step); in_phrase (M,)
+    0/1 (float, int or bool); first_step: no forget-gate term. Returns (rel_c, rel_h), (M, H).
+    """
+    if _compiled(rel_gates):
+        return torch.ops.fastacd.lstm_cd_cell.default(rel_gates, total_gates, bias, out_gate, prev_rel_c,
+                                                      prev_total_c, in_phrase, first_step)
+    return _torch_ops.lstm_cd_cell(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c,
+                                   in_phrase, first_step)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::lstm_cd_cell")
+    def _lstm_cd_cell_fake(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase,
+                           first_step):
+        op = "lstm_cd_cell"
+        _check_same_device(op, ("rel_gates", rel_gates), ("total_gates", total_gates), ("bias", bias),
+                           ("out_gate", out_gate), ("prev_rel_c", prev_rel_c), ("prev_total_c", prev_total_c),
+                           ("in_phrase", in_phrase))
+        _check(prev_rel_c.dim() == 2, op, f"prev_rel_c must be (M, H), got {tuple(prev_rel_c.shape)}.")
+        m, h = prev_rel_c.shape
+        for name, t, shape in (("rel_gates", rel_gates, (m, 4 * h)), ("total_gates", total_gates, (1, 4 * h)),
+                               ("bias", bias, (4 * h,)), ("out_gate", out_gate, (1, h)),
+                               ("prev_total_c", prev_total_c, (1, h)), ("in_phrase", in_phrase, (m,))):
+            _check(tuple(t.shape) == shape, op, f"{name} must have shape {shape} (M = {m}, H = {h} from "
+                   f"prev_rel_c), got {tuple(t.shape)}.")
+        return rel_gates.new_empty((m, h)), rel_gates.new_empty((m, h))
+
+    @torch.library.register_fake("fastacd::lstm_cd_cell_backward")
+    def _lstm_cd_cell_backward_fake(grad_c, grad_h, rel_gates, total_gates, bias, out_gate, prev_rel_c,
+                                    prev_total_c, in_phrase, first_step):
+        like = rel_gates.new_empty
+        return (like(rel_gates.shape), like(total_gates.shape), like(bias.shape), like(out_gate.shape),
+                like(prev_rel_c.shape), like(prev_total_c.shape), like(in_phrase.shape))
+
+    def _lstm_cd_cell_setup(ctx, inputs, output):
+        ctx.first_step = inputs[7]
+        ctx.save_for_backward(*inputs[:7])
+
+    def _lstm_cd_cell_backward(ctx, grad_c, grad_h):
+        saved = ctx.saved_tensors
+        grads = list(torch.ops.fastacd.lstm_cd_cell_backward.default(grad_c, grad_h, *saved, ctx.first_step))
+        if not saved[6].is_floating_point():  # an int/bool in_phrase mask has no gradient
+            grads[6] = None
+        return (*grads, None)
+
+    torch.library.register_autograd("fastacd::lstm_cd_cell", _lstm_cd_cell_backward,
+                                    setup_context=_lstm_cd_cell_setup)
+
+
+# --------------------------------------------------------------------------- build info
+
+def build_info() -> dict:
+    """What was compiled: the extension, its CUDA kernels, the ops and their kernels, flags."""
+    info = {"compiled": HAS_COMPILED, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    if not HAS_COMPILED:
+        info.update(cuda_kernels=False, ops={}, import_error=_IMPORT_ERROR)
+        return info
+    info.update(
+        cuda_kernels=bool(_C.with_cuda),
+        ops={op: [key for key in ("CPU", "CUDA") if _has_kernel(op, key)] for op in _OP_NAMES},
+        cuda_archs=_C.cuda_archs.replace("_", ";") if _C.with_cuda else None,
+        openmp=_C.openmp,
+        cxx_compiler=_C.cxx_compiler,
+        library=_C.__file__,
+    )
+    return info

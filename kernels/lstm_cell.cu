@@ -1,0 +1,196 @@
+// CUDA implementation of fastacd::lstm_cd_cell and its backward: one thread per
+// (mask, hidden unit); each recomputes its unit's shared quantities (a few exp/tanh,
+// cheaper than a second launch). Math in kernels/cd_math.h, checks in csrc/lstm_cell.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "csrc/lstm_cell.h"
+#include "kernels/cd_math.h"
+
+namespace fastacd {
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned int blocks_for(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+}
+
+template <typename scalar_t>
+struct LstmPtrs {
+  const scalar_t *rel_gates, *total_gates, *bias, *out_gate, *prev_rel_c, *prev_total_c, *in_phrase;
+  int64_t M, H;
+  bool first_step;
+};
+
+template <typename acc_t, typename scalar_t>
+__device__ math::LstmColumn<acc_t> column(const LstmPtrs<scalar_t>& a, int64_t j) {
+  const int64_t H = a.H;
+  return math::lstm_column<acc_t>(acc_t(a.total_gates[j]), acc_t(a.total_gates[H + j]),
+                                  acc_t(a.total_gates[2 * H + j]), acc_t(a.bias[j]), acc_t(a.bias[H + j]),
+                                  acc_t(a.bias[2 * H + j]), acc_t(a.out_gate[j]), acc_t(a.prev_total_c[j]),
+                                  a.first_step);
+}
+
+template <typename scalar_t>
+__global__ void lstm_cell_forward_kernel(LstmPtrs<scalar_t> a, scalar_t* __restrict__ rel_c,
+                                         scalar_t* __restrict__ rel_h) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, n = a.M * H;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t m = k / H, j = k - m * H;
+    const scalar_t* g = a.rel_gates + m * 4 * H;
+    const auto out = math::lstm_cd_cell<acc_t>(column<acc_t>(a, j), acc_t(g[j]), acc_t(g[H + j]),
+                                               acc_t(g[2 * H + j]), acc_t(a.prev_rel_c[k]), acc_t(a.in_phrase[m]),
+                                               a.first_step);
+    rel_c[k] = static_cast<scalar_t>(out.rel_c);
+    rel_h[k] = static_cast<scalar_t>(out.rel_h);
+  }
+}
+
+// Shared terms go to a (M, kNumShared, H) buffer and the in_phrase terms to (M, H),
+// both in the accumulation type, summed afterwards: no atomics, deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_cell_backward_kernel(LstmPtrs<scalar_t> a, const scalar_t* __restrict__ grad_c,
+                                          const scalar_t* __restrict__ grad_h, scalar_t* __restrict__ g_rel_gates,
+                                          scalar_t* __restrict__ g_prev_rel_c, acc_t* __restrict__ phrase,
+                                          acc_t* __restrict__ shared) {
+  const int64_t H = a.H, n = a.M * H;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t m = k / H, j = k - m * H;
+    const scalar_t* g = a.rel_gates + m * 4 * H;
+    const auto d = math::lstm_cd_cell_grad<acc_t>(column<acc_t>(a, j), acc_t(g[j]), acc_t(g[H + j]),
+                                                  acc_t(g[2 * H + j]), acc_t(a.prev_rel_c[k]), acc_t(a.in_phrase[m]),
+                                                  a.first_step, acc_t(grad_c[k]), acc_t(grad_h[k]));
+    scalar_t* gg = g_rel_gates + m * 4 * H;
+    gg[j] = static_cast<scalar_t>(d.ri);
+    gg[H + j] = static_cast<scalar_t>(d.rf);
+    gg[2 * H + j] = static_cast<scalar_t>(d.rg);
+    gg[3 * H + j] = scalar_t(0);
+    g_prev_rel_c[k] = static_cast<scalar_t>(d.prev_rel_c);
+    phrase[k] = d.in_phrase;
+    acc_t* sh = shared + m * kNumShared * H + j;
+    sh[kTi * H] = d.ti;
+    sh[kTf * H] = d.tf;
+    sh[kTg * H] = d.tg;
+    sh[kBi * H] = d.bi;
+    sh[kBf * H] = d.bf;
+    sh[kBg * H] = d.bg;
+    sh[kOut * H] = d.out_gate;
+    sh[kPrevTotalC * H] = d.prev_total_c;
+  }
+}
+
+void check_cuda(const char* op, const at::Tensor& rel_gates,
+                std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
+  check_device(op, c10::DeviceType::CUDA, args);
+  check_float_dtype(op, rel_gates, "rel_gates", /*allow_reduced=*/true);
+  for (const auto& [t, name] : args) {
+    if (std::string(name) != "in_phrase") check_same_dtype(op, rel_gates, "rel_gates", *t, name);
+  }
+}
+
+template <typename scalar_t>
+LstmPtrs<scalar_t> make_ptrs(const at::Tensor& rel_gates, const at::Tensor& total_gates, const at::Tensor& bias,
+                             const at::Tensor& out_gate, const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
+                             const at::Tensor& in_phrase, bool first_step) {
+  return {rel_gates.const_data_ptr<scalar_t>(),  total_gates.const_data_ptr<scalar_t>(),
+          bias.const_data_ptr<scalar_t>(),       out_gate.const_data_ptr<scalar_t>(),
+          prev_rel_c.const_data_ptr<scalar_t>(), prev_total_c.const_data_ptr<scalar_t>(),
+          in_phrase.const_data_ptr<scalar_t>(),  prev_rel_c.size(0),
+          prev_rel_c.size(1),                    first_step};
+}
+
+#define FASTACD_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> lstm_cd_cell_cuda(const at::Tensor& rel_gates, const at::Tensor& total_gates,
+                                                     const at::Tensor& bias, const at::Tensor& out_gate,
+                                                     const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
+                                                     const at::Tensor& in_phrase, bool first_step) {
+  constexpr const char* op = "fastacd::lstm_cd_cell";
+  check_cuda(op, rel_gates,
+             {{&rel_gates, "rel_gates"}, {&total_gates, "total_gates"}, {&bias, "bias"}, {&out_gate, "out_gate"},
+              {&prev_rel_c, "prev_rel_c"}, {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
+  check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  const c10::cuda::CUDAGuard guard(rel_gates.device());
+  at::Tensor rel_c = at::empty(prev_rel_c.sizes(), rel_gates.options());
+  at::Tensor rel_h = at::empty(prev_rel_c.sizes(), rel_gates.options());
+  const int64_t n = rel_c.numel();
+  if (n == 0) return {rel_c, rel_h};
+  const at::Tensor rg = rel_gates.contiguous(), tg = total_gates.contiguous(), b = bias.contiguous(),
+                   o = out_gate.contiguous(), prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
+                   ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTACD_DISPATCH(rg.scalar_type(), "lstm_cd_cell_cuda", [&] {
+    lstm_cell_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        make_ptrs<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step), rel_c.mutable_data_ptr<scalar_t>(),
+        rel_h.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {rel_c, rel_h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cd_cell_backward_cuda(const at::Tensor& grad_c, const at::Tensor& grad_h, const at::Tensor& rel_gates,
+                           const at::Tensor& total_gates, const at::Tensor& bias, const at::Tensor& out_gate,
+                           const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c, const at::Tensor& in_phrase,
+                           bool first_step) {
+  constexpr const char* op = "fastacd::lstm_cd_cell_backward";
+  check_cuda(op, rel_gates,
+             {{&rel_gates, "rel_gates"}, {&grad_c, "grad_c"}, {&grad_h, "grad_h"}, {&total_gates, "total_gates"},
+              {&bias, "bias"}, {&out_gate, "out_gate"}, {&prev_rel_c, "prev_rel_c"},
+              {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
+  const int64_t H =
+      check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  const int64_t M = prev_rel_c.size(0);
+  TORCH_CHECK(grad_c.sizes() == prev_rel_c.sizes() && grad_h.sizes() == prev_rel_c.sizes(), op,
+              ": grad_c and grad_h must have shape (M, H) = ", prev_rel_c.sizes(), ", got ", grad_c.sizes(), " and ",
+              grad_h.sizes(), ".");
+  const c10::cuda::CUDAGuard guard(rel_gates.device());
+  const auto opts = rel_gates.options();
+  const auto acc_opts = opts.dtype(rel_gates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor g_rel_gates = at::empty({M, 4 * H}, opts);
+  at::Tensor g_prev_rel_c = at::empty({M, H}, opts);
+  at::Tensor phrase = at::zeros({M, H}, acc_opts);
+  at::Tensor shared = at::zeros({M, kNumShared, H}, acc_opts);
+  const int64_t n = M * H;
+  if (n > 0) {
+    const at::Tensor gc = grad_c.contiguous(), gh = grad_h.contiguous(), rg = rel_gates.contiguous(),
+                     tg = total_gates.contiguous(), b = bias.contiguous(), o = out_gate.contiguous(),
+                     prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
+                     ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    FASTACD_DISPATCH(rg.scalar_type(), "lstm_cd_cell_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      lstm_cell_backward_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          make_ptrs<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step), gc.const_data_ptr<scalar_t>(),
+          gh.const_data_ptr<scalar_t>(), g_rel_gates.mutable_data_ptr<scalar_t>(),
+          g_prev_rel_c.mutable_data_ptr<scalar_t>(), phrase.mutable_data_ptr<acc_t>(),
+          shared.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto [g_total_gates, g_bias, g_out_gate, g_prev_total_c] =
+      assemble_lstm_shared_grads(at::sum(shared, {0}), rel_gates.scalar_type());
+  return {g_rel_gates,    g_total_gates, g_bias, g_out_gate, g_prev_rel_c, g_prev_total_c,
+          at::sum(phrase, {1}).to(rel_gates.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastacd, CUDA, m) {
+  m.impl("lstm_cd_cell", &lstm_cd_cell_cuda);
+  m.impl("lstm_cd_cell_backward", &lstm_cd_cell_backward_cuda);
+}
+
+}  // namespace fastacd

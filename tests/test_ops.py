@@ -1,0 +1,540 @@
+"""The compiled fused ops (torch.ops.fastacd.*) against their pure-torch formulas
+(fastacd._torch_ops), plus opcheck, gradcheck, torch.compile, errors and the fallback.
+
+Compiled-only tests skip when the extension is not built; CUDA tests are marked
+needs_cuda (skipped without a GPU by conftest.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastacd import _torch_ops, ops
+
+from conftest import cpu_and_cuda
+
+needs_compiled = pytest.mark.skipif(not ops.HAS_COMPILED, reason="compiled extension fastacd._C not built")
+
+# rtol, atol (relative to the output's scale), per dtype (style.md item 7). Half types
+# are compared with an oracle evaluated in float32 on the same (rounded) inputs.
+TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-12),
+       torch.float16: (1e-2, 2e-3), torch.bfloat16: (5e-2, 1e-2)}
+CPU_DTYPES = [torch.float32, torch.float64]
+CUDA_DTYPES = CPU_DTYPES + [torch.float16, torch.bfloat16]
+
+
+def close(actual, expected, dtype=None):
+    rtol, atol = TOL[dtype or expected.dtype]
+    scale = max(float(expected.detach().abs().max()), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol * scale)
+
+
+def oracle_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def randn(*shape, dtype=torch.float64, device="cpu", gen=None, zeros=0.0, noncontig=False):
+    """Random values with a fraction of exact zeros (the eps and 0/0 paths); non-contiguous
+    on request (every other element of a wider tensor)."""
+    full = list(shape)
+    if noncontig:
+        full[-1] = 2 * full[-1] if full else 1
+    x = torch.randn(full, generator=gen, dtype=torch.float64)
+    if zeros:
+        x[torch.rand(full, generator=gen) < zeros] = 0
+    x = x.to(dtype=dtype, device=device)
+    return x[..., ::2] if noncontig and shape else x
+
+
+# (M, C, *S) shapes: conv 2-d, 1-d and 3-d spatial, linear, C = 1, 1x1 spatial, empty.
+SHAPES = [(3, 4, 5, 6), (2, 3, 7), (2, 2, 3, 4, 5), (4, 6), (3, 1), (2, 1, 1, 1), (1, 3, 2, 2),
+          (0, 3, 4, 4), (0, 5), (3, 0, 4)]
+
+
+def split_inputs(shape, dtype, device, gen, noncontig, zeros=0.2):
+    rel = randn(*shape, dtype=dtype, device=device, gen=gen, zeros=zeros, noncontig=noncontig)
+    total = randn(1, *shape[1:], dtype=dtype, device=device, gen=gen, zeros=zeros, noncontig=noncontig)
+    if zeros and rel.numel() and total.numel():  # some positions where r = a (i = 0) and r = a = 0
+        total.view(-1)[::5] = 0
+        rel[..., ::3] = 0
+    return rel, total
+
+
+def channel_vec(c, dtype, device, gen, zeros=0.0):
+    return randn(c, dtype=dtype, device=device, gen=gen, zeros=zeros)
+
+
+# --------------------------------------------------------------------------- forward vs oracle
+
+def _check_bias_split(device, dtype, shape, relu, noncontig):
+    gen = torch.Generator().manual_seed(0)
+    rel, total = split_inputs(shape, dtype, device, gen, noncontig)
+    bias = channel_vec(shape[1], dtype, device, gen)
+    out = torch.ops.fastacd.bias_split(rel, total, bias, relu)
+    od = oracle_dtype(dtype)
+    expected = _torch_ops.bias_split(rel.to(od), total.to(od), bias.to(od), relu)
+    assert out.shape == rel.shape and out.dtype == dtype and out.device == rel.device
+    close(out, expected, dtype)
+    close(ops.bias_split(rel, total, bias, relu), expected, dtype)
+
+
+def _check_bn_split(device, dtype, shape, relu, noncontig):
+    gen = torch.Generator().manual_seed(1)
+    rel, total = split_inputs(shape, dtype, device, gen, noncontig)
+    scale = channel_vec(shape[1], dtype, device, gen, zeros=0.3)
+    shift = channel_vec(shape[1], dtype, device, gen)
+    out = torch.ops.fastacd.bn_split(rel, total, scale, shift, relu)
+    od = oracle_dtype(dtype)
+    expected = _torch_ops.bn_split(rel.to(od), total.to(od), scale.to(od), shift.to(od), relu)
+    assert out.shape == rel.shape and out.dtype == dtype
+    close(out, expected, dtype)
+    close(ops.bn_split(rel, total, scale, shift, relu), expected, dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_bias_split_cpu(dtype, shape, relu, noncontig):
+    _check_bias_split("cpu", dtype, shape, relu, noncontig)
+
+
+@needs_compiled
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_bn_split_cpu(dtype, shape, relu, noncontig):
+    _check_bn_split("cpu", dtype, shape, relu, noncontig)
+
+
+def test_bias_split_eps_and_bn_zero_rules():
+    """Analytic values: r = a = 0 gives q = 1/2 (eps) in the bias split, q = 0 (0/0) in bn."""
+    z = torch.zeros(1, 1, 1, dtype=torch.float64)
+    b = torch.tensor([3.0], dtype=torch.float64)
+    assert ops.bias_split(z, z, b).item() == 1.5
+    assert ops.bn_split(z, z, torch.tensor([2.0], dtype=torch.float64), b).item() == 0.0
+    # all of a is relevant: the whole bias / shift goes to the relevant part
+    a = torch.full((1, 1, 1), -2.0, dtype=torch.float64)
+    assert ops.bias_split(a, a, b).item() == pytest.approx(1.0, abs=1e-15)
+    assert ops.bn_split(a, a, torch.tensor([2.0], dtype=torch.float64), b, True).item() == 0.0
+
+
+POOLS = [  # (spatial shape, pool function, kwargs)
+    ((8, 8), F.max_pool2d, dict(kernel_size=2)),
+    ((7, 9), F.max_pool2d, dict(kernel_size=3, stride=2, padding=1)),  # overlapping windows
+    ((5, 5), F.max_pool2d, dict(kernel_size=2, ceil_mode=True)),
+    ((11,), F.max_pool1d, dict(kernel_size=3, stride=2)),
+    ((4, 6, 6), F.max_pool3d, dict(kernel_size=2)),
+    ((3, 3), F.max_pool2d, dict(kernel_size=3)),  # 1x1 output
+]
+
+
+def pool_inputs(spatial, pool, kwargs, m, c, dtype, device, gen, noncontig=False):
+    total = randn(1, c, *spatial, dtype=dtype, device=device, gen=gen)
+    _, idx = pool(total, return_indices=True, **kwargs)
+    rel = randn(m, c, *spatial, dtype=dtype, device=device, gen=gen, noncontig=noncontig)
+    if noncontig:
+        idx = idx.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    return rel, idx
+
+
+def _check_maxpool(device, dtype, spatial, pool, kwargs, m, c, noncontig):
+    gen = torch.Generator().manual_seed(2)
+    rel, idx = pool_inputs(spatial, pool, kwargs, m, c, dtype, device, gen, noncontig)
+    out = torch.ops.fastacd.maxpool_gather(rel, idx)
+    # (the pure-torch formula's reshape(m, c, -1) cannot size an empty batch)
+    expected = _torch_ops.maxpool_gather(rel, idx) if m else rel.new_empty((0, c) + idx.shape[2:])
+    assert out.shape == (m, c) + idx.shape[2:]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a gather: exact
+    torch.testing.assert_close(ops.maxpool_gather(rel, idx), expected, rtol=0, atol=0)
+
+
+@needs_compiled
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("m,c", [(3, 4), (1, 1), (0, 2)], ids=str)
+@pytest.mark.parametrize("pool", POOLS, ids=lambda p: f"{p[1].__name__}{p[0]}{sorted(p[2].items())}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_maxpool_gather_cpu(dtype, pool, m, c, noncontig):
+    _check_maxpool("cpu", dtype, *pool, m, c, noncontig)
+
+
+def test_maxpool_gather_matches_pooling_the_total():
+    """With rel = total, gathering at the argmax is max-pooling itself."""
+    gen = torch.Generator().manual_seed(3)
+    total = randn(1, 3, 9, 9, gen=gen)
+    pooled, idx = F.max_pool2d(total, 3, stride=2, return_indices=True)
+    torch.testing.assert_close(ops.maxpool_gather(total.expand(4, -1, -1, -1), idx), pooled.expand(4, -1, -1, -1))
+
+
+def lstm_inputs(m, h, dtype, device, gen, noncontig=False, phrase_dtype=None):
+    rel_gates = randn(m, 3, 4 * h, dtype=dtype, device=device, gen=gen)[:, 1] if noncontig else \
+        randn(m, 4 * h, dtype=dtype, device=device, gen=gen)
+    total_gates = randn(1, 4 * h, dtype=dtype, device=device, gen=gen)
+    bias = randn(4 * h, dtype=dtype, device=device, gen=gen)
+    out_gate = torch.sigmoid(randn(1, h, dtype=dtype, device=device, gen=gen))
+    prev_rel_c = randn(m, h, dtype=dtype, device=device, gen=gen, noncontig=noncontig)
+    prev_total_c = randn(1, h, dtype=dtype, device=device, gen=gen)
+    in_phrase = (torch.rand(m, generator=gen) > 0.5).to(device=device, dtype=phrase_dtype or dtype)
+    return rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase
+
+
+def _check_lstm(device, dtype, m, h, first_step, noncontig, phrase_dtype=None):
+    gen = torch.Generator().manual_seed(4)
+    args = lstm_inputs(m, h, dtype, device, gen, noncontig, phrase_dtype)
+    rel_c, rel_h = torch.ops.fastacd.lstm_cd_cell(*args, first_step)
+    od = oracle_dtype(dtype)
+    if h:
+        exp_c, exp_h = _torch_ops.lstm_cd_cell(*[a.to(od) for a in args], first_step)
+    else:  # (the pure-torch formula's split cannot handle H = 0)
+        exp_c = exp_h = torch.empty(m, 0, dtype=od, device=device)
+    assert rel_c.shape == rel_h.shape == (m, h) and rel_c.dtype == dtype
+    close(rel_c, exp_c, dtype)
+    close(rel_h, exp_h, dtype)
+    got_c, got_h = ops.lstm_cd_cell(*args, first_step)
+    close(got_c, exp_c, dtype)
+    close(got_h, exp_h, dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("first_step", [True, False], ids=["first", "later"])
+@pytest.mark.parametrize("m,h", [(5, 7), (1, 1), (0, 3), (3, 0), (64, 33)], ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_lstm_cd_cell_cpu(dtype, m, h, first_step, noncontig):
+    _check_lstm("cpu", dtype, m, h, first_step, noncontig)
+
+
+@needs_compiled
+@pytest.mark.parametrize("phrase_dtype", [torch.bool, torch.int64, torch.float32])
+def test_lstm_cd_cell_phrase_mask_dtypes(phrase_dtype):
+    _check_lstm("cpu", torch.float64, 4, 5, False, False, phrase_dtype)
+
+
+def test_lstm_relevant_plus_irrelevant_is_the_true_state():
+    """Full phrase from the start: the relevant state is the whole LSTM state."""
+    gen = torch.Generator().manual_seed(5)
+    h = 6
+    x_gates = randn(1, 4 * h, gen=gen)
+    bias = randn(4 * h, gen=gen)
+    o = torch.sigmoid(x_gates[:, 3 * h:] + bias[3 * h:])
+    c, hid = ops.lstm_cd_cell(x_gates, x_gates, bias, o, torch.zeros(1, h, dtype=torch.float64),
+                              torch.zeros(1, h, dtype=torch.float64), torch.ones(1, dtype=torch.float64), True)
+    i, _, g, _ = (x_gates + bias).split(h, dim=1)
+    true_c = torch.sigmoid(i) * torch.tanh(g)
+    torch.testing.assert_close(c, true_c)
+    torch.testing.assert_close(hid, o * torch.tanh(true_c))
+
+
+# --------------------------------------------------------------------------- gradients
+
+def _grad_cases(device="cpu", dtype=torch.float64):
+    """(name, wrapper, inputs needing grad, extra args) at generic points (no zeros, no
+    ties): there the pure-torch oracle's autograd is well defined."""
+    gen = torch.Generator().manual_seed(6)
+    rel, total = split_inputs((3, 2, 4, 3), dtype, device, gen, False, zeros=0)
+    lin_rel, lin_total = split_inputs((4, 5), dtype, device, gen, False, zeros=0)
+    c2 = channel_vec(2, dtype, device, gen)
+    c5 = channel_vec(5, dtype, device, gen)
+    s2 = channel_vec(2, dtype, device, gen)
+    prel, idx = pool_inputs((5, 6), F.max_pool2d, dict(kernel_size=3, stride=2, padding=1), 3, 2, dtype, device, gen)
+    lstm = lstm_inputs(3, 4, dtype, device, gen)
+    return [
+        ("bias_split", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (False,)),
+        ("bias_split_relu", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (True,)),
+        ("bias_split_linear", ops.bias_split, _torch_ops.bias_split, (lin_rel, lin_total, c5), (True,)),
+        ("bn_split", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (False,)),
+        ("bn_split_relu", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (True,)),
+        ("maxpool_gather", lambda r: ops.maxpool_gather(r, idx), lambda r: _torch_ops.maxpool_gather(r, idx),
+         (prel,), ()),
+        ("lstm_first", ops.lstm_cd_cell, _torch_ops.lstm_cd_cell, lstm, (True,)),
+        ("lstm_later", ops.lstm_cd_cell, _torch_ops.lstm_cd_cell, lstm, (False,)),
+    ]
+
+
+GRAD_CASES = [c[0] for c in _grad_cases()]
+
+
+def _case(name, device="cpu", dtype=torch.float64):
+    return next(c for c in _grad_cases(device, dtype) if c[0] == name)
+
+
+@needs_compiled
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradcheck(name):
+    _, fn, _, inputs, extra = _case(name)
+    inputs = tuple(x.detach().requires_grad_() for x in inputs)
+    assert torch.autograd.gradcheck(lambda *xs: fn(*xs, *extra), inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _check_backward_vs_oracle(name, device, dtype):
+    _, fn, ref, inputs, extra = _case(name, device, dtype)
+    od = oracle_dtype(dtype)
+    mine = tuple(x.detach().requires_grad_() for x in inputs)
+    theirs = tuple(x.detach().to(od).requires_grad_() for x in inputs)
+    out, exp = fn(*mine, *extra), ref(*theirs, *extra)
+    out, exp = (out, exp) if isinstance(out, tuple) else ((out,), (exp,))
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(e.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=od) for e in exp]
+    g_mine = torch.autograd.grad(sum((o.to(od) * w).sum() for o, w in zip(out, weights)), mine)
+    g_theirs = torch.autograd.grad(sum((e * w).sum() for e, w in zip(exp, weights)), theirs, allow_unused=True)
+    for a, b, x in zip(g_mine, g_theirs, theirs):
+        close(a, torch.zeros_like(x) if b is None else b, dtype)  # unused input (prev state at t=0): 0
+
+
+@needs_compiled
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_backward_matches_oracle_autograd(name):
+    _check_backward_vs_oracle(name, "cpu", torch.float64)
+
+
+@needs_compiled
+def test_bn_split_backward_zero_over_zero_is_finite():
+    """Where |s r| + |s i| = 0 the ratio is the constant 0: finite gradients (the pure-torch
+    formula's torch.where gives NaN there)."""
+    z = torch.zeros(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    shift = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    ops.bn_split(z, torch.zeros(1, 1, 3, dtype=torch.float64), scale, shift).sum().backward()
+    torch.testing.assert_close(z.grad, torch.full_like(z, 2.0))  # d(s r)/dr = s
+    assert shift.grad.item() == 0.0 and scale.grad.item() == 0.0
+
+
+@needs_compiled
+def test_maxpool_backward_accumulates_overlaps():
+    """Two windows picking the same position send both gradients there."""
+    rel = torch.arange(6.0, dtype=torch.float64).view(1, 1, 6).requires_grad_()
+    idx = torch.tensor([[[5, 5, 1]]])
+    ops.maxpool_gather(rel, idx).backward(torch.tensor([[[1.0, 2.0, 4.0]]], dtype=torch.float64))
+    torch.testing.assert_close(rel.grad, torch.tensor([[[0, 4.0, 0, 0, 0, 3.0]]], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- opcheck, compile
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(8)
+    rel, total = split_inputs((2, 3, 4, 5), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+    prel, idx = pool_inputs((6, 6), F.max_pool2d, dict(kernel_size=2), 2, 3, torch.float64, "cpu", gen)
+    lstm = lstm_inputs(3, 4, torch.float64, "cpu", gen)
+    return {
+        "bias_split": ("bias_split", (rel, total, c, True)),
+        "bias_split_linear": ("bias_split", (rel[:, :, 0, 0], total[:, :, 0, 0], c, False)),
+        "bn_split": ("bn_split", (rel, total, c, c.flip(0), True)),
+        "maxpool_gather": ("maxpool_gather", (prel, idx)),
+        "lstm_cd_cell": ("lstm_cd_cell", (*lstm, False)),
+    }
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+    torch.library.opcheck(getattr(torch.ops.fastacd, op).default, args)
+
+
+@needs_compiled
+def test_backward_ops_opcheck():
+    gen = torch.Generator().manual_seed(9)
+    rel, total = split_inputs((2, 3, 4), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+    _, idx = F.max_pool1d(total, 2, return_indices=True)
+    lstm = lstm_inputs(2, 3, torch.float64, "cpu", gen)
+    g = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    checks = [
+        (torch.ops.fastacd.bias_split_backward.default, (torch.randn_like(rel), rel, total, c, True)),
+        (torch.ops.fastacd.bn_split_backward.default, (torch.randn_like(rel), rel, total, c, c, False)),
+        (torch.ops.fastacd.maxpool_gather_backward.default, (torch.randn(2, 3, 2, dtype=torch.float64), idx,
+                                                              [2, 3, 4])),
+        (torch.ops.fastacd.lstm_cd_cell_backward.default, (g, g.flip(0), *lstm, False)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_compiled
+def test_torch_compile_fullgraph():
+    """One small graph through all four ops, forward and backward, compiles without graph
+    breaks (fake kernels, autograd registration) and matches eager. aot_eager keeps it to
+    about a second on two cores; test_torch_compile_inductor covers code generation."""
+    gen = torch.Generator().manual_seed(10)
+    rel, total = split_inputs((2, 3, 4, 4), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+    _, idx = F.max_pool2d(total, 2, return_indices=True)
+    lstm = lstm_inputs(2, 6, torch.float64, "cpu", gen)
+
+    def f(rel, total, c, idx, lstm):
+        x = ops.bias_split(rel, total, c, True)
+        x = ops.bn_split(x, total, c, c, True)
+        x = ops.maxpool_gather(x, idx)
+        rc, rh = ops.lstm_cd_cell(lstm[0] + x.sum(), *lstm[1:], False)
+        return x, rc, rh
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        r = rel.detach().requires_grad_()
+        outs = fn(r, total, c, idx, lstm)
+        (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), r)
+        results.append((*outs, grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@needs_compiled
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """The default backend (inductor) around one op: ~20 s on two cores, so one small case."""
+    gen = torch.Generator().manual_seed(13)
+    rel, total = split_inputs((2, 3, 5), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+
+    def f(rel, total, c):
+        return ops.bias_split(rel * 2, total, c, True) + 1
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(rel, total, c), f(rel, total, c))
+
+
+# --------------------------------------------------------------------------- errors
+
+@needs_compiled
+@pytest.mark.parametrize("call,match", [
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, 4), torch.zeros(1, 3, 5), torch.zeros(3)),
+     r"total_pre must have shape \(1, C, \*S\)"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(3)),
+     r"total_pre must have shape \(1, C, \*S\)"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, 4), torch.zeros(1, 3, 4), torch.zeros(4)),
+     r"bias must have shape \(C,\) = \(3,\)"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(3), torch.zeros(1, 3), torch.zeros(3)),
+     r"rel_pre must be \(M, C, \*S\)"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3), torch.zeros(1, 3, dtype=torch.float64),
+                                          torch.zeros(3)), r"total_pre has dtype Double but rel_pre has dtype Float"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(1, 3,
+                                          dtype=torch.float16), torch.zeros(3, dtype=torch.float16)),
+     r"rel_pre has dtype Half; supported on cpu: float32, float64"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64),
+                                          torch.zeros(3, dtype=torch.int64)), r"rel_pre has dtype Long"),
+    (lambda: torch.ops.fastacd.bn_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(2)),
+     r"shift must have shape \(C,\) = \(3,\)"),
+    (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 2, 2, dtype=torch.int32)),
+     r"indices must be int64"),
+    (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 2, 2, dtype=torch.int64)),
+     r"indices must have shape \(1, C, \*So\) with C = 3"),
+    (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.full((1, 3, 2, 2), 16)),
+     r"indices must lie in \[0, 16\)"),
+    (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.full((1, 3, 2, 2), -1)),
+     r"indices must lie in \[0, 16\)"),
+    (lambda: torch.ops.fastacd.lstm_cd_cell(torch.zeros(2, 12), torch.zeros(1, 12), torch.zeros(12),
+                                            torch.zeros(1, 3), torch.zeros(2, 4), torch.zeros(1, 3), torch.zeros(2),
+                                            False), r"rel_gates must have shape \(M, 4H\) = \[2, 16\]"),
+    (lambda: torch.ops.fastacd.lstm_cd_cell(torch.zeros(2, 12), torch.zeros(1, 12), torch.zeros(12),
+                                            torch.zeros(1, 3), torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3),
+                                            False), r"in_phrase must have shape \(M,\)"),
+    (lambda: torch.ops.fastacd.lstm_cd_cell(torch.zeros(2, 12), torch.zeros(1, 12, dtype=torch.float64),
+                                            torch.zeros(12), torch.zeros(1, 3), torch.zeros(2, 3), torch.zeros(1, 3),
+                                            torch.zeros(2), False), r"total_gates has dtype Double"),
+], ids=lambda x: "" if callable(x) else x[:40])
+def test_bad_input_errors(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+@needs_compiled
+def test_device_mismatch_error():
+    """Tensors on two devices: a clear error (here cpu + meta, which dispatches to the
+    fake kernel; the CUDA launchers check the same, see test_cuda_device_mismatch)."""
+    with pytest.raises(RuntimeError, match=r"bias is on meta but rel_pre is on cpu"):
+        torch.ops.fastacd.bias_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3, device="meta"))
+
+
+# --------------------------------------------------------------------------- fallback, build info
+
+def test_fallback_when_not_compiled(monkeypatch):
+    """Without the extension the wrappers are the pure-torch formulas."""
+    monkeypatch.setattr(ops, "HAS_COMPILED", False)
+    gen = torch.Generator().manual_seed(11)
+    rel, total = split_inputs((2, 3, 4), torch.float64, "cpu", gen, False)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+    assert torch.equal(ops.bias_split(rel, total, c, True), _torch_ops.bias_split(rel, total, c, True))
+    assert torch.equal(ops.bn_split(rel, total, c, c), _torch_ops.bn_split(rel, total, c, c))
+    _, idx = F.max_pool1d(total, 2, return_indices=True)
+    assert torch.equal(ops.maxpool_gather(rel, idx), _torch_ops.maxpool_gather(rel, idx))
+    lstm = lstm_inputs(2, 3, torch.float64, "cpu", gen)
+    for a, b in zip(ops.lstm_cd_cell(*lstm, False), _torch_ops.lstm_cd_cell(*lstm, False)):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_dtype_falls_back_to_torch():
+    """CPU bfloat16 has no compiled kernel: the wrapper uses the pure-torch formula."""
+    gen = torch.Generator().manual_seed(12)
+    rel, total = split_inputs((2, 3, 4), torch.bfloat16, "cpu", gen, False)
+    c = channel_vec(3, torch.bfloat16, "cpu", gen)
+    assert torch.equal(ops.bias_split(rel, total, c), _torch_ops.bias_split(rel, total, c))
+
+
+def test_build_info():
+    info = ops.build_info()
+    assert info["compiled"] == ops.HAS_COMPILED
+    assert info["torch"] == torch.__version__
+    if ops.HAS_COMPILED:
+        assert set(info["ops"]) == {"bias_split", "bn_split", "maxpool_gather", "lstm_cd_cell"}
+        assert all("CPU" in keys for keys in info["ops"].values())
+        assert info["cuda_kernels"] == all("CUDA" in keys for keys in info["ops"].values())
+    else:
+        assert info["import_error"]
+
+
+# --------------------------------------------------------------------------- CUDA
+
+@needs_compiled
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (4, 6), (2, 2, 3, 4, 5), (0, 3, 4, 4)], ids=str)
+def test_split_ops_cuda(dtype, shape):
+    for relu in (False, True):
+        _check_bias_split("cuda", dtype, shape, relu, noncontig=True)
+        _check_bn_split("cuda", dtype, shape, relu, noncontig=False)
+
+
+@needs_compiled
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("pool", POOLS, ids=lambda p: f"{p[1].__name__}{p[0]}")
+def test_maxpool_gather_cuda(dtype, pool):
+    _check_maxpool("cuda", dtype, *pool, 3, 4, noncontig=True)
+
+
+@needs_compiled
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("first_step", [True, False])
+def test_lstm_cd_cell_cuda(dtype, first_step):
+    _check_lstm("cuda", dtype, 64, 33, first_step, noncontig=True)
+
+
+@needs_compiled
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_backward_cuda(name, dtype):
+    _check_backward_vs_oracle(name, "cuda", dtype)
+
+
+@needs_compiled
+@pytest.mark.needs_cuda
+def test_cuda_device_mismatch():
+    with pytest.raises(RuntimeError, match=r"expected bias on cuda"):
+        torch.ops.fastacd.bias_split(torch.zeros(2, 3, device="cuda"), torch.zeros(1, 3, device="cuda"),
+                                     torch.zeros(3))
+
+
+@needs_compiled
+@pytest.mark.needs_cuda
+def test_opcheck_cuda():
+    for op, args in _opcheck_cases().values():
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(getattr(torch.ops.fastacd, op).default, args)
