@@ -219,8 +219,10 @@ def logits_module(dec) -> torch.nn.Module:
     by_name = {n.name: n for n in graph.nodes}
     out = next(n for n in graph.nodes if n.op == "output")
     out.args = (by_name[step.dep[0].name],)
-    graph.eliminate_dead_code()
-    return fx.GraphModule(g.gm, graph)
+    gm = fx.GraphModule(g.gm, graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def _numpy_rows(out) -> np.ndarray:
