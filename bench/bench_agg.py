@@ -1,0 +1,114 @@
+"""ACD for images end to end at the notebook's settings: fastacd vs its reference agglomeration.
+
+    .venv/bin/python -m pytest bench/bench_agg.py -q -s
+    ACD_BENCH_FULL_REFERENCE=1 .venv/bin/python -m pytest bench/bench_agg.py -q -s -k alexnet
+
+Settings: one 224x224 image (random normal, seed 0), random-init torchvision VGG16 and
+AlexNet (float32, eval), ``sweep_dim=14`` (16x16 tiles), ``percentile_include=95``,
+``num_iters=5``, method ``cd``, the predicted class.
+
+Figures (bench/results/agg.json), per model:
+* ``fast_s``: wall time of ``fastacd.agg_2d.agglomerate`` (default backend);
+* ``masks_requested``: CD masks the one-mask-at-a-time reference scores for the same run
+  (every tile, the whole image, per iteration each component, the combined mask and each
+  component-plus-neighbour, per merge round every pair) - counted by the fast path, which
+  asks for exactly the same list;
+* ``masks_scored``: masks the fast path actually sent to the engine after de-duplication
+  and the per-run cache; ``engine_calls``: its engine calls;
+* ``reference_per_mask_s``: ``fastacd.reference.cd`` on single tile masks (best of a few);
+* ``reference_s``: the reference agglomeration's time, EXTRAPOLATED as per-mask cost times
+  ``masks_requested`` (``reference_extrapolated: true``); with
+  ``ACD_BENCH_FULL_REFERENCE=1`` the reference agglomeration is run in full instead and the
+  two hierarchies are checked to be identical;
+* ``speedup``: ``reference_s / fast_s``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from _results import record
+from fastacd import agg_2d
+from fastacd.reference import agg_2d as ref_agg
+from fastacd.reference import cd as reference_cd
+
+torch.set_num_threads(2)
+SUITE = "agg"
+SETTINGS = dict(percentile_include=95, sweep_dim=14, num_iters=5, method="cd")
+
+
+def _setup(arch: str):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        lab = int(model(x).argmax())
+    return model, x, x[0].permute(1, 2, 0).numpy().copy(), lab
+
+
+def _run(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def reference_per_mask(model, x, n: int = 3) -> float:
+    """Best time of the reference CD on one 14x14 tile mask (after a warm-up)."""
+    times = []
+    for i in range(n + 1):
+        mask = torch.zeros(224, 224)
+        mask[14 * i:14 * (i + 1), 14 * i:14 * (i + 1)] = 1
+        t = time.perf_counter()
+        with torch.no_grad():
+            reference_cd(model, x, mask)
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def bench(arch: str, full_reference: bool = False) -> dict:
+    model, x, im, lab = _setup(arch)
+    s = SETTINGS
+    stats = {}
+    fast, fast_s = _run(agg_2d.agglomerate, model, None, s["percentile_include"], s["method"],
+                        s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, stats=stats)
+    per_mask = reference_per_mask(model, x)
+    figures = dict(fast_s=fast_s, masks_requested=stats["requested"], masks_scored=stats["scored"],
+                   engine_calls=stats["calls"], reference_per_mask_s=per_mask,
+                   num_levels=len(fast["comps_list"]) - 1,
+                   max_components=int(max(np.max(c) for c in fast["comps_list"])))
+    if full_reference:
+        ref, ref_s = _run(ref_agg.agglomerate, model, None, s["percentile_include"], s["method"],
+                          s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x)
+        same = (len(ref["comps_list"]) == len(fast["comps_list"])
+                and all(np.array_equal(a, b) for a, b in zip(ref["comps_list"], fast["comps_list"])))
+        figures.update(reference_s=ref_s, reference_extrapolated=False, identical_comps=bool(same))
+    else:
+        figures.update(reference_s=per_mask * stats["requested"], reference_extrapolated=True)
+    figures["speedup"] = figures["reference_s"] / fast_s
+    record(SUITE, f"{arch}_224_sweep14", **figures)
+    print(f"\n{arch}: fast {fast_s:.1f} s, reference {figures['reference_s']:.1f} s "
+          f"({'extrapolated' if figures['reference_extrapolated'] else 'measured'}), "
+          f"{figures['speedup']:.1f}x; masks requested {stats['requested']}, scored "
+          f"{stats['scored']} in {stats['calls']} engine calls")
+    return figures
+
+
+FULL = os.environ.get("ACD_BENCH_FULL_REFERENCE", "") == "1"
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16"])
+def test_agglomerate_224(arch):
+    figures = bench(arch, full_reference=FULL)
+    if figures.get("identical_comps") is not None:
+        assert figures["identical_comps"]
+
+
+if __name__ == "__main__":
+    for arch in ("alexnet", "vgg16"):
+        bench(arch, full_reference=FULL)
