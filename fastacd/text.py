@@ -16,8 +16,8 @@ The batched engine (``TextDecomposer``) runs that rule for M masks at once:
   compiled extension is built, ``fastacd._torch_ops.lstm_cd_cell`` otherwise);
 * irrelevant parts are never propagated: ``irrelevant = total - relevant`` (the rule keeps
   ``relevant + irrelevant == true state`` at every step);
-* steps before the first relevant token (after the last, for a backward direction) are
-  skipped: there the relevant state is exactly zero.
+* a mask's steps before its first relevant token (after its last, for a backward
+  direction) are skipped: there its relevant state is exactly zero.
 
 Beyond the reference: multi-layer and bidirectional ``nn.LSTM``. The rule is applied per
 layer and per direction; layer l > 0 gets the relevant part of layer l-1's output (both
@@ -308,20 +308,21 @@ class TextDecomposer:
                 w_ih, w_hh, bias = self._weights(layer, reverse=d == 1)
                 H = w_hh.shape[1]
                 xw = x @ w_ih.T
-                gates, cs, hs, os_ = [], [], [], []
+                xwb, w_hh_t = xw + bias, w_hh.T
+                gates, cs, hs, sig = [], [], [], []
                 h = torch.zeros(1, H, dtype=self.dtype, device=x.device)
                 c = torch.zeros_like(h)
+                # the true LSTM, few ops per step (this loop runs once per sentence)
                 for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
-                    g = xw[t:t + 1] + h @ w_hh.T
-                    gi, gf, gg, go = (g + bias).split(H, dim=1)
-                    c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-                    o = torch.sigmoid(go)
-                    h = o * torch.tanh(c)
-                    gates.append(g), cs.append(c), hs.append(h), os_.append(o)
+                    g = torch.addmm(xwb[t:t + 1], h, w_hh_t)      # with bias
+                    s = torch.sigmoid(g)                           # i, f, o (g's slot unused)
+                    c = torch.addcmul(s[:, :H] * torch.tanh(g[:, 2 * H:3 * H]), s[:, H:2 * H], c)
+                    h = s[:, 3 * H:] * torch.tanh(c)
+                    gates.append(g), cs.append(c), hs.append(h), sig.append(s)
                 if d == 1:
-                    gates, cs, hs, os_ = gates[::-1], cs[::-1], hs[::-1], os_[::-1]
-                dirs.append(_Direction(w_ih, w_hh, bias, d == 1, xw, torch.cat(gates),
-                                       torch.cat(cs), torch.cat(hs), torch.cat(os_)))
+                    gates, cs, hs, sig = gates[::-1], cs[::-1], hs[::-1], sig[::-1]
+                dirs.append(_Direction(w_ih, w_hh, bias, d == 1, xw, torch.cat(gates) - bias,
+                                       torch.cat(cs), torch.cat(hs), torch.cat(sig)[:, 3 * H:]))
             layers.append(dirs)
             x = torch.cat([dd.h for dd in dirs], dim=1)
         feats = self._readout([dd.h.unsqueeze(0) for dd in layers[-1]], T)[0]
@@ -376,26 +377,24 @@ class TextDecomposer:
     def _chunk(self, T: int) -> int:
         H = self.lstm.hidden_size
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_mask = T * H * itemsize * (4 + 2 * self.num_directions) * self.num_directions + 1
+        # per mask: W_ih x of one direction (4H) and the relevant outputs of a layer and its
+        # input (D*H each), for every step
+        per_mask = T * H * itemsize * (4 + 2 * self.num_directions) + 1
         return max(1, self.memory_budget // per_mask)
 
     def _relevant_features(self, sent: Sentence, mask: torch.Tensor) -> torch.Tensor:
         T = sent.length
         last_layer = len(sent.layers) - 1
         rel_in = None
-        active = mask.any(dim=0)
+        active = mask != 0  # (M, T): where a mask has a relevant input
         for li, dirs in enumerate(sent.layers):
             outs = []
             if rel_in is not None:
                 # a backward direction carries relevance to positions before the phrase
-                active = active | (rel_in != 0).any(dim=2).any(dim=0)
+                active = active | (rel_in != 0).any(dim=2)
             for dd in dirs:
-                if rel_in is None:    # layer 0: the word vector where the token is relevant
-                    xw_rel = mask.unsqueeze(2) * dd.xw.unsqueeze(0)
-                else:
-                    xw_rel = rel_in @ dd.w_ih.T
                 keep = li < last_layer or (self.readout == "last" and dd.reverse)
-                outs.append(self._run_direction(dd, xw_rel, mask, active.tolist(), keep))
+                outs.append(self._run_direction(dd, rel_in, mask, active, keep))
             if li < last_layer:
                 rel_in = torch.cat(outs, dim=2)
         if len(outs) == 1:
@@ -406,29 +405,55 @@ class TextDecomposer:
             bwd = bwd[:, T - 1]
         return torch.cat([fwd, bwd if bwd.dim() == 2 else bwd[:, 0]], dim=1)
 
-    def _run_direction(self, dd: _Direction, xw_rel: torch.Tensor, mask: torch.Tensor,
-                       active: list[bool], keep_sequence: bool) -> torch.Tensor:
+    def _run_direction(self, dd: _Direction, rel_in: torch.Tensor | None, mask: torch.Tensor,
+                       active: torch.Tensor, keep_sequence: bool) -> torch.Tensor:
         """Relevant hidden states of one direction: (M, T, H) if ``keep_sequence``, else the
-        state after the direction's last step, (M, H)."""
+        state after the direction's last step, (M, H). ``rel_in``: the relevant input
+        (M, T, In) of a layer > 0; None for layer 0, whose relevant input is the word vector
+        where the mask is 1.
+
+        A mask's relevant state is exactly zero until its first step with a relevant input
+        (in processing order): the cell maps zero relevant gates and cell to zero. So the
+        masks are sorted by that step and step k computes only the rows that have started.
+        """
         M, T = mask.shape
         H = dd.w_hh.shape[1]
         order = list(range(T - 1, -1, -1)) if dd.reverse else list(range(T))
-        # Before the first step with a relevant input (in processing order) the relevant
-        # state is exactly zero for every mask: the recurrence starts there.
-        first = next((k for k, t in enumerate(order) if active[t]), len(order))
-        rel_h = xw_rel.new_zeros(M, H)
-        rel_c = xw_rel.new_zeros(M, H)
-        seq = xw_rel.new_zeros(M, T, H) if keep_sequence else None
+        proc = active.flip(1) if dd.reverse else active                 # processing order
+        start = torch.where(proc.any(1), proc.to(torch.int8).argmax(1), torch.full_like(
+            proc[:, 0], T, dtype=torch.long))
+        perm = torch.argsort(start, stable=True)
+        starts = start[perm].tolist()
+        mask_steps = mask[perm].T.contiguous()                          # (T, M)
+        # W_ih times the relevant input, step-major: (T, M, 4H)
+        if rel_in is None:
+            xw_steps = mask_steps.unsqueeze(2) * dd.xw.unsqueeze(1)
+        else:
+            xw_steps = rel_in[perm].transpose(0, 1) @ dd.w_ih.T
+        new = mask.new_zeros
         w_hh_t = dd.w_hh.T
-        for k in range(first, T):
+        rel_h = rel_c = new(0, H)                                       # the started rows
+        seq = new(M, T, H) if keep_sequence else None
+        n = 0
+        for k in range(starts[0] if M else T, T):
             t = order[k]
             prev = order[k - 1] if k > 0 else t
-            rel_gates = torch.addmm(xw_rel[:, t], rel_h, w_hh_t) if k > first else xw_rel[:, t]
+            while n < M and starts[n] <= k:
+                n += 1
+            if n > rel_h.shape[0]:  # rows starting now join with a zero state
+                pad = new(n - rel_h.shape[0], H)
+                rel_h, rel_c = torch.cat([rel_h, pad]), torch.cat([rel_c, pad])
+            rel_gates = torch.addmm(xw_steps[t, :n], rel_h, w_hh_t)
             rel_c, rel_h = self._cell(rel_gates, dd.gates[t:t + 1], dd.bias, dd.o[t:t + 1],
-                                      rel_c, dd.c[prev:prev + 1], mask[:, t], k == 0)
+                                      rel_c, dd.c[prev:prev + 1], mask_steps[t, :n], k == 0)
             if keep_sequence:
-                seq[:, t] = rel_h
-        return seq if keep_sequence else rel_h
+                seq[:n, t] = rel_h
+        inverse = torch.argsort(perm)
+        if keep_sequence:
+            return seq[inverse]
+        if n < M:
+            rel_h = torch.cat([rel_h, new(M - n, H)])
+        return rel_h[inverse]
 
 
 def _discover(model: nn.Module):
