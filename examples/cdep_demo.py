@@ -6,7 +6,7 @@ the confound randomised) and the CD share of the penalised features. Writes
 ``docs/cdep_results.md`` (table) and ``docs/cdep_results.png`` (plot).
 
     .venv/bin/python examples/cdep_demo.py                      # defaults below
-    .venv/bin/python examples/cdep_demo.py --seeds 0 1 2 --decoy-lambdas 0 10 --color-lambdas 0 10
+    .venv/bin/python examples/cdep_demo.py --seeds 0 1 2 3 --epochs 4 --decoy-lambdas 0 10 --color-lambdas 0 30
 
 DecoyDigits masks: each example's decoy patch. ColorDigits masks: ``--pixels`` single
 foreground pixels per example (colour is present in every single pixel; shape is not).
@@ -127,10 +127,10 @@ def write(table, rows, args, out_dir: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--decoy-lambdas", type=float, nargs="*", default=[0.0, 10.0])
-    ap.add_argument("--color-lambdas", type=float, nargs="*", default=[0.0, 10.0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--color-lambdas", type=float, nargs="*", default=[0.0, 30.0])
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--pixels", type=int, default=2, help="single-pixel masks per example (ColorDigits)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
