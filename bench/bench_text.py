@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _results import best_time, record
+from _results import record
 from fastacd import agg_1d
 from fastacd import text as ft
 from fastacd.reference import text as rt

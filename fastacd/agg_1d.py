@@ -18,7 +18,7 @@ import torch
 from skimage import measure
 
 from . import tiling_1d
-from .text import Batch, TextDecomposer, cd_text, cd_text_phrases, tokens_of
+from .text import Batch, TextDecomposer, cd_text_phrases, tokens_of
 
 METHODS = ("cd", "occlusion", "build_up")
 
@@ -260,4 +260,4 @@ def get_scores_1d(batch, model, method, label, only_one, score_orig, text_orig, 
     return _select(scores, label, subtract)
 
 
-__all__ = ["agglomerate", "collapse_tree", "threshold_scores", "get_scores_1d", "cd_text"]
+__all__ = ["agglomerate", "collapse_tree", "threshold_scores", "get_scores_1d"]

@@ -26,11 +26,9 @@ token mask of step t in every layer and direction (see docs/text.md).
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
