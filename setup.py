@@ -68,7 +68,9 @@ def resolve_cuda():
 def extensions():
     with_cuda, why = resolve_cuda()
     sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
-    cxx = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: we never enable floating-point traps; it lets gcc turn the
+    # formulas' selects into vector blends, so the CPU loops vectorise. Results unchanged.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     nvcc = ["-O3"]
     define_macros = []
     if with_cuda:

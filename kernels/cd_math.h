@@ -11,8 +11,14 @@
 
 #include <math.h>
 
+#include "kernels/fast_math_cpu.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTACD_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: in a large translation unit gcc may stop inlining, and a call in a loop
+// stops it vectorising.
+#define FASTACD_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define FASTACD_HOST_DEVICE inline
 #endif
@@ -68,7 +74,7 @@ FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias,
   const T pi = abs_(zi) + eps<T>();
   const T inv = T(1) / (pr + pi);
   const T q = pr * inv;
-  if (relu && zr + q * bias < T(0)) g = T(0);
+  g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
   BiasSplitGrad<T> out;
   out.rel = g + gb * ((pi * sgn(zr) + pr * sgn(zi)) * inv * inv);
@@ -87,7 +93,9 @@ FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu) {
   const T sr = scale * r;
   const T si = scale * (total - r);
   const T denom = abs_(sr) + abs_(si);
-  const T q = denom == T(0) ? T(0) : abs_(sr) / denom;
+  // denom = 0 implies |sr| = 0, so dividing by 1 there gives the rule's q = 0. Written
+  // as arithmetic (not a branch around the division) so that gcc vectorises the loops.
+  const T q = abs_(sr) / (denom + T(denom == T(0)));
   const T out = sr + q * shift;
   return relu ? relu_(out) : out;
 }
@@ -110,10 +118,10 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   const T a = abs_(sr);
   const T b = abs_(si);
   const T denom = a + b;
-  const bool degenerate = denom == T(0);
-  const T inv = degenerate ? T(0) : T(1) / denom;
+  const T inv_any = T(1) / (denom + T(denom == T(0)));  // finite everywhere, no branch
+  const T inv = denom == T(0) ? T(0) : inv_any;           // q is the constant 0 there
   const T q = a * inv;
-  if (relu && sr + q * shift < T(0)) g = T(0);
+  g = (relu && sr + q * shift < T(0)) ? T(0) : g;
   // d q = (b sgn(sr) d(sr) - a sgn(si) d(si)) / D^2, with d(sr) = s dr + r ds and
   // d(si) = s (dt - dr) + ir ds.
   const T ka = b * sgn(sr) * inv * inv;   // dq/d(sr)
@@ -139,10 +147,19 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
 //   rel_h = o * 1/2 [tanh(rel_c) + (tanh(total_c) - tanh(total_c - rel_c))]
 // with ri' = split3(ri; ti, bi, sig), rg' = split3(rg; tg, bg, tanh), rf' likewise.
 // ---------------------------------------------------------------------------------
+// exp and tanh: CUDA's own on the device; on the host, branch-free versions that let
+// the CPU loops vectorise (kernels/fast_math_cpu.h, ~1 ulp).
+#ifdef __CUDA_ARCH__
 FASTACD_HOST_DEVICE float exp_(float x) { return ::expf(x); }
 FASTACD_HOST_DEVICE double exp_(double x) { return ::exp(x); }
 FASTACD_HOST_DEVICE float tanh_(float x) { return ::tanhf(x); }
 FASTACD_HOST_DEVICE double tanh_(double x) { return ::tanh(x); }
+#else
+FASTACD_HOST_DEVICE float exp_(float x) { return fast_cpu::exp(x); }
+FASTACD_HOST_DEVICE double exp_(double x) { return fast_cpu::exp(x); }
+FASTACD_HOST_DEVICE float tanh_(float x) { return fast_cpu::tanh(x); }
+FASTACD_HOST_DEVICE double tanh_(double x) { return fast_cpu::tanh(x); }
+#endif
 
 template <typename T>
 FASTACD_HOST_DEVICE T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }

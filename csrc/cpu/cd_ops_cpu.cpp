@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -35,8 +36,8 @@ void check_cpu_float(const char* op, std::initializer_list<std::pair<const at::T
 // OpenMP pragmas sit in these templates, not in the AT_DISPATCH lambdas (toolchain.md).
 
 template <typename scalar_t, bool kRelu>
-void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out,
-                     int64_t M, int64_t C, int64_t S) {
+void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out, int64_t M,
+                     int64_t C, int64_t S) {
   const int nt = threads_for(M * C * S);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t row = 0; row < M * C; ++row) {
@@ -91,30 +92,36 @@ at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre
   return out;
 }
 
-// Parallel over channels: each thread owns its channel's slice of grad_total and its
-// grad_bias entry, so the sums over masks need no atomics.
+// One (mask, channel) row of the backward: gt and gb accumulate over masks. Its own
+// function with restrict pointers so that gcc vectorises it (OpenMP's outlining drops
+// the restrict of the caller's parameters).
+template <typename scalar_t>
+void bias_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+                             const scalar_t* __restrict__ total, scalar_t bias, scalar_t* __restrict__ g_rel,
+                             scalar_t* __restrict__ gt, scalar_t* __restrict__ gb, int64_t S, bool relu) {
+  for (int64_t s = 0; s < S; ++s) {
+    const auto d = math::bias_split_grad(grad[s], rel[s], total[s], bias, relu);
+    g_rel[s] = d.rel;
+    gt[s] += d.total;
+    gb[s] += d.bias;
+  }
+}
+
+// Parallel over channels: each thread owns its channel's slice of grad_total and of the
+// per-position bias partials (C, S), so the sums over masks need no atomics and the
+// inner loop has no reduction; the partials are summed over S afterwards.
 template <typename scalar_t>
 void bias_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total,
-                                const scalar_t* bias, scalar_t* g_rel, scalar_t* g_total,
-                                scalar_t* g_bias, int64_t M, int64_t C, int64_t S, bool relu) {
+                                const scalar_t* bias, scalar_t* g_rel, scalar_t* g_total, scalar_t* bias_partial,
+                                int64_t M, int64_t C, int64_t S, bool relu) {
   const int nt = threads_for(M * C * S);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t b = bias[c];
-    const scalar_t* t = total + c * S;
-    scalar_t* gt = g_total + c * S;
-    for (int64_t s = 0; s < S; ++s) gt[s] = scalar_t(0);
-    double gb = 0;  // a sum over M * S terms: accumulate in double
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {  // g_total and bias_partial are zero-initialised
       const int64_t off = (m * C + c) * S;
-      for (int64_t s = 0; s < S; ++s) {
-        const auto d = math::bias_split_grad(grad[off + s], rel[off + s], t[s], b, relu);
-        g_rel[off + s] = d.rel;
-        gt[s] += d.total;
-        gb += d.bias;
-      }
+      bias_split_backward_row(grad + off, rel + off, total + c * S, bias[c], g_rel + off, g_total + c * S,
+                              bias_partial + c * S, S, relu);
     }
-    g_bias[c] = static_cast<scalar_t>(gb);
   }
 }
 
@@ -129,18 +136,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cpu(
               ", got ", grad.sizes(), ".");
   at::Tensor g_rel = at::empty(rel_pre.sizes(), rel_pre.options());
   at::Tensor g_total = at::zeros(total_pre.sizes(), total_pre.options());
-  at::Tensor g_bias = at::zeros(bias.sizes(), bias.options());
-  if (g_total.numel() == 0) return {g_rel, g_total, g_bias};
-  const at::Tensor g = grad.contiguous(), r = rel_pre.contiguous(), t = total_pre.contiguous(),
-                   b = bias.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_backward_cpu", [&] {
-    bias_split_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                         t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                         g_rel.mutable_data_ptr<scalar_t>(), g_total.mutable_data_ptr<scalar_t>(),
-                                         g_bias.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r),
-                                         relu);
-  });
-  return {g_rel, g_total, g_bias};
+  at::Tensor partial = at::zeros({rel_pre.size(1), positions(rel_pre)}, rel_pre.options());
+  if (g_total.numel() > 0) {
+    const at::Tensor g = grad.contiguous(), r = rel_pre.contiguous(), t = total_pre.contiguous(),
+                     b = bias.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_backward_cpu", [&] {
+      bias_split_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                           t.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                           g_rel.mutable_data_ptr<scalar_t>(), g_total.mutable_data_ptr<scalar_t>(),
+                                           partial.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r),
+                                           relu);
+    });
+  }
+  return {g_rel, g_total, at::sum(partial, {1})};
 }
 
 // ---------------------------------------------------------------- bn_split
@@ -187,30 +195,33 @@ at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at
   return out;
 }
 
+// Same structure as bias_split_backward_*: per-position partials, summed over S after.
 template <typename scalar_t>
-void bn_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total,
-                              const scalar_t* scale, const scalar_t* shift, scalar_t* g_rel, scalar_t* g_total,
-                              scalar_t* g_scale, scalar_t* g_shift, int64_t M, int64_t C, int64_t S, bool relu) {
+void bn_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+                           const scalar_t* __restrict__ total, scalar_t scale, scalar_t shift,
+                           scalar_t* __restrict__ g_rel, scalar_t* __restrict__ gt, scalar_t* __restrict__ gsc,
+                           scalar_t* __restrict__ gsh, int64_t S, bool relu) {
+  for (int64_t s = 0; s < S; ++s) {
+    const auto d = math::bn_split_grad(grad[s], rel[s], total[s], scale, shift, relu);
+    g_rel[s] = d.rel;
+    gt[s] += d.total;
+    gsc[s] += d.scale;
+    gsh[s] += d.shift;
+  }
+}
+
+template <typename scalar_t>
+void bn_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total, const scalar_t* scale,
+                              const scalar_t* shift, scalar_t* g_rel, scalar_t* g_total, scalar_t* scale_partial,
+                              scalar_t* shift_partial, int64_t M, int64_t C, int64_t S, bool relu) {
   const int nt = threads_for(M * C * S);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t sc = scale[c], sh = shift[c];
-    const scalar_t* t = total + c * S;
-    scalar_t* gt = g_total + c * S;
-    for (int64_t s = 0; s < S; ++s) gt[s] = scalar_t(0);
-    double gsc = 0, gsh = 0;  // sums over M * S terms: accumulate in double
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {  // g_total and the partials are zero-initialised
       const int64_t off = (m * C + c) * S;
-      for (int64_t s = 0; s < S; ++s) {
-        const auto d = math::bn_split_grad(grad[off + s], rel[off + s], t[s], sc, sh, relu);
-        g_rel[off + s] = d.rel;
-        gt[s] += d.total;
-        gsc += d.scale;
-        gsh += d.shift;
-      }
+      bn_split_backward_row(grad + off, rel + off, total + c * S, scale[c], shift[c], g_rel + off, g_total + c * S,
+                            scale_partial + c * S, shift_partial + c * S, S, relu);
     }
-    g_scale[c] = static_cast<scalar_t>(gsc);
-    g_shift[c] = static_cast<scalar_t>(gsh);
   }
 }
 
@@ -226,19 +237,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cpu
               grad.sizes(), ".");
   at::Tensor g_rel = at::empty(rel.sizes(), rel.options());
   at::Tensor g_total = at::zeros(total.sizes(), total.options());
-  at::Tensor g_scale = at::zeros(scale.sizes(), scale.options());
-  at::Tensor g_shift = at::zeros(shift.sizes(), shift.options());
-  if (g_total.numel() == 0) return {g_rel, g_total, g_scale, g_shift};
-  const at::Tensor g = grad.contiguous(), r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(),
-                   sh = shift.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bn_split_backward_cpu", [&] {
-    bn_split_backward_kernel<scalar_t>(
-        g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-        sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), g_rel.mutable_data_ptr<scalar_t>(),
-        g_total.mutable_data_ptr<scalar_t>(), g_scale.mutable_data_ptr<scalar_t>(),
-        g_shift.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r), relu);
-  });
-  return {g_rel, g_total, g_scale, g_shift};
+  at::Tensor scale_partial = at::zeros({rel.size(1), positions(rel)}, rel.options());
+  at::Tensor shift_partial = at::zeros({rel.size(1), positions(rel)}, rel.options());
+  if (g_total.numel() > 0) {
+    const at::Tensor g = grad.contiguous(), r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(),
+                     sh = shift.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bn_split_backward_cpu", [&] {
+      bn_split_backward_kernel<scalar_t>(
+          g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+          sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), g_rel.mutable_data_ptr<scalar_t>(),
+          g_total.mutable_data_ptr<scalar_t>(), scale_partial.mutable_data_ptr<scalar_t>(),
+          shift_partial.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r), relu);
+    });
+  }
+  return {g_rel, g_total, at::sum(scale_partial, {1}), at::sum(shift_partial, {1})};
 }
 
 // ---------------------------------------------------------------- maxpool_gather
