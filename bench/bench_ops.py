@@ -1,34 +1,34 @@
 """Per-op benchmark: the compiled fused ops (torch.ops.fastacd.*) against their pure-torch
 formulas (fastacd._torch_ops), at the activation shapes of VGG16 on a 224x224 image with
-M masks, and an LSTM cell step.
+64 masks, and an LSTM cell step.
 
-    .venv/bin/python bench/bench_ops.py                  # all cases, JSON to bench/results/
+    .venv/bin/python -m pytest bench/bench_ops.py -q        # part of `make bench`
+    .venv/bin/python bench/bench_ops.py                      # same, as a table
     .venv/bin/python bench/bench_ops.py --masks 16 --repeats 3 --only bias_split
-    .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only   # pytest-benchmark view
 
 Both implementations run in the same process, alternating per repeat (warm-up first,
 then the median of the repeats), so the ratio torch / compiled is what to read; the
-absolute times depend on the machine and its load. Cases larger than --max-elements use
-fewer masks (recorded as "masks" in the JSON) to stay within memory on small machines.
+absolute times depend on the machine and its load. Cases larger than --max-elements
+(default: 64 masks of 128x112x112, ~400 MB in float32) use fewer masks, recorded as
+``masks``: VGG16's first block (64x224x224) runs with 32 masks. Figures go to
+bench/results/ops.json (ops_cuda.json with --device cuda) through bench/_results.py.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastacd import _torch_ops, ops
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import record
+
+MASKS = 64
+MAX_ELEMENTS = 64 * 128 * 112 * 112
 
 # VGG16 at 224x224: (channels, side) of each distinct conv output; pools halve the side.
 VGG16_CONV = [(64, 224), (128, 112), (256, 56), (512, 28), (512, 14)]
@@ -120,80 +120,63 @@ def run_case(op, make_inputs, repeats, warmup, device):
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 
-def metadata(args) -> dict:
-    return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "python": sys.version.split()[0],
-        "build": ops.build_info(),
-        "device": args.device,
-        "dtype": args.dtype,
-        "masks_requested": args.masks,
-        "max_elements": args.max_elements,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "seed": 0,
-        "statistic": "median seconds; ratio = torch / compiled (higher is better for compiled)",
-    }
+def measure(name, op, m, make, repeats, warmup, device, suite):
+    """Time one case, record it in bench/results/<suite>.json, return its figures."""
+    med, _ = run_case(op, make, repeats, warmup, device)
+    figures = {"torch_over_compiled": med["torch"] / med["compiled"], "compiled_seconds": med["compiled"],
+               "torch_seconds": med["torch"], "masks": float(m)}
+    record(suite, name, **figures)
+    return figures
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--masks", type=int, default=64)
-    p.add_argument("--max-elements", type=int, default=64 * 128 * 112 * 112,
-                   help="cap on M*C*H*W per case (default: 64 masks at 128x112x112, ~400 MB in fp32)")
+    p.add_argument("--masks", type=int, default=MASKS)
+    p.add_argument("--max-elements", type=int, default=MAX_ELEMENTS, help="cap on M*C*H*W per case")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--only", default="", help="substring filter on case names")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/ops_<device>.json)")
     args = p.parse_args(argv)
     if not ops.HAS_COMPILED:
         print("fastacd._C is not built: nothing to compare (build with `pip install --no-build-isolation -e .`)")
         return 1
-    dtype = getattr(torch, args.dtype)
-    rows = []
+    suite = "ops" if args.device == "cpu" else f"ops_{args.device}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"{'case':44s} {'masks':>5s} {'compiled ms':>12s} {'torch ms':>10s} {'ratio':>6s}")
-    for name, op, m, make in cases(args.masks, args.max_elements, args.device, dtype):
+    total_c = total_t = 0.0
+    for name, op, m, make in cases(args.masks, args.max_elements, args.device, getattr(torch, args.dtype)):
         if args.only not in name:
             continue
-        med, raw = run_case(op, make, args.repeats, args.warmup, args.device)
-        ratio = med["torch"] / med["compiled"]
-        rows.append({"case": name, "op": op, "masks": m, "compiled_s": med["compiled"], "torch_s": med["torch"],
-                     "ratio": ratio, "raw_s": raw})
-        print(f"{name:44s} {m:5d} {med['compiled'] * 1e3:12.2f} {med['torch'] * 1e3:10.2f} {ratio:6.2f}", flush=True)
-    total_c = sum(r["compiled_s"] for r in rows)
-    total_t = sum(r["torch_s"] for r in rows)
-    print(f"{'sum over cases':44s} {'':5s} {total_c * 1e3:12.2f} {total_t * 1e3:10.2f} {total_t / total_c:6.2f}")
-    out = args.out or RESULTS / f"ops_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": metadata(args), "cases": rows,
-                               "sum": {"compiled_s": total_c, "torch_s": total_t, "ratio": total_t / total_c}},
-                              indent=1))
-    print(f"wrote {out}")
+        f = measure(name, op, m, make, args.repeats, args.warmup, args.device, suite)
+        total_c += f["compiled_seconds"]
+        total_t += f["torch_seconds"]
+        print(f"{name:44s} {m:5d} {f['compiled_seconds'] * 1e3:12.2f} {f['torch_seconds'] * 1e3:10.2f} "
+              f"{f['torch_over_compiled']:6.2f}", flush=True)
+    if total_c:
+        print(f"{'sum over cases':44s} {'':5s} {total_c * 1e3:12.2f} {total_t * 1e3:10.2f} {total_t / total_c:6.2f}")
+    print(f"recorded in bench/results/{suite}.json")
     return 0
 
 
-# pytest-benchmark view of the same cases (small: 8 masks), not part of the test suite.
+# The pytest view (`make bench`): one test per case, recorded like main() does.
 try:
     import pytest
 
-    _BENCH = [c for c in cases(8, 8 * 64 * 112 * 112, "cpu", torch.float32)] if ops.HAS_COMPILED else []
+    _CASES = cases(MASKS, MAX_ELEMENTS, "cpu", torch.float32) if ops.HAS_COMPILED else []
 
     @pytest.mark.skipif(not ops.HAS_COMPILED, reason="fastacd._C not built")
-    @pytest.mark.parametrize("impl", ["compiled", "torch"])
-    @pytest.mark.parametrize("case", _BENCH, ids=[c[0] for c in _BENCH])
-    def test_op(benchmark, case, impl):
-        name, op, _, make = case
-        benchmark.group = name
+    @pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+    def test_op(benchmark, case):
+        name, op, m, make = case
+        figures = measure(name, op, m, make, repeats=5, warmup=1, device="cpu", suite="ops")
         args = make()
-        benchmark(impls(op)[impl], *args)
-except ImportError:  # pytest is only needed for the pytest-benchmark view
+        benchmark.group = name
+        benchmark.pedantic(impls(op)["compiled"], args=args, rounds=3, warmup_rounds=1)
+        print(name, {k: round(v, 4) for k, v in figures.items()})
+except ImportError:  # pytest is only needed for the pytest view
     pass
 
 

@@ -208,6 +208,22 @@ def test_lstm_cd_cell_cpu(dtype, m, h, first_step, noncontig):
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1e-6, 30.0, 1000.0])
+def test_lstm_cd_cell_saturated_and_tiny_gates(dtype, scale):
+    """The CPU kernels' own exp/tanh (kernels/fast_math_cpu.h) at tiny arguments and where
+    sigmoid / tanh saturate or exp overflows."""
+    gen = torch.Generator().manual_seed(14)
+    args = list(lstm_inputs(6, 9, dtype, "cpu", gen))
+    for k in (0, 1, 2, 4, 5):
+        args[k] = args[k] * scale
+    for first_step in (True, False):
+        got = torch.ops.fastacd.lstm_cd_cell(*args, first_step)
+        for a, b in zip(got, _torch_ops.lstm_cd_cell(*args, first_step)):
+            close(a, b, dtype)
+
+
+@needs_compiled
 @pytest.mark.parametrize("phrase_dtype", [torch.bool, torch.int64, torch.float32])
 def test_lstm_cd_cell_phrase_mask_dtypes(phrase_dtype):
     _check_lstm("cpu", torch.float64, 4, 5, False, False, phrase_dtype)
