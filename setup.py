@@ -70,7 +70,8 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     # -fno-trapping-math: we never enable floating-point traps; it lets gcc turn the
     # formulas' selects into vector blends, so the CPU loops vectorise. Results unchanged.
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # -g0 undoes the interpreter's -g: a 20x smaller library, a faster build.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
     nvcc = ["-O3"]
     define_macros = []
     if with_cuda:
