@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 
 #include "csrc/lstm_cell.h"
 #include "kernels/cd_math.h"

@@ -88,7 +88,8 @@ at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre
   at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
   if (out.numel() == 0) return out;
   const at::Tensor r = rel_pre.contiguous(), t = total_pre.contiguous(), b = bias.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_cpu", [&] { bias_split_kernel<scalar_t>(r, t, b, out, relu); });
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_cpu",
+                             [&] { bias_split_kernel<scalar_t>(r, t, b, out, relu); });
   return out;
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "csrc/lstm_cell.h"
