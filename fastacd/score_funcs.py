@@ -18,6 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .agg_1d import get_scores_1d  # noqa: F401  (one definition, shared with agg_1d)
+from .tiling_1d import tiles_to_cd  # noqa: F401
+
 
 def _device_of(model, device):
     if device is not None:
@@ -130,53 +133,6 @@ def ig_scores_1d(batch, model, inputs, device=None, steps=1000):
         (grad,) = torch.autograd.grad(probs.sum(), vecs)
     imps = grad.mean(1) * (word_vecs[:, 0] - baseline[:, 0])
     return imps.sum(1).detach().cpu().numpy()
-
-
-def tiles_to_cd(batch):
-    """[start, stop] (stop inclusive) of the non-zero run of each column of ``batch.text``."""
-    tiles = batch.text.data.cpu().numpy()
-    starts, stops = [], []
-    for c in range(tiles.shape[1]):
-        nz = np.flatnonzero(tiles[:, c])
-        if nz.size == 0:
-            raise ValueError(f"tile {c} is all padding (token 0): nothing to score")
-        starts.append(int(nz[0]))
-        stops.append(int(nz[-1]))
-    return starts, stops
-
-
-def _cd_text_many(batch, model, starts, stops):
-    """CD scores (M, classes) of the phrases [starts[i], stops[i]] of one sentence, in one
-    batched call of the text engine."""
-    from .text import cd_text_phrases  # lazily: importing score_funcs does not load the text engine
-    relevant, _ = cd_text_phrases(batch, model, [(int(a), int(b)) for a, b in zip(starts, stops)])
-    return relevant
-
-
-def get_scores_1d(batch, model, method, label, only_one, score_orig, text_orig, subtract=False,
-                  device=None):
-    """Scores of text tiles (the original's semantics): ``cd`` scores each tile's phrase of the
-    original sentence; ``occlusion`` / ``build_up`` run the model on the tiles in ``batch``
-    (occlusion: ``score_orig`` minus the score). ``subtract``: label's score minus the other
-    class's (binary)."""
-    device = _device_of(model, device)
-    if method == "cd":
-        if only_one:
-            # the original passed stop = num_words, one past the end: the whole sentence
-            num_words = batch.text.data.cpu().numpy().shape[0]
-            scores = _cd_text_many(batch, model, [0], [num_words - 1])
-        else:
-            starts, stops = tiles_to_cd(batch)
-            batch.text.data = torch.as_tensor(np.asarray(text_orig), dtype=torch.long, device=device)
-            scores = _cd_text_many(batch, model, starts, stops)
-    else:
-        with torch.no_grad():
-            scores = model(batch).detach().cpu().numpy()
-        if method == "occlusion" and not only_one:
-            scores = score_orig - scores
-    if subtract:
-        return scores[:, label] - scores[:, int(1 - label)]
-    return scores[:, label]
 
 
 def _pred_batched(pred_ims, model, ims, batch_size):

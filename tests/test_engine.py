@@ -88,8 +88,13 @@ def test_engine_matches_reference(name, dtype, backend):
     assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), dtype)
     assert_close_scaled(ref_rel + ref_irrel, logits.expand_as(ref_rel), dtype)
     if name in FULL_MASK_EXACT and dtype == torch.float64:  # full mask: everything relevant
-        assert_close_scaled(res.relevant[-2], logits[0], dtype)
-        assert res.irrelevant[-2].abs().max() <= 1e-4 * logits.abs().max()
+        # The engine's irrelevant part of the full mask is a - r: rounding noise (the batch-M
+        # conv rounds differently from the batch-1 one), not 0 as in the reference. Where a
+        # pre-activation is itself at rounding level the bias split ratio is then not ~1, so
+        # the full mask is exact only to ~1e-9 of the (tiny, random-init) logits' scale.
+        scale = float(logits.abs().max())
+        torch.testing.assert_close(res.relevant[-2], logits[0], rtol=1e-8, atol=1e-8 * scale)
+        assert res.irrelevant[-2].abs().max() <= 1e-4 * scale
     # empty mask: everything irrelevant
     assert res.relevant[-1].abs().max() <= 1e-4 * logits.abs().max()
 
