@@ -1,83 +1,44 @@
-"""The ``fastacd`` command: ``demo``, ``info``, ``bench``."""
+"""The ``fastacd`` command: ``demo``, ``run``, ``info``, ``bench`` (argument parsing only;
+the work is in ``fastacd.run``)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
+RUN_EXAMPLES = """\
+examples:
+  # every image of an ImageFolder tree (root/class/img.png), torchvision VGG16 with local weights
+  fastacd run data/val --arch vgg16 --weights vgg16.pth --out acd_val --label folder --figures
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+  # your own model: a module:factory returning an nn.Module (or file.py:factory)
+  fastacd run 'photos/*.jpg' --model mypkg.nets:build --image-size 64 --out acd_photos
+
+  # a text file listing image paths; explain class 207 in every image
+  fastacd run list.txt --arch resnet18 --weights r18.pth --label 207 --out acd_207
+
+  # several processes (one per GPU, or CPU cores split between them), one or more nodes
+  torchrun --nproc_per_node=4 -m fastacd run data/val --arch vgg16 --weights vgg16.pth --out acd_val
+
+Re-running the same command resumes: finished images are skipped. Changing a setting with the
+same --out is refused unless --overwrite. Outputs, schema and resume rules: docs/run.md.
+"""
 
 
 def cmd_demo(args) -> int:
-    """Train a small CNN on scikit-learn's digits, then explain a few test digits."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
+    from fastacd.run import demo
+    return demo(args.out, n=args.n, sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
+                num_iters=args.num_iters, tile=args.tile)
 
-    import fastacd
-    from fastacd.models import train_digits_cnn
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model, images, labels, acc = train_digits_cnn()
-    print(f"trained a digits CNN in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.3f}")
-
-    sweep = args.sweep_dim
-    size = images.shape[-1]
-    grid = -(-size // sweep)
-    tiles = torch.zeros(grid * grid, size, size)
-    for k in range(grid * grid):
-        r, c = divmod(k, grid)
-        tiles[k, r * sweep:(r + 1) * sweep, c * sweep:(c + 1) * sweep] = 1
-
-    fast = fastacd.Decomposer(model)
-    ref = fastacd.Decomposer(model, backend="reference")
-    results, t_fast, t_ref = [], 0.0, 0.0
-    fig, axes = plt.subplots(2, args.n, figsize=(2.4 * args.n, 5))
-    with torch.no_grad():
-        for j in range(args.n):
-            x, label = images[j:j + 1], int(labels[j])
-            pred = int(fast.forward(x).argmax())
-            t = time.perf_counter()
-            res = fast.cd(x, tiles)
-            t_fast += time.perf_counter() - t
-            t = time.perf_counter()
-            res_ref = ref.cd(x, tiles)
-            t_ref += time.perf_counter() - t
-            diff = float((res.relevant - res_ref.relevant).abs().max())
-            scores = res.scores(pred).reshape(grid, grid)
-            results.append({"index": j, "label": label, "prediction": pred, "sweep_dim": sweep,
-                             "tile_scores": scores.tolist(), "max_diff_vs_reference": diff})
-            axes[0, j].imshow(x[0, 0], cmap="gray")
-            axes[0, j].set_title(f"label {label}, pred {pred}")
-            lim = float(scores.abs().max()) or 1.0
-            im = axes[1, j].imshow(scores, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[1, j].set_title(f"CD score per {sweep}x{sweep} tile")
-            for ax in axes[:, j]:
-                ax.axis("off")
-            fig.colorbar(im, ax=axes[1, j], fraction=0.046)
-    fig.tight_layout()
-    png = out / "cd_tile_scores.png"
-    fig.savefig(png.with_name(png.name + ".tmp.png"), dpi=100)
-    os.replace(png.with_name(png.name + ".tmp.png"), png)
-    _atomic_write(out / "cd_tile_scores.json", json.dumps(results, indent=1).encode())
-    for r in results:
-        print(f"digit {r['index']}: label {r['label']} pred {r['prediction']}, "
-              f"{grid * grid} tiles, |fast - reference| = {r['max_diff_vs_reference']:.1e}")
-    print(f"CD of {grid * grid} tiles x {args.n} digits: {fast.backend} backend {t_fast:.3f} s, "
-          f"reference {t_ref:.3f} s ({t_ref / t_fast:.1f}x faster)")
-    print(f"wrote {png} and {out / 'cd_tile_scores.json'}")
-    return 0
+def cmd_run(args) -> int:
+    from fastacd.run import RunError, run
+    try:
+        return run(args)
+    except RunError as e:
+        print(f"fastacd run: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_info(args) -> int:
@@ -100,23 +61,133 @@ def cmd_bench(args) -> int:
     return rc
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastacd", description="Fast Contextual Decomposition and ACD hierarchies.")
-    sub = p.add_subparsers(dest="cmd")
-    d = sub.add_parser("demo", help="train a small digits CNN (seconds) and explain a few digits; no downloads")
+def _int_or_label(s: str) -> str:
+    if s in ("pred", "folder"):
+        return s
+    try:
+        int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected 'pred', 'folder' or a class index") from None
+    return s
+
+
+def add_run_parser(sub) -> argparse.ArgumentParser:
+    r = sub.add_parser(
+        "run", help="ACD hierarchies for every image of a folder, file list or glob (resumable, torchrun)",
+        description="ACD hierarchies for every image of a folder, a file list or a glob: a JSON "
+                    "hierarchy, compressed masks (.npz) and optionally a figure per image, and a "
+                    "JSONL manifest. Resumable; spreads over processes with torchrun.",
+        epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("source", help="a folder (ImageFolder root/class/img.png, or flat; searched "
+                   "recursively), a quoted glob ('data/**/*.png'), a text file with one image path "
+                   "per line (relative to the list's folder), or one image")
+    r.add_argument("--out", required=True, help="output folder (created; re-use it to resume)")
+
+    g = r.add_argument_group("model (one of --arch / --model)")
+    g.add_argument("--arch", help="a torchvision classification model by name, e.g. vgg16, alexnet, resnet50")
+    g.add_argument("--model", help="your model: 'package.module:factory' or 'file.py:factory'; the "
+                   "factory is called with no arguments and returns an nn.Module (or name a module object)")
+    g.add_argument("--weights", help="local weights file (a state_dict, or a checkpoint dict with "
+                   "'state_dict' / 'model'), loaded with torch.load(weights_only=True). Without it "
+                   "--arch models are random-init (a warning says so); nothing is downloaded")
+    g.add_argument("--unsafe-load", action="store_true", help="allow --weights files holding "
+                   "arbitrary Python objects (torch.load(weights_only=False) runs code from the "
+                   "file: only for files you trust); such a file may also hold a whole nn.Module")
+    g.add_argument("--num-classes", type=int, help="for --arch: number of outputs (default: the "
+                   "architecture's, 1000 for ImageNet models)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default: %(default)s)")
+
+    g = r.add_argument_group("the class to explain")
+    g.add_argument("--label", type=_int_or_label, default="pred", help="'pred' (the model's predicted "
+                   "class, default), 'folder' (the class of the image's folder, with --class-index or "
+                   "the sorted folder names = indices 0, 1, ..., as torchvision's ImageFolder), or a "
+                   "fixed class index")
+    g.add_argument("--class-index", help="for --label folder: folder name -> index, as JSON "
+                   "{name: index}, JSON like imagenet_class_index.json {\"0\": [\"n01440764\", "
+                   "\"tench\"]}, or text with one folder name per line (line number = index)")
+
+    g = r.add_argument_group("ACD (defaults: the paper's ImageNet settings)")
+    g.add_argument("--sweep-dim", type=int, default=None, help="tile side in pixels (default: "
+                   "ceil(image size / 16), 14 at 224)")
+    g.add_argument("--percentile-include", type=float, default=95, help="selection percentile "
+                   "(default: %(default)s)")
+    g.add_argument("--num-iters", type=int, default=5, help="growing iterations (default: %(default)s)")
+    g.add_argument("--method", choices=("cd", "occlusion", "build_up"), default="cd",
+                   help="score (default: %(default)s)")
+    g.add_argument("--base", choices=("tiles", "slic", "felzenszwalb"), default="tiles",
+                   help="base units: square tiles (the paper) or superpixels (default: %(default)s)")
+    g.add_argument("--corrected", action="store_true", help="switch off the original's unintended "
+                   "quirks (docs/hierarchies.md)")
+
+    g = r.add_argument_group("preprocessing (torchvision's: resize shorter side, centre crop, normalise)")
+    g.add_argument("--image-size", type=int, default=224, help="square crop fed to the model "
+                   "(default: %(default)s; 0 = keep each image's own size)")
+    g.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: "
+                   "image size x 256/224, i.e. 256 for 224)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean per channel "
+                   "(default: ImageNet's 0.485 0.456 0.406)")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std per channel "
+                   "(default: ImageNet's 0.229 0.224 0.225)")
+    g.add_argument("--grayscale", action="store_true", help="feed one channel (default mean/std 0.5)")
+
+    g = r.add_argument_group("execution")
+    g.add_argument("--device", default="auto", help="'auto' (cuda:LOCAL_RANK when CUDA is there, "
+                   "else cpu), 'cpu', 'cuda', 'cuda:N' (default: %(default)s)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="model and input dtype (default: %(default)s)")
+    g.add_argument("--memory-budget", default=None, help="bytes of activations per engine chunk, "
+                   "e.g. 4G (default: 1 GiB on the CPU, half the free memory on a GPU)")
+    g.add_argument("--backend", choices=("auto", "compiled", "torch", "reference"), default="auto",
+                   help="CD engine backend (default: %(default)s: the fastest built)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
+                   "the cores this process may use // processes on this node)")
+    g.add_argument("--barrier-timeout", type=float, default=7 * 24 * 3600,
+                   help="seconds the ranks wait for each other at the end (default: a week)")
+
+    g = r.add_argument_group("outputs")
+    g.add_argument("--figures", action="store_true", help="also write a PNG figure per image")
+    g.add_argument("--overwrite", action="store_true", help="accept settings that differ from the "
+                   "ones recorded in --out: every image is recomputed with the new settings")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+    return r
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastacd", description="Fast Contextual Decomposition (CD) and ACD hierarchies.",
+        epilog="Start with 'fastacd demo' (nothing to download), then 'fastacd run --help'.")
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,run,info,bench}")
+    d = sub.add_parser("demo", help="train a small digits CNN (seconds), write ACD hierarchies of a few "
+                       "test digits (figure + JSON) and time the engine against the reference; no downloads",
+                       description="Train a small CNN on scikit-learn's bundled digits, write the ACD "
+                       "hierarchy (PNG figure + JSON) of a few test digits, and compare the batched CD "
+                       "engine with the reference backend on tile scores.")
     d.add_argument("--out", default="fastacd_demo_out", help="output folder (default: %(default)s)")
     d.add_argument("--n", type=int, default=4, help="digits to explain (default: %(default)s)")
-    d.add_argument("--sweep-dim", type=int, default=4, help="tile size in pixels (default: %(default)s)")
+    d.add_argument("--sweep-dim", type=int, default=2, help="hierarchy tile side in pixels of the "
+                   "28x28 digit (default: %(default)s)")
+    d.add_argument("--percentile-include", type=float, default=90, help="(default: %(default)s)")
+    d.add_argument("--num-iters", type=int, default=5, help="(default: %(default)s)")
+    d.add_argument("--tile", type=int, default=4, help="tile side for the speed comparison (default: %(default)s)")
     d.set_defaults(fn=cmd_demo)
+    add_run_parser(sub)
     i = sub.add_parser("info", help="versions, compiled extension and kernels, devices")
     i.set_defaults(fn=cmd_info)
     b = sub.add_parser("bench", help="run the benchmark harness (bench/) and print the ratio table")
     b.add_argument("suite", nargs="?", default=None, help="one file of bench/, e.g. bench_engine.py")
     b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help()
         return 0
+    if args.cmd == "run" and args.image_size == 0:
+        args.image_size = None
     return args.fn(args)
 
 
