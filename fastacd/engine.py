@@ -207,57 +207,93 @@ class Decomposer:
     def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
         return total_pass(self.graph, x)
 
-    def _relevant_pass(self, r0: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
-        """The relevant part of every node for one chunk of masks."""
+    def _relevant_pass(self, r0: torch.Tensor, values: dict, aux: dict, *,
+                       keep: bool = False):
+        """The relevant part of every node for one chunk of masks.
+
+        Returns the output node's relevant part, or with ``keep=True`` the dict of every
+        node's (the windowed pass of ``fastacd.windowed`` reads a base mask's maps).
+        """
         g, ops, m = self.graph, self._ops, r0.shape[0]
         rel: dict[fx.Node, torch.Tensor] = {g.input_node: r0}
-        value_of = values.__getitem__
         for index, node in enumerate(g.nodes):
             step = g.steps.get(node)
             if step is None or step.kind == "shape":
                 continue
-            r = rel[step.dep[0]]
-            kind = step.kind
-            if kind == "affine":
-                weights, bias, pre = aux[node]
-                zr = weights(r)
-                if bias is None:
-                    out = zr.clamp_min(0) if step.relu_fused else zr
-                else:
-                    out = ops.bias_split(zr, pre, bias, step.relu_fused)
-            elif kind == "batchnorm":
-                scale, shift = aux[node]
-                out = ops.bn_split(r, values[step.dep[0]], scale, shift, step.relu_fused)
-            elif kind == "activation" and step.fused_into is not None:
-                out = r  # the producer already applied this ReLU
-            elif kind == "maxpool":
-                out = ops.maxpool_gather(r, aux[node])
-            elif kind == "reshape":
-                out = r.reshape((m,) + tuple(values[node].shape[1:]))
-            elif kind in ("add", "sub"):
-                out = _combine(node, kind, rel, values, m)
-            elif kind == "neg":
-                out = -r
-            elif kind == "scale":
-                other = [a for a in node.args[:2] if a is not step.dep[0]]
-                c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
-                out = r * c if step.extra["op"] == "mul" else r / c
-            elif kind == "cat":
-                out = _cat(node, rel, values, m)
-            elif kind == "output_softmax":
-                out = r
-            else:  # activation, linear, getitem, user rules: the op itself on r
-                out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
-            want = (m,) + tuple(values[node].shape[1:])
-            if tuple(out.shape) != want:
-                raise UnsupportedOpError(
-                    f"{describe_node(node)} does not treat the samples of a batch independently "
-                    f"(relevant part has shape {tuple(out.shape)}, expected {want})")
-            rel[node] = out
+            rel[node] = apply_rule(g, step, rel, values, aux.get(node), ops, m)
+            if keep:
+                continue
             for d in step.dep:  # free what no later step reads
                 if g.last_use.get(d, -1) <= index and d is not g.result_node:
                     rel.pop(d, None)
-        return rel[g.result_node]
+        return rel if keep else rel[g.result_node]
+
+    def cd_delta(self, x: torch.Tensor, base_mask, delta_masks, *,
+                 chunk_size: int | None = None) -> CDResult:
+        """CD of the masks ``base_mask | delta_masks[j]``, the same numbers as ``cd`` on them.
+
+        The base's relevant maps are propagated once; each candidate is then recomputed only
+        inside the window of every layer that its delta's receptive field reaches, the rest
+        copied from the base (``fastacd.windowed``, docs/engine.md "Windowed propagation").
+        Falls back to ``cd`` where windowing would not pay off (or for the reference backend).
+        base_mask: one mask (H, W) (or x's shape without the batch dim); delta_masks: M masks
+        in any form ``cd`` accepts.
+        """
+        from .windowed import cd_delta
+        return cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size)
+
+
+def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int,
+               want: tuple | None = None) -> torch.Tensor:
+    """The batched CD rule of one node: its relevant output from its inputs' relevant parts.
+
+    rel: dependent node -> relevant part (m, ...); ``values``: node -> true activation
+    (anything with ``__getitem__``; (1, ...) or, in the windowed pass, (m, ...) crops);
+    ``aux_entry``: what the total pass kept for this node; ``want``: the expected output
+    shape (default: ``(m,) + values[node].shape[1:]``). Shared by the full relevant pass and
+    the windowed one (``fastacd.windowed``), so every rule is written once.
+    """
+    node = step.node
+    value_of = values.__getitem__
+    r = rel[step.dep[0]]
+    kind = step.kind
+    if kind == "affine":
+        weights, bias, pre = aux_entry
+        zr = weights(r)
+        if bias is None:
+            out = zr.clamp_min(0) if step.relu_fused else zr
+        else:
+            out = ops.bias_split(zr, pre, bias, step.relu_fused)
+    elif kind == "batchnorm":
+        scale, shift = aux_entry
+        out = ops.bn_split(r, values[step.dep[0]], scale, shift, step.relu_fused)
+    elif kind == "activation" and step.fused_into is not None:
+        out = r  # the producer already applied this ReLU
+    elif kind == "maxpool":
+        out = ops.maxpool_gather(r, aux_entry)
+    elif kind == "reshape":
+        out = r.reshape((m,) + tuple(values[node].shape[1:]))
+    elif kind in ("add", "sub"):
+        out = _combine(node, kind, rel, values, m)
+    elif kind == "neg":
+        out = -r
+    elif kind == "scale":
+        other = [a for a in node.args[:2] if a is not step.dep[0]]
+        c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
+        out = r * c if step.extra["op"] == "mul" else r / c
+    elif kind == "cat":
+        out = _cat(node, rel, values, m)
+    elif kind == "output_softmax":
+        out = r
+    else:  # activation, linear, getitem, user rules: the op itself on r
+        out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+    if want is None:
+        want = (m,) + tuple(values[node].shape[1:])
+    if tuple(out.shape) != tuple(want):
+        raise UnsupportedOpError(
+            f"{describe_node(node)} does not treat the samples of a batch independently "
+            f"(relevant part has shape {tuple(out.shape)}, expected {tuple(want)})")
+    return out
 
 
 def total_pass(g: CapturedGraph, x: torch.Tensor) -> tuple[dict, dict]:

@@ -1,0 +1,498 @@
+"""Windowed (incremental) relevant propagation for masks that differ from a base mask.
+
+Almost every mask ACD scores is a component plus one tile. CD's rules are local given the
+shared total activation ``a`` (conv/linear: a weight application, then an element-wise
+bias split of ``zr`` and the total pre-activation; batchnorm, activations: element-wise in
+``r`` and ``a``; max-pool: ``r`` gathered at the argmax of ``a``), so the relevant part of a
+node at one position depends only on the relevant input inside that position's receptive
+field. A candidate ``base | delta`` therefore has the base's relevant maps everywhere except
+inside the window of positions whose receptive field reaches the delta. Here:
+
+* the base is propagated once with the ordinary batched pass (every node's map kept);
+* ``plan`` tracks, per graph node and per candidate, the window (top-left corner, one common
+  size per node) that can differ from the base: through convs (kernel, stride, padding,
+  dilation), max-pools, element-wise rules (batchnorm, activations, dropout, scaling by a
+  constant), residual adds and channel concatenations (the union of the operands' windows);
+  every other op, and any node whose window exceeds ``WINDOW_MAX_FRACTION`` of its map, is
+  "full" from there on (the candidates' full maps are assembled once and the ordinary rules
+  run on them);
+* the windowed pass computes, for each candidate, only the window of each node: a conv reads
+  an input crop with its halo taken from the candidate's full-resolution map (base outside
+  the candidate's previous window, the recomputed window inside) and the conv's zero padding
+  only beyond the true image border, then applies its weights without padding; the bias /
+  batchnorm splits run through the engine's own rule dispatch (``engine.apply_rule``) on the
+  window with the total cropped to the same window.
+
+The numbers equal full propagation (outside the window nothing changes) up to the rounding of
+a different convolution algorithm on the crop. ``cd_delta`` falls back to the ordinary pass
+when the estimated cost (multiply-adds of the windowed convs plus one base pass) is not
+below ``MAX_COST_RATIO`` of full propagation. docs/engine.md "Windowed propagation".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .graph import load_arg
+
+# A node whose window covers more than this fraction of its map is computed in full (and so is
+# everything after it): the crop's halo and the gathers cost more than they save there.
+WINDOW_MAX_FRACTION = 0.5
+# Use windowing only when (base pass + M windowed candidates) is estimated below this fraction
+# of M full passes (multiply-adds of the affine layers).
+MAX_COST_RATIO = 0.8
+
+_ELEMENTWISE_LINEAR_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                               nn.AlphaDropout, nn.FeatureAlphaDropout)
+_ELEMENTWISE_LINEAR_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                 F.feature_alpha_dropout}
+_ELEMENTWISE_LINEAR_METHODS = {"contiguous", "clone"}
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """Per-candidate top-left corners (oy, ox: (M,) int64) of an h x w window of a map.
+
+    A conv's input crop may reach outside the map (its zero padding); node windows never do.
+    """
+    oy: torch.Tensor
+    ox: torch.Tensor
+    h: int
+    w: int
+
+    def part(self, s: int, e: int, device) -> "Window":
+        return Window(self.oy[s:e].to(device), self.ox[s:e].to(device), self.h, self.w)
+
+    def same(self, other: "Window") -> bool:
+        return (self.h == other.h and self.w == other.w and torch.equal(self.oy, other.oy)
+                and torch.equal(self.ox, other.ox))
+
+
+@dataclass
+class NodePlan:
+    win: Window | None              # the node's output window; None: full maps
+    crop: Window | None = None      # conv: the input region read (with halo / padding)
+    conv: tuple | None = None       # conv: (weight, stride, dilation, groups)
+    pool: bool = False              # windowed max-pool
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
+    return int(v), int(v)
+
+
+def _fdiv(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _through(lo: torch.Tensor, size: int, k: int, s: int, p: int, d: int, n_out: int):
+    """Output rows of a sliding window op (kernel k, stride s, padding p, dilation d) whose
+    receptive field meets the input rows [lo, lo + size): (start (M,), common size)."""
+    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp_min(0)        # ceil division
+    last = _fdiv(lo + size - 1 + p, s).clamp_max(n_out - 1)
+    n = int(min(max(int((last - first + 1).max()), 1), n_out))
+    return first.clamp(0, n_out - n), n
+
+
+def _union(lo_a, size_a, lo_b, size_b, n_map):
+    lo = torch.minimum(lo_a, lo_b)
+    hi = torch.maximum(lo_a + size_a, lo_b + size_b)
+    n = int(min(int((hi - lo).max()), n_map))
+    return lo.clamp(0, n_map - n), n
+
+
+def _conv_params(step, value_of):
+    """(weight, stride, padding, dilation, groups) of a 2-d convolution with zero padding, or None."""
+    m = step.module
+    if m is not None:
+        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
+            return None
+        padding = m.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                return None
+            padding = 0
+        return m.weight, _pair(m.stride), _pair(padding), _pair(m.dilation), m.groups
+    node = step.node
+    if node.target is not F.conv2d:
+        return None
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    vals = dict(zip(names, load_arg(value_of, node.args)))
+    vals.update(load_arg(value_of, node.kwargs))
+    padding = vals.get("padding", 0)
+    if isinstance(padding, str):
+        if padding != "valid":
+            return None
+        padding = 0
+    return (vals["weight"], _pair(vals.get("stride", 1)), _pair(padding),
+            _pair(vals.get("dilation", 1)), int(vals.get("groups", 1)))
+
+
+def _pool_params(step, value_of):
+    """(kernel, stride, padding, dilation) of a 2-d max-pool, or None (adaptive pools)."""
+    m = step.module
+    if m is not None:
+        if not isinstance(m, nn.MaxPool2d):
+            return None
+        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+    else:
+        node = step.node
+        if node.target is not F.max_pool2d:
+            return None
+        names = ["input", "kernel_size", "stride", "padding", "dilation"]
+        vals = dict(zip(names, load_arg(value_of, node.args)))
+        vals.update({k: v for k, v in load_arg(value_of, node.kwargs).items() if k in names})
+        k, s = vals["kernel_size"], vals.get("stride")
+        p, d = vals.get("padding", 0), vals.get("dilation", 1)
+    if s is None or (isinstance(s, (tuple, list)) and len(s) == 0):
+        s = k
+    return _pair(k), _pair(s), _pair(p), _pair(d)
+
+
+def _is_elementwise(g, step, values) -> bool:
+    """Whether the node's relevant output at a position depends only on the input there."""
+    node, kind = step.node, step.kind
+    if len(step.dep) != 1:
+        return False
+    a, out = values[step.dep[0]], values[node]
+    if not (isinstance(out, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == out.shape):
+        return False
+    if kind in ("batchnorm", "activation", "neg", "output_softmax"):
+        return kind != "output_softmax"
+    if kind == "scale":
+        other = [x for x in node.args[:2] if x is not step.dep[0]]
+        c = load_arg(values.__getitem__, other[0] if other else node.kwargs.get("other"))
+        return not isinstance(c, torch.Tensor) or c.dim() < 2 or tuple(c.shape[-2:]) == (1, 1)
+    if kind == "linear":
+        if step.module is not None:
+            return isinstance(step.module, _ELEMENTWISE_LINEAR_MODULES)
+        if node.op == "call_method":
+            return node.target in _ELEMENTWISE_LINEAR_METHODS
+        return node.target in _ELEMENTWISE_LINEAR_FUNCTIONS
+    return False
+
+
+def input_windows(cand: torch.Tensor, base: torch.Tensor) -> Window:
+    """The bounding box (common size) of the pixels where each candidate mask differs from the base."""
+    diff = (cand != base).flatten(1, -3).any(1) if cand.dim() == 4 else cand != base  # (M, H, W)
+    m, hgt, wid = diff.shape
+    rows, cols = diff.any(2), diff.any(1)
+    empty = ~rows.any(1)
+    ar_h, ar_w = torch.arange(hgt, device=diff.device), torch.arange(wid, device=diff.device)
+    y0 = torch.where(rows, ar_h, hgt).min(1).values
+    y1 = torch.where(rows, ar_h + 1, 0).max(1).values
+    x0 = torch.where(cols, ar_w, wid).min(1).values
+    x1 = torch.where(cols, ar_w + 1, 0).max(1).values
+    y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
+    y1, x1 = torch.where(empty, 1, y1), torch.where(empty, 1, x1)
+    h, w = int((y1 - y0).max()), int((x1 - x0).max())
+    return Window(y0.clamp(0, hgt - h).cpu(), x0.clamp(0, wid - w).cpu(), h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: windows per node, and what it costs
+# --------------------------------------------------------------------------------------------
+def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTION):
+    """Windows of every dependent node for candidates whose input differs inside ``win0``.
+
+    Returns (plans: node -> NodePlan, cost: (windowed multiply-adds, full multiply-adds) of
+    the affine layers per candidate, bytes: the largest per-candidate activation (elements)).
+    """
+    value_of = values.__getitem__
+    plans: dict[fx.Node, NodePlan] = {}
+    state: dict[fx.Node, Window | None] = {}
+    x = values[g.input_node]
+    state[g.input_node] = win0 if x.dim() == 4 else None
+    win_macs = full_macs = 0
+    largest = win0.h * win0.w * x.shape[1] if x.dim() == 4 else x[0].numel()
+    for node in g.nodes:
+        step = g.steps.get(node)
+        if step is None or step.kind == "shape":
+            continue
+        out = values[node]
+        wins = [state.get(d) for d in step.dep]
+        p = NodePlan(None)
+        spatial = isinstance(out, torch.Tensor) and out.dim() == 4
+        if spatial and all(w is not None for w in wins):
+            ho, wo = out.shape[2:]
+            if step.kind == "affine":
+                conv = _conv_params(step, value_of)
+                if conv is not None:
+                    weight, (sh, sw), (ph, pw), (dh, dw), groups = conv
+                    kh, kw = weight.shape[2:]
+                    w_in = wins[0]
+                    oy, nh = _through(w_in.oy, w_in.h, kh, sh, ph, dh, ho)
+                    ox, nw = _through(w_in.ox, w_in.w, kw, sw, pw, dw, wo)
+                    crop = Window(oy * sh - ph, ox * sw - pw, (nh - 1) * sh + (kh - 1) * dh + 1,
+                                  (nw - 1) * sw + (kw - 1) * dw + 1)
+                    p = NodePlan(Window(oy, ox, nh, nw), crop=crop, conv=(weight, (sh, sw), (dh, dw), groups))
+                    largest = max(largest, crop.h * crop.w * values[step.dep[0]].shape[1])
+            elif step.kind == "maxpool":
+                pool = _pool_params(step, value_of)
+                if pool is not None:
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool
+                    w_in = wins[0]
+                    oy, nh = _through(w_in.oy, w_in.h, kh, sh, ph, dh, ho)
+                    ox, nw = _through(w_in.ox, w_in.w, kw, sw, pw, dw, wo)
+                    p = NodePlan(Window(oy, ox, nh, nw), pool=True)
+            elif step.kind in ("add", "sub") and len(step.dep) == 2:
+                a, b = wins
+                if values[step.dep[0]].shape == values[step.dep[1]].shape == out.shape:
+                    oy, nh = _union(a.oy, a.h, b.oy, b.h, ho)
+                    ox, nw = _union(a.ox, a.w, b.ox, b.w, wo)
+                    p = NodePlan(Window(oy, ox, nh, nw))
+            elif step.kind == "cat":
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                parts = node.args[0]
+                if (dim % 4 == 1 and all(isinstance(t, fx.Node) and t in state for t in parts)
+                        and len(parts) == len(step.dep)):
+                    w = wins[0]
+                    oy, nh, ox, nw = w.oy, w.h, w.ox, w.w
+                    for o in wins[1:]:
+                        oy, nh = _union(oy, nh, o.oy, o.h, ho)
+                        ox, nw = _union(ox, nw, o.ox, o.w, wo)
+                    p = NodePlan(Window(oy, ox, nh, nw))
+            elif _is_elementwise(g, step, values):
+                p = NodePlan(wins[0])
+            if p.win is not None and p.win.h * p.win.w > max_fraction * ho * wo:
+                p = NodePlan(None)
+        plans[node] = p
+        state[node] = p.win
+        if step.kind == "affine":
+            weight = aux_weight_numel(step, value_of)
+            positions = out[0, 0].numel() if out.dim() > 2 else 1
+            full_macs += weight * positions
+            win_macs += weight * (p.win.h * p.win.w if p.win is not None else positions)
+        per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
+        largest = max(largest, per_mask)
+    return plans, (win_macs, full_macs), largest
+
+
+def aux_weight_numel(step, value_of) -> int:
+    m = step.module
+    if m is not None:
+        return m.weight.numel()
+    node = step.node
+    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    return load_arg(value_of, w).numel()
+
+
+# --------------------------------------------------------------------------------------------
+# Gathers: crops of a candidate's full-resolution map
+# --------------------------------------------------------------------------------------------
+def gather_crop(base: torch.Tensor, win_t: torch.Tensor | None, win: Window | None,
+                crop: Window) -> torch.Tensor:
+    """(m, C, crop.h, crop.w): each candidate's map cropped at ``crop`` (which may reach
+    outside the map: zeros there, the conv's padding). The candidate's map is ``base``
+    (1, C, H, W) outside its window and ``win_t`` (m, C, h, w) inside ``win``."""
+    c, hgt, wid = base.shape[1:]
+    dev = base.device
+    m = crop.oy.shape[0]
+    ys = (crop.oy[:, None] + torch.arange(crop.h, device=dev))[:, :, None]   # (m, ch, 1)
+    xs = (crop.ox[:, None] + torch.arange(crop.w, device=dev))[:, None, :]   # (m, 1, cw)
+    n_base = hgt * wid
+    parts = [base.reshape(c, n_base)]
+    n_src = n_base
+    if win_t is not None:
+        h, w = win_t.shape[2:]
+        parts.append(win_t.transpose(0, 1).reshape(c, m * h * w))
+        n_src += m * h * w
+    inside = (ys >= 0) & (ys < hgt) & (xs >= 0) & (xs < wid)
+    idx = ys * wid + xs
+    if not bool(inside.all()):
+        parts.append(base.new_zeros(c, 1))
+        idx = torch.where(inside, idx, n_src)
+    if win_t is not None:
+        ry, rx = ys - win.oy[:, None, None], xs - win.ox[:, None, None]
+        inwin = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+        j = torch.arange(m, device=dev)[:, None, None]
+        idx = torch.where(inwin, n_base + j * (h * w) + ry * w + rx, idx)
+    src = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    out = src.index_select(1, idx.reshape(-1))
+    return out.reshape(c, m, crop.h, crop.w).transpose(0, 1).contiguous()
+
+
+def gather_pool(base: torch.Tensor, win_t: torch.Tensor, win: Window, indices: torch.Tensor,
+                out_win: Window) -> torch.Tensor:
+    """Windowed max-pool rule: each candidate's map (base outside ``win``, ``win_t`` inside)
+    gathered at the total's argmax ``indices`` (1, C, Ho, Wo) over the output window."""
+    c, hgt, wid = base.shape[1:]
+    ho_all, wo_all = indices.shape[2:]
+    dev = base.device
+    m, h, w = win_t.shape[0], win_t.shape[2], win_t.shape[3]
+    yo = (out_win.oy[:, None] + torch.arange(out_win.h, device=dev))[:, :, None]
+    xo = (out_win.ox[:, None] + torch.arange(out_win.w, device=dev))[:, None, :]
+    pos = (yo * wo_all + xo).reshape(-1)                                       # (m*ho*wo)
+    g = indices.reshape(c, ho_all * wo_all).index_select(1, pos)               # (C, m*ho*wo)
+    n_out = out_win.h * out_win.w
+    j = torch.arange(m, device=dev).repeat_interleave(n_out)
+    ry, rx = torch.div(g, wid, rounding_mode="floor") - win.oy[j], g % wid - win.ox[j]
+    inwin = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+    src_idx = torch.where(inwin, hgt * wid + j * (h * w) + ry * w + rx, g)
+    src = torch.cat([base.reshape(c, hgt * wid), win_t.transpose(0, 1).reshape(c, m * h * w)], 1)
+    out = src.gather(1, src_idx)
+    return out.reshape(c, m, out_win.h, out_win.w).transpose(0, 1).contiguous()
+
+
+class _PerMaskOps:
+    """The engine's fused ops with a per-mask total ((m, C, ...) crops, not one shared (1, C, ...)):
+    masks are folded into channels, (1, m*C, ...), so the compiled kernels apply unchanged."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    @staticmethod
+    def _fold(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((1, t.shape[0] * t.shape[1]) + tuple(t.shape[2:]))
+
+    def bias_split(self, rel, total, bias, relu=False):
+        if total.shape[0] == 1:
+            return self.ops.bias_split(rel, total, bias, relu)
+        m = rel.shape[0]
+        return self.ops.bias_split(self._fold(rel), self._fold(total), bias.repeat(m), relu).reshape(rel.shape)
+
+    def bn_split(self, rel, total, scale, shift, relu=False):
+        if total.shape[0] == 1:
+            return self.ops.bn_split(rel, total, scale, shift, relu)
+        m = rel.shape[0]
+        return self.ops.bn_split(self._fold(rel), self._fold(total), scale.repeat(m), shift.repeat(m),
+                                 relu).reshape(rel.shape)
+
+    def maxpool_gather(self, rel, indices):
+        return self.ops.maxpool_gather(rel, indices)
+
+
+class _Crops:
+    """``values`` with every dependent node cropped at one window (lazily, cached)."""
+
+    def __init__(self, values: dict, dependent: set, win: Window):
+        self.values, self.dependent, self.win, self.cache = values, dependent, win, {}
+
+    def __getitem__(self, n):
+        if n not in self.dependent:
+            return self.values[n]
+        if n not in self.cache:
+            self.cache[n] = gather_crop(self.values[n], None, None, self.win)
+        return self.cache[n]
+
+
+# --------------------------------------------------------------------------------------------
+# The windowed relevant pass
+# --------------------------------------------------------------------------------------------
+def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_win: torch.Tensor,
+                  win0: Window, s: int, e: int) -> torch.Tensor:
+    """Relevant output for candidates s:e of a plan; ``r0_win`` (m, C, h, w): their input windows."""
+    from .engine import apply_rule
+    g, m = dec.graph, e - s
+    dev = r0_win.device
+    ops = _PerMaskOps(dec._ops)
+    wins: dict = {g.input_node: win0.part(s, e, dev)}   # node -> window (None: full map)
+    rel: dict = {g.input_node: r0_win}                   # node -> window values (or full map)
+    fulls: dict = {}                                     # windowed node -> its full maps, once built
+
+    def full(d):
+        """The candidates' full maps of node d (assembled from base + window once)."""
+        if wins.get(d) is None:
+            return rel[d]
+        if d not in fulls:
+            b = base_rel[d]
+            zero = torch.zeros(m, dtype=torch.long, device=dev)
+            fulls[d] = gather_crop(b, rel[d], wins[d], Window(zero, zero, b.shape[2], b.shape[3]))
+        return fulls[d]
+
+    def on(d, win: Window):
+        """Node d's candidates' values over ``win`` (re-gathered if d's window differs)."""
+        if wins[d].same(win):
+            return rel[d]
+        return gather_crop(base_rel[d], rel[d], wins[d], win)
+
+    for index, node in enumerate(g.nodes):
+        step = g.steps.get(node)
+        if step is None or step.kind == "shape":
+            continue
+        p = plans[node]
+        if p.win is None:
+            out = apply_rule(g, step, {d: full(d) for d in step.dep}, values, aux.get(node), dec._ops, m)
+            win = None
+        else:
+            win = p.win.part(s, e, dev)
+            want = (m, values[node].shape[1], win.h, win.w)
+            d0 = step.dep[0]
+            if p.conv is not None:
+                crop = p.crop.part(s, e, dev)
+                x_crop = gather_crop(base_rel[d0], rel[d0], wins[d0], crop)
+                weight, stride, dilation, groups = p.conv
+                _, bias, pre = aux[node]
+                entry = ((lambda t: F.conv2d(t, weight, None, stride, 0, dilation, groups)), bias,
+                         gather_crop(pre, None, None, win) if bias is not None else None)
+                out = apply_rule(g, step, {d0: x_crop}, values, entry, ops, m, want)
+            elif p.pool:
+                out = gather_pool(base_rel[d0], rel[d0], wins[d0], aux[node], win)
+            else:
+                crops = _Crops(values, g.dependent, win)
+                out = apply_rule(g, step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
+        rel[node], wins[node] = out, win
+        for d in step.dep:  # free what no later step reads
+            if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                rel.pop(d, None)
+                fulls.pop(d, None)
+    return full(g.result_node)
+
+
+def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | None = None,
+             max_fraction: float = WINDOW_MAX_FRACTION, max_cost_ratio: float = MAX_COST_RATIO,
+             stats: dict | None = None):
+    """``Decomposer.cd_delta``: CD of ``base_mask | delta_masks[j]`` via windowed propagation.
+
+    ``max_fraction``: a node whose window exceeds this fraction of its map is computed in full;
+    ``max_cost_ratio``: window only when the estimated cost is below this fraction of full
+    propagation (``float('inf')``: always). ``stats`` (a dict) receives ``windowed`` (bool)
+    and the estimated ``cost_ratio``.
+    """
+    from .engine import CDResult, default_memory_budget, _BYTES_PER_MASK_FACTOR
+    x = dec._check_input(x)
+    base = dec._check_masks(x, base_mask)
+    if base.shape[0] != 1:
+        raise ValueError(f"base_mask must be one mask, got {base.shape[0]}")
+    delta = dec._check_masks(x, delta_masks)
+    cand = torch.maximum(base, delta)
+    if dec.backend == "reference" or x.dim() != 4:
+        return dec.cd(x, cand, chunk_size=chunk_size)
+    values, aux = dec._total_pass(x)
+    win0 = input_windows(cand, base)
+    plans, (win_macs, full_macs), largest = plan(dec.graph, values, win0, max_fraction)
+    mcount = cand.shape[0]
+    ratio = (full_macs + mcount * win_macs) / max(mcount * full_macs, 1)
+    windowed = full_macs > 0 and ratio < max_cost_ratio
+    if stats is not None:
+        stats.update(windowed=windowed, cost_ratio=ratio)
+    if not windowed:
+        return dec.cd(x, cand, chunk_size=chunk_size)
+    out = values[dec.graph.result_node]
+    base_rel = dec._relevant_pass(base * x, values, aux, keep=True)
+    # the candidates' input windows: mask crop times image crop
+    dev = x.device
+    w_all = win0.part(0, mcount, dev)
+    ys = (w_all.oy[:, None] + torch.arange(win0.h, device=dev))[:, :, None]
+    xs = (w_all.ox[:, None] + torch.arange(win0.w, device=dev))[:, None, :]
+    flat = (ys * x.shape[3] + xs).reshape(mcount, 1, -1)
+    cflat = cand.reshape(mcount, cand.shape[1], -1)
+    mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
+        mcount, cand.shape[1], win0.h, win0.w)
+    r0_win = mask_win * gather_crop(x, None, None, w_all)
+    if chunk_size is None:
+        budget = dec.memory_budget or default_memory_budget(dev)
+        chunk_size = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
+    rel = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + chunk_size], win0,
+                                   s, min(s + chunk_size, mcount))
+                     for s in range(0, mcount, chunk_size)])
+    return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
