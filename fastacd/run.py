@@ -802,8 +802,9 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     ref = fastacd.Decomposer(model, backend="reference")
     t_fast = t_ref = 0.0
     diff = 0.0
+    n_cmp = min(n, 2)  # the reference is slow: time it on at most two digits
     with torch.no_grad():
-        for j in range(n):
+        for j in range(n_cmp):
             x = images[j:j + 1]
             t = time.perf_counter()
             a = fast.cd(x, tiles).relevant
@@ -812,13 +813,13 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
             b = ref.cd(x, tiles).relevant
             t_ref += time.perf_counter() - t
             diff = max(diff, float((a - b).abs().max()))
-    line = (f"CD of {grid * grid} tiles x {n} digits: {fast.backend} backend {t_fast:.3f} s, reference "
+    line = (f"CD of {grid * grid} tiles x {n_cmp} digit(s): {fast.backend} backend {t_fast:.3f} s, reference "
             f"{t_ref:.3f} s ({t_ref / t_fast:.1f}x faster), max |fast - reference| = {diff:.1e}")
     print(line)
     atomic_write_text(out / "summary.json", json.dumps(dict(
         test_accuracy=acc, hierarchies=summary, settings=dict(sweep_dim=sweep_dim,
         percentile_include=percentile_include, num_iters=num_iters),
-        speed=dict(tiles=grid * grid, digits=n, backend=fast.backend, fast_s=t_fast, reference_s=t_ref,
+        speed=dict(tiles=grid * grid, digits=n_cmp, backend=fast.backend, fast_s=t_fast, reference_s=t_ref,
                    speedup=t_ref / t_fast, max_abs_diff=diff)), indent=1) + "\n")
     print(f"wrote {n} hierarchies (figure + JSON) and summary.json to {out}/")
     return 0
