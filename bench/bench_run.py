@@ -14,7 +14,10 @@ Figures (bench/results/run.json), per model and process count:
 * ``wall_s``: the whole command (start-up, model build, every image, merge);
 * ``images_per_hour``: ``n / wall_s * 3600``;
 * ``per_image_s``: the manifest's per-image compute times (mean), and their sum;
+* ``per_image``: each image's compute time (the same images in every configuration);
 * ``speedup_vs_1proc``: images per hour over the 1-process figure of the same run.
+
+The machine is shared: ``load_avg_1min`` is recorded beside each figure.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ def one(arch: str, procs: int, data: Path, out: Path) -> dict:
     if len(times) != len(recs):
         raise RuntimeError(f"{arch} x{procs}: not every image finished: {recs}")
     return dict(wall_s=wall, images=len(recs), images_per_hour=len(recs) / wall * 3600,
-                per_image_s=sum(times) / len(times), per_image_sum_s=sum(times))
+                per_image_s=sum(times) / len(times), per_image_sum_s=sum(times),
+                per_image={r["image"]: r["time_s"] for r in recs})
 
 
 def main(argv=None) -> None:
