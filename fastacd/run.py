@@ -592,6 +592,9 @@ def label_settings(args, items: list[Item]) -> dict:
     if mode == "pred":
         return dict(mode="pred", index=None, classes=None)
     if mode == "folder":
+        if all("/" not in it.id for it in items) and len({it.folder for it in items}) == 1:
+            raise RunError(f"--label folder: every image is directly in {items[0].folder!r}; it needs "
+                           "one folder per class (root/class/img.png), or use --label pred or an index")
         if args.class_index is not None:
             classes = read_class_index(args.class_index)
         else:
@@ -631,11 +634,8 @@ def run(args) -> int:
     items, kind = collect_images(args.source)
     settings = run_settings(args, items)
     digest = settings_hash(settings)
-    out.mkdir(parents=True, exist_ok=True)
-    # every rank checks (all refuse together); rank 0 writes; other ranks write only a missing
-    # file (identical content, so the race between them is harmless)
-    check_settings_file(out, settings, digest, args.overwrite, args.source,
-                        write=dist.rank == 0 or not (out / SETTINGS_FILE).exists())
+    # every rank checks (all refuse together) before anything is loaded or written
+    check_settings_file(out, settings, digest, args.overwrite, args.source, write=False)
 
     import torch
     device = pick_device(args.device, dist)
@@ -653,6 +653,11 @@ def run(args) -> int:
             "(random-init unless the factory loads weights)")
     dtype = getattr(torch, args.dtype)
     model = model.to(device=device, dtype=dtype)
+    # the model loaded: record the settings. Rank 0 writes; other ranks write only a missing
+    # file (identical settings, so the race between them is harmless)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.rank == 0 or not (out / SETTINGS_FILE).exists():
+        check_settings_file(out, settings, digest, args.overwrite, args.source, write=True)
 
     from .api import decomposer_for
     from .hierarchy import display_image, hierarchy, Hierarchy

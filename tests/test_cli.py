@@ -233,7 +233,7 @@ def test_weights_only_loading(data, tmp_path, capsys):
     assert run_cli("run", src, "--out", tmp_path / "u", "--weights", whole, *COMMON) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "weights_only=True" in err and "--unsafe-load" in err
-    assert not (tmp_path / "u" / "hierarchies").exists()
+    assert not (tmp_path / "u").exists()  # refused before anything was written
     assert run_cli("run", src, "--out", tmp_path / "u", "--weights", whole, "--unsafe-load", *COMMON) == 0
     assert (tmp_path / "u" / "hierarchies" / "img1.png.json").read_text() == \
         (out / "hierarchies" / "img1.png.json").read_text()
@@ -269,6 +269,7 @@ def test_sources_and_class_index(data, tmp_path):
         assert read_class_index(str(tmp_path / f)) == {"cow": 0, "ant": 1}
     with pytest.raises(SystemExit):
         main(["run", str(data), "--out", str(tmp_path), "--label", "dog"])
+    assert run_cli("run", data / "ant", "--out", tmp_path / "flat", "--label", "folder", *COMMON) == 2
 
 
 def test_folder_labels_with_class_index_and_missing_class(data, tmp_path):
