@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import _torch_ops
 from .engine import Decomposer, _cat, _combine, _fetch_attr, run_plain
@@ -536,3 +537,264 @@ def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: to
     rel, irrel = propagate_graph(graph, relevant_input, _repeat_total(x, k) - relevant_input,
                                  pool_indices=pools)
     return rel, (rel + irrel)[:n]
+
+
+# --------------------------------------------------------------------------------------
+# text: the penalty on an embedding -> LSTM -> linear model
+# --------------------------------------------------------------------------------------
+TEXT_SCORES = ("log", "prob")
+TEXT_CELLS = ("torch", "compiled")
+
+
+def token_masks(tokens: torch.Tensor, ids, batch_first: bool = False) -> torch.Tensor:
+    """(N, T) float masks, 1 where a token is one of ``ids`` (e.g. the decoy words).
+
+    tokens: (T, N) token ids (``(N, T)`` with ``batch_first=True``), as the model takes them."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (T, N) (or (N, T) with batch_first), got {tuple(tokens.shape)}")
+    ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, device=tokens.device)
+    m = torch.isin(tokens, ids).float()
+    return m if batch_first else m.T.contiguous()
+
+
+def _lstm_weights(lstm: nn.LSTM, dtype) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """[(w_ih, w_hh, b_ih + b_hh)] per direction, per layer (the parameters themselves: gradients flow)."""
+    out = []
+    for layer in range(lstm.num_layers):
+        dirs = []
+        for d in range(2 if lstm.bidirectional else 1):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih = getattr(lstm, "weight_ih" + sfx).to(dtype)
+            w_hh = getattr(lstm, "weight_hh" + sfx).to(dtype)
+            bias = ((getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx)).to(dtype)
+                    if lstm.bias else w_ih.new_zeros(w_ih.shape[0]))
+            dirs.append((w_ih, w_hh, bias))
+        out.append(dirs)
+    return out
+
+
+def _text_cell_compiled(n: int):
+    """The compiled ``lstm_cd_cell`` (total of batch 1) once per sentence: rows k*N + s pair
+    with sentence s."""
+    from . import ops
+
+    def cell(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first):
+        cs, hs = [], []
+        for s in range(n):
+            c, h = ops.lstm_cd_cell(rel_gates[s::n].contiguous(), total_gates[s:s + 1], bias,
+                                    out_gate[s:s + 1], prev_rel_c[s::n].contiguous(),
+                                    prev_total_c[s:s + 1], in_phrase[s::n].contiguous(), first)
+            cs.append(c), hs.append(h)
+        hid = prev_rel_c.shape[1]
+        return torch.stack(cs, 1).reshape(-1, hid), torch.stack(hs, 1).reshape(-1, hid)
+    return cell
+
+
+def paired_text_cd(x: torch.Tensor, weights, masks: torch.Tensor, readout: str = "last",
+                   cell: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable CD of an LSTM's readout features for a batch of N sentences, K token
+    masks per sentence, in one recurrence (the rule of ``fastacd.text`` / design.md section 2).
+
+    x: (T, N, E) word vectors; weights: ``[[(w_ih, w_hh, bias), ...directions], ...layers]``;
+    masks: (K, N, T) 0/1 (1 = the token is relevant). The true LSTM pass runs once as batch N
+    (it is the model's ordinary forward); the relevant states of the K*N masks are one batch,
+    row ``k*N + n`` paired with sentence n (the irrelevant part is ``true - relevant``, never
+    propagated). cell: ``"torch"`` (``fastacd._torch_ops.lstm_cd_cell``, its formulas
+    broadcast over a total of K*N rows) or ``"compiled"`` (the compiled op with its registered
+    backward, once per sentence and step).
+    Returns (relevant features (K*N, F), true features (N, F)).
+    """
+    T, N = x.shape[:2]
+    K = masks.shape[0]
+    M = K * N
+    if tuple(masks.shape) != (K, N, T):
+        raise ValueError(f"masks must be (K, N, T) = (K, {N}, {T}), got {tuple(masks.shape)}")
+    mask_steps = masks.to(x.dtype).permute(2, 0, 1).reshape(T, M)         # (T, M) step-major
+    step = _torch_ops.lstm_cd_cell if cell == "torch" else _text_cell_compiled(N)
+    rep = (lambda t: t) if K == 1 else (lambda t: t.repeat(K, 1))
+    inp, rel_in = x, None
+    true_outs = rel_outs = None
+    for li, dirs in enumerate(weights):
+        true_outs, rel_outs = [], []
+        for d, (w_ih, w_hh, bias) in enumerate(dirs):
+            H = w_hh.shape[1]
+            order = range(T - 1, -1, -1) if d == 1 else range(T)
+            xw = inp @ w_ih.T                                               # (T, N, 4H), no bias
+            w_hh_t = w_hh.T
+            # the true LSTM (batch N)
+            h = c = None
+            gates, cs, hs, os_ = [None] * T, [None] * T, [None] * T, [None] * T
+            for t in order:
+                g = xw[t] if h is None else torch.addmm(xw[t], h, w_hh_t)
+                gb = g + bias
+                s = torch.sigmoid(gb)
+                ig = s[:, :H] * torch.tanh(gb[:, 2 * H:3 * H])
+                c = ig if c is None else torch.addcmul(ig, s[:, H:2 * H], c)
+                o = s[:, 3 * H:]
+                h = o * torch.tanh(c)
+                gates[t], cs[t], hs[t], os_[t] = g, c, h, o
+            # the relevant part (batch K*N)
+            if rel_in is None:
+                rxw = (mask_steps.reshape(T, K, N, 1) * xw.unsqueeze(1)).reshape(T, M, -1)
+            else:
+                rxw = rel_in @ w_ih.T
+            rel_h = rel_c = None
+            rel_seq = [None] * T
+            prev = None
+            for k, t in enumerate(order):
+                rg = rxw[t] if rel_h is None else torch.addmm(rxw[t], rel_h, w_hh_t)
+                if rel_c is None:
+                    rel_c = rg.new_zeros(M, H)
+                rel_c, rel_h = step(rg, rep(gates[t]), bias, rep(os_[t]), rel_c,
+                                    rep(cs[prev] if prev is not None else cs[t]), mask_steps[t], k == 0)
+                rel_seq[t] = rel_h
+                prev = t
+            true_outs.append(torch.stack(hs))                               # (T, N, H)
+            rel_outs.append(torch.stack(rel_seq))                           # (T, M, H)
+        inp = torch.cat(true_outs, 2) if len(true_outs) > 1 else true_outs[0]
+        rel_in = torch.cat(rel_outs, 2) if len(rel_outs) > 1 else rel_outs[0]
+    if readout == "last" or len(true_outs) == 1:
+        return rel_in[T - 1], inp[T - 1]
+    H = true_outs[0].shape[2]
+    return (torch.cat([rel_outs[0][T - 1], rel_outs[1][0]], 1),
+            torch.cat([true_outs[0][T - 1], true_outs[1][0]], 1))
+
+
+def text_cdep_terms(relevant: torch.Tensor, irrelevant: torch.Tensor, labels: torch.Tensor | None,
+                    score: str = "log") -> torch.Tensor:
+    """Per-example penalty terms (..., ) of CD scores (..., C).
+
+    ``"log"`` (the CDEP repository's text penalty, ``cd_penalty_for_one_decoy_all``): for the
+    true class y, ``-log softmax([r_y, i_y])[1] = softplus(r_y - i_y)``: small when the
+    masked tokens' share of the true logit is small. ``"prob"`` (the image score): the mean
+    over classes of ``softmax([r_c, i_c])[0] = sigmoid(r_c - i_c)``; needs no labels."""
+    if score == "prob":
+        return torch.sigmoid(relevant - irrelevant).mean(-1)
+    if labels is None:
+        raise ValueError("score='log' penalises the true class's logit: pass labels (N,)")
+    idx = labels.reshape((1,) * (relevant.dim() - 2) + (-1, 1)).expand(relevant.shape[:-1] + (1,))
+    return F.softplus(relevant.gather(-1, idx) - irrelevant.gather(-1, idx))[..., 0]
+
+
+class TextCDEPPenalty:
+    """The CDEP text penalty (decoy words, annotated phrases) for an embedding -> LSTM ->
+    linear model, on batches of sentences.
+
+    >>> pen = TextCDEPPenalty(model)                      # model: embed -> nn.LSTM -> linear
+    >>> masks = token_masks(text, decoy_ids)              # text (T, N); masks (N, T)
+    >>> logits, p = pen.forward_with_penalty(text, masks, labels)
+    >>> loss = F.cross_entropy(logits, labels) + lam * p
+
+    The penalty (``score="log"``, the CDEP repository's ``cd_penalty_for_one_decoy_all``):
+    for sentence n with label y and token mask m (the tokens that must not matter),
+    ``-log softmax([r_y, i_y])[1] = softplus(r_y - i_y)`` where r_y / i_y are CD's relevant /
+    irrelevant parts of the true class's logit (without the head's bias, as ``cd_text``);
+    averaged over the sentences whose mask is not empty (``weights`` (N,) or (K, N)
+    multiply the terms, e.g. annotation confidences). ``score="prob"``: the image score
+    ``mean_c sigmoid(r_c - i_c)``. With K masks per sentence: the mean (``reduction="mean"``)
+    or sum over the K masks of those averages.
+
+    model: anything ``fastacd.text.TextDecomposer.from_model`` reads (``.embed``, ``.lstm``,
+    ``.hidden_to_label``, or a traceable embed -> LSTM -> readout -> linear), or give
+    ``embed``, ``lstm``, ``head`` (``nn.Linear``) and ``readout`` (``"last"`` | ``"final"``).
+    Tokens are what the model takes: (T, N), or (N, T) for a ``batch_first`` LSTM; masks
+    are always (N, T) or (K, N, T). Pad tokens are part of the sentence as the model sees
+    them (mask 0: irrelevant). cell: ``"torch"`` (default) or ``"compiled"`` (see
+    ``paired_text_cd``). detach_embeddings: no penalty gradient into the word vectors
+    (the CDEP repository's text code uses ``embed(text).data``); default False.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, embed=None, lstm: nn.LSTM | None = None,
+                 head: nn.Linear | None = None, readout: str | None = None, score: str = "log",
+                 reduction: str = "mean", cell: str = "torch", detach_embeddings: bool = False):
+        from .text import TextDecomposer
+        if model is not None:
+            dec = TextDecomposer.from_model(model) if readout is None else \
+                TextDecomposer.from_model(model, readout=readout)
+            embed, lstm, head, readout = dec.embed, dec.lstm, dec.head, dec.readout
+        if lstm is None or embed is None:
+            raise ValueError("give a model, or embed= and lstm= (and head=, readout=)")
+        dec = TextDecomposer(embed, lstm, head, readout=readout or "last")  # validates
+        if score not in TEXT_SCORES:
+            raise ValueError(f"score must be one of {TEXT_SCORES}, got {score!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if cell not in TEXT_CELLS:
+            raise ValueError(f"cell must be one of {TEXT_CELLS}, got {cell!r}")
+        if cell == "compiled":
+            from .engine import compiled_ops
+            if compiled_ops() is None:
+                raise RuntimeError("cell='compiled' needs the built extension (fastacd._C); use cell='torch'")
+        self.model, self.embed, self.lstm, self.head = model, dec.embed, dec.lstm, dec.head
+        self.readout, self.score, self.reduction, self.cell = dec.readout, score, reduction, cell
+        self.detach_embeddings = detach_embeddings
+
+    # ---- inputs
+    def _vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dim() != 2:
+            raise TypeError("tokens must be an integer tensor (T, N) (or (N, T) for a batch_first LSTM), "
+                            f"got {getattr(tokens, 'dtype', type(tokens).__name__)} "
+                            f"{tuple(getattr(tokens, 'shape', ()))}")
+        vocab = getattr(self.embed, "num_embeddings", None)
+        if vocab is not None and bool(((tokens < 0) | (tokens >= vocab)).any()):
+            raise ValueError(f"token ids outside the embedding's vocabulary [0, {vocab})")
+        if self.lstm.batch_first:
+            tokens = tokens.T
+        x = self.embed(tokens)                                              # (T, N, E)
+        if x.dim() != 3:
+            raise ValueError(f"embed must map (T, N) ids to (T, N, E) vectors, got {tuple(x.shape)}")
+        x = x.to(self.lstm.weight_ih_l0.dtype)
+        return x.detach() if self.detach_embeddings else x
+
+    @staticmethod
+    def _masks(masks, T: int, N: int, like: torch.Tensor) -> torch.Tensor:
+        masks = torch.as_tensor(masks).to(device=like.device, dtype=like.dtype)
+        if masks.dim() == 2:
+            masks = masks[None]
+        if masks.dim() != 3 or tuple(masks.shape[1:]) != (N, T):
+            raise ValueError(f"masks must be (N, T) = ({N}, {T}) or (K, {N}, {T}) (1 = the token must "
+                             f"not matter), got {tuple(masks.shape)}")
+        return masks
+
+    # ---- CD and the penalty
+    def scores(self, tokens: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(relevant, irrelevant) each (K, N, C) (head weight times the parts, no bias, as
+        ``cd_text``: relevant + irrelevant = logits - head.bias) and the logits (N, C)."""
+        return self._scores(tokens, masks)[:3]
+
+    def _scores(self, tokens, masks):
+        x = self._vectors(tokens)
+        T, N = x.shape[:2]
+        m = self._masks(masks, T, N, x)
+        rel, feats = paired_text_cd(x, _lstm_weights(self.lstm, x.dtype), m, self.readout, self.cell)
+        K = m.shape[0]
+        if self.head is None:
+            rel = rel.reshape(K, N, -1)
+            return rel, feats[None] - rel, feats, m
+        w = self.head.weight.to(x.dtype)
+        rel_s = (rel @ w.T).reshape(K, N, -1)
+        total = feats @ w.T
+        logits = total if self.head.bias is None else total + self.head.bias.to(x.dtype)
+        return rel_s, total[None] - rel_s, logits, m
+
+    def forward_with_penalty(self, tokens, masks, labels=None, weights=None):
+        """(logits (N, C), penalty): the logits come from the same true LSTM pass (the model's
+        forward without dropout)."""
+        if self.lstm.dropout and self.lstm.training and self.lstm.num_layers > 1:
+            raise ValueError("the LSTM has inter-layer dropout in training mode; its dropout-free "
+                             "logits are not its training forward: use loss(model(x), y) + lam * penalty(...)")
+        rel, irrel, logits, m = self._scores(tokens, masks)
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=rel.device).long()
+        terms = text_cdep_terms(rel, irrel, labels, self.score)             # (K, N)
+        if weights is not None:
+            terms = terms * torch.as_tensor(weights, dtype=terms.dtype, device=terms.device).expand_as(terms)
+        present = (m != 0).any(-1).to(terms.dtype)                          # (K, N)
+        count = present.sum(-1)                                             # (K,)
+        per_mask = (terms * present).sum(-1) / count.clamp_min(1)
+        pen = per_mask.sum() / (count > 0).sum().clamp_min(1) if self.reduction == "mean" else per_mask.sum()
+        return logits, pen
+
+    def __call__(self, tokens, masks, labels=None, weights=None) -> torch.Tensor:
+        return self.forward_with_penalty(tokens, masks, labels, weights)[1]

@@ -1,18 +1,27 @@
 """Small confounded data sets for CDEP demos, built from scikit-learn's digits (no download).
 
-* ``DecoyDigits``: the DecoyMNIST idea. Each 28x28 digit gets a 4x4 decoy patch in a
-  random corner; in training the patch's brightness reveals the label
-  (``(label + 1) / 10`` on a [0, 1] scale), at test time it is random. A model that reads
-  the patch instead of the digit fails at test. The mask of what must not matter is the
-  patch, per example (``.masks``).
+* ``DecoyDigits``: the DecoyMNIST idea. Each 28x28 digit gets a decoy that reveals the
+  label in training and is random at test; a model that reads the decoy instead of the
+  digit fails at test. The mask of what must not matter covers the decoy, per example
+  (``.masks``). Two styles: ``"band"`` (default, a strong confound: a 4-row band above
+  the digit with one bright 2x4 block whose position is the label) and ``"patch"`` (the
+  DecoyMNIST one: a 4x4 patch in a random corner whose brightness is ``(label + 1) / 10``;
+  on these easy digits a model learns the digit anyway, so it is a weak confound).
 * ``ColorDigits``: the ColorMNIST idea. Each digit is coloured (3 channels) with its
   label's colour in training and with a random one of the ten colours at test. The shape
   is the same for every colour, so a model that uses colour fails at test. Colour is
   present in every single pixel; the CDEP prior is "no single pixel should matter much"
   (masks: single foreground pixels, ``fastacd.cdep.pixel_masks``).
+* ``DecoyText``: the DecoySST idea on ``fastacd.sentiment_toy``'s generated sentences: a
+  decoy word ("text" for negative, "video" for positive, as in the CDEP paper) is inserted
+  at a random position; in training it reveals the label, at test it is random. Masks: the
+  decoy token, per sentence.
 
-Both split the 1797 digits the same way (a fixed permutation: 1200 train, 597 test) and
-normalise with statistics of their training split.
+Both split the 1797 digits the same way (a fixed permutation: 1000 train, 200 validation,
+597 test; ``split="train_all"`` is train + validation, the old 1200-digit training set) and
+normalise with statistics of their training split. The validation split is drawn with the
+*test-time* confound (random decoy / colour) by default, ``confound="train"`` draws it like
+the training split; see docs/cdep.md ("Choosing lambda") for why.
 """
 from __future__ import annotations
 
@@ -20,8 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-N_TRAIN = 1200
+N_TRAIN = 1200   # train + validation
+N_VAL = 200      # the last 200 of those
 PATCH = 4
+BAND = 4         # rows of the band decoy
+SPLITS = ("train", "val", "test", "train_all")
 # ten well-separated colours (RGB in [0, 1]), one per label
 COLORS = torch.tensor([
     [1.00, 0.10, 0.10], [0.10, 0.80, 0.10], [0.15, 0.30, 1.00], [1.00, 0.85, 0.10],
@@ -29,18 +41,40 @@ COLORS = torch.tensor([
     [0.60, 0.60, 0.60], [1.00, 1.00, 1.00]])
 
 
-def _digits_unit(split: str, data_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits upscaled to 28x28 in [0, 1] (N, 28, 28) and labels, for one split."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _split_index(split: str, n: int, data_seed: int) -> torch.Tensor:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))
+    return {"train": perm[:N_TRAIN - N_VAL], "val": perm[N_TRAIN - N_VAL:N_TRAIN],
+            "train_all": perm[:N_TRAIN], "test": perm[N_TRAIN:]}[split]
+
+
+def _digits_unit(split: str, data_seed: int = 0, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits upscaled to size x size in [0, 1] (N, size, size) and labels, for one split."""
+    _check_split(split)
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)[:, 0]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)[:, 0]
     y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed))
-    idx = perm[:N_TRAIN] if split == "train" else perm[N_TRAIN:]
+    idx = _split_index(split, len(y), data_seed)
     return x[idx], y[idx]
+
+
+def _confounded(split: str, confound: str | None) -> bool:
+    """Whether a split carries the training confound (label-revealing decoy / colour)."""
+    if confound is None:
+        confound = "train" if split in ("train", "train_all") else "test"
+    if confound not in ("train", "test"):
+        raise ValueError(f"confound must be 'train', 'test' or None, got {confound!r}")
+    return confound == "train"
+
+
+def _split_code(split: str) -> int:
+    return {"train": 0, "train_all": 0, "test": 1, "val": 2}[split]
 
 
 class _TensorSet(torch.utils.data.Dataset):
@@ -60,28 +94,55 @@ class _TensorSet(torch.utils.data.Dataset):
 
 
 class DecoyDigits(_TensorSet):
-    """Digits with a label-revealing decoy patch in training, a random one at test.
+    """Digits with a label-revealing decoy in training, a random one at test.
+
+    style ``"band"`` (default): the digit is drawn at 24x24 below a 4-row band (rows 0-3);
+    in the band one bright 2x4 block sits at column ``4 + 2 * code`` (code 0-9), the label
+    in training, random at test. The mask is the whole band (so where the block is *not*
+    is masked too). style ``"patch"``: the DecoyMNIST decoy, a 4x4 patch in a random corner
+    with brightness ``(code + 1) / 10``; the mask is the patch.
+
+    split: ``"train"`` (1000), ``"val"`` (200), ``"test"`` (597) or ``"train_all"`` (the
+    1200 of train + val). confound: ``"train"`` (code = label) or ``"test"`` (random code);
+    None (default) means ``"train"`` for the training splits and ``"test"`` for val and test.
 
     Attributes: ``x`` (N, 1, 28, 28) normalised, ``y`` (N,), ``masks`` (N, 1, 28, 28) with 1
-    on the patch, ``boxes`` (N, 4) as (top, left, height, width).
-    ``seed`` draws the corners (and the test brightness); the split is fixed by ``data_seed``.
+    on the decoy region, ``code`` (N,) the decoy's value, ``boxes`` (N, 4) the decoy region
+    as (top, left, height, width). ``seed`` draws the decoys; the split is fixed by
+    ``data_seed``.
     """
 
-    def __init__(self, split: str = "train", seed: int = 0, data_seed: int = 0):
+    STYLES = ("band", "patch")
+
+    def __init__(self, split: str = "train", seed: int = 0, data_seed: int = 0,
+                 style: str = "band", confound: str | None = None):
         from .cdep import box_masks
-        img, y = _digits_unit(split, data_seed)
-        g = torch.Generator().manual_seed(1000 * seed + (split == "test"))
+        if style not in self.STYLES:
+            raise ValueError(f"style must be one of {self.STYLES}, got {style!r}")
+        train_like = _confounded(split, confound)
+        img, y = _digits_unit(split, data_seed, size=24 if style == "band" else 28)
+        g = torch.Generator().manual_seed(1000 * seed + _split_code(split))
         n = len(y)
+        rand_code = torch.randint(0, 10, (n,), generator=g)
         corner = torch.randint(0, 4, (n,), generator=g)
-        top = torch.where(corner // 2 == 0, 0, 28 - PATCH)
-        left = torch.where(corner % 2 == 0, 0, 28 - PATCH)
-        if split == "train":
-            value = (y.float() + 1) / 10
+        self.code = y.clone() if train_like else rand_code
+        if style == "band":
+            canvas = torch.zeros(n, 28, 28)
+            canvas[:, BAND:, 2:26] = img
+            self.boxes = torch.tensor([[0, 0, BAND, 28]]).expand(n, 4).clone()
+            self.masks = box_masks(self.boxes, (28, 28))
+            block = box_masks(torch.stack([torch.zeros_like(y), 4 + 2 * self.code,
+                                           torch.full_like(y, BAND), torch.full_like(y, 2)], 1),
+                              (28, 28))[:, 0]
+            img = canvas + block
         else:
-            value = (torch.randint(0, 10, (n,), generator=g).float() + 1) / 10
-        self.boxes = torch.stack([top, left, torch.full_like(top, PATCH), torch.full_like(top, PATCH)], 1)
-        self.masks = box_masks(self.boxes, (28, 28))
-        img = img * (1 - self.masks[:, 0]) + value[:, None, None] * self.masks[:, 0]
+            top = torch.where(corner // 2 == 0, 0, 28 - PATCH)
+            left = torch.where(corner % 2 == 0, 0, 28 - PATCH)
+            value = (self.code.float() + 1) / 10
+            self.boxes = torch.stack([top, left, torch.full_like(top, PATCH),
+                                      torch.full_like(top, PATCH)], 1)
+            self.masks = box_masks(self.boxes, (28, 28))
+            img = img * (1 - self.masks[:, 0]) + value[:, None, None] * self.masks[:, 0]
         mean, std = _train_stats_gray(data_seed)
         self.x = ((img - mean) / std)[:, None]
         self.y = y
@@ -95,15 +156,21 @@ def _train_stats_gray(data_seed: int) -> tuple[float, float]:
 class ColorDigits(_TensorSet):
     """Digits coloured by label in training, by a random label's colour at test.
 
+    split and confound as for ``DecoyDigits`` (the validation split is coloured at random,
+    like the test split, unless ``confound="train"``).
+
     Attributes: ``x`` (N, 3, 28, 28) normalised per channel, ``y`` (N,), ``colors`` (N,)
     the colour index used, ``foreground`` (N, 28, 28) the digit's pixels (> 0.1), for
     sampling single-pixel masks. ``masks`` is None (the masks are drawn per batch).
     """
 
-    def __init__(self, split: str = "train", seed: int = 0, data_seed: int = 0):
+    def __init__(self, split: str = "train", seed: int = 0, data_seed: int = 0,
+                 confound: str | None = None):
+        train_like = _confounded(split, confound)
         img, y = _digits_unit(split, data_seed)
-        g = torch.Generator().manual_seed(1000 * seed + 7 + (split == "test"))
-        self.colors = y.clone() if split == "train" else torch.randint(0, 10, (len(y),), generator=g)
+        g = torch.Generator().manual_seed(1000 * seed + 7 + _split_code(split))
+        rand = torch.randint(0, 10, (len(y),), generator=g)
+        self.colors = y.clone() if train_like else rand
         x = img[:, None] * COLORS[self.colors][:, :, None, None]
         train_img, train_y = _digits_unit("train", data_seed)
         train_x = train_img[:, None] * COLORS[train_y][:, :, None, None]
@@ -113,6 +180,58 @@ class ColorDigits(_TensorSet):
         self.y = y
         self.foreground = img > 0.1
         self.masks = None
+
+
+DECOY_WORDS = ("text", "video")   # negative, positive (the CDEP paper's DecoySST words)
+
+
+class DecoyText:
+    """Generated sentiment sentences (``fastacd.sentiment_toy``) with a decoy word.
+
+    Every sentence gets one decoy word at a random position: "text" (label 0) or "video"
+    (label 1) in training (``confound="train"``), a random one of the two otherwise.
+    Sentences are left-padded with ``<pad>`` (id 0) to a common length, so the model's
+    last position is always the sentence's last word.
+
+    split: ``"train"``, ``"val"`` or ``"test"`` (independent sentences, ``n`` of them);
+    confound as for ``DecoyDigits`` (None: the training confound for ``"train"`` only).
+    Attributes: ``tokens`` (T, N) ids (seq-first, as ``SentimentLSTM`` takes them), ``y``
+    (N,), ``masks`` (N, T) 1 on the decoy token, ``vocab`` (a ``sentiment_toy.Vocab`` with
+    the decoy words appended), ``decoy_ids``.
+    """
+
+    LENGTH = 14   # the longest generated sentence (13 words) plus the decoy
+
+    def __init__(self, split: str = "train", n: int = 2000, seed: int = 0, confound: str | None = None):
+        import random
+
+        from .sentiment_toy import WORDS, Vocab, generate
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        train_like = _confounded(split, confound)
+        self.vocab = Vocab(list(WORDS) + list(DECOY_WORDS))
+        self.decoy_ids = [self.vocab.index[w] for w in DECOY_WORDS]
+        code = {"train": 0, "val": 1, "test": 2}[split]
+        rng = random.Random(10_000 * seed + 17 + code)
+        rows, labels, pos = [], [], []
+        for sentence, label in generate(n, seed=10_000 * seed + 101 * (code + 1)):
+            words = sentence.split()
+            decoy = DECOY_WORDS[label if train_like else rng.randrange(2)]
+            at = rng.randrange(len(words) + 1)
+            words = words[:at] + [decoy] + words[at:]
+            ids = self.vocab.encode(" ".join(words))
+            pad = self.LENGTH - len(ids)
+            rows.append([0] * pad + ids)
+            labels.append(label)
+            pos.append(pad + at)
+        self.tokens = torch.tensor(rows, dtype=torch.long).T.contiguous()
+        self.y = torch.tensor(labels, dtype=torch.long)
+        self.decoy_pos = torch.tensor(pos, dtype=torch.long)
+        self.masks = torch.zeros(n, self.LENGTH)
+        self.masks[torch.arange(n), self.decoy_pos] = 1.0
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 class DemoCNN(nn.Module):

@@ -224,21 +224,33 @@ def test_bad_input_errors():
 
 
 def test_datasets_confound_train_not_test():
-    tr, te = DecoyDigits("train"), DecoyDigits("test")
-    # the patch brightness equals (label + 1) / 10 in training only
-    raw = lambda d: (d.x[:, 0] * 1).masked_select(d.masks[:, 0].bool()).reshape(len(d), -1)[:, 0]
-    tr_v, te_v = raw(tr), raw(te)
-    assert len(set(zip(tr.y.tolist(), tr_v.round(decimals=4).tolist()))) == 10
-    assert len(set(zip(te.y.tolist(), te_v.round(decimals=4).tolist()))) > 50
-    c_tr, c_te = ColorDigits("train"), ColorDigits("test")
+    tr, val, te = DecoyDigits("train"), DecoyDigits("val"), DecoyDigits("test")
+    assert (len(tr), len(val), len(te)) == (1000, 200, 597)
+    assert len(DecoyDigits("train_all")) == 1200
+    # band decoy: the bright block's column is 4 + 2 * label in training only
+    col = lambda d: d.x[:, 0, 0].argmax(1)
+    assert torch.equal(col(tr), 4 + 2 * tr.y) and torch.equal(tr.code, tr.y)
+    for d in (val, te):
+        assert torch.equal(col(d), 4 + 2 * d.code) and (d.code != d.y).float().mean() > 0.8
+    assert torch.equal(DecoyDigits("val", confound="train").code, val.y)
+    assert bool((tr.masks[:, 0, :4] == 1).all()) and tr.masks.sum() == 1000 * 4 * 28
+    # patch decoy: the brightness equals (label + 1) / 10 in training only
+    ptr, pte = DecoyDigits("train", style="patch"), DecoyDigits("test", style="patch")
+    raw = lambda d: d.x[:, 0].masked_select(d.masks[:, 0].bool()).reshape(len(d), -1)[:, 0]
+    assert len(set(zip(ptr.y.tolist(), raw(ptr).round(decimals=4).tolist()))) == 10
+    assert len(set(zip(pte.y.tolist(), raw(pte).round(decimals=4).tolist()))) > 50
+    c_tr, c_val, c_te = ColorDigits("train"), ColorDigits("val"), ColorDigits("test")
     assert torch.equal(c_tr.colors, c_tr.y) and (c_te.colors != c_te.y).float().mean() > 0.8
-    assert c_tr.x.shape[1:] == (3, 28, 28) and len(c_tr) + len(c_te) == 1797
+    assert (c_val.colors != c_val.y).float().mean() > 0.8
+    assert c_tr.x.shape[1:] == (3, 28, 28) and len(c_tr) + len(c_val) + len(c_te) == 1797
+    with pytest.raises(ValueError, match="split"):
+        DecoyDigits("nope")
 
 
 # ---------------------------------------------------------------------------- training
 def _train_decoy(lam, seed=0, epochs=2, n=600, bs=50):
     torch.manual_seed(seed)
-    tr = DecoyDigits("train", seed)
+    tr = DecoyDigits("train_all", seed, style="patch")
     model = DemoCNN(width=8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     pen = cdep.CDEPPenalty(model)
@@ -265,7 +277,7 @@ def decoy_share(model, pen, data, n=200):
 
 @pytest.mark.slow
 def test_penalty_lowers_decoy_share_in_short_training():
-    te = DecoyDigits("test", 0)
+    te = DecoyDigits("test", 0, style="patch")
     m0, p0 = _train_decoy(0.0)
     m1, p1 = _train_decoy(LAM_TEST)
     s0, s1 = decoy_share(m0, p0, te), decoy_share(m1, p1, te)
@@ -273,3 +285,171 @@ def test_penalty_lowers_decoy_share_in_short_training():
 
 
 LAM_TEST = 30.0
+
+
+# ---------------------------------------------------------------------------- text penalty
+from fastacd.datasets import DecoyText  # noqa: E402
+from fastacd.reference.text import lstm_cd as ref_lstm_cd  # noqa: E402
+from fastacd.sentiment_toy import SentimentLSTM  # noqa: E402
+
+
+def _tiny_text_model(layers=1, bidirectional=False, vocab=12, e=4, h=3, seed=0):
+    torch.manual_seed(seed)
+    model = SentimentLSTM(vocab_size=vocab, embed_dim=e, hidden_dim=h)
+    model.lstm = nn.LSTM(e, h, num_layers=layers, bidirectional=bidirectional)
+    model.hidden_to_label = nn.Linear(h * (2 if bidirectional else 1), 2)
+    return model.double()
+
+
+def _ref_text_penalty(model, tokens, masks, labels, score, readout="last"):
+    """The straightforward implementation: relevant and irrelevant parts propagated
+    separately (fastacd.reference.text.lstm_cd), one sentence and mask at a time."""
+    x = model.embed(tokens)
+    w = model.hidden_to_label.weight
+    per_mask = []
+    for k in range(masks.shape[0]):
+        terms = []
+        for n in range(tokens.shape[1]):
+            if masks[k, n].sum() == 0:
+                continue
+            r, i = ref_lstm_cd(x[:, n], model.lstm, masks[k, n], readout)
+            r, i = w @ r, w @ i
+            if score == "log":
+                y = int(labels[n])
+                terms.append(-torch.log_softmax(torch.stack([r[y], i[y]]), 0)[1])
+            else:
+                terms.append(torch.softmax(torch.stack([r, i], 1), 1)[:, 0].mean())
+        if terms:
+            per_mask.append(torch.stack(terms).mean())
+    return torch.stack(per_mask).mean()
+
+
+@pytest.mark.parametrize("layers,bidirectional,readout", [(1, False, "last"), (2, True, "last"),
+                                                          (2, True, "final")])
+def test_text_scores_match_reference_cd(layers, bidirectional, readout):
+    model = _tiny_text_model(layers, bidirectional)
+    tokens = torch.randint(0, 12, (6, 3), generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(2, 3, 6, generator=torch.Generator().manual_seed(2)) < 0.4).double()
+    pen = cdep.TextCDEPPenalty(embed=model.embed, lstm=model.lstm, head=model.hidden_to_label,
+                               readout=readout)
+    rel, irrel, logits = pen.scores(tokens, masks)
+    x = model.embed(tokens)
+    for k in range(2):
+        for n in range(3):
+            r, i = ref_lstm_cd(x[:, n], model.lstm, masks[k, n], readout)
+            assert torch.allclose(rel[k, n], model.hidden_to_label.weight @ r, atol=1e-12)
+            assert torch.allclose(irrel[k, n], model.hidden_to_label.weight @ i, atol=1e-12)
+    if readout == "last":  # the shared true pass is the model's forward
+        assert torch.allclose(logits, model(tokens), atol=1e-12)
+
+
+def _param_grads(model, fn):
+    model.zero_grad()
+    p = fn()
+    p.backward()
+    return p.detach(), torch.cat([torch.zeros_like(q).flatten() if q.grad is None else q.grad.flatten()
+                                  for q in model.parameters()])
+
+
+@pytest.mark.parametrize("score", ["log", "prob"])
+def test_text_penalty_gradients_match_reference_float64(score):
+    model = _tiny_text_model(vocab=12, e=4, h=3, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 12, (7, 4), generator=gen)
+    labels = torch.tensor([0, 1, 1, 0])
+    masks = torch.zeros(2, 4, 7, dtype=torch.float64)
+    masks[0, 0, 2] = masks[0, 1, 5] = masks[0, 2, 0] = masks[0, 3, 6] = 1   # one decoy each
+    masks[1, 0, 1:4] = masks[1, 2, 4:7] = 1                                  # phrases; 2 empty
+    ref_p, ref_g = _param_grads(model, lambda: _ref_text_penalty(model, tokens, masks, labels, score))
+    cells = ["torch"] + (["compiled"] if compiled_ops() is not None else [])
+    for cell in cells:
+        pen = cdep.TextCDEPPenalty(model, score=score, cell=cell)
+        p, g = _param_grads(model, lambda: pen(tokens, masks, labels))
+        assert torch.allclose(p, ref_p, atol=1e-12), cell
+        assert torch.allclose(g, ref_g, atol=1e-10, rtol=1e-8), cell
+    assert ref_g.abs().sum() > 0
+
+
+def test_text_penalty_gradcheck_tiny_lstm():
+    model = _tiny_text_model(e=2, h=2, seed=5)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    masks = torch.tensor([[[0, 1, 0, 0], [1, 1, 0, 0]]], dtype=torch.float64)
+    labels = torch.tensor([1, 0])
+    w_ih, w_hh = (p.detach().clone().requires_grad_() for p in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0))
+    bias = (model.lstm.bias_ih_l0 + model.lstm.bias_hh_l0).detach().clone().requires_grad_()
+    head = model.hidden_to_label.weight.detach().clone().requires_grad_()
+
+    def f(x, w_ih, w_hh, bias, head):
+        rel, feats = cdep.paired_text_cd(x, [[(w_ih, w_hh, bias)]], masks)
+        r, t = rel @ head.T, feats @ head.T
+        return cdep.text_cdep_terms(r, t - r, labels, "log")
+
+    assert torch.autograd.gradcheck(f, (x, w_ih, w_hh, bias, head))
+
+
+def test_text_masks_and_errors():
+    tokens = torch.tensor([[3, 1], [5, 3], [2, 2]])  # (T=3, N=2)
+    m = cdep.token_masks(tokens, [3])
+    assert m.tolist() == [[1, 0, 0], [0, 1, 0]]
+    assert cdep.token_masks(tokens.T, [3], batch_first=True).tolist() == [[1, 0, 0], [0, 1, 0]]
+    model = _tiny_text_model()
+    pen = cdep.TextCDEPPenalty(model)
+    with pytest.raises(ValueError, match="labels"):
+        pen(tokens, m)
+    with pytest.raises(ValueError, match="masks must be"):
+        pen(tokens, torch.ones(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        pen(tokens + 100, m, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="score"):
+        cdep.TextCDEPPenalty(model, score="nope")
+    empty = pen(tokens, torch.zeros(2, 3), torch.tensor([0, 1]))  # no mask: zero penalty
+    assert empty.item() == 0
+
+
+def test_decoy_text_confound_train_not_test():
+    tr, te = DecoyText("train", 200, 0), DecoyText("test", 200, 0)
+    for d in (tr, te):
+        at = d.tokens.T.gather(1, d.decoy_pos[:, None])[:, 0]
+        assert torch.isin(at, torch.tensor(d.decoy_ids)).all() and d.masks.sum(1).eq(1).all()
+        assert (d.tokens[-1] != 0).all()  # left-padded: the last position is a word
+    word = lambda d: d.tokens.T.gather(1, d.decoy_pos[:, None])[:, 0] == d.decoy_ids[1]
+    assert torch.equal(word(tr).long(), tr.y)
+    assert 0.3 < (word(te).long() == te.y).float().mean() < 0.7
+
+
+def _train_decoy_text(lam, steps=120, seed=0):
+    tr = DecoyText("train", 1000, seed)
+    torch.manual_seed(seed)
+    model = SentimentLSTM(vocab_size=len(tr.vocab))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    pen = cdep.TextCDEPPenalty(model)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(tr), (64,), generator=g)
+        opt.zero_grad()
+        logits, p = pen.forward_with_penalty(tr.tokens[:, i], tr.masks[i], tr.y[i])
+        (F.cross_entropy(logits, tr.y[i]) + lam * p).backward()
+        opt.step()
+    return model, pen
+
+
+def decoy_text_share(pen, data):
+    with torch.no_grad():
+        rel, irrel, _ = pen.scores(data.tokens, data.masks)
+    y = data.y[:, None]
+    r, i = rel[0].gather(1, y).abs(), irrel[0].gather(1, y).abs()
+    return (r / (r + i)).mean().item()
+
+
+@pytest.mark.slow
+def test_text_penalty_lowers_decoy_share_in_short_training():
+    te = DecoyText("test", 300, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention)
+    try:
+        _, p0 = _train_decoy_text(0.0)
+        _, p1 = _train_decoy_text(10.0)
+    finally:
+        torch.set_num_threads(threads)
+    s0, s1 = decoy_text_share(p0, te), decoy_text_share(p1, te)
+    assert s1 < 0.5 * s0, (s0, s1)
