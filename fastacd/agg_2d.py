@@ -250,17 +250,27 @@ class Scorer:
     """Scores of candidates (unit masks) for one image, each candidate scored at most once.
 
     ``requested`` counts candidates asked for (what the one-mask-at-a-time reference scores),
-    ``scored`` the distinct ones actually sent to the model, ``calls`` the engine calls.
+    ``scored`` the distinct ones actually sent to the model, ``calls`` the engine calls,
+    ``windowed`` how many of the scored went through windowed propagation (``cd`` only).
+
+    For ``cd`` (with ``windowed=True``, the default) a candidate that extends an earlier or
+    simultaneous candidate (its "base": a component for component-plus-tile, the empty mask
+    for a single tile, one member for a merge-phase union) is scored with
+    ``Decomposer.cd_delta``: the base propagated once per group, each candidate only inside
+    the receptive field of what it adds (docs/engine.md, "Windowed propagation"). The
+    numbers are those of ``Decomposer.cd``.
     """
 
     def __init__(self, units, method, model, *, dec=None, x=None, im_orig=None, pred_ims=None,
-                 pred_ims_batched=False, progress=False):
+                 pred_ims_batched=False, progress=False, windowed=True):
         self.units, self.method, self.model = units, method, model
         self.dec, self.x, self.im_orig, self.pred_ims = dec, x, im_orig, pred_ims
         self.pred_ims_batched = pred_ims_batched
         self.cache: dict = {}
-        self.requested = self.scored = self.calls = 0
+        self.requested = self.scored = self.calls = self.windowed = 0
         self.progress = progress
+        self.use_windowed = windowed
+        self._known: list[np.ndarray] = []  # unit masks scored so far (possible bases)
         self._logits = None
 
     @staticmethod
@@ -287,6 +297,8 @@ class Scorer:
 
     # ---- the model calls ----------------------------------------------------------------
     def _score(self, cands) -> np.ndarray:
+        if self.method == "cd" and self.use_windowed and self.x is not None and self.x.dim() == 4:
+            return self._score_cd_grouped(cands)
         out = []
         bar = tqdm(total=len(cands), disable=not self.progress, leave=False, desc="scoring")
         for s in range(0, len(cands), _CHUNK):
@@ -296,6 +308,81 @@ class Scorer:
             bar.update(len(chunk))
         bar.close()
         return np.concatenate(out)
+
+    def _bases(self, masks: list[np.ndarray]) -> list[int | None]:
+        """For each mask, the index (into known + masks) of its largest strict subset among
+        the masks scored so far and those scored now; None: no such subset (empty base)."""
+        known = self._known + masks
+        kmat = np.stack([k.reshape(-1) for k in known]).astype(np.float32)
+        cmat = np.stack([m.reshape(-1) for m in masks]).astype(np.float32)
+        outside = kmat @ (1.0 - cmat).T                      # (known, masks): units of k not in m
+        kcount, ccount = kmat.sum(1), cmat.sum(1)
+        ok = (outside == 0) & (kcount[:, None] < ccount[None, :]) & (kcount[:, None] > 0)
+        best = np.where(ok, kcount[:, None], -1).argmax(0)
+        return [int(b) if ok[b, j] else None for j, b in enumerate(best)]
+
+    def _score_cd_grouped(self, cands) -> np.ndarray:
+        """Group candidates by base (and delta size) and score all groups in one engine call
+        (one total pass): windowed where it pays off, a base that is itself a candidate read
+        from its own propagation, the rest (the whole image, lone members) in full."""
+        from .windowed import cd_groups
+        arrays = [(i, c) for i, c in enumerate(cands) if not isinstance(c, str)]
+        rows: list = [None] * len(cands)
+        groups: dict = {}
+        if arrays:
+            masks = [np.asarray(c, dtype=bool) for _, c in arrays]
+            known = self._known + masks
+            for (i, c), b in zip(arrays, self._bases(masks)):
+                base = known[b] if b is not None else None
+                delta = c & ~base if base is not None else c
+                ys, xs = np.nonzero(self.units.pixels(delta))
+                size = (int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)) if ys.size else (1, 1)
+                bucket = tuple(int(np.ceil(np.log2(v))) for v in size)  # similar windows together
+                groups.setdefault((b, bucket), (base, b, []))[2].append((i, delta))
+            self._known += masks
+        # a base that is one of these candidates: its row comes from its own propagation
+        first = len(self._known) - len(arrays)
+        as_base = {}
+        for base, b, members in groups.values():
+            if b is not None and b >= first and len(members) >= 2:
+                as_base.setdefault(b, arrays[b - first][0])
+        hw, dev, dt = self.units.hw, self.x.device, self.x.dtype
+        to_t = lambda a: torch.from_numpy(np.asarray(a)).to(device=dev, dtype=dt)
+        jobs, slots, plain = [], [], []
+        taken = set(as_base.values())
+        claimed = set()
+        for base, b, members in groups.values():
+            members = [(i, d) for i, d in members if i not in taken]
+            if len(members) < 2:  # a base pass costs one full mask: not worth it for one
+                plain += [i for i, _ in members]
+                continue
+            for s in range(0, len(members), 2 * _CHUNK):
+                part = members[s:s + 2 * _CHUNK]
+                want = b in as_base and b not in claimed
+                if want:
+                    claimed.add(b)
+                jobs.append((to_t(self.units.pixels(base)) if base is not None else to_t(np.zeros(hw, bool)),
+                             to_t(np.stack([self.units.pixels(d) for _, d in part])), want))
+                slots.append((as_base[b] if want else None, [i for i, _ in part]))
+        plain += [i for b, i in as_base.items() if b not in claimed]
+        plain += [i for i, c in enumerate(cands) if isinstance(c, str)]
+        if plain:
+            ones = np.ones(hw, dtype=bool)
+            jobs.append((None, to_t(np.stack([ones if isinstance(cands[i], str) else self.units.pixels(cands[i])
+                                              for i in plain])), False))
+            slots.append((None, plain))
+        info = [{} for _ in jobs]
+        with torch.no_grad():
+            results, _ = cd_groups(self.dec, self.x, jobs, stats=info)
+        self.calls += 1
+        for (base_i, idx), (base_rel, rel), st in zip(slots, results, info):
+            if base_i is not None:
+                rows[base_i] = _numpy_rows(base_rel)[0]
+            for i, row in zip(idx, _numpy_rows(rel)):
+                rows[i] = row
+            if st.get("windowed"):
+                self.windowed += len(idx)
+        return np.stack(rows)
 
     def _score_cd(self, cands) -> np.ndarray:
         hw = self.units.hw
@@ -559,7 +646,8 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
                            im_orig.shape, progress=progress)
     lists = run_merges(lists, scorer, lab_num, progress=progress)
     if stats is not None:
-        stats.update(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
+        stats.update(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls,
+                     windowed=scorer.windowed)
     return lists
 
 

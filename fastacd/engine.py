@@ -229,7 +229,7 @@ class Decomposer:
         return rel if keep else rel[g.result_node]
 
     def cd_delta(self, x: torch.Tensor, base_mask, delta_masks, *,
-                 chunk_size: int | None = None) -> CDResult:
+                 chunk_size: int | None = None, **options) -> CDResult:
         """CD of the masks ``base_mask | delta_masks[j]``, the same numbers as ``cd`` on them.
 
         The base's relevant maps are propagated once; each candidate is then recomputed only
@@ -237,10 +237,11 @@ class Decomposer:
         copied from the base (``fastacd.windowed``, docs/engine.md "Windowed propagation").
         Falls back to ``cd`` where windowing would not pay off (or for the reference backend).
         base_mask: one mask (H, W) (or x's shape without the batch dim); delta_masks: M masks
-        in any form ``cd`` accepts.
+        in any form ``cd`` accepts. ``options`` (``max_fraction``, ``max_cost_ratio``,
+        ``stats``) go to ``fastacd.windowed.cd_delta``.
         """
         from .windowed import cd_delta
-        return cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size)
+        return cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size, **options)
 
 
 def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int,

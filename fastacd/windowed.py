@@ -458,41 +458,85 @@ def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | 
     propagation (``float('inf')``: always). ``stats`` (a dict) receives ``windowed`` (bool)
     and the estimated ``cost_ratio``.
     """
-    from .engine import CDResult, default_memory_budget, _BYTES_PER_MASK_FACTOR
-    x = dec._check_input(x)
-    base = dec._check_masks(x, base_mask)
-    if base.shape[0] != 1:
-        raise ValueError(f"base_mask must be one mask, got {base.shape[0]}")
-    delta = dec._check_masks(x, delta_masks)
-    cand = torch.maximum(base, delta)
-    if dec.backend == "reference" or x.dim() != 4:
-        return dec.cd(x, cand, chunk_size=chunk_size)
-    values, aux = dec._total_pass(x)
-    win0 = input_windows(cand, base)
-    plans, (win_macs, full_macs), largest = plan(dec.graph, values, win0, max_fraction)
-    mcount = cand.shape[0]
-    ratio = (full_macs + mcount * win_macs) / max(mcount * full_macs, 1)
-    windowed = full_macs > 0 and ratio < max_cost_ratio
-    if stats is not None:
-        stats.update(windowed=windowed, cost_ratio=ratio)
-    if not windowed:
-        return dec.cd(x, cand, chunk_size=chunk_size)
-    out = values[dec.graph.result_node]
-    base_rel = dec._relevant_pass(base * x, values, aux, keep=True)
-    # the candidates' input windows: mask crop times image crop
-    dev = x.device
-    w_all = win0.part(0, mcount, dev)
-    ys = (w_all.oy[:, None] + torch.arange(win0.h, device=dev))[:, :, None]
-    xs = (w_all.ox[:, None] + torch.arange(win0.w, device=dev))[:, None, :]
-    flat = (ys * x.shape[3] + xs).reshape(mcount, 1, -1)
-    cflat = cand.reshape(mcount, cand.shape[1], -1)
-    mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
-        mcount, cand.shape[1], win0.h, win0.w)
-    r0_win = mask_win * gather_crop(x, None, None, w_all)
-    if chunk_size is None:
-        budget = dec.memory_budget or default_memory_budget(dev)
-        chunk_size = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
-    rel = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + chunk_size], win0,
-                                   s, min(s + chunk_size, mcount))
-                     for s in range(0, mcount, chunk_size)])
+    from .engine import CDResult
+    [(_, rel)], out = cd_groups(dec, x, [(base_mask, delta_masks, False)], chunk_size=chunk_size,
+                                max_fraction=max_fraction, max_cost_ratio=max_cost_ratio,
+                                stats=[stats] if stats is not None else None)
     return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
+
+
+def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
+              max_fraction: float = WINDOW_MAX_FRACTION, max_cost_ratio: float = MAX_COST_RATIO,
+              stats: list | None = None) -> tuple[list, torch.Tensor]:
+    """Relevant outputs of several groups of masks for one input, with one total pass.
+
+    groups: ``(base_mask, delta_masks, want_base)`` each. ``base_mask=None``: the masks
+    ``delta_masks`` are scored by ordinary (full) propagation; otherwise the masks are
+    ``base_mask | delta_masks[j]``, scored by windowed propagation where it pays off;
+    ``delta_masks=None``: only the base. ``want_base``: also return the base's own relevant
+    output (free when the base is propagated for windowing). Returns ``(base_rel (1, K) or
+    None, rel (M, K) or None)`` per group, and the model's output (1, K).
+    ``stats``: one dict per group (filled with ``windowed`` and ``cost_ratio``), or None.
+    """
+    from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
+    x = dec._check_input(x)
+    if dec.backend == "reference" or x.dim() != 4:  # the oracle: mask by mask, no windows
+        res = []
+        for base, deltas, want_base in groups:
+            b = dec._check_masks(x, base) if base is not None else None
+            d = dec._check_masks(x, deltas) if deltas is not None else None
+            rel = None if d is None else dec.cd(x, d if b is None else torch.maximum(b, d)).relevant
+            res.append((dec.cd(x, b).relevant if b is not None and want_base else None, rel))
+        return res, dec.forward(x)
+    values, aux = dec._total_pass(x)
+    full_step = chunk_size or dec.chunk_size(values, x)
+
+    def full_cd(masks):
+        return torch.cat([dec._relevant_pass(masks[s:s + full_step] * x, values, aux)
+                          for s in range(0, masks.shape[0], full_step)])
+
+    res = []
+    for gi, (base_mask, delta_masks, want_base) in enumerate(groups):
+        info = stats[gi] if stats is not None else {}
+        if base_mask is None:
+            res.append((None, full_cd(dec._check_masks(x, delta_masks))))
+            info.update(windowed=False)
+            continue
+        base = dec._check_masks(x, base_mask)
+        if base.shape[0] != 1:
+            raise ValueError(f"base_mask must be one mask, got {base.shape[0]}")
+        if delta_masks is None:
+            res.append((full_cd(base), None))
+            info.update(windowed=False)
+            continue
+        cand = torch.maximum(base, dec._check_masks(x, delta_masks))
+        win0 = input_windows(cand, base)
+        plans, (win_macs, full_macs), largest = plan(dec.graph, values, win0, max_fraction)
+        mcount = cand.shape[0]
+        ratio = ((0 if want_base else full_macs) + mcount * win_macs) / max(mcount * full_macs, 1)
+        windowed = full_macs > 0 and ratio < max_cost_ratio
+        info.update(windowed=windowed, cost_ratio=ratio)
+        if not windowed:
+            res.append((full_cd(base) if want_base else None, full_cd(cand)))
+            continue
+        base_rel = dec._relevant_pass(base * x, values, aux, keep=True)
+        # the candidates' input windows: mask crop times image crop
+        dev = x.device
+        w_all = win0.part(0, mcount, dev)
+        ys = (w_all.oy[:, None] + torch.arange(win0.h, device=dev))[:, :, None]
+        xs = (w_all.ox[:, None] + torch.arange(win0.w, device=dev))[:, None, :]
+        flat = (ys * x.shape[3] + xs).reshape(mcount, 1, -1)
+        cflat = cand.reshape(mcount, cand.shape[1], -1)
+        mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
+            mcount, cand.shape[1], win0.h, win0.w)
+        r0_win = mask_win * gather_crop(x, None, None, w_all)
+        step = chunk_size
+        if step is None:
+            budget = dec.memory_budget or default_memory_budget(dev)
+            step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
+        rel = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + step], win0,
+                                       s, min(s + step, mcount))
+                         for s in range(0, mcount, step)])
+        res.append((base_rel[dec.graph.result_node] if want_base else None, rel))
+        del base_rel
+    return res, values[dec.graph.result_node]
