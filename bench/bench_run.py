@@ -15,7 +15,11 @@ Figures (bench/results/run.json), per model and process count:
 * ``images_per_hour``: ``n / wall_s * 3600``;
 * ``per_image_s``: the manifest's per-image compute times (mean), and their sum;
 * ``per_image``: each image's compute time (the same images in every configuration);
-* ``speedup_vs_1proc``: images per hour over the 1-process figure of the same run.
+* ``images_per_hour_vs_first_config``: over the first configuration's (1 process by default).
+
+Configurations ``P`` or ``PxT`` (``--configs 1 1x1 2``: 1 process with every core, 1 process
+with one thread, 2 processes); ``--repeats R`` runs R interleaved rounds and keeps the fastest
+(``all_wall_s`` has every round).
 
 The machine is shared: ``load_avg_1min`` is recorded beside each figure.
 """
@@ -46,8 +50,10 @@ def write_photos(folder: Path, n: int) -> None:
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{k:02d}_{name}.png")
 
 
-def one(arch: str, procs: int, data: Path, out: Path) -> dict:
+def one(arch: str, procs: int, threads: int | None, data: Path, out: Path) -> dict:
     args = [str(data), "--arch", arch, "--out", str(out), "--no-progress", *SETTINGS]
+    if threads:
+        args += ["--threads", str(threads)]
     if procs == 1:
         cmd = [sys.executable, "-m", "fastacd", "run", *args]
     else:
@@ -62,7 +68,12 @@ def one(arch: str, procs: int, data: Path, out: Path) -> dict:
         raise RuntimeError(f"{arch} x{procs}: not every image finished: {recs}")
     return dict(wall_s=wall, images=len(recs), images_per_hour=len(recs) / wall * 3600,
                 per_image_s=sum(times) / len(times), per_image_sum_s=sum(times),
-                per_image={r["image"]: r["time_s"] for r in recs})
+                per_image={r["image"]: r["time_s"] for r in recs}, load_avg_1min=os.getloadavg()[0])
+
+
+def parse_config(c: str) -> tuple[int, int | None]:
+    procs, _, threads = c.partition("x")
+    return int(procs), (int(threads) if threads else None)
 
 
 def main(argv=None) -> None:
@@ -70,23 +81,37 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=["alexnet"])
     p.add_argument("--n", type=int, default=2, help="images per run")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--configs", nargs="+", default=["1", "2"],
+                   help="P or PxT: P processes (torchrun when > 1), T threads each (default: cores // P)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the configs, interleaved")
     a = p.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "photos"
         write_photos(data, a.n)
         for arch in a.archs:
+            runs = {c: [] for c in a.configs}
+            for k in range(a.repeats):
+                for c in a.configs:
+                    procs, threads = parse_config(c)
+                    r = one(arch, procs, threads, data, Path(tmp) / f"out_{arch}_{c}_{k}")
+                    runs[c].append(r)
+                    print(f"{arch} {procs} process(es) x {threads or cores // procs} thread(s), round {k}: "
+                          f"{r['images']} images in {r['wall_s']:.0f} s = {r['images_per_hour']:.1f} "
+                          f"images/hour (per image {r['per_image_s']:.0f} s, load {r['load_avg_1min']:.1f})",
+                          flush=True)
             base = None
-            for procs in a.procs:
-                r = one(arch, procs, data, Path(tmp) / f"out_{arch}_{procs}")
-                base = base or (r["images_per_hour"] if procs == 1 else None)
-                if base:
-                    r["speedup_vs_1proc"] = r["images_per_hour"] / base
-                r.update(processes=procs, cpu_cores=len(os.sched_getaffinity(0)),
-                         load_avg_1min=os.getloadavg()[0], settings=" ".join(SETTINGS))
-                print(f"{arch} x{procs} processes: {r['images']} images in {r['wall_s']:.0f} s = "
-                      f"{r['images_per_hour']:.1f} images/hour (per image {r['per_image_s']:.0f} s)", flush=True)
-                record("run", f"{arch}_224_sweep14_{procs}proc", **r)
+            for c in a.configs:
+                procs, threads = parse_config(c)
+                best = min(runs[c], key=lambda r: r["wall_s"])
+                fig = dict(best, processes=procs, threads_per_process=threads or max(1, cores // procs),
+                           cpu_cores=cores, settings=" ".join(SETTINGS), rounds=len(runs[c]),
+                           all_wall_s=[r["wall_s"] for r in runs[c]],
+                           all_load_avg_1min=[r["load_avg_1min"] for r in runs[c]])
+                base = base or fig["images_per_hour"]
+                fig["images_per_hour_vs_first_config"] = fig["images_per_hour"] / base
+                name = f"{arch}_224_sweep14_{procs}proc" + (f"_{threads}thread" if threads else "")
+                record("run", name, **fig)
 
 
 def test_bench_run():

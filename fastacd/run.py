@@ -614,7 +614,8 @@ def run_settings(args, items) -> dict:
                 acd=dict(sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
                          num_iters=args.num_iters, method=args.method, base=args.base,
                          corrected=args.corrected),
-                preprocess=preprocess_settings(args), dtype=dtype)
+                preprocess=preprocess_settings(args), dtype=dtype,
+                outputs=dict(class_scores=not args.no_class_scores))
 
 
 def _check_acd_args(args):
@@ -725,6 +726,9 @@ def run(args) -> int:
                               percentile_include=acd["percentile_include"], num_iters=acd["num_iters"],
                               method=acd["method"], backend=args.backend, base=acd["base"],
                               corrected=acd["corrected"])
+                if args.no_class_scores:
+                    for node in h.nodes:
+                        node.class_scores = []
                 rec.update(label=label, prediction=pred, status="ok", error=None,
                            num_levels=h.num_levels, num_nodes=len(h.nodes),
                            outputs={k: os.path.relpath(p, out) for k, p in paths.items()

@@ -306,3 +306,11 @@ def test_demo(tmp_path, capsys):
     assert h.num_levels >= 1 and js.with_suffix(".png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["speed"]["max_abs_diff"] < 1e-4 and summary["hierarchies"][0]["prediction"] == h.label
+
+
+def test_no_class_scores(data, tmp_path):
+    src = data / "ant" / "img0.png"
+    assert run_cli("run", src, "--out", tmp_path, "--no-class-scores", *COMMON) == 0
+    h = Hierarchy.from_json((tmp_path / "hierarchies" / "img0.png.json").read_text())
+    assert h.nodes and all(n.class_scores == [] for n in h.nodes)
+    assert run_cli("run", src, "--out", tmp_path, *COMMON) == 2  # a different output: refused
