@@ -188,12 +188,16 @@ def test_settings_change_refused_then_overwrite(data, tmp_path, capsys):
     # same settings: everything skipped
     assert run_cli("run", src, "--out", out, *COMMON) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "hierarchies").rglob("*")} == before
+    # --figures added later: figures drawn from the JSON, nothing recomputed
+    assert run_cli("run", src, "--out", out, "--figures", *COMMON) == 0
+    assert len(list((out / "hierarchies").glob("*.png.png"))) == len(before) // 2
+    assert {p: p.stat().st_mtime_ns for p in before} == before
     capsys.readouterr()
     changed = [a if a != "4" else "8" for a in COMMON]  # --sweep-dim 8
     assert run_cli("run", src, "--out", out, *changed) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "acd.sweep_dim: 4 -> 8" in err and "--overwrite" in err
-    assert {p: p.stat().st_mtime_ns for p in (out / "hierarchies").rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in before} == before
     assert run_cli("run", src, "--out", out, *changed, "--overwrite") == 0
     new_hash = json.loads((out / "run_settings.json").read_text())["settings_hash"]
     assert new_hash != old_hash and load_masks(npz)["settings_hash"] == new_hash
