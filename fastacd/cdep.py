@@ -323,6 +323,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     if m % n:
         raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
     k = m // n
+    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
+    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
     g = graph
     values: dict[fx.Node, Any] = {}
     rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
@@ -344,9 +346,18 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
         a = values[step.dep[0]]
         # ---- the true activation (batch N): the model's ordinary forward, in eval behaviour
         if kind == "maxpool":
-            total, idx = maxpool_fn(step, value_of)(a)
+            if lean:
+                with torch.no_grad():
+                    _, idx = maxpool_fn(step, value_of)(a)
+                total = _IndexGather.apply(a, idx, 1)  # saves the indices only
+            else:
+                total, idx = maxpool_fn(step, value_of)(a)
             if pool_indices is not None:
                 pool_indices[node] = idx
+        elif kind == "activation" and step.fused_into is not None and lean:
+            # a ReLU folded into its producer: keep its input (the layer's output, which the
+            # bias split keeps anyway) for backward instead of a second map, its output
+            total = _ReLUKeepInput.apply(a)
         elif kind == "affine" and step.module is not None:
             total = step.module(a)
         elif kind == "output_softmax":
@@ -371,7 +382,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             out = _rule(_bn_split_paired, step.relu_fused, k, r, a, scale, shift,
                         low_memory=low_memory)
         elif kind == "maxpool":
-            out = _gather(r, _repeat_total(idx, k))
+            out = _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
         elif kind == "activation" and step.fused_into is not None:
             out = r  # the producer already applied this ReLU to the relevant part
         elif kind == "reshape":
@@ -395,6 +406,44 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
                 rel.pop(d, None)
     return rel.get(g.result_node), values[g.result_node]
+
+
+class _IndexGather(torch.autograd.Function):
+    """Max-pool as a gather at given argmax indices (N, C, *So) of K*N maps (mask-major):
+    saves only the indices (``torch.gather`` and ``max_pool2d`` also keep their input)."""
+
+    @staticmethod
+    def forward(ctx, r, idx, k):
+        n, c = idx.shape[:2]
+        ctx.shape, ctx.k = r.shape, k
+        ctx.save_for_backward(idx)
+        flat = r.reshape(k, n, c, -1)
+        ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
+        return flat.gather(3, ix).reshape((k * n,) + tuple(idx.shape[1:]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        k = ctx.k
+        n, c = idx.shape[:2]
+        ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
+        out = grad.new_zeros((k, n, c, ctx.shape[2:].numel()))
+        out.scatter_add_(3, ix, grad.reshape(k, n, c, -1))
+        return out.reshape(ctx.shape), None, None
+
+
+class _ReLUKeepInput(torch.autograd.Function):
+    """ReLU that keeps its input for backward (``torch.relu`` keeps its output)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * (a > 0)
 
 
 def _gather(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
