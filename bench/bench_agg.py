@@ -14,16 +14,24 @@ Figures (bench/results/agg.json), per model:
   component-plus-neighbour, per merge round every pair) - counted by the fast path, which
   asks for exactly the same list;
 * ``masks_scored``: masks the fast path actually sent to the engine after de-duplication
-  and the per-run cache; ``engine_calls``: its engine calls;
+  and the per-run cache; ``masks_windowed``: how many of those went through windowed
+  propagation (``Decomposer.cd_delta``: component-plus-tile, single tiles, merge unions whose
+  group passed the cost test); ``engine_calls``: its engine calls;
 * ``reference_per_mask_s``: ``fastacd.reference.cd`` on single tile masks (best of a few);
 * ``reference_s``: the reference agglomeration's time, EXTRAPOLATED as per-mask cost times
   ``masks_requested`` (``reference_extrapolated: true``); with
   ``ACD_BENCH_FULL_REFERENCE=1`` the reference agglomeration is run in full instead and the
   two hierarchies are checked to be identical;
-* ``speedup``: ``reference_s / fast_s``.
+* ``speedup``: ``reference_s / fast_s``;
+* ``original_per_call_s``: the original ``acd`` package's ``acd.cd`` on one tile mask
+  (``device='cpu'``, best of 2 after a warm-up; when installed); ``original_s``: that times
+  ``masks_requested`` (the original scores one mask per call: EXTRAPOLATED);
+  ``speedup_vs_original``: ``original_s / fast_s``. ``original_previous_s``: the full run of
+  the original measured earlier on this box (VGG16 592 s, AlexNet ~220 s), for context.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -71,6 +79,25 @@ def reference_per_mask(model, x, n: int = 3) -> float:
     return min(times[1:])
 
 
+ORIGINAL_PREVIOUS_S = {"vgg16": 592.0, "alexnet": 220.0}
+
+
+def original_per_call(model, x, n: int = 2) -> float | None:
+    """Best time of the original package's ``acd.cd`` on one 14x14 tile mask, or None."""
+    if importlib.util.find_spec("acd") is None:
+        return None
+    import acd
+    times = []
+    for i in range(n + 1):
+        mask = np.zeros((224, 224), dtype=np.float32)
+        mask[14 * i:14 * (i + 1), 14 * i:14 * (i + 1)] = 1
+        t = time.perf_counter()
+        with torch.no_grad():
+            acd.cd(x, model, mask, device="cpu")
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
 def bench(arch: str, full_reference: bool = False) -> dict:
     model, x, im, lab = _setup(arch)
     s = SETTINGS
@@ -79,6 +106,7 @@ def bench(arch: str, full_reference: bool = False) -> dict:
                         s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, stats=stats)
     per_mask = reference_per_mask(model, x)
     figures = dict(fast_s=fast_s, masks_requested=stats["requested"], masks_scored=stats["scored"],
+                   masks_windowed=stats.get("windowed", 0),
                    engine_calls=stats["calls"], reference_per_mask_s=per_mask,
                    num_levels=len(fast["comps_list"]) - 1,
                    max_components=int(max(np.max(c) for c in fast["comps_list"])))
@@ -91,11 +119,18 @@ def bench(arch: str, full_reference: bool = False) -> dict:
     else:
         figures.update(reference_s=per_mask * stats["requested"], reference_extrapolated=True)
     figures["speedup"] = figures["reference_s"] / fast_s
+    orig = original_per_call(model, x)
+    if orig is not None:
+        figures.update(original_per_call_s=orig, original_s=orig * stats["requested"],
+                       original_extrapolated=True, speedup_vs_original=orig * stats["requested"] / fast_s)
+    figures["original_previous_s"] = ORIGINAL_PREVIOUS_S[arch]
     record(SUITE, f"{arch}_224_sweep14", **figures)
     print(f"\n{arch}: fast {fast_s:.1f} s, reference {figures['reference_s']:.1f} s "
           f"({'extrapolated' if figures['reference_extrapolated'] else 'measured'}), "
-          f"{figures['speedup']:.1f}x; masks requested {stats['requested']}, scored "
-          f"{stats['scored']} in {stats['calls']} engine calls")
+          f"{figures['speedup']:.1f}x; original {figures.get('original_s', float('nan')):.1f} s "
+          f"(extrapolated), {figures.get('speedup_vs_original', float('nan')):.1f}x; masks requested "
+          f"{stats['requested']}, scored {stats['scored']} ({figures['masks_windowed']} windowed) in "
+          f"{stats['calls']} engine calls")
     return figures
 
 
