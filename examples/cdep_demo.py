@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastacd import cdep  # noqa: E402
-from fastacd.datasets import ColorDigits, DecoyDigits, DemoCNN  # noqa: E402
+from fastacd.datasets import ColorDigits, DecoyDigits, DecoyText, DemoCNN  # noqa: E402
+from fastacd.sentiment_toy import SentimentLSTM  # noqa: E402
 
-NAMES = {"decoy": "DecoyDigits", "color": "ColorDigits"}
+NAMES = {"decoy": "DecoyDigits", "color": "ColorDigits", "text": "DecoyText (LSTM)"}
 
 
 def masks_for(data, idx, demo: str, pixels: int, g: torch.Generator):
@@ -91,6 +92,47 @@ def train(demo: str, lam: float, seed: int, epochs: int, width: int, pixels: int
             "share": share, "seconds": seconds}
 
 
+def train_text(lam: float, seed: int, steps: int, bs: int = 64):
+    """The toy sentiment LSTM on DecoyText: 2000 training sentences whose decoy word reveals
+    the label; validation (300) and test (1000) sentences with a random decoy."""
+    tr, val = DecoyText("train", 2000, seed), DecoyText("val", 300, seed)
+    val_train, te = DecoyText("val", 300, seed, confound="train"), DecoyText("test", 1000, seed)
+    torch.manual_seed(seed)
+    model = SentimentLSTM(vocab_size=len(tr.vocab))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    pen = cdep.TextCDEPPenalty(model)
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
+    start = time.perf_counter()
+    try:
+        for _ in range(steps):
+            i = torch.randint(0, len(tr), (bs,), generator=g)
+            opt.zero_grad()
+            if lam:
+                logits, p = pen.forward_with_penalty(tr.tokens[:, i], tr.masks[i], tr.y[i])
+                loss = F.cross_entropy(logits, tr.y[i]) + lam * p
+            else:
+                loss = F.cross_entropy(model(tr.tokens[:, i]), tr.y[i])
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - start
+    acc = lambda d: (model(d.tokens).argmax(1) == d.y).float().mean().item()
+    with torch.no_grad():
+        rel, irrel, _ = pen.scores(te.tokens, te.masks)
+        y = te.y[:, None]
+        r, i = rel[0].gather(1, y).abs(), irrel[0].gather(1, y).abs()
+        share = (r / (r + i)).mean().item()
+        # how often the prediction follows the decoy word (test decoys are random)
+        follows = (model(te.tokens).argmax(1) == (te.tokens.T.gather(1, te.decoy_pos[:, None])[:, 0]
+                                                    == te.decoy_ids[1]).long()).float().mean().item()
+        return {"demo": "text", "lam": lam, "seed": seed, "val_acc": acc(val),
+                "val_train_confound_acc": acc(val_train), "acc": acc(te), "share": share,
+                "follows_decoy": follows, "seconds": seconds}
+
+
 def _sd(v):
     return statistics.stdev(v) if len(v) > 1 else 0.0
 
@@ -145,7 +187,9 @@ def write(table, picks, rows, args, out_dir: Path):
              "`val (train confound)`: the same validation digits with the training confound, for "
              "comparison (selecting on it would always favour the confounded model). CD share: mean "
              "|relevant| / (|relevant| + |irrelevant|) of the true class's logit for the penalised "
-             "features (decoy band; single pixels) on test images.", "",
+             "features (decoy band; single pixels; decoy word) on test data. DecoyText: the toy "
+             f"sentiment LSTM, {args.text_steps} Adam steps (lr 0.02, batch 64) on 2000 sentences, "
+             "300 validation / 1000 test sentences with a random decoy word.", "",
              "## Selected lambda", "",
              "| data set | lambda = 0: test % (mean ± sd) | selected lambda (validation) | test % at it (mean ± sd) "
              "| lambda selected per seed: test % (mean ± sd) | lambdas per seed |",
@@ -196,8 +240,10 @@ def write(table, picks, rows, args, out_dir: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--decoy-lambdas", type=float, nargs="*", default=[0.0, 1.0, 10.0, 100.0])
+    ap.add_argument("--decoy-lambdas", type=float, nargs="*", default=[0.0, 10.0, 30.0, 100.0, 300.0])
     ap.add_argument("--color-lambdas", type=float, nargs="*", default=[0.0, 3.0, 30.0, 100.0])
+    ap.add_argument("--text-lambdas", type=float, nargs="*", default=[0.0, 10.0, 100.0])
+    ap.add_argument("--text-steps", type=int, default=300)
     ap.add_argument("--decoy-style", choices=DecoyDigits.STYLES, default="band")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--width", type=int, default=8)
@@ -206,10 +252,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
-    for demo, lams in (("decoy", args.decoy_lambdas), ("color", args.color_lambdas)):
+    for demo, lams in (("decoy", args.decoy_lambdas), ("color", args.color_lambdas),
+                       ("text", args.text_lambdas)):
         for lam in lams:
             for seed in args.seeds:
-                r = train(demo, lam, seed, args.epochs, args.width, args.pixels, style=args.decoy_style)
+                if demo == "text":
+                    r = train_text(lam, seed, args.text_steps)
+                else:
+                    r = train(demo, lam, seed, args.epochs, args.width, args.pixels, style=args.decoy_style)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     table = summarise(rows)

@@ -214,6 +214,64 @@ def _bias_split_paired_grad(zr, total_out, bias, grad, relu: bool, k: int):
     return d_zr, d_total, _channel_sum(grad * pr) - _channel_sum(d_total)
 
 
+def _split_pre(zr, t_pre, bias, relu: bool, k: int):
+    """The bias split from the true pre-activation without bias (N rows) and K*N relevant rows."""
+    return _torch_ops.bias_split(zr, _repeat_total(t_pre, k), bias, relu)
+
+
+def _split_pre_grad(zr, t_pre, bias, grad, relu: bool, k: int):
+    """Closed-form gradients of ``_split_pre`` w.r.t. (zr, t_pre, bias) (see ``_BiasSplitPaired``;
+    here the true pre-activation is an input, so the bias gets only ``sum(g * pr)``)."""
+    b = _torch_ops._channel_view(bias, zr)
+    zi = _repeat_total(t_pre, k) - zr
+    u = zr.abs() + _torch_ops.EPS
+    v = zi.abs() + _torch_ops.EPS
+    s = u + v
+    pr = u / s
+    if relu:
+        grad = grad * ((zr + pr * b) > 0)
+    c = grad * b / (s * s)
+    d_t = -(c * u * zi.sign())
+    d_zr = grad + c * v * zr.sign() - d_t
+    return d_zr, _unrepeat(d_t, k), _channel_sum(grad * pr)
+
+
+class _AffinePaired(torch.autograd.Function):
+    """A conv/linear layer's true output and relevant part from one weight application.
+
+    ``both`` (N + K*N, C, *S) = W applied to ``cat([a, r])`` without bias. Returns the true
+    output ``both[:N] + b`` (ReLU'd if ``relu``: the ReLU folded into the layer) and the
+    relevant part (the bias split, ReLU'd if ``relu``). Keeps only ``both`` and the bias for
+    backward (closed-form gradients, recomputing the element-wise products).
+    """
+
+    @staticmethod
+    def forward(ctx, both, bias, n, k, relu, fuse):
+        ctx.n, ctx.k, ctx.relu, ctx.fuse = n, k, relu, fuse
+        ctx.save_for_backward(both, bias)
+        t_pre, zr = both[:n], both[n:]
+        total = t_pre + _torch_ops._channel_view(bias, t_pre)
+        fn = _compiled_fn("pre_fwd") if fuse else _split_pre
+        rel = fn(zr, t_pre, bias, relu, k)
+        return (total.clamp_min(0) if relu else total), rel
+
+    @staticmethod
+    def backward(ctx, g_total, g_rel):
+        both, bias = ctx.saved_tensors
+        n, k, relu = ctx.n, ctx.k, ctx.relu
+        t_pre, zr = both[:n], both[n:]
+        if g_rel is None:
+            g_rel = torch.zeros_like(zr)
+        fn = _compiled_fn("pre_bwd") if ctx.fuse else _split_pre_grad
+        d_zr, d_t, d_b = fn(zr, t_pre, bias, g_rel.contiguous(), relu, k)
+        if g_total is not None:
+            if relu:
+                g_total = g_total * ((t_pre + _torch_ops._channel_view(bias, t_pre)) > 0)
+            d_t = d_t + g_total
+            d_b = d_b + _channel_sum(g_total)
+        return torch.cat([d_t, d_zr]), d_b, None, None, None, None
+
+
 _COMPILED: dict[str, Any] = {}
 
 
@@ -221,7 +279,8 @@ def _compiled_fn(which: str):
     """torch.compile'd forward / backward of the bias split: one fused loop each instead of
     ~20 element-wise passes (compiled once per process, ~20 s on a CPU; cached on disk)."""
     if which not in _COMPILED:
-        fn = _bias_split_paired if which == "fwd" else _bias_split_paired_grad
+        fn = {"fwd": _bias_split_paired, "bwd": _bias_split_paired_grad, "pre_fwd": _split_pre,
+              "pre_bwd": _split_pre_grad}[which]
         _COMPILED[which] = torch.compile(fn, dynamic=True)
     return _COMPILED[which]
 
@@ -327,6 +386,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
     g = graph
     values: dict[fx.Node, Any] = {}
+    relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
     rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
     value_of = values.__getitem__
     for index, node in enumerate(g.nodes):
@@ -344,8 +404,12 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             continue
         kind = step.kind
         a = values[step.dep[0]]
+        # conv/linear: the true and the relevant inputs go through one weight application
+        merged = lean and kind == "affine" and not use_compiled
         # ---- the true activation (batch N): the model's ordinary forward, in eval behaviour
-        if kind == "maxpool":
+        if merged:
+            total = None  # computed with the relevant part below
+        elif kind == "maxpool":
             if lean:
                 with torch.no_grad():
                     _, idx = maxpool_fn(step, value_of)(a)
@@ -354,6 +418,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
                 total, idx = maxpool_fn(step, value_of)(a)
             if pool_indices is not None:
                 pool_indices[node] = idx
+        elif kind == "activation" and step.fused_into in relu_done:
+            total = a  # the producer applied this ReLU to the true activation too
         elif kind == "activation" and step.fused_into is not None and lean:
             # a ReLU folded into its producer: keep its input (the layer's output, which the
             # bias split keeps anyway) for backward instead of a second map, its output
@@ -369,7 +435,19 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             continue
         # ---- the relevant part (batch K*N)
         r = rel[step.dep[0]]
-        if kind == "affine":
+        if merged:
+            weights, bias = affine_parts(step, value_of)
+            both = weights(torch.cat([a, r]))  # (N + K*N, ...): one GEMM / conv call
+            if bias is None:
+                total, out = both[:n], both[n:]
+                if step.relu_fused:
+                    total, out = total.clamp_min(0), out.clamp_min(0)
+            else:
+                total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
+            if step.relu_fused:
+                relu_done.add(node)
+            values[node] = total
+        elif kind == "affine":
             weights, bias = affine_parts(step, value_of)
             zr = weights(r)
             if bias is None:

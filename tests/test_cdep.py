@@ -133,6 +133,17 @@ def test_bias_split_closed_form_backward_gradcheck(relu, k):
         assert torch.allclose(a, b, atol=1e-13)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_affine_paired_backward_gradcheck(relu, k):
+    """The merged true + relevant conv output: both outputs' closed-form gradients."""
+    torch.manual_seed(7)
+    both = torch.randn(2 + 2 * k, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda t, b: cdep._AffinePaired.apply(t, b, 2, k, relu, False)
+    assert torch.autograd.gradcheck(fn, (both, bias))
+
+
 def test_penalty_gradcheck_tiny_model():
     torch.manual_seed(5)
     model = _randomise_bn(TinyNet(c=1)).double().eval()
