@@ -15,7 +15,6 @@ import copy
 
 import numpy as np
 import torch
-from skimage import measure
 
 from . import tiling_1d
 from .text import Batch, TextDecomposer, cd_text_phrases, tokens_of
@@ -37,8 +36,39 @@ def threshold_scores(scores, percentile_include, absolute):
         return np.zeros(scores.shape, dtype=bool)
     if num_left <= 5:
         percentile_include = {5: 59, 4: 49, 3: 59, 2: 49, 1: 0}[int(num_left)]
-    thresh = np.nanpercentile(scores, percentile_include)
+    if scores.ndim == 1 and scores.dtype == np.float64 and isinstance(
+            percentile_include, (int, float, np.integer, np.floating)):
+        thresh = _nanpercentile_1d(scores, percentile_include)
+    else:
+        thresh = np.nanpercentile(scores, percentile_include)
     return scores >= thresh
+
+
+def _nanpercentile_1d(scores: np.ndarray, percentile) -> float:
+    """``np.nanpercentile(scores, percentile)`` (method "linear") of a 1-D float64 array,
+    the same arithmetic as NumPy's ``_quantile`` / ``_lerp`` without its generic machinery
+    (about 10x faster on a sentence's scores; the agglomeration calls it once per step)."""
+    vals = np.sort(scores[~np.isnan(scores)])
+    n = vals.size
+    vi = (n - 1) * (float(percentile) / 100)          # virtual index of the linear method
+    if vi >= n - 1:
+        return vals[-1]
+    prev = int(np.floor(vi))
+    gamma = vi - prev
+    a, b = vals[prev], vals[prev + 1]
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1 - gamma)
+    return a + diff * gamma
+
+
+def _label_1d(mask: np.ndarray) -> np.ndarray:
+    """``skimage.measure.label(mask, background=0, connectivity=1)`` of a 1-D boolean mask:
+    runs of True numbered 1, 2, ... from the left (int32, as skimage returns)."""
+    m = np.asarray(mask, dtype=bool)
+    starts = m.copy()
+    starts[1:] &= ~m[:-1]
+    return (np.cumsum(starts, dtype=np.int32) * m).astype(np.int32)
 
 
 def _check_args(method, sweep_dim, label, num_classes=None):
@@ -156,7 +186,7 @@ def agglomerate(model, batch, percentile_include, method, sweep_dim, label, num_
     comp_scores_list = [{0: score_orig}]
     positions = np.arange(L)
     for _ in range(num_iters):
-        comps = np.copy(measure.label(mask_list[-1], background=0, connectivity=1))
+        comps = _label_1d(mask_list[-1])
         # every candidate of this step: each component, and it grown left and right
         cands = []
         for num in range(1, np.max(comps) + 1):

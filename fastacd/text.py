@@ -27,6 +27,7 @@ token mask of step t in every layer and direction (see docs/text.md).
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,6 +38,9 @@ import torch.nn as nn
 from . import _torch_ops
 
 READOUTS = ("last", "final")
+
+# converted LSTM weights per module (see TextDecomposer._weights)
+_WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.LSTM, dict]" = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -163,6 +167,26 @@ class _Direction:
     c: torch.Tensor          # (T, H) true cell state
     h: torch.Tensor          # (T, H) true hidden state
     o: torch.Tensor          # (T, H) sigmoid of the true output gate
+    w_hh_t: torch.Tensor | None = None  # (H, 4H) contiguous W_hh^T (faster small GEMMs)
+    fast: "_FastConsts | None" = None   # per-step constants of the one-layer fast path
+
+
+@dataclass
+class _FastConsts:
+    """What the one-layer forward fast path needs of a sentence, sliced per step once.
+
+    steps[t] = (xw_t (1, 4H), pre3_t (1, 3H) true pre-activations of i, f, g with bias,
+    act_t (1, 3H) their activations, c_t (1, H) true cell, tanh(c_t) (1, H),
+    0.5 * o_t (1, H)); the bias terms are the same for every step.
+    """
+    w_hh_t: torch.Tensor     # (H, 4H)
+    b3: torch.Tensor         # (1, 3H) biases of i, f, g
+    act_b: torch.Tensor      # (1, 3H) sigmoid / tanh of them
+    b_i: torch.Tensor        # (1, H)
+    b_f: torch.Tensor        # (1, H)
+    b_g: torch.Tensor        # (1, H)
+    bb: torch.Tensor         # (1, H) sigmoid(b_i) * tanh(b_g)
+    steps: list
 
 
 @dataclass
@@ -274,15 +298,37 @@ class TextDecomposer:
         return self.embed.num_embeddings if isinstance(self.embed, nn.Embedding) else None
 
     def _weights(self, layer: int, reverse: bool):
+        """(w_ih, w_hh, b_ih + b_hh, w_ih^T, w_hh^T) of one layer and direction in the
+        arithmetic dtype (the transposes contiguous).
+
+        Without autograd the converted weights are cached on the LSTM module (keyed by each
+        parameter's storage and version counter, so an in-place update or a new tensor is
+        seen): a dataset of sentences does not convert them once per sentence.
+        """
         sfx = f"_l{layer}" + ("_reverse" if reverse else "")
         lstm, dt = self.lstm, self.dtype
-        w_ih = getattr(lstm, "weight_ih" + sfx).to(dt)
-        w_hh = getattr(lstm, "weight_hh" + sfx).to(dt)
+        params = [getattr(lstm, "weight_ih" + sfx), getattr(lstm, "weight_hh" + sfx)]
         if lstm.bias:
-            bias = (getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx)).to(dt)
+            params += [getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)]
+        cache = None
+        if not (torch.is_grad_enabled() and any(q.requires_grad for q in params)):
+            cache = _WEIGHT_CACHE.setdefault(lstm, {})
+            key = (sfx, dt) + tuple((q.data_ptr(), q._version, q.dtype, q.device, q.shape)
+                                    for q in params)
+            hit = cache.get(sfx)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        w_ih, w_hh = params[0].to(dt), params[1].to(dt)
+        if lstm.bias:
+            bias = (params[2] + params[3]).to(dt)
         else:
             bias = torch.zeros(w_ih.shape[0], dtype=dt, device=w_ih.device)
-        return w_ih, w_hh, bias
+        # contiguous transposes: a (n, H) x (H, 4H) GEMM with a transposed view was about
+        # 2x slower at n <= 16 (one thread, MKL)
+        out = (w_ih, w_hh, bias, w_ih.T.contiguous(), w_hh.T.contiguous())
+        if cache is not None:
+            cache[sfx] = (key, out)
+        return out
 
     # -------------------------------------------------------------- the true pass
 
@@ -300,27 +346,36 @@ class TextDecomposer:
         x = self.embed_tokens(tokens)
         T = x.shape[0]
         layers = []
+        one_forward = self.lstm.num_layers == 1 and self.num_directions == 1
         for layer in range(self.lstm.num_layers):
             dirs = []
             for d in range(self.num_directions):
-                w_ih, w_hh, bias = self._weights(layer, reverse=d == 1)
+                w_ih, w_hh, bias, w_ih_t, w_hh_t = self._weights(layer, reverse=d == 1)
                 H = w_hh.shape[1]
-                xw = x @ w_ih.T
-                xwb, w_hh_t = xw + bias, w_hh.T
-                gates, cs, hs, sig = [], [], [], []
+                xw = x @ w_ih_t
+                xwb = (xw + bias).unbind(0)
+                gates, cs, hs, sig, tgs, tcs = [], [], [], [], [], []
                 h = torch.zeros(1, H, dtype=self.dtype, device=x.device)
                 c = torch.zeros_like(h)
                 # the true LSTM, few ops per step (this loop runs once per sentence)
+                # (slices, not Tensor.split: split is a Python function, ~5 us a call)
                 for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
-                    g = torch.addmm(xwb[t:t + 1], h, w_hh_t)      # with bias
+                    g = torch.addmm(xwb[t], h, w_hh_t)            # with bias
                     s = torch.sigmoid(g)                           # i, f, o (g's slot unused)
-                    c = torch.addcmul(s[:, :H] * torch.tanh(g[:, 2 * H:3 * H]), s[:, H:2 * H], c)
-                    h = s[:, 3 * H:] * torch.tanh(c)
+                    tg = torch.tanh(g[:, 2 * H:3 * H])
+                    c = torch.addcmul(s[:, :H] * tg, s[:, H:2 * H], c)
+                    tc = torch.tanh(c)
+                    h = s[:, 3 * H:] * tc
                     gates.append(g), cs.append(c), hs.append(h), sig.append(s)
+                    tgs.append(tg), tcs.append(tc)
                 if d == 1:
                     gates, cs, hs, sig = gates[::-1], cs[::-1], hs[::-1], sig[::-1]
-                dirs.append(_Direction(w_ih, w_hh, bias, d == 1, xw, torch.cat(gates) - bias,
-                                       torch.cat(cs), torch.cat(hs), torch.cat(sig)[:, 3 * H:]))
+                gates, sig = torch.cat(gates), torch.cat(sig)
+                dd = _Direction(w_ih, w_hh, bias, d == 1, xw, gates - bias, torch.cat(cs),
+                                torch.cat(hs), sig[:, 3 * H:], w_hh_t)
+                if one_forward:
+                    dd.fast = _fast_consts(dd, gates, sig, torch.cat(tgs), torch.cat(tcs))
+                dirs.append(dd)
             layers.append(dirs)
             x = torch.cat([dd.h for dd in dirs], dim=1)
         feats = self._readout([dd.h.unsqueeze(0) for dd in layers[-1]], T)[0]
@@ -361,9 +416,16 @@ class TextDecomposer:
                 raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
             mask = mask.to(self.dtype)
         M = mask.shape[0]
+        fast = self.backend == "auto" and sent.layers[0][0].fast is not None and not (
+            torch.is_grad_enabled() and sent.features.requires_grad)
+        if fast:
+            mask_np = mask.cpu().numpy() != 0
         feats = []
         for lo in range(0, M, self._chunk(T)):
-            feats.append(self._relevant_features(sent, mask[lo:lo + self._chunk(T)]))
+            if fast:
+                feats.append(self._fast_features(sent, mask_np[lo:lo + self._chunk(T)]))
+            else:
+                feats.append(self._relevant_features(sent, mask[lo:lo + self._chunk(T)]))
         rel = torch.cat(feats) if feats else sent.features.new_zeros(0, sent.features.shape[0])
         irrel = sent.features.unsqueeze(0) - rel
         if self.head is None:
@@ -371,6 +433,79 @@ class TextDecomposer:
         w = self.head.weight.to(self.dtype)
         bias = None if self.head.bias is None else self.head.bias.to(self.dtype)
         return TextCDResult(rel @ w.T, irrel @ w.T, mask, bias)
+
+    def _fast_features(self, sent: Sentence, masks: np.ndarray) -> torch.Tensor:
+        """Relevant final hidden states (M, H) of a one-layer forward LSTM for 0/1 token
+        masks (M, T): the cell rule of ``_torch_ops.lstm_cd_cell`` written out with the
+        sentence's per-step constants (true activations, cell, tanh(cell), output gate and
+        the bias terms, computed once in ``prepare``) into preallocated buffers, about 20
+        small ops per step for all rows; masks that agree up to a step share one row up to
+        there (``_row_plan``). No autograd (in-place buffers): ``cd`` uses it only when no
+        gradient is needed.
+        """
+        dd = sent.layers[0][0]
+        fc = dd.fast
+        T, H = sent.length, dd.w_hh.shape[1]
+        n_at, joins, bits, final = _row_plan(masks)
+        R = bits.shape[1]
+        dev = dd.xw.device
+        new = dd.xw.new_empty
+        hb, cb = dd.xw.new_zeros(R + 1, H), dd.xw.new_zeros(R + 1, H)  # row R stays 0
+        gb, pb, tb, fb = new(R, 4 * H), new(2 * R, 3 * H), new(2 * R, H), new(R, H)
+        bits_t = torch.from_numpy(np.ascontiguousarray(bits)).to(
+            device=dev, dtype=self.dtype).unsqueeze(2)                   # (T, R, 1)
+        has_bit = bits.any(1).tolist()
+        w, b3, act_b = fc.w_hh_t, fc.b3, fc.act_b
+        b_i, b_f, b_g, bb = fc.b_i, fc.b_f, fc.b_g, fc.bb
+        H2, H3 = 2 * H, 3 * H
+        views: dict = {}
+        n_cur = -1
+        for k in range(int(np.argmax(np.asarray(n_at) > 0)) if R else T, T):
+            n = n_at[k]
+            if n != n_cur:   # views of the buffers for the n live rows (n changes rarely)
+                n_cur = n
+                if n not in views:
+                    p, th, g = pb[:2 * n], tb[:2 * n], gb[:n]
+                    share = p[:n]
+                    views[n] = (hb[:n], cb[:n], g, g[:, :H3], p[:n], p[n:], p[:, :H2],
+                                p[:, H2:], share[:, :H], share[:, H:H2], share[:, H2:], fb[:n],
+                                th[:n], th[n:])
+                (h, c, g, g3, p_r, p_i, p_sig, p_tanh, r_i, r_f, r_g, f_c, th_r,
+                 th_i) = views[n]
+            if joins[k] is not None:        # rows that split off now copy the shared state
+                lo, par = joins[k]
+                par = torch.from_numpy(par).to(dev)
+                torch.index_select(hb[:lo], 0, par, out=hb[lo:lo + par.numel()])
+                torch.index_select(cb[:lo], 0, par, out=cb[lo:lo + par.numel()])
+            xw_t, pre3, act, c_t, tc_t, half_o = fc.steps[k]
+            # relevant gates: W_ih x_t [t in mask] + W_hh h_rel
+            if has_bit[k]:
+                bit = bits_t[k, :n]
+                torch.mul(bit, xw_t, out=g)
+                g.addmm_(h, w)
+            else:
+                torch.mm(h, w, out=g)
+            # act(rel + b) and act(irrel + b), irrel = total - rel
+            torch.add(g3, b3, out=p_r)
+            torch.sub(pre3, g3, out=p_i)
+            p_sig.sigmoid_()
+            p_tanh.tanh_()
+            # three-player split: 0.5 [(act(r + b) - act(b)) + (act(total) - act(i + b))]
+            torch.sub(act, p_i, out=p_i)
+            p_r.sub_(act_b).add_(p_i).mul_(0.5)
+            if k > 0:
+                torch.add(r_f, b_f, out=f_c).mul_(c)          # forget term, before c changes
+            torch.add(r_g, b_g, out=c).mul_(r_i).addcmul_(b_i, r_g)
+            if has_bit[k]:
+                c.addcmul_(bit, bb)
+            if k > 0:
+                c.add_(f_c)
+            # two-player tanh split of the cell, times the true output gate
+            torch.tanh(c, out=th_r)
+            torch.sub(c_t, c, out=th_i)
+            th_i.tanh_()
+            torch.sub(tc_t, th_i, out=h).add_(th_r).mul_(half_o)
+        return hb[torch.from_numpy(final).to(dev)]
 
     def _chunk(self, T: int) -> int:
         H = self.lstm.hidden_size
@@ -429,7 +564,7 @@ class TextDecomposer:
         else:
             xw_steps = rel_in[perm].transpose(0, 1) @ dd.w_ih.T
         new = mask.new_zeros
-        w_hh_t = dd.w_hh.T
+        w_hh_t = dd.w_hh_t if dd.w_hh_t is not None else dd.w_hh.T
         rel_h = rel_c = new(0, H)                                       # the started rows
         seq = new(M, T, H) if keep_sequence else None
         n = 0
@@ -452,6 +587,77 @@ class TextDecomposer:
         if n < M:
             rel_h = torch.cat([rel_h, new(M - n, H)])
         return rel_h[inverse]
+
+
+def _fast_consts(dd: _Direction, gates, sig, tg, tc) -> _FastConsts:
+    """Per-step constants of the one-layer fast path from the true pass: gates (T, 4H) with
+    bias, sig = sigmoid(gates), tg = tanh of the g gate (T, H), tc = tanh(c) (T, H)."""
+    H = dd.w_hh.shape[1]
+    b3 = dd.bias[:3 * H].unsqueeze(0)
+    act_b = torch.cat([torch.sigmoid(b3[:, :2 * H]), torch.tanh(b3[:, 2 * H:])], dim=1)
+    b_i, b_f, b_g = act_b.split(H, 1)
+    act = torch.cat([sig[:, :2 * H], tg], dim=1)
+    steps = list(zip(dd.xw.unbind(0), gates[:, :3 * H].unbind(0), act.unbind(0),
+                     dd.c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
+    return _FastConsts(dd.w_hh_t, b3, act_b, b_i, b_f, b_g, b_i * b_g, steps)
+
+
+def _row_plan(masks: np.ndarray):
+    """Which rows a batched recurrence over 0/1 token masks (M, T) must compute, and when.
+
+    A mask's relevant state at step t depends only on its first t + 1 entries, and is
+    exactly zero before its first 1. So masks that agree up to step t share one state up
+    to t: in lexicographic order, row j splits from row j - 1 at the first position d_j
+    where they differ, and needs a row of its own from step e_j = max(d_j, f_j) on (f_j:
+    its first 1). It starts there from zero (d_j <= f_j: nothing relevant before) or from
+    a copy of the state it shared, held by the nearest earlier row with a smaller d.
+
+    Returns ``(n_at, joins, bits, final)``: ``n_at[k]`` rows are live at step k (rows are
+    numbered in the order they start); ``joins[k]`` = (first new row, parents) for the new
+    rows at step k whose state is copied (the others start at zero); ``bits`` (T, R) the
+    masks of the R computed rows; ``final[m]`` the row holding mask m's state at the end
+    (R: a zero row, for a mask without a 1).
+    """
+    M, T = masks.shape
+    order = np.lexsort(masks.T[::-1]) if M > 1 else np.arange(M)
+    ms = masks[order]
+    nz = ms.any(1)
+    f = np.where(nz, ms.argmax(1), T)
+    d = np.zeros(M, dtype=np.int64)
+    if M > 1:
+        diff = ms[1:] != ms[:-1]
+        d[1:] = np.where(diff.any(1), diff.argmax(1), T)
+    e = np.maximum(d, f)
+    copied = d > f                    # shares a started state with an earlier row
+    parent = np.full(M, -1, dtype=np.int64)
+    if copied.any():
+        stack: list[int] = []        # previous row with a smaller d
+        dl = d.tolist()
+        for j in range(M):
+            while stack and dl[stack[-1]] >= dl[j]:
+                stack.pop()
+            if stack:
+                parent[j] = stack[-1]
+            stack.append(j)
+    own = np.flatnonzero(e < T)
+    own = own[np.lexsort((~copied[own], e[own]))]      # by start step, copies first
+    R = own.size
+    row_of = np.full(M, R, dtype=np.int64)
+    row_of[own] = np.arange(R)
+    e_own = e[own]
+    n_at = np.searchsorted(e_own, np.arange(T), side="right").tolist()
+    joins = [None] * T
+    copied_own = copied[own]
+    for k in np.unique(e_own[copied_own]).tolist():
+        lo, hi = np.searchsorted(e_own, [k, k + 1]).tolist()
+        rows = own[lo:lo + int(copied_own[lo:hi].sum())]
+        joins[k] = (lo, row_of[parent[rows]])
+    # the row that holds each mask's final state: the first of its run of equal masks
+    run_head = np.maximum.accumulate(np.where(d < T, np.arange(M), 0)) if M else d
+    fin_sorted = np.where(f < T, row_of[run_head], R)
+    final = np.empty(M, dtype=np.int64)
+    final[order] = fin_sorted
+    return n_at, joins, ms[own].T, final
 
 
 def _discover(model: nn.Module):
