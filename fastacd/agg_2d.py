@@ -322,49 +322,53 @@ class Scorer:
         return [int(b) if ok[b, j] else None for j, b in enumerate(best)]
 
     def _score_cd_grouped(self, cands) -> np.ndarray:
-        """Group candidates by base (and delta size) and score all groups in one engine call
-        (one total pass): windowed where it pays off, a base that is itself a candidate read
-        from its own propagation, the rest (the whole image, lone members) in full."""
+        """Score candidates in one engine call (one total pass), grouped by base.
+
+        A candidate's base is its largest strict subset among the masks scored before or now
+        (a component for component-plus-tile, one member for a merge union; none for a single
+        tile: the empty mask). Per base, one base pass; its candidates go through windowed
+        propagation in buckets of similar delta size (one common window per bucket), where
+        the cost model in ``fastacd.windowed`` says it pays off. A base that is itself a
+        candidate is read from its base pass. Lone candidates of a base that is not scored
+        now (a base pass would cost as much as scoring them), and the whole image, are
+        scored in full.
+        """
         from .windowed import cd_groups
         arrays = [(i, c) for i, c in enumerate(cands) if not isinstance(c, str)]
         rows: list = [None] * len(cands)
-        groups: dict = {}
+        by_base: dict = {}
+        first = len(self._known)
         if arrays:
             masks = [np.asarray(c, dtype=bool) for _, c in arrays]
             known = self._known + masks
             for (i, c), b in zip(arrays, self._bases(masks)):
-                base = known[b] if b is not None else None
-                delta = c & ~base if base is not None else c
-                ys, xs = np.nonzero(self.units.pixels(delta))
-                size = (int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)) if ys.size else (1, 1)
-                bucket = tuple(int(np.ceil(np.log2(v))) for v in size)  # similar windows together
-                groups.setdefault((b, bucket), (base, b, []))[2].append((i, delta))
+                delta = c & ~known[b] if b is not None else c
+                by_base.setdefault(b, []).append((i, delta))
             self._known += masks
-        # a base that is one of these candidates: its row comes from its own propagation
-        first = len(self._known) - len(arrays)
-        as_base = {}
-        for base, b, members in groups.values():
-            if b is not None and b >= first and len(members) >= 2:
-                as_base.setdefault(b, arrays[b - first][0])
+        # a base that is one of these candidates: its row comes from its own base pass
+        as_base = {b: arrays[b - first][0] for b, members in by_base.items()
+                   if b is not None and b >= first}
         hw, dev, dt = self.units.hw, self.x.device, self.x.dtype
         to_t = lambda a: torch.from_numpy(np.asarray(a)).to(device=dev, dtype=dt)
-        jobs, slots, plain = [], [], []
-        taken = set(as_base.values())
-        claimed = set()
-        for base, b, members in groups.values():
-            members = [(i, d) for i, d in members if i not in taken]
-            if len(members) < 2:  # a base pass costs one full mask: not worth it for one
+        jobs, slots, plain, windowed_bases = [], [], [], set()
+        for b, members in by_base.items():
+            members = [(i, d) for i, d in members if i not in as_base.values()]
+            if not members or (len(members) < 2 and b not in as_base):
                 plain += [i for i, _ in members]
                 continue
-            for s in range(0, len(members), 2 * _CHUNK):
-                part = members[s:s + 2 * _CHUNK]
-                want = b in as_base and b not in claimed
-                if want:
-                    claimed.add(b)
-                jobs.append((to_t(self.units.pixels(base)) if base is not None else to_t(np.zeros(hw, bool)),
-                             to_t(np.stack([self.units.pixels(d) for _, d in part])), want))
+            windowed_bases.add(b)
+            buckets: dict = {}
+            for i, d in members:
+                ys, xs = np.nonzero(self.units.pixels(d))
+                size = (int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)) if ys.size else (1, 1)
+                buckets.setdefault(tuple(int(np.ceil(np.log2(v))) for v in size), []).append((i, d))
+            base_t = to_t(self.units.pixels(known[b]) if b is not None else np.zeros(hw, bool))
+            for k, part in enumerate(p[s:s + 2 * _CHUNK] for p in buckets.values()
+                                     for s in range(0, len(p), 2 * _CHUNK)):
+                want = k == 0 and b in as_base
+                jobs.append((base_t, to_t(np.stack([self.units.pixels(d) for _, d in part])), want))
                 slots.append((as_base[b] if want else None, [i for i, _ in part]))
-        plain += [i for b, i in as_base.items() if b not in claimed]
+        plain += [i for b, i in as_base.items() if b not in windowed_bases]
         plain += [i for i, c in enumerate(cands) if isinstance(c, str)]
         if plain:
             ones = np.ones(hw, dtype=bool)
@@ -373,7 +377,7 @@ class Scorer:
             slots.append((None, plain))
         info = [{} for _ in jobs]
         with torch.no_grad():
-            results, _ = cd_groups(self.dec, self.x, jobs, stats=info)
+            results, _ = cd_groups(self.dec, self.x, jobs, stats=info, trusted=True)
         self.calls += 1
         for (base_i, idx), (base_rel, rel), st in zip(slots, results, info):
             if base_i is not None:

@@ -467,7 +467,7 @@ def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | 
 
 def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
               max_fraction: float = WINDOW_MAX_FRACTION, max_cost_ratio: float = MAX_COST_RATIO,
-              stats: list | None = None) -> tuple[list, torch.Tensor]:
+              stats: list | None = None, trusted: bool = False) -> tuple[list, torch.Tensor]:
     """Relevant outputs of several groups of masks for one input, with one total pass.
 
     groups: ``(base_mask, delta_masks, want_base)`` each. ``base_mask=None``: the masks
@@ -477,6 +477,9 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     output (free when the base is propagated for windowing). Returns ``(base_rel (1, K) or
     None, rel (M, K) or None)`` per group, and the model's output (1, K).
     ``stats``: one dict per group (filled with ``windowed`` and ``cost_ratio``), or None.
+    Consecutive groups passing the same ``base_mask`` object share one base pass.
+    ``trusted``: the masks are already (M, H, W) / (H, W) tensors of x's dtype and device
+    holding finite values (as ``agg_2d.Scorer`` builds them): skip the checks.
     """
     from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
     x = dec._check_input(x)
@@ -490,6 +493,13 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         return res, dec.forward(x)
     values, aux = dec._total_pass(x)
     full_step = chunk_size or dec.chunk_size(values, x)
+    if trusted:
+        def masks_of(t):
+            return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t
+    else:
+        def masks_of(t):
+            return dec._check_masks(x, t)
+    last_base, last_rel = None, None  # the previous group's base mask and its maps
 
     def full_cd(masks):
         return torch.cat([dec._relevant_pass(masks[s:s + full_step] * x, values, aux)
@@ -499,27 +509,33 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     for gi, (base_mask, delta_masks, want_base) in enumerate(groups):
         info = stats[gi] if stats is not None else {}
         if base_mask is None:
-            res.append((None, full_cd(dec._check_masks(x, delta_masks))))
+            res.append((None, full_cd(masks_of(delta_masks))))
             info.update(windowed=False)
             continue
-        base = dec._check_masks(x, base_mask)
+        base = masks_of(base_mask)
         if base.shape[0] != 1:
             raise ValueError(f"base_mask must be one mask, got {base.shape[0]}")
         if delta_masks is None:
             res.append((full_cd(base), None))
             info.update(windowed=False)
             continue
-        cand = torch.maximum(base, dec._check_masks(x, delta_masks))
+        cand = torch.maximum(base, masks_of(delta_masks))
         win0 = input_windows(cand, base)
         plans, (win_macs, full_macs), largest = plan(dec.graph, values, win0, max_fraction)
         mcount = cand.shape[0]
-        ratio = ((0 if want_base else full_macs) + mcount * win_macs) / max(mcount * full_macs, 1)
+        shared = last_base is base_mask
+        base_cost = 0 if (want_base or shared) else full_macs  # a base pass still to pay for
+        ratio = (base_cost + mcount * win_macs) / max(mcount * full_macs, 1)
         windowed = full_macs > 0 and ratio < max_cost_ratio
         info.update(windowed=windowed, cost_ratio=ratio)
         if not windowed:
             res.append((full_cd(base) if want_base else None, full_cd(cand)))
             continue
-        base_rel = dec._relevant_pass(base * x, values, aux, keep=True)
+        if not shared:
+            last_base, last_rel = None, None  # free the previous base's maps first
+            last_rel = dec._relevant_pass(base * x, values, aux, keep=True)
+            last_base = base_mask
+        base_rel = last_rel
         # the candidates' input windows: mask crop times image crop
         dev = x.device
         w_all = win0.part(0, mcount, dev)
