@@ -15,6 +15,7 @@ Figures (bench/results/run.json), per model and process count:
 * ``images_per_hour``: ``n / wall_s * 3600``;
 * ``per_image_s``: the manifest's per-image compute times (mean), and their sum;
 * ``per_image``: each image's compute time (the same images in every configuration);
+* ``masks_scored``: CD masks the engine scored per image (the JSON's ``stats.scored``);
 * ``images_per_hour_vs_first_config``: over the first configuration's (1 process by default).
 
 Configurations ``P`` or ``PxT`` (``--configs 1 1x1 2``: 1 process with every core, 1 process
@@ -68,7 +69,9 @@ def one(arch: str, procs: int, threads: int | None, data: Path, out: Path) -> di
         raise RuntimeError(f"{arch} x{procs}: not every image finished: {recs}")
     return dict(wall_s=wall, images=len(recs), images_per_hour=len(recs) / wall * 3600,
                 per_image_s=sum(times) / len(times), per_image_sum_s=sum(times),
-                per_image={r["image"]: r["time_s"] for r in recs}, load_avg_1min=os.getloadavg()[0])
+                per_image={r["image"]: r["time_s"] for r in recs}, load_avg_1min=os.getloadavg()[0],
+                masks_scored={r["image"]: json.loads((out / r["outputs"]["json"]).read_text())["stats"]["scored"]
+                              for r in recs})
 
 
 def parse_config(c: str) -> tuple[int, int | None]:

@@ -39,6 +39,10 @@ def cmd_run(args) -> int:
     except RunError as e:
         print(f"fastacd run: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nfastacd run: interrupted; finished images are kept: re-run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 def cmd_info(args) -> int:

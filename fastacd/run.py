@@ -740,6 +740,8 @@ def run(args) -> int:
                 rec.update(status="error", error=f"{type(e).__name__}: {e}",
                            time_s=round(time.perf_counter() - t0, 4), finished=_now())
                 n_err += 1
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # e.g. after an out-of-memory error on a large image
                 if dist.rank != 0 or args.no_progress:
                     print(f"rank {dist.rank}: {it.id}: {rec['error']}", file=sys.stderr, flush=True)
                 else:
