@@ -29,7 +29,7 @@ same --out is refused unless --overwrite. Outputs, schema and resume rules: docs
 def cmd_demo(args) -> int:
     from fastacd.run import demo
     return demo(args.out, n=args.n, sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
-                num_iters=args.num_iters, tile=args.tile)
+                num_iters=args.num_iters, tile=args.tile, threads=args.threads or None)
 
 
 def cmd_run(args) -> int:
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--percentile-include", type=float, default=90, help="(default: %(default)s)")
     d.add_argument("--num-iters", type=int, default=5, help="(default: %(default)s)")
     d.add_argument("--tile", type=int, default=4, help="tile side for the speed comparison (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s; the model is "
+                   "tiny; 0 = torch's default)")
     d.set_defaults(fn=cmd_demo)
     add_run_parser(sub)
     i = sub.add_parser("info", help="versions, compiled extension and kernels, devices")

@@ -770,10 +770,15 @@ def run(args) -> int:
 # fastacd demo
 # ------------------------------------------------------------------------------------------
 def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90, num_iters: int = 5,
-         tile: int = 4) -> int:
+         tile: int = 4, threads: int | None = 1) -> int:
     """Train the small digits CNN (seconds), write ACD hierarchies (PNG + JSON) of ``n`` test
-    digits, and compare the batched engine with the reference backend on tile CD."""
+    digits, and compare the batched engine with the reference backend on tile CD.
+
+    ``threads``: torch CPU threads (default 1: the model is tiny, and on a shared machine one
+    thread was 3-4x faster than two; None = torch's default)."""
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     import fastacd
     from .hierarchy import hierarchy
     from .models import train_digits_cnn
