@@ -317,7 +317,13 @@ def model_settings(args) -> dict:
 def build_model(args):
     """The model in eval mode on the CPU, and whether it is random-init."""
     import torch
-    torch.manual_seed(args.seed)  # the same random-init model on every rank and every run
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(args.seed)  # the same random-init model on every rank and every run
+        return _build_model(args)
+
+
+def _build_model(args):
+    import torch
     if args.arch is not None:
         import torchvision
         names = torchvision.models.list_models(module=torchvision.models)

@@ -302,7 +302,7 @@ def test_help(capsys):
 
 
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--n", "1", "--out", str(tmp_path)]) == 0
+    assert run_cli("demo", "--n", "1", "--out", tmp_path) == 0
     text = capsys.readouterr().out
     assert "faster" in text and "hierarchy of" in text
     (js,) = tmp_path.glob("digit_0_class_*.json")
