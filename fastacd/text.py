@@ -27,6 +27,7 @@ token mask of step t in every layer and direction (see docs/text.md).
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -116,15 +117,26 @@ def check_phrase(start, stop, length: int) -> tuple[int, int]:
     return start, stop
 
 
-def phrase_masks(phrases, length: int, dtype=torch.float64) -> torch.Tensor:
-    """(M, length) 0/1 masks of inclusive ``(start, stop)`` phrases."""
+def check_phrases(phrases, length: int) -> list[tuple[int, int]]:
+    """``check_phrase`` for every inclusive ``(start, stop)`` pair: a list of int pairs."""
     if isinstance(phrases, torch.Tensor):
         phrases = phrases.tolist()
-    pairs = [check_phrase(s, e, length) for s, e in phrases]
-    masks = torch.zeros(len(pairs), length, dtype=dtype)
-    for m, (s, e) in enumerate(pairs):
-        masks[m, s:e + 1] = 1
-    return masks
+    pairs = [tuple(p) for p in phrases]
+    ok = all(len(p) == 2 and type(p[0]) is int and type(p[1]) is int and 0 <= p[0] <= p[1] < length
+             for p in pairs)  # the common case, without the per-phrase checks' overhead
+    return pairs if ok else [check_phrase(st, e, length) for st, e in pairs]
+
+
+def _pair_masks(pairs: list[tuple[int, int]], length: int) -> np.ndarray:
+    """(M, length) boolean masks of checked inclusive pairs."""
+    se = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    pos = np.arange(length)
+    return (pos >= se[:, :1]) & (pos <= se[:, 1:])
+
+
+def phrase_masks(phrases, length: int, dtype=torch.float64) -> torch.Tensor:
+    """(M, length) 0/1 masks of inclusive ``(start, stop)`` phrases."""
+    return torch.from_numpy(_pair_masks(check_phrases(phrases, length), length)).to(dtype)
 
 
 def all_phrases(length: int) -> list[tuple[int, int]]:
@@ -353,28 +365,15 @@ class TextDecomposer:
                 w_ih, w_hh, bias, w_ih_t, w_hh_t = self._weights(layer, reverse=d == 1)
                 H = w_hh.shape[1]
                 xw = x @ w_ih_t
-                xwb = (xw + bias).unbind(0)
-                gates, cs, hs, sig, tgs, tcs = [], [], [], [], [], []
-                h = torch.zeros(1, H, dtype=self.dtype, device=x.device)
-                c = torch.zeros_like(h)
-                # the true LSTM, few ops per step (this loop runs once per sentence)
-                # (slices, not Tensor.split: split is a Python function, ~5 us a call)
-                for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
-                    g = torch.addmm(xwb[t], h, w_hh_t)            # with bias
-                    s = torch.sigmoid(g)                           # i, f, o (g's slot unused)
-                    tg = torch.tanh(g[:, 2 * H:3 * H])
-                    c = torch.addcmul(s[:, :H] * tg, s[:, H:2 * H], c)
-                    tc = torch.tanh(c)
-                    h = s[:, 3 * H:] * tc
-                    gates.append(g), cs.append(c), hs.append(h), sig.append(s)
-                    tgs.append(tg), tcs.append(tc)
-                if d == 1:
-                    gates, cs, hs, sig = gates[::-1], cs[::-1], hs[::-1], sig[::-1]
-                gates, sig = torch.cat(gates), torch.cat(sig)
-                dd = _Direction(w_ih, w_hh, bias, d == 1, xw, gates - bias, torch.cat(cs),
-                                torch.cat(hs), sig[:, 3 * H:], w_hh_t)
-                if one_forward:
-                    dd.fast = _fast_consts(dd, gates, sig, torch.cat(tgs), torch.cat(tcs))
+                xwb = xw + bias
+                if torch.is_grad_enabled() and xwb.requires_grad:
+                    gates, act, c, tc, h = _true_pass_autograd(xwb, w_hh_t, d == 1)
+                else:
+                    gates, act, c, tc, h = _true_pass(xwb, w_hh_t, d == 1)
+                dd = _Direction(w_ih, w_hh, bias, d == 1, xw, gates - bias, c, h,
+                                act[:, 3 * H:], w_hh_t)
+                if one_forward and not gates.requires_grad:
+                    dd.fast = _fast_consts(dd, gates, act, tc)
                 dirs.append(dd)
             layers.append(dirs)
             x = torch.cat([dd.h for dd in dirs], dim=1)
@@ -403,8 +402,13 @@ class TextDecomposer:
         if (phrases is None) == (masks is None):
             raise ValueError("give exactly one of phrases=[(start, stop), ...] or masks=(M, T)")
         dev = sent.features.device
+        fast = self.backend == "auto" and sent.layers[0][0].fast is not None and not (
+            torch.is_grad_enabled() and sent.features.requires_grad)
+        pairs = mask_np = None
         if phrases is not None:
-            mask = phrase_masks(phrases, T, self.dtype).to(dev)
+            pairs = check_phrases(phrases, T)
+            mask_np = _pair_masks(pairs, T)
+            mask = torch.from_numpy(mask_np).to(device=dev, dtype=self.dtype)
         else:
             mask = torch.as_tensor(masks).to(dev)
             if mask.dim() == 1:
@@ -415,63 +419,71 @@ class TextDecomposer:
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
             mask = mask.to(self.dtype)
-        M = mask.shape[0]
-        fast = self.backend == "auto" and sent.layers[0][0].fast is not None and not (
-            torch.is_grad_enabled() and sent.features.requires_grad)
-        if fast:
-            mask_np = mask.cpu().numpy() != 0
-        feats = []
-        for lo in range(0, M, self._chunk(T)):
             if fast:
-                feats.append(self._fast_features(sent, mask_np[lo:lo + self._chunk(T)]))
+                mask_np = mask.cpu().numpy() != 0
+        M = mask.shape[0]
+        feats = []
+        chunk = self._chunk(T)
+        for lo in range(0, M, chunk):
+            if fast:
+                plan = (_phrase_plan(pairs[lo:lo + chunk], T) if pairs is not None
+                        else _row_plan(mask_np[lo:lo + chunk]))
+                feats.append(self._fast_features(sent, plan))
             else:
-                feats.append(self._relevant_features(sent, mask[lo:lo + self._chunk(T)]))
-        rel = torch.cat(feats) if feats else sent.features.new_zeros(0, sent.features.shape[0])
+                feats.append(self._relevant_features(sent, mask[lo:lo + chunk]))
+        rel = torch.cat(feats) if len(feats) != 1 else feats[0]
+        if not feats:
+            rel = sent.features.new_zeros(0, sent.features.shape[0])
         irrel = sent.features.unsqueeze(0) - rel
         if self.head is None:
             return TextCDResult(rel, irrel, mask)
-        w = self.head.weight.to(self.dtype)
-        bias = None if self.head.bias is None else self.head.bias.to(self.dtype)
-        return TextCDResult(rel @ w.T, irrel @ w.T, mask, bias)
+        w_t, bias = self._head_weights()
+        return TextCDResult(rel @ w_t, irrel @ w_t, mask, bias)
 
-    def _fast_features(self, sent: Sentence, masks: np.ndarray) -> torch.Tensor:
-        """Relevant final hidden states (M, H) of a one-layer forward LSTM for 0/1 token
-        masks (M, T): the cell rule of ``_torch_ops.lstm_cd_cell`` written out with the
-        sentence's per-step constants (true activations, cell, tanh(cell), output gate and
-        the bias terms, computed once in ``prepare``) into preallocated buffers, about 20
-        small ops per step for all rows; masks that agree up to a step share one row up to
-        there (``_row_plan``). No autograd (in-place buffers): ``cd`` uses it only when no
+    def _head_weights(self):
+        """(head.weight^T, head.bias) in the arithmetic dtype; cached without autograd."""
+        w, b = self.head.weight, self.head.bias
+        if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
+            return w.to(self.dtype).T, None if b is None else b.to(self.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, self.dtype) + (
+            () if b is None else (b.data_ptr(), b._version))
+        hit = getattr(self, "_head_cache", None)
+        if hit is None or hit[0] != key:
+            hit = self._head_cache = (key, (w.to(self.dtype).T.contiguous(),
+                                            None if b is None else b.to(self.dtype)))
+        return hit[1]
+
+    def _fast_features(self, sent: Sentence, plan) -> torch.Tensor:
+        """Relevant final hidden states (M, H) of a one-layer forward LSTM for M token masks
+        planned by ``_row_plan`` / ``_phrase_plan`` (masks that agree up to a step share one
+        row up to there). The cell rule of ``_torch_ops.lstm_cd_cell``, written out with the
+        sentence's per-step constants (true activations, cell, tanh(cell), output gate, bias
+        terms: computed once in ``prepare``) into preallocated buffers: about 20 small ops
+        per step for all rows. No autograd (in-place buffers): ``cd`` uses it only when no
         gradient is needed.
         """
+        n_at, joins, bits, final = plan
         dd = sent.layers[0][0]
         fc = dd.fast
         T, H = sent.length, dd.w_hh.shape[1]
-        n_at, joins, bits, final = _row_plan(masks)
         R = bits.shape[1]
         dev = dd.xw.device
-        new = dd.xw.new_empty
-        hb, cb = dd.xw.new_zeros(R + 1, H), dd.xw.new_zeros(R + 1, H)  # row R stays 0
-        gb, pb, tb, fb = new(R, 4 * H), new(2 * R, 3 * H), new(2 * R, H), new(R, H)
-        bits_t = torch.from_numpy(np.ascontiguousarray(bits)).to(
-            device=dev, dtype=self.dtype).unsqueeze(2)                   # (T, R, 1)
+        ws = _workspace(R, H, self.dtype, dev)
+        hb, cb = ws.h, ws.c
+        hb[:R].zero_()                      # rows start from zero; row ws.cap stays zero
+        cb[:R].zero_()
+        bits_t = torch.from_numpy(bits).to(device=dev, dtype=self.dtype).unsqueeze(2)
         has_bit = bits.any(1).tolist()
         w, b3, act_b = fc.w_hh_t, fc.b3, fc.act_b
         b_i, b_f, b_g, bb = fc.b_i, fc.b_f, fc.b_g, fc.bb
-        H2, H3 = 2 * H, 3 * H
-        views: dict = {}
+        views = ws.views
         n_cur = -1
-        for k in range(int(np.argmax(np.asarray(n_at) > 0)) if R else T, T):
+        for k in range(_first_live(n_at), T):
             n = n_at[k]
-            if n != n_cur:   # views of the buffers for the n live rows (n changes rarely)
+            if n != n_cur:                  # the buffers' views for n live rows
                 n_cur = n
-                if n not in views:
-                    p, th, g = pb[:2 * n], tb[:2 * n], gb[:n]
-                    share = p[:n]
-                    views[n] = (hb[:n], cb[:n], g, g[:, :H3], p[:n], p[n:], p[:, :H2],
-                                p[:, H2:], share[:, :H], share[:, H:H2], share[:, H2:], fb[:n],
-                                th[:n], th[n:])
-                (h, c, g, g3, p_r, p_i, p_sig, p_tanh, r_i, r_f, r_g, f_c, th_r,
-                 th_i) = views[n]
+                v = views.get(n) or ws.make_views(n)
+                h, c, g, g3, p_r, p_i, p_sig, p_tanh, r_i, r_f, r_g, f_c, th_r, th_i = v
             if joins[k] is not None:        # rows that split off now copy the shared state
                 lo, par = joins[k]
                 par = torch.from_numpy(par).to(dev)
@@ -505,6 +517,7 @@ class TextDecomposer:
             torch.sub(c_t, c, out=th_i)
             th_i.tanh_()
             torch.sub(tc_t, th_i, out=h).add_(th_r).mul_(half_o)
+        final = np.where(final == R, ws.cap, final)   # masks without a 1: the zero row
         return hb[torch.from_numpy(final).to(dev)]
 
     def _chunk(self, T: int) -> int:
@@ -589,17 +602,145 @@ class TextDecomposer:
         return rel_h[inverse]
 
 
-def _fast_consts(dd: _Direction, gates, sig, tg, tc) -> _FastConsts:
+def _true_pass(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
+    """The true LSTM of one direction without autograd, written into preallocated rows.
+
+    xwb (T, 4H) ``W_ih x_t + b``; w_hh_t (H, 4H). Returns gates (T, 4H) with bias, act
+    (T, 4H) (sigmoid of i, f, o; tanh of g in g's slot), c, tanh(c), h (T, H). Seven ops
+    per step: every row view is made once (one ``unbind`` per buffer), not per step.
+    """
+    T, H = xwb.shape[0], w_hh_t.shape[0]
+    new = xwb.new_empty
+    G, A, TC = new(T, 4 * H), new(T, 4 * H), new(T, H)
+    C, Hs = xwb.new_zeros(T + 1, H), xwb.new_zeros(T + 1, H)       # row T: the zero state
+    rows = lambda m: m.unsqueeze(1).unbind(0)                       # noqa: E731  (1, X) rows
+    xr, gr, ar, tcr, cr, hr = rows(xwb), rows(G), rows(A), rows(TC), rows(C), rows(Hs)
+    g_g, a_i, a_f, a_g, a_o = (rows(G[:, 2 * H:3 * H]), rows(A[:, :H]), rows(A[:, H:2 * H]),
+                               rows(A[:, 2 * H:3 * H]), rows(A[:, 3 * H:]))
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        prev = t + 1 if reverse else t - 1                          # -1 and T: row T, zero
+        torch.addmm(xr[t], hr[prev], w_hh_t, out=gr[t])
+        torch.sigmoid(gr[t], out=ar[t])
+        torch.tanh(g_g[t], out=a_g[t])
+        torch.mul(a_i[t], a_g[t], out=cr[t]).addcmul_(a_f[t], cr[prev])
+        torch.tanh(cr[t], out=tcr[t])
+        torch.mul(a_o[t], tcr[t], out=hr[t])
+    return G, A, C[:T], TC, Hs[:T]
+
+
+def _true_pass_autograd(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
+    """``_true_pass`` with autograd (no out= buffers): the same arithmetic."""
+    T, H = xwb.shape[0], w_hh_t.shape[0]
+    gates, acts, cs, tcs, hs = [None] * T, [None] * T, [None] * T, [None] * T, [None] * T
+    h = c = xwb.new_zeros(1, H)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        g = torch.addmm(xwb[t:t + 1], h, w_hh_t)
+        s = torch.sigmoid(g)
+        tg = torch.tanh(g[:, 2 * H:3 * H])
+        c = torch.addcmul(s[:, :H] * tg, s[:, H:2 * H], c)
+        tc = torch.tanh(c)
+        h = s[:, 3 * H:] * tc
+        gates[t], cs[t], tcs[t], hs[t] = g, c, tc, h
+        acts[t] = torch.cat([s[:, :2 * H], tg, s[:, 3 * H:]], dim=1)
+    return (torch.cat(gates), torch.cat(acts), torch.cat(cs), torch.cat(tcs), torch.cat(hs))
+
+
+def _fast_consts(dd: _Direction, gates, act, tc) -> _FastConsts:
     """Per-step constants of the one-layer fast path from the true pass: gates (T, 4H) with
-    bias, sig = sigmoid(gates), tg = tanh of the g gate (T, H), tc = tanh(c) (T, H)."""
+    bias, act (T, 4H) their activations (tanh for g), tc = tanh(c) (T, H)."""
     H = dd.w_hh.shape[1]
     b3 = dd.bias[:3 * H].unsqueeze(0)
     act_b = torch.cat([torch.sigmoid(b3[:, :2 * H]), torch.tanh(b3[:, 2 * H:])], dim=1)
-    b_i, b_f, b_g = act_b.split(H, 1)
-    act = torch.cat([sig[:, :2 * H], tg], dim=1)
-    steps = list(zip(dd.xw.unbind(0), gates[:, :3 * H].unbind(0), act.unbind(0),
+    b_i, b_f, b_g = act_b[:, :H], act_b[:, H:2 * H], act_b[:, 2 * H:]
+    steps = list(zip(dd.xw.unbind(0), gates[:, :3 * H].unbind(0), act[:, :3 * H].unbind(0),
                      dd.c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
     return _FastConsts(dd.w_hh_t, b3, act_b, b_i, b_f, b_g, b_i * b_g, steps)
+
+
+_WORKSPACES = threading.local()
+_WS_MAX_ROWS = 4096       # larger batches get a workspace of their own, not kept
+
+
+class _Workspace:
+    """Buffers of the fast recurrence for up to ``cap`` rows of H units, with their views
+    for each row count n (kept: views cost ~1 us each, ~14 per n)."""
+
+    def __init__(self, cap: int, H: int, dtype, device):
+        new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        self.cap, self.H = cap, H
+        self.h = torch.zeros(cap + 1, H, dtype=dtype, device=device)   # row cap stays 0
+        self.c = torch.zeros(cap + 1, H, dtype=dtype, device=device)
+        self.g, self.p, self.th, self.f = new(cap, 4 * H), new(2 * cap, 3 * H), new(2 * cap, H), new(cap, H)
+        self.views: dict = {}
+
+    def make_views(self, n: int):
+        H = self.H
+        p, th, g = self.p[:2 * n], self.th[:2 * n], self.g[:n]
+        share = p[:n]
+        v = (self.h[:n], self.c[:n], g, g[:, :3 * H], p[:n], p[n:], p[:, :2 * H], p[:, 2 * H:],
+             share[:, :H], share[:, H:2 * H], share[:, 2 * H:], self.f[:n], th[:n], th[n:])
+        self.views[n] = v
+        return v
+
+
+def _workspace(rows: int, H: int, dtype, device) -> _Workspace:
+    """A per-thread workspace with room for ``rows`` rows (grown by doubling)."""
+    if rows > _WS_MAX_ROWS:
+        return _Workspace(rows, H, dtype, device)
+    cache = getattr(_WORKSPACES, "by_key", None)
+    if cache is None:
+        cache = _WORKSPACES.by_key = {}
+    key = (H, dtype, str(device))
+    ws = cache.get(key)
+    if ws is None or ws.cap < rows:
+        ws = cache[key] = _Workspace(max(rows, 2 * ws.cap if ws else 32), H, dtype, device)
+    return ws
+
+
+def _first_live(n_at: list) -> int:
+    """The first step with a live row (len(n_at) when there is none)."""
+    for k, n in enumerate(n_at):
+        if n:
+            return k
+    return len(n_at)
+
+
+def _phrase_plan(pairs: list[tuple[int, int]], T: int):
+    """``_row_plan`` of the masks of inclusive (start, stop) phrases, without building and
+    sorting masks: in lexicographic order the phrases go by start descending, then stop
+    ascending; a phrase starts from zero at its start unless an earlier one with the same
+    start exists, from whose state it splits one step after that one's stop."""
+    uniq = sorted(set(pairs), key=lambda p: (-p[0], p[1]))
+    rows, prev = [], None
+    for lo, hi in uniq:
+        if prev is not None and prev[0] == lo:
+            rows.append((prev[1] + 1, 0, lo, hi, prev))      # (join step, copied first, ...)
+        else:
+            rows.append((lo, 1, lo, hi, None))
+        prev = (lo, hi)
+    rows.sort(key=lambda r: (r[0], r[1]))                  # stable: ties keep the order above
+    R = len(rows)
+    row_of = {(r[2], r[3]): i for i, r in enumerate(rows)}
+    n_at, joins = [0] * T, [None] * T
+    for i, r in enumerate(rows):
+        n_at[r[0]] = i + 1
+    for k in range(1, T):
+        n_at[k] = max(n_at[k], n_at[k - 1])
+    i = 0
+    while i < R:
+        if rows[i][1] == 0:
+            k, j = rows[i][0], i
+            while j < R and rows[j][0] == k and rows[j][1] == 0:
+                j += 1
+            joins[k] = (i, np.array([row_of[rows[q][4]] for q in range(i, j)], dtype=np.int64))
+            i = j
+        else:
+            i += 1
+    se = np.array([(r[2], r[3]) for r in rows], dtype=np.int64).reshape(-1, 2)
+    pos = np.arange(T)[:, None]
+    bits = (pos >= se[:, 0]) & (pos <= se[:, 1])
+    final = np.array([row_of[p] for p in pairs], dtype=np.int64)
+    return n_at, joins, bits, final
 
 
 def _row_plan(masks: np.ndarray):
@@ -657,7 +798,7 @@ def _row_plan(masks: np.ndarray):
     fin_sorted = np.where(f < T, row_of[run_head], R)
     final = np.empty(M, dtype=np.int64)
     final[order] = fin_sorted
-    return n_at, joins, ms[own].T, final
+    return n_at, joins, np.ascontiguousarray(ms[own].T), final
 
 
 def _discover(model: nn.Module):
