@@ -4,7 +4,8 @@
     ACD_BENCH_FULL_REFERENCE=1 .venv/bin/python -m pytest bench/bench_agg.py -q -s -k alexnet
 
 Settings: one 224x224 image (random normal, seed 0), random-init torchvision VGG16 and
-AlexNet (float32, eval), ``sweep_dim=14`` (16x16 tiles), ``percentile_include=95``,
+AlexNet (float32, eval), ``ACD_BENCH_THREADS`` threads (default 1), ``sweep_dim=14``
+(16x16 tiles), ``percentile_include=95``,
 ``num_iters=5``, method ``cd``, the predicted class.
 
 Figures (bench/results/agg.json), per model:
@@ -45,7 +46,10 @@ from fastacd import agg_2d
 from fastacd.reference import agg_2d as ref_agg
 from fastacd.reference import cd as reference_cd
 
-torch.set_num_threads(2)
+# ACD_BENCH_THREADS (default 1): on the shared 2-core box, 2-thread OpenMP stalls ~10 ms on
+# every small op while other jobs hold the second core; every timing below uses this setting.
+THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
 SUITE = "agg"
 SETTINGS = dict(percentile_include=95, sweep_dim=14, num_iters=5, method="cd")
 
@@ -106,7 +110,7 @@ def bench(arch: str, full_reference: bool = False) -> dict:
                         s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, stats=stats)
     per_mask = reference_per_mask(model, x)
     figures = dict(fast_s=fast_s, masks_requested=stats["requested"], masks_scored=stats["scored"],
-                   masks_windowed=stats.get("windowed", 0),
+                   masks_windowed=stats.get("windowed", 0), threads=THREADS,
                    engine_calls=stats["calls"], reference_per_mask_s=per_mask,
                    num_levels=len(fast["comps_list"]) - 1,
                    max_components=int(max(np.max(c) for c in fast["comps_list"])))

@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_windowed.py
 
 Settings: random-init torchvision VGG16 (1000 classes, float32, eval), one 224x224 image
-(random normal, seed 0), 16x16 grid of 14x14 tiles (``sweep_dim=14``), 2 threads.
+(random normal, seed 0), 16x16 grid of 14x14 tiles (``sweep_dim=14``), ``ACD_BENCH_THREADS``
+threads (default 1: on the shared 2-core box, 2-thread OpenMP stalls ~10 ms on every small op
+while other jobs hold the second core; the forward baseline runs with the same setting).
 
 Figures (bench/results/windowed.json, case ``vgg16_224_sweep14``):
 
@@ -16,6 +18,10 @@ Figures (bench/results/windowed.json, case ``vgg16_224_sweep14``):
 * ``comp_tile_*``: a 3x3-tile component plus each of its 12 neighbouring tiles (one
   ``cd_delta`` call; per candidate including the total and the base pass, as ACD pays it
   minus the component's own score, which that base pass also gives);
+* ``iteration_*``: what one ACD iteration asks for: 4 components (3x3 tiles) each scored
+  alone and with each of its 12 neighbouring tiles (52 masks), in one ``cd_groups`` call
+  (one total pass; each component is the base of its tiles and read from its base pass), vs
+  ``iteration_full_*``: the same 52 masks through ``Decomposer.cd`` (``iteration_speedup``);
 * ``full_*``: the ordinary batched path (``Decomposer.cd``) on 16 of the single tiles;
 * ``*_ratio``: per-candidate time / ``forward_per_image_s`` (goal for the windowed ones: <= 0.3);
 * ``max_rel_err``: windowed vs ordinary path on the tiles both scored, relative to the largest
@@ -23,6 +29,7 @@ Figures (bench/results/windowed.json, case ``vgg16_224_sweep14``):
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -33,7 +40,8 @@ from _results import best_time, record
 import fastacd
 from fastacd import windowed
 
-torch.set_num_threads(2)
+THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
 SUITE = "windowed"
 TILE, SIZE = 14, 224
 
@@ -61,7 +69,8 @@ def bench() -> dict:
     model, x = _setup()
     dec = fastacd.Decomposer(model)
     n = SIZE // TILE
-    fig: dict = {"backend": dec.backend, "window_max_fraction": windowed.WINDOW_MAX_FRACTION}
+    fig: dict = {"backend": dec.backend, "window_max_fraction": windowed.WINDOW_MAX_FRACTION,
+                 "threads": THREADS}
     with torch.no_grad():
         fwd = {}
         for b in (1, 8):
@@ -92,6 +101,22 @@ def bench() -> dict:
                    comp_tile_ratio=t / len(deltas) / forward, comp_tile_windowed=info["windowed"],
                    comp_tile_estimated_cost_ratio=info["cost_ratio"])
 
+        comps, jobs, masks = [], [], []
+        for ci, cj in ((2, 2), (2, 10), (10, 3), (9, 9)):
+            c = torch.zeros(SIZE, SIZE)
+            c[ci * TILE:(ci + 3) * TILE, cj * TILE:(cj + 3) * TILE] = 1
+            around = [(ci - 1, cj + k) for k in range(3)] + [(ci + 3, cj + k) for k in range(3)] + \
+                     [(ci + k, cj - 1) for k in range(3)] + [(ci + k, cj + 3) for k in range(3)]
+            d = torch.stack([_tile(i, j) for i, j in around])
+            jobs.append((c, d, True))
+            masks += [c[None], torch.maximum(c, d)]
+        masks = torch.cat(masks)
+        (groups, _), t = _timed(lambda: windowed.cd_groups(dec, x, jobs))
+        _, t_full = _timed(lambda: dec.cd(x, masks))
+        fig.update(iteration_masks=len(masks), iteration_s=t, iteration_per_candidate_s=t / len(masks),
+                   iteration_ratio=t / len(masks) / forward, iteration_full_s=t_full,
+                   iteration_full_ratio=t_full / len(masks) / forward, iteration_speedup=t_full / t)
+
         sub = list(range(0, 256, 16))
         full, t = _timed(lambda: dec.cd(x, tiles[sub]))
         fig.update(full_masks=len(sub), full_s=t, full_per_candidate_s=t / len(sub),
@@ -104,6 +129,7 @@ def bench() -> dict:
     record(SUITE, "vgg16_224_sweep14", **fig)
     print(f"\nforward {forward:.3f} s/image (b1 {fwd[1]:.3f}, b8 {fwd[8]:.3f}, b64 {fwd[64]:.3f}); "
           f"tiles {fig['tiles_ratio']:.3f}, component+tile {fig['comp_tile_ratio']:.3f}, "
+          f"iteration {fig['iteration_ratio']:.3f} (full path {fig['iteration_full_ratio']:.3f}), "
           f"full path {fig['full_ratio']:.3f} forwards per candidate; max rel err {fig['max_rel_err']:.1e}")
     return fig
 

@@ -293,31 +293,27 @@ def gather_crop(base: torch.Tensor, win_t: torch.Tensor | None, win: Window | No
                 crop: Window) -> torch.Tensor:
     """(m, C, crop.h, crop.w): each candidate's map cropped at ``crop`` (which may reach
     outside the map: zeros there, the conv's padding). The candidate's map is ``base``
-    (1, C, H, W) outside its window and ``win_t`` (m, C, h, w) inside ``win``."""
+    (1, C, H, W) outside its window and ``win_t`` (m, C, h, w) inside ``win``.
+
+    Reads only the crop from the base (no copy of the whole map) and overlays the window."""
     c, hgt, wid = base.shape[1:]
     dev = base.device
     m = crop.oy.shape[0]
     ys = (crop.oy[:, None] + torch.arange(crop.h, device=dev))[:, :, None]   # (m, ch, 1)
     xs = (crop.ox[:, None] + torch.arange(crop.w, device=dev))[:, None, :]   # (m, 1, cw)
-    n_base = hgt * wid
-    parts = [base.reshape(c, n_base)]
-    n_src = n_base
+    idx = ys.clamp(0, hgt - 1) * wid + xs.clamp(0, wid - 1)                  # (m, ch, cw)
+    out = base.reshape(c, hgt * wid).index_select(1, idx.reshape(-1))
     if win_t is not None:
         h, w = win_t.shape[2:]
-        parts.append(win_t.transpose(0, 1).reshape(c, m * h * w))
-        n_src += m * h * w
-    inside = (ys >= 0) & (ys < hgt) & (xs >= 0) & (xs < wid)
-    idx = ys * wid + xs
-    if not bool(inside.all()):
-        parts.append(base.new_zeros(c, 1))
-        idx = torch.where(inside, idx, n_src)
-    if win_t is not None:
         ry, rx = ys - win.oy[:, None, None], xs - win.ox[:, None, None]
-        inwin = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+        inwin = ((ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)).reshape(1, -1)
         j = torch.arange(m, device=dev)[:, None, None]
-        idx = torch.where(inwin, n_base + j * (h * w) + ry * w + rx, idx)
-    src = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-    out = src.index_select(1, idx.reshape(-1))
+        widx = j * (h * w) + ry.clamp(0, h - 1) * w + rx.clamp(0, w - 1)
+        wv = win_t.transpose(0, 1).reshape(c, m * h * w).index_select(1, widx.reshape(-1))
+        out = torch.where(inwin, wv, out)
+    inside = (ys >= 0) & (ys < hgt) & (xs >= 0) & (xs < wid)
+    if not bool(inside.all()):
+        out = torch.where(inside.reshape(1, -1), out, out.new_zeros(()))
     return out.reshape(c, m, crop.h, crop.w).transpose(0, 1).contiguous()
 
 
@@ -333,13 +329,13 @@ def gather_pool(base: torch.Tensor, win_t: torch.Tensor, win: Window, indices: t
     xo = (out_win.ox[:, None] + torch.arange(out_win.w, device=dev))[:, None, :]
     pos = (yo * wo_all + xo).reshape(-1)                                       # (m*ho*wo)
     g = indices.reshape(c, ho_all * wo_all).index_select(1, pos)               # (C, m*ho*wo)
-    n_out = out_win.h * out_win.w
-    j = torch.arange(m, device=dev).repeat_interleave(n_out)
+    out = base.reshape(c, hgt * wid).gather(1, g)
+    j = torch.arange(m, device=dev).repeat_interleave(out_win.h * out_win.w)
     ry, rx = torch.div(g, wid, rounding_mode="floor") - win.oy[j], g % wid - win.ox[j]
     inwin = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
-    src_idx = torch.where(inwin, hgt * wid + j * (h * w) + ry * w + rx, g)
-    src = torch.cat([base.reshape(c, hgt * wid), win_t.transpose(0, 1).reshape(c, m * h * w)], 1)
-    out = src.gather(1, src_idx)
+    widx = j * (h * w) + ry.clamp(0, h - 1) * w + rx.clamp(0, w - 1)
+    wv = win_t.transpose(0, 1).reshape(c, m * h * w).gather(1, widx)
+    out = torch.where(inwin, wv, out)
     return out.reshape(c, m, out_win.h, out_win.w).transpose(0, 1).contiguous()
 
 
