@@ -185,19 +185,23 @@ class _Direction:
 
 @dataclass
 class _FastConsts:
-    """What the one-layer forward fast path needs of a sentence, sliced per step once.
+    """What the one-layer forward fast path needs of a sentence, made once per sentence.
 
-    steps[t] = (xw_t (1, 4H), pre3_t (1, 3H) true pre-activations of i, f, g with bias,
-    act_t (1, 3H) their activations, c_t (1, H) true cell, tanh(c_t) (1, H),
-    0.5 * o_t (1, H)); the bias terms are the same for every step.
+    The relevant gates need only i, f, g (the output gate is the true one), so the
+    recurrence multiplies by the first 3H columns of W_hh^T. Per step t, ``steps[t]`` =
+    (xw3_t (3H,) W_ih x_t of i, f, g; base_p (2, 1, 3H) = [b3; pre3_t] with pre3_t the
+    true pre-activations with bias; base_q (2, 1, 3H) = [-act(b3) / 2; act(pre3_t) / 2];
+    base_c (2, 1, H) = [0; c_t] the true cell; tanh(c_t) (H,); o_t / 2 (H,)). With the
+    signs ``[1; -1]`` and ``[1/2; -1/2]`` one addcmul gives both rows of a pair: e.g.
+    [b3 + g; pre3 - g] = [act. input of relevant + bias; of irrelevant + bias], exactly
+    the separate sums (a product by +-1 or +-1/2 is exact).
     """
-    w_hh_t: torch.Tensor     # (H, 4H)
-    b3: torch.Tensor         # (1, 3H) biases of i, f, g
-    act_b: torch.Tensor      # (1, 3H) sigmoid / tanh of them
-    b_i: torch.Tensor        # (1, H)
-    b_f: torch.Tensor        # (1, H)
-    b_g: torch.Tensor        # (1, H)
+    w3: torch.Tensor         # (H, 3H) contiguous W_hh^T of i, f, g
+    b_fg: torch.Tensor       # (1, 2H) act(b_f), act(b_g)
+    b_i: torch.Tensor        # (1, H) sigmoid(b_i)
     bb: torch.Tensor         # (1, H) sigmoid(b_i) * tanh(b_g)
+    sign: torch.Tensor       # (2, 1, 1) [1; -1]
+    half_sign: torch.Tensor  # (2, 1, 1) [1/2; -1/2]
     steps: list
 
 
@@ -469,54 +473,55 @@ class TextDecomposer:
         R = bits.shape[1]
         dev = dd.xw.device
         ws = _workspace(R, H, self.dtype, dev)
-        hb, cb = ws.h, ws.c
+        hb = ws.h
         hb[:R].zero_()                      # rows start from zero; row ws.cap stays zero
-        cb[:R].zero_()
-        bits_t = torch.from_numpy(bits).to(device=dev, dtype=self.dtype).unsqueeze(2)
+        ws.c[0][:R].zero_()
+        ws.c[1][:R].zero_()
+        bit_cols = torch.from_numpy(bits).to(device=dev, dtype=self.dtype).unsqueeze(2).unbind(0)
         has_bit = bits.any(1).tolist()
-        w, b3, act_b = fc.w_hh_t, fc.b3, fc.act_b
-        b_i, b_f, b_g, bb = fc.b_i, fc.b_f, fc.b_g, fc.bb
+        w, b_fg, b_i, bb, sign, half_sign = fc.w3, fc.b_fg, fc.b_i, fc.bb, fc.sign, fc.half_sign
         views = ws.views
-        n_cur = -1
+        n_cur, a = -1, 0
         for k in range(_first_live(n_at), T):
             n = n_at[k]
             if n != n_cur:                  # the buffers' views for n live rows
                 n_cur = n
-                v = views.get(n) or ws.make_views(n)
-                h, c, g, g3, p_r, p_i, p_sig, p_tanh, r_i, r_f, r_g, f_c, th_r, th_i = v
+                (h, cs, cs3, g, g3, p, p_sig, p_tanh, share, q_i, r_i, r_g, r_fg, t, t_f, t_g,
+                 th, th_r, th_i) = views.get(n) or ws.make_views(n)
+            c_prev, c = cs[a], cs[1 - a]
             if joins[k] is not None:        # rows that split off now copy the shared state
                 lo, par = joins[k]
                 par = torch.from_numpy(par).to(dev)
                 torch.index_select(hb[:lo], 0, par, out=hb[lo:lo + par.numel()])
+                cb = ws.c[a]
                 torch.index_select(cb[:lo], 0, par, out=cb[lo:lo + par.numel()])
-            xw_t, pre3, act, c_t, tc_t, half_o = fc.steps[k]
-            # relevant gates: W_ih x_t [t in mask] + W_hh h_rel
+            xw3, base_p, base_q, base_c, tc_t, half_o = fc.steps[k]
+            # relevant gates i, f, g: W_ih x_t [t in mask] + W_hh h_rel
             if has_bit[k]:
-                bit = bits_t[k, :n]
-                torch.mul(bit, xw_t, out=g)
+                bit = bit_cols[k][:n]
+                torch.mul(bit, xw3, out=g)
                 g.addmm_(h, w)
             else:
                 torch.mm(h, w, out=g)
-            # act(rel + b) and act(irrel + b), irrel = total - rel
-            torch.add(g3, b3, out=p_r)
-            torch.sub(pre3, g3, out=p_i)
+            # [rel + b; total - rel] (irrelevant = total - relevant), then the activations
+            torch.addcmul(base_p, sign, g3, out=p)
             p_sig.sigmoid_()
             p_tanh.tanh_()
-            # three-player split: 0.5 [(act(r + b) - act(b)) + (act(total) - act(i + b))]
-            torch.sub(act, p_i, out=p_i)
-            p_r.sub_(act_b).add_(p_i).mul_(0.5)
-            if k > 0:
-                torch.add(r_f, b_f, out=f_c).mul_(c)          # forget term, before c changes
-            torch.add(r_g, b_g, out=c).mul_(r_i).addcmul_(b_i, r_g)
+            # three-player split: 0.5 (act(r + b) - act(b)) + 0.5 (act(total) - act(i + b))
+            torch.addcmul(base_q, half_sign, p, out=p)
+            share.add_(q_i)
+            torch.add(r_fg, b_fg, out=t)                   # r_f + b_f, r_g + b_g
+            torch.mul(t_g, r_i, out=c).addcmul_(b_i, r_g)
             if has_bit[k]:
                 c.addcmul_(bit, bb)
             if k > 0:
-                c.add_(f_c)
-            # two-player tanh split of the cell, times the true output gate
-            torch.tanh(c, out=th_r)
-            torch.sub(c_t, c, out=th_i)
-            th_i.tanh_()
-            torch.sub(tc_t, th_i, out=h).add_(th_r).mul_(half_o)
+                c.addcmul_(t_f, c_prev)                    # forget term
+            # two-player tanh split of the cell [c; c_true - c], times the true output gate
+            torch.addcmul(base_c, sign, cs3[1 - a], out=th)
+            th.tanh_()
+            torch.sub(tc_t, th_i, out=th_i)
+            torch.add(th_r, th_i, out=h).mul_(half_o)
+            a = 1 - a
         final = np.where(final == R, ws.cap, final)   # masks without a 1: the zero row
         return hb[torch.from_numpy(final).to(dev)]
 
@@ -648,13 +653,18 @@ def _true_pass_autograd(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
 def _fast_consts(dd: _Direction, gates, act, tc) -> _FastConsts:
     """Per-step constants of the one-layer fast path from the true pass: gates (T, 4H) with
     bias, act (T, 4H) their activations (tanh for g), tc = tanh(c) (T, H)."""
-    H = dd.w_hh.shape[1]
+    T, H = dd.c.shape
     b3 = dd.bias[:3 * H].unsqueeze(0)
     act_b = torch.cat([torch.sigmoid(b3[:, :2 * H]), torch.tanh(b3[:, 2 * H:])], dim=1)
-    b_i, b_f, b_g = act_b[:, :H], act_b[:, H:2 * H], act_b[:, 2 * H:]
-    steps = list(zip(dd.xw.unbind(0), gates[:, :3 * H].unbind(0), act[:, :3 * H].unbind(0),
-                     dd.c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
-    return _FastConsts(dd.w_hh_t, b3, act_b, b_i, b_f, b_g, b_i * b_g, steps)
+    b_i = act_b[:, :H]
+    base_p = torch.stack([b3.expand(T, -1), gates[:, :3 * H]], 1).unsqueeze(2)  # (T,2,1,3H)
+    base_q = torch.stack([(-0.5 * act_b).expand(T, -1), 0.5 * act[:, :3 * H]], 1).unsqueeze(2)
+    base_c = torch.stack([torch.zeros_like(dd.c), dd.c], 1).unsqueeze(2)         # (T,2,1,H)
+    steps = list(zip(dd.xw[:, :3 * H].unbind(0), base_p.unbind(0), base_q.unbind(0),
+                     base_c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
+    sign = torch.tensor([1.0, -1.0], dtype=b3.dtype, device=b3.device).view(2, 1, 1)
+    return _FastConsts(dd.w_hh_t[:, :3 * H].contiguous(), act_b[:, H:], b_i,
+                       b_i * act_b[:, 2 * H:], sign, 0.5 * sign, steps)
 
 
 _WORKSPACES = threading.local()
@@ -663,22 +673,26 @@ _WS_MAX_ROWS = 4096       # larger batches get a workspace of their own, not kep
 
 class _Workspace:
     """Buffers of the fast recurrence for up to ``cap`` rows of H units, with their views
-    for each row count n (kept: views cost ~1 us each, ~14 per n)."""
+    for each row count n (kept: a view costs ~1 us to make, and there are ~20 per n)."""
 
     def __init__(self, cap: int, H: int, dtype, device):
         new = lambda *shape: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.cap, self.H = cap, H
-        self.h = torch.zeros(cap + 1, H, dtype=dtype, device=device)   # row cap stays 0
-        self.c = torch.zeros(cap + 1, H, dtype=dtype, device=device)
-        self.g, self.p, self.th, self.f = new(cap, 4 * H), new(2 * cap, 3 * H), new(2 * cap, H), new(cap, H)
+        # h, and c twice (the step reads the previous cell while writing the new one);
+        # row cap stays 0: the state of a mask without a relevant token
+        self.h, self.c = zeros(cap + 1, H), (zeros(cap + 1, H), zeros(cap + 1, H))
+        self.g, self.p, self.th, self.t = new(cap, 3 * H), new(2, cap, 3 * H), new(2, cap, H), new(cap, 2 * H)
         self.views: dict = {}
 
     def make_views(self, n: int):
         H = self.H
-        p, th, g = self.p[:2 * n], self.th[:2 * n], self.g[:n]
-        share = p[:n]
-        v = (self.h[:n], self.c[:n], g, g[:, :3 * H], p[:n], p[n:], p[:, :2 * H], p[:, 2 * H:],
-             share[:, :H], share[:, H:2 * H], share[:, 2 * H:], self.f[:n], th[:n], th[n:])
+        p, th, g, t = self.p[:, :n], self.th[:, :n], self.g[:n], self.t[:n]
+        share = p[0]
+        c0, c1 = self.c[0][:n], self.c[1][:n]
+        v = (self.h[:n], (c0, c1), (c0.unsqueeze(0), c1.unsqueeze(0)), g, g.unsqueeze(0), p,
+             p[:, :, :2 * H], p[:, :, 2 * H:], share, p[1], share[:, :H], share[:, 2 * H:],
+             share[:, H:], t, t[:, :H], t[:, H:], th, th[0], th[1])
         self.views[n] = v
         return v
 
