@@ -62,6 +62,12 @@ def _nanpercentile_1d(scores: np.ndarray, percentile) -> float:
     return a + diff * gamma
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True of a 1-D mask, left to right, as inclusive (first, last) pairs."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist()))
+
+
 def _label_1d(mask: np.ndarray) -> np.ndarray:
     """``skimage.measure.label(mask, background=0, connectivity=1)`` of a 1-D boolean mask:
     runs of True numbered 1, 2, ... from the left (int32, as skimage returns)."""
@@ -187,26 +193,23 @@ def agglomerate(model, batch, percentile_include, method, sweep_dim, label, num_
     positions = np.arange(L)
     for _ in range(num_iters):
         comps = _label_1d(mask_list[-1])
-        # every candidate of this step: each component, and it grown left and right
-        cands = []
-        for num in range(1, np.max(comps) + 1):
-            comp = comps == num
-            left, right = tiling_1d.border_positions(comp, sweep_dim)
-            cands.append((num, comp, left, right))
+        # every candidate of this step: each component (a run of picked words, numbered
+        # from the left as the labeling does), and it grown left and right
+        cands = [(num, lo, hi, max(0, lo - sweep_dim), min(L - 1, hi + sweep_dim))
+                 for num, (lo, hi) in enumerate(_runs(mask_list[-1]), start=1)]
         if method == "cd":
             spans = []
-            for num, comp, left, right in cands:
-                pos = np.flatnonzero(comp)
-                lo, hi = int(pos[0]), int(pos[-1])
+            for num, lo, hi, left, right in cands:
                 spans += [(lo, hi), (min(lo, left), hi), (lo, max(hi, right))]
             vals = score_phrases(spans)
         else:
             tiles = []
-            for num, comp, left, right in cands:
+            for num, lo, hi, left, right in cands:
+                comp = comps == num
                 tiles += [comp, comp | (positions == left), comp | (positions == right)]
             vals = score_tiles(tiles) if tiles else np.zeros(0)
         comp_scores = {}
-        for k, (num, comp, left, right) in enumerate(cands):
+        for k, (num, lo, hi, left, right) in enumerate(cands):
             s_comp, s_left, s_right = vals[3 * k:3 * k + 3]
             comp_scores[num] = np.copy(s_comp)
             scores[left] = s_left - s_comp
