@@ -143,6 +143,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    "e.g. 4G (default: 1 GiB on the CPU, half the free memory on a GPU)")
     g.add_argument("--backend", choices=("auto", "compiled", "torch", "reference"), default="auto",
                    help="CD engine backend (default: %(default)s: the fastest built)")
+    g.add_argument("--tf32", action="store_true", help="on GPUs, allow TF32 for float32 convolutions "
+                   "and matmuls (faster on Ampere and later, ~1e-3 relative error; off by default)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
                    "the cores this process may use // processes on this node)")
     g.add_argument("--barrier-timeout", type=float, default=7 * 24 * 3600,

@@ -620,7 +620,7 @@ def run_settings(args, items) -> dict:
                 acd=dict(sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
                          num_iters=args.num_iters, method=args.method, base=args.base,
                          corrected=args.corrected),
-                preprocess=preprocess_settings(args), dtype=dtype,
+                preprocess=preprocess_settings(args), dtype=dtype, tf32=bool(args.tf32),
                 outputs=dict(class_scores=not args.no_class_scores))
 
 
@@ -650,6 +650,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads or cpu_threads(dist))
     else:
         torch.cuda.set_device(device)
+        # PyTorch runs float32 convolutions in TF32 on Ampere+ GPUs by default (10-bit mantissa):
+        # off unless asked for, so that the scores stay float32-faithful
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     model, random_init = build_model(args)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if dist.rank == 0 else (lambda *a: None)
     if random_init:
