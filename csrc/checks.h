@@ -25,8 +25,9 @@ inline std::vector<int64_t> gathered_shape(int64_t M, const at::Tensor& indices)
 }
 
 // All tensors on `device_type` (and, for CUDA, on the device of the first one).
-inline void check_device(const char* op, c10::DeviceType device_type,
-                         std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
+using NamedTensors = std::vector<std::pair<const at::Tensor*, const char*>>;
+
+inline void check_device(const char* op, c10::DeviceType device_type, const NamedTensors& args) {
   const at::Tensor& first = *args.begin()->first;
   for (const auto& [t, name] : args) {
     TORCH_CHECK(t->device().type() == device_type, op, ": expected ", name, " on ",

@@ -26,13 +26,6 @@ unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
 
-template <typename scalar_t>
-struct LstmPtrs {
-  const scalar_t *rel_gates, *total_gates, *bias, *out_gate, *prev_rel_c, *prev_total_c, *in_phrase;
-  int64_t M, H;
-  bool first_step;
-};
-
 template <typename acc_t, typename scalar_t>
 __device__ math::LstmColumn<acc_t> column(const LstmPtrs<scalar_t>& a, int64_t j) {
   const int64_t H = a.H;
@@ -91,26 +84,6 @@ __global__ void lstm_cell_backward_kernel(LstmPtrs<scalar_t> a, const scalar_t* 
   }
 }
 
-void check_cuda(const char* op, const at::Tensor& rel_gates,
-                std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
-  check_device(op, c10::DeviceType::CUDA, args);
-  check_float_dtype(op, rel_gates, "rel_gates", /*allow_reduced=*/true);
-  for (const auto& [t, name] : args) {
-    if (std::string(name) != "in_phrase") check_same_dtype(op, rel_gates, "rel_gates", *t, name);
-  }
-}
-
-template <typename scalar_t>
-LstmPtrs<scalar_t> make_ptrs(const at::Tensor& rel_gates, const at::Tensor& total_gates, const at::Tensor& bias,
-                             const at::Tensor& out_gate, const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
-                             const at::Tensor& in_phrase, bool first_step) {
-  return {rel_gates.const_data_ptr<scalar_t>(),  total_gates.const_data_ptr<scalar_t>(),
-          bias.const_data_ptr<scalar_t>(),       out_gate.const_data_ptr<scalar_t>(),
-          prev_rel_c.const_data_ptr<scalar_t>(), prev_total_c.const_data_ptr<scalar_t>(),
-          in_phrase.const_data_ptr<scalar_t>(),  prev_rel_c.size(0),
-          prev_rel_c.size(1),                    first_step};
-}
-
 #define FASTACD_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -119,22 +92,18 @@ std::tuple<at::Tensor, at::Tensor> lstm_cd_cell_cuda(const at::Tensor& rel_gates
                                                      const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
                                                      const at::Tensor& in_phrase, bool first_step) {
   constexpr const char* op = "fastacd::lstm_cd_cell";
-  check_cuda(op, rel_gates,
-             {{&rel_gates, "rel_gates"}, {&total_gates, "total_gates"}, {&bias, "bias"}, {&out_gate, "out_gate"},
-              {&prev_rel_c, "prev_rel_c"}, {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
-  check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  check_lstm_args(op, c10::DeviceType::CUDA, /*allow_reduced=*/true, rel_gates, total_gates, bias, out_gate,
+                  prev_rel_c, prev_total_c, in_phrase);
   const c10::cuda::CUDAGuard guard(rel_gates.device());
   at::Tensor rel_c = at::empty(prev_rel_c.sizes(), rel_gates.options());
   at::Tensor rel_h = at::empty(prev_rel_c.sizes(), rel_gates.options());
   const int64_t n = rel_c.numel();
   if (n == 0) return {rel_c, rel_h};
-  const at::Tensor rg = rel_gates.contiguous(), tg = total_gates.contiguous(), b = bias.contiguous(),
-                   o = out_gate.contiguous(), prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
-                   ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
+  const LstmInputs in(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first_step);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTACD_DISPATCH(rg.scalar_type(), "lstm_cd_cell_cuda", [&] {
+  FASTACD_DISPATCH(rel_gates.scalar_type(), "lstm_cd_cell_cuda", [&] {
     lstm_cell_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        make_ptrs<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step), rel_c.mutable_data_ptr<scalar_t>(),
+        in.ptrs<scalar_t>(), rel_c.mutable_data_ptr<scalar_t>(),
         rel_h.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -147,16 +116,9 @@ lstm_cd_cell_backward_cuda(const at::Tensor& grad_c, const at::Tensor& grad_h, c
                            const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c, const at::Tensor& in_phrase,
                            bool first_step) {
   constexpr const char* op = "fastacd::lstm_cd_cell_backward";
-  check_cuda(op, rel_gates,
-             {{&rel_gates, "rel_gates"}, {&grad_c, "grad_c"}, {&grad_h, "grad_h"}, {&total_gates, "total_gates"},
-              {&bias, "bias"}, {&out_gate, "out_gate"}, {&prev_rel_c, "prev_rel_c"},
-              {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
-  const int64_t H =
-      check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  const int64_t H = check_lstm_args(op, c10::DeviceType::CUDA, /*allow_reduced=*/true, rel_gates, total_gates,
+                                    bias, out_gate, prev_rel_c, prev_total_c, in_phrase, &grad_c, &grad_h);
   const int64_t M = prev_rel_c.size(0);
-  TORCH_CHECK(grad_c.sizes() == prev_rel_c.sizes() && grad_h.sizes() == prev_rel_c.sizes(), op,
-              ": grad_c and grad_h must have shape (M, H) = ", prev_rel_c.sizes(), ", got ", grad_c.sizes(), " and ",
-              grad_h.sizes(), ".");
   const c10::cuda::CUDAGuard guard(rel_gates.device());
   const auto opts = rel_gates.options();
   const auto acc_opts = opts.dtype(rel_gates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -166,15 +128,13 @@ lstm_cd_cell_backward_cuda(const at::Tensor& grad_c, const at::Tensor& grad_h, c
   at::Tensor shared = at::zeros({M, kNumShared, H}, acc_opts);
   const int64_t n = M * H;
   if (n > 0) {
-    const at::Tensor gc = grad_c.contiguous(), gh = grad_h.contiguous(), rg = rel_gates.contiguous(),
-                     tg = total_gates.contiguous(), b = bias.contiguous(), o = out_gate.contiguous(),
-                     prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
-                     ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
+    const at::Tensor gc = grad_c.contiguous(), gh = grad_h.contiguous();
+    const LstmInputs in(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first_step);
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    FASTACD_DISPATCH(rg.scalar_type(), "lstm_cd_cell_backward_cuda", [&] {
+    FASTACD_DISPATCH(rel_gates.scalar_type(), "lstm_cd_cell_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       lstm_cell_backward_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          make_ptrs<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step), gc.const_data_ptr<scalar_t>(),
+          in.ptrs<scalar_t>(), gc.const_data_ptr<scalar_t>(),
           gh.const_data_ptr<scalar_t>(), g_rel_gates.mutable_data_ptr<scalar_t>(),
           g_prev_rel_c.mutable_data_ptr<scalar_t>(), phrase.mutable_data_ptr<acc_t>(),
           shared.mutable_data_ptr<acc_t>());

@@ -28,21 +28,17 @@ constexpr int64_t kParallelGrain = 1 << 12;  // (mask, unit) elements; each is ~
 
 int threads_for(int64_t work) { return work < kParallelGrain ? 1 : at::get_num_threads(); }
 
-// Pointers of one call, all contiguous, all of the op's dtype.
+// The true LSTM's per-unit quantities, shared by every mask.
 template <typename scalar_t>
-struct LstmArgs {
-  const scalar_t *rel_gates, *total_gates, *bias, *out_gate, *prev_rel_c, *prev_total_c, *in_phrase;
-  int64_t M, H;
-  bool first_step;
-
-  std::vector<math::LstmColumn<scalar_t>> columns() const {
-    std::vector<math::LstmColumn<scalar_t>> cols(H);
-    for (int64_t j = 0; j < H; ++j)
-      cols[j] = math::lstm_column<scalar_t>(total_gates[j], total_gates[H + j], total_gates[2 * H + j], bias[j],
-                                            bias[H + j], bias[2 * H + j], out_gate[j], prev_total_c[j], first_step);
-    return cols;
-  }
-};
+std::vector<math::LstmColumn<scalar_t>> lstm_columns(const LstmPtrs<scalar_t>& a) {
+  const int64_t H = a.H;
+  std::vector<math::LstmColumn<scalar_t>> cols(H);
+  for (int64_t j = 0; j < H; ++j)
+    cols[j] = math::lstm_column<scalar_t>(a.total_gates[j], a.total_gates[H + j], a.total_gates[2 * H + j],
+                                          a.bias[j], a.bias[H + j], a.bias[2 * H + j], a.out_gate[j],
+                                          a.prev_total_c[j], a.first_step);
+  return cols;
+}
 
 // One mask's row. kFirst is a template argument and the pointers are restrict, so the
 // loop has no branch and no aliasing question: gcc vectorises it, exp/tanh included.
@@ -59,7 +55,7 @@ void lstm_cell_forward_row(const math::LstmColumn<scalar_t>* __restrict__ cols, 
 }
 
 template <typename scalar_t, bool kFirst>
-void lstm_cell_forward_loop(const LstmArgs<scalar_t>& a, const math::LstmColumn<scalar_t>* cols, scalar_t* rel_c,
+void lstm_cell_forward_loop(const LstmPtrs<scalar_t>& a, const math::LstmColumn<scalar_t>* cols, scalar_t* rel_c,
                             scalar_t* rel_h) {
   const int64_t M = a.M, H = a.H;
   const int nt = threads_for(M * H);
@@ -71,8 +67,8 @@ void lstm_cell_forward_loop(const LstmArgs<scalar_t>& a, const math::LstmColumn<
 }
 
 template <typename scalar_t>
-void lstm_cell_forward_kernel(const LstmArgs<scalar_t>& a, scalar_t* rel_c, scalar_t* rel_h) {
-  const auto cols = a.columns();
+void lstm_cell_forward_kernel(const LstmPtrs<scalar_t>& a, scalar_t* rel_c, scalar_t* rel_h) {
+  const auto cols = lstm_columns(a);
   a.first_step ? lstm_cell_forward_loop<scalar_t, true>(a, cols.data(), rel_c, rel_h)
                : lstm_cell_forward_loop<scalar_t, false>(a, cols.data(), rel_c, rel_h);
 }
@@ -111,7 +107,7 @@ void lstm_cell_backward_row(const math::LstmColumn<scalar_t>* __restrict__ cols,
 }
 
 template <typename scalar_t, bool kFirst>
-void lstm_cell_backward_loop(const LstmArgs<scalar_t>& a, const math::LstmColumn<scalar_t>* cols,
+void lstm_cell_backward_loop(const LstmPtrs<scalar_t>& a, const math::LstmColumn<scalar_t>* cols,
                              const scalar_t* grad_c, const scalar_t* grad_h, scalar_t* g_rel_gates,
                              scalar_t* g_prev_rel_c, scalar_t* phrase_partial, scalar_t* shared) {
   const int64_t M = a.M, H = a.H;
@@ -126,35 +122,14 @@ void lstm_cell_backward_loop(const LstmArgs<scalar_t>& a, const math::LstmColumn
 }
 
 template <typename scalar_t>
-void lstm_cell_backward_kernel(const LstmArgs<scalar_t>& a, const scalar_t* grad_c, const scalar_t* grad_h,
+void lstm_cell_backward_kernel(const LstmPtrs<scalar_t>& a, const scalar_t* grad_c, const scalar_t* grad_h,
                                scalar_t* g_rel_gates, scalar_t* g_prev_rel_c, scalar_t* phrase_partial,
                                scalar_t* shared) {
-  const auto cols = a.columns();
+  const auto cols = lstm_columns(a);
   a.first_step ? lstm_cell_backward_loop<scalar_t, true>(a, cols.data(), grad_c, grad_h, g_rel_gates, g_prev_rel_c,
                                                          phrase_partial, shared)
                : lstm_cell_backward_loop<scalar_t, false>(a, cols.data(), grad_c, grad_h, g_rel_gates,
                                                           g_prev_rel_c, phrase_partial, shared);
-}
-
-void check_cpu(const char* op, const at::Tensor& rel_gates,
-               std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
-  check_device(op, c10::DeviceType::CPU, args);
-  check_float_dtype(op, rel_gates, "rel_gates", /*allow_reduced=*/false);
-  for (const auto& [t, name] : args) {
-    if (std::string(name) != "in_phrase") check_same_dtype(op, rel_gates, "rel_gates", *t, name);
-  }
-}
-
-// in_phrase may be float, int or bool: it is a 0/1 mask, converted to the op's dtype.
-template <typename scalar_t>
-LstmArgs<scalar_t> make_args(const at::Tensor& rel_gates, const at::Tensor& total_gates, const at::Tensor& bias,
-                             const at::Tensor& out_gate, const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
-                             const at::Tensor& in_phrase, bool first_step) {
-  return {rel_gates.const_data_ptr<scalar_t>(),  total_gates.const_data_ptr<scalar_t>(),
-          bias.const_data_ptr<scalar_t>(),       out_gate.const_data_ptr<scalar_t>(),
-          prev_rel_c.const_data_ptr<scalar_t>(), prev_total_c.const_data_ptr<scalar_t>(),
-          in_phrase.const_data_ptr<scalar_t>(),  prev_rel_c.size(0),
-          prev_rel_c.size(1),                    first_step};
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_cd_cell_cpu(const at::Tensor& rel_gates, const at::Tensor& total_gates,
@@ -162,18 +137,14 @@ std::tuple<at::Tensor, at::Tensor> lstm_cd_cell_cpu(const at::Tensor& rel_gates,
                                                     const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c,
                                                     const at::Tensor& in_phrase, bool first_step) {
   constexpr const char* op = "fastacd::lstm_cd_cell";
-  check_cpu(op, rel_gates,
-            {{&rel_gates, "rel_gates"}, {&total_gates, "total_gates"}, {&bias, "bias"}, {&out_gate, "out_gate"},
-             {&prev_rel_c, "prev_rel_c"}, {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
-  check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  check_lstm_args(op, c10::DeviceType::CPU, /*allow_reduced=*/false, rel_gates, total_gates, bias, out_gate,
+                  prev_rel_c, prev_total_c, in_phrase);
   at::Tensor rel_c = at::empty(prev_rel_c.sizes(), rel_gates.options());
   at::Tensor rel_h = at::empty(prev_rel_c.sizes(), rel_gates.options());
   if (rel_c.numel() == 0) return {rel_c, rel_h};
-  const at::Tensor rg = rel_gates.contiguous(), tg = total_gates.contiguous(), b = bias.contiguous(),
-                   o = out_gate.contiguous(), prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
-                   ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "lstm_cd_cell_cpu", [&] {
-    lstm_cell_forward_kernel<scalar_t>(make_args<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step),
+  const LstmInputs in(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first_step);
+  AT_DISPATCH_FLOATING_TYPES(rel_gates.scalar_type(), "lstm_cd_cell_cpu", [&] {
+    lstm_cell_forward_kernel<scalar_t>(in.ptrs<scalar_t>(),
                                        rel_c.mutable_data_ptr<scalar_t>(), rel_h.mutable_data_ptr<scalar_t>());
   });
   return {rel_c, rel_h};
@@ -185,28 +156,19 @@ lstm_cd_cell_backward_cpu(const at::Tensor& grad_c, const at::Tensor& grad_h, co
                           const at::Tensor& prev_rel_c, const at::Tensor& prev_total_c, const at::Tensor& in_phrase,
                           bool first_step) {
   constexpr const char* op = "fastacd::lstm_cd_cell_backward";
-  check_cpu(op, rel_gates,
-            {{&rel_gates, "rel_gates"}, {&grad_c, "grad_c"}, {&grad_h, "grad_h"}, {&total_gates, "total_gates"},
-             {&bias, "bias"}, {&out_gate, "out_gate"}, {&prev_rel_c, "prev_rel_c"},
-             {&prev_total_c, "prev_total_c"}, {&in_phrase, "in_phrase"}});
-  const int64_t H =
-      check_lstm_shapes(op, rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase);
+  const int64_t H = check_lstm_args(op, c10::DeviceType::CPU, /*allow_reduced=*/false, rel_gates, total_gates,
+                                    bias, out_gate, prev_rel_c, prev_total_c, in_phrase, &grad_c, &grad_h);
   const int64_t M = prev_rel_c.size(0);
-  TORCH_CHECK(grad_c.sizes() == prev_rel_c.sizes() && grad_h.sizes() == prev_rel_c.sizes(), op,
-              ": grad_c and grad_h must have shape (M, H) = ", prev_rel_c.sizes(), ", got ", grad_c.sizes(), " and ",
-              grad_h.sizes(), ".");
   const auto opts = rel_gates.options();
   at::Tensor g_rel_gates = at::empty({M, 4 * H}, opts);
   at::Tensor g_prev_rel_c = at::empty({M, H}, opts);
   at::Tensor phrase = at::zeros({M, H}, opts);
   at::Tensor shared = at::zeros({M, kNumShared, H}, opts);
   if (M * H > 0) {
-    const at::Tensor gc = grad_c.contiguous(), gh = grad_h.contiguous(), rg = rel_gates.contiguous(),
-                     tg = total_gates.contiguous(), b = bias.contiguous(), o = out_gate.contiguous(),
-                     prc = prev_rel_c.contiguous(), ptc = prev_total_c.contiguous(),
-                     ph = in_phrase.to(rel_gates.scalar_type()).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "lstm_cd_cell_backward_cpu", [&] {
-      lstm_cell_backward_kernel<scalar_t>(make_args<scalar_t>(rg, tg, b, o, prc, ptc, ph, first_step),
+    const at::Tensor gc = grad_c.contiguous(), gh = grad_h.contiguous();
+    const LstmInputs in(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first_step);
+    AT_DISPATCH_FLOATING_TYPES(rel_gates.scalar_type(), "lstm_cd_cell_backward_cpu", [&] {
+      lstm_cell_backward_kernel<scalar_t>(in.ptrs<scalar_t>(),
                                           gc.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
                                           g_rel_gates.mutable_data_ptr<scalar_t>(),
                                           g_prev_rel_c.mutable_data_ptr<scalar_t>(),
