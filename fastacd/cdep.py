@@ -207,33 +207,42 @@ def _bias_split_paired_grad(zr, total_out, bias, grad, relu: bool, k: int):
     pr = u / s
     if relu:
         grad = grad * ((zr + pr * b) > 0)
-    c = grad * b / (s * s)
-    d_t = -(c * u * zi.sign())
-    d_zr = grad + c * v * zr.sign() - d_t
+    q = grad * b / s  # c = g b / s^2 as q * (u / s): s^2 underflows in float32 (see _split_pre_grad)
+    d_t = -(q * pr * zi.sign())
+    d_zr = grad + q * (v / s) * zr.sign() - d_t
     d_total = _unrepeat(d_t, k)
     return d_zr, d_total, _channel_sum(grad * pr) - _channel_sum(d_total)
 
 
 def _split_pre(zr, t_pre, bias, relu: bool, k: int):
-    """The bias split from the true pre-activation without bias (N rows) and K*N relevant rows."""
-    return _torch_ops.bias_split(zr, _repeat_total(t_pre, k), bias, relu)
+    """The bias split from the true pre-activation without bias (N rows) and K*N relevant
+    rows: ``fastacd._torch_ops.bias_split`` (the same float operations, bit for bit), with
+    in-place steps (it runs inside an autograd.Function, so nothing records them)."""
+    eps = _torch_ops.EPS
+    u = zr.abs().add_(eps)                                       # |zr| + eps
+    den = (_repeat_total(t_pre, k) - zr).abs_().add_(eps)        # |zi| + eps
+    out = u.div_(den.add_(u)).mul_(_torch_ops._channel_view(bias, zr)).add_(zr)
+    return out.clamp_min_(0) if relu else out
 
 
 def _split_pre_grad(zr, t_pre, bias, grad, relu: bool, k: int):
     """Closed-form gradients of ``_split_pre`` w.r.t. (zr, t_pre, bias) (see ``_BiasSplitPaired``;
     here the true pre-activation is an input, so the bias gets only ``sum(g * pr)``)."""
+    eps = _torch_ops.EPS
     b = _torch_ops._channel_view(bias, zr)
     zi = _repeat_total(t_pre, k) - zr
-    u = zr.abs() + _torch_ops.EPS
-    v = zi.abs() + _torch_ops.EPS
+    u = zr.abs().add_(eps)
+    v = zi.abs().add_(eps)
     s = u + v
     pr = u / s
     if relu:
         grad = grad * ((zr + pr * b) > 0)
-    c = grad * b / (s * s)
-    d_t = -(c * u * zi.sign())
-    d_zr = grad + c * v * zr.sign() - d_t
-    return d_zr, _unrepeat(d_t, k), _channel_sum(grad * pr)
+    # c = g b / s^2, applied as (g b / s) * (u / s) and (g b / s) * (v / s): s^2 underflows in
+    # float32 when both parts are ~0 (zr = 0 and a zero pre-activation, e.g. a dead region)
+    q = (grad * b).div_(s)                                       # g b / s
+    d_t = (q * pr).mul_(zi.sign_()).neg_()                       # -c u sgn(zi)
+    d_zr = v.div_(s).mul_(q).mul_(zr.sign()).add_(grad).sub_(d_t)  # g + c v sgn(zr) - d_t
+    return d_zr, _unrepeat(d_t, k), _channel_sum(pr.mul_(grad))
 
 
 class _AffinePaired(torch.autograd.Function):

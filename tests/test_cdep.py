@@ -144,6 +144,22 @@ def test_affine_paired_backward_gradcheck(relu, k):
     assert torch.autograd.gradcheck(fn, (both, bias))
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_split_backward_finite_float32_where_both_parts_are_zero(relu):
+    """zr = 0 and a zero true pre-activation (a dead region): s = 2e-20, s^2 underflows in
+    float32; the closed form must stay finite and equal autograd's gradient."""
+    torch.manual_seed(8)
+    zr, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    zr[:, :, 0] = 0
+    t[:, :, 0, :2] = 0
+    bias, g = torch.rand(3) + 0.5, torch.randn(2, 3, 4, 4)
+    got = cdep._split_pre_grad(zr, t, bias, g, relu, 1)
+    leaves = [q.clone().requires_grad_() for q in (zr, t, bias)]
+    want = torch.autograd.grad(cdep._torch_ops.bias_split(*leaves, relu), leaves, g)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+
+
 def test_penalty_gradcheck_tiny_model():
     torch.manual_seed(5)
     model = _randomise_bn(TinyNet(c=1)).double().eval()
