@@ -101,7 +101,7 @@ class _CDScorer:
     def __init__(self, model, batch):
         self.dec = TextDecomposer.from_model(model, dtype=torch.float64)
         with torch.no_grad():
-            self.sent = self.dec.prepare(batch)
+            self.sent = self.dec.prepare(batch, keep_states=True)
         self.cache: dict[tuple[int, int], np.ndarray] = {}
         self.calls = 0
 

@@ -211,6 +211,9 @@ class Sentence:
     tokens: torch.Tensor                 # (T,)
     layers: list[list[_Direction]]
     features: torch.Tensor               # (F,) true readout features (head input)
+    # with prepare(..., keep_states=True): start -> [(stop, h, c)], the relevant state of
+    # phrase start..stop after its last token (one-layer forward LSTMs, phrases, no grad)
+    memo: dict | None = None
 
     @property
     def length(self) -> int:
@@ -356,8 +359,15 @@ class TextDecomposer:
                              f"{tuple(vecs.shape)} for T={tokens.shape[0]}")
         return vecs.to(self.dtype)
 
-    def prepare(self, tokens) -> Sentence:
-        """Run the true LSTM once on a sentence; reuse the result for any number of masks."""
+    def prepare(self, tokens, keep_states: bool = False) -> Sentence:
+        """Run the true LSTM once on a sentence; reuse the result for any number of masks.
+
+        keep_states: remember, for every phrase scored later on this sentence, its relevant
+        state after its last token, so that a later phrase with the same start and a
+        longer stop resumes from there instead of from its start (the agglomeration grows
+        phrases one word at a time). Used by the one-layer forward fast path for
+        ``phrases=``; a few kB per phrase.
+        """
         tokens = tokens_of(tokens, self.vocab_size)
         x = self.embed_tokens(tokens)
         T = x.shape[0]
@@ -382,7 +392,7 @@ class TextDecomposer:
             layers.append(dirs)
             x = torch.cat([dd.h for dd in dirs], dim=1)
         feats = self._readout([dd.h.unsqueeze(0) for dd in layers[-1]], T)[0]
-        return Sentence(tokens, layers, feats)
+        return Sentence(tokens, layers, feats, {} if keep_states else None)
 
     def _readout(self, outs: list[torch.Tensor], T: int) -> torch.Tensor:
         """Head input from per-direction (M, T, H) outputs of the last layer."""
@@ -430,7 +440,7 @@ class TextDecomposer:
         chunk = self._chunk(T)
         for lo in range(0, M, chunk):
             if fast:
-                plan = (_phrase_plan(pairs[lo:lo + chunk], T) if pairs is not None
+                plan = (_phrase_plan(pairs[lo:lo + chunk], T, sent.memo) if pairs is not None
                         else _row_plan(mask_np[lo:lo + chunk]))
                 feats.append(self._fast_features(sent, plan))
             else:
@@ -466,7 +476,7 @@ class TextDecomposer:
         per step for all rows. No autograd (in-place buffers): ``cd`` uses it only when no
         gradient is needed.
         """
-        n_at, joins, bits, final = plan
+        n_at, joins, bits, final, memo_joins, captures = plan
         dd = sent.layers[0][0]
         fc = dd.fast
         T, H = sent.length, dd.w_hh.shape[1]
@@ -495,6 +505,11 @@ class TextDecomposer:
                 torch.index_select(hb[:lo], 0, par, out=hb[lo:lo + par.numel()])
                 cb = ws.c[a]
                 torch.index_select(cb[:lo], 0, par, out=cb[lo:lo + par.numel()])
+            if k in memo_joins:             # rows resuming from a stored state
+                cb = ws.c[a]
+                for row, sh, sc in memo_joins[k]:
+                    hb[row].copy_(sh)
+                    cb[row].copy_(sc)
             xw3, base_p, base_q, base_c, tc_t, half_o = fc.steps[k]
             # relevant gates i, f, g: W_ih x_t [t in mask] + W_hh h_rel
             if has_bit[k]:
@@ -522,6 +537,12 @@ class TextDecomposer:
             torch.sub(tc_t, th_i, out=th_i)
             torch.add(th_r, th_i, out=h).mul_(half_o)
             a = 1 - a
+            if k in captures:               # remember phrases' states after their last token
+                idx, spans = captures[k]
+                idx = torch.tensor(idx, device=dev)
+                hs, cs_ = h.index_select(0, idx), c.index_select(0, idx)
+                for q, (lo_, hi_) in enumerate(spans):
+                    sent.memo.setdefault(lo_, []).append((hi_, hs[q], cs_[q]))
         final = np.where(final == R, ws.cap, final)   # masks without a 1: the zero row
         return hb[torch.from_numpy(final).to(dev)]
 
@@ -719,32 +740,55 @@ def _first_live(n_at: list) -> int:
     return len(n_at)
 
 
-def _phrase_plan(pairs: list[tuple[int, int]], T: int):
+_COPY, _MEMO, _ZERO = 0, 1, 2     # how a row starts: copy of a live row, stored, zero
+
+
+def _phrase_plan(pairs: list[tuple[int, int]], T: int, memo: dict | None = None):
     """``_row_plan`` of the masks of inclusive (start, stop) phrases, without building and
     sorting masks: in lexicographic order the phrases go by start descending, then stop
     ascending; a phrase starts from zero at its start unless an earlier one with the same
-    start exists, from whose state it splits one step after that one's stop."""
+    start exists, from whose state it splits one step after that one's stop.
+
+    With a ``memo`` (``Sentence.memo``) a phrase start..stop also resumes from the stored
+    state of an earlier phrase start..s (s <= stop, the largest) at step s + 1, when that
+    is not earlier than it would otherwise start; and the plan lists where to store the
+    new phrases' states (``captures``: step -> rows, for stops before the last step).
+    Returns ``(n_at, joins, bits, final, memo_joins, captures)``.
+    """
     uniq = sorted(set(pairs), key=lambda p: (-p[0], p[1]))
     rows, prev = [], None
     for lo, hi in uniq:
         if prev is not None and prev[0] == lo:
-            rows.append((prev[1] + 1, 0, lo, hi, prev))      # (join step, copied first, ...)
+            e, kind, src = prev[1] + 1, _COPY, prev
         else:
-            rows.append((lo, 1, lo, hi, None))
+            e, kind, src = lo, _ZERO, None
+        if memo:
+            best = None
+            for stored in memo.get(lo, ()):
+                if stored[0] <= hi and (best is None or stored[0] > best[0]):
+                    best = stored
+            if best is not None and best[0] + 1 >= e:
+                e, kind, src = best[0] + 1, _MEMO, best
+        rows.append((e, kind, lo, hi, src))
         prev = (lo, hi)
     rows.sort(key=lambda r: (r[0], r[1]))                  # stable: ties keep the order above
     R = len(rows)
     row_of = {(r[2], r[3]): i for i, r in enumerate(rows)}
     n_at, joins = [0] * T, [None] * T
+    memo_joins, captures = {}, {}
     for i, r in enumerate(rows):
         n_at[r[0]] = i + 1
+        if r[1] == _MEMO:
+            memo_joins.setdefault(r[0], []).append((i, r[4][1], r[4][2]))
+        if memo is not None and r[3] < T - 1 and r[0] <= r[3]:
+            captures.setdefault(r[3], []).append(i)
     for k in range(1, T):
         n_at[k] = max(n_at[k], n_at[k - 1])
     i = 0
     while i < R:
-        if rows[i][1] == 0:
+        if rows[i][1] == _COPY:
             k, j = rows[i][0], i
-            while j < R and rows[j][0] == k and rows[j][1] == 0:
+            while j < R and rows[j][0] == k and rows[j][1] == _COPY:
                 j += 1
             joins[k] = (i, np.array([row_of[rows[q][4]] for q in range(i, j)], dtype=np.int64))
             i = j
@@ -754,7 +798,9 @@ def _phrase_plan(pairs: list[tuple[int, int]], T: int):
     pos = np.arange(T)[:, None]
     bits = (pos >= se[:, 0]) & (pos <= se[:, 1])
     final = np.array([row_of[p] for p in pairs], dtype=np.int64)
-    return n_at, joins, bits, final
+    if memo is not None:
+        captures = {k: (v, [(rows[q][2], rows[q][3]) for q in v]) for k, v in captures.items()}
+    return n_at, joins, bits, final, memo_joins, captures
 
 
 def _row_plan(masks: np.ndarray):
@@ -812,7 +858,7 @@ def _row_plan(masks: np.ndarray):
     fin_sorted = np.where(f < T, row_of[run_head], R)
     final = np.empty(M, dtype=np.int64)
     final[order] = fin_sorted
-    return n_at, joins, np.ascontiguousarray(ms[own].T), final
+    return n_at, joins, np.ascontiguousarray(ms[own].T), final, {}, {}
 
 
 def _discover(model: nn.Module):
