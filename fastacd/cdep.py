@@ -21,13 +21,22 @@ How it is computed (design.md sections 2 and 4, with gradients):
   (batch N); the relevant parts of K masks per image are one batch of K*N, and image n's
   relevant part is paired with image n's true activation (``i = a - r`` is never
   propagated nor stored);
+* **one weight application per layer**: with gradients on, a conv/linear layer runs its
+  weights once on ``cat([true input, relevant inputs])`` (``_AffinePaired``), and its
+  true output, the ReLU folded into it and the relevant bias split come out of one
+  autograd function;
 * **low memory**: the element-wise CD rules (bias split, batchnorm split) are autograd
   functions that keep only their inputs and recompute the few element-wise products in
-  the backward pass, so no irrelevant activation and no intermediate of the rule stays
-  alive between forward and backward;
+  the backward pass (closed-form for the bias split), max-pools keep only the argmax
+  indices, so no irrelevant activation, no ReLU output and no intermediate of a rule
+  stays alive between forward and backward;
 * **shared forward**: ``CDEPPenalty.forward_with_penalty`` returns the model's logits from
   the same true-activation pass, so a training step costs about one plain forward + one
   relevant pass, instead of a plain forward + separate relevant and irrelevant passes.
+
+The text penalty (``TextCDEPPenalty``, ``paired_text_cd``) does the same for an embedding ->
+LSTM -> linear classifier: the true LSTM pass of N sentences once, the relevant states of
+their token masks as one batch, the CDEP repository's ``-log softmax([r_y, i_y])[1]``.
 
 The arithmetic is the project's CD (the ``acd`` package's eps rule ``1e-20`` for the bias
 split, design.md section 2); the CDEP repository's copy of CD uses ``|zr| + |zi| + 1e-19``

@@ -429,6 +429,11 @@ def test_text_masks_and_errors():
         cdep.TextCDEPPenalty(model, score="nope")
     empty = pen(tokens, torch.zeros(2, 3), torch.tensor([0, 1]))  # no mask: zero penalty
     assert empty.item() == 0
+    # a batch_first LSTM takes (N, T) tokens; masks stay (N, T)
+    bf = nn.LSTM(4, 3, batch_first=True).double()
+    bf.load_state_dict(model.lstm.state_dict())
+    pen_bf = cdep.TextCDEPPenalty(embed=model.embed, lstm=bf, head=model.hidden_to_label)
+    assert torch.allclose(pen_bf(tokens.T, m, torch.tensor([0, 1])), pen(tokens, m, torch.tensor([0, 1])))
 
 
 def test_decoy_text_confound_train_not_test():
