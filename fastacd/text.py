@@ -317,8 +317,8 @@ class TextDecomposer:
         return self.embed.num_embeddings if isinstance(self.embed, nn.Embedding) else None
 
     def _weights(self, layer: int, reverse: bool):
-        """(w_ih, w_hh, b_ih + b_hh, w_ih^T, w_hh^T) of one layer and direction in the
-        arithmetic dtype (the transposes contiguous).
+        """(w_ih, w_hh, b_ih + b_hh, w_ih^T, w_hh^T, w_hh^T[:, :3H]) of one layer and
+        direction in the arithmetic dtype (the transposes contiguous).
 
         Without autograd the converted weights are cached on the LSTM module (keyed by each
         parameter's storage and version counter, so an in-place update or a new tensor is
@@ -344,7 +344,9 @@ class TextDecomposer:
             bias = torch.zeros(w_ih.shape[0], dtype=dt, device=w_ih.device)
         # contiguous transposes: a (n, H) x (H, 4H) GEMM with a transposed view was about
         # 2x slower at n <= 16 (one thread, MKL)
-        out = (w_ih, w_hh, bias, w_ih.T.contiguous(), w_hh.T.contiguous())
+        w_hh_t = w_hh.T.contiguous()
+        out = (w_ih, w_hh, bias, w_ih.T.contiguous(), w_hh_t,
+               w_hh_t[:, :3 * w_hh.shape[1]].contiguous())   # i, f, g columns (fast path)
         if cache is not None:
             cache[sfx] = (key, out)
         return out
@@ -376,7 +378,7 @@ class TextDecomposer:
         for layer in range(self.lstm.num_layers):
             dirs = []
             for d in range(self.num_directions):
-                w_ih, w_hh, bias, w_ih_t, w_hh_t = self._weights(layer, reverse=d == 1)
+                w_ih, w_hh, bias, w_ih_t, w_hh_t, w3 = self._weights(layer, reverse=d == 1)
                 H = w_hh.shape[1]
                 xw = x @ w_ih_t
                 xwb = xw + bias
@@ -387,7 +389,7 @@ class TextDecomposer:
                 dd = _Direction(w_ih, w_hh, bias, d == 1, xw, gates - bias, c, h,
                                 act[:, 3 * H:], w_hh_t)
                 if one_forward and not gates.requires_grad:
-                    dd.fast = _fast_consts(dd, gates, act, tc)
+                    dd.fast = _fast_consts(dd, gates, act, tc, w3)
                 dirs.append(dd)
             layers.append(dirs)
             x = torch.cat([dd.h for dd in dirs], dim=1)
@@ -671,9 +673,10 @@ def _true_pass_autograd(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
     return (torch.cat(gates), torch.cat(acts), torch.cat(cs), torch.cat(tcs), torch.cat(hs))
 
 
-def _fast_consts(dd: _Direction, gates, act, tc) -> _FastConsts:
+def _fast_consts(dd: _Direction, gates, act, tc, w3) -> _FastConsts:
     """Per-step constants of the one-layer fast path from the true pass: gates (T, 4H) with
-    bias, act (T, 4H) their activations (tanh for g), tc = tanh(c) (T, H)."""
+    bias, act (T, 4H) their activations (tanh for g), tc = tanh(c) (T, H); w3 (H, 3H) the
+    i, f, g columns of W_hh^T."""
     T, H = dd.c.shape
     b3 = dd.bias[:3 * H].unsqueeze(0)
     act_b = torch.cat([torch.sigmoid(b3[:, :2 * H]), torch.tanh(b3[:, 2 * H:])], dim=1)
@@ -683,9 +686,20 @@ def _fast_consts(dd: _Direction, gates, act, tc) -> _FastConsts:
     base_c = torch.stack([torch.zeros_like(dd.c), dd.c], 1).unsqueeze(2)         # (T,2,1,H)
     steps = list(zip(dd.xw[:, :3 * H].unbind(0), base_p.unbind(0), base_q.unbind(0),
                      base_c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
-    sign = torch.tensor([1.0, -1.0], dtype=b3.dtype, device=b3.device).view(2, 1, 1)
-    return _FastConsts(dd.w_hh_t[:, :3 * H].contiguous(), act_b[:, H:], b_i,
-                       b_i * act_b[:, 2 * H:], sign, 0.5 * sign, steps)
+    sign, half_sign = _signs(b3.dtype, b3.device)
+    return _FastConsts(w3, act_b[:, H:], b_i, b_i * act_b[:, 2 * H:], sign, half_sign, steps)
+
+
+_SIGNS: dict = {}
+
+
+def _signs(dtype, device):
+    """[1; -1] and [1/2; -1/2] as (2, 1, 1) tensors (made once per dtype and device)."""
+    key = (dtype, str(device))
+    if key not in _SIGNS:
+        sign = torch.tensor([1.0, -1.0], dtype=dtype, device=device).view(2, 1, 1)
+        _SIGNS[key] = (sign, 0.5 * sign)
+    return _SIGNS[key]
 
 
 _WORKSPACES = threading.local()
