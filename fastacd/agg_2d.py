@@ -310,15 +310,21 @@ class Scorer:
         return np.concatenate(out)
 
     def _bases(self, masks: list[np.ndarray]) -> list[int | None]:
-        """For each mask, the index (into known + masks) of its largest strict subset among
-        the masks scored so far and those scored now; None: no such subset (empty base)."""
+        """For each mask, the index (into known + masks) of its base: among its strict subsets
+        in the masks scored so far and those scored now, the one sharing the most units with
+        this call's masks (its size times the number of masks it is a subset of), so that a
+        component is the base of all its component-plus-tile candidates and the merged blob
+        the base of all its merge-phase pairs; ties go to the larger. None: no strict subset
+        (the empty base)."""
         known = self._known + masks
         kmat = np.stack([k.reshape(-1) for k in known]).astype(np.float32)
         cmat = np.stack([m.reshape(-1) for m in masks]).astype(np.float32)
         outside = kmat @ (1.0 - cmat).T                      # (known, masks): units of k not in m
         kcount, ccount = kmat.sum(1), cmat.sum(1)
         ok = (outside == 0) & (kcount[:, None] < ccount[None, :]) & (kcount[:, None] > 0)
-        best = np.where(ok, kcount[:, None], -1).argmax(0)
+        shared = ok.sum(1) * kcount
+        rank = shared.astype(np.float64) * (kmat.shape[1] + 1) + kcount
+        best = np.where(ok, rank[:, None], -1).argmax(0)
         return [int(b) if ok[b, j] else None for j, b in enumerate(best)]
 
     def _score_cd_grouped(self, cands) -> np.ndarray:
@@ -363,7 +369,9 @@ class Scorer:
                 size = (int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)) if ys.size else (1, 1)
                 buckets.setdefault(tuple(int(np.ceil(np.log2(v))) for v in size), []).append((i, d))
             base_t = to_t(self.units.pixels(known[b]) if b is not None else np.zeros(hw, bool))
-            for k, part in enumerate(p[s:s + 2 * _CHUNK] for p in buckets.values()
+            # the largest bucket first: it pays the base pass, the others share it
+            ordered = sorted(buckets.values(), key=len, reverse=True)
+            for k, part in enumerate(p[s:s + 2 * _CHUNK] for p in ordered
                                      for s in range(0, len(p), 2 * _CHUNK)):
                 want = k == 0 and b in as_base
                 jobs.append((base_t, to_t(np.stack([self.units.pixels(d) for _, d in part])), want))
