@@ -22,6 +22,9 @@ Configurations ``P`` or ``PxT`` (``--configs 1 1x1 2``: 1 process with every cor
 with one thread, 2 processes); ``--repeats R`` runs R interleaved rounds and keeps the fastest
 (``all_wall_s`` has every round).
 
+Also ``cpu_vgg16_forward_1thread.gflops``: achieved FP32 GFLOP/s of a plain VGG16 forward pass
+on one thread (the CPU side of the CPU/GPU FLOP ratio in docs/run.md).
+
 The machine is shared: ``load_avg_1min`` is recorded beside each figure.
 """
 from __future__ import annotations
@@ -74,6 +77,30 @@ def one(arch: str, procs: int, threads: int | None, data: Path, out: Path) -> di
                               for r in recs})
 
 
+def cpu_gflops(threads: int = 1) -> float:
+    """Achieved FP32 GFLOP/s of a plain VGG16 forward pass (batch 4, best of 3) with ``threads``:
+    the CPU side of the CPU/GPU FLOP ratio used for the GPU estimate in docs/run.md."""
+    import torch
+    import torchvision
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = torchvision.models.vgg16().eval()
+        x = torch.randn(4, 3, 224, 224)
+        with torch.no_grad():
+            m(x[:1])
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                m(x)
+                best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 4 * 2 * 15.47 / best  # 15.47 GMAC per 224x224 image
+
+
 def parse_config(c: str) -> tuple[int, int | None]:
     procs, _, threads = c.partition("x")
     return int(procs), (int(threads) if threads else None)
@@ -87,8 +114,13 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=["1", "2"],
                    help="P or PxT: P processes (torchrun when > 1), T threads each (default: cores // P)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the configs, interleaved")
+    p.add_argument("--no-flops", action="store_true", help="skip the CPU GFLOP/s measurement")
     a = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
+    if not a.no_flops:
+        g = cpu_gflops(1)
+        print(f"CPU: VGG16 forward at {g:.1f} GFLOP/s on one thread", flush=True)
+        record("run", "cpu_vgg16_forward_1thread", gflops=g, load_avg_1min=os.getloadavg()[0])
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "photos"
         write_photos(data, a.n)
