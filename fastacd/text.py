@@ -117,6 +117,20 @@ def check_phrase(start, stop, length: int) -> tuple[int, int]:
     return start, stop
 
 
+_NP_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _from_numpy(arr: np.ndarray, dtype, device) -> torch.Tensor:
+    """A tensor of ``arr`` in ``dtype`` (None: keep) on ``device``, converting in NumPy
+    where it can (cheaper than ``Tensor.to`` for the small arrays of a call)."""
+    if dtype is not None and dtype in _NP_DTYPES:
+        arr, dtype = arr.astype(_NP_DTYPES[dtype]), None
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if dtype is not None:
+        t = t.to(dtype)
+    return t if t.device == torch.device(device) else t.to(device)
+
+
 def check_phrases(phrases, length: int) -> list[tuple[int, int]]:
     """``check_phrase`` for every inclusive ``(start, stop)`` pair: a list of int pairs."""
     if isinstance(phrases, torch.Tensor):
@@ -424,7 +438,7 @@ class TextDecomposer:
         if phrases is not None:
             pairs = check_phrases(phrases, T)
             mask_np = _pair_masks(pairs, T)
-            mask = torch.from_numpy(mask_np).to(device=dev, dtype=self.dtype)
+            mask = _from_numpy(mask_np, self.dtype, dev)
         else:
             mask = torch.as_tensor(masks).to(dev)
             if mask.dim() == 1:
@@ -461,8 +475,7 @@ class TextDecomposer:
         w, b = self.head.weight, self.head.bias
         if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
             return w.to(self.dtype).T, None if b is None else b.to(self.dtype)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, self.dtype) + (
-            () if b is None else (b.data_ptr(), b._version))
+        key = (w._version, w.data_ptr(), None if b is None else b._version)
         hit = getattr(self, "_head_cache", None)
         if hit is None or hit[0] != key:
             hit = self._head_cache = (key, (w.to(self.dtype).T.contiguous(),
@@ -489,7 +502,7 @@ class TextDecomposer:
         hb[:R].zero_()                      # rows start from zero; row ws.cap stays zero
         ws.c[0][:R].zero_()
         ws.c[1][:R].zero_()
-        bit_cols = torch.from_numpy(bits).to(device=dev, dtype=self.dtype).unsqueeze(2).unbind(0)
+        bit_cols = _from_numpy(bits[:, :, None], self.dtype, dev).unbind(0)      # (R, 1) each
         has_bit = bits.any(1).tolist()
         w, b_fg, b_i, bb, sign, half_sign = fc.w3, fc.b_fg, fc.b_i, fc.bb, fc.sign, fc.half_sign
         views = ws.views
@@ -503,7 +516,7 @@ class TextDecomposer:
             c_prev, c = cs[a], cs[1 - a]
             if joins[k] is not None:        # rows that split off now copy the shared state
                 lo, par = joins[k]
-                par = torch.from_numpy(par).to(dev)
+                par = _from_numpy(par, None, dev)
                 torch.index_select(hb[:lo], 0, par, out=hb[lo:lo + par.numel()])
                 cb = ws.c[a]
                 torch.index_select(cb[:lo], 0, par, out=cb[lo:lo + par.numel()])
@@ -546,11 +559,11 @@ class TextDecomposer:
                 for q, (lo_, hi_) in enumerate(spans):
                     sent.memo.setdefault(lo_, []).append((hi_, hs[q], cs_[q]))
         final = np.where(final == R, ws.cap, final)   # masks without a 1: the zero row
-        return hb[torch.from_numpy(final).to(dev)]
+        return hb[_from_numpy(final, None, dev)]
 
     def _chunk(self, T: int) -> int:
         H = self.lstm.hidden_size
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         # per mask: W_ih x of one direction (4H) and the relevant outputs of a layer and its
         # input (D*H each), for every step
         per_mask = T * H * itemsize * (4 + 2 * self.num_directions) + 1
@@ -739,7 +752,7 @@ def _workspace(rows: int, H: int, dtype, device) -> _Workspace:
     cache = getattr(_WORKSPACES, "by_key", None)
     if cache is None:
         cache = _WORKSPACES.by_key = {}
-    key = (H, dtype, str(device))
+    key = (H, dtype, device)
     ws = cache.get(key)
     if ws is None or ws.cap < rows:
         ws = cache[key] = _Workspace(max(rows, 2 * ws.cap if ws else 32), H, dtype, device)
