@@ -112,6 +112,29 @@ def test_each_step_is_one_call_and_no_phrase_is_scored_twice(monkeypatch):
     assert calls[0] == 16                     # whole sentence + 15 words in one call
 
 
+@pytest.mark.parametrize("T", [7, 12, 14])
+def test_all_phrases_up_front_and_per_level_calls_agree(monkeypatch, T):
+    # short sentences get every phrase scored in the first call; the hierarchy is the same
+    model = TextModel(seed=T).double().eval()
+    batch = ft.Batch(torch.randint(1, 60, (T,), generator=torch.Generator().manual_seed(T)))
+    calls = []
+    orig = ft.TextDecomposer.cd
+
+    def spy(self, sent, phrases=None, masks=None):
+        calls.append(len(phrases))
+        return orig(self, sent, phrases=phrases, masks=masks)
+
+    monkeypatch.setattr(ft.TextDecomposer, "cd", spy)
+    monkeypatch.setattr(agg_1d, "ALL_PHRASES_MAX_TOKENS", 0)
+    per_level = agg_1d.agglomerate(model, batch, 50, "cd", 1, 0)
+    n_per_level = len(calls)
+    monkeypatch.setattr(agg_1d, "ALL_PHRASES_MAX_TOKENS", T)
+    up_front = agg_1d.agglomerate(model, batch, 50, "cd", 1, 0)
+    assert n_per_level > 1 and calls[n_per_level:] == [T * (T + 1) // 2]
+    assert_same_hierarchy(up_front, per_level, rel=1e-12)
+    assert_same_hierarchy(up_front, rt.agglomerate_1d(model, batch, 50, "cd", 1, 0))
+
+
 def test_batch_is_not_modified():
     model = TextModel(seed=10).double().eval()
     text = torch.randint(1, 60, (8, 1))

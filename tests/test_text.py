@@ -256,6 +256,100 @@ def test_gradients_flow_to_lstm_weights():
     assert float(model.embed.weight.grad.abs().sum()) > 0
 
 
+# ------------------------------------------------------------------ the one-layer fast path
+
+
+def _general_path(model):
+    """The general engine path (one fused cell op per step), the fast path's oracle."""
+    return ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label, backend="torch")
+
+
+@pytest.mark.parametrize("T", [1, 2, 9, 16])
+def test_fast_path_matches_general_path_and_reference(T):
+    model = TextModel(hidden=10, seed=T).double().eval()
+    gen = torch.Generator().manual_seed(T)
+    tokens = torch.randint(0, 40, (T,), generator=gen)
+    phrases = random_phrases(T, 12, gen)
+    phrases += phrases[:3] + [(0, T - 1), (T - 1, T - 1), (0, 0)]   # duplicates, edges
+    masks = (torch.rand(8, T, generator=gen) < 0.5).double()
+    masks[0] = 0                                                    # nothing relevant
+    masks[1] = masks[2]                                             # a duplicate
+    fast = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
+    with torch.no_grad():
+        sent = fast.prepare(tokens)
+        assert sent.layers[0][0].fast is not None                   # the fast path is taken
+        for kw in (dict(phrases=phrases), dict(masks=masks)):
+            a, b = fast.cd(sent, **kw), _general_path(model).cd(tokens, **kw)
+            scale = b.relevant.abs().max() + b.irrelevant.abs().max()
+            assert_scaled(a.relevant, b.relevant, scale=scale)
+            assert_scaled(a.irrelevant, b.irrelevant, scale=scale)
+            if "masks" in kw:
+                assert torch.equal(a.relevant[0], torch.zeros(2, dtype=F64))
+        res = fast.cd(sent, phrases=phrases)
+    for k, (s, e) in enumerate(phrases):
+        rel, irrel = rt.cd_text(ft.Batch(tokens), model, s, e, return_irrel_scores=True)
+        scale = np.abs(rel).max() + np.abs(irrel).max()
+        assert_scaled(res.relevant[k], torch.from_numpy(rel), scale=scale)
+        assert_scaled(res.irrelevant[k], torch.from_numpy(irrel), scale=scale)
+
+
+def test_phrase_plan_is_the_mask_plan():
+    # phrases are planned without building masks; the plan is the one of their masks
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        T = int(torch.randint(1, 14, (1,), generator=gen))
+        pairs = random_phrases(T, int(torch.randint(1, 20, (1,), generator=gen)), gen)
+        pairs += pairs[:2]
+        by_phrase = ft._phrase_plan(pairs, T)
+        by_mask = ft._row_plan(ft._pair_masks(pairs, T))
+        assert by_phrase[0] == by_mask[0]                           # live rows per step
+        for a, b in zip(by_phrase[1], by_mask[1]):                  # copied rows per step
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a[0] == b[0] and np.array_equal(a[1], b[1])
+        assert np.array_equal(by_phrase[2], by_mask[2])             # the rows' masks
+        assert np.array_equal(by_phrase[3], by_mask[3])             # which row is whose
+
+
+def test_rows_are_shared_until_masks_differ():
+    # (2, 4) and (2, 6) share one row until step 5; (0, 0) and (3, 3) start from zero
+    n_at, joins, bits, final, _, _ = ft._phrase_plan([(2, 4), (2, 6), (0, 0), (3, 3)], 8)
+    assert n_at == [1, 1, 2, 3, 3, 4, 4, 4]
+    assert joins[5] is not None and joins[5][0] == 3                # (2, 6) splits off at 5
+    assert bits.shape == (8, 4)
+
+
+def test_keep_states_resumes_phrases_and_matches_a_fresh_sentence():
+    model = TextModel(hidden=10, seed=12).double().eval()
+    T = 11
+    tokens = torch.randint(0, 40, (T,), generator=torch.Generator().manual_seed(12))
+    dec = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
+    with torch.no_grad():
+        kept, fresh = dec.prepare(tokens, keep_states=True), dec.prepare(tokens)
+        for phrases in ([(2, 2), (5, 5), (2, 4)], [(2, 5), (2, 7), (1, 5)],
+                        [(2, 8), (1, 8), (5, 8), (2, 8)], [(2, T - 1), (0, T - 1)]):
+            a, b = dec.cd(kept, phrases=phrases), dec.cd(fresh, phrases=phrases)
+            assert_scaled(a.relevant, b.relevant)
+            assert_scaled(a.irrelevant, b.irrelevant, scale=b.relevant.abs().max())
+        assert fresh.memo is None and sorted(h for h, _, _ in kept.memo[2]) == [2, 4, 5, 7, 8]
+        # (2, 9) resumes after (2, 8)'s last token: its first computed step is 9, not 2
+        plan = ft._phrase_plan([(2, 9)], T, kept.memo)
+        assert ft._first_live(plan[0]) == 9 and plan[4] and not plan[1][2]
+
+
+def test_cached_weights_follow_in_place_updates():
+    model = TextModel(hidden=8, seed=13).double().eval()
+    batch = ft.Batch(torch.randint(0, 40, (7,), generator=torch.Generator().manual_seed(13)))
+    with torch.no_grad():
+        before = ft.cd_text(batch, model, 1, 3)
+        model.lstm.weight_hh_l0.mul_(0.5)                           # in place: version bump
+        model.hidden_to_label.weight.add_(1.0)
+        after = ft.cd_text(batch, model, 1, 3)
+    assert not np.allclose(before, after)
+    expected = rt.cd_text(batch, model, 1, 3)
+    np.testing.assert_allclose(after, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
 # ------------------------------------------------------------------ drop-in
 
 
