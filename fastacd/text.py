@@ -17,7 +17,13 @@ The batched engine (``TextDecomposer``) runs that rule for M masks at once:
 * irrelevant parts are never propagated: ``irrelevant = total - relevant`` (the rule keeps
   ``relevant + irrelevant == true state`` at every step);
 * a mask's steps before its first relevant token (after its last, for a backward
-  direction) are skipped: there its relevant state is exactly zero.
+  direction) are skipped: there its relevant state is exactly zero;
+* one-layer unidirectional LSTMs without autograd take a fast path (``_fast_features``):
+  masks that agree up to a step share one row up to there (``_phrase_plan`` /
+  ``_row_plan``), the relevant gates need only i, f, g (a 3H-column GEMM), and the cell is
+  ~17 small in-place ops per step on preallocated, per-thread buffers; with
+  ``prepare(keep_states=True)`` a phrase resumes from the stored state of an earlier one
+  with the same start (the agglomeration grows phrases a word at a time).
 
 Beyond the reference: multi-layer and bidirectional ``nn.LSTM``. The rule is applied per
 layer and per direction; layer l > 0 gets the relevant part of layer l-1's output (both
@@ -275,7 +281,12 @@ class TextDecomposer:
              two agree for a unidirectional LSTM.
     dtype:   arithmetic dtype (default: the LSTM's); the drop-in ``cd_text`` uses float64
              like the reference.
-    backend: ``"auto"`` (compiled cell when built, else torch), ``"torch"``, ``"compiled"``.
+    backend: ``"auto"``: for a one-layer unidirectional LSTM when no gradient is needed,
+             the fast path (the cell written out in pure torch with the sentence's per-step
+             constants, rows shared by masks with a common prefix; measured 1.5x to 5x
+             faster than the compiled cell op at M = 4..820, H = 128, float64); otherwise
+             the compiled cell when built, else torch. ``"torch"`` / ``"compiled"``: the
+             general path with that cell (the fast path's oracles).
     memory_budget: bytes for the per-chunk mask state; M is split into chunks under it
              (results do not depend on the chunking).
 
