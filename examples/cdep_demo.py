@@ -10,7 +10,7 @@ Writes ``docs/cdep_results.md`` (tables) and ``docs/cdep_results.png`` (plot).
 
     nice .venv/bin/python examples/cdep_demo.py                 # defaults below
     nice .venv/bin/python examples/cdep_demo.py --seeds 0 1 2 --epochs 4 \\
-        --decoy-lambdas 0 1 10 100 --color-lambdas 0 3 30 100
+        --decoy-lambdas 0 30 100 300 --color-lambdas 0 30 100 --text-lambdas 0 100
 
 DecoyDigits masks: each example's decoy band. ColorDigits masks: ``--pixels`` single
 foreground pixels per example (colour is present in every single pixel; shape is not).
@@ -240,9 +240,9 @@ def write(table, picks, rows, args, out_dir: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--decoy-lambdas", type=float, nargs="*", default=[0.0, 10.0, 30.0, 100.0, 300.0])
-    ap.add_argument("--color-lambdas", type=float, nargs="*", default=[0.0, 3.0, 30.0, 100.0])
-    ap.add_argument("--text-lambdas", type=float, nargs="*", default=[0.0, 10.0, 100.0])
+    ap.add_argument("--decoy-lambdas", type=float, nargs="*", default=[0.0, 30.0, 100.0, 300.0])
+    ap.add_argument("--color-lambdas", type=float, nargs="*", default=[0.0, 30.0, 100.0])
+    ap.add_argument("--text-lambdas", type=float, nargs="*", default=[0.0, 100.0])
     ap.add_argument("--text-steps", type=int, default=300)
     ap.add_argument("--decoy-style", choices=DecoyDigits.STYLES, default="band")
     ap.add_argument("--epochs", type=int, default=4)
