@@ -189,7 +189,8 @@ def test_backend_torch_over_compiled(benchmark):
             best = _timed({b: (lambda d=d: d.cd(sent, phrases=phrases)) for b, d in decs.items()},
                           repeats=5 if T == 40 else 30)
         key = f"T{T}_M{len(phrases)}"
-        figures.update({f"{key}_torch_s": best["torch"][0], f"{key}_compiled_s": best["compiled"][0],
+        figures.update({f"{key}_torch_s": best["torch"][0],
+                        f"{key}_compiled_s": best["compiled"][0],
                         f"{key}_fast_path_s": best["auto"][0],
                         f"{key}_torch_over_compiled": best["torch"][0] / best["compiled"][0],
                         f"{key}_compiled_over_fast_path": best["compiled"][0] / best["auto"][0],

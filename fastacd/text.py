@@ -741,7 +741,8 @@ class _Workspace:
         # h, and c twice (the step reads the previous cell while writing the new one);
         # row cap stays 0: the state of a mask without a relevant token
         self.h, self.c = zeros(cap + 1, H), (zeros(cap + 1, H), zeros(cap + 1, H))
-        self.g, self.p, self.th, self.t = new(cap, 3 * H), new(2, cap, 3 * H), new(2, cap, H), new(cap, 2 * H)
+        self.g, self.t = new(cap, 3 * H), new(cap, 2 * H)
+        self.p, self.th = new(2, cap, 3 * H), new(2, cap, H)
         self.views: dict = {}
 
     def make_views(self, n: int):
