@@ -271,6 +271,7 @@ class Scorer:
         self.progress = progress
         self.use_windowed = windowed
         self._known: list[np.ndarray] = []  # unit masks scored so far (possible bases)
+        self._totals: dict = {}              # the image's total pass, reused by every call
         self._logits = None
 
     @staticmethod
@@ -385,7 +386,7 @@ class Scorer:
             slots.append((None, plain))
         info = [{} for _ in jobs]
         with torch.no_grad():
-            results, _ = cd_groups(self.dec, self.x, jobs, stats=info, trusted=True)
+            results, _ = cd_groups(self.dec, self.x, jobs, stats=info, trusted=True, totals=self._totals)
         self.calls += 1
         for (base_i, idx), (base_rel, rel), st in zip(slots, results, info):
             if base_i is not None:

@@ -385,8 +385,11 @@ class _Crops:
 # The windowed relevant pass
 # --------------------------------------------------------------------------------------------
 def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_win: torch.Tensor,
-                  win0: Window, s: int, e: int) -> torch.Tensor:
-    """Relevant output for candidates s:e of a plan; ``r0_win`` (m, C, h, w): their input windows."""
+                  win0: Window, s: int, e: int, cut: tuple | None = None) -> torch.Tensor:
+    """Relevant output for candidates s:e of a plan; ``r0_win`` (m, C, h, w): their input windows.
+
+    ``cut = (index, node)``: stop before node ``index`` of the graph and return the full maps
+    of ``node``, the only value later nodes read (the head runs once for many groups)."""
     from .engine import apply_rule
     g, m = dec.graph, e - s
     dev = r0_win.device
@@ -412,6 +415,8 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
         return gather_crop(base_rel[d], rel[d], wins[d], win)
 
     for index, node in enumerate(g.nodes):
+        if cut is not None and index == cut[0]:
+            return full(cut[1])
         step = g.steps.get(node)
         if step is None or step.kind == "shape":
             continue
@@ -444,6 +449,75 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
     return full(g.result_node)
 
 
+_LIVE: dict = {}  # id(graph) -> {index: node}, see single_live
+
+
+def single_live(g) -> dict:
+    """{index i: node d} for the positions where the only input-dependent value computed
+    before node i that node i or a later node reads is d (a place to cut the graph)."""
+    key = id(g)
+    if key not in _LIVE or _LIVE[key][0] is not g:
+        out: dict = {}
+        defined = []
+        for i, node in enumerate(g.nodes):
+            live = [d for d in defined if g.last_use.get(d, -1) >= i or d is g.result_node]
+            if len(live) == 1:
+                out[i] = live[0]
+            if node is g.input_node or (node in g.steps and g.steps[node].kind != "shape"):
+                defined.append(node)
+        _LIVE[key] = (g, out)
+    return _LIVE[key][1]
+
+
+def head_cut(g, plans: dict) -> tuple | None:
+    """The earliest (index, node) cut after which every step of the plan is full."""
+    cuts = single_live(g)
+    steps = [(i, n) for i, n in enumerate(g.nodes) if n in plans]
+    last_win = max((i for i, n in steps if plans[n].win is not None), default=-1)
+    for i in sorted(cuts):
+        if i > last_win and cuts[i] is not g.input_node and i <= steps[-1][0]:
+            return i, cuts[i]
+    return None
+
+
+def _flush_heads(dec, pending: dict, res: list, values: dict, aux: dict, x: torch.Tensor) -> None:
+    """Run the head once per cut for the frontier maps of every pending group; fill ``res``."""
+    from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
+    g = dec.graph
+    for cut, items in pending.items():
+        frontier = torch.cat([t for _, t in items])
+        after = [values[n] for i, n in enumerate(g.nodes) if i >= cut[0] and n in g.steps
+                 and isinstance(values.get(n), torch.Tensor)]
+        largest = max([frontier[0].numel()] + [v[0].numel() for v in after])
+        budget = dec.memory_budget or default_memory_budget(x.device)
+        step = max(1, int(budget // (largest * frontier.element_size() * _BYTES_PER_MASK_FACTOR)))
+        out = torch.cat([run_head(dec, cut, frontier[s:s + step], values, aux)
+                         for s in range(0, frontier.shape[0], step)])
+        pos = 0
+        for gi, t in items:
+            res[gi] = (res[gi][0], out[pos:pos + t.shape[0]])
+            pos += t.shape[0]
+    pending.clear()
+
+
+def run_head(dec, cut: tuple, rel_cut: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
+    """The ordinary relevant pass from a cut (see ``head_cut``) to the output."""
+    from .engine import apply_rule
+    g, m = dec.graph, rel_cut.shape[0]
+    rel = {cut[1]: rel_cut}
+    for index, node in enumerate(g.nodes):
+        if index < cut[0]:
+            continue
+        step = g.steps.get(node)
+        if step is None or step.kind == "shape":
+            continue
+        rel[node] = apply_rule(g, step, rel, values, aux.get(node), dec._ops, m)
+        for d in step.dep:
+            if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                rel.pop(d, None)
+    return rel[g.result_node]
+
+
 def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | None = None,
              max_fraction: float = WINDOW_MAX_FRACTION, max_cost_ratio: float = MAX_COST_RATIO,
              stats: dict | None = None):
@@ -463,7 +537,8 @@ def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | 
 
 def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
               max_fraction: float = WINDOW_MAX_FRACTION, max_cost_ratio: float = MAX_COST_RATIO,
-              stats: list | None = None, trusted: bool = False) -> tuple[list, torch.Tensor]:
+              stats: list | None = None, trusted: bool = False,
+              totals: dict | None = None) -> tuple[list, torch.Tensor]:
     """Relevant outputs of several groups of masks for one input, with one total pass.
 
     groups: ``(base_mask, delta_masks, want_base)`` each. ``base_mask=None``: the masks
@@ -476,6 +551,9 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     Consecutive groups passing the same ``base_mask`` object share one base pass.
     ``trusted``: the masks are already (M, H, W) / (H, W) tensors of x's dtype and device
     holding finite values (as ``agg_2d.Scorer`` builds them): skip the checks.
+    ``totals``: a dict kept by the caller across calls for the same ``x`` (and model): the
+    total pass is run once and reused. The linear head after the last windowed node runs
+    once for all windowed groups of the call.
     """
     from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
     x = dec._check_input(x)
@@ -487,8 +565,14 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             rel = None if d is None else dec.cd(x, d if b is None else torch.maximum(b, d)).relevant
             res.append((dec.cd(x, b).relevant if b is not None and want_base else None, rel))
         return res, dec.forward(x)
-    values, aux = dec._total_pass(x)
+    if totals is not None and totals.get("x") is x and totals.get("version") == x._version:
+        values, aux = totals["values"], totals["aux"]
+    else:
+        values, aux = dec._total_pass(x)
+        if totals is not None:
+            totals.update(x=x, version=x._version, values=values, aux=aux)
     full_step = chunk_size or dec.chunk_size(values, x)
+    pending: dict = {}  # head cut -> [(group, frontier maps)]: the head runs once per cut
     if trusted:
         def masks_of(t):
             return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t
@@ -546,9 +630,18 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         if step is None:
             budget = dec.memory_budget or default_memory_budget(dev)
             step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
-        rel = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + step], win0,
-                                       s, min(s + step, mcount))
-                         for s in range(0, mcount, step)])
-        res.append((base_rel[dec.graph.result_node] if want_base else None, rel))
+        cut = head_cut(dec.graph, plans)
+        if cut is not None and values[cut[1]].numel() > x.numel():
+            cut = None  # a frontier larger than the image: not worth holding for many groups
+        parts = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + step], win0,
+                                         s, min(s + step, mcount), cut)
+                           for s in range(0, mcount, step)])
+        res.append((base_rel[dec.graph.result_node] if want_base else None, None if cut else parts))
         del base_rel
+        if cut is not None:
+            pending.setdefault(cut, []).append((gi, parts))
+            held = sum(t.numel() * t.element_size() for items in pending.values() for _, t in items)
+            if held > (dec.memory_budget or default_memory_budget(dev)) // 4:
+                _flush_heads(dec, pending, res, values, aux, x)
+    _flush_heads(dec, pending, res, values, aux, x)
     return res, values[dec.graph.result_node]
