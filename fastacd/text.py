@@ -333,7 +333,7 @@ class TextDecomposer:
         if all(hasattr(model, a) for a in ("embed", "lstm", "hidden_to_label")):
             kwargs.setdefault("readout", "last")
             return cls(model.embed, model.lstm, model.hidden_to_label, **kwargs)
-        embed, lstm, head, readout = _discover(model)
+        embed, lstm, head, readout = _discover_cached(model)
         kwargs.setdefault("readout", readout)
         return cls(embed, lstm, head, **kwargs)
 
@@ -727,7 +727,7 @@ def _signs(dtype, device):
 
 
 _WORKSPACES = threading.local()
-_WS_MAX_ROWS = 4096       # larger batches get a workspace of their own, not kept
+_WS_MAX_ROWS = 2048       # larger batches get a workspace of their own, not kept
 
 
 class _Workspace:
@@ -898,6 +898,22 @@ def _row_plan(masks: np.ndarray):
     final = np.empty(M, dtype=np.int64)
     final[order] = fin_sorted
     return n_at, joins, np.ascontiguousarray(ms[own].T), final, {}, {}
+
+
+_DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _discover_cached(model: nn.Module):
+    """``_discover`` once per model (tracing takes ~10 ms; the agglomeration builds a
+    decomposer per sentence). Traced again when the forward or the submodules change."""
+    fwd = model.__dict__.get("forward", type(model).forward)
+    key = (fwd, tuple((name, id(m)) for name, m in model.named_modules()))
+    hit = _DISCOVERED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    found = _discover(model)
+    _DISCOVERED[model] = (key, found)
+    return found
 
 
 def _discover(model: nn.Module):
