@@ -514,7 +514,9 @@ class TextDecomposer:
         ws.c[0][:R].zero_()
         ws.c[1][:R].zero_()
         bit_cols = _from_numpy(bits[:, :, None], self.dtype, dev).unbind(0)      # (R, 1) each
-        has_bit = bits.any(1).tolist()
+        # per step: 0 no live row has a relevant token, 1 all do, 2 some do
+        has_bit = [(2 if row[:n].any() else 0) if not row[:n].all() else 1
+                   for row, n in zip(bits, n_at)] if R else [0] * T
         w, b_fg, b_i, bb, sign, half_sign = fc.w3, fc.b_fg, fc.b_i, fc.bb, fc.sign, fc.half_sign
         views = ws.views
         n_cur, a = -1, 0
@@ -538,10 +540,13 @@ class TextDecomposer:
                     cb[row].copy_(sc)
             xw3, base_p, base_q, base_c, tc_t, half_o = fc.steps[k]
             # relevant gates i, f, g: W_ih x_t [t in mask] + W_hh h_rel
-            if has_bit[k]:
+            hb_k = has_bit[k]
+            if hb_k == 2:
                 bit = bit_cols[k][:n]
                 torch.mul(bit, xw3, out=g)
                 g.addmm_(h, w)
+            elif hb_k:
+                torch.addmm(xw3, h, w, out=g)
             else:
                 torch.mm(h, w, out=g)
             # [rel + b; total - rel] (irrelevant = total - relevant), then the activations
@@ -553,8 +558,10 @@ class TextDecomposer:
             share.add_(q_i)
             torch.add(r_fg, b_fg, out=t)                   # r_f + b_f, r_g + b_g
             torch.mul(t_g, r_i, out=c).addcmul_(b_i, r_g)
-            if has_bit[k]:
+            if hb_k == 2:
                 c.addcmul_(bit, bb)
+            elif hb_k:
+                c.add_(bb)
             if k > 0:
                 c.addcmul_(t_f, c_prev)                    # forget term
             # two-player tanh split of the cell [c; c_true - c], times the true output gate

@@ -467,6 +467,18 @@ def test_from_model_traces_other_attribute_names(cls, batch_first):
     assert_scaled(dec.forward(tokens), logits[0])
 
 
+def test_from_model_discovery_is_cached_and_follows_changes():
+    model = BatchFirstClassifier()
+    a = ft.TextDecomposer.from_model(model)
+    b = ft.TextDecomposer.from_model(model)
+    assert a.lstm is b.lstm and a.head is b.head
+    # a replaced submodule is found again
+    name = next(n for n, m in model.named_children() if isinstance(m, nn.LSTM))
+    setattr(model, name, nn.LSTM(a.lstm.input_size, a.lstm.hidden_size, batch_first=True))
+    c = ft.TextDecomposer.from_model(model)
+    assert c.lstm is getattr(model, name) and c.lstm is not a.lstm
+
+
 def test_from_model_unsupported_structure_is_explained():
     class TwoHeads(nn.Module):
         def __init__(self):
