@@ -25,6 +25,8 @@ the training split; see docs/cdep.md ("Choosing lambda") for why.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,14 +54,20 @@ def _split_index(split: str, n: int, data_seed: int) -> torch.Tensor:
             "train_all": perm[:N_TRAIN], "test": perm[N_TRAIN:]}[split]
 
 
-def _digits_unit(split: str, data_seed: int = 0, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits upscaled to size x size in [0, 1] (N, size, size) and labels, for one split."""
-    _check_split(split)
+@functools.lru_cache(maxsize=4)
+def _all_digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)[:, 0]
-    y = torch.tensor(d.target, dtype=torch.long)
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def _digits_unit(split: str, data_seed: int = 0, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits upscaled to size x size in [0, 1] (N, size, size) and labels, for one split
+    (copies: the loaded digits are cached per size)."""
+    _check_split(split)
+    x, y = _all_digits(size)
     idx = _split_index(split, len(y), data_seed)
     return x[idx], y[idx]
 
