@@ -211,7 +211,7 @@ class _FastConsts:
     recurrence multiplies by the first 3H columns of W_hh^T. Per step t, ``steps[t]`` =
     (xw3_t (3H,) W_ih x_t of i, f, g; base_p (2, 1, 3H) = [b3; pre3_t] with pre3_t the
     true pre-activations with bias; base_q (2, 1, 3H) = [-act(b3) / 2; act(pre3_t) / 2];
-    base_c (2, 1, H) = [0; c_t] the true cell; tanh(c_t) (H,); o_t / 2 (H,)). With the
+    base_c (2, 1, H) = [0; c_t] the true cell; o_t tanh(c_t) / 2 (H,); o_t / 2 (H,)). With the
     signs ``[1; -1]`` and ``[1/2; -1/2]`` one addcmul gives both rows of a pair: e.g.
     [b3 + g; pre3 - g] = [act. input of relevant + bias; of irrelevant + bias], exactly
     the separate sums (a product by +-1 or +-1/2 is exact).
@@ -515,8 +515,9 @@ class TextDecomposer:
         ws.c[1][:R].zero_()
         bit_cols = _from_numpy(bits[:, :, None], self.dtype, dev).unbind(0)      # (R, 1) each
         # per step: 0 no live row has a relevant token, 1 all do, 2 some do
-        has_bit = [(2 if row[:n].any() else 0) if not row[:n].all() else 1
-                   for row, n in zip(bits, n_at)] if R else [0] * T
+        live = np.arange(R) < np.asarray(n_at)[:, None]                 # (T, R)
+        has_bit = np.where((bits | ~live).all(1), 1, np.where((bits & live).any(1), 2, 0))
+        has_bit = np.where(np.asarray(n_at) > 0, has_bit, 0).tolist()
         w, b_fg, b_i, bb, sign, half_sign = fc.w3, fc.b_fg, fc.b_i, fc.bb, fc.sign, fc.half_sign
         views = ws.views
         n_cur, a = -1, 0
@@ -538,7 +539,7 @@ class TextDecomposer:
                 for row, sh, sc in memo_joins[k]:
                     hb[row].copy_(sh)
                     cb[row].copy_(sc)
-            xw3, base_p, base_q, base_c, tc_t, half_o = fc.steps[k]
+            xw3, base_p, base_q, base_c, half_o_tc, half_o = fc.steps[k]
             # relevant gates i, f, g: W_ih x_t [t in mask] + W_hh h_rel
             hb_k = has_bit[k]
             if hb_k == 2:
@@ -564,11 +565,12 @@ class TextDecomposer:
                 c.add_(bb)
             if k > 0:
                 c.addcmul_(t_f, c_prev)                    # forget term
-            # two-player tanh split of the cell [c; c_true - c], times the true output gate
+            # two-player tanh split of the cell [c; c_true - c], times the true output gate:
+            # o/2 (tanh(c) + tanh(c_true) - tanh(c_true - c)), with o/2 tanh(c_true) made once
             torch.addcmul(base_c, sign, cs3[1 - a], out=th)
             th.tanh_()
-            torch.sub(tc_t, th_i, out=th_i)
-            torch.add(th_r, th_i, out=h).mul_(half_o)
+            torch.sub(th_r, th_i, out=th_i)
+            torch.addcmul(half_o_tc, half_o, th_i, out=h)
             a = 1 - a
             if k in captures:               # remember phrases' states after their last token
                 idx, spans = captures[k]
@@ -715,8 +717,9 @@ def _fast_consts(dd: _Direction, gates, act, tc, w3) -> _FastConsts:
     base_p = torch.stack([b3.expand(T, -1), gates[:, :3 * H]], 1).unsqueeze(2)  # (T,2,1,3H)
     base_q = torch.stack([(-0.5 * act_b).expand(T, -1), 0.5 * act[:, :3 * H]], 1).unsqueeze(2)
     base_c = torch.stack([torch.zeros_like(dd.c), dd.c], 1).unsqueeze(2)         # (T,2,1,H)
+    half_o = 0.5 * dd.o
     steps = list(zip(dd.xw[:, :3 * H].unbind(0), base_p.unbind(0), base_q.unbind(0),
-                     base_c.unbind(0), tc.unbind(0), (0.5 * dd.o).unbind(0)))
+                     base_c.unbind(0), (half_o * tc).unbind(0), half_o.unbind(0)))
     sign, half_sign = _signs(b3.dtype, b3.device)
     return _FastConsts(w3, act_b[:, H:], b_i, b_i * act_b[:, 2 * H:], sign, half_sign, steps)
 
