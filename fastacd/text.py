@@ -21,7 +21,7 @@ The batched engine (``TextDecomposer``) runs that rule for M masks at once:
 * one-layer unidirectional LSTMs without autograd take a fast path (``_fast_features``):
   masks that agree up to a step share one row up to there (``_phrase_plan`` /
   ``_row_plan``), the relevant gates need only i, f, g (a 3H-column GEMM), and the cell is
-  ~17 small in-place ops per step on preallocated, per-thread buffers; with
+  ~16 small in-place ops per step on preallocated, per-thread buffers; with
   ``prepare(keep_states=True)`` a phrase resumes from the stored state of an earlier one
   with the same start (the agglomeration grows phrases a word at a time).
 
@@ -498,7 +498,7 @@ class TextDecomposer:
         planned by ``_row_plan`` / ``_phrase_plan`` (masks that agree up to a step share one
         row up to there). The cell rule of ``_torch_ops.lstm_cd_cell``, written out with the
         sentence's per-step constants (true activations, cell, tanh(cell), output gate, bias
-        terms: computed once in ``prepare``) into preallocated buffers: about 20 small ops
+        terms: computed once in ``prepare``) into preallocated buffers: about 16 small ops
         per step for all rows. No autograd (in-place buffers): ``cd`` uses it only when no
         gradient is needed.
         """
