@@ -28,7 +28,11 @@ Figures (bench/results/agg.json), per model:
   (``device='cpu'``, best of 2 after a warm-up; when installed); ``original_s``: that times
   ``masks_requested`` (the original scores one mask per call: EXTRAPOLATED);
   ``speedup_vs_original``: ``original_s / fast_s``. ``original_previous_s``: the full run of
-  the original measured earlier on this box (VGG16 592 s, AlexNet ~220 s), for context.
+  the original measured earlier on this box (VGG16 592 s, AlexNet ~220 s), for context;
+* with ``ACD_BENCH_CHECK_PLAIN=1``: ``plain_s``, the same run with windowed propagation off
+  (``agglomerate(..., windowed=False)``), ``windowed_speedup = plain_s / fast_s``, and
+  ``identical_to_plain``: every level's components equal and every score within 1e-4
+  relative (float32).
 """
 from __future__ import annotations
 
@@ -114,6 +118,15 @@ def bench(arch: str, full_reference: bool = False) -> dict:
                    engine_calls=stats["calls"], reference_per_mask_s=per_mask,
                    num_levels=len(fast["comps_list"]) - 1,
                    max_components=int(max(np.max(c) for c in fast["comps_list"])))
+    if os.environ.get("ACD_BENCH_CHECK_PLAIN", "") == "1":
+        plain, plain_s = _run(agg_2d.agglomerate, model, None, s["percentile_include"], s["method"],
+                              s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, windowed=False)
+        same = (len(plain["comps_list"]) == len(fast["comps_list"])
+                and all(np.array_equal(a, b) for a, b in zip(plain["comps_list"], fast["comps_list"]))
+                and all(np.allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.nanmax(np.abs(b))), equal_nan=True)
+                        for a, b in zip(fast["scores_list"], plain["scores_list"])))
+        figures.update(plain_s=plain_s, windowed_speedup=plain_s / fast_s, identical_to_plain=bool(same))
+        print(f"\n{arch}: plain (no windows) {plain_s:.1f} s, windowed {fast_s:.1f} s; identical: {same}")
     if full_reference:
         ref, ref_s = _run(ref_agg.agglomerate, model, None, s["percentile_include"], s["method"],
                           s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x)
@@ -146,6 +159,8 @@ def test_agglomerate_224(arch):
     figures = bench(arch, full_reference=FULL)
     if figures.get("identical_comps") is not None:
         assert figures["identical_comps"]
+    if figures.get("identical_to_plain") is not None:
+        assert figures["identical_to_plain"]
 
 
 if __name__ == "__main__":

@@ -613,7 +613,7 @@ def prepare_model_input(model, im_torch, device, image_hw=None):
 # ------------------------------------------------------------------------------------------
 def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig, lab_num,
                 num_iters=5, im_torch=None, model_type="mnist", device=None, *,
-                backend="auto", pred_ims_batched=None, progress=False, stats=None):
+                backend="auto", pred_ims_batched=None, progress=False, stats=None, windowed=True):
     """Agglomerative CD of one image (drop-in for ``acd.agg_2d.agglomerate``).
 
     Params
@@ -634,7 +634,10 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     device: None = the model's device
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     progress: tqdm bars (off by default)
-    stats: optional dict, filled with candidates requested / scored and engine calls
+    stats: optional dict, filled with candidates requested / scored, engine calls and the
+        candidates scored with windowed propagation
+    windowed: score ``cd`` candidates that extend another mask with ``Decomposer.cd_delta``
+        (same numbers; docs/engine.md "Windowed propagation"); False: every mask in full
 
     Returns the original's dict: scores_list, im_thresh_list, comps_list,
     comp_scores_raw_list, comp_scores_raw_combined_list, scores_orig_raw, num_before_final.
@@ -654,7 +657,8 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     dec = decomposer_for(model, backend) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
-                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress)
+                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress,
+                    windowed=windowed)
     lists = run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
                            im_orig.shape, progress=progress)
     lists = run_merges(lists, scorer, lab_num, progress=progress)
