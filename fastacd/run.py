@@ -504,14 +504,17 @@ class Dist:
 
 def pick_device(requested: str, dist: Dist):
     import torch
+    # LOCAL_RANK % GPUs: one process per GPU, or several per GPU with --nproc_per_node > GPUs
     if requested == "auto":
-        return torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}")
     dev = torch.device(requested)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {requested}: CUDA is not available here")
         if dev.index is None:
-            dev = torch.device(f"cuda:{dist.local_rank}")
+            dev = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}")
     return dev
 
 

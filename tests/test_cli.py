@@ -318,3 +318,27 @@ def test_no_class_scores(data, tmp_path):
     h = Hierarchy.from_json((tmp_path / "hierarchies" / "img0.png.json").read_text())
     assert h.nodes and all(n.class_scores == [] for n in h.nodes)
     assert run_cli("run", src, "--out", tmp_path, *COMMON) == 2  # a different output: refused
+
+
+def test_dist_env_and_device(monkeypatch):
+    from fastacd.run import Dist, RunError, cpu_threads, pick_device
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    d = Dist.from_env()
+    assert (d.rank, d.world, d.local_rank, d.local_world) == (3, 4, 1, 2)
+    assert cpu_threads(d) == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", d) == torch.device("cpu")
+    with pytest.raises(RunError):
+        pick_device("cuda", d)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto", d) == torch.device("cuda:0")  # 2 processes share the one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto", d) == torch.device("cuda:1") == pick_device("cuda", d)
+    assert pick_device("cpu", d) == torch.device("cpu")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(RunError):
+        Dist.from_env()
