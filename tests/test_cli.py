@@ -176,6 +176,11 @@ def test_torchrun_two_processes_equal_one(reference, data, tmp_path):
     assert all(ranks[im] == i % 2 for i, im in enumerate(images))  # i % world == rank
     assert outputs(out) == outputs(reference)
     assert stable(manifest(out)) == stable(manifest(reference))
+    # resuming with another world size: finished images are found per image, not per rank
+    before = {p: p.stat().st_mtime_ns for p in (out / "hierarchies").rglob("*")}
+    assert run_cli("run", data, "--out", out, "--label", "folder", *COMMON) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "hierarchies").rglob("*")} == before
+    assert stable(manifest(out)) == stable(manifest(reference))
 
 
 def test_settings_change_refused_then_overwrite(data, tmp_path, capsys):
