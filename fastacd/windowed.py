@@ -26,11 +26,13 @@ inside the window of positions whose receptive field reaches the delta. Here:
 The numbers equal full propagation (outside the window nothing changes) up to the rounding of
 a different convolution algorithm on the crop. ``cd_delta`` falls back to the ordinary pass
 when the estimated cost (multiply-adds of the windowed convs plus one base pass) is not
-below ``MAX_COST_RATIO`` of full propagation. docs/engine.md "Windowed propagation".
+below ``MAX_COST_RATIO`` of full propagation. ``cd_groups`` scores many (base, deltas)
+groups for one image with one total pass (optionally reused across calls), one base pass per
+base, and the linear head after the last windowed node once for all groups.
+docs/engine.md "Windowed propagation".
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +207,7 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
     """Windows of every dependent node for candidates whose input differs inside ``win0``.
 
     Returns (plans: node -> NodePlan, cost: (windowed multiply-adds, full multiply-adds) of
-    the affine layers per candidate, bytes: the largest per-candidate activation (elements)).
+    the affine layers per candidate, largest: the largest per-candidate activation in elements).
     """
     value_of = values.__getitem__
     plans: dict[fx.Node, NodePlan] = {}
