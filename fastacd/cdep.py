@@ -254,40 +254,51 @@ def _split_pre_grad(zr, t_pre, bias, grad, relu: bool, k: int):
     return d_zr, _unrepeat(d_t, k), _channel_sum(pr.mul_(grad))
 
 
+def _affine_fwd(both, bias, n: int, k: int, relu: bool):
+    """Forward of ``_AffinePaired``: (true output, ReLU'd if ``relu``; relevant part)."""
+    t_pre, zr = both[:n], both[n:]
+    total = t_pre + _torch_ops._channel_view(bias, t_pre)
+    rel = _split_pre(zr, t_pre, bias, relu, k)
+    return (total.clamp_min(0) if relu else total), rel
+
+
+def _affine_bwd(both, bias, g_total, g_rel, n: int, k: int, relu: bool):
+    """Closed-form backward of ``_AffinePaired``: (d both, d bias)."""
+    t_pre, zr = both[:n], both[n:]
+    d_zr, d_t, d_b = _split_pre_grad(zr, t_pre, bias, g_rel, relu, k)
+    if relu:
+        g_total = g_total * ((t_pre + _torch_ops._channel_view(bias, t_pre)) > 0)
+    return torch.cat([d_t + g_total, d_zr]), d_b + _channel_sum(g_total)
+
+
 class _AffinePaired(torch.autograd.Function):
     """A conv/linear layer's true output and relevant part from one weight application.
 
     ``both`` (N + K*N, C, *S) = W applied to ``cat([a, r])`` without bias. Returns the true
     output ``both[:N] + b`` (ReLU'd if ``relu``: the ReLU folded into the layer) and the
     relevant part (the bias split, ReLU'd if ``relu``). Keeps only ``both`` and the bias for
-    backward (closed-form gradients, recomputing the element-wise products).
+    backward (closed-form gradients, recomputing the element-wise products). ``fuse``: the
+    forward and backward bodies run through ``torch.compile`` (one or two loops each).
     """
 
     @staticmethod
     def forward(ctx, both, bias, n, k, relu, fuse):
         ctx.n, ctx.k, ctx.relu, ctx.fuse = n, k, relu, fuse
         ctx.save_for_backward(both, bias)
-        t_pre, zr = both[:n], both[n:]
-        total = t_pre + _torch_ops._channel_view(bias, t_pre)
-        fn = _compiled_fn("pre_fwd") if fuse else _split_pre
-        rel = fn(zr, t_pre, bias, relu, k)
-        return (total.clamp_min(0) if relu else total), rel
+        fn = _compiled_fn("affine_fwd") if fuse else _affine_fwd
+        return fn(both, bias, n, k, relu)
 
     @staticmethod
     def backward(ctx, g_total, g_rel):
         both, bias = ctx.saved_tensors
-        n, k, relu = ctx.n, ctx.k, ctx.relu
-        t_pre, zr = both[:n], both[n:]
+        n = ctx.n
         if g_rel is None:
-            g_rel = torch.zeros_like(zr)
-        fn = _compiled_fn("pre_bwd") if ctx.fuse else _split_pre_grad
-        d_zr, d_t, d_b = fn(zr, t_pre, bias, g_rel.contiguous(), relu, k)
-        if g_total is not None:
-            if relu:
-                g_total = g_total * ((t_pre + _torch_ops._channel_view(bias, t_pre)) > 0)
-            d_t = d_t + g_total
-            d_b = d_b + _channel_sum(g_total)
-        return torch.cat([d_t, d_zr]), d_b, None, None, None, None
+            g_rel = torch.zeros_like(both[n:])
+        if g_total is None:
+            g_total = torch.zeros_like(both[:n])
+        fn = _compiled_fn("affine_bwd") if ctx.fuse else _affine_bwd
+        d_both, d_b = fn(both, bias, g_total.contiguous(), g_rel.contiguous(), n, ctx.k, ctx.relu)
+        return d_both, d_b, None, None, None, None
 
 
 _COMPILED: dict[str, Any] = {}
@@ -297,8 +308,8 @@ def _compiled_fn(which: str):
     """torch.compile'd forward / backward of the bias split: one fused loop each instead of
     ~20 element-wise passes (compiled once per process, ~20 s on a CPU; cached on disk)."""
     if which not in _COMPILED:
-        fn = {"fwd": _bias_split_paired, "bwd": _bias_split_paired_grad, "pre_fwd": _split_pre,
-              "pre_bwd": _split_pre_grad}[which]
+        fn = {"fwd": _bias_split_paired, "bwd": _bias_split_paired_grad, "affine_fwd": _affine_fwd,
+              "affine_bwd": _affine_bwd}[which]
         _COMPILED[which] = torch.compile(fn, dynamic=True)
     return _COMPILED[which]
 
