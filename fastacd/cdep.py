@@ -401,8 +401,9 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     recomputed gradients) instead of autograd's intermediates.
     use_compiled: run the conv/linear bias split with the compiled op (once per image, as
     the op shares one true activation) when the extension is built.
-    fuse: run the bias split's forward and closed-form backward through ``torch.compile``
-    (one fused loop each; needs low_memory; compiled on first use).
+    fuse: run the element-wise forward and closed-form backward of each conv/linear layer
+    (true output, folded ReLU, bias split) through ``torch.compile`` (a few fused loops
+    each; needs low_memory; compiled on first use, ~20 s on a CPU).
     Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
     k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
     """
