@@ -54,9 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _torch_ops
-from .engine import Decomposer, _cat, _combine, _fetch_attr, run_plain
-from .graph import (CapturedGraph, affine_parts, batchnorm_parts, call_with, load_arg,
-                    maxpool_fn)
+from .engine import Decomposer, _fetch_attr, run_plain, structural_rule
+from .graph import CapturedGraph, affine_parts, batchnorm_parts, call_with, maxpool_fn
 
 REDUCTIONS = ("mean", "sum")
 
@@ -491,24 +490,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
                         low_memory=low_memory)
         elif kind == "maxpool":
             out = _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
-        elif kind == "activation" and step.fused_into is not None:
-            out = r  # the producer already applied this ReLU to the relevant part
-        elif kind == "reshape":
-            out = r.reshape((m,) + tuple(total.shape[1:]))
-        elif kind in ("add", "sub"):
-            out = _combine(node, kind, rel, values, m)
-        elif kind == "neg":
-            out = -r
-        elif kind == "scale":
-            other = [q for q in node.args[:2] if q is not step.dep[0]]
-            c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
-            out = r * c if step.extra["op"] == "mul" else r / c
-        elif kind == "cat":
-            out = _cat(node, rel, values, m)
-        elif kind == "output_softmax":
-            out = r
-        else:  # activation, linear, getitem, user rules: the op itself on r
-            out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+        else:
+            out = structural_rule(g, step, rel, values, m)
         rel[node] = out
         for d in step.dep:  # free relevant parts no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:

@@ -244,6 +244,36 @@ class Decomposer:
         return cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size, **options)
 
 
+def structural_rule(g: CapturedGraph, step, rel: dict, values, m: int) -> torch.Tensor:
+    """The rules that move or combine relevant parts without splitting anything: a ReLU
+    already applied by its producer, reshapes, sums, negation, scaling by a constant, concat,
+    the trailing softmax (not decomposed), and ops applied to the relevant part as they are
+    (activations, linear-in-r ops, getitem, user rules). Shared by every batched pass (the
+    engine's, the windowed one and CDEP's paired one), so each is written once.
+    """
+    node, kind = step.node, step.kind
+    value_of = values.__getitem__
+    r = rel[step.dep[0]]
+    if kind == "activation" and step.fused_into is not None:
+        return r  # the producer already applied this ReLU to the relevant part
+    if kind == "reshape":
+        return r.reshape((m,) + tuple(values[node].shape[1:]))
+    if kind in ("add", "sub"):
+        return _combine(node, kind, rel, values, m)
+    if kind == "neg":
+        return -r
+    if kind == "scale":
+        other = [a for a in node.args[:2] if a is not step.dep[0]]
+        c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
+        return r * c if step.extra["op"] == "mul" else r / c
+    if kind == "cat":
+        return _cat(node, rel, values, m)
+    if kind == "output_softmax":
+        return r
+    # activation, linear, getitem, user rules: the op itself on r
+    return call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+
+
 def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int,
                want: tuple | None = None) -> torch.Tensor:
     """The batched CD rule of one node: its relevant output from its inputs' relevant parts.
@@ -255,7 +285,6 @@ def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int
     the windowed one (``fastacd.windowed``), so every rule is written once.
     """
     node = step.node
-    value_of = values.__getitem__
     r = rel[step.dep[0]]
     kind = step.kind
     if kind == "affine":
@@ -268,26 +297,10 @@ def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int
     elif kind == "batchnorm":
         scale, shift = aux_entry
         out = ops.bn_split(r, values[step.dep[0]], scale, shift, step.relu_fused)
-    elif kind == "activation" and step.fused_into is not None:
-        out = r  # the producer already applied this ReLU
     elif kind == "maxpool":
         out = ops.maxpool_gather(r, aux_entry)
-    elif kind == "reshape":
-        out = r.reshape((m,) + tuple(values[node].shape[1:]))
-    elif kind in ("add", "sub"):
-        out = _combine(node, kind, rel, values, m)
-    elif kind == "neg":
-        out = -r
-    elif kind == "scale":
-        other = [a for a in node.args[:2] if a is not step.dep[0]]
-        c = load_arg(value_of, other[0]) if other else load_arg(value_of, node.kwargs["other"])
-        out = r * c if step.extra["op"] == "mul" else r / c
-    elif kind == "cat":
-        out = _cat(node, rel, values, m)
-    elif kind == "output_softmax":
-        out = r
-    else:  # activation, linear, getitem, user rules: the op itself on r
-        out = call_with(g, step, value_of, {d: rel[d] for d in step.dep})
+    else:
+        out = structural_rule(g, step, rel, values, m)
     if want is None:
         want = (m,) + tuple(values[node].shape[1:])
     if tuple(out.shape) != tuple(want):

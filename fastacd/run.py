@@ -38,10 +38,8 @@ import os
 import pickle
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from math import ceil
 from pathlib import Path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}

@@ -36,6 +36,16 @@ def assert_close_scaled(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny convolutions run fastest on one, and a shared
+    2-core machine is not oversubscribed (use as ``pytestmark = usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def acd_mnist_weights():
     if not ACD_MNIST_WEIGHTS.exists():

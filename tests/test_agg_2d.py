@@ -19,13 +19,7 @@ from models import torchvision_model
 RTOL, ATOL = 1e-9, 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and a shared box is not oversubscribed)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = ("scores_list", "im_thresh_list", "comps_list", "comp_scores_raw_list",

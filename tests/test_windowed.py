@@ -21,12 +21,7 @@ FAST_BACKENDS = [b for b in fastacd.available_backends() if b != "reference"]
 ALWAYS = dict(max_cost_ratio=float("inf"))  # window even where the cost model would not
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box(h, w, y, x, th, tw=None):
