@@ -26,6 +26,13 @@ from .graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_p
 BACKENDS = ("auto", "reference", "torch", "compiled")
 _CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB: measured sweet spot on a 2-core CPU (bench/README.md)
 _BYTES_PER_MASK_FACTOR = 6     # live copies of the largest activation per mask during a step
+# On the CPU a chunk's largest activation should stay near the caches: measured here (64
+# masks at 224x224, same run), ResNet18 costs 16-18 ms a mask in chunks of 8 but 24-27 ms in
+# chunks of 55 (its memory-budget chunk); AlexNet's best chunk is ~41, VGG16's is flat over
+# 8..64. Cap a chunk's largest activation at 32 MB, but never below 8 masks (fully connected
+# heads re-read their weights once per chunk). docs/engine.md, "Chunking".
+_CPU_CHUNK_ACTIVATION_BYTES = 32 << 20
+_CPU_MIN_CHUNK = 8
 
 
 def compiled_ops():
@@ -139,13 +146,20 @@ class Decomposer:
         return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
 
     def chunk_size(self, values: dict | None = None, x: torch.Tensor | None = None) -> int:
-        """Masks per engine pass under the memory budget."""
+        """Masks per engine pass: under the memory budget and, on the CPU, the cache cap.
+
+        Depends only on the model, the input's shape and the budget (never on timings), so
+        the same call always runs the same chunks.
+        """
         if values is None:
             raise ValueError("chunk_size needs the activations of a forward pass")
         largest = max((v.numel() * v.element_size() for v in values.values()
                        if isinstance(v, torch.Tensor)), default=1)
         budget = self.memory_budget or default_memory_budget(x.device)
-        return max(1, int(budget // (largest * _BYTES_PER_MASK_FACTOR)))
+        step = max(1, int(budget // (largest * _BYTES_PER_MASK_FACTOR)))
+        if x.device.type == "cpu":
+            step = min(step, max(_CPU_MIN_CHUNK, _CPU_CHUNK_ACTIVATION_BYTES // largest))
+        return step
 
     # ---- validation -----------------------------------------------------------------------
     def _check_input(self, x) -> torch.Tensor:

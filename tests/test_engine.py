@@ -158,8 +158,14 @@ def test_chunk_size_follows_memory_budget():
     with torch.no_grad():
         values, _ = big._total_pass(x)
     largest = 64 * 64 * 64 * 4  # vgg11_bn's first conv output: 64 channels at 64x64, float32
-    assert big.chunk_size(values, x) == (1 << 30) // (largest * 6)
-    assert small.chunk_size(values, x) == max(1, (1 << 22) // (largest * 6))
+    # a large budget: the CPU cache cap (32 MB of the largest activation per chunk) decides
+    assert big.chunk_size(values, x) == min((1 << 30) // (largest * 6), (32 << 20) // largest) == 32
+    # a small budget decides below the cap, down to one mask a chunk
+    assert small.chunk_size(values, x) == max(1, (1 << 22) // (largest * 6)) == 1
+    # largest activation 64 MB: the cap's floor of 8 masks, unless the budget allows fewer
+    huge, act = torch.zeros(1, 3, 512, 512), {"a": torch.zeros(1, 64, 512, 512)}
+    assert fastacd.Decomposer(model, memory_budget=1 << 34).chunk_size(act, huge) == 8
+    assert big.chunk_size(act, huge) == (1 << 30) // ((64 << 20) * 6) == 2
 
 
 def test_empty_mask_gives_everything_irrelevant():
