@@ -28,11 +28,12 @@ _CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB: measured sweet spot on a 2-core CPU (ben
 _BYTES_PER_MASK_FACTOR = 6     # live copies of the largest activation per mask during a step
 # On the CPU a chunk's largest activation should stay near the caches: measured here (64
 # masks at 224x224, same run), ResNet18 costs 16-18 ms a mask in chunks of 8 but 24-27 ms in
-# chunks of 55 (its memory-budget chunk); AlexNet's best chunk is ~41, VGG16's is flat over
-# 8..64. Cap a chunk's largest activation at 32 MB, but never below 8 masks (fully connected
-# heads re-read their weights once per chunk). docs/engine.md, "Chunking".
+# chunks of 55 (its memory-budget chunk); AlexNet's best chunk is ~41; VGG16's is 2 (161 ms)
+# against 166-178 at 4 and 170-181 at 8. Cap a chunk's largest activation at 32 MB, but never
+# below 2 masks (a fully connected head re-reads its weights once per chunk: VGG16's 411 MB
+# first layer costs ~40 ms a read). docs/engine.md, "The batched engine".
 _CPU_CHUNK_ACTIVATION_BYTES = 32 << 20
-_CPU_MIN_CHUNK = 8
+_CPU_MIN_CHUNK = 2
 
 
 def compiled_ops():

@@ -162,10 +162,10 @@ def test_chunk_size_follows_memory_budget():
     assert big.chunk_size(values, x) == min((1 << 30) // (largest * 6), (32 << 20) // largest) == 32
     # a small budget decides below the cap, down to one mask a chunk
     assert small.chunk_size(values, x) == max(1, (1 << 22) // (largest * 6)) == 1
-    # largest activation 64 MB: the cap's floor of 8 masks, unless the budget allows fewer
+    # largest activation 64 MB: the cap's floor of 2 masks, unless the budget allows fewer
     huge, act = torch.zeros(1, 3, 512, 512), {"a": torch.zeros(1, 64, 512, 512)}
-    assert fastacd.Decomposer(model, memory_budget=1 << 34).chunk_size(act, huge) == 8
-    assert big.chunk_size(act, huge) == (1 << 30) // ((64 << 20) * 6) == 2
+    assert fastacd.Decomposer(model, memory_budget=1 << 34).chunk_size(act, huge) == 2
+    assert fastacd.Decomposer(model, memory_budget=1 << 28).chunk_size(act, huge) == 1
 
 
 def test_empty_mask_gives_everything_irrelevant():
