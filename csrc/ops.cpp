@@ -10,6 +10,9 @@
 TORCH_LIBRARY(fastacd, m) {
   // Conv/linear bias split (+ optional ReLU): rel_pre (M,C,*S), total_pre (1,C,*S), bias (C,).
   m.def("bias_split(Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor");
+  // The same written into rel_pre (inference: no autograd). On the CPU a fresh (M,C,*S)
+  // output costs its page faults, about as much as the split itself (docs/kernels.md).
+  m.def("bias_split_(Tensor(a!) rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor(a!)");
   m.def("bias_split_backward(Tensor grad, Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu)"
         " -> (Tensor, Tensor, Tensor)");
   // Eval batchnorm split (+ optional ReLU): rel (M,C,*S), total (1,C,*S), scale/shift (C,).

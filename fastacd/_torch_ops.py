@@ -38,6 +38,12 @@ def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tenso
     return out.clamp_min(0) if relu else out
 
 
+def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
+                relu: bool = False) -> torch.Tensor:
+    """``bias_split`` written into ``rel_pre`` (the compiled op's in-place form)."""
+    return rel_pre.copy_(bias_split(rel_pre, total_pre, bias, relu))
+
+
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              relu: bool = False) -> torch.Tensor:
     """Relevant output of an eval-mode batchnorm ``scale * a + shift`` for M masks.

@@ -289,6 +289,13 @@ def structural_rule(g: CapturedGraph, step, rel: dict, values, m: int) -> torch.
     return call_with(g, step, value_of, {d: rel[d] for d in step.dep})
 
 
+def _own_buffer(out: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out`` may be overwritten: a contiguous tensor that shares no memory with
+    ``source`` (a user rule's weights could return a view of its input) and needs no grad."""
+    return (out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad)
+            and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr())
+
+
 def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int,
                want: tuple | None = None) -> torch.Tensor:
     """The batched CD rule of one node: its relevant output from its inputs' relevant parts.
@@ -307,6 +314,8 @@ def apply_rule(g: CapturedGraph, step, rel: dict, values, aux_entry, ops, m: int
         zr = weights(r)
         if bias is None:
             out = zr.clamp_min(0) if step.relu_fused else zr
+        elif _own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
+            out = ops.bias_split_(zr, pre, bias, step.relu_fused)
         else:
             out = ops.bias_split(zr, pre, bias, step.relu_fused)
     elif kind == "batchnorm":

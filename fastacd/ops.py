@@ -109,6 +109,22 @@ if HAS_COMPILED:
     torch.library.register_autograd("fastacd::bias_split", _bias_split_backward, setup_context=_bias_split_setup)
 
 
+def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
+                relu: bool = False) -> torch.Tensor:
+    """``bias_split`` written into ``rel_pre`` (contiguous) and returned; inference only (no
+    autograd). On the CPU it saves the page faults of a fresh (M, C, *S) output."""
+    if _compiled(rel_pre):
+        return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu)
+    return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::bias_split_")
+    def _bias_split_inplace_fake(rel_pre, total_pre, bias, relu=False):
+        _bias_split_fake(rel_pre, total_pre, bias, relu)  # the same checks
+        return rel_pre
+
+
 # --------------------------------------------------------------------------- bn_split
 
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

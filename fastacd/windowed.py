@@ -352,11 +352,16 @@ class _PerMaskOps:
     def _fold(t: torch.Tensor) -> torch.Tensor:
         return t.reshape((1, t.shape[0] * t.shape[1]) + tuple(t.shape[2:]))
 
-    def bias_split(self, rel, total, bias, relu=False):
+    def bias_split(self, rel, total, bias, relu=False, _op="bias_split"):
+        split = getattr(self.ops, _op)
         if total.shape[0] == 1:
-            return self.ops.bias_split(rel, total, bias, relu)
+            return split(rel, total, bias, relu)
         m = rel.shape[0]
-        return self.ops.bias_split(self._fold(rel), self._fold(total), bias.repeat(m), relu).reshape(rel.shape)
+        return split(self._fold(rel), self._fold(total), bias.repeat(m), relu).reshape(rel.shape)
+
+    def bias_split_(self, rel, total, bias, relu=False):
+        """In place into ``rel`` (folding a contiguous tensor is a view of it)."""
+        return self.bias_split(rel, total, bias, relu, _op="bias_split_")
 
     def bn_split(self, rel, total, scale, shift, relu=False):
         if total.shape[0] == 1:

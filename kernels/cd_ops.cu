@@ -54,8 +54,10 @@ at::ScalarType acc_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDo
 // ---------------------------------------------------------------- bias_split
 
 template <typename scalar_t>
-__global__ void bias_split_kernel(const scalar_t* __restrict__ rel, const scalar_t* __restrict__ total,
-                                  const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t n,
+// rel and out may be the same array (bias_split_): no restrict on them; each thread reads
+// an element before it writes it.
+__global__ void bias_split_kernel(const scalar_t* rel, const scalar_t* __restrict__ total,
+                                  const scalar_t* __restrict__ bias, scalar_t* out, int64_t n,
                                   int64_t C, int64_t S, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t CS = C * S;
@@ -65,16 +67,15 @@ __global__ void bias_split_kernel(const scalar_t* __restrict__ rel, const scalar
   }
 }
 
-at::Tensor bias_split_cuda(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
-                           bool relu) {
-  constexpr const char* op = "fastacd::bias_split";
+// The split of rel_pre into out, which may be rel_pre itself (bias_split_).
+void bias_split_into(const char* op, const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                     bool relu, at::Tensor& out) {
   check_cuda_float(op, {{&rel_pre, "rel_pre"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
   check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
   check_channel_vector(op, bias, "bias", rel_pre.size(1));
   const c10::cuda::CUDAGuard guard(rel_pre.device());
-  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
   const int64_t n = out.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   const at::Tensor r = rel_pre.contiguous(), t = total_pre.contiguous(), b = bias.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTACD_DISPATCH(r.scalar_type(), "bias_split_cuda", [&] {
@@ -83,7 +84,21 @@ at::Tensor bias_split_cuda(const at::Tensor& rel_pre, const at::Tensor& total_pr
         out.mutable_data_ptr<scalar_t>(), n, r.size(1), positions(r), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor bias_split_cuda(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                           bool relu) {
+  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
+  bias_split_into("fastacd::bias_split", rel_pre, total_pre, bias, relu, out);
   return out;
+}
+
+at::Tensor& bias_split_inplace_cuda(at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                                    bool relu) {
+  TORCH_CHECK(rel_pre.is_contiguous(), "fastacd::bias_split_: rel_pre must be contiguous to be written in place; "
+              "use fastacd::bias_split (or .contiguous() first).");
+  bias_split_into("fastacd::bias_split_", rel_pre, total_pre, bias, relu, rel_pre);
+  return rel_pre;
 }
 
 // One thread per (channel, position): it walks the M masks, so the sum over masks
@@ -316,6 +331,7 @@ at::Tensor maxpool_gather_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 TORCH_LIBRARY_IMPL(fastacd, CUDA, m) {
   m.impl("bias_split", &bias_split_cuda);
+  m.impl("bias_split_", &bias_split_inplace_cuda);
   m.impl("bias_split_backward", &bias_split_backward_cuda);
   m.impl("bn_split", &bn_split_cuda);
   m.impl("bn_split_backward", &bn_split_backward_cuda);

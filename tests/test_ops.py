@@ -554,3 +554,44 @@ def test_opcheck_cuda():
     for op, args in _opcheck_cases().values():
         args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(getattr(torch.ops.fastacd, op).default, args)
+
+
+# --------------------------------------------------------------------------- in-place bias split
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 7), (2, 3, 4)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bias_split_inplace_equals_functional(shape, dtype, relu):
+    g = torch.Generator().manual_seed(3)
+    rel = torch.randn(shape, generator=g, dtype=dtype)
+    total = torch.randn((1,) + shape[1:], generator=g, dtype=dtype)
+    bias = torch.randn(shape[1], generator=g, dtype=dtype)
+    want = _torch_ops.bias_split(rel, total, bias, relu)
+    buf = rel.clone()
+    got = torch.ops.fastacd.bias_split_(buf, total, bias, relu)
+    assert got.data_ptr() == buf.data_ptr()  # written in place
+    torch.testing.assert_close(buf, want)
+    torch.testing.assert_close(buf, ops.bias_split(rel, total, bias, relu), rtol=0, atol=0)
+    torch.testing.assert_close(ops.bias_split_(rel.clone(), total, bias, relu), want)
+    torch.testing.assert_close(_torch_ops.bias_split_(rel.clone(), total, bias, relu), want)
+
+
+@needs_compiled
+def test_bias_split_inplace_opcheck_and_errors():
+    rel, total, bias = torch.randn(3, 4, 5), torch.randn(1, 4, 5), torch.randn(4)
+    torch.library.opcheck(torch.ops.fastacd.bias_split_.default, (rel.clone(), total, bias, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match=r"rel_pre must be contiguous to be written in place"):
+        torch.ops.fastacd.bias_split_(rel.transpose(1, 2), total.transpose(1, 2), torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(C,\) = \(4,\)"):
+        torch.ops.fastacd.bias_split_(rel, total, torch.randn(3))
+
+
+def test_engine_never_overwrites_a_shared_relevant_part():
+    """A user rule whose weights return their input (a view): the engine must not write the
+    split into it (that would change the relevant part the next nodes read)."""
+    from fastacd.engine import _own_buffer
+    r = torch.randn(2, 5)
+    assert not _own_buffer(r[:, :], r)
+    assert not _own_buffer(r.t(), r.clone())  # not contiguous
+    assert _own_buffer(r.clone(), r)

@@ -79,18 +79,32 @@ void bias_split_kernel(const at::Tensor& rel, const at::Tensor& total, const at:
   }
 }
 
-at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
-                          bool relu) {
-  constexpr const char* op = "fastacd::bias_split";
+// The split of rel_pre into out, which may be rel_pre itself: each element is read
+// before it is written, at the same index (the loops have no restrict pointers).
+void bias_split_into(const char* op, const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                     bool relu, at::Tensor& out) {
   check_cpu_float(op, {{&rel_pre, "rel_pre"}, {&total_pre, "total_pre"}, {&bias, "bias"}});
   check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre");
   check_channel_vector(op, bias, "bias", rel_pre.size(1));
-  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   const at::Tensor r = rel_pre.contiguous(), t = total_pre.contiguous(), b = bias.contiguous();
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bias_split_cpu",
                              [&] { bias_split_kernel<scalar_t>(r, t, b, out, relu); });
+}
+
+at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                          bool relu) {
+  at::Tensor out = at::empty(rel_pre.sizes(), rel_pre.options());
+  bias_split_into("fastacd::bias_split", rel_pre, total_pre, bias, relu, out);
   return out;
+}
+
+at::Tensor& bias_split_inplace_cpu(at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
+                                   bool relu) {
+  TORCH_CHECK(rel_pre.is_contiguous(), "fastacd::bias_split_: rel_pre must be contiguous to be written in place; "
+              "use fastacd::bias_split (or .contiguous() first).");
+  bias_split_into("fastacd::bias_split_", rel_pre, total_pre, bias, relu, rel_pre);
+  return rel_pre;
 }
 
 // One (mask, channel) row of the backward: gt and gb accumulate over masks. Its own
@@ -345,6 +359,7 @@ at::Tensor maxpool_gather_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(fastacd, CPU, m) {
   m.impl("bias_split", &bias_split_cpu);
+  m.impl("bias_split_", &bias_split_inplace_cpu);
   m.impl("bias_split_backward", &bias_split_backward_cpu);
   m.impl("bn_split", &bn_split_cpu);
   m.impl("bn_split_backward", &bn_split_backward_cpu);
