@@ -49,6 +49,13 @@ inline void check_float_dtype(const char* op, const at::Tensor& t, const char* n
               ". Convert with .float() or .double().");
 }
 
+// An in-place op's output argument: written element by element, so it must be contiguous.
+inline void check_inplace_contiguous(const char* op, const at::Tensor& t, const char* name,
+                                     const char* functional) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous to be written in place; use ", functional,
+              " (or .contiguous() first).");
+}
+
 inline void check_same_dtype(const char* op, const at::Tensor& ref, const char* ref_name,
                              const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),

@@ -101,8 +101,7 @@ at::Tensor bias_split_cpu(const at::Tensor& rel_pre, const at::Tensor& total_pre
 
 at::Tensor& bias_split_inplace_cpu(at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
                                    bool relu) {
-  TORCH_CHECK(rel_pre.is_contiguous(), "fastacd::bias_split_: rel_pre must be contiguous to be written in place; "
-              "use fastacd::bias_split (or .contiguous() first).");
+  check_inplace_contiguous("fastacd::bias_split_", rel_pre, "rel_pre", "fastacd::bias_split");
   bias_split_into("fastacd::bias_split_", rel_pre, total_pre, bias, relu, rel_pre);
   return rel_pre;
 }
