@@ -101,7 +101,7 @@ def bench() -> dict:
                    comp_tile_ratio=t / len(deltas) / forward, comp_tile_windowed=info["windowed"],
                    comp_tile_estimated_cost_ratio=info["cost_ratio"])
 
-        comps, jobs, masks = [], [], []
+        jobs, masks = [], []
         for ci, cj in ((2, 2), (2, 10), (10, 3), (9, 9)):
             c = torch.zeros(SIZE, SIZE)
             c[ci * TILE:(ci + 3) * TILE, cj * TILE:(cj + 3) * TILE] = 1

@@ -24,6 +24,16 @@ def assert_scaled(actual, expected, rel=1e-10, scale=None):
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
 
 
+def assert_matches_reference_phrases(res, model, tokens, phrases):
+    """Each phrase's relevant and irrelevant scores equal the reference cd_text's (1e-10 of
+    the phrase's scale)."""
+    for k, (s, e) in enumerate(phrases):
+        rel, irrel = rt.cd_text(ft.Batch(tokens), model, s, e, return_irrel_scores=True)
+        scale = np.abs(rel).max() + np.abs(irrel).max()
+        assert_scaled(res.relevant[k], torch.from_numpy(rel), scale=scale)
+        assert_scaled(res.irrelevant[k], torch.from_numpy(irrel), scale=scale)
+
+
 class TextModel(nn.Module):
     """The original package's text model shape: .embed, .lstm, .hidden_to_label, .hidden_dim."""
 
@@ -132,11 +142,7 @@ def test_batched_matches_reference_random_phrases(embed, hidden, T):
     phrases = random_phrases(T, 6, gen) + [(0, 0), (T - 1, T - 1)]
     dec = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
     res = dec.cd(tokens, phrases=phrases)
-    for k, (s, e) in enumerate(phrases):
-        rel, irrel = rt.cd_text(ft.Batch(tokens), model, s, e, return_irrel_scores=True)
-        scale = np.abs(rel).max() + np.abs(irrel).max()
-        assert_scaled(res.relevant[k], torch.from_numpy(rel), scale=scale)
-        assert_scaled(res.irrelevant[k], torch.from_numpy(irrel), scale=scale)
+    assert_matches_reference_phrases(res, model, tokens, phrases)
 
 
 def test_token_masks_not_contiguous_match_reference():
@@ -286,11 +292,7 @@ def test_fast_path_matches_general_path_and_reference(T):
             if "masks" in kw:
                 assert torch.equal(a.relevant[0], torch.zeros(2, dtype=F64))
         res = fast.cd(sent, phrases=phrases)
-    for k, (s, e) in enumerate(phrases):
-        rel, irrel = rt.cd_text(ft.Batch(tokens), model, s, e, return_irrel_scores=True)
-        scale = np.abs(rel).max() + np.abs(irrel).max()
-        assert_scaled(res.relevant[k], torch.from_numpy(rel), scale=scale)
-        assert_scaled(res.irrelevant[k], torch.from_numpy(irrel), scale=scale)
+    assert_matches_reference_phrases(res, model, tokens, phrases)
 
 
 def test_phrase_plan_is_the_mask_plan():
