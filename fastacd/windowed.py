@@ -391,28 +391,39 @@ class _Crops:
 # --------------------------------------------------------------------------------------------
 # The windowed relevant pass
 # --------------------------------------------------------------------------------------------
+def paste(base: torch.Tensor, win_t: torch.Tensor, win: Window) -> torch.Tensor:
+    """(m, C, H, W): the candidates' full maps, ``base`` (1, C, H, W) with each candidate's
+    window values ``win_t`` (m, C, h, w) written over its window (node windows lie inside)."""
+    m = win_t.shape[0]
+    out = base.expand((m,) + tuple(base.shape[1:])).clone()
+    for j, (y, x) in enumerate(zip(win.oy.tolist(), win.ox.tolist())):
+        out[j, :, y:y + win.h, x:x + win.w] = win_t[j]
+    return out
+
+
 def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_win: torch.Tensor,
-                  win0: Window, s: int, e: int, cut: tuple | None = None) -> torch.Tensor:
+                  win0: Window, s: int, e: int, cut: tuple | None = None,
+                  keep: dict | None = None, stop: int | None = None):
     """Relevant output for candidates s:e of a plan; ``r0_win`` (m, C, h, w): their input windows.
 
     ``cut = (index, node)``: stop before node ``index`` of the graph and return the full maps
-    of ``node``, the only value later nodes read (the head runs once for many groups)."""
+    of ``node``, the only value later nodes read (the head runs once for many groups).
+    ``keep`` (one candidate, a dict holding its full input): fill it with the candidate's full
+    map of every node before ``stop`` and return it (a base derived from another base)."""
     from .engine import apply_rule
     g, m = dec.graph, e - s
     dev = r0_win.device
     ops = _PerMaskOps(dec._ops)
     wins: dict = {g.input_node: win0.part(s, e, dev)}   # node -> window (None: full map)
     rel: dict = {g.input_node: r0_win}                   # node -> window values (or full map)
-    fulls: dict = {}                                     # windowed node -> its full maps, once built
+    fulls: dict = keep if keep is not None else {}       # windowed node -> its full maps, once built
 
     def full(d):
         """The candidates' full maps of node d (assembled from base + window once)."""
         if wins.get(d) is None:
             return rel[d]
         if d not in fulls:
-            b = base_rel[d]
-            zero = torch.zeros(m, dtype=torch.long, device=dev)
-            fulls[d] = gather_crop(b, rel[d], wins[d], Window(zero, zero, b.shape[2], b.shape[3]))
+            fulls[d] = paste(base_rel[d], rel[d], wins[d])
         return fulls[d]
 
     def on(d, win: Window):
@@ -424,6 +435,8 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
     for index, node in enumerate(g.nodes):
         if cut is not None and index == cut[0]:
             return full(cut[1])
+        if stop is not None and index == stop:
+            return keep
         step = g.steps.get(node)
         if step is None or step.kind == "shape":
             continue
@@ -449,11 +462,97 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
                 crops = _Crops(values, g.dependent, win)
                 out = apply_rule(g, step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
         rel[node], wins[node] = out, win
+        if keep is not None:
+            keep[node] = full(node)
         for d in step.dep:  # free what no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
                 rel.pop(d, None)
-                fulls.pop(d, None)
-    return full(g.result_node)
+                if keep is None:
+                    fulls.pop(d, None)
+    return keep if keep is not None else full(g.result_node)
+
+
+# --------------------------------------------------------------------------------------------
+# Bases: one base's maps, kept across the groups and calls that share it
+# --------------------------------------------------------------------------------------------
+# A base whose mask differs from a kept base's inside a window costing at most this fraction
+# of a full pass (multiply-adds) is derived from it by a windowed pass instead of propagated
+# in full: the new component of an ACD iteration from the old one, a single-tile component
+# from the empty mask.
+DERIVE_MAX_RATIO = 0.6
+
+
+class BaseMaps:
+    """A base mask's relevant map (1, C, ...) of every node before ``upto`` (graph index),
+    extended on demand (``run_to``) by the ordinary rules."""
+
+    def __init__(self, mask: torch.Tensor, rel: dict, upto: int):
+        self.mask, self.rel, self.upto = mask, rel, upto
+        self.size = self._nbytes()
+
+    def run_to(self, dec, values: dict, aux: dict, stop: int) -> "BaseMaps":
+        if stop > self.upto:
+            propagate(dec, self.rel, values, aux, self.upto, stop, 1, free=False)
+            self.upto = stop
+            self.size = self._nbytes()
+        return self
+
+    def output(self, dec, values: dict, aux: dict) -> torch.Tensor:
+        return self.run_to(dec, values, aux, len(dec.graph.nodes)).rel[dec.graph.result_node]
+
+    def _nbytes(self) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self.rel.values() if isinstance(t, torch.Tensor)}
+        return sum(storages.values())
+
+
+class BaseCache:
+    """The most recently used bases' maps, at most ``limit`` bytes (the newest always kept)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.items = limit, []  # oldest first
+
+    def get(self, mask: torch.Tensor) -> BaseMaps | None:
+        for i, bm in enumerate(self.items):
+            if bm.mask.shape == mask.shape and torch.equal(bm.mask, mask):
+                self.items.append(self.items.pop(i))
+                return bm
+        return None
+
+    def put(self, bm: BaseMaps) -> BaseMaps:
+        self.items.append(bm)
+        self.trim()
+        return bm
+
+    def trim(self) -> None:
+        while len(self.items) > 1 and sum(b.size for b in self.items) > self.limit:
+            self.items.pop(0)
+
+    def nearest(self, mask: torch.Tensor) -> BaseMaps | None:
+        """The kept base whose mask differs from ``mask`` in the smallest bounding box."""
+        best, area = None, None
+        for bm in self.items:
+            if bm.mask.shape != mask.shape:
+                continue
+            diff = (bm.mask != mask).reshape(-1, *mask.shape[-2:]).any(0)
+            rows, cols = diff.any(1).nonzero(), diff.any(0).nonzero()
+            a = int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if rows.numel() else 0
+            if area is None or a < area:
+                best, area = bm, a
+        return best
+
+
+def input_crop(cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.Tensor:
+    """(M, C, h, w): the candidates' relevant inputs (mask times image) inside their windows."""
+    mcount, dev = cand.shape[0], x.device
+    w_all = win0.part(0, mcount, dev)
+    ys = (w_all.oy[:, None] + torch.arange(win0.h, device=dev))[:, :, None]
+    xs = (w_all.ox[:, None] + torch.arange(win0.w, device=dev))[:, None, :]
+    flat = (ys * x.shape[3] + xs).reshape(mcount, 1, -1)
+    cflat = cand.reshape(mcount, cand.shape[1], -1)
+    mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
+        mcount, cand.shape[1], win0.h, win0.w)
+    return mask_win * gather_crop(x, None, None, w_all)
 
 
 _LIVE: dict = {}  # id(graph) -> {index: node}, see single_live
@@ -487,41 +586,90 @@ def head_cut(g, plans: dict) -> tuple | None:
     return None
 
 
-def _flush_heads(dec, pending: dict, res: list, values: dict, aux: dict, x: torch.Tensor) -> None:
-    """Run the head once per cut for the frontier maps of every pending group; fill ``res``."""
+def _finish(dec, x: torch.Tensor, pending: dict, deferred: list, res: list, values: dict,
+            aux: dict, chunk_size: int | None = None) -> None:
+    """Score what is waiting and fill ``res[group][slot]``: ``pending`` {head cut: [(group, slot,
+    frontier maps)]} and ``deferred`` [(group, slot, masks)] for full propagation.
+
+    The layers after the latest cut (a CNN's linear head, where batch size pays most) run
+    once for all of them: frontiers at earlier cuts are advanced to it, deferred masks are
+    propagated up to it. With nothing pending, deferred masks get one full pass per mask shape."""
     from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
     g = dec.graph
-    for cut, items in pending.items():
-        frontier = torch.cat([t for _, t in items])
-        after = [values[n] for i, n in enumerate(g.nodes) if i >= cut[0] and n in g.steps
+    budget = dec.memory_budget or default_memory_budget(x.device)
+
+    def chunked(t: torch.Tensor, start: int, fn) -> torch.Tensor:
+        """fn over chunks of t sized by the largest activation from graph position ``start`` on."""
+        after = [values[n] for i, n in enumerate(g.nodes) if i >= start and n in g.steps
                  and isinstance(values.get(n), torch.Tensor)]
-        largest = max([frontier[0].numel()] + [v[0].numel() for v in after])
-        budget = dec.memory_budget or default_memory_budget(x.device)
-        step = max(1, int(budget // (largest * frontier.element_size() * _BYTES_PER_MASK_FACTOR)))
-        out = torch.cat([run_head(dec, cut, frontier[s:s + step], values, aux)
-                         for s in range(0, frontier.shape[0], step)])
-        pos = 0
-        for gi, t in items:
-            res[gi] = (res[gi][0], out[pos:pos + t.shape[0]])
-            pos += t.shape[0]
+        largest = max([t[0].numel()] + [v[0].numel() for v in after])
+        step = chunk_size or max(1, int(budget // (largest * t.element_size() * _BYTES_PER_MASK_FACTOR)))
+        return torch.cat([fn(t[s:s + step]) for s in range(0, t.shape[0], step)])
+
+    slots, parts = [], []
+    if pending:
+        last = max(pending, key=lambda c: c[0])
+        for cut, items in sorted(pending.items(), key=lambda kv: kv[0][0]):
+            frontier = torch.cat([t for _, _, t in items])
+            if cut != last:
+                frontier = chunked(frontier, cut[0], lambda t, c=cut: propagate(
+                    dec, {c[1]: t}, values, aux, c[0], last[0], t.shape[0])[last[1]])
+            parts.append(frontier)
+            slots += [(gi, slot, t.shape[0]) for gi, slot, t in items]
+        by_shape: dict = {}
+        for item in deferred:
+            by_shape.setdefault(tuple(item[2].shape[1:]), []).append(item)
+        for items in by_shape.values():
+            masks = torch.cat([m for _, _, m in items])
+            step = chunk_size or dec.chunk_size(values, x)
+            parts.append(torch.cat([propagate(dec, {g.input_node: masks[s:s + step] * x}, values, aux, 0,
+                                              last[0], min(step, masks.shape[0] - s))[last[1]]
+                                    for s in range(0, masks.shape[0], step)]))
+            slots += [(gi, slot, m.shape[0]) for gi, slot, m in items]
+        out = chunked(torch.cat(parts), last[0], lambda t: run_head(dec, last, t, values, aux))
+    else:
+        by_shape = {}
+        for item in deferred:
+            by_shape.setdefault(tuple(item[2].shape[1:]), []).append(item)
+        outs = []
+        for items in by_shape.values():
+            masks = torch.cat([m for _, _, m in items])
+            step = chunk_size or dec.chunk_size(values, x)
+            outs.append(torch.cat([dec._relevant_pass(masks[s:s + step] * x, values, aux)
+                                   for s in range(0, masks.shape[0], step)]))
+            slots += [(gi, slot, m.shape[0]) for gi, slot, m in items]
+        out = torch.cat(outs) if outs else None
+    pos = 0
+    for gi, slot, n in slots:
+        res[gi][slot] = out[pos:pos + n]
+        pos += n
     pending.clear()
+    deferred.clear()
 
 
-def run_head(dec, cut: tuple, rel_cut: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
-    """The ordinary relevant pass from a cut (see ``head_cut``) to the output."""
+def propagate(dec, rel: dict, values: dict, aux: dict, start: int, stop: int, m: int,
+              free: bool = True) -> dict:
+    """The ordinary relevant pass over graph positions [start, stop) on ``rel`` (node -> maps of
+    m masks, holding every value those steps read); ``free``: drop what no later step reads."""
     from .engine import apply_rule
-    g, m = dec.graph, rel_cut.shape[0]
-    rel = {cut[1]: rel_cut}
-    for index, node in enumerate(g.nodes):
-        if index < cut[0]:
-            continue
+    g = dec.graph
+    for index in range(start, stop):
+        node = g.nodes[index]
         step = g.steps.get(node)
         if step is None or step.kind == "shape":
             continue
         rel[node] = apply_rule(g, step, rel, values, aux.get(node), dec._ops, m)
-        for d in step.dep:
-            if g.last_use.get(d, -1) <= index and d is not g.result_node:
-                rel.pop(d, None)
+        if free:
+            for d in step.dep:
+                if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                    rel.pop(d, None)
+    return rel
+
+
+def run_head(dec, cut: tuple, rel_cut: torch.Tensor, values: dict, aux: dict) -> torch.Tensor:
+    """The ordinary relevant pass from a cut (see ``head_cut``) to the output."""
+    g = dec.graph
+    rel = propagate(dec, {cut[1]: rel_cut}, values, aux, cut[0], len(g.nodes), rel_cut.shape[0])
     return rel[g.result_node]
 
 
@@ -552,15 +700,20 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     ``delta_masks`` are scored by ordinary (full) propagation; otherwise the masks are
     ``base_mask | delta_masks[j]``, scored by windowed propagation where it pays off;
     ``delta_masks=None``: only the base. ``want_base``: also return the base's own relevant
-    output (free when the base is propagated for windowing). Returns ``(base_rel (1, K) or
-    None, rel (M, K) or None)`` per group, and the model's output (1, K).
-    ``stats``: one dict per group (filled with ``windowed`` and ``cost_ratio``), or None.
-    Consecutive groups passing the same ``base_mask`` object share one base pass.
+    output (nearly free when the base is propagated for windowing). Returns ``(base_rel (1, K)
+    or None, rel (M, K) or None)`` per group, and the model's output (1, K).
+    ``stats``: one dict per group (filled with ``windowed``, ``cost_ratio`` and ``base``:
+    how the base's maps were had: ``kept``, ``derived`` or ``propagated``), or None.
+    Bases are kept (``BaseCache``, up to half the memory budget) for later groups and calls
+    with an equal base mask, and a new base close to a kept one is derived from it by a
+    windowed pass. A base is propagated only as far as its candidates' windows need; its own
+    output, when wanted, goes through the head with the candidates.
     ``trusted``: the masks are already (M, H, W) / (H, W) tensors of x's dtype and device
     holding finite values (as ``agg_2d.Scorer`` builds them): skip the checks.
     ``totals``: a dict kept by the caller across calls for the same ``x`` (and model): the
-    total pass is run once and reused. The linear head after the last windowed node runs
-    once for all windowed groups of the call.
+    total pass is run once and reused, and so are the kept bases. The linear head after the
+    last windowed node runs once for all windowed groups of the call, and every mask scored
+    by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
     from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
     x = dec._check_input(x)
@@ -572,83 +725,109 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             rel = None if d is None else dec.cd(x, d if b is None else torch.maximum(b, d)).relevant
             res.append((dec.cd(x, b).relevant if b is not None and want_base else None, rel))
         return res, dec.forward(x)
-    if totals is not None and totals.get("x") is x and totals.get("version") == x._version:
-        values, aux = totals["values"], totals["aux"]
+    g, dev = dec.graph, x.device
+    budget = dec.memory_budget or default_memory_budget(dev)
+    if (totals is not None and totals.get("x") is x and totals.get("version") == x._version
+            and totals.get("dec") is dec):
+        values, aux, cache = totals["values"], totals["aux"], totals["bases"]
     else:
         values, aux = dec._total_pass(x)
+        cache = BaseCache(budget // 2)
         if totals is not None:
-            totals.update(x=x, version=x._version, values=values, aux=aux)
-    full_step = chunk_size or dec.chunk_size(values, x)
-    pending: dict = {}  # head cut -> [(group, frontier maps)]: the head runs once per cut
+            totals.clear()
+            totals.update(x=x, version=x._version, dec=dec, values=values, aux=aux, bases=cache)
     if trusted:
         def masks_of(t):
             return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t
     else:
         def masks_of(t):
             return dec._check_masks(x, t)
-    last_base, last_rel = None, None  # the previous group's base mask and its maps
-
-    def full_cd(masks):
-        return torch.cat([dec._relevant_pass(masks[s:s + full_step] * x, values, aux)
-                          for s in range(0, masks.shape[0], full_step)])
-
-    res = []
+    pending: dict = {}   # head cut -> [(group, slot, frontier maps)]: the head runs once per cut
+    deferred: list = []  # [(group, slot, masks)]: full propagation, one batched pass at the end
+    res: list = [[None, None] for _ in groups]
     for gi, (base_mask, delta_masks, want_base) in enumerate(groups):
         info = stats[gi] if stats is not None else {}
+        info.update(windowed=False)
         if base_mask is None:
-            res.append((None, full_cd(masks_of(delta_masks))))
-            info.update(windowed=False)
+            deferred.append((gi, 1, masks_of(delta_masks)))
             continue
         base = masks_of(base_mask)
         if base.shape[0] != 1:
             raise ValueError(f"base_mask must be one mask, got {base.shape[0]}")
+        kept = cache.get(base)
         if delta_masks is None:
-            res.append((full_cd(base), None))
-            info.update(windowed=False)
+            if kept is not None:
+                res[gi][0] = kept.output(dec, values, aux)
+            else:
+                deferred.append((gi, 0, base))
             continue
         cand = torch.maximum(base, masks_of(delta_masks))
         win0 = input_windows(cand, base)
-        plans, (win_macs, full_macs), largest = plan(dec.graph, values, win0, max_fraction)
+        plans, (win_macs, full_macs), largest = plan(g, values, win0, max_fraction)
         mcount = cand.shape[0]
-        shared = last_base is base_mask
-        base_cost = 0 if (want_base or shared) else full_macs  # a base pass still to pay for
-        ratio = (base_cost + mcount * win_macs) / max(mcount * full_macs, 1)
+        # what the base costs if the group is windowed (kept: nothing; derived from a kept base:
+        # its windowed pass) and if it is not (its own full pass when its output is wanted)
+        derive, base_cost = None, 0
+        if kept is None:
+            base_cost = full_macs
+            parent = cache.nearest(base)
+            if parent is not None:
+                dwin = input_windows(base, parent.mask)
+                dplans, (dmacs, _), _ = plan(g, values, dwin, max_fraction)
+                if dmacs <= DERIVE_MAX_RATIO * full_macs:
+                    derive, base_cost = (parent, dwin, dplans), dmacs
+        plain_base_cost = full_macs if want_base and kept is None else 0
+        ratio = (base_cost + mcount * win_macs) / max(mcount * full_macs + plain_base_cost, 1)
         windowed = full_macs > 0 and ratio < max_cost_ratio
         info.update(windowed=windowed, cost_ratio=ratio)
         if not windowed:
-            res.append((full_cd(base) if want_base else None, full_cd(cand)))
+            deferred.append((gi, 1, cand))
+            if want_base:
+                if kept is not None:
+                    res[gi][0] = kept.output(dec, values, aux)
+                else:
+                    deferred.append((gi, 0, base))
             continue
-        if not shared:
-            last_base, last_rel = None, None  # free the previous base's maps first
-            last_rel = dec._relevant_pass(base * x, values, aux, keep=True)
-            last_base = base_mask
-        base_rel = last_rel
-        # the candidates' input windows: mask crop times image crop
-        dev = x.device
-        w_all = win0.part(0, mcount, dev)
-        ys = (w_all.oy[:, None] + torch.arange(win0.h, device=dev))[:, :, None]
-        xs = (w_all.ox[:, None] + torch.arange(win0.w, device=dev))[:, None, :]
-        flat = (ys * x.shape[3] + xs).reshape(mcount, 1, -1)
-        cflat = cand.reshape(mcount, cand.shape[1], -1)
-        mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
-            mcount, cand.shape[1], win0.h, win0.w)
-        r0_win = mask_win * gather_crop(x, None, None, w_all)
-        step = chunk_size
-        if step is None:
-            budget = dec.memory_budget or default_memory_budget(dev)
-            step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
-        cut = head_cut(dec.graph, plans)
+        cut = head_cut(g, plans)
         if cut is not None and values[cut[1]].numel() > x.numel():
             cut = None  # a frontier larger than the image: not worth holding for many groups
-        parts = torch.cat([windowed_pass(dec, plans, base_rel, values, aux, r0_win[s:s + step], win0,
+        stop = cut[0] if cut is not None else len(g.nodes)
+        info.update(base="kept" if kept is not None else "derived" if derive else "propagated")
+        if kept is None:
+            if derive is not None:
+                kept = cache.put(_derive(dec, *derive, base, x, values, aux, stop))
+            else:
+                kept = cache.put(BaseMaps(base, {g.input_node: base * x}, 0))
+        kept.run_to(dec, values, aux, stop)
+        r0_win = input_crop(cand, x, win0)
+        step = chunk_size
+        if step is None:
+            step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
+        parts = torch.cat([windowed_pass(dec, plans, kept.rel, values, aux, r0_win[s:s + step], win0,
                                          s, min(s + step, mcount), cut)
                            for s in range(0, mcount, step)])
-        res.append((base_rel[dec.graph.result_node] if want_base else None, None if cut else parts))
-        del base_rel
-        if cut is not None:
-            pending.setdefault(cut, []).append((gi, parts))
-            held = sum(t.numel() * t.element_size() for items in pending.values() for _, t in items)
-            if held > (dec.memory_budget or default_memory_budget(dev)) // 4:
-                _flush_heads(dec, pending, res, values, aux, x)
-    _flush_heads(dec, pending, res, values, aux, x)
-    return res, values[dec.graph.result_node]
+        if cut is None:
+            res[gi] = [kept.rel[g.result_node] if want_base else None, parts]
+        else:
+            pending.setdefault(cut, []).append((gi, 1, parts))
+            if want_base:
+                pending[cut].append((gi, 0, kept.rel[cut[1]]))
+            held = sum(t.numel() * t.element_size() for items in pending.values() for _, _, t in items)
+            if held > budget // 4:
+                _finish(dec, x, pending, [], res, values, aux, chunk_size)
+        cache.trim()  # a base extended by run_to may now exceed the cache's share
+    _finish(dec, x, pending, deferred, res, values, aux, chunk_size)
+    return [tuple(r) for r in res], values[g.result_node]
+
+
+def _derive(dec, parent: BaseMaps, dwin: Window, dplans: dict, base: torch.Tensor, x: torch.Tensor,
+            values: dict, aux: dict, stop: int) -> BaseMaps:
+    """The maps of ``base`` before ``stop`` by a windowed pass from a kept ``parent`` base
+    (``dwin``/``dplans``: where the two masks differ and its plan)."""
+    g = dec.graph
+    last = max((i for i, n in enumerate(g.nodes) if n in dplans and dplans[n].win is not None), default=-1)
+    parent.run_to(dec, values, aux, min(last + 1, stop))
+    keep = {g.input_node: base * x}
+    windowed_pass(dec, dplans, parent.rel, values, aux, input_crop(base, x, dwin), dwin, 0, 1,
+                  keep=keep, stop=stop)
+    return BaseMaps(base, keep, stop)
