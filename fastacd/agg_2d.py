@@ -333,12 +333,12 @@ class Scorer:
 
         A candidate's base is its largest strict subset among the masks scored before or now
         (a component for component-plus-tile, one member for a merge union; none for a single
-        tile: the empty mask). Per base, one base pass; its candidates go through windowed
-        propagation in buckets of similar delta size (one common window per bucket), where
-        the cost model in ``fastacd.windowed`` says it pays off. A base that is itself a
-        candidate is read from its base pass. Lone candidates of a base that is not scored
-        now (a base pass would cost as much as scoring them), and the whole image, are
-        scored in full.
+        tile: the empty mask). Per base, its candidates go through windowed propagation in
+        buckets of similar delta size (one common window per bucket), where the cost model
+        in ``fastacd.windowed.cd_groups`` says it pays off (it keeps bases across calls and
+        derives a new base from a kept one nearby, so even a lone candidate may window); the
+        rest, and the whole image, are scored by one batched full pass. A base that is itself
+        a candidate is read from its base's maps.
         """
         from .windowed import cd_groups
         arrays = [(i, c) for i, c in enumerate(cands) if not isinstance(c, str)]
@@ -360,8 +360,7 @@ class Scorer:
         jobs, slots, plain, windowed_bases = [], [], [], set()
         for b, members in by_base.items():
             members = [(i, d) for i, d in members if i not in as_base.values()]
-            if not members or (len(members) < 2 and b not in as_base):
-                plain += [i for i, _ in members]
+            if not members:
                 continue
             windowed_bases.add(b)
             buckets: dict = {}
