@@ -235,3 +235,61 @@ def test_agglomerate_uses_windows_and_keeps_results():
         assert np.array_equal(a, b)
     for a, b in zip(fast["scores_list"], slow["scores_list"]):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["small_vgg", "resnet18"])
+def test_kept_and_derived_bases_equal_full(name):
+    """Bases kept across cd_groups calls (``totals``) and new bases derived from a kept one by a
+    windowed pass give the numbers of full propagation; so do the base outputs that go through
+    the shared head and masks scored by the deferred full pass in the same call."""
+    torch.manual_seed(0)
+    model = small_vgg() if name == "small_vgg" else torchvision_model(name).double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    dec = fastacd.Decomposer(model)
+    comp = box(64, 64, 16, 16, 16).double()
+    grown = torch.maximum(comp, box(64, 64, 32, 16, 8).double())           # the component, grown
+    tiles = torch.stack([box(64, 64, 8, 16, 8), box(64, 64, 16, 32, 8), box(64, 64, 40, 40, 8)]).double()
+    lone = box(64, 64, 0, 0, 64, 8).double()[None]                          # full propagation
+    totals = {}
+    with torch.no_grad():
+        calls = [[(torch.zeros(64, 64, dtype=torch.float64), tiles, False), (comp, tiles, True)],
+                 [(comp.clone(), tiles, True), (grown, tiles, True), (None, lone, False), (grown, None, True)]]
+        seen = []
+        for groups in calls:
+            info = [{} for _ in groups]
+            res, out = windowed.cd_groups(dec, x, groups, stats=info, totals=totals, **ALWAYS)
+            assert_close_scaled(out, dec.forward(x), torch.float64)
+            for (base, deltas, want), (b_rel, rel), st in zip(groups, res, info):
+                if deltas is not None:
+                    want_masks = deltas if base is None else torch.maximum(base, deltas)
+                    assert_close_scaled(rel, dec.cd(x, want_masks).relevant, torch.float64)
+                if want:
+                    assert_close_scaled(b_rel, dec.cd(x, base).relevant, torch.float64)
+                seen.append(st.get("base"))
+        # empty base propagated; comp derived from it (the window of a 16x16 box); then comp
+        # kept in the second call (an equal mask, another tensor) and grown derived from comp
+        assert seen[0] == "propagated" and seen[2] == "kept"
+        if name == "small_vgg":  # receptive fields small enough at 64x64 to derive from a kept base
+            assert seen[1] == "derived" and seen[3] == "derived"
+            assert len(totals["bases"].items) == 3
+
+
+def test_base_cache_stays_within_its_budget():
+    torch.manual_seed(0)
+    model = small_vgg()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    dec = fastacd.Decomposer(model)
+    tiles = torch.stack([box(64, 64, 8, 16, 8), box(64, 64, 40, 40, 8)]).double()
+    bases = [box(64, 64, 8 * i, 8 * i, 16).double() for i in range(4)]
+    with torch.no_grad():
+        totals = {}
+        windowed.cd_groups(dec, x, [(bases[0], tiles, False)], totals=totals, **ALWAYS)
+        one = totals["bases"].items[0].size
+        dec.memory_budget = 2 * (2 * one + one // 2)  # the cache gets half: room for two bases
+        totals.clear()
+        for b in bases:
+            (_, rel), = windowed.cd_groups(dec, x, [(b, tiles, False)], totals=totals, **ALWAYS)[0]
+            assert_close_scaled(rel, dec.cd(x, torch.maximum(b, tiles)).relevant, torch.float64)
+            cache = totals["bases"]
+            assert len(cache.items) <= 2 and sum(bm.size for bm in cache.items) <= cache.limit
+        assert torch.equal(cache.items[-1].mask.reshape(64, 64), bases[-1])  # the newest is kept
