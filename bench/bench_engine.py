@@ -7,8 +7,13 @@ Figures (bench/results/engine.json), all ratios taken in the same run:
   over batch sizes 1, 8 and 64 (the floor is about 1: one weight application per mask);
 * ``reference_over_engine``: reference backend (one mask at a time, r and i separately)
   over the batched engine on the same masks (a subset, the reference is slow).
+
+``ACD_BENCH_THREADS`` threads (default 1: the 2-core box is shared; the CPU-time ratio
+beside the wall one tells contention from change).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -18,6 +23,8 @@ import fastacd
 
 from _results import best_time, best_wall_and_cpu, record
 
+THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
 MASKS = 64
 REFERENCE_MASKS = 8
 

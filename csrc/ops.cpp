@@ -7,6 +7,8 @@
 #endif
 #include <torch/library.h>
 
+#include "csrc/buffer_reuse.h"
+
 TORCH_LIBRARY(fastacd, m) {
   // Conv/linear bias split (+ optional ReLU): rel_pre (M,C,*S), total_pre (1,C,*S), bias (C,).
   m.def("bias_split(Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor");
@@ -39,10 +41,35 @@ TORCH_LIBRARY(fastacd, m) {
 #define FASTACD_STR2(x) #x
 #define FASTACD_STR(x) FASTACD_STR2(x)
 
+// The CPU buffer reuse scope (csrc/buffer_reuse.h), for fastacd.ops.reuse_cpu_buffers.
+static PyObject* py_buffer_reuse_enter(PyObject*, PyObject* arg) {
+  const long long cap = PyLong_AsLongLong(arg);
+  if (cap == -1 && PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(fastacd::buffer_reuse_enter(cap));
+}
+
+static PyObject* py_buffer_reuse_exit(PyObject*, PyObject*) {
+  fastacd::buffer_reuse_exit();
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_buffer_reuse_stats(PyObject*, PyObject*) {
+  const fastacd::BufferReuseStats s = fastacd::buffer_reuse_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "open_scopes", (long long)s.open_scopes, "cached_bytes",
+                       (long long)s.cached_bytes, "cached_blocks", (long long)s.cached_blocks, "hits",
+                       (long long)s.hits, "misses", (long long)s.misses);
+}
+
+static PyMethodDef module_methods[] = {
+    {"buffer_reuse_enter", py_buffer_reuse_enter, METH_O, "Open a CPU buffer reuse scope (cap in bytes)."},
+    {"buffer_reuse_exit", py_buffer_reuse_exit, METH_NOARGS, "Close a CPU buffer reuse scope."},
+    {"buffer_reuse_stats", py_buffer_reuse_stats, METH_NOARGS, "Counters of the CPU buffer reuse."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // A plain Python module: importing fastacd._C loads this library, whose static
 // initialisers register the ops with the dispatcher (no pybind11 needed).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* mod = PyModule_Create(&module_def);
   if (mod == nullptr) return nullptr;
 #ifdef FASTACD_WITH_CUDA

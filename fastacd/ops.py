@@ -11,6 +11,8 @@ kernel for ``torch.compile``, and its autograd, whose backward is a compiled op 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _torch_ops
@@ -266,6 +268,32 @@ if HAS_COMPILED:
 
 
 # --------------------------------------------------------------------------- build info
+
+# --------------------------------------------------------------------------- CPU buffer reuse
+
+@contextlib.contextmanager
+def reuse_cpu_buffers(cap_bytes: int):
+    """Within this scope, large CPU blocks (>= 1 MiB) that torch frees are kept by size and
+    handed out again for the next request of the same size (at most ``cap_bytes`` held);
+    leaving the outermost scope frees them. The engine opens one around its chunk loop, whose
+    chunks allocate the same activations again and again: the page faults of getting them
+    back from the system were 12% of VGG16's CD time (docs/kernels.md). Yields whether reuse
+    is on (False without the extension, or if the allocator wrapper could not be installed);
+    outside any scope torch's allocator is used unchanged."""
+    on = HAS_COMPILED and _C.buffer_reuse_enter(int(cap_bytes))
+    try:
+        yield on
+    finally:
+        if on:
+            _C.buffer_reuse_exit()
+
+
+def buffer_reuse_stats() -> dict:
+    """Counters of the CPU buffer reuse (open scopes, cached bytes and blocks, hits, misses)."""
+    if not HAS_COMPILED:
+        return {"open_scopes": 0, "cached_bytes": 0, "cached_blocks": 0, "hits": 0, "misses": 0}
+    return _C.buffer_reuse_stats()
+
 
 def build_info() -> dict:
     """What was compiled: the extension, its CUDA kernels, the ops and their kernels, flags."""

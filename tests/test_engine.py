@@ -1,6 +1,7 @@
 """The batched engine against the reference CD, on many architectures and dtypes."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -149,6 +150,26 @@ def test_results_do_not_depend_on_chunk_size(name):
             assert_close_scaled(part.relevant, whole.relevant, torch.float64)
         tiny_budget = fastacd.Decomposer(model, memory_budget=1).cd(x, masks)  # one mask a chunk
     assert_close_scaled(tiny_budget.relevant, whole.relevant, torch.float64)
+
+
+@pytest.mark.skipif(fastacd.engine.compiled_ops() is None, reason="compiled extension fastacd._C not built")
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_buffer_reuse_across_chunks_changes_nothing(backend, monkeypatch):
+    """The chunks of one call reuse each other's large blocks (fastacd.ops.reuse_cpu_buffers);
+    the numbers are those of a run without reuse, and nothing stays cached after the call."""
+    from fastacd import ops
+    model, x, masks = _case("vgg16", torch.float64)
+    dec = fastacd.Decomposer(model, backend=backend)
+    with torch.no_grad():
+        hits = ops.buffer_reuse_stats()["hits"]
+        with_reuse = dec.cd(x, masks, chunk_size=1)
+        assert ops.buffer_reuse_stats()["hits"] > hits  # later chunks got earlier chunks' blocks
+        assert ops.buffer_reuse_stats()["open_scopes"] == 0
+        assert ops.buffer_reuse_stats()["cached_bytes"] == 0
+        monkeypatch.setattr(fastacd.engine, "reuse_buffers", lambda *a: contextlib.nullcontext(False))
+        without = dec.cd(x, masks, chunk_size=1)
+    torch.testing.assert_close(with_reuse.relevant, without.relevant, rtol=0, atol=0)
+    torch.testing.assert_close(with_reuse.irrelevant, without.irrelevant, rtol=0, atol=0)
 
 
 def test_chunk_size_follows_memory_budget():

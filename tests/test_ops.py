@@ -595,3 +595,62 @@ def test_engine_never_overwrites_a_shared_relevant_part():
     assert not _own_buffer(r[:, :], r)
     assert not _own_buffer(r.t(), r.clone())  # not contiguous
     assert _own_buffer(r.clone(), r)
+
+
+# --------------------------------------------------------------------------- CPU buffer reuse
+
+@needs_compiled
+def test_reuse_cpu_buffers_hands_a_freed_block_back():
+    big = (1 << 20) // 4 + 16  # just over 1 MiB of float32
+    before = ops.buffer_reuse_stats()
+    with ops.reuse_cpu_buffers(1 << 30) as on:
+        assert on
+        a = torch.empty(big)
+        ptr = a.data_ptr()
+        a.fill_(1.5)
+        del a
+        assert ops.buffer_reuse_stats()["cached_bytes"] >= big * 4
+        b = torch.empty(big)  # the same size: the same block
+        assert b.data_ptr() == ptr and b[0] == 1.5
+        c = torch.empty(big + 1)  # another size: a fresh block
+        assert c.data_ptr() != ptr
+        small = torch.empty(1000)  # below 1 MiB: torch's allocator as usual
+        del small
+        stats = ops.buffer_reuse_stats()
+        assert stats["open_scopes"] == 1 and stats["hits"] == before["hits"] + 1
+    after = ops.buffer_reuse_stats()
+    assert after["open_scopes"] == 0 and after["cached_bytes"] == 0 and after["cached_blocks"] == 0
+    del b, c  # allocated in the scope, freed after it: released, not cached
+    assert ops.buffer_reuse_stats()["cached_bytes"] == 0
+    d = torch.empty(big)  # outside a scope nothing is reused
+    assert ops.buffer_reuse_stats()["hits"] == after["hits"]
+    del d
+
+
+@needs_compiled
+def test_reuse_cpu_buffers_nesting_cap_and_errors():
+    big = 1 << 19  # 2 MiB of float32
+    with ops.reuse_cpu_buffers(3 << 20):  # holds at most one such block
+        with ops.reuse_cpu_buffers(0):   # the largest cap of the open scopes applies
+            x, y = torch.empty(big), torch.empty(big)
+            del x, y
+            assert ops.buffer_reuse_stats()["cached_blocks"] == 1
+        assert ops.buffer_reuse_stats()["cached_blocks"] == 1  # an inner exit keeps the cache
+        with pytest.raises(ValueError):
+            with ops.reuse_cpu_buffers(1 << 30):
+                raise ValueError("inside")
+        assert ops.buffer_reuse_stats()["open_scopes"] == 1
+        # oneDNN allocates through raw_allocate / raw_deallocate inside a scope
+        conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        x = torch.randn(4, 8, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert ops.buffer_reuse_stats()["open_scopes"] == 0
+    assert ops.buffer_reuse_stats()["cached_bytes"] == 0
+
+
+def test_reuse_cpu_buffers_without_the_extension(monkeypatch):
+    monkeypatch.setattr(ops, "HAS_COMPILED", False)
+    with ops.reuse_cpu_buffers(1 << 30) as on:
+        assert not on
+    assert ops.buffer_reuse_stats()["open_scopes"] == 0
