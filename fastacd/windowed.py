@@ -183,17 +183,25 @@ def _is_elementwise(g, step, values) -> bool:
     return False
 
 
+def diff_boxes(cand: torch.Tensor, base: torch.Tensor):
+    """(y0, y1, x0, x1), each (M,): per candidate mask, the bounding box [y0, y1) x [x0, x1) of
+    the pixels where it differs from ``base`` (no difference: y1 <= y0)."""
+    diff = cand != base
+    if diff.dim() == 4:  # (M, C, H, W): any channel
+        diff = diff.view(torch.uint8).amax(1)
+    m, hgt, wid = diff.shape
+    u = diff.view(torch.uint8)  # amax over uint8 is several times faster than any() on the CPU
+    rows, cols = u.amax(2).bool(), u.amax(1).bool()
+    ar_h, ar_w = torch.arange(hgt, device=diff.device), torch.arange(wid, device=diff.device)
+    return (torch.where(rows, ar_h, hgt).min(1).values, torch.where(rows, ar_h + 1, 0).max(1).values,
+            torch.where(cols, ar_w, wid).min(1).values, torch.where(cols, ar_w + 1, 0).max(1).values)
+
+
 def input_windows(cand: torch.Tensor, base: torch.Tensor) -> Window:
     """The bounding box (common size) of the pixels where each candidate mask differs from the base."""
-    diff = (cand != base).flatten(1, -3).any(1) if cand.dim() == 4 else cand != base  # (M, H, W)
-    m, hgt, wid = diff.shape
-    rows, cols = diff.any(2), diff.any(1)
-    empty = ~rows.any(1)
-    ar_h, ar_w = torch.arange(hgt, device=diff.device), torch.arange(wid, device=diff.device)
-    y0 = torch.where(rows, ar_h, hgt).min(1).values
-    y1 = torch.where(rows, ar_h + 1, 0).max(1).values
-    x0 = torch.where(cols, ar_w, wid).min(1).values
-    x1 = torch.where(cols, ar_w + 1, 0).max(1).values
+    y0, y1, x0, x1 = diff_boxes(cand, base)
+    hgt, wid = cand.shape[-2:]
+    empty = y1 <= y0
     y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
     y1, x1 = torch.where(empty, 1, y1), torch.where(empty, 1, x1)
     h, w = int((y1 - y0).max()), int((x1 - x0).max())
@@ -528,18 +536,15 @@ class BaseCache:
         while len(self.items) > 1 and sum(b.size for b in self.items) > self.limit:
             self.items.pop(0)
 
-    def nearest(self, mask: torch.Tensor) -> BaseMaps | None:
-        """The kept base whose mask differs from ``mask`` in the smallest bounding box."""
-        best, area = None, None
-        for bm in self.items:
-            if bm.mask.shape != mask.shape:
-                continue
-            diff = (bm.mask != mask).reshape(-1, *mask.shape[-2:]).any(0)
-            rows, cols = diff.any(1).nonzero(), diff.any(0).nonzero()
-            a = int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if rows.numel() else 0
-            if area is None or a < area:
-                best, area = bm, a
-        return best
+    def nearest(self, mask: torch.Tensor, recent: int = 32) -> BaseMaps | None:
+        """The kept base (of the ``recent`` last used) whose mask differs from ``mask`` in the
+        smallest bounding box; ties go to the most recently used."""
+        items = [bm for bm in reversed(self.items[-recent:]) if bm.mask.shape == mask.shape]
+        if not items:
+            return None
+        y0, y1, x0, x1 = diff_boxes(torch.cat([bm.mask for bm in items]), mask)
+        area = (y1 - y0).clamp_min(0) * (x1 - x0).clamp_min(0)
+        return items[int(area.argmin())]
 
 
 def input_crop(cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.Tensor:
