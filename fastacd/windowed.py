@@ -471,7 +471,9 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
                 out = apply_rule(g, step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
         rel[node], wins[node] = out, win
         if keep is not None:
-            keep[node] = full(node)
+            # a rule that passes its input through (a ReLU fused into its producer) shares its map
+            same = [d for d in step.dep if rel.get(d) is out and wins.get(d) is not None]
+            keep[node] = full(same[0]) if same else full(node)
         for d in step.dep:  # free what no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
                 rel.pop(d, None)
