@@ -7,7 +7,8 @@
 // threshold), and the next chunk pays a page fault per 4 KiB to get them back: on VGG16
 // at 224x224 that was 80 MB a mask, about 12% of the CD time. While a reuse scope is
 // open, CPU blocks of at least kMinBytes freed by torch are kept by size and handed out
-// again for a request of the same size; closing the last scope frees them.
+// again for a request they fit (the smallest that does, if at most twice the request);
+// closing the last scope frees them.
 //
 // Mechanism: the first scope installs (once, for the process) a CPU allocator that wraps
 // the one torch had. With no scope open it forwards every call to that allocator

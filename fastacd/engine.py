@@ -142,7 +142,7 @@ class Decomposer:
             return CDResult(relevant=torch.cat([p[0] for p in pairs]),
                             irrelevant=torch.cat([p[1] for p in pairs]), output=out[0])
         m = relevant_input.shape[0]
-        step = chunk_size or self.chunk_size(values, x)
+        step = balanced_chunk(m, chunk_size or self.chunk_size(values, x))
         with reuse_buffers(x.device, self.memory_budget):
             rel = torch.cat([self._relevant_pass(relevant_input[s:s + step], values, aux)
                              for s in range(0, m, step)])
@@ -433,6 +433,14 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def balanced_chunk(m: int, step: int) -> int:
+    """Masks per pass for m masks in passes of at most ``step``: as many passes as ``step``
+    needs, of equal size (64 masks at most 43 a pass: 32 + 32, not 43 + 21), so that every
+    pass allocates the same activations and the reused buffers fit them."""
+    passes = -(-m // max(1, step))
+    return -(-m // passes)
 
 
 def reuse_buffers(device: torch.device, budget: int | None = None):

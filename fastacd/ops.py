@@ -274,7 +274,8 @@ if HAS_COMPILED:
 @contextlib.contextmanager
 def reuse_cpu_buffers(cap_bytes: int):
     """Within this scope, large CPU blocks (>= 1 MiB) that torch frees are kept by size and
-    handed out again for the next request of the same size (at most ``cap_bytes`` held);
+    handed out again for the next request they fit (the smallest that does, if at most twice
+    the request; at most ``cap_bytes`` held);
     leaving the outermost scope frees them. The engine opens one around its chunk loop, whose
     chunks allocate the same activations again and again: the page faults of getting them
     back from the system were 12% of VGG16's CD time (docs/kernels.md). Yields whether reuse

@@ -601,7 +601,7 @@ def test_engine_never_overwrites_a_shared_relevant_part():
 
 @needs_compiled
 def test_reuse_cpu_buffers_hands_a_freed_block_back():
-    big = (1 << 20) // 4 + 16  # just over 1 MiB of float32
+    big = 1 << 20  # 4 MiB of float32
     before = ops.buffer_reuse_stats()
     with ops.reuse_cpu_buffers(1 << 30) as on:
         assert on
@@ -612,15 +612,22 @@ def test_reuse_cpu_buffers_hands_a_freed_block_back():
         assert ops.buffer_reuse_stats()["cached_bytes"] >= big * 4
         b = torch.empty(big)  # the same size: the same block
         assert b.data_ptr() == ptr and b[0] == 1.5
-        c = torch.empty(big + 1)  # another size: a fresh block
+        c = torch.empty(big + 1)  # the block is taken: a fresh one
         assert c.data_ptr() != ptr
+        del b
+        e = torch.empty(big // 2 + 1)  # a smaller request takes a cached block up to twice its size
+        assert e.data_ptr() == ptr
+        del e
+        f = torch.empty(big // 2 - 1024)  # but not one more than twice its size
+        assert f.data_ptr() != ptr
+        b = torch.empty(big)
         small = torch.empty(1000)  # below 1 MiB: torch's allocator as usual
         del small
         stats = ops.buffer_reuse_stats()
-        assert stats["open_scopes"] == 1 and stats["hits"] == before["hits"] + 1
+        assert stats["open_scopes"] == 1 and stats["hits"] == before["hits"] + 3
     after = ops.buffer_reuse_stats()
     assert after["open_scopes"] == 0 and after["cached_bytes"] == 0 and after["cached_blocks"] == 0
-    del b, c  # allocated in the scope, freed after it: released, not cached
+    del b, c, f  # allocated in the scope, freed after it: released, not cached
     assert ops.buffer_reuse_stats()["cached_bytes"] == 0
     d = torch.empty(big)  # outside a scope nothing is reused
     assert ops.buffer_reuse_stats()["hits"] == after["hits"]

@@ -1,13 +1,19 @@
 // The CPU buffer reuse of csrc/buffer_reuse.h: a wrapper around torch's CPU allocator
-// that, while a scope is open, keeps freed large blocks by size for the next request of
-// that size.
+// that, while a scope is open, keeps freed large blocks by size for the next request
+// they fit (at most twice its size).
 #include "csrc/buffer_reuse.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -18,6 +24,26 @@ namespace {
 // Smaller blocks come from malloc's bins, which it keeps: no page faults to save.
 constexpr size_t kMinBytes = size_t(1) << 20;
 
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// A new block (freed with drop_block). From 2 MiB on it is aligned to 2 MiB and marked for
+// transparent huge pages (as torch does under THP_MEM_ALLOC_ENABLE): its first touch then
+// faults once per 2 MiB instead of once per 4 KiB (where the kernel allows huge pages on
+// request). Below, torch's own allocation (64-byte aligned).
+void* fresh_block(size_t n) {
+  if (n < kHugePage) return c10::alloc_cpu(n);
+  void* p = nullptr;
+  const int err = posix_memalign(&p, kHugePage, n);
+  TORCH_CHECK(err == 0 && p != nullptr, "fastacd buffer reuse: could not allocate ", n,
+              " bytes on the CPU (out of memory?)");
+#ifdef MADV_HUGEPAGE
+  madvise(p, n, MADV_HUGEPAGE);  // advice only: where refused, ordinary pages
+#endif
+  return p;
+}
+
+void drop_block(void* p, size_t n) { n < kHugePage ? c10::free_cpu(p) : std::free(p); }
+
 class ReusingCpuAllocator final : public c10::Allocator {
  public:
   explicit ReusingCpuAllocator(c10::Allocator* base) : base_(base), base_deleter_(base->raw_deleter()) {}
@@ -25,13 +51,18 @@ class ReusingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes || open_.load(std::memory_order_acquire) == 0) return base_->allocate(n);
     void* p = nullptr;
+    size_t block = n;  // the size of the block handed out
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = cache_.find(n);
-      if (it != cache_.end() && !it->second.empty()) {
+      // The smallest cached block that fits, if it is at most twice the request (a chunk
+      // smaller than the others, e.g. the last one, still finds blocks).
+      auto it = cache_.lower_bound(n);
+      if (it != cache_.end() && it->first <= 2 * n) {
         p = it->second.back();
+        block = it->first;
+        cached_bytes_ -= static_cast<int64_t>(block);
         it->second.pop_back();
-        cached_bytes_ -= static_cast<int64_t>(n);
+        if (it->second.empty()) cache_.erase(it);
         --cached_blocks_;
         ++hits_;
       } else {
@@ -39,11 +70,11 @@ class ReusingCpuAllocator final : public c10::Allocator {
       }
     }
     if (p == nullptr) {
-      p = c10::alloc_cpu(n);  // torch's own aligned allocation (and its out-of-memory error)
+      p = fresh_block(n);
       std::lock_guard<std::mutex> lock(mu_);
       owned_[p] = n;
     }
-    report(p, static_cast<int64_t>(n));
+    report(p, static_cast<int64_t>(block));
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -63,7 +94,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
   }
 
   void exit() {
-    std::vector<void*> drop;
+    std::vector<std::pair<void*, size_t>> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (open_.load(std::memory_order_acquire) == 0) return;
@@ -71,7 +102,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
       for (auto& [n, blocks] : cache_) {
         for (void* p : blocks) {
           owned_.erase(p);
-          drop.push_back(p);
+          drop.emplace_back(p, n);
         }
       }
       cache_.clear();
@@ -79,7 +110,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
       cached_blocks_ = 0;
       cap_ = 0;
     }
-    for (void* p : drop) c10::free_cpu(p);
+    for (const auto& [p, n] : drop) drop_block(p, n);
   }
 
   BufferReuseStats stats() {
@@ -110,7 +141,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
     }
     owned_.erase(it);
     lock.unlock();
-    c10::free_cpu(p);
+    drop_block(p, static_cast<size_t>(n));
   }
 
   // The memory profiler (torch.profiler(profile_memory=True)) sees blocks handed out and back.
@@ -127,7 +158,7 @@ class ReusingCpuAllocator final : public c10::Allocator {
   std::mutex mu_;
   std::atomic<int64_t> open_{0};
   std::unordered_map<void*, size_t> owned_;               // every block this wrapper allocated
-  std::unordered_map<size_t, std::vector<void*>> cache_;  // the freed ones, by size
+  std::map<size_t, std::vector<void*>> cache_;            // the freed ones, by size
   int64_t cap_ = 0, cached_bytes_ = 0, cached_blocks_ = 0, hits_ = 0, misses_ = 0;
   std::atomic<int64_t> in_use_{0};
 };
