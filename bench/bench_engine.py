@@ -73,10 +73,11 @@ def test_cd_vs_forward(benchmark, arch):
         "cd_seconds_64_masks": cd_time,
         "backend_compiled": float(dec.backend == "compiled"),
         "chunk_size": float(dec.chunk_size(dec._total_pass(x)[0], x)),
+        "chunk_plan": " ".join(f"{src.name}:{c}" for _, src, c in dec.pass_plan(dec._total_pass(x)[0], x, MASKS)),
         **{f"forward_per_image_b{b}": t for b, t in forward_per_image.items()},
     }
     record("engine", arch, **figures)
-    print(arch, {k: round(v, 4) for k, v in figures.items()})
+    print(arch, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
 
 
 @pytest.mark.parametrize("backend", fastacd.available_backends()[1:])

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,10 +143,9 @@ class Decomposer:
             return CDResult(relevant=torch.cat([p[0] for p in pairs]),
                             irrelevant=torch.cat([p[1] for p in pairs]), output=out[0])
         m = relevant_input.shape[0]
-        step = balanced_chunk(m, chunk_size or self.chunk_size(values, x))
+        plan = self.pass_plan(values, x, m, chunk_size=chunk_size)
         with reuse_buffers(x.device, self.memory_budget):
-            rel = torch.cat([self._relevant_pass(relevant_input[s:s + step], values, aux)
-                             for s in range(0, m, step)])
+            rel = self._planned_pass(relevant_input, values, aux, plan)
         return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
 
     def chunk_size(self, values: dict | None = None, x: torch.Tensor | None = None) -> int:
@@ -158,11 +158,76 @@ class Decomposer:
             raise ValueError("chunk_size needs the activations of a forward pass")
         largest = max((v.numel() * v.element_size() for v in values.values()
                        if isinstance(v, torch.Tensor)), default=1)
-        budget = self.memory_budget or default_memory_budget(x.device)
-        step = max(1, int(budget // (largest * _BYTES_PER_MASK_FACTOR)))
-        if x.device.type == "cpu":
-            step = min(step, max(_CPU_MIN_CHUNK, _CPU_CHUNK_ACTIVATION_BYTES // largest))
+        return self._chunk_for(largest, x.device)
+
+    def _chunk_for(self, largest: int, device: torch.device) -> int:
+        """Masks per pass for steps whose largest activation is ``largest`` bytes a mask."""
+        budget = self.memory_budget or default_memory_budget(device)
+        step = max(1, int(budget // (max(1, largest) * _BYTES_PER_MASK_FACTOR)))
+        if device.type == "cpu":
+            step = min(step, max(_CPU_MIN_CHUNK, _CPU_CHUNK_ACTIVATION_BYTES // max(1, largest)))
         return step
+
+    def pass_plan(self, values: dict, x: torch.Tensor, m: int, *,
+                  chunk_size: int | None = None) -> list[tuple[int, fx.Node, int]]:
+        """How the relevant pass of m masks runs: segments ``(start, source, chunk)``.
+
+        Segment k runs the graph positions from its ``start`` to the next segment's, on the
+        relevant part of ``source`` (the input for the first; for the others the only value
+        the rest of the graph reads, see ``cut_points``), at most ``chunk`` masks at a time.
+        Each stretch between two cuts gets the chunk its own largest activation allows
+        (``chunk_size``'s rule), so the layers after the large maps run more masks per pass
+        than the first ones: VGG16's linear head (whose weights are re-read every pass) and
+        small late convolutions all 64 masks at once, its 224x224 layers 2 at a time. A
+        segment's chunk is split evenly into those of the segment before; stretches with the
+        same chunk are one segment. Depends only on the model, the input's shape, m and the
+        budget. ``chunk_size`` given: one segment with that chunk.
+        """
+        g = self.graph
+        if chunk_size:
+            return [(0, g.input_node, min(chunk_size, m))]
+        cuts = cut_points(g)
+        bounds = [i for i in sorted(cuts) if cuts[i] is not g.input_node]
+        starts, sources = [0] + bounds, [g.input_node] + [cuts[i] for i in bounds]
+        stops = bounds + [len(g.nodes)]
+
+        def nbytes(n: fx.Node) -> int:
+            v = values.get(n) if n is not g.input_node else x
+            return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+        chunks = []
+        for start, src, stop in zip(starts, sources, stops):
+            largest = max([nbytes(src)] + [nbytes(n) for n in g.nodes[start:stop]
+                                           if n in g.steps and g.steps[n].kind != "shape"])
+            chunks.append(self._chunk_for(largest, x.device))
+        # from the last segment back: each one's chunk is split evenly into passes of the one before
+        effective = [min(chunks[-1], m)]
+        for c in reversed(chunks[:-1]):
+            effective.insert(0, balanced_chunk(effective[0], c))
+        plan = []
+        for start, src, c in zip(starts, sources, effective):
+            if plan and plan[-1][2] == c:
+                continue  # the same chunk as the segment before: no cut here
+            plan.append((start, src, c))
+        return plan
+
+    def _planned_pass(self, r0: torch.Tensor, values: dict, aux: dict, plan: list) -> torch.Tensor:
+        """The output's relevant part for the masks of r0, run segment by segment (``pass_plan``)."""
+        g = self.graph
+        stops = [seg[0] for seg in plan[1:]] + [len(g.nodes)]
+        outputs = [seg[1] for seg in plan[1:]] + [g.result_node]
+
+        def run(k: int, lo: int, hi: int) -> torch.Tensor:
+            start, source, _ = plan[k]
+            if k == 0:
+                rel = r0[lo:hi]
+            else:
+                parts = [run(k - 1, a, b) for a, b in _passes(lo, hi, plan[k - 1][2])]
+                rel = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return self._walk({source: rel}, values, aux, start, stops[k], hi - lo)[outputs[k]]
+
+        parts = [run(len(plan) - 1, a, b) for a, b in _passes(0, r0.shape[0], plan[-1][2])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- validation -----------------------------------------------------------------------
     def _check_input(self, x) -> torch.Tensor:
@@ -231,9 +296,17 @@ class Decomposer:
         Returns the output node's relevant part, or with ``keep=True`` the dict of every
         node's (the windowed pass of ``fastacd.windowed`` reads a base mask's maps).
         """
-        g, ops, m = self.graph, self._ops, r0.shape[0]
-        rel: dict[fx.Node, torch.Tensor] = {g.input_node: r0}
-        for index, node in enumerate(g.nodes):
+        g = self.graph
+        rel = self._walk({g.input_node: r0}, values, aux, 0, len(g.nodes), r0.shape[0], keep=keep)
+        return rel if keep else rel[g.result_node]
+
+    def _walk(self, rel: dict, values: dict, aux: dict, start: int, stop: int, m: int,
+              keep: bool = False) -> dict:
+        """Apply the rules of graph positions [start, stop) to ``rel`` (node -> relevant part of
+        m masks); unless ``keep``, drop each value after its last reader."""
+        g, ops = self.graph, self._ops
+        for index in range(start, stop):
+            node = g.nodes[index]
             step = g.steps.get(node)
             if step is None or step.kind == "shape":
                 continue
@@ -243,7 +316,7 @@ class Decomposer:
             for d in step.dep:  # free what no later step reads
                 if g.last_use.get(d, -1) <= index and d is not g.result_node:
                     rel.pop(d, None)
-        return rel if keep else rel[g.result_node]
+        return rel
 
     def cd_delta(self, x: torch.Tensor, base_mask, delta_masks, *,
                  chunk_size: int | None = None, **options) -> CDResult:
@@ -433,6 +506,51 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+_CUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cut_points(g: CapturedGraph) -> dict[int, fx.Node]:
+    """{graph position i: node d} where d is the only input-dependent value that node i or a
+    later node reads: a relevant pass can stop before position i and go on from d alone.
+
+    A value is live from after its own position to its last reader (the output: to the end);
+    positions covered by exactly one such interval are cuts (counted with prefix sums).
+    """
+    if g not in _CUTS:
+        n = len(g.nodes)
+        count, owner = [0] * (n + 1), [0] * (n + 1)  # per position: live values, sum of their ids
+        ids = {}
+        for pos, node in enumerate(g.nodes):
+            if node is not g.input_node and (node not in g.steps or g.steps[node].kind == "shape"):
+                continue
+            last = n - 1 if node is g.result_node else g.last_use.get(node, pos)
+            if last <= pos:
+                continue
+            ids[pos] = node
+            count[pos + 1] += 1
+            count[last + 1] -= 1
+            owner[pos + 1] += pos
+            owner[last + 1] -= pos
+        cuts, live, who = {}, 0, 0
+        for i in range(n):
+            live, who = live + count[i], who + owner[i]
+            if live == 1:
+                cuts[i] = ids[who]
+        _CUTS[g] = cuts
+    return _CUTS[g]
+
+
+def _passes(lo: int, hi: int, step: int):
+    """[lo, hi) cut into as few ranges of at most ``step`` as possible, of equal size (+-1)."""
+    count = -(-(hi - lo) // max(1, step))
+    size, extra = divmod(hi - lo, count) if count else (0, 0)
+    a = lo
+    for k in range(count):
+        b = a + size + (k < extra)
+        yield a, b
+        a = b
 
 
 def balanced_chunk(m: int, step: int) -> int:

@@ -172,6 +172,46 @@ def test_buffer_reuse_across_chunks_changes_nothing(backend, monkeypatch):
     torch.testing.assert_close(with_reuse.irrelevant, without.irrelevant, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18", "densenet121"])
+def test_segmented_pass_equals_one_mask_a_pass(name):
+    """With a budget that lets late layers run more masks per pass than early ones, the pass
+    runs in segments (``pass_plan``); the numbers are those of one mask at a time."""
+    model, x, masks = _case(name, torch.float64)
+    masks = torch.cat([masks, masks.flip(1), masks.flip(2)])  # 15 masks
+    dec = fastacd.Decomposer(model)
+    with torch.no_grad():
+        values, _ = dec._total_pass(x)
+    largest = max(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+    dec.memory_budget = largest * 6 * 2  # 2 masks a pass at the largest activation
+    plan = dec.pass_plan(values, x, len(masks))
+    chunks = [c for _, _, c in plan]
+    assert len(plan) > 1 and chunks[0] == 2 and chunks[-1] <= len(masks)
+    assert chunks == sorted(set(chunks))  # growing, one segment per chunk
+    cuts = fastacd.engine.cut_points(dec.graph)
+    assert all(cuts[start] is src for start, src, _ in plan[1:])
+    with torch.no_grad():
+        segmented = dec.cd(x, masks)
+        single = dec.cd(x, masks, chunk_size=1)
+    assert_close_scaled(segmented.relevant, single.relevant, torch.float64)
+    assert_close_scaled(segmented.irrelevant, single.irrelevant, torch.float64)
+
+
+def test_cut_points_and_even_passes():
+    from fastacd.engine import _passes, balanced_chunk, cut_points
+    model, _, _ = _case("resnet18", torch.float32)
+    g = fastacd.Decomposer(model).graph
+    cuts = cut_points(g)
+    names = {cuts[i].name for i in cuts}
+    assert {"maxpool", "layer1_0_relu_1", "layer4_1_relu_1"} <= names  # between residual blocks
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    inside = pos[next(n for n in g.nodes if n.name == "layer1_0_conv2")]
+    assert inside not in cuts  # the block's input and its conv branch are both live there
+    assert list(_passes(0, 64, 43)) == [(0, 32), (32, 64)]
+    assert list(_passes(3, 10, 3)) == [(3, 6), (6, 8), (8, 10)]
+    assert list(_passes(0, 0, 4)) == []
+    assert balanced_chunk(64, 43) == 32 and balanced_chunk(7, 7) == 7 and balanced_chunk(5, 1) == 1
+
+
 def test_chunk_size_follows_memory_budget():
     model, x, _ = _case("vgg11_bn", torch.float32)
     big = fastacd.Decomposer(model, memory_budget=1 << 30)
