@@ -175,8 +175,18 @@ def bench(arch: str, full_reference: bool = False) -> dict:
             orig_s, orig = measured
             same = (len(orig["comps_list"]) == len(fast["comps_list"])
                     and all(np.array_equal(a, b) for a, b in zip(orig["comps_list"], fast["comps_list"])))
+            # the original's establish_correspondence has 11 numbers; past them it falls back to
+            # raw labels (docs/hierarchies.md, deliberate differences): count the levels that agree
+            agree = 0
+            for a, b in zip(orig["comps_list"], fast["comps_list"]):
+                if not np.array_equal(a, b):
+                    break
+                agree += 1
+            over = [i for i, c in enumerate(fast["comps_list"]) if np.max(c) > 11]
             figures.update(original_s=orig_s, original_extrapolated=False,
-                           speedup_vs_original=orig_s / fast_s, identical_to_original=bool(same))
+                           speedup_vs_original=orig_s / fast_s, identical_to_original=bool(same),
+                           levels=len(fast["comps_list"]), levels_identical_to_original=agree,
+                           first_level_over_11_components=over[0] if over else None)
     figures["original_previous_s"] = ORIGINAL_PREVIOUS_S[arch]
     figures["speedup_vs_original_previous"] = ORIGINAL_PREVIOUS_S[arch] / fast_s
     record(SUITE, f"{arch}_224_sweep14" + (f"_threads{THREADS}" if THREADS != 1 else ""), **figures)
