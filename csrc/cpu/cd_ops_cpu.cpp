@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "csrc/checks.h"
+#include "csrc/cpu/cpu_target.h"
 #include "kernels/cd_math.h"
 
 namespace fastacd {
@@ -36,7 +37,7 @@ void check_cpu_float(const char* op, std::initializer_list<std::pair<const at::T
 // OpenMP pragmas sit in these templates, not in the AT_DISPATCH lambdas (toolchain.md).
 
 template <typename scalar_t, bool kRelu>
-void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out, int64_t M,
+FASTACD_CPU_CLONES void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out, int64_t M,
                      int64_t C, int64_t S) {
   const int nt = threads_for(M * C * S);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -52,7 +53,7 @@ void bias_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t*
 
 // Linear layers (M, F): a row per mask, the bias varies along the row.
 template <typename scalar_t, bool kRelu>
-void bias_split_rows(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out,
+FASTACD_CPU_CLONES void bias_split_rows(const scalar_t* rel, const scalar_t* total, const scalar_t* bias, scalar_t* out,
                      int64_t M, int64_t C) {
   const int nt = threads_for(M * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -110,7 +111,7 @@ at::Tensor& bias_split_inplace_cpu(at::Tensor& rel_pre, const at::Tensor& total_
 // function with restrict pointers so that gcc vectorises it (OpenMP's outlining drops
 // the restrict of the caller's parameters).
 template <typename scalar_t>
-void bias_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+FASTACD_CPU_CLONES void bias_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
                              const scalar_t* __restrict__ total, scalar_t bias, scalar_t* __restrict__ g_rel,
                              scalar_t* __restrict__ gt, scalar_t* __restrict__ gb, int64_t S, bool relu) {
   for (int64_t s = 0; s < S; ++s) {
@@ -168,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cpu(
 // ---------------------------------------------------------------- bn_split
 
 template <typename scalar_t, bool kRelu>
-void bn_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* scale, const scalar_t* shift,
+FASTACD_CPU_CLONES void bn_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* scale, const scalar_t* shift,
                    scalar_t* out, int64_t M, int64_t C, int64_t S) {
   const int nt = threads_for(M * C * S);
   if (S == 1) {  // (M, F), e.g. BatchNorm1d after a linear layer
@@ -211,7 +212,7 @@ at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at
 
 // Same structure as bias_split_backward_*: per-position partials, summed over S after.
 template <typename scalar_t>
-void bn_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
+FASTACD_CPU_CLONES void bn_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
                            const scalar_t* __restrict__ total, scalar_t scale, scalar_t shift,
                            scalar_t* __restrict__ g_rel, scalar_t* __restrict__ gt, scalar_t* __restrict__ gsc,
                            scalar_t* __restrict__ gsh, int64_t S, bool relu) {

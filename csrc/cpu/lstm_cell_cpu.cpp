@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "csrc/cpu/cpu_target.h"
 #include "csrc/lstm_cell.h"
 #include "kernels/cd_math.h"
 
@@ -43,7 +44,7 @@ std::vector<math::LstmColumn<scalar_t>> lstm_columns(const LstmPtrs<scalar_t>& a
 // One mask's row. kFirst is a template argument and the pointers are restrict, so the
 // loop has no branch and no aliasing question: gcc vectorises it, exp/tanh included.
 template <typename scalar_t, bool kFirst>
-void lstm_cell_forward_row(const math::LstmColumn<scalar_t>* __restrict__ cols, const scalar_t* __restrict__ gates,
+FASTACD_CPU_CLONES void lstm_cell_forward_row(const math::LstmColumn<scalar_t>* __restrict__ cols, const scalar_t* __restrict__ gates,
                            const scalar_t* __restrict__ prev_rel_c, scalar_t in_phrase, scalar_t* __restrict__ rel_c,
                            scalar_t* __restrict__ rel_h, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
@@ -78,7 +79,7 @@ void lstm_cell_forward_kernel(const LstmPtrs<scalar_t>& a, scalar_t* rel_c, scal
 // in_phrase terms to its (H,) slice, summed afterwards: no races, deterministic, no
 // reduction in the loop.
 template <typename scalar_t, bool kFirst>
-void lstm_cell_backward_row(const math::LstmColumn<scalar_t>* __restrict__ cols, const scalar_t* __restrict__ gates,
+FASTACD_CPU_CLONES void lstm_cell_backward_row(const math::LstmColumn<scalar_t>* __restrict__ cols, const scalar_t* __restrict__ gates,
                             const scalar_t* __restrict__ prev_rel_c, scalar_t in_phrase,
                             const scalar_t* __restrict__ grad_c, const scalar_t* __restrict__ grad_h,
                             scalar_t* __restrict__ g_gates, scalar_t* __restrict__ g_prev_rel_c,
