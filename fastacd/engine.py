@@ -249,7 +249,7 @@ class Decomposer:
             if param.dtype != x.dtype:
                 raise TypeError(f"input is {x.dtype} but the model's parameters are {param.dtype}; "
                                 f"use x.to({param.dtype}) or model.to({x.dtype})")
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError("input contains NaN or Inf values")
         return x
 
@@ -281,7 +281,7 @@ class Decomposer:
                 f"({dims(spatial)}), (M, {dims(spatial)}), (M, 1, {dims(spatial)}) or (M, {dims(feat)})")
         if masks.shape[0] == 0:
             raise ValueError("empty mask batch: pass at least one mask")
-        if not torch.isfinite(masks).all():
+        if not all_finite(masks):
             raise ValueError("masks contain NaN or Inf values")
         return masks
 
@@ -486,6 +486,14 @@ def _cat(node: fx.Node, rel: dict, values: dict, m: int) -> torch.Tensor:
             v = values[t] if isinstance(t, fx.Node) else t
             parts.append(torch.zeros((m,) + tuple(v.shape[1:]), dtype=total.dtype, device=total.device))
     return torch.cat(parts, dim)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether t has no NaN or Inf. A finite sum settles it in one reduction (a NaN or Inf
+    anywhere makes the sum NaN or Inf); only a non-finite sum, which finite values can also
+    give by overflowing, is checked element by element. (64 masks of 224x224: 0.2 ms a
+    mask with isfinite().all(), 2% of AlexNet's CD.)"""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def run_plain(gm: fx.GraphModule, node: fx.Node, value_of) -> Any:

@@ -302,3 +302,15 @@ def test_matches_original_acd_package(name, model_type):
         res = fastacd.Decomposer(model).cd(x, mask)
     assert_close_scaled(res.relevant, rel, torch.float32)
     assert_close_scaled(res.irrelevant, irrel, torch.float32)
+
+
+def test_all_finite_checks_by_sum_then_by_element():
+    from fastacd.engine import all_finite
+    assert all_finite(torch.ones(3, 5))
+    assert all_finite(torch.full((4,), 3e38))  # the sum overflows; every element is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(2, 7, dtype=torch.float64)
+        t[1, 3] = bad
+        assert not all_finite(t)
+    both = torch.tensor([float("inf"), -float("inf")])  # the sum is NaN
+    assert not all_finite(both)
