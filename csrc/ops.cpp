@@ -19,6 +19,9 @@ TORCH_LIBRARY(fastacd, m) {
         " -> (Tensor, Tensor, Tensor)");
   // Eval batchnorm split (+ optional ReLU): rel (M,C,*S), total (1,C,*S), scale/shift (C,).
   m.def("bn_split(Tensor rel, Tensor total, Tensor scale, Tensor shift, bool relu=False) -> Tensor");
+  // The same written into rel (inference: no autograd), for a relevant part that no later
+  // step reads (the engine's conv outputs before a batchnorm).
+  m.def("bn_split_(Tensor(a!) rel, Tensor total, Tensor scale, Tensor shift, bool relu=False) -> Tensor(a!)");
   m.def("bn_split_backward(Tensor grad, Tensor rel, Tensor total, Tensor scale, Tensor shift,"
         " bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
   // Max-pool of M relevant maps at the shared argmax: rel (M,C,*S), indices (1,C,*So) int64.

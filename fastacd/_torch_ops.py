@@ -63,6 +63,12 @@ def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift:
     return out.clamp_min(0) if relu else out
 
 
+def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+              relu: bool = False) -> torch.Tensor:
+    """``bn_split`` written into ``rel`` (the compiled op's in-place form)."""
+    return rel.copy_(bn_split(rel, total, scale, shift, relu))
+
+
 def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Max-pool of M relevant maps at the argmax positions of the shared total.
 

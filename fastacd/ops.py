@@ -168,6 +168,22 @@ if HAS_COMPILED:
     torch.library.register_autograd("fastacd::bn_split", _bn_split_backward, setup_context=_bn_split_setup)
 
 
+def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+              relu: bool = False) -> torch.Tensor:
+    """``bn_split`` written into ``rel`` (contiguous) and returned; inference only (no
+    autograd). The engine uses it on a conv output that no later step reads."""
+    if _compiled(rel):
+        return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu)
+    return _torch_ops.bn_split_(rel, total, scale, shift, relu)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::bn_split_")
+    def _bn_split_inplace_fake(rel, total, scale, shift, relu=False):
+        _bn_split_fake(rel, total, scale, shift, relu)  # the same checks
+        return rel
+
+
 # --------------------------------------------------------------------------- maxpool_gather
 
 def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

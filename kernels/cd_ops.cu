@@ -155,10 +155,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cuda(
 
 // ---------------------------------------------------------------- bn_split
 
+// rel and out may be the same array (bn_split_): no restrict on them; each thread reads an
+// element before it writes it.
 template <typename scalar_t>
-__global__ void bn_split_kernel(const scalar_t* __restrict__ rel, const scalar_t* __restrict__ total,
+__global__ void bn_split_kernel(const scalar_t* rel, const scalar_t* __restrict__ total,
                                 const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
-                                scalar_t* __restrict__ out, int64_t n, int64_t C, int64_t S, bool relu) {
+                                scalar_t* out, int64_t n, int64_t C, int64_t S, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t CS = C * S;
   FASTACD_GRID_STRIDE(k, n) {
@@ -168,17 +170,16 @@ __global__ void bn_split_kernel(const scalar_t* __restrict__ rel, const scalar_t
   }
 }
 
-at::Tensor bn_split_cuda(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
-                         const at::Tensor& shift, bool relu) {
-  constexpr const char* op = "fastacd::bn_split";
+// The split of rel into out, which may be rel itself (bn_split_).
+void bn_split_into(const char* op, const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                   const at::Tensor& shift, bool relu, at::Tensor& out) {
   check_cuda_float(op, {{&rel, "rel"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
   check_rel_total(op, rel, "rel", total, "total");
   check_channel_vector(op, scale, "scale", rel.size(1));
   check_channel_vector(op, shift, "shift", rel.size(1));
   const c10::cuda::CUDAGuard guard(rel.device());
-  at::Tensor out = at::empty(rel.sizes(), rel.options());
   const int64_t n = out.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   const at::Tensor r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTACD_DISPATCH(r.scalar_type(), "bn_split_cuda", [&] {
@@ -187,7 +188,20 @@ at::Tensor bn_split_cuda(const at::Tensor& rel, const at::Tensor& total, const a
         sh.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, r.size(1), positions(r), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor bn_split_cuda(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                         const at::Tensor& shift, bool relu) {
+  at::Tensor out = at::empty(rel.sizes(), rel.options());
+  bn_split_into("fastacd::bn_split", rel, total, scale, shift, relu, out);
   return out;
+}
+
+at::Tensor& bn_split_inplace_cuda(at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                                  const at::Tensor& shift, bool relu) {
+  check_inplace_contiguous("fastacd::bn_split_", rel, "rel", "fastacd::bn_split");
+  bn_split_into("fastacd::bn_split_", rel, total, scale, shift, relu, rel);
+  return rel;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -333,6 +347,7 @@ TORCH_LIBRARY_IMPL(fastacd, CUDA, m) {
   m.impl("bias_split_", &bias_split_inplace_cuda);
   m.impl("bias_split_backward", &bias_split_backward_cuda);
   m.impl("bn_split", &bn_split_cuda);
+  m.impl("bn_split_", &bn_split_inplace_cuda);
   m.impl("bn_split_backward", &bn_split_backward_cuda);
   m.impl("maxpool_gather", &maxpool_gather_cuda);
   m.impl("maxpool_gather_backward", &maxpool_gather_backward_cuda);

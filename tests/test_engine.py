@@ -314,3 +314,62 @@ def test_all_finite_checks_by_sum_then_by_element():
         assert not all_finite(t)
     both = torch.tensor([float("inf"), -float("inf")])  # the sum is NaN
     assert not all_finite(both)
+
+
+class _ViewKeepingNet(torch.nn.Module):
+    """A conv output read by a view that stays live (flatten, read at the end) and, last, by
+    a batchnorm; a residual add and ReLUs: the in-place rules must leave the view intact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(2 * 4 * 8 * 8, 5)
+
+    def forward(self, x):
+        z = self.conv(x)
+        kept = z.flatten(1)
+        y = torch.relu(self.bn(z))
+        y = torch.relu(self.conv2(y) + y)
+        return self.fc(torch.cat([kept, y.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_in_place_rules_leave_live_views_alone(backend, monkeypatch):
+    torch.manual_seed(3)
+    model = _ViewKeepingNet().eval().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    masks = tile_masks(8, 8, 4, tile=2).double()
+    with torch.no_grad():
+        res = fastacd.Decomposer(model, backend=backend).cd(x, masks)
+        ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
+        monkeypatch.setattr(fastacd.engine, "_in_place_rule", lambda *a: None)
+        plain = fastacd.Decomposer(model, backend=backend).cd(x, masks)
+    assert_close_scaled(res.relevant, ref_rel, torch.float64)
+    assert_close_scaled(res.irrelevant, ref_irrel, torch.float64)
+    torch.testing.assert_close(res.relevant, plain.relevant, rtol=0, atol=0)
+
+
+def test_in_place_rules_apply_on_resnet_blocks():
+    """ResNet's batchnorms, residual additions and their ReLUs run in place (no new tensors)."""
+    from fastacd.engine import _in_place_rule
+    model, x, masks = _case("resnet18", torch.float32)
+    dec = fastacd.Decomposer(model)
+    hits = []
+
+    def spy(g, step, *args):
+        out = _in_place_rule(g, step, *args)
+        if out is not None:
+            hits.append(step.kind)
+        return out
+
+    import unittest.mock
+    with torch.no_grad(), unittest.mock.patch.object(fastacd.engine, "_in_place_rule", spy):
+        dec.cd(x, masks)
+    # per block: bn1 (ReLU fused), bn2, the add, the ReLU after it; downsample batchnorms
+    assert hits.count("add") == 8 and hits.count("activation") == 8
+    assert hits.count("batchnorm") == 1 + 16 + 3

@@ -587,6 +587,35 @@ def test_bias_split_inplace_opcheck_and_errors():
         torch.ops.fastacd.bias_split_(rel, total, torch.randn(3))
 
 
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 7), (2, 3, 4), (0, 3, 2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_split_inplace_equals_functional(shape, dtype, relu):
+    g = torch.Generator().manual_seed(4)
+    rel, total = split_inputs(shape, dtype, "cpu", g, False)  # with exact zeros: the 0/0 rule
+    scale, shift = channel_vec(shape[1], dtype, "cpu", g), channel_vec(shape[1], dtype, "cpu", g)
+    want = _torch_ops.bn_split(rel, total, scale, shift, relu)
+    buf = rel.clone()
+    got = torch.ops.fastacd.bn_split_(buf, total, scale, shift, relu)
+    assert got.data_ptr() == buf.data_ptr()  # written in place
+    close(buf, want)
+    torch.testing.assert_close(buf, ops.bn_split(rel, total, scale, shift, relu), rtol=0, atol=0)
+    close(ops.bn_split_(rel.clone(), total, scale, shift, relu), want)
+    torch.testing.assert_close(_torch_ops.bn_split_(rel.clone(), total, scale, shift, relu), want)
+
+
+@needs_compiled
+def test_bn_split_inplace_opcheck_and_errors():
+    rel, total, c = torch.randn(3, 4, 5), torch.randn(1, 4, 5), torch.randn(4)
+    torch.library.opcheck(torch.ops.fastacd.bn_split_.default, (rel.clone(), total, c, c.flip(0), True),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match=r"rel must be contiguous to be written in place; use fastacd::bn_split"):
+        torch.ops.fastacd.bn_split_(rel.transpose(1, 2), total.transpose(1, 2), torch.randn(5), torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"shift must have shape \(C,\) = \(4,\)"):
+        torch.ops.fastacd.bn_split_(rel, total, c, torch.randn(3))
+
+
 def test_engine_never_overwrites_a_shared_relevant_part():
     """A user rule whose weights return their input (a view): the engine must not write the
     split into it (that would change the relevant part the next nodes read)."""

@@ -168,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_split_backward_cpu(
 
 // ---------------------------------------------------------------- bn_split
 
+// out may be rel itself (bn_split_): each element is read before it is written, at the
+// same index (no restrict pointers).
 template <typename scalar_t, bool kRelu>
 FASTACD_CPU_CLONES void bn_split_loop(const scalar_t* rel, const scalar_t* total, const scalar_t* scale, const scalar_t* shift,
                    scalar_t* out, int64_t M, int64_t C, int64_t S) {
@@ -191,15 +193,14 @@ FASTACD_CPU_CLONES void bn_split_loop(const scalar_t* rel, const scalar_t* total
   }
 }
 
-at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
-                        const at::Tensor& shift, bool relu) {
-  constexpr const char* op = "fastacd::bn_split";
+// The split of rel into out, which may be rel itself (bn_split_).
+void bn_split_into(const char* op, const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                   const at::Tensor& shift, bool relu, at::Tensor& out) {
   check_cpu_float(op, {{&rel, "rel"}, {&total, "total"}, {&scale, "scale"}, {&shift, "shift"}});
   check_rel_total(op, rel, "rel", total, "total");
   check_channel_vector(op, scale, "scale", rel.size(1));
   check_channel_vector(op, shift, "shift", rel.size(1));
-  at::Tensor out = at::empty(rel.sizes(), rel.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   const at::Tensor r = rel.contiguous(), t = total.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bn_split_cpu", [&] {
     const auto args = std::make_tuple(r.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
@@ -207,7 +208,20 @@ at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at
                                       out.mutable_data_ptr<scalar_t>(), r.size(0), r.size(1), positions(r));
     relu ? std::apply(bn_split_loop<scalar_t, true>, args) : std::apply(bn_split_loop<scalar_t, false>, args);
   });
+}
+
+at::Tensor bn_split_cpu(const at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                        const at::Tensor& shift, bool relu) {
+  at::Tensor out = at::empty(rel.sizes(), rel.options());
+  bn_split_into("fastacd::bn_split", rel, total, scale, shift, relu, out);
   return out;
+}
+
+at::Tensor& bn_split_inplace_cpu(at::Tensor& rel, const at::Tensor& total, const at::Tensor& scale,
+                                 const at::Tensor& shift, bool relu) {
+  check_inplace_contiguous("fastacd::bn_split_", rel, "rel", "fastacd::bn_split");
+  bn_split_into("fastacd::bn_split_", rel, total, scale, shift, relu, rel);
+  return rel;
 }
 
 // Same structure as bias_split_backward_*: per-position partials, summed over S after.
@@ -362,6 +376,7 @@ TORCH_LIBRARY_IMPL(fastacd, CPU, m) {
   m.impl("bias_split_", &bias_split_inplace_cpu);
   m.impl("bias_split_backward", &bias_split_backward_cpu);
   m.impl("bn_split", &bn_split_cpu);
+  m.impl("bn_split_", &bn_split_inplace_cpu);
   m.impl("bn_split_backward", &bn_split_backward_cpu);
   m.impl("maxpool_gather", &maxpool_gather_cpu);
   m.impl("maxpool_gather_backward", &maxpool_gather_backward_cpu);
