@@ -12,10 +12,12 @@ absolute times depend on the machine and its load. Cases larger than --max-eleme
 (default: 64 masks of 128x112x112, ~400 MB in float32) use fewer masks, recorded as
 ``masks``: VGG16's first block (64x224x224) runs with 32 masks. Figures go to
 bench/results/ops.json (ops_cuda.json with --device cuda) through bench/_results.py.
+``ACD_BENCH_THREADS`` threads (default 1: the 2-core box is shared).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,6 +29,7 @@ from fastacd import _torch_ops, ops
 
 from _results import record
 
+torch.set_num_threads(int(os.environ.get("ACD_BENCH_THREADS", "1")))
 MASKS = 64
 MAX_ELEMENTS = 64 * 128 * 112 * 112
 

@@ -36,6 +36,13 @@ _BYTES_PER_MASK_FACTOR = 6     # live copies of the largest activation per mask 
 # first layer costs ~40 ms a read). docs/engine.md, "The batched engine".
 _CPU_CHUNK_ACTIVATION_BYTES = 32 << 20
 _CPU_MIN_CHUNK = 2
+# The segmented pass (Decomposer.pass_plan) caps each segment's largest activation at 16 MB:
+# its head no longer needs big chunks. Measured at 224x224, 1 thread, interleaved, with the
+# box's other jobs running (ms a mask, best and range of 8 rounds): ResNet18 16 MB 27.6
+# (27.6-29.6), 32 MB 28.2 (28.2-37.2), 8 MB 27.7 (27.7-29.8); AlexNet 10.6 / 10.5 / 10.4;
+# VGG16 (4 rounds, 32 masks) 223 / 226 / 236. Large working sets are what the neighbours'
+# load slows down.
+_CPU_SEGMENT_ACTIVATION_BYTES = 16 << 20
 
 
 def compiled_ops():
@@ -160,12 +167,13 @@ class Decomposer:
                        if isinstance(v, torch.Tensor)), default=1)
         return self._chunk_for(largest, x.device)
 
-    def _chunk_for(self, largest: int, device: torch.device) -> int:
-        """Masks per pass for steps whose largest activation is ``largest`` bytes a mask."""
+    def _chunk_for(self, largest: int, device: torch.device, cpu_cap: int = _CPU_CHUNK_ACTIVATION_BYTES) -> int:
+        """Masks per pass for steps whose largest activation is ``largest`` bytes a mask: the
+        budget's share, and on the CPU at most ``cpu_cap`` bytes of that activation a pass."""
         budget = self.memory_budget or default_memory_budget(device)
         step = max(1, int(budget // (max(1, largest) * _BYTES_PER_MASK_FACTOR)))
         if device.type == "cpu":
-            step = min(step, max(_CPU_MIN_CHUNK, _CPU_CHUNK_ACTIVATION_BYTES // max(1, largest)))
+            step = min(step, max(_CPU_MIN_CHUNK, cpu_cap // max(1, largest)))
         return step
 
     def pass_plan(self, values: dict, x: torch.Tensor, m: int, *,
@@ -177,8 +185,9 @@ class Decomposer:
         the rest of the graph reads, see ``cut_points``), at most ``chunk`` masks at a time.
         Each stretch between two cuts gets the chunk its own largest activation allows
         (``chunk_size``'s rule), so the layers after the large maps run more masks per pass
-        than the first ones: VGG16's linear head (whose weights are re-read every pass) and
-        small late convolutions all 64 masks at once, its 224x224 layers 2 at a time. A
+        than the first ones (with the CPU cap ``_CPU_SEGMENT_ACTIVATION_BYTES``): VGG16's
+        linear head (whose weights are re-read every pass) and its 14x14 layers run all 64
+        masks at once, its 224x224 and 112x112 layers 2 at a time. A
         segment's chunk is split evenly into those of the segment before; stretches with the
         same chunk are one segment. Depends only on the model, the input's shape, m and the
         budget. ``chunk_size`` given: one segment with that chunk.
@@ -199,7 +208,7 @@ class Decomposer:
         for start, src, stop in zip(starts, sources, stops):
             largest = max([nbytes(src)] + [nbytes(n) for n in g.nodes[start:stop]
                                            if n in g.steps and g.steps[n].kind != "shape"])
-            chunks.append(self._chunk_for(largest, x.device))
+            chunks.append(self._chunk_for(largest, x.device, _CPU_SEGMENT_ACTIVATION_BYTES))
         # from the last segment back: each one's chunk is split evenly into passes of the one before
         effective = [min(chunks[-1], m)]
         for c in reversed(chunks[:-1]):
