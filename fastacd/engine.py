@@ -5,8 +5,10 @@
 * the true activation ``a`` of every node is computed once per image (batch 1) and shared;
 * the relevant part ``r`` carries the M masks; ``i`` is never stored: a rule that needs it
   uses ``a - r``. A conv/linear layer therefore applies its weights M + 1 times, not 2M;
-* M is cut into chunks so that peak memory stays under a budget; results do not depend
-  on the chunk size;
+* M is cut into chunks so that peak memory stays under a budget, per segment of the graph
+  (``Decomposer.pass_plan``: layers after the large maps run more masks a pass); results do
+  not depend on the chunk size. On the CPU the chunks reuse each other's buffers
+  (``reuse_buffers``) and rules write into inputs no later step reads (``_in_place_rule``);
 * backends: ``reference`` (one mask at a time, separate r and i: the oracle), ``torch``
   (batched, pure torch) and ``compiled`` (batched, fused C++/CUDA element-wise ops).
 """
