@@ -172,9 +172,8 @@ def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift
               relu: bool = False) -> torch.Tensor:
     """``bn_split`` written into ``rel`` (contiguous) and returned; inference only (no
     autograd). The engine uses it on a conv output that no later step reads."""
-    if _compiled(rel):
-        return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu)
-    return _torch_ops.bn_split_(rel, total, scale, shift, relu)
+    impl = torch.ops.fastacd.bn_split_.default if _compiled(rel) else _torch_ops.bn_split_
+    return impl(rel, total, scale, shift, relu)
 
 
 if HAS_COMPILED:
