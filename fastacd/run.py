@@ -59,7 +59,9 @@ class RunError(Exception):
 # Atomic files
 # ------------------------------------------------------------------------------------------
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    # one name per process: torchrun's ranks may write the same file (the settings) at once,
+    # and a shared temp name let one rank's rename find the other's file already moved
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def atomic_write(path: Path, write) -> None:
