@@ -613,39 +613,33 @@ def _finish(dec, x: torch.Tensor, pending: dict, deferred: list, res: list, valu
         step = chunk_size or max(1, int(budget // (largest * t.element_size() * _BYTES_PER_MASK_FACTOR)))
         return torch.cat([fn(t[s:s + step]) for s in range(0, t.shape[0], step)])
 
+    last = max(pending, key=lambda c: c[0]) if pending else None
     slots, parts = [], []
-    if pending:
-        last = max(pending, key=lambda c: c[0])
-        for cut, items in sorted(pending.items(), key=lambda kv: kv[0][0]):
-            frontier = torch.cat([t for _, _, t in items])
-            if cut != last:
-                frontier = chunked(frontier, cut[0], lambda t, c=cut: propagate(
-                    dec, {c[1]: t}, values, aux, c[0], last[0], t.shape[0])[last[1]])
-            parts.append(frontier)
-            slots += [(gi, slot, t.shape[0]) for gi, slot, t in items]
-        by_shape: dict = {}
-        for item in deferred:
-            by_shape.setdefault(tuple(item[2].shape[1:]), []).append(item)
-        for items in by_shape.values():
-            masks = torch.cat([m for _, _, m in items])
-            step = chunk_size or dec.chunk_size(values, x)
-            parts.append(torch.cat([propagate(dec, {g.input_node: masks[s:s + step] * x}, values, aux, 0,
-                                              last[0], min(step, masks.shape[0] - s))[last[1]]
-                                    for s in range(0, masks.shape[0], step)]))
-            slots += [(gi, slot, m.shape[0]) for gi, slot, m in items]
-        out = chunked(torch.cat(parts), last[0], lambda t: run_head(dec, last, t, values, aux))
-    else:
-        by_shape = {}
-        for item in deferred:
-            by_shape.setdefault(tuple(item[2].shape[1:]), []).append(item)
-        outs = []
-        for items in by_shape.values():
-            masks = torch.cat([m for _, _, m in items])
-            step = chunk_size or dec.chunk_size(values, x)
-            outs.append(torch.cat([dec._relevant_pass(masks[s:s + step] * x, values, aux)
-                                   for s in range(0, masks.shape[0], step)]))
-            slots += [(gi, slot, m.shape[0]) for gi, slot, m in items]
-        out = torch.cat(outs) if outs else None
+    for cut, items in sorted(pending.items(), key=lambda kv: kv[0][0]):
+        frontier = torch.cat([t for _, _, t in items])
+        if cut != last:
+            frontier = chunked(frontier, cut[0], lambda t, c=cut: propagate(
+                dec, {c[1]: t}, values, aux, c[0], last[0], t.shape[0])[last[1]])
+        parts.append(frontier)
+        slots += [(gi, slot, t.shape[0]) for gi, slot, t in items]
+
+    def deferred_pass(r0: torch.Tensor) -> torch.Tensor:
+        """Up to the latest cut (the head follows), or the whole ordinary pass."""
+        if last is None:
+            return dec._relevant_pass(r0, values, aux)
+        return propagate(dec, {g.input_node: r0}, values, aux, 0, last[0], r0.shape[0])[last[1]]
+
+    by_shape: dict = {}
+    for item in deferred:
+        by_shape.setdefault(tuple(item[2].shape[1:]), []).append(item)
+    for items in by_shape.values():
+        masks = torch.cat([m for _, _, m in items])
+        step = chunk_size or dec.chunk_size(values, x)
+        parts.append(torch.cat([deferred_pass(masks[s:s + step] * x) for s in range(0, masks.shape[0], step)]))
+        slots += [(gi, slot, m.shape[0]) for gi, slot, m in items]
+    out = torch.cat(parts) if parts else None
+    if last is not None:
+        out = chunked(out, last[0], lambda t: run_head(dec, last, t, values, aux))
     pos = 0
     for gi, slot, n in slots:
         res[gi][slot] = out[pos:pos + n]
