@@ -2,6 +2,8 @@
 // style.md's order: device, dtype, shape. Messages say what was wrong and what to do.
 #pragma once
 
+#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -88,6 +90,61 @@ inline void check_gather_indices(const char* op, const at::Tensor& rel, const at
   TORCH_CHECK(indices.dim() >= 2 && indices.size(0) == 1 && indices.size(1) == rel.size(1), op,
               ": indices must have shape (1, C, *So) with C = ", rel.size(1), " (rel ", rel.sizes(),
               "), got ", indices.sizes(), ".");
+}
+
+// CPU tensors only (reads the data). Indices come from max_pool on the shared total:
+// (1, C, *So), small next to rel. Checking their range once up front keeps the gather
+// loops branch-free.
+inline void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t S) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t k = 0; k < idx.numel(); ++k) {
+    lo = std::min(lo, p[k]);
+    hi = std::max(hi, p[k]);
+  }
+  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < S), op, ": indices must lie in [0, ", S,
+              ") (flat positions into the spatial dims of rel), found values in [", lo, ", ", hi, "].");
+}
+
+// Per-candidate corners: (M,) int64.
+inline void check_corner(const char* op, const at::Tensor& t, const char* name, int64_t M) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == M, op, ": ", name,
+              " must be an int64 vector (M,) with M = ", M, " (one corner per candidate), got ",
+              t.scalar_type(), " of shape ", t.sizes(), ".");
+}
+
+// window_gather's shapes: base (1, C, H, W); oy, ox (M,); win (M, C, wh, ww) with win_oy,
+// win_ox (M,), all three or none; indices (1, C, Ho, Wo) int64 or none. Returns M.
+inline int64_t check_window_gather(const char* op, const at::Tensor& base, const std::optional<at::Tensor>& win,
+                                   const std::optional<at::Tensor>& win_oy, const std::optional<at::Tensor>& win_ox,
+                                   const at::Tensor& oy, const at::Tensor& ox, int64_t h, int64_t w,
+                                   const std::optional<at::Tensor>& indices) {
+  TORCH_CHECK(base.dim() == 4 && base.size(0) == 1, op, ": base must be one map (1, C, H, W), got shape ",
+              base.sizes(), ".");
+  TORCH_CHECK(oy.dim() == 1, op, ": oy must be an int64 vector (M,), got shape ", oy.sizes(), ".");
+  const int64_t M = oy.size(0);
+  check_corner(op, oy, "oy", M);
+  check_corner(op, ox, "ox", M);
+  TORCH_CHECK(h >= 0 && w >= 0, op, ": the window size must be >= 0, got ", h, " x ", w, ".");
+  TORCH_CHECK(win.has_value() == win_oy.has_value() && win.has_value() == win_ox.has_value(), op,
+              ": pass win, win_oy and win_ox together (the candidates' windows and their corners) or none.");
+  if (win.has_value()) {
+    TORCH_CHECK(win->dim() == 4 && win->size(0) == M && win->size(1) == base.size(1), op,
+                ": win must be (M, C, wh, ww) with M = ", M, " and C = ", base.size(1), ", got shape ",
+                win->sizes(), ".");
+    check_corner(op, *win_oy, "win_oy", M);
+    check_corner(op, *win_ox, "win_ox", M);
+  }
+  if (indices.has_value()) {
+    TORCH_CHECK(indices->scalar_type() == at::kLong && indices->dim() == 4 && indices->size(0) == 1 &&
+                    indices->size(1) == base.size(1),
+                op, ": indices must be int64 (1, C, Ho, Wo) with C = ", base.size(1),
+                " (max_pool2d(..., return_indices=True) of the total), got ", indices->scalar_type(),
+                " of shape ", indices->sizes(), ".");
+    TORCH_CHECK(h <= indices->size(2) && w <= indices->size(3), op, ": a ", h, " x ", w,
+                " window does not fit the pooled map ", indices->size(2), " x ", indices->size(3), ".");
+  }
+  return M;
 }
 
 }  // namespace fastacd

@@ -27,6 +27,11 @@ TORCH_LIBRARY(fastacd, m) {
   // Max-pool of M relevant maps at the shared argmax: rel (M,C,*S), indices (1,C,*So) int64.
   m.def("maxpool_gather(Tensor rel, Tensor indices) -> Tensor");
   m.def("maxpool_gather_backward(Tensor grad, Tensor indices, SymInt[] rel_shape) -> Tensor");
+  // The windowed pass's gather (kernels/window_math.h): every candidate's map (the base
+  // (1,C,H,W) outside its window win (M,C,wh,ww) at win_oy/win_ox (M,), zero beyond the map)
+  // read over an h x w window at oy/ox (M,), or through a max-pool's indices (1,C,Ho,Wo).
+  m.def("window_gather(Tensor base, Tensor? win, Tensor? win_oy, Tensor? win_ox, Tensor oy, Tensor ox,"
+        " int h, int w, Tensor? indices=None) -> Tensor");
   // One LSTM step of CD for M masks: rel_gates (M,4H), total_gates (1,4H), bias (4H,),
   // out_gate (1,H), prev_rel_c (M,H), prev_total_c (1,H), in_phrase (M,) -> rel_c, rel_h (M,H).
   m.def("lstm_cd_cell(Tensor rel_gates, Tensor total_gates, Tensor bias, Tensor out_gate, Tensor prev_rel_c,"

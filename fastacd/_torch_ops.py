@@ -83,6 +83,52 @@ def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, idx).reshape((m, c) + tuple(indices.shape[2:]))
 
 
+def window_gather(base: torch.Tensor, win: torch.Tensor | None, win_oy: torch.Tensor | None,
+                  win_ox: torch.Tensor | None, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int,
+                  indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Every candidate's map of a node, read over an h x w window of its own (the windowed
+    pass's crops, pastes and max-pool gathers; ``fastacd.windowed``).
+
+    base:   (1, C, H, W)  the base mask's relevant map
+    win:    (M, C, wh, ww) each candidate's recomputed window of it, at corners
+            win_oy, win_ox (M,) int64; None: every candidate's map is the base
+    oy, ox: (M,) int64    the corner of each candidate's output window
+    indices: None: output (j, c, y, x) is candidate j's map at (oy[j] + y, ox[j] + x), zero
+            outside the map (a conv's zero padding). (1, C, Ho, Wo) int64, a max-pool's argmax
+            over the total (flat positions into H x W): candidate j's map at
+            indices[0, c, oy[j] + y, ox[j] + x] (the window must lie inside Ho x Wo).
+    Returns (M, C, h, w). Candidate j's map is ``base`` outside its window and ``win[j]`` inside.
+    """
+    c, hgt, wid = base.shape[1:]
+    dev, m = base.device, oy.shape[0]
+    flat_base = base.reshape(c, hgt * wid)
+    if indices is None:
+        ys = (oy[:, None] + torch.arange(h, device=dev))[:, :, None].expand(m, h, w).reshape(1, -1)
+        xs = (ox[:, None] + torch.arange(w, device=dev))[:, None, :].expand(m, h, w).reshape(1, -1)
+        inside = (ys >= 0) & (ys < hgt) & (xs >= 0) & (xs < wid)
+        out = flat_base.index_select(1, (ys.clamp(0, hgt - 1) * wid + xs.clamp(0, wid - 1))[0])
+    else:
+        ho_all, wo_all = indices.shape[2:]
+        yo = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
+        xo = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]
+        pos = indices.reshape(c, ho_all * wo_all).index_select(1, (yo * wo_all + xo).reshape(-1))  # (C, M*h*w)
+        ys, xs, inside = torch.div(pos, wid, rounding_mode="floor"), pos % wid, None
+        out = flat_base.gather(1, pos)
+    if win is not None:
+        wh, ww = win.shape[2:]
+        j = torch.arange(m, device=dev).repeat_interleave(h * w)
+        ry, rx = ys - win_oy[j], xs - win_ox[j]
+        in_win = (ry >= 0) & (ry < wh) & (rx >= 0) & (rx < ww)
+        widx = j * (wh * ww) + ry.clamp(0, max(wh - 1, 0)) * ww + rx.clamp(0, max(ww - 1, 0))
+        flat_win = win.transpose(0, 1).reshape(c, m * wh * ww)
+        if m * wh * ww > 0:
+            picked = flat_win.index_select(1, widx[0]) if widx.shape[0] == 1 else flat_win.gather(1, widx)
+            out = torch.where(in_win, picked, out)
+    if inside is not None and not bool(inside.all()):
+        out = torch.where(inside, out, out.new_zeros(()))
+    return out.reshape(c, m, h, w).transpose(0, 1).contiguous()
+
+
 def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch.Tensor,
                  out_gate: torch.Tensor, prev_rel_c: torch.Tensor, prev_total_c: torch.Tensor,
                  in_phrase: torch.Tensor, first_step: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ except ImportError as exc:  # not built (or built against another torch): pure t
     HAS_COMPILED = False
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "lstm_cd_cell")
+_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -222,6 +222,52 @@ if HAS_COMPILED:
 
     torch.library.register_autograd("fastacd::maxpool_gather", _maxpool_gather_backward,
                                     setup_context=_maxpool_gather_setup)
+
+
+# --------------------------------------------------------------------------- window_gather
+
+def window_gather(base: torch.Tensor, win: torch.Tensor | None, win_oy: torch.Tensor | None,
+                  win_ox: torch.Tensor | None, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int,
+                  indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Every candidate's map of a node over an h x w window of its own (the windowed pass's
+    gather; shapes and rule: ``fastacd._torch_ops.window_gather``).
+
+    base (1, C, H, W); win (M, C, wh, ww) at corners win_oy, win_ox (M,) int64, or all three
+    None; oy, ox (M,) int64; indices None (a crop, zero outside the map) or a max-pool's
+    argmax (1, C, Ho, Wo) int64. Returns (M, C, h, w). Inference only: with autograd on and
+    an input that requires grad, the pure-torch formula runs (it is differentiable).
+    """
+    if _compiled(base) and not (torch.is_grad_enabled() and (base.requires_grad or (
+            win is not None and win.requires_grad))):
+        return torch.ops.fastacd.window_gather.default(base, win, win_oy, win_ox, oy, ox, h, w, indices)
+    return _torch_ops.window_gather(base, win, win_oy, win_ox, oy, ox, h, w, indices)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::window_gather")
+    def _window_gather_fake(base, win, win_oy, win_ox, oy, ox, h, w, indices=None):
+        op = "window_gather"
+        named = [("base", base), ("oy", oy), ("ox", ox)]
+        named += [(n, t) for n, t in (("win", win), ("win_oy", win_oy), ("win_ox", win_ox),
+                                      ("indices", indices)) if t is not None]
+        _check_same_device(op, *named)
+        _check(base.dim() == 4 and base.shape[0] == 1, op, f"base must be one map (1, C, H, W), got "
+               f"{tuple(base.shape)}.")
+        _check(oy.dim() == 1, op, f"oy must be an int64 vector (M,), got shape {tuple(oy.shape)}.")
+        m = oy.shape[0]
+        for name, t in (("oy", oy), ("ox", ox)) + (((("win_oy", win_oy), ("win_ox", win_ox))
+                                                   if win is not None else ())):
+            _check(t.dtype == torch.int64 and t.dim() == 1 and t.shape[0] == m, op,
+                   f"{name} must be an int64 vector (M,) with M = {m}, got {t.dtype} {tuple(t.shape)}.")
+        _check((win is None) == (win_oy is None) == (win_ox is None), op,
+               "pass win, win_oy and win_ox together (the candidates' windows and their corners) or none.")
+        _check(win is None or (win.dim() == 4 and win.shape[:2] == (m, base.shape[1])), op,
+               f"win must be (M, C, wh, ww) with M = {m} and C = {base.shape[1]}, got "
+               f"{None if win is None else tuple(win.shape)}.")
+        _check(indices is None or (indices.dtype == torch.int64 and indices.dim() == 4
+                                   and indices.shape[:2] == (1, base.shape[1])), op,
+               f"indices must be int64 (1, C, Ho, Wo) with C = {base.shape[1]}.")
+        return base.new_empty((m, base.shape[1], h, w))
 
 
 # --------------------------------------------------------------------------- lstm_cd_cell

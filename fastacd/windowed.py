@@ -43,8 +43,11 @@ import torch.nn.functional as F
 from .graph import load_arg
 
 # A node whose window covers more than this fraction of its map is computed in full (and so is
-# everything after it): the crop's halo and the gathers cost more than they save there.
-WINDOW_MAX_FRACTION = 0.5
+# everything after it). 1.0: never for size alone. With the compiled window_gather a window that
+# covers most of a map still saves more multiply-adds than its gathers cost (VGG16 ACD at the
+# notebook settings: 1634 -> 1447 GMAC of convolutions, docs/engine.md); at 0.5 with the
+# pure-torch gathers it was within noise.
+WINDOW_MAX_FRACTION = 1.0
 # Use windowing only when (base pass + M windowed candidates) is estimated below this fraction
 # of M full passes (multiply-adds of the affine layers).
 MAX_COST_RATIO = 0.8
@@ -299,54 +302,23 @@ def aux_weight_numel(step, value_of) -> int:
 # --------------------------------------------------------------------------------------------
 # Gathers: crops of a candidate's full-resolution map
 # --------------------------------------------------------------------------------------------
-def gather_crop(base: torch.Tensor, win_t: torch.Tensor | None, win: Window | None,
+def gather_crop(ops, base: torch.Tensor, win_t: torch.Tensor | None, win: Window | None,
                 crop: Window) -> torch.Tensor:
     """(m, C, crop.h, crop.w): each candidate's map cropped at ``crop`` (which may reach
     outside the map: zeros there, the conv's padding). The candidate's map is ``base``
-    (1, C, H, W) outside its window and ``win_t`` (m, C, h, w) inside ``win``.
-
-    Reads only the crop from the base (no copy of the whole map) and overlays the window."""
-    c, hgt, wid = base.shape[1:]
-    dev = base.device
-    m = crop.oy.shape[0]
-    ys = (crop.oy[:, None] + torch.arange(crop.h, device=dev))[:, :, None]   # (m, ch, 1)
-    xs = (crop.ox[:, None] + torch.arange(crop.w, device=dev))[:, None, :]   # (m, 1, cw)
-    idx = ys.clamp(0, hgt - 1) * wid + xs.clamp(0, wid - 1)                  # (m, ch, cw)
-    out = base.reshape(c, hgt * wid).index_select(1, idx.reshape(-1))
-    if win_t is not None:
-        h, w = win_t.shape[2:]
-        ry, rx = ys - win.oy[:, None, None], xs - win.ox[:, None, None]
-        inwin = ((ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)).reshape(1, -1)
-        j = torch.arange(m, device=dev)[:, None, None]
-        widx = j * (h * w) + ry.clamp(0, h - 1) * w + rx.clamp(0, w - 1)
-        wv = win_t.transpose(0, 1).reshape(c, m * h * w).index_select(1, widx.reshape(-1))
-        out = torch.where(inwin, wv, out)
-    inside = (ys >= 0) & (ys < hgt) & (xs >= 0) & (xs < wid)
-    if not bool(inside.all()):
-        out = torch.where(inside.reshape(1, -1), out, out.new_zeros(()))
-    return out.reshape(c, m, crop.h, crop.w).transpose(0, 1).contiguous()
+    (1, C, H, W) outside its window and ``win_t`` (m, C, h, w) inside ``win`` (``win_t``
+    None: the base alone). ``ops``: the engine backend's ops (``window_gather``)."""
+    if win_t is None:
+        return ops.window_gather(base, None, None, None, crop.oy, crop.ox, crop.h, crop.w)
+    return ops.window_gather(base, win_t, win.oy, win.ox, crop.oy, crop.ox, crop.h, crop.w)
 
 
-def gather_pool(base: torch.Tensor, win_t: torch.Tensor, win: Window, indices: torch.Tensor,
+def gather_pool(ops, base: torch.Tensor, win_t: torch.Tensor, win: Window, indices: torch.Tensor,
                 out_win: Window) -> torch.Tensor:
     """Windowed max-pool rule: each candidate's map (base outside ``win``, ``win_t`` inside)
     gathered at the total's argmax ``indices`` (1, C, Ho, Wo) over the output window."""
-    c, hgt, wid = base.shape[1:]
-    ho_all, wo_all = indices.shape[2:]
-    dev = base.device
-    m, h, w = win_t.shape[0], win_t.shape[2], win_t.shape[3]
-    yo = (out_win.oy[:, None] + torch.arange(out_win.h, device=dev))[:, :, None]
-    xo = (out_win.ox[:, None] + torch.arange(out_win.w, device=dev))[:, None, :]
-    pos = (yo * wo_all + xo).reshape(-1)                                       # (m*ho*wo)
-    g = indices.reshape(c, ho_all * wo_all).index_select(1, pos)               # (C, m*ho*wo)
-    out = base.reshape(c, hgt * wid).gather(1, g)
-    j = torch.arange(m, device=dev).repeat_interleave(out_win.h * out_win.w)
-    ry, rx = torch.div(g, wid, rounding_mode="floor") - win.oy[j], g % wid - win.ox[j]
-    inwin = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
-    widx = j * (h * w) + ry.clamp(0, h - 1) * w + rx.clamp(0, w - 1)
-    wv = win_t.transpose(0, 1).reshape(c, m * h * w).gather(1, widx)
-    out = torch.where(inwin, wv, out)
-    return out.reshape(c, m, out_win.h, out_win.w).transpose(0, 1).contiguous()
+    return ops.window_gather(base, win_t, win.oy, win.ox, out_win.oy, out_win.ox, out_win.h, out_win.w,
+                             indices)
 
 
 class _PerMaskOps:
@@ -385,28 +357,25 @@ class _PerMaskOps:
 class _Crops:
     """``values`` with every dependent node cropped at one window (lazily, cached)."""
 
-    def __init__(self, values: dict, dependent: set, win: Window):
-        self.values, self.dependent, self.win, self.cache = values, dependent, win, {}
+    def __init__(self, ops, values: dict, dependent: set, win: Window):
+        self.ops, self.values, self.dependent, self.win, self.cache = ops, values, dependent, win, {}
 
     def __getitem__(self, n):
         if n not in self.dependent:
             return self.values[n]
         if n not in self.cache:
-            self.cache[n] = gather_crop(self.values[n], None, None, self.win)
+            self.cache[n] = gather_crop(self.ops, self.values[n], None, None, self.win)
         return self.cache[n]
 
 
 # --------------------------------------------------------------------------------------------
 # The windowed relevant pass
 # --------------------------------------------------------------------------------------------
-def paste(base: torch.Tensor, win_t: torch.Tensor, win: Window) -> torch.Tensor:
+def paste(ops, base: torch.Tensor, win_t: torch.Tensor, win: Window) -> torch.Tensor:
     """(m, C, H, W): the candidates' full maps, ``base`` (1, C, H, W) with each candidate's
     window values ``win_t`` (m, C, h, w) written over its window (node windows lie inside)."""
-    m = win_t.shape[0]
-    out = base.expand((m,) + tuple(base.shape[1:])).clone()
-    for j, (y, x) in enumerate(zip(win.oy.tolist(), win.ox.tolist())):
-        out[j, :, y:y + win.h, x:x + win.w] = win_t[j]
-    return out
+    zero = torch.zeros_like(win.oy)
+    return ops.window_gather(base, win_t, win.oy, win.ox, zero, zero, base.shape[2], base.shape[3])
 
 
 def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_win: torch.Tensor,
@@ -431,14 +400,14 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
         if wins.get(d) is None:
             return rel[d]
         if d not in fulls:
-            fulls[d] = paste(base_rel[d], rel[d], wins[d])
+            fulls[d] = paste(dec._ops, base_rel[d], rel[d], wins[d])
         return fulls[d]
 
     def on(d, win: Window):
         """Node d's candidates' values over ``win`` (re-gathered if d's window differs)."""
         if wins[d].same(win):
             return rel[d]
-        return gather_crop(base_rel[d], rel[d], wins[d], win)
+        return gather_crop(dec._ops, base_rel[d], rel[d], wins[d], win)
 
     for index, node in enumerate(g.nodes):
         if cut is not None and index == cut[0]:
@@ -458,16 +427,16 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
             d0 = step.dep[0]
             if p.conv is not None:
                 crop = p.crop.part(s, e, dev)
-                x_crop = gather_crop(base_rel[d0], rel[d0], wins[d0], crop)
+                x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], crop)
                 weight, stride, dilation, groups = p.conv
                 _, bias, pre = aux[node]
                 entry = ((lambda t: F.conv2d(t, weight, None, stride, 0, dilation, groups)), bias,
-                         gather_crop(pre, None, None, win) if bias is not None else None)
+                         gather_crop(dec._ops, pre, None, None, win) if bias is not None else None)
                 out = apply_rule(g, step, {d0: x_crop}, values, entry, ops, m, want)
             elif p.pool:
-                out = gather_pool(base_rel[d0], rel[d0], wins[d0], aux[node], win)
+                out = gather_pool(dec._ops, base_rel[d0], rel[d0], wins[d0], aux[node], win)
             else:
-                crops = _Crops(values, g.dependent, win)
+                crops = _Crops(dec._ops, values, g.dependent, win)
                 out = apply_rule(g, step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
         rel[node], wins[node] = out, win
         if keep is not None:
@@ -549,7 +518,7 @@ class BaseCache:
         return items[int(area.argmin())]
 
 
-def input_crop(cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.Tensor:
+def input_crop(ops, cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.Tensor:
     """(M, C, h, w): the candidates' relevant inputs (mask times image) inside their windows."""
     mcount, dev = cand.shape[0], x.device
     w_all = win0.part(0, mcount, dev)
@@ -559,7 +528,7 @@ def input_crop(cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.Tenso
     cflat = cand.reshape(mcount, cand.shape[1], -1)
     mask_win = cflat.gather(2, flat.expand(-1, cand.shape[1], -1)).reshape(
         mcount, cand.shape[1], win0.h, win0.w)
-    return mask_win * gather_crop(x, None, None, w_all)
+    return mask_win * gather_crop(ops, x, None, None, w_all)
 
 
 _LIVE: dict = {}  # id(graph) -> {index: node}, see single_live
@@ -800,7 +769,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             else:
                 kept = cache.put(BaseMaps(base, {g.input_node: base * x}, 0))
         kept.run_to(dec, values, aux, stop)
-        r0_win = input_crop(cand, x, win0)
+        r0_win = input_crop(dec._ops, cand, x, win0)
         step = chunk_size
         if step is None:
             step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
@@ -829,6 +798,6 @@ def _derive(dec, parent: BaseMaps, dwin: Window, dplans: dict, base: torch.Tenso
     last = max((i for i, n in enumerate(g.nodes) if n in dplans and dplans[n].win is not None), default=-1)
     parent.run_to(dec, values, aux, min(last + 1, stop))
     keep = {g.input_node: base * x}
-    windowed_pass(dec, dplans, parent.rel, values, aux, input_crop(base, x, dwin), dwin, 0, 1,
+    windowed_pass(dec, dplans, parent.rel, values, aux, input_crop(dec._ops, base, x, dwin), dwin, 0, 1,
                   keep=keep, stop=stop)
     return BaseMaps(base, keep, stop)

@@ -497,7 +497,7 @@ def test_build_info():
     assert info["compiled"] == ops.HAS_COMPILED
     assert info["torch"] == torch.__version__
     if ops.HAS_COMPILED:
-        assert set(info["ops"]) == {"bias_split", "bn_split", "maxpool_gather", "lstm_cd_cell"}
+        assert set(info["ops"]) == {"bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell"}
         assert all("CPU" in keys for keys in info["ops"].values())
         assert info["cuda_kernels"] == all("CUDA" in keys for keys in info["ops"].values())
     else:

@@ -1,0 +1,141 @@
+// CPU loop of window_gather (the windowed pass's crops, pastes and max-pool gathers): OpenMP
+// over (candidate, channel) rows. The rule is kernels/window_math.h; this file only checks
+// arguments and computes indices.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "csrc/checks.h"
+#include "csrc/cpu/cpu_target.h"
+#include "kernels/window_math.h"
+
+namespace fastacd {
+namespace {
+
+// Below this many output elements the loop runs on one thread: the fork costs more than it saves.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+struct Corners {
+  const int64_t* oy;      // output window corner per candidate (crop: may lie outside the map)
+  const int64_t* ox;
+  const int64_t* win_oy;  // the candidate's recomputed window's corner, or nullptr
+  const int64_t* win_ox;
+};
+
+// A crop (or paste): each output row is copied as spans (window_math.h crop_row_spans).
+template <typename scalar_t>
+void crop_loop(const scalar_t* base, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C, int64_t H,
+               int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w) {
+  const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t j = row / C, c = row - j * C;
+    const scalar_t* base_c = base + c * H * W;
+    const scalar_t* win_jc = win == nullptr ? nullptr : win + row * wh * ww;
+    const int64_t wy = win == nullptr ? 0 : k.win_oy[j], wx = win == nullptr ? 0 : k.win_ox[j];
+    const int64_t oy = k.oy[j], ox = k.ox[j];
+    for (int64_t y = 0; y < h; ++y) {
+      scalar_t* o = out + (row * h + y) * w;
+      const int64_t py = oy + y;
+      const window::RowSpans s = window::crop_row_spans(py, ox, w, H, W, win != nullptr, wy, wx, wh, ww);
+      std::fill(o, o + s.lo, scalar_t(0));
+      if (s.hi > s.lo) {
+        const scalar_t* b = base_c + py * W + ox;  // b[x]: the base at output column x
+        const bool in_win = s.win_hi > s.win_lo;
+        std::copy(b + s.lo, b + (in_win ? s.win_lo : s.hi), o + s.lo);
+        if (in_win) {
+          const scalar_t* v = win_jc + (py - wy) * ww + (ox - wx);  // v[x]: the window at output column x
+          std::copy(v + s.win_lo, v + s.win_hi, o + s.win_lo);
+          std::copy(b + s.win_hi, b + s.hi, o + s.win_hi);
+        }
+      }
+      std::fill(o + s.hi, o + w, scalar_t(0));
+    }
+  }
+}
+
+// A max-pool gather: each output element reads the candidate's map at the total's argmax.
+template <typename scalar_t>
+FASTACD_CPU_CLONES void pool_loop(const scalar_t* base, const scalar_t* win, const int64_t* idx, Corners k,
+                                  scalar_t* out, int64_t M, int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww,
+                                  int64_t h, int64_t w, int64_t Ho, int64_t Wo) {
+  const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t row = 0; row < M * C; ++row) {
+    const int64_t j = row / C, c = row - j * C;
+    const scalar_t* base_c = base + c * H * W;
+    const scalar_t* win_jc = win == nullptr ? nullptr : win + row * wh * ww;
+    const int64_t* idx_c = idx + c * Ho * Wo;
+    const int64_t wy = win == nullptr ? 0 : k.win_oy[j], wx = win == nullptr ? 0 : k.win_ox[j];
+    scalar_t* o = out + row * h * w;
+    for (int64_t y = 0; y < h; ++y) {
+      for (int64_t x = 0; x < w; ++x) {
+        int64_t py, px;
+        window::source_position(idx_c, Wo, W, k.oy[j] + y, k.ox[j] + x, py, px);
+        o[y * w + x] = window::candidate_at(base_c, win_jc, H, W, wy, wx, wh, ww, py, px);
+      }
+    }
+  }
+}
+
+// A max-pool's output window must lie inside the pooled map (its indices are read there).
+void check_pool_corners(const char* op, const at::Tensor& corner, const char* name, int64_t size, int64_t n) {
+  const int64_t* p = corner.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < corner.numel(); ++j)
+    TORCH_CHECK(p[j] >= 0 && p[j] + size <= n, op, ": with indices, ", name, " must lie in [0, ", n - size,
+                "] (the window inside the pooled map), got ", p[j], " for candidate ", j, ".");
+}
+
+at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Tensor>& win,
+                             const std::optional<at::Tensor>& win_oy, const std::optional<at::Tensor>& win_ox,
+                             const at::Tensor& oy, const at::Tensor& ox, int64_t h, int64_t w,
+                             const std::optional<at::Tensor>& indices) {
+  constexpr const char* op = "fastacd::window_gather";
+  NamedTensors args{{&base, "base"}, {&oy, "oy"}, {&ox, "ox"}};
+  for (const auto& [t, name] : {std::pair{&win, "win"}, {&win_oy, "win_oy"}, {&win_ox, "win_ox"}, {&indices, "indices"}})
+    if (t->has_value()) args.push_back({&**t, name});
+  check_device(op, c10::DeviceType::CPU, args);
+  check_float_dtype(op, base, "base", /*allow_reduced=*/false);
+  if (win.has_value()) check_same_dtype(op, base, "base", *win, "win");
+  const int64_t M = check_window_gather(op, base, win, win_oy, win_ox, oy, ox, h, w, indices);
+  const int64_t C = base.size(1), H = base.size(2), W = base.size(3);
+  at::Tensor out = at::empty({M, C, h, w}, base.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor b = base.contiguous(), y0 = oy.contiguous(), x0 = ox.contiguous();
+  const at::Tensor wv = win.has_value() ? win->contiguous() : at::Tensor();
+  const at::Tensor wy = win.has_value() ? win_oy->contiguous() : at::Tensor();
+  const at::Tensor wx = win.has_value() ? win_ox->contiguous() : at::Tensor();
+  const at::Tensor ix = indices.has_value() ? indices->contiguous() : at::Tensor();
+  const int64_t Ho = ix.defined() ? ix.size(2) : 0, Wo = ix.defined() ? ix.size(3) : 0;
+  if (ix.defined()) {
+    check_indices_in_range(op, ix, H * W);
+    check_pool_corners(op, y0, "oy", h, Ho);
+    check_pool_corners(op, x0, "ox", w, Wo);
+  }
+  const Corners k{y0.const_data_ptr<int64_t>(), x0.const_data_ptr<int64_t>(),
+                  wv.defined() ? wy.const_data_ptr<int64_t>() : nullptr,
+                  wv.defined() ? wx.const_data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "window_gather_cpu", [&] {
+    const scalar_t* wp = wv.defined() ? wv.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t wh = wv.defined() ? wv.size(2) : 0, ww = wv.defined() ? wv.size(3) : 0;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (ix.defined()) {
+      pool_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, ix.const_data_ptr<int64_t>(), k, o, M, C, H, W, wh, ww,
+                          h, w, Ho, Wo);
+    } else {
+      crop_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, k, o, M, C, H, W, wh, ww, h, w);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastacd, CPU, m) { m.impl("window_gather", &window_gather_cpu); }
+
+}  // namespace fastacd
