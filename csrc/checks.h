@@ -143,6 +143,8 @@ inline int64_t check_window_gather(const char* op, const at::Tensor& base, const
                 " of shape ", indices->sizes(), ".");
     TORCH_CHECK(h <= indices->size(2) && w <= indices->size(3), op, ": a ", h, " x ", w,
                 " window does not fit the pooled map ", indices->size(2), " x ", indices->size(3), ".");
+    TORCH_CHECK(M * h * w == 0 || base.size(2) * base.size(3) > 0, op, ": indices point into base's H x W map, "
+                "which is empty (", base.sizes(), ").");
   }
   return M;
 }

@@ -33,7 +33,7 @@ __global__ void window_gather_kernel(const scalar_t* __restrict__ base, const sc
                                      const int64_t* __restrict__ ox, const int64_t* __restrict__ win_oy,
                                      const int64_t* __restrict__ win_ox, scalar_t* __restrict__ out, int64_t n,
                                      int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w,
-                                     int64_t Ho, int64_t Wo) {
+                                     int64_t Ho, int64_t Wo, double inv_W) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
     const int64_t row = k / (h * w), q = k - row * (h * w);
     const int64_t j = row / C, c = row - j * C, y = q / w, x = q - y * w;
@@ -45,7 +45,7 @@ __global__ void window_gather_kernel(const scalar_t* __restrict__ base, const sc
       CUDA_KERNEL_ASSERT(p >= 0 && p < H * W && "fastacd::window_gather: index out of range");
     }
     int64_t py, px;
-    window::source_position(idx_c, Wo, W, oy[j] + y, ox[j] + x, py, px);
+    window::source_position(idx_c, Wo, W, inv_W, oy[j] + y, ox[j] + x, py, px);
     out[k] = window::candidate_at(base + c * H * W, win == nullptr ? nullptr : win + row * wh * ww, H, W,
                                   win == nullptr ? 0 : win_oy[j], win == nullptr ? 0 : win_ox[j], wh, ww, py, px);
   }
@@ -82,7 +82,7 @@ at::Tensor window_gather_cuda(const at::Tensor& base, const std::optional<at::Te
         x0.const_data_ptr<int64_t>(), wv.defined() ? wy.const_data_ptr<int64_t>() : nullptr,
         wv.defined() ? wx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), n, C, H, W,
         wv.defined() ? wv.size(2) : 0, wv.defined() ? wv.size(3) : 0, h, w, ix.defined() ? ix.size(2) : 0,
-        ix.defined() ? ix.size(3) : 0);
+        ix.defined() ? ix.size(3) : 0, 1.0 / static_cast<double>(W));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -19,17 +19,25 @@ namespace window {
 
 // Where output position (qy, qx) (in the node's output coordinates) reads the candidate's
 // map: the position itself for a crop (idx_c == nullptr), or the max-pool's argmax
-// idx_c[qy * Wo + qx], a flat position into the H x W input map.
-FASTACD_HOST_DEVICE void source_position(const int64_t* idx_c, int64_t Wo, int64_t W, int64_t qy, int64_t qx,
-                                         int64_t& py, int64_t& px) {
+// idx_c[qy * Wo + qx], a flat position into the H x W input map. inv_W = 1.0 / W: the
+// division by a reciprocal and a correction, exact, several times faster than an int64 one.
+FASTACD_HOST_DEVICE void source_position(const int64_t* idx_c, int64_t Wo, int64_t W, double inv_W, int64_t qy,
+                                         int64_t qx, int64_t& py, int64_t& px) {
   if (idx_c == nullptr) {
     py = qy;
     px = qx;
     return;
   }
   const int64_t p = idx_c[qy * Wo + qx];
-  py = p / W;
+  py = static_cast<int64_t>(static_cast<double>(p) * inv_W);
   px = p - py * W;
+  if (px < 0) {
+    --py;
+    px += W;
+  } else if (px >= W) {
+    ++py;
+    px -= W;
+  }
 }
 
 // One candidate's map of channel c at (py, px): base_c is the base's H x W map of channel c,

@@ -60,12 +60,17 @@ void crop_loop(const scalar_t* base, const scalar_t* win, Corners k, scalar_t* o
 }
 
 // A max-pool gather: each output element reads the candidate's map at the total's argmax.
+// Returns whether every index read lay in [0, H * W) (out-of-range ones read zero); only the
+// indices inside the windows are read, so only those are checked (a scan of the whole pooled
+// map cost more than the gather of a small window).
 template <typename scalar_t>
-FASTACD_CPU_CLONES void pool_loop(const scalar_t* base, const scalar_t* win, const int64_t* idx, Corners k,
+FASTACD_CPU_CLONES bool pool_loop(const scalar_t* base, const scalar_t* win, const int64_t* idx, Corners k,
                                   scalar_t* out, int64_t M, int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww,
                                   int64_t h, int64_t w, int64_t Ho, int64_t Wo) {
   const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  const double inv_W = 1.0 / static_cast<double>(W);
+  int64_t bad = 0;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(+ : bad)
   for (int64_t row = 0; row < M * C; ++row) {
     const int64_t j = row / C, c = row - j * C;
     const scalar_t* base_c = base + c * H * W;
@@ -74,13 +79,16 @@ FASTACD_CPU_CLONES void pool_loop(const scalar_t* base, const scalar_t* win, con
     const int64_t wy = win == nullptr ? 0 : k.win_oy[j], wx = win == nullptr ? 0 : k.win_ox[j];
     scalar_t* o = out + row * h * w;
     for (int64_t y = 0; y < h; ++y) {
+      const int64_t* ix = idx_c + (k.oy[j] + y) * Wo + k.ox[j];
+      for (int64_t x = 0; x < w; ++x) bad += ix[x] < 0 || ix[x] >= H * W;
       for (int64_t x = 0; x < w; ++x) {
         int64_t py, px;
-        window::source_position(idx_c, Wo, W, k.oy[j] + y, k.ox[j] + x, py, px);
+        window::source_position(idx_c, Wo, W, inv_W, k.oy[j] + y, k.ox[j] + x, py, px);
         o[y * w + x] = window::candidate_at(base_c, win_jc, H, W, wy, wx, wh, ww, py, px);
       }
     }
   }
+  return bad == 0;
 }
 
 // A max-pool's output window must lie inside the pooled map (its indices are read there).
@@ -113,7 +121,6 @@ at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Ten
   const at::Tensor ix = indices.has_value() ? indices->contiguous() : at::Tensor();
   const int64_t Ho = ix.defined() ? ix.size(2) : 0, Wo = ix.defined() ? ix.size(3) : 0;
   if (ix.defined()) {
-    check_indices_in_range(op, ix, H * W);
     check_pool_corners(op, y0, "oy", h, Ho);
     check_pool_corners(op, x0, "ox", w, Wo);
   }
@@ -125,8 +132,10 @@ at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Ten
     const int64_t wh = wv.defined() ? wv.size(2) : 0, ww = wv.defined() ? wv.size(3) : 0;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (ix.defined()) {
-      pool_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, ix.const_data_ptr<int64_t>(), k, o, M, C, H, W, wh, ww,
-                          h, w, Ho, Wo);
+      const bool ok = pool_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, ix.const_data_ptr<int64_t>(), k, o, M, C,
+                                          H, W, wh, ww, h, w, Ho, Wo);
+      TORCH_CHECK(ok, op, ": indices must lie in [0, ", H * W,
+                  ") (flat positions into the H x W map of base); some inside the windows do not.");
     } else {
       crop_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, k, o, M, C, H, W, wh, ww, h, w);
     }
