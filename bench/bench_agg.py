@@ -197,7 +197,7 @@ def bench(arch: str, full_reference: bool = False) -> dict:
     print(f"\n{arch}: fast {fast_s:.1f} s, reference {figures['reference_s']:.1f} s "
           f"({'extrapolated' if figures['reference_extrapolated'] else 'measured'}), "
           f"{figures['speedup']:.1f}x; original {figures.get('original_s', float('nan')):.1f} s "
-          f"(extrapolated), {figures.get('speedup_vs_original', float('nan')):.1f}x; masks requested "
+          f"({'extrapolated' if figures.get('original_extrapolated', True) else 'measured'}), {figures.get('speedup_vs_original', float('nan')):.1f}x; masks requested "
           f"{stats['requested']}, scored {stats['scored']} ({figures['masks_windowed']} windowed) in "
           f"{stats['calls']} engine calls")
     return figures

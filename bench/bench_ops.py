@@ -37,6 +37,8 @@ MAX_ELEMENTS = 64 * 128 * 112 * 112
 VGG16_CONV = [(64, 224), (128, 112), (256, 56), (512, 28), (512, 14)]
 VGG16_LINEAR = [(4096, True), (1000, False)]  # (features, followed by ReLU)
 LSTM_CELLS = [(64, 256), (1024, 256)]  # (masks, hidden)
+# The windowed pass's gathers for single 14x14 tiles: (channels, side, window side, crop side).
+WINDOWS = [(64, 224, 18, 20), (256, 56, 14, 16), (512, 28, 13, 15), (512, 14, 12, 14)]
 
 
 def cases(masks: int, max_elements: int, device: str, dtype: torch.dtype):
@@ -73,6 +75,20 @@ def cases(masks: int, max_elements: int, device: str, dtype: torch.dtype):
             return rand(m, c, s, s, g=g), idx
 
         out.append((f"maxpool_gather {c}x{s}x{s}->{s // 2}", "maxpool_gather", m, pool))
+    for c, s, wside, cside in WINDOWS:
+        def window(c=c, s=s, wside=wside, cside=cside, pool=False):
+            g = gen()
+            m = masks
+            base, win = rand(1, c, s, s, g=g), rand(m, c, wside, wside, g=g)
+            wy, wx = (torch.randint(0, s - wside + 1, (m,), generator=g).to(device) for _ in range(2))
+            if not pool:
+                return base, win, wy, wx, wy - 1, wx - 1, cside, cside, None
+            _, idx = F.max_pool2d(rand(1, c, s, s, g=g), 2, return_indices=True)
+            return base, win, wy, wx, wy // 2, wx // 2, wside // 2, wside // 2, idx
+
+        out.append((f"window_gather crop {c}x{s}x{s} win {wside} -> {cside}", "window_gather", masks, window))
+        out.append((f"window_gather pool {c}x{s}x{s} win {wside} -> {wside // 2}", "window_gather", masks,
+                    lambda f=window: f(pool=True)))
     for f, relu in VGG16_LINEAR:
         def lin(f=f, relu=relu):
             g = gen()

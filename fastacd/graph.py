@@ -436,12 +436,31 @@ def call_with(graph: CapturedGraph, step: Step, value_of: Callable[[fx.Node], An
     return target(*args, **kwargs)
 
 
+# oneDNN's linear (the kernel torch.compile's CPU backend calls) where torch has it.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# From this many rows on; below it the default GEMM is as fast (VGG16's 25088 -> 4096, 1 thread:
+# 2 rows 28 ms vs 35 ms with oneDNN).
+ONEDNN_LINEAR_MIN_ROWS = 4
+
+
+def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(t, weight)``. For float32 (M, F) on the CPU without autograd it calls oneDNN's
+    linear: at the 4-64 masks of an ACD call's head it is 1.3-2x faster than the default GEMM
+    (VGG16's 25088 -> 4096 at 1 thread: 8 masks 42 vs 84 ms, 16 masks 51 vs 90 ms; the same
+    at 256). Same numbers up to float32 rounding (another summation order)."""
+    if (_ONEDNN_LINEAR and t.device.type == "cpu" and t.dtype == weight.dtype == torch.float32 and t.dim() == 2
+            and t.shape[0] >= ONEDNN_LINEAR_MIN_ROWS
+            and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(t, weight, None, "none", [], "")
+    return F.linear(t, weight)
+
+
 def affine_parts(step: Step, value_of: Callable[[fx.Node], Any]):
     """(apply the weights without bias to a tensor, the bias or None) for an affine step."""
     m = step.module
     if m is not None:
         if isinstance(m, nn.Linear):
-            return (lambda t: F.linear(t, m.weight)), m.bias
+            return (lambda t: linear_no_bias(t, m.weight)), m.bias
         return (lambda t: m._conv_forward(t, m.weight, None)), m.bias
     node = step.node
     args = list(load_arg(value_of, node.args[1:]))
@@ -449,6 +468,8 @@ def affine_parts(step: Step, value_of: Callable[[fx.Node], Any]):
     weight = args.pop(0) if args else kwargs.pop("weight")
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
+    if fn is F.linear and not args and not kwargs:
+        return (lambda t: linear_no_bias(t, weight)), bias
     return (lambda t: fn(t, weight, None, *args, **kwargs)), bias
 
 

@@ -373,3 +373,28 @@ def test_in_place_rules_apply_on_resnet_blocks():
     # per block: bn1 (ReLU fused), bn2, the add, the ReLU after it; downsample batchnorms
     assert hits.count("add") == 8 and hits.count("activation") == 8
     assert hits.count("batchnorm") == 1 + 16 + 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17])
+def test_linear_layers_use_onednn_where_it_pays_and_give_the_same_numbers(rows, monkeypatch):
+    """graph.linear_no_bias: oneDNN's linear for float32 CPU inference from 4 rows on, else
+    F.linear; the two agree to float32 rounding, float64 and autograd always take F.linear."""
+    import torch.nn.functional as F
+    from fastacd import graph
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 257, generator=g, requires_grad=True)
+    x = torch.randn(rows, 257, generator=g)
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = graph.linear_no_bias(x, w)
+    assert bool(calls) == (not graph._ONEDNN_LINEAR or rows < graph.ONEDNN_LINEAR_MIN_ROWS)
+    torch.testing.assert_close(out, real(x, w), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(graph.linear_no_bias(x.double(), w.double()), real(x.double(), w.double()))
+    assert calls
+    y = graph.linear_no_bias(x.requires_grad_(True), w)  # autograd on: differentiable F.linear
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-4)
