@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -106,6 +108,18 @@ def _through(lo: torch.Tensor, size: int, k: int, s: int, p: int, d: int, n_out:
     last = _fdiv(lo + size - 1 + p, s).clamp_max(n_out - 1)
     n = int(min(max(int((last - first + 1).max()), 1), n_out))
     return first.clamp(0, n_out - n), n
+
+
+def _through_each(lo: torch.Tensor, size: torch.Tensor, k: int, s: int, p: int, d: int, n_out: int):
+    """``_through`` with a size per candidate: each candidate's own rows (start, size (M,))."""
+    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp(0, n_out - 1)
+    last = _fdiv(lo + size - 1 + p, s).clamp(0, n_out - 1)
+    return first, (last - first + 1).clamp_min(1)
+
+
+def _union_each(lo_a, size_a, lo_b, size_b):
+    lo = torch.minimum(lo_a, lo_b)
+    return lo, torch.maximum(lo_a + size_a, lo_b + size_b) - lo
 
 
 def _union(lo_a, size_a, lo_b, size_b, n_map):
@@ -223,8 +237,14 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
     value_of = values.__getitem__
     plans: dict[fx.Node, NodePlan] = {}
     state: dict[fx.Node, Window | None] = {}
+    # each candidate's own window (oy, h, ox, w: (M,) each), inside the common one
+    own: dict[fx.Node, tuple] = {}
     x = values[g.input_node]
     state[g.input_node] = win0 if x.dim() == 4 else None
+    m = win0.oy.shape[0]
+    own[g.input_node] = (win0.oy, win0.oy.new_full((m,), win0.h), win0.ox, win0.ox.new_full((m,), win0.w))
+    own_macs = torch.zeros(m, dtype=torch.float64)
+    heaviest = (-1.0, None)  # (multiply-adds, the node's own windows): the key that sorts candidates
     win_macs = full_macs = 0
     largest = win0.h * win0.w * x.shape[1] if x.dim() == 4 else x[0].numel()
     for node in g.nodes:
@@ -249,6 +269,8 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
                                   (nw - 1) * sw + (kw - 1) * dw + 1)
                     p = NodePlan(Window(oy, ox, nh, nw), crop=crop, conv=(weight, (sh, sw), (dh, dw), groups))
                     largest = max(largest, crop.h * crop.w * values[step.dep[0]].shape[1])
+                    e = own[step.dep[0]]
+                    own[node] = (*_through_each(e[0], e[1], kh, sh, ph, dh, ho), *_through_each(e[2], e[3], kw, sw, pw, dw, wo))
             elif step.kind == "maxpool":
                 pool = _pool_params(step, value_of)
                 if pool is not None:
@@ -257,12 +279,16 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
                     oy, nh = _through(w_in.oy, w_in.h, kh, sh, ph, dh, ho)
                     ox, nw = _through(w_in.ox, w_in.w, kw, sw, pw, dw, wo)
                     p = NodePlan(Window(oy, ox, nh, nw), pool=True)
+                    e = own[step.dep[0]]
+                    own[node] = (*_through_each(e[0], e[1], kh, sh, ph, dh, ho), *_through_each(e[2], e[3], kw, sw, pw, dw, wo))
             elif step.kind in ("add", "sub") and len(step.dep) == 2:
                 a, b = wins
                 if values[step.dep[0]].shape == values[step.dep[1]].shape == out.shape:
                     oy, nh = _union(a.oy, a.h, b.oy, b.h, ho)
                     ox, nw = _union(a.ox, a.w, b.ox, b.w, wo)
                     p = NodePlan(Window(oy, ox, nh, nw))
+                    ea, eb = own[step.dep[0]], own[step.dep[1]]
+                    own[node] = (*_union_each(ea[0], ea[1], eb[0], eb[1]), *_union_each(ea[2], ea[3], eb[2], eb[3]))
             elif step.kind == "cat":
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
                 parts = node.args[0]
@@ -274,8 +300,14 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
                         oy, nh = _union(oy, nh, o.oy, o.h, ho)
                         ox, nw = _union(ox, nw, o.ox, o.w, wo)
                     p = NodePlan(Window(oy, ox, nh, nw))
+                    e = own[step.dep[0]]
+                    for d in step.dep[1:]:
+                        f = own[d]
+                        e = (*_union_each(e[0], e[1], f[0], f[1]), *_union_each(e[2], e[3], f[2], f[3]))
+                    own[node] = e
             elif _is_elementwise(g, step, values):
                 p = NodePlan(wins[0])
+                own[node] = own[step.dep[0]]
             if p.win is not None and p.win.h * p.win.w > max_fraction * ho * wo:
                 p = NodePlan(None)
         plans[node] = p
@@ -285,9 +317,28 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
             positions = out[0, 0].numel() if out.dim() > 2 else 1
             full_macs += weight * positions
             win_macs += weight * (p.win.h * p.win.w if p.win is not None else positions)
+            if p.win is not None:
+                e = own[node]
+                own_macs += weight * (e[1] * e[3]).to(torch.float64).cpu()
+                if weight * p.win.h * p.win.w > heaviest[0]:
+                    heaviest = (weight * p.win.h * p.win.w, e)
+            else:
+                own_macs += weight * positions
         per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
         largest = max(largest, per_mask)
-    return plans, (win_macs, full_macs), largest
+    e = heaviest[1]
+    # candidates in this order have similar own windows where most multiply-adds are
+    order = (torch.arange(m) if e is None
+             else torch.from_numpy(np.lexsort((e[3].cpu().numpy(), e[1].cpu().numpy()))))
+    return plans, (win_macs, full_macs), largest, Own(own_macs, order)
+
+
+@dataclass
+class Own:
+    """Each candidate's own windows, inside the plan's common ones (padded to the largest)."""
+    macs: torch.Tensor    # (M,) float64: the multiply-adds of its own windows (full nodes in full)
+    order: torch.Tensor   # (M,) int64: the candidates sorted by their own window's size (rows, then
+    #                       columns) at the node with the most windowed multiply-adds
 
 
 def aux_weight_numel(step, value_of) -> int:
@@ -733,7 +784,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             continue
         cand = torch.maximum(base, masks_of(delta_masks))
         win0 = input_windows(cand, base)
-        plans, (win_macs, full_macs), largest = plan(g, values, win0, max_fraction)
+        plans, (win_macs, full_macs), largest, own = plan(g, values, win0, max_fraction)
         mcount = cand.shape[0]
         # what the base costs if the group is windowed (kept: nothing; derived from a kept base:
         # its windowed pass) and if it is not (its own full pass when its output is wanted)
@@ -743,7 +794,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             parent = cache.nearest(base)
             if parent is not None:
                 dwin = input_windows(base, parent.mask)
-                dplans, (dmacs, _), _ = plan(g, values, dwin, max_fraction)
+                dplans, (dmacs, _), _, _ = plan(g, values, dwin, max_fraction)
                 if dmacs <= DERIVE_MAX_RATIO * full_macs:
                     derive, base_cost = (parent, dwin, dplans), dmacs
         plain_base_cost = full_macs if want_base and kept is None else 0
@@ -773,9 +824,11 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         step = chunk_size
         if step is None:
             step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
-        parts = torch.cat([windowed_pass(dec, plans, kept.rel, values, aux, r0_win[s:s + step], win0,
-                                         s, min(s + step, mcount), cut)
-                           for s in range(0, mcount, step)])
+        if mcount <= min(step, SORTED_CHUNK):
+            parts = windowed_pass(dec, plans, kept.rel, values, aux, r0_win, win0, 0, mcount, cut)
+        else:
+            parts = _sorted_chunks(dec, plans, own.order, kept.rel, values, aux, r0_win, win0,
+                                   min(step, SORTED_CHUNK), cut, max_fraction)
         if cut is None:
             res[gi] = [kept.rel[g.result_node] if want_base else None, parts]
         else:
@@ -788,6 +841,31 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         cache.trim()  # a base extended by run_to may now exceed the cache's share
     _finish(dec, x, pending, deferred, res, values, aux, chunk_size)
     return [tuple(r) for r in res], values[g.result_node]
+
+
+# Candidates of one group are windowed in chunks of at most this many, sorted by their own
+# windows where most multiply-adds are, each chunk with a plan of its own: a window common to
+# the whole group is padded to its largest candidate, and near the map's border candidates'
+# windows are cut short (VGG16 at 224, 16x16 tiles: 16% fewer multiply-adds with each
+# candidate's own windows).
+SORTED_CHUNK = 16
+
+
+def _sorted_chunks(dec, plans: dict, order: torch.Tensor, base_rel: dict, values: dict, aux: dict,
+                   r0_win: torch.Tensor, win0: Window, size: int, cut, max_fraction: float) -> torch.Tensor:
+    """``windowed_pass`` over the candidates in ``order``, ``size`` at a time, each chunk with its
+    own plan (its windows padded only to its own largest); results in the candidates' order."""
+    g, dev = dec.graph, r0_win.device
+    order = order.to(win0.oy.device)
+    outs = []
+    for s in range(0, order.shape[0], size):
+        idx = order[s:s + size]
+        w0 = Window(win0.oy[idx], win0.ox[idx], win0.h, win0.w)
+        cplans = plan(g, values, w0, max_fraction)[0]
+        outs.append(windowed_pass(dec, cplans, base_rel, values, aux, r0_win[idx.to(dev)], w0, 0, idx.shape[0], cut))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return torch.cat(outs).index_select(0, inverse.to(dev))
 
 
 def _derive(dec, parent: BaseMaps, dwin: Window, dplans: dict, base: torch.Tensor, x: torch.Tensor,

@@ -83,6 +83,40 @@ def test_windowed_equals_full(name, dtype, backend):
                 assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), dtype)
 
 
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "odd"])
+def test_sorted_chunks_equal_full(name, monkeypatch):
+    """Groups larger than SORTED_CHUNK are windowed in chunks sorted by each candidate's own
+    windows, each chunk with its own plan: same numbers as full propagation (float64), results
+    back in the candidates' order; the chunks' windows are never larger than the group's."""
+    monkeypatch.setattr(windowed, "SORTED_CHUNK", 2)
+    torch.manual_seed(3)
+    if name == "odd":
+        model, shape = OddConvNet().double().eval(), (1, 3, 40, 40)
+    else:
+        model, shape = torchvision_model(name).double(), (1, 3, 64, 64)
+    x = torch.randn(shape, dtype=torch.float64)
+    h, w = shape[2:]
+    dec = fastacd.Decomposer(model)
+    plans_seen = []
+    real_plan = windowed.plan
+    monkeypatch.setattr(windowed, "plan", lambda *a, **k: plans_seen.append(real_plan(*a, **k)) or plans_seen[-1])
+    with torch.no_grad():
+        for base, deltas in cases(h, w):
+            plans_seen.clear()
+            res = windowed.cd_delta(dec, x.to(torch.float64), base.double(), deltas.double(), **ALWAYS)
+            full = dec.cd(x, torch.maximum(base.double(), deltas.double()))
+            assert_close_scaled(res.relevant, full.relevant, torch.float64)
+            group, chunks = plans_seen[0], plans_seen[1:]
+            assert len(chunks) == -(-deltas.shape[0] // 2)
+            order = group[3].order
+            assert sorted(order.tolist()) == list(range(deltas.shape[0]))
+            for node, p in group[0].items():
+                for c in chunks:
+                    cp = c[0][node]
+                    if p.win is not None and cp.win is not None:
+                        assert cp.win.h <= p.win.h and cp.win.w <= p.win.w
+
+
 class OddConvNet(nn.Module):
     """Strides, dilation, asymmetric kernels and padding, a padded ceil-mode max-pool, a
     1x1 stride-2 shortcut (positions no receptive field reaches), a residual add, a channel
@@ -141,7 +175,7 @@ def test_plan_tracks_receptive_fields():
     x = torch.randn(1, 1, 32, 32)
     values, _ = dec._total_pass(x)
     win0 = windowed.Window(torch.tensor([10, 0]), torch.tensor([12, 28]), 4, 4)
-    plans, (win_macs, full_macs), _ = windowed.plan(dec.graph, values, win0, max_fraction=1.0)
+    plans, (win_macs, full_macs), _, _ = windowed.plan(dec.graph, values, win0, max_fraction=1.0)
     wins = [(p.win.oy.tolist(), p.win.ox.tolist(), p.win.h, p.win.w) if p.win is not None else None
             for p in plans.values()]
     # conv 3x3 pad 1: rows 9..14 (6); relu: same; pool 2: rows 4..7 (4); conv 5x5 s2 p2:
