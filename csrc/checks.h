@@ -113,12 +113,21 @@ inline void check_corner(const char* op, const at::Tensor& t, const char* name, 
               t.scalar_type(), " of shape ", t.sizes(), ".");
 }
 
-// window_gather's shapes: base (1, C, H, W); oy, ox (M,); win (M, C, wh, ww) with win_oy,
-// win_ox (M,), all three or none; indices (1, C, Ho, Wo) int64 or none. Returns M.
-inline int64_t check_window_gather(const char* op, const at::Tensor& base, const std::optional<at::Tensor>& win,
+// window_gather's arguments, for both launchers: every tensor on `device_type` (one device),
+// base a float dtype (float16/bfloat16 too when allow_reduced) that win shares; shapes: base
+// (1, C, H, W); oy, ox (M,); win (M, C, wh, ww) with win_oy, win_ox (M,), all three or none;
+// indices (1, C, Ho, Wo) int64 or none. Returns M.
+inline int64_t check_window_gather(const char* op, c10::DeviceType device_type, bool allow_reduced,
+                                   const at::Tensor& base, const std::optional<at::Tensor>& win,
                                    const std::optional<at::Tensor>& win_oy, const std::optional<at::Tensor>& win_ox,
                                    const at::Tensor& oy, const at::Tensor& ox, int64_t h, int64_t w,
                                    const std::optional<at::Tensor>& indices) {
+  NamedTensors args{{&base, "base"}, {&oy, "oy"}, {&ox, "ox"}};
+  for (const auto& [t, name] : {std::pair{&win, "win"}, {&win_oy, "win_oy"}, {&win_ox, "win_ox"}, {&indices, "indices"}})
+    if (t->has_value()) args.push_back({&**t, name});
+  check_device(op, device_type, args);
+  check_float_dtype(op, base, "base", allow_reduced);
+  if (win.has_value()) check_same_dtype(op, base, "base", *win, "win");
   TORCH_CHECK(base.dim() == 4 && base.size(0) == 1, op, ": base must be one map (1, C, H, W), got shape ",
               base.sizes(), ".");
   TORCH_CHECK(oy.dim() == 1, op, ": oy must be an int64 vector (M,), got shape ", oy.sizes(), ".");

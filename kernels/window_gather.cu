@@ -56,13 +56,8 @@ at::Tensor window_gather_cuda(const at::Tensor& base, const std::optional<at::Te
                               const at::Tensor& oy, const at::Tensor& ox, int64_t h, int64_t w,
                               const std::optional<at::Tensor>& indices) {
   constexpr const char* op = "fastacd::window_gather";
-  NamedTensors args{{&base, "base"}, {&oy, "oy"}, {&ox, "ox"}};
-  for (const auto& [t, name] : {std::pair{&win, "win"}, {&win_oy, "win_oy"}, {&win_ox, "win_ox"}, {&indices, "indices"}})
-    if (t->has_value()) args.push_back({&**t, name});
-  check_device(op, c10::DeviceType::CUDA, args);
-  check_float_dtype(op, base, "base", /*allow_reduced=*/true);
-  if (win.has_value()) check_same_dtype(op, base, "base", *win, "win");
-  const int64_t M = check_window_gather(op, base, win, win_oy, win_ox, oy, ox, h, w, indices);
+  const int64_t M = check_window_gather(op, c10::DeviceType::CUDA, /*allow_reduced=*/true, base, win, win_oy,
+                                        win_ox, oy, ox, h, w, indices);
   const c10::cuda::CUDAGuard guard(base.device());
   const int64_t C = base.size(1), H = base.size(2), W = base.size(3);
   at::Tensor out = at::empty({M, C, h, w}, base.options());
