@@ -2,7 +2,6 @@
 // style.md's order: device, dtype, shape. Messages say what was wrong and what to do.
 #pragma once
 
-#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -90,20 +89,6 @@ inline void check_gather_indices(const char* op, const at::Tensor& rel, const at
   TORCH_CHECK(indices.dim() >= 2 && indices.size(0) == 1 && indices.size(1) == rel.size(1), op,
               ": indices must have shape (1, C, *So) with C = ", rel.size(1), " (rel ", rel.sizes(),
               "), got ", indices.sizes(), ".");
-}
-
-// CPU tensors only (reads the data). Indices come from max_pool on the shared total:
-// (1, C, *So), small next to rel. Checking their range once up front keeps the gather
-// loops branch-free.
-inline void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t S) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  int64_t lo = 0, hi = 0;
-  for (int64_t k = 0; k < idx.numel(); ++k) {
-    lo = std::min(lo, p[k]);
-    hi = std::max(hi, p[k]);
-  }
-  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < S), op, ": indices must lie in [0, ", S,
-              ") (flat positions into the spatial dims of rel), found values in [", lo, ", ", hi, "].");
 }
 
 // Per-candidate corners: (M,) int64.

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -101,32 +99,34 @@ def _fdiv(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
 
-def _through(lo: torch.Tensor, size: int, k: int, s: int, p: int, d: int, n_out: int):
+def _through_each(lo: torch.Tensor, size, k: int, s: int, p: int, d: int, n_out: int):
     """Output rows of a sliding window op (kernel k, stride s, padding p, dilation d) whose
-    receptive field meets the input rows [lo, lo + size): (start (M,), common size)."""
-    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp_min(0)        # ceil division
-    last = _fdiv(lo + size - 1 + p, s).clamp_max(n_out - 1)
-    n = int(min(max(int((last - first + 1).max()), 1), n_out))
-    return first.clamp(0, n_out - n), n
-
-
-def _through_each(lo: torch.Tensor, size: torch.Tensor, k: int, s: int, p: int, d: int, n_out: int):
-    """``_through`` with a size per candidate: each candidate's own rows (start, size (M,))."""
-    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp(0, n_out - 1)
+    receptive field meets each candidate's input rows [lo, lo + size): (start, size), (M,) each."""
+    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp(0, n_out - 1)   # ceil division
     last = _fdiv(lo + size - 1 + p, s).clamp(0, n_out - 1)
     return first, (last - first + 1).clamp_min(1)
 
 
+def _common(first: torch.Tensor, size: torch.Tensor, n_map: int):
+    """One size for all candidates (the largest, at most the map) and the starts moved so that
+    every window lies inside the map."""
+    n = int(min(int(size.max()), n_map))
+    return first.clamp(0, n_map - n), n
+
+
+def _through(lo: torch.Tensor, size: int, k: int, s: int, p: int, d: int, n_out: int):
+    """``_through_each`` with one common size: (start (M,), common size)."""
+    return _common(*_through_each(lo, size, k, s, p, d, n_out), n_out)
+
+
 def _union_each(lo_a, size_a, lo_b, size_b):
+    """Each candidate's bounding box of two windows along one axis: (start, size)."""
     lo = torch.minimum(lo_a, lo_b)
     return lo, torch.maximum(lo_a + size_a, lo_b + size_b) - lo
 
 
 def _union(lo_a, size_a, lo_b, size_b, n_map):
-    lo = torch.minimum(lo_a, lo_b)
-    hi = torch.maximum(lo_a + size_a, lo_b + size_b)
-    n = int(min(int((hi - lo).max()), n_map))
-    return lo.clamp(0, n_map - n), n
+    return _common(*_union_each(lo_a, size_a, lo_b, size_b), n_map)
 
 
 def _conv_params(step, value_of):
@@ -232,7 +232,9 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
     """Windows of every dependent node for candidates whose input differs inside ``win0``.
 
     Returns (plans: node -> NodePlan, cost: (windowed multiply-adds, full multiply-adds) of
-    the affine layers per candidate, largest: the largest per-candidate activation in elements).
+    the affine layers per candidate, largest: the largest per-candidate activation in elements,
+    order: the candidates sorted by their own (unpadded) windows at the node with the most
+    windowed multiply-adds, see ``SORTED_CHUNK``).
     """
     value_of = values.__getitem__
     plans: dict[fx.Node, NodePlan] = {}
@@ -243,8 +245,7 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
     state[g.input_node] = win0 if x.dim() == 4 else None
     m = win0.oy.shape[0]
     own[g.input_node] = (win0.oy, win0.oy.new_full((m,), win0.h), win0.ox, win0.ox.new_full((m,), win0.w))
-    own_macs = torch.zeros(m, dtype=torch.float64)
-    heaviest = (-1.0, None)  # (multiply-adds, the node's own windows): the key that sorts candidates
+    heaviest = (-1, None)  # (multiply-adds, the node's own windows): the key that sorts candidates
     win_macs = full_macs = 0
     largest = win0.h * win0.w * x.shape[1] if x.dim() == 4 else x[0].numel()
     for node in g.nodes:
@@ -317,28 +318,18 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
             positions = out[0, 0].numel() if out.dim() > 2 else 1
             full_macs += weight * positions
             win_macs += weight * (p.win.h * p.win.w if p.win is not None else positions)
-            if p.win is not None:
-                e = own[node]
-                own_macs += weight * (e[1] * e[3]).to(torch.float64).cpu()
-                if weight * p.win.h * p.win.w > heaviest[0]:
-                    heaviest = (weight * p.win.h * p.win.w, e)
-            else:
-                own_macs += weight * positions
+            if p.win is not None and weight * p.win.h * p.win.w > heaviest[0]:
+                heaviest = (weight * p.win.h * p.win.w, own[node])
         per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
         largest = max(largest, per_mask)
-    e = heaviest[1]
-    # candidates in this order have similar own windows where most multiply-adds are
-    order = (torch.arange(m) if e is None
-             else torch.from_numpy(np.lexsort((e[3].cpu().numpy(), e[1].cpu().numpy()))))
-    return plans, (win_macs, full_macs), largest, Own(own_macs, order)
-
-
-@dataclass
-class Own:
-    """Each candidate's own windows, inside the plan's common ones (padded to the largest)."""
-    macs: torch.Tensor    # (M,) float64: the multiply-adds of its own windows (full nodes in full)
-    order: torch.Tensor   # (M,) int64: the candidates sorted by their own window's size (rows, then
-    #                       columns) at the node with the most windowed multiply-adds
+    # the candidates sorted by their own window's size (rows, then columns) at the node with the
+    # most windowed multiply-adds: neighbours in this order have similar windows where it counts
+    order = torch.arange(m, device=win0.oy.device)
+    if heaviest[1] is not None:
+        _, rows, _, cols = heaviest[1]
+        order = order[torch.argsort(cols, stable=True)]
+        order = order[torch.argsort(rows[order], stable=True)]
+    return plans, (win_macs, full_macs), largest, order
 
 
 def aux_weight_numel(step, value_of) -> int:
@@ -784,7 +775,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             continue
         cand = torch.maximum(base, masks_of(delta_masks))
         win0 = input_windows(cand, base)
-        plans, (win_macs, full_macs), largest, own = plan(g, values, win0, max_fraction)
+        plans, (win_macs, full_macs), largest, order = plan(g, values, win0, max_fraction)
         mcount = cand.shape[0]
         # what the base costs if the group is windowed (kept: nothing; derived from a kept base:
         # its windowed pass) and if it is not (its own full pass when its output is wanted)
@@ -827,7 +818,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         if mcount <= min(step, SORTED_CHUNK):
             parts = windowed_pass(dec, plans, kept.rel, values, aux, r0_win, win0, 0, mcount, cut)
         else:
-            parts = _sorted_chunks(dec, plans, own.order, kept.rel, values, aux, r0_win, win0,
+            parts = _sorted_chunks(dec, order, kept.rel, values, aux, r0_win, win0,
                                    min(step, SORTED_CHUNK), cut, max_fraction)
         if cut is None:
             res[gi] = [kept.rel[g.result_node] if want_base else None, parts]
@@ -851,7 +842,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
 SORTED_CHUNK = 16
 
 
-def _sorted_chunks(dec, plans: dict, order: torch.Tensor, base_rel: dict, values: dict, aux: dict,
+def _sorted_chunks(dec, order: torch.Tensor, base_rel: dict, values: dict, aux: dict,
                    r0_win: torch.Tensor, win0: Window, size: int, cut, max_fraction: float) -> torch.Tensor:
     """``windowed_pass`` over the candidates in ``order``, ``size`` at a time, each chunk with its
     own plan (its windows padded only to its own largest); results in the candidates' order."""

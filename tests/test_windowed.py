@@ -108,7 +108,7 @@ def test_sorted_chunks_equal_full(name, monkeypatch):
             assert_close_scaled(res.relevant, full.relevant, torch.float64)
             group, chunks = plans_seen[0], plans_seen[1:]
             assert len(chunks) == -(-deltas.shape[0] // 2)
-            order = group[3].order
+            order = group[3]
             assert sorted(order.tolist()) == list(range(deltas.shape[0]))
             for node, p in group[0].items():
                 for c in chunks:

@@ -284,6 +284,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cpu
 
 // ---------------------------------------------------------------- maxpool_gather
 
+// Indices come from max_pool on the shared total: (1, C, *So), small next to rel.
+// Checking their range once up front keeps the gather loops branch-free.
+void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t S) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t k = 0; k < idx.numel(); ++k) {
+    lo = std::min(lo, p[k]);
+    hi = std::max(hi, p[k]);
+  }
+  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < S), op, ": indices must lie in [0, ", S,
+              ") (flat positions into the spatial dims of rel), found values in [", lo, ", ", hi, "].");
+}
+
 template <typename scalar_t>
 void maxpool_gather_kernel(const scalar_t* rel, const int64_t* idx, scalar_t* out, int64_t M, int64_t C,
                            int64_t S, int64_t So) {
