@@ -24,7 +24,7 @@ import torchvision
 from _results import best_time, record
 from fastacd import score_funcs
 from fastacd.attribution import segment_masks, tiles
-from fastacd.models import MnistNet
+from fastacd.train.models import MnistNet
 
 torch.set_num_threads(2)
 

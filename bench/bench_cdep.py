@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from _results import RESULTS, record  # noqa: E402
 from fastacd import cdep  # noqa: E402
-from fastacd.datasets import DecoyText, DemoCNN  # noqa: E402
-from fastacd.sentiment_toy import SentimentLSTM  # noqa: E402
+from fastacd.train.datasets import DecoyText, DemoCNN  # noqa: E402
+from fastacd.text.sentiment_toy import SentimentLSTM  # noqa: E402
 
 GOALS = {"time_vs_plain": 2.1, "mem_vs_plain": 2.0, "time_vs_straightforward": 0.7}
 

@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastacd import _torch_ops, ops
+from fastacd import ops
+from fastacd.ops import torch_ops as _torch_ops
 
 from _results import record
 

@@ -38,7 +38,7 @@ import torchvision
 from _results import best_time, record
 
 import fastacd
-from fastacd import windowed
+from fastacd.engine import windowed
 
 THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastacd import cdep  # noqa: E402
-from fastacd.datasets import ColorDigits, DecoyDigits, DecoyText, DemoCNN  # noqa: E402
-from fastacd.sentiment_toy import SentimentLSTM  # noqa: E402
+from fastacd.train.datasets import ColorDigits, DecoyDigits, DecoyText, DemoCNN  # noqa: E402
+from fastacd.text.sentiment_toy import SentimentLSTM  # noqa: E402
 
 NAMES = {"decoy": "DecoyDigits", "color": "ColorDigits", "text": "DecoyText (LSTM)"}
 

@@ -6,7 +6,7 @@ import weakref
 import numpy as np
 import torch
 
-from .engine import Decomposer
+from .engine.decomposer import Decomposer
 
 _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 

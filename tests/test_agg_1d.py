@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from fastacd import agg_1d, tiling_1d
-from fastacd import text as ft
+from fastacd.text import lstm as ft
 from fastacd.reference import text as rt
-from fastacd.sentiment_toy import NEG, POS, toy_model
+from fastacd.text.sentiment_toy import NEG, POS, toy_model
 
 KEYS = ("scores_list", "mask_list", "comps_list", "comp_scores_list", "score_orig")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastacd import agg_2d, tiling_2d
-from fastacd.models import acd_mnist_cnn, digits_28
+from fastacd.train.models import acd_mnist_cnn, digits_28
 from fastacd.reference import agg_2d as ref_agg
 
 from models import torchvision_model

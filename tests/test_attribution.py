@@ -14,8 +14,8 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 
 import fastacd.reference as reference
-from fastacd import attribution as A
-from fastacd import plots
+from fastacd.attribution import baselines as A
+from fastacd.image import plots
 
 
 class TinyCNN(nn.Module):

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastacd import cdep
-from fastacd.datasets import ColorDigits, DecoyDigits, DemoCNN
-from fastacd.engine import compiled_ops
-from fastacd.models import DigitsCNN
+from fastacd.train.datasets import ColorDigits, DecoyDigits, DemoCNN
+from fastacd.engine.decomposer import compiled_ops
+from fastacd.train.models import DigitsCNN
 
 
 class TinyNet(nn.Module):
@@ -313,9 +313,9 @@ LAM_TEST = 30.0
 
 
 # ---------------------------------------------------------------------------- text penalty
-from fastacd.datasets import DecoyText  # noqa: E402
+from fastacd.train.datasets import DecoyText  # noqa: E402
 from fastacd.reference.text import lstm_cd as ref_lstm_cd  # noqa: E402
-from fastacd.sentiment_toy import SentimentLSTM  # noqa: E402
+from fastacd.text.sentiment_toy import SentimentLSTM  # noqa: E402
 
 
 def _tiny_text_model(layers=1, bidirectional=False, vocab=12, e=4, h=3, seed=0):

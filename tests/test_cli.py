@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastacd.__main__ import main
-from fastacd.hierarchy import Hierarchy
-from fastacd.run import collect_images, load_image, load_masks, read_class_index
+from fastacd.cli import main
+from fastacd.image.hierarchy import Hierarchy
+from fastacd.cli.run import collect_images, load_image, load_masks, read_class_index
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -326,7 +326,7 @@ def test_no_class_scores(data, tmp_path):
 
 
 def test_dist_env_and_device(monkeypatch):
-    from fastacd.run import Dist, RunError, cpu_threads, pick_device
+    from fastacd.cli.run import Dist, RunError, cpu_threads, pick_device
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")

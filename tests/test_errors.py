@@ -163,7 +163,7 @@ def test_register_rule_makes_a_new_module_work():
         rel, irrel = fastacd.reference.cd(net, x, masks)
         torch.testing.assert_close(res.relevant, rel, rtol=1e-10, atol=1e-12)
     finally:
-        from fastacd.graph import _USER_RULES
+        from fastacd.capture.graph import _USER_RULES
         _USER_RULES.pop(Blur)
     with pytest.raises(ValueError, match="kind must be one of"):
         fastacd.register_rule(Blur, "magic")

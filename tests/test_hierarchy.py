@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastacd import agg_2d
-from fastacd.hierarchy import Hierarchy, hierarchy
+from fastacd.image.hierarchy import Hierarchy, hierarchy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import fastacd.reference as reference
-from fastacd import attribution as A
-from fastacd.interactions import (PathExplainer, cd_interactions, expected_hessians,
+from fastacd.attribution import baselines as A
+from fastacd.attribution.interactions import (PathExplainer, cd_interactions, expected_hessians,
                                   integrated_hessians)
 
 D = torch.float64

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastacd import _torch_ops, ops
+from fastacd import ops
+from fastacd.ops import torch_ops as _torch_ops
 
 from conftest import cpu_and_cuda
 
@@ -619,7 +620,7 @@ def test_bn_split_inplace_opcheck_and_errors():
 def test_engine_never_overwrites_a_shared_relevant_part():
     """A user rule whose weights return their input (a view): the engine must not write the
     split into it (that would change the relevant part the next nodes read)."""
-    from fastacd.engine import _own_buffer
+    from fastacd.engine.decomposer import _own_buffer
     r = torch.randn(2, 5)
     assert not _own_buffer(r[:, :], r)
     assert not _own_buffer(r.t(), r.clone())  # not contiguous

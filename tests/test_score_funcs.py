@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastacd.reference as reference
 from fastacd import score_funcs
-from fastacd.models import MnistNet
+from fastacd.train.models import MnistNet
 
 
 def mnist_model():

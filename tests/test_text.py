@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastacd import _torch_ops
-from fastacd import text as ft
+from fastacd.ops import torch_ops as _torch_ops
+from fastacd.text import lstm as ft
 from fastacd.reference import text as rt
-from fastacd.sentiment_toy import NEG, POS, SentimentLSTM, accuracy, toy_model
+from fastacd.text.sentiment_toy import NEG, POS, SentimentLSTM, accuracy, toy_model
 
 F64 = torch.float64
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastacd import _torch_ops, ops
+from fastacd import ops
+from fastacd.ops import torch_ops as _torch_ops
 
 from conftest import cpu_and_cuda
 
@@ -205,7 +206,7 @@ def test_windowed_pass_uses_the_backend_op(device, monkeypatch):
         return real(*a)
 
     import fastacd
-    from fastacd import windowed
+    from fastacd.engine import windowed
     monkeypatch.setattr(ops, "window_gather", lambda *a: counting(*a))
     net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                               torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastacd
-from fastacd import agg_2d, windowed
+from fastacd import agg_2d
+from fastacd.engine import windowed
 
 from conftest import assert_close_scaled
 from models import ConcatNet, FunctionalNet, MLP, torchvision_model

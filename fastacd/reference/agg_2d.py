@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from skimage import measure
 
-from .. import tiling_2d as tiling
-from ..agg_2d import (check_args, establish_correspondence, is_batched, logits_module,
+from ..image import tiling_2d as tiling
+from ..image.agg_2d import (check_args, establish_correspondence, is_batched, logits_module,
                       prepare_model_input, refine_scores, smooth_im_thresh, threshold_scores)
 from .cd import cd as reference_cd
 

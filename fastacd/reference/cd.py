@@ -12,7 +12,7 @@ import weakref
 import torch
 import torch.fx as fx
 
-from ..graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts, call_with,
+from ..capture.graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts, call_with,
                      load_arg)
 
 EPS = 1e-20
@@ -86,7 +86,7 @@ def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: to
             continue
         step = graph.steps.get(node)
         if step is None:
-            from ..engine import run_plain
+            from ..engine.decomposer import run_plain
             plain[node] = run_plain(graph.gm, node, value_of)
             continue
         r, i = parts[step.dep[0]]
@@ -130,7 +130,7 @@ def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: to
 
 def pooling_indices(graph: CapturedGraph, x: torch.Tensor) -> dict:
     """Argmax indices of every max-pool in the model's forward pass on x (batch 1)."""
-    from ..engine import total_pass
+    from ..engine.decomposer import total_pass
     _, aux = total_pass(graph, x)
     return {n: aux[n] for n, s in graph.steps.items() if s.kind == "maxpool"}
 
@@ -181,7 +181,7 @@ def cd(model: torch.nn.Module, x: torch.Tensor, mask) -> tuple[torch.Tensor, tor
     Returns (relevant, irrelevant), each (M, *output_shape). The relevant input is
     ``mask * x`` and the irrelevant ``(1 - mask) * x``.
     """
-    from ..engine import Decomposer
+    from ..engine.decomposer import Decomposer
     masks = Decomposer._check_masks(x, mask)
     graph = captured(model)
     indices = pooling_indices(graph, x)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from skimage import measure
 
-from ..text import check_phrase, tokens_of
+from ..text.lstm import check_phrase, tokens_of
 
 
 def propagate_three(a, b, c, act):

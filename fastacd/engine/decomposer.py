@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from . import _torch_ops
-from .graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts,
+from ..ops import torch_ops as _torch_ops
+from ..capture.graph import (CapturedGraph, UnsupportedOpError, affine_parts, batchnorm_parts,
                     call_with, check_eval, describe_node, load_arg, maxpool_fn)
 
 BACKENDS = ("auto", "reference", "torch", "compiled")
@@ -50,7 +50,7 @@ _CPU_SEGMENT_ACTIVATION_BYTES = 16 << 20
 def compiled_ops():
     """The fused ops module if the compiled extension is built, else None."""
     try:
-        from . import ops
+        from .. import ops
     except ImportError:
         return None
     return ops if getattr(ops, "HAS_COMPILED", False) else None
@@ -146,7 +146,7 @@ class Decomposer:
         values, aux = self._total_pass(x)
         out = values[self.graph.result_node]
         if self.backend == "reference":
-            from .reference.cd import propagate_graph
+            from ..reference.cd import propagate_graph
             indices = {n: aux[n] for n, st in self.graph.steps.items() if st.kind == "maxpool"}
             pairs = [propagate_graph(self.graph, r[None], x - r[None], indices) for r in relevant_input]
             return CDResult(relevant=torch.cat([p[0] for p in pairs]),

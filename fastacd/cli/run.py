@@ -399,7 +399,7 @@ def check_settings_file(out: Path, settings: dict, digest: str, overwrite: bool,
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
@@ -673,8 +673,8 @@ def run(args) -> int:
     if dist.rank == 0 or not (out / SETTINGS_FILE).exists():
         check_settings_file(out, settings, digest, args.overwrite, args.source, write=True)
 
-    from .api import decomposer_for
-    from .hierarchy import display_image, hierarchy, Hierarchy
+    from ..api import decomposer_for
+    from ..image.hierarchy import display_image, hierarchy, Hierarchy
     dec = decomposer_for(model, args.backend)
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
@@ -793,8 +793,8 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     if threads:
         torch.set_num_threads(threads)
     import fastacd
-    from .hierarchy import hierarchy
-    from .models import train_digits_cnn
+    from ..image.hierarchy import hierarchy
+    from ..train.models import train_digits_cnn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

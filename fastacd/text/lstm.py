@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _torch_ops
+from ..ops import torch_ops as _torch_ops
 
 READOUTS = ("last", "final")
 
@@ -173,7 +173,7 @@ def _cell_fn(backend: str) -> Callable:
     if backend == "torch":
         return _torch_ops.lstm_cd_cell
     try:
-        from . import ops
+        from .. import ops
         fn = ops.lstm_cd_cell
         compiled = getattr(ops, "HAS_COMPILED", True)
     except (ImportError, AttributeError):

@@ -1,7 +1,7 @@
 """The fused CD ops: thin wrappers over ``torch.ops.fastacd.*`` (the compiled extension
-``fastacd._C``), with the pure-torch formulas of :mod:`fastacd._torch_ops` as fallback.
+``fastacd._C``), with the pure-torch formulas of :mod:`fastacd.ops.torch_ops` as fallback.
 
-Each function has the signature of its ``_torch_ops`` twin. It runs the compiled kernel
+Each function has the signature of its ``torch_ops`` twin. It runs the compiled kernel
 when the extension is built and has a kernel for the tensor's device and dtype (CPU:
 float32/float64; CUDA: float32/float64/float16/bfloat16), and the pure-torch formula
 otherwise, so callers never special-case devices. Below each wrapper: its fake (meta)
@@ -15,10 +15,10 @@ import contextlib
 
 import torch
 
-from . import _torch_ops
+from . import torch_ops as _torch_ops
 
 try:
-    from . import _C  # loading the library registers torch.ops.fastacd.*
+    from .. import _C  # loading the library registers torch.ops.fastacd.*
     HAS_COMPILED = True
     _IMPORT_ERROR = None
 except ImportError as exc:  # not built (or built against another torch): pure torch

@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import load_arg
+from ..capture.graph import load_arg
 
 # A node whose window covers more than this fraction of its map is computed in full (and so is
 # everything after it). 1.0: never for size alone. With the compiled window_gather a window that
@@ -429,7 +429,7 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
     of ``node``, the only value later nodes read (the head runs once for many groups).
     ``keep`` (one candidate, a dict holding its full input): fill it with the candidate's full
     map of every node before ``stop`` and return it (a base derived from another base)."""
-    from .engine import apply_rule
+    from .decomposer import apply_rule
     g, m = dec.graph, e - s
     dev = r0_win.device
     ops = _PerMaskOps(dec._ops)
@@ -612,7 +612,7 @@ def _finish(dec, x: torch.Tensor, pending: dict, deferred: list, res: list, valu
     The layers after the latest cut (a CNN's linear head, where batch size pays most) run
     once for all of them: frontiers at earlier cuts are advanced to it, deferred masks are
     propagated up to it. With nothing pending, deferred masks get one full pass per mask shape."""
-    from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
+    from .decomposer import default_memory_budget, _BYTES_PER_MASK_FACTOR
     g = dec.graph
     budget = dec.memory_budget or default_memory_budget(x.device)
 
@@ -663,7 +663,7 @@ def propagate(dec, rel: dict, values: dict, aux: dict, start: int, stop: int, m:
               free: bool = True) -> dict:
     """The ordinary relevant pass over graph positions [start, stop) on ``rel`` (node -> maps of
     m masks, holding every value those steps read); ``free``: drop what no later step reads."""
-    from .engine import apply_rule
+    from .decomposer import apply_rule
     g = dec.graph
     for index in range(start, stop):
         node = g.nodes[index]
@@ -695,7 +695,7 @@ def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | 
     propagation (``float('inf')``: always). ``stats`` (a dict) receives ``windowed`` (bool)
     and the estimated ``cost_ratio``.
     """
-    from .engine import CDResult
+    from .decomposer import CDResult
     [(_, rel)], out = cd_groups(dec, x, [(base_mask, delta_masks, False)], chunk_size=chunk_size,
                                 max_fraction=max_fraction, max_cost_ratio=max_cost_ratio,
                                 stats=[stats] if stats is not None else None)
@@ -727,7 +727,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
-    from .engine import default_memory_budget, _BYTES_PER_MASK_FACTOR
+    from .decomposer import default_memory_budget, _BYTES_PER_MASK_FACTOR
     x = dec._check_input(x)
     if dec.backend == "reference" or x.dim() != 4:  # the oracle: mask by mask, no windows
         res = []

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import tiling_1d
-from .text import Batch, TextDecomposer, cd_text_phrases, tokens_of
+from .lstm import Batch, TextDecomposer, cd_text_phrases, tokens_of
 
 METHODS = ("cd", "occlusion", "build_up")
 

@@ -340,7 +340,7 @@ class Scorer:
         rest, and the whole image, are scored by one batched full pass. A base that is itself
         a candidate is read from its base's maps.
         """
-        from .windowed import cd_groups
+        from ..engine.windowed import cd_groups
         arrays = [(i, c) for i, c in enumerate(cands) if not isinstance(c, str)]
         rows: list = [None] * len(cands)
         by_base: dict = {}
@@ -642,7 +642,7 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     comp_scores_raw_list, comp_scores_raw_combined_list, scores_orig_raw, num_before_final.
     """
     del model_type
-    from .api import decomposer_for
+    from ..api import decomposer_for
     im_orig = np.asarray(im_orig)
     if im_orig.ndim not in (2, 3):
         raise ValueError(f"im_orig must be (H, W) or (H, W, 3), got shape {im_orig.shape}")
@@ -671,7 +671,7 @@ def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_
                       lab_num, num_iters=5, im_torch=None, model_type="mnist", device=None, *,
                       backend="auto", pred_ims_batched=None):
     """The merge phase alone on a dict from ``agglomerate`` (drop-in)."""
-    from .api import decomposer_for
+    from ..api import decomposer_for
     im_orig = np.asarray(im_orig)
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
     model.eval()

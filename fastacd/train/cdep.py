@@ -53,9 +53,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _torch_ops
-from .engine import Decomposer, _fetch_attr, run_plain, structural_rule
-from .graph import CapturedGraph, affine_parts, batchnorm_parts, call_with, maxpool_fn
+from ..ops import torch_ops as _torch_ops
+from ..engine.decomposer import Decomposer, _fetch_attr, run_plain, structural_rule
+from ..capture.graph import CapturedGraph, affine_parts, batchnorm_parts, call_with, maxpool_fn
 
 REDUCTIONS = ("mean", "sum")
 
@@ -361,7 +361,7 @@ def _rule(fn, relu: bool, k: int, *tensors, low_memory: bool):
 def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compiled: bool,
                fuse: bool = False):
     if use_compiled:
-        from .engine import compiled_ops
+        from ..engine.decomposer import compiled_ops
         ops = compiled_ops()
         if ops is not None and ops._compiled(zr):
             return _bias_split_compiled(ops, zr, total, bias, relu, k)
@@ -639,7 +639,7 @@ class CDEPPenalty:
             rel = torch.stack([res.relevant for res in rows], 1)  # (K, N, *out)
             out = torch.stack([res.output for res in rows])
             return rel.reshape((k * n,) + tuple(out.shape[1:])), out
-        from .reference.cd import propagate_graph
+        from ..reference.cd import propagate_graph
         pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1])
                  for j in range(r0.shape[0])]
         rel = torch.cat([p[0] for p in pairs])
@@ -666,7 +666,7 @@ def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: to
     when omitted. The max-pool positions come from the true activations (as in the reference); the CDEP
     code takes them from ``max_pool(r + i)``, which is the same up to rounding at ties.
     """
-    from .reference.cd import propagate_graph
+    from ..reference.cd import propagate_graph
     n, m = x.shape[0], relevant_input.shape[0]
     k = m // n
     if pool_indices is None:  # a training step has them from its forward pass
@@ -717,7 +717,7 @@ def _lstm_weights(lstm: nn.LSTM, dtype) -> list[list[tuple[torch.Tensor, torch.T
 def _text_cell_compiled(n: int):
     """The compiled ``lstm_cd_cell`` (total of batch 1) once per sentence: rows k*N + s pair
     with sentence s."""
-    from . import ops
+    from .. import ops
 
     def cell(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first):
         cs, hs = [], []
@@ -848,7 +848,7 @@ class TextCDEPPenalty:
     def __init__(self, model: nn.Module | None = None, *, embed=None, lstm: nn.LSTM | None = None,
                  head: nn.Linear | None = None, readout: str | None = None, score: str = "log",
                  reduction: str = "mean", cell: str = "torch", detach_embeddings: bool = False):
-        from .text import TextDecomposer
+        from ..text.lstm import TextDecomposer
         if model is not None:
             dec = TextDecomposer.from_model(model) if readout is None else \
                 TextDecomposer.from_model(model, readout=readout)
@@ -863,7 +863,7 @@ class TextCDEPPenalty:
         if cell not in TEXT_CELLS:
             raise ValueError(f"cell must be one of {TEXT_CELLS}, got {cell!r}")
         if cell == "compiled":
-            from .engine import compiled_ops
+            from ..engine.decomposer import compiled_ops
             if compiled_ops() is None:
                 raise RuntimeError("cell='compiled' needs the built extension (fastacd._C); use cell='torch'")
         self.model, self.embed, self.lstm, self.head = model, dec.embed, dec.lstm, dec.head

@@ -304,7 +304,7 @@ def _region_scores(model, x, t, labels, num, method, baseline, batch_size, decom
     b_all = _baseline_like(x, baseline)
     if method == "cd":
         if decomposer is None:
-            from .api import decomposer_for
+            from ..api import decomposer_for
             decomposer = decomposer_for(model)
         for j in range(n):
             # one engine call per input: the Decomposer chunks the masks under its memory budget

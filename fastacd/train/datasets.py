@@ -213,7 +213,7 @@ class DecoyText:
     def __init__(self, split: str = "train", n: int = 2000, seed: int = 0, confound: str | None = None):
         import random
 
-        from .sentiment_toy import WORDS, Vocab, generate
+        from ..text.sentiment_toy import WORDS, Vocab, generate
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         train_like = _confounded(split, confound)
