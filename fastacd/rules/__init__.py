@@ -6,10 +6,11 @@ from .affine import Affine
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import BatchNorm
 from .pool import MaxPool
-from .structural import Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Reshape, Scale, Shape, Sub
+from .structural import (Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Reshape, Scale, Shape, Split,
+                         Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), Activation(), MaxPool(), Linear(), Reshape(), Getitem(),
-                   Add(), Sub(), Neg(), Scale(), Cat(), OutputSoftmax(), Shape()], name="acd")
+                   Split(), Add(), Sub(), Neg(), Scale(), Cat(), OutputSoftmax(), Shape()], name="acd")
 
 
 def resolve(rules) -> RuleSet:

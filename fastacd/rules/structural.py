@@ -97,6 +97,21 @@ class Getitem(Rule):
         return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
 
 
+class Split(Rule):
+    """``chunk``, ``split``, ``unbind``: a tuple of pieces, each part cut alike (the pieces are
+    read through ``getitem``)."""
+    kind = "split"
+    functions = (torch.chunk, torch.split, torch.unbind)
+    methods = ("chunk", "split", "unbind")
+    row = ("`chunk`, `split`, `unbind` along a non-batch dim", "the pieces of `r`", "the pieces of `i`")
+
+    def reference(self, step, parts, value_of, aux):
+        return _each(step, parts, value_of)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return call_with(step, values.__getitem__, {step.dep[0]: rel[step.dep[0]]})
+
+
 class Add(Rule):
     """``a + b``: parts add; a constant operand joins the irrelevant part."""
     kind = "add"
