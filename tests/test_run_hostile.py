@@ -483,3 +483,34 @@ def test_settings_recorded_once_started_and_paths_normalised(classes, tmp_path, 
     settings = json.loads((out / "run_settings.json").read_text())
     assert settings["settings"]["model"]["module"] == f"{os.path.realpath(TESTS / 'cli_models.py')}:factory"
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------
+# Throughput: reading overlaps compute; no oversubscription by default
+# ------------------------------------------------------------------------------------------
+def test_prefetch_order_errors_and_overlap():
+    from fastacd.cli.inputs import prefetch
+    started = []
+
+    def load(i):
+        started.append(i)
+        if i == 2:
+            raise ValueError("bad 2")
+        return i * 10
+    got = []
+    for i, fut in prefetch(range(5), load, ahead=2):
+        if i == 0:
+            time.sleep(0.2)
+            assert {1, 2} <= set(started)  # the next images were read while image 0 was worked on
+        try:
+            got.append(fut.result())
+        except ValueError as e:
+            got.append(str(e))
+    assert got == [0, 10, "bad 2", 30, 40]
+
+
+def test_oversubscription_warned(classes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    threads = [a if a != "1" else "2" for a in COMMON]  # --threads 2 on one core
+    assert run_cli("run", classes, "--out", tmp_path / "o", *threads) == 0
+    assert "1 process(es) x 2 threads on 1 cores: oversubscribed" in capsys.readouterr().err

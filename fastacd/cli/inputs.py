@@ -279,3 +279,22 @@ def read_image(path: str, pre: dict):
 def load_image(path: str, pre: dict):
     """The model input (1, C, H, W) float32 of an image file (see ``decode_image``)."""
     return read_image(path, pre)[0]
+
+
+def prefetch(items, load, ahead: int = 2):
+    """Yield ``(item, future of load(item))`` in order, the next ``ahead`` items loading in a
+    background thread while the caller works on the current one: reading and decoding (PIL
+    works without the GIL) overlap the engine's compute. ``future.result()`` raises what
+    ``load`` raised, so a bad image stays an error of that image."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fastacd-read")
+    queue, rest = deque(), iter(items)
+    try:
+        for item in rest:
+            queue.append((item, pool.submit(load, item)))
+            if len(queue) > ahead:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

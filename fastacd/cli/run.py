@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import RunError
-from .inputs import IMAGE_EXTS, Item, collect_images, load_image, read_class_index, read_image  # noqa: F401
+from .inputs import (IMAGE_EXTS, Item, collect_images, load_image, prefetch, read_class_index,  # noqa: F401
+                     read_image)
 from .outdir import (ITEMS_DIR, MANIFEST, SETTINGS_FILE, ManifestPart, RunLock,  # noqa: F401
                      _now, atomic_write, atomic_write_bytes, atomic_write_text, check_settings_file,
                      clean_stale_temps, figure_ok, finished_record, merge_manifest, output_paths,
@@ -395,6 +396,10 @@ def run_settings(args, items) -> dict:
 
 def _check_args(args):
     """The numbers of the command line, before anything is read or loaded."""
+    if args.image_size is not None and args.image_size < 1:
+        raise RunError("--image-size must be >= 1 (0 keeps each image's own size)")
+    if args.resize is not None and args.resize < 1:
+        raise RunError("--resize must be >= 1")
     if args.sweep_dim is not None and args.sweep_dim < 1:
         raise RunError("--sweep-dim must be >= 1")
     if args.sweep_dim is not None and args.image_size is not None and args.sweep_dim > args.image_size:
@@ -440,6 +445,11 @@ def run(args) -> int:
     import torch
     if device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_threads(dist))
+        cores = cpu_threads(Dist())
+        if dist.rank == 0 and args.threads and args.threads * dist.local_world > cores:
+            print(f"WARNING: {dist.local_world} process(es) x {args.threads} threads on {cores} cores: "
+                  "oversubscribed threads wait for each other (often several times slower); "
+                  f"use --threads {max(1, cores // dist.local_world)} or fewer processes", file=sys.stderr)
     else:
         torch.cuda.set_device(device)
         # PyTorch runs float32 convolutions in TF32 on Ampere+ GPUs by default (10-bit mantissa):
@@ -529,15 +539,16 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
     bar = tqdm(total=len(shard), initial=n_done, unit="img", dynamic_ncols=True, smoothing=0.1,
                desc=f"ACD rank {dist.rank}/{dist.world}" if dist.world > 1 else "ACD",
                disable=args.no_progress or dist.rank != 0)
+    reading = prefetch(todo, lambda it: read_image(it.path, pre))
     try:
-        for it in todo:
+        for it, pending in reading:
             paths = output_paths(out, it.id)
             rec = dict(image=it.id, path=it.path, folder=it.folder, rank=dist.rank,
                        settings_hash=digest, label=None, prediction=None, input_sha256=None)
             t0 = time.perf_counter()
             files = None
             try:
-                x, rec["input_sha256"] = read_image(it.path, pre)
+                x, rec["input_sha256"] = pending.result()
                 x = x.to(device=device, dtype=dtype)
                 with torch.no_grad():
                     logits = dec.forward(x).reshape(-1)
@@ -589,6 +600,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
             bar.update(1)
             bar.set_postfix(errors=n_err, refresh=False)
     finally:
+        reading.close()  # stops the reader thread now, also when a write error ends the loop
         bar.close()
         part.close()
     dt = time.perf_counter() - t_start
