@@ -213,7 +213,8 @@ def test_high_bit_depth_images(tmp_path):
     recs = manifest(out)
     assert {k for k, r in recs.items() if r["status"] == "ok"} == {
         "grey16.png", "grey8.png", "rgb16.png", "rgb8.png", "float01.tif"}
-    assert "float pixels in [" in recs["float255.tif"]["error"] and "expected [0, 1]" in recs["float255.tif"]["error"]
+    assert "float pixels in [" in recs["float255.tif"]["error"]
+    assert "expected [0, 1]" in recs["float255.tif"]["error"]
     assert "32-bit integer pixels" in recs["int32.tif"]["error"]
 
 
@@ -313,10 +314,11 @@ def test_kill9_then_resume(tmp_path):
     assert run_cli("run", src, "--out", out, "--figures", *COMMON) == 0
     assert not list(out.rglob("*.tmp"))
     for n in names:
-        assert (out / "hierarchies" / f"{n}.json").read_bytes() == (ref / "hierarchies" / f"{n}.json").read_bytes()
-        a, b = load_masks(out / "hierarchies" / f"{n}.npz"), load_masks(ref / "hierarchies" / f"{n}.npz")
+        o, r = out / "hierarchies", ref / "hierarchies"
+        assert (o / f"{n}.json").read_bytes() == (r / f"{n}.json").read_bytes()
+        a, b = load_masks(o / f"{n}.npz"), load_masks(r / f"{n}.npz")
         np.testing.assert_array_equal(a["masks"], b["masks"])
-        assert a["settings_hash"] == b["settings_hash"] and (out / "hierarchies" / f"{n}.png").stat().st_size > 0
+        assert a["settings_hash"] == b["settings_hash"] and (o / f"{n}.png").stat().st_size > 0
     assert all(r["status"] == "ok" for r in manifest(out).values()) and len(manifest(out)) == len(names)
 
 
@@ -423,11 +425,11 @@ CLI_ERRORS = [  # extra arguments, words the one-line message must hold
     (["--class-index", "{tmp}/missing.json"], "needs --label folder"),
     (["--memory-budget", "-5"], "expected a positive size"),
     (["--num-iters", "0"], "--num-iters must be >= 1"),
-    (["--model", "cli_models:unsupported"], "cannot be decomposed: fastacd has no CD rule for method .cumsum()"),
+    (["--model", "cli_models:unsupported"], "cannot be decomposed: fastacd has no CD rule for method .cumsum"),
 ]
 
 
-@pytest.mark.parametrize("extra, words", CLI_ERRORS, ids=[w.split()[0] + str(i) for i, (_, w) in enumerate(CLI_ERRORS)])
+@pytest.mark.parametrize("extra, words", CLI_ERRORS, ids=[f"{i}-{w.split()[0]}" for i, (_, w) in enumerate(CLI_ERRORS)])
 def test_clean_errors(extra, words, classes, tmp_path, capsys):
     fmt = {k: str(v) for k, v in _weights(tmp_path).items()} | dict(tmp=str(tmp_path))
     (tmp_path / "broken.txt").write_text('{"ant": 0, "bee": ')  # JSON-looking: never read as text
@@ -452,7 +454,8 @@ def test_class_index_formats():
         (p / "neg.json").write_text('{"cow": -1}')
         (p / "bool.json").write_text('{"cow": true}')
         assert read_class_index(str(p / "list.json")) == {"cow": 0, "ant": 1}
-        for name, words in (("dup.txt", "appears twice"), ("neg.json", "-1 is not"), ("bool.json", "true is not")):
+        for name, words in (("dup.txt", "appears twice"), ("neg.json", "-1 is not"),
+                            ("bool.json", "true is not")):
             with pytest.raises(RunError, match=words):
                 read_class_index(str(p / name))
 

@@ -144,8 +144,8 @@ def collect_images(source: str, exclude=None) -> tuple[list[Item], str]:
         real = os.path.realpath(p)
         if real not in best or key < best[real]:
             best[real] = key
-    items = sorted((Item(id=i, path=str(p), folder=p.parent.name) for _, i, p in best.values()),
-                   key=lambda it: it.id)
+    items = sorted((Item(id=i, path=str(p), folder=Path(os.path.abspath(p)).parent.name)
+                    for _, i, p in best.values()), key=lambda it: it.id)
     if not items:
         raise RunError(f"{source}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
     return items, kind

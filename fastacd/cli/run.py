@@ -165,7 +165,10 @@ def model_settings(args) -> dict:
     if args.weights is not None:
         if not Path(args.weights).is_file():
             raise RunError(f"--weights {args.weights}: no such file")
-        d["weights_sha256"] = sha256_file(args.weights)
+        try:
+            d["weights_sha256"] = sha256_file(args.weights)
+        except OSError as e:
+            raise RunError(f"--weights {args.weights}: unreadable ({e.strerror})") from e
     return d
 
 
@@ -205,7 +208,7 @@ def _build_model(args):
                 raise RunError(f"--weights {args.weights} does not fit the model: {_one_line(e)}") from e
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:  # every score would be NaN: say why now, not after an hour of NaN hierarchies
-        where = f"--weights {args.weights}" if args.weights is not None else f"the model of --model {args.model}"
+        where = f"--weights {args.weights}" if args.weights is not None else f"--model {args.model}"
         raise RunError(f"{where}: NaN or infinite values in {', '.join(bad[:3])}"
                        f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}")
     return model.eval(), random_init
@@ -403,7 +406,8 @@ def _check_args(args):
     if args.sweep_dim is not None and args.sweep_dim < 1:
         raise RunError("--sweep-dim must be >= 1")
     if args.sweep_dim is not None and args.image_size is not None and args.sweep_dim > args.image_size:
-        raise RunError(f"--sweep-dim {args.sweep_dim} is larger than the image (--image-size {args.image_size})")
+        raise RunError(f"--sweep-dim {args.sweep_dim} is larger than the image "
+                       f"(--image-size {args.image_size})")
     if not 0 <= args.percentile_include <= 100:  # also NaN
         raise RunError("--percentile-include must be within 0..100")
     if args.num_iters < 1:
