@@ -1,7 +1,7 @@
 """The output folder of ``fastacd run``: atomic files, the lock, the settings file, what counts as
 a finished image, the manifest. docs/run.md, "Never lose work".
 
-Kept free of torch at import: ``RunLock`` is also taken by small helper processes in the tests.
+No torch here: the lock, the files and the manifest are plain Python and NumPy.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import RunError
+from .._version import __version__
+from .errors import RunError
 
 SETTINGS_FILE = "run_settings.json"
 MANIFEST = "manifest.jsonl"
@@ -232,7 +233,6 @@ def check_settings_file(out: Path, settings: dict, digest: str, overwrite: bool,
                 f"\nUse another --out folder, or pass --overwrite to recompute every image of {out} "
                 "with the new settings (finished images of the old settings are replaced).")
     if write:
-        from .. import __version__
         record = dict(settings_hash=digest, settings=settings, source=os.path.abspath(source),
                       fastacd_version=__version__, created=_now(), command=sys.argv)
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")

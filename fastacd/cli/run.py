@@ -45,7 +45,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import RunError
+from ..api import decomposer_for
+from ..capture import UnsupportedOpError
+from ..engine import Decomposer
+from ..image.hierarchy import Hierarchy, display_image, hierarchy
+from ..train.models import train_digits_cnn
+from .errors import RunError
 from .inputs import (IMAGE_EXTS, Item, collect_images, load_image, prefetch, read_class_index,  # noqa: F401
                      read_image)
 from .outdir import (ITEMS_DIR, MANIFEST, SETTINGS_FILE, ManifestPart, RunLock,  # noqa: F401
@@ -422,8 +427,6 @@ def _check_args(args):
 
 
 def _decomposer(model, backend):
-    from ..api import decomposer_for
-    from ..capture import UnsupportedOpError
     try:
         return decomposer_for(model, backend)
     except (UnsupportedOpError, RuntimeError) as e:  # an op without a rule; a backend not built
@@ -488,8 +491,6 @@ def run(args) -> int:
 
 def _run_locked(args, dist, device, out, items, kind, settings, digest, model, dec, say) -> int:
     import torch
-    from ..capture import UnsupportedOpError
-    from ..image.hierarchy import Hierarchy, display_image, hierarchy
     lab, pre, acd = settings["label"], settings["preprocess"], settings["acd"]
     dtype = getattr(torch, args.dtype)
     recorded = [False]
@@ -645,9 +646,6 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     import torch
     if threads:
         torch.set_num_threads(threads)
-    import fastacd
-    from ..image.hierarchy import hierarchy
-    from ..train.models import train_digits_cnn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -682,8 +680,8 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     for k in range(grid * grid):
         r, c = divmod(k, grid)
         tiles[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    fast = fastacd.Decomposer(model)
-    ref = fastacd.Decomposer(model, backend="reference")
+    fast = Decomposer(model)
+    ref = Decomposer(model, backend="reference")
     t_fast = t_ref = 0.0
     diff = 0.0
     n_cmp = min(n, 2)  # the reference is slow: time it on at most two digits
