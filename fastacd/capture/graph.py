@@ -138,9 +138,12 @@ class CapturedGraph:
                 values[node] = run_plain(self.gm, node, value_of)
                 continue
             out, aux[node] = step.rule.total(step, value_of)
-            for t in tensors(out):  # a tensor, or a tuple of them (chunk, split)
-                # the batch may move to another dim (attention's (3, B, heads, N, d) stack)
-                if not (isinstance(t, torch.Tensor) and batch in t.shape):
+            for t in tensors(out):  # a tensor, or a tuple of them (chunk, split; None: MHA's weights)
+                # the batch may move to another dim (attention's (3, B, heads, N, d) stack) or
+                # be merged into one (window partitions: (B * windows, N, C))
+                if t is None:
+                    continue
+                if not (isinstance(t, torch.Tensor) and any(s % batch == 0 for s in t.shape)):
                     raise UnsupportedOpError(
                         f"{describe_node(node)} changes the batch dimension (output shape "
                         f"{tuple(getattr(t, 'shape', ()))} for a batch of {batch}); CD needs every "

@@ -13,21 +13,25 @@ from ..capture.nodes import UnsupportedOpError, describe_node
 
 def masks_apart(shape: tuple, total: tuple, m: int) -> bool:
     """Whether a relevant part of m masks has the total's shape (batch 1) with the masks in
-    place of its batch: in dim 0, or where an op moved the batch (attention's head stacks)."""
+    place of its batch: in dim 0, or where an op moved the batch (attention's head stacks),
+    or as the outer factor of a dim the batch was merged into (window partitions: (M * windows,
+    N, C) for a total (windows, N, C)); ``fastacd.rules.base``, "Mask layout"."""
     if len(shape) != len(total):
         return False
     differ = [k for k in range(len(shape)) if shape[k] != total[k]]
-    return differ == [] if m == 1 else (len(differ) == 1 and total[differ[0]] == 1 and shape[differ[0]] == m)
+    return differ == [] if m == 1 else (len(differ) == 1 and shape[differ[0]] == m * total[differ[0]])
 
 
 def apply_rule(step, rel: dict, values, aux_entry, ops, m: int, want: tuple | None = None) -> torch.Tensor:
     """The step's relevant output from ``rel`` (node -> relevant part of m masks), checked to
     keep the masks apart (``want``: the exact expected shape, as the windowed pass knows it)."""
     out = step.rule.relevant(step, rel, values, aux_entry, ops, m)
-    got = [tuple(t.shape) for t in tensors(out)]
-    totals = [tuple(t.shape) for t in tensors(values[step.node])]
+    # None in a tuple: a piece that is not decomposed (nn.MultiheadAttention's weights)
+    pieces, whole = tensors(out), tensors(values[step.node])
+    got = [tuple(t.shape) for t in pieces if t is not None]
+    totals = [tuple(t.shape) for r, t in zip(pieces, whole) if r is not None]
     ok = (got == [tuple(want)] if want is not None else
-          len(got) == len(totals) and all(masks_apart(g, t, m) for g, t in zip(got, totals)))
+          len(pieces) == len(whole) and all(masks_apart(g, t, m) for g, t in zip(got, totals)))
     if not ok:
         raise UnsupportedOpError(
             f"{describe_node(step.node)} does not treat the samples of a batch independently "

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg
-from .base import Rule, Sliding, as_tuple, unsupported
+from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 EPS = 1e-20  # the reference's constant in the bias split
 
@@ -67,6 +67,26 @@ def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, la
     return zr + prop_rel / prop_sum * b, zi + prop_irrel / prop_sum * b
 
 
+def split_bias_tokens(ops, zr: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, relu: bool,
+                      inplace: bool) -> torch.Tensor:
+    """The bias split of a Linear on tokens: zr (M masks of pre's shape (..., F)), pre the
+    total's pre-bias output. Every element of one sample is a channel of its own, the bias
+    repeated along the tokens, so the split ops run on (M, T) rows as they lie (moving the
+    features to dim 1 for them copied zr there and back, and left the next layer a strided
+    input)."""
+    m = zr.numel() // max(1, pre.numel())
+    rows = zr if mask_dim(zr.shape, pre.shape) == 0 and zr.is_contiguous() else per_mask(zr, pre.shape)
+    flat = rows.reshape(m, pre.numel())  # a view where rows is contiguous
+    b = bias.repeat(pre.numel() // bias.numel())
+    if inplace and flat.data_ptr() == zr.data_ptr() and flat.is_contiguous():
+        ops.bias_split_(flat, pre.reshape(1, -1), b, relu)
+        return zr
+    out = ops.bias_split(flat, pre.reshape(1, -1), b, relu)
+    if rows is zr:
+        return out.view(zr.shape)
+    return merge_masks(out.view((m,) + tuple(pre.shape)), mask_dim(zr.shape, pre.shape))
+
+
 def own_buffer(out: torch.Tensor, source: torch.Tensor) -> bool:
     """Whether ``out`` may be overwritten: a contiguous tensor that shares no memory with
     ``source`` (a user's weights could return a view of their input) and needs no grad."""
@@ -113,6 +133,11 @@ class Affine(Rule):
             raise unsupported(node, "weights that depend on the input")
         return Step(node, self, dep, module=module)
 
+    def gate_like(self, graph, node, gates):
+        """A linear map of attention weights (CaiT's talking heads mix the heads' softmax) is
+        context too."""
+        return only_gates(node, graph.reach, gates)
+
     def total(self, step, value_of):
         weights, bias = affine_parts(step, value_of)
         pre = weights(value_of(step.dep[0]))
@@ -130,8 +155,8 @@ class Affine(Rule):
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
-        if channels_last(step, zr):  # the split ops take channels at dim 1
-            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused).movedim(1, -1)
+        if channels_last(step, zr):
+            return split_bias_tokens(ops, zr, pre, bias, step.relu_fused, own_buffer(zr, r))
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused)
         return ops.bias_split(zr, pre, bias, step.relu_fused)

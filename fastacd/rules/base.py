@@ -131,6 +131,44 @@ def only_gates(node: fx.Node, reach: set, gates: set) -> bool:
     return bool(dep) and all(a in gates for a in dep)
 
 
+# --------------------------------------------------------------------------------------
+# Mask layout: where the M masks of a relevant part sit
+# --------------------------------------------------------------------------------------
+# A relevant part has its total's shape with one dim holding the masks: the total's batch
+# of 1 replaced by M (dim 0, or wherever an op moved it: attention's (3, M, heads, N, d)
+# stacks), or the total's size there multiplied by M with the mask the outer factor (window
+# partitions merge the batch with the windows: (M * windows, N, C) for a total (windows, N, C)).
+def mask_dim(shape, total) -> int:
+    """The dim of a relevant part of ``shape`` that holds the masks against its total's shape:
+    the one where they differ (0 where none does: one mask)."""
+    for k, (a, b) in enumerate(zip(shape, total)):
+        if a != b:
+            return k
+    return 0
+
+
+def per_mask(rel: torch.Tensor, total) -> torch.Tensor:
+    """``rel`` as (M, *total): the masks in a leading dim of their own (a view)."""
+    total = tuple(total)
+    if not total:
+        return rel.reshape(-1)
+    k = mask_dim(rel.shape, total)
+    return rel.unflatten(k, (rel.shape[k] // total[k], total[k])).movedim(k, 0)
+
+
+def merge_masks(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(M, *S) -> S with dim k holding the masks as its outer factor (``per_mask``'s inverse)."""
+    return t.movedim(0, k).flatten(k, k + 1)
+
+
+def rel_shape(total, k: int, m: int) -> tuple:
+    """The shape of m masks' relevant part of a total of shape ``total``, masks in dim k."""
+    shape = list(total)
+    if shape:
+        shape[k] *= m
+    return tuple(shape)
+
+
 def as_tuple(v) -> tuple[int, int]:
     if isinstance(v, (tuple, list)):
         return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))

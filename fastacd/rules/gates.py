@@ -13,7 +13,8 @@ import operator
 import torch
 
 from ..capture.nodes import Step, load_arg, operands
-from .base import Rule, only_gates, unsupported
+from .attention import shared_matmul
+from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 
 class Normaliser(Rule):
@@ -70,7 +71,17 @@ class MatMul(Rule):
         return self._apply(step, r, value_of), self._apply(step, i, value_of)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        return self._apply(step, rel[step.dep[0]], values.__getitem__)
+        d = step.dep[0]
+        r, total = rel[d], values[d].shape
+        a, b = operands(step.node)
+        other = load_arg(values.__getitem__, b if step.extra["left"] else a)
+        if not step.extra["left"] and r.dim() >= 3 and other.dim() >= 2:
+            return shared_matmul(other, r, total)  # P @ v: P shared by the masks, not copied per mask
+        k = mask_dim(r.shape, total)
+        if total[k] == 1 or m == 1:  # the masks in a batch dim of their own: they broadcast
+            return self._apply(step, r, values.__getitem__)
+        out = self._apply(step, per_mask(r, total), values.__getitem__)  # masks merged (windows)
+        return merge_masks(out, k + out.dim() - 1 - len(total))
 
 
 class Product(Rule):

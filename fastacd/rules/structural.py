@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg, operands
-from .base import Elementwise, Rule, Union, only_gates, unsupported
+from .base import (Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, per_mask, rel_shape,
+                   unsupported)
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
@@ -23,6 +24,11 @@ try:  # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap): i
     _STOCHASTIC_DEPTH = {_stochastic_depth: 3}  # function -> position of its training flag
 except ImportError:  # torchvision is optional
     _STOCHASTIC_DEPTH = {}
+try:  # Swin's patch merging: zero padding, strided slices, concatenation (an fx leaf function)
+    from torchvision.models.swin_transformer import _patch_merging_pad
+    _TV_LINEAR = (_patch_merging_pad,)
+except ImportError:
+    _TV_LINEAR = ()
 
 
 def _identity(t):
@@ -44,10 +50,12 @@ class Linear(Rule):
                nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH)
-    methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum")
+                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims
+                 ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR
+    methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
+               "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
-           "upsampling, `permute`, `mean`, ...", "`f(r)`", "`f(i)`")
+           "upsampling, `permute`, `transpose`, `movedim`, `mean`, Swin's patch merging, ...", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
@@ -77,9 +85,10 @@ class Linear(Rule):
 class Reshape(Rule):
     kind = "reshape"
     modules = (nn.Flatten, nn.Unflatten)
-    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-    methods = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
-    row = ("`flatten`, `view`, `reshape`, `squeeze`, `unsqueeze`, `nn.Flatten`", "`f(r)`", "`f(i)`")
+    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten)
+    methods = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten")
+    row = ("`flatten`, `view`, `reshape`, `squeeze`, `unsqueeze`, `unflatten`, `nn.Flatten`; window "
+           "partitions merging the batch with the windows", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
@@ -88,7 +97,13 @@ class Reshape(Rule):
         return _each(step, parts, value_of)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        return rel[step.dep[0]].reshape((m,) + tuple(values[step.node].shape[1:]))
+        d = step.dep[0]
+        r, total_in = rel[d], values[d].shape
+        if mask_dim(r.shape, total_in) != 0:  # masks moved (a head stack): to the front first
+            r = per_mask(r, total_in)
+        # the masks become the outer factor of dim 0: (M, ...) where the total has its batch of
+        # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows
+        return r.reshape(rel_shape(values[step.node].shape, 0, m))
 
 
 class Getitem(Rule):
@@ -166,10 +181,10 @@ class Add(Rule):
         rb = rel.get(b) if isinstance(b, fx.Node) else None
         if ra is not None and rb is not None:
             return ra + rb if self.sign > 0 else ra - rb
-        want = (m,) + tuple(values[step.node].shape[1:])  # a constant may broadcast the shape
-        if ra is not None:
-            return ra.expand(want)
-        return (rb if self.sign > 0 else -rb).expand(want)
+        r, d = (ra, a) if ra is not None else ((rb if self.sign > 0 else -rb), b)
+        total = values[step.node].shape  # a constant may broadcast the shape
+        k = mask_dim(r.shape, values[d].shape) + len(total) - r.dim()
+        return r.expand(rel_shape(total, k, m))
 
     def inplace_operand(self, step):
         a, b = operands(step.node)
@@ -302,13 +317,15 @@ class Cat(Rule):
         node = step.node
         total = values[node]
         dim = self._dim(node, total)
+        first = next(t for t in node.args[0] if isinstance(t, fx.Node) and t in rel)
+        k = mask_dim(rel[first].shape, values[first].shape)
         out = []
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in rel:
                 out.append(rel[t])
-            else:  # a constant joins the irrelevant part
+            else:  # a constant joins the irrelevant part (a class token: zeros for every mask)
                 v = values[t] if isinstance(t, fx.Node) else t
-                out.append(torch.zeros((m,) + tuple(v.shape[1:]), dtype=total.dtype, device=total.device))
+                out.append(torch.zeros(rel_shape(v.shape, k, m), dtype=total.dtype, device=total.device))
         return torch.cat(out, dim)
 
     def locality(self, step, values):
@@ -350,14 +367,169 @@ class OutputSoftmax(Rule):
 
 
 class Shape(Rule):
-    """``x.size()``, ``x.shape``, ``x.dim()``: a plain value of the total, not decomposed."""
+    """``x.size()``, ``x.shape``, ``x.dim()``, and tensors made from the size alone
+    (``x.new_zeros(...)``, ``torch.zeros_like(x)``: an attention mask's canvas): a plain value
+    of the total, not decomposed."""
     kind = "shape"
-    functions = (getattr,)
-    methods = ("size", "dim")
+    functions = (getattr, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
+    methods = ("size", "dim", "new_zeros", "new_ones", "new_full", "new_empty")
     value = False
-    row = ("`x.size()`, `x.shape`, `x.dim()`", "a plain value of `a`", "")
+    row = ("`x.size()`, `x.shape`, `x.dim()`, `x.new_zeros(...)`, `torch.zeros_like(x)`, ...",
+           "a plain value of `a`", "")
 
     def claim(self, graph, node, dep, module):
         if node.op == "call_function" and node.args[1] not in ("shape", "ndim", "dtype", "device"):
             return None
         return Step(node, self, dep)
+
+
+# --------------------------------------------------------------------------------------
+# Shifts, paddings, broadcasts (Swin's shifted windows, class tokens): part-wise ops that
+# may touch the dim holding the masks. Where they do, the op runs on each mask's part as
+# on a tensor of the total's shape (torch.vmap), which is what the model computes per sample.
+# --------------------------------------------------------------------------------------
+def each_mask(step: Step, r: torch.Tensor, values, fn=None) -> torch.Tensor:
+    """The op (or ``fn``) on each mask's relevant part alone, the masks back in the dim that held
+    them (the outer factor there)."""
+    d = step.dep[0]
+    total_in, total_out = values[d].shape, values[step.node].shape
+    k = mask_dim(r.shape, total_in)
+    fn = fn or (lambda t: call_with(step, values.__getitem__, {d: t}))
+    out = torch.vmap(fn)(per_mask(r, total_in))
+    k_out = min(max(k + len(total_out) - len(total_in), 0), max(len(total_out) - 1, 0))
+    return merge_masks(out, k_out)
+
+
+def _dims(dims, ndim: int) -> set:
+    dims = dims if isinstance(dims, (tuple, list)) else [dims]
+    return {int(x) % ndim for x in dims}
+
+
+class Roll(Rule):
+    """``torch.roll``: part-wise (Swin's cyclic shift and its reverse)."""
+    kind = "roll"
+    functions = (torch.roll,)
+    methods = ("roll",)
+    row = ("`torch.roll`", "`f(r)`", "`f(i)`")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def reference(self, step, parts, value_of, aux):
+        return _each(step, parts, value_of)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        r = rel[step.dep[0]]
+        dims = arg(step.node, 2, "dims", None)
+        if dims is None or dims == () or mask_dim(r.shape, values[step.dep[0]].shape) in _dims(dims, r.dim()):
+            return each_mask(step, r, values)  # a roll of the flattened sample or along the masks
+        return call_with(step, values.__getitem__, {step.dep[0]: r})
+
+
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad3d)
+_OTHER_PADS = (nn.ReflectionPad1d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad3d,
+               nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+
+
+class Pad(Rule):
+    """``F.pad`` and the padding modules: part-wise; a constant mode's value is a constant, so it
+    joins the irrelevant part (the relevant part is padded with zeros)."""
+    kind = "pad"
+    modules = _CONSTANT_PADS + _OTHER_PADS
+    functions = (F.pad,)
+    row = ("`F.pad`, ConstantPad, ReflectionPad, ReplicationPad, CircularPad", "`pad(r, 0)`",
+           "`pad(i, value)` (reflect, replicate, circular: `pad(i)`)")
+
+    def claim(self, graph, node, dep, module):
+        if module is not None:
+            constant = isinstance(module, _CONSTANT_PADS)
+            return Step(node, self, dep, module=module, extra={
+                "pad": tuple(module.padding), "mode": "constant" if constant else None,
+                "value": float(module.value) if constant else 0.0})
+        mode = arg(node, 2, "mode", "constant")
+        if isinstance(mode, fx.Node):
+            raise unsupported(node, "a padding mode computed in forward")
+        return Step(node, self, dep, extra={"pad": None, "mode": mode, "value": None})
+
+    def _fn(self, step, value_of, value):
+        """The padding of one tensor with the constant ``value`` (constant mode)."""
+        if step.module is not None:
+            if step.extra["mode"] == "constant":
+                return lambda t: F.pad(t, step.extra["pad"], "constant", value)
+            return step.module
+        node = step.node
+        pad = load_arg(value_of, arg(node, 1, "pad"))
+        mode = step.extra["mode"]
+        return (lambda t: F.pad(t, pad, "constant", value)) if mode == "constant" else (lambda t: F.pad(t, pad, mode))
+
+    def _value(self, step, value_of):
+        if step.module is not None:
+            return step.extra["value"]
+        v = load_arg(value_of, arg(step.node, 3, "value", None))
+        return 0.0 if v is None else v
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        return self._fn(step, value_of, 0.0)(r), self._fn(step, value_of, self._value(step, value_of))(i)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        r = rel[step.dep[0]]
+        fn = self._fn(step, values.__getitem__, 0.0)
+        pad = step.extra["pad"] or load_arg(values.__getitem__, arg(step.node, 1, "pad"))
+        if mask_dim(r.shape, values[step.dep[0]].shape) >= r.dim() - len(pad) // 2:
+            return each_mask(step, r, values, fn)  # the padding reaches the dim holding the masks
+        return fn(r)
+
+
+class Expand(Rule):
+    """``expand``, ``expand_as``, ``broadcast_to`` of a decomposed value: each mask's part
+    broadcast as the total is (a size taken from the total keeps the masks' own)."""
+    kind = "expand"
+    functions = (torch.broadcast_to,)
+    methods = ("expand", "expand_as")
+    row = ("`expand`, `expand_as`, `broadcast_to`", "`f(r)` for each mask", "`f(i)`")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def claim(self, graph, node, dep, module):
+        if node.args[0] not in dep:
+            raise unsupported(node, "a constant expanded to the shape of an input-dependent value "
+                                    "(take the size with .shape / .size() instead)")
+        return Step(node, self, dep)  # expand_as(y) reads y's size only (the total's)
+
+    def reference(self, step, parts, value_of, aux):
+        d = step.node.args[0]
+        r, i = parts[d]
+        return call_with(step, value_of, {d: r}), call_with(step, value_of, {d: i})
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.node.args[0]
+        r, total_in, total_out = rel[d], tuple(values[d].shape), tuple(values[step.node].shape)
+        k = mask_dim(r.shape, total_in)
+        lead = (1,) * (len(total_out) - len(total_in))  # expand adds dims on the left
+        out = per_mask(r, total_in).reshape((m,) + lead + total_in).expand((m,) + total_out)
+        return merge_masks(out, k + len(lead))  # a view unless the dim holding the masks is expanded
+
+
+class Repeat(Rule):
+    """``repeat``, ``tile``, ``repeat_interleave``: part-wise, each mask's part repeated as the
+    total is."""
+    kind = "repeat"
+    functions = (torch.tile, torch.repeat_interleave)
+    methods = ("repeat", "tile", "repeat_interleave")
+    row = ("`repeat`, `tile`, `repeat_interleave`", "`f(r)` for each mask", "`f(i)`")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def claim(self, graph, node, dep, module):
+        if dep != [node.args[0]]:
+            raise unsupported(node, "repeats computed from the input")
+        return Step(node, self, dep)
+
+    def reference(self, step, parts, value_of, aux):
+        return _each(step, parts, value_of)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return each_mask(step, rel[step.dep[0]], values)
