@@ -121,7 +121,7 @@ def _cuda_kernels_fit(device: torch.device) -> bool:
                 f"image for {_device_name(index)} (compute capability {capability[0]}.{capability[1]}); "
                 f"the pure-torch formulas run there instead (slower). Rebuild with "
                 f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" to compile for it "
-                f"(docs/kernels.md, Building).", RuntimeWarning, stacklevel=4)
+                f"(docs/kernels.md, On GPUs).", RuntimeWarning, stacklevel=4)
     return fits
 
 
