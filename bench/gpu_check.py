@@ -526,9 +526,9 @@ def stage_checks(ctx) -> None:
         ctx.item("checks", f"cd_{name}", lambda name=name: check_cd(ctx, name, size, n_masks, precisions),
                  need=3 if ctx.dry else 12)
     hier = dict(sweep_dim=8, percentile_include=90, num_iters=2 if ctx.dry else 3)
-    for name in ("alexnet", "resnet18", "vgg16"):
+    for name in ("alexnet", "resnet18", "vgg16"):  # VGG16 last: its CPU hierarchies cost the most
         ctx.item("checks", f"acd_{name}", lambda name=name: check_hierarchy(ctx, name, size, hier, precisions),
-                 need=3 if ctx.dry else 20)
+                 need=3 if ctx.dry else (35 if name == "vgg16" else 20))
     items = ctx.data["checks"]["items"]
     failed = [k for k, v in items.items() if v["status"] == "error" or v.get("pass") is False]
     ctx.data["checks"]["status"] = "failed" if failed else "ok"
