@@ -458,7 +458,7 @@ def tile_masks(n: int, size: int, tile: int, seed: int = 0):
     for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
         r, c = divmod(cell, grid)
         masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    return masks
+    return masks[:, None]  # (n, 1, H, W): unambiguous for any n
 
 
 def image(size: int, seed: int = 0):

@@ -58,7 +58,7 @@ def _input_and_masks(seed=0, m=6, size=32):
     for j in range(m):
         y, x0 = torch.randint(0, size - 7, (2,), generator=g).tolist()
         masks[j, y:y + 8, x0:x0 + 8] = 1
-    return x, masks
+    return x, masks[:, None]  # (M, 1, H, W): unambiguous whatever M
 
 
 def _cpu_reference(name, x, masks):
@@ -96,8 +96,8 @@ def test_windowed_cd_delta_cuda(name, dtype):
     x, _ = _input_and_masks(1)
     base = torch.zeros(32, 32, dtype=torch.float64)
     base[:8, :8] = 1
-    deltas = torch.zeros(4, 32, 32, dtype=torch.float64)
-    deltas[0, 24:, 24:] = deltas[1, 0:4, 12:16] = deltas[2, 12:16, 12:16] = deltas[3, 8:12, 0:4] = 1
+    deltas = torch.zeros(4, 1, 32, 32, dtype=torch.float64)
+    deltas[0, :, 24:, 24:] = deltas[1, :, 0:4, 12:16] = deltas[2, :, 12:16, 12:16] = deltas[3, :, 8:12, 0:4] = 1
     union = torch.maximum(base, deltas)
     ref = _cpu_reference(name, x, union)
     with ops.float32_precision():
