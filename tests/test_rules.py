@@ -289,3 +289,65 @@ def test_a_channel_stack_is_one_mask_in_the_drop_in_and_many_with_an_explicit_di
     many = fastacd.Decomposer(model).cd(x, per_channel[:, None]).relevant
     assert many.shape == (3, 2)
     torch.testing.assert_close(fastacd.cd(x, model, per_channel[:, None])[0], many)
+
+
+# ------------------------------------------------------------------------- split / chunk / unbind
+class SplitNet(nn.Module):
+    """A ShuffleNet-style block (chunk, process one half, cat, channel shuffle), a Res2Net-style
+    split into unequal widths, and unbind along the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(8 * 6 * 6 + 6 * 6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        a, b = h.chunk(2, dim=1)
+        h = torch.cat([a, self.branch(b)], 1)
+        n = h.size(0)
+        h = h.view(n, 2, 4, 6, 6).transpose(1, 2).reshape(n, 8, 6, 6)  # channel shuffle
+        p, q = torch.split(h, [3, 5], dim=1)
+        p = self.conv(p) + q[:, :3]
+        c0, c1, c2 = torch.unbind(p, dim=1)
+        return self.fc(torch.cat([torch.flatten(h, 1), torch.flatten(c0 + c1 - c2, 1)], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_chunk_unbind(dtype):
+    from models import randomize_batchnorm
+    torch.manual_seed(0)
+    model = randomize_batchnorm(SplitNet()).eval().to(dtype)
+    x = torch.randn(1, 3, 6, 6, dtype=dtype)
+    masks = torch.cat([(torch.rand(4, 1, 6, 6) > 0.5), torch.ones(1, 1, 6, 6)]).to(dtype)
+    with torch.no_grad():
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), masks.double())
+        model.to(dtype)
+        for backend in fastacd.available_backends():
+            dec = fastacd.Decomposer(model, backend=backend)
+            res = dec.cd(x, masks)
+            assert_close_scaled(res.relevant, ref_rel.to(dtype), dtype)
+            assert_close_scaled(res.irrelevant, ref_irrel.to(dtype), dtype)
+            torch.testing.assert_close(dec.forward(x), model(x))
+            one = torch.cat([dec.cd(x, mk).relevant for mk in masks])  # batched = one mask at a time
+            assert_close_scaled(res.relevant, one, dtype)
+    assert {"split"} <= {s.kind for s in dec.graph.steps.values()}
+
+
+def test_shufflenet_v2_decomposes():
+    from models import torchvision_model
+    torch.manual_seed(0)
+    model = torchvision_model("shufflenet_v2_x0_5").double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    masks = (torch.rand(3, 1, 64, 64) > 0.5).double()
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks)
+        ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
+        logits = model(x)
+    # like MobileNetV2 (tests/test_engine.py), its many batchnorms amplify the rounding of
+    # i = a - r: within 1e-5 of the output scale in float64, not 1e-10
+    scale = float(ref_rel.abs().max())
+    torch.testing.assert_close(res.relevant, ref_rel, rtol=1e-5, atol=1e-5 * scale)
+    assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), torch.float64)
