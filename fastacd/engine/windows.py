@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..capture.graph import tensors
 from ..rules.base import Elementwise, Sliding, Union
 
 # A node whose window covers more than this fraction of its map is computed in full (and so is
@@ -154,7 +155,10 @@ def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTIO
             win_macs += weight * (p.win.h * p.win.w if p.win is not None else positions)
             if p.win is not None and weight * p.win.h * p.win.w > heaviest[0]:
                 heaviest = (weight * p.win.h * p.win.w, own[node])
-        per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
+        if not isinstance(out, torch.Tensor):  # a tuple (chunk; attention's (out, weights)) or None
+            per_mask = max((t[0].numel() for t in tensors(out) if isinstance(t, torch.Tensor)), default=0)
+        else:
+            per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
         largest = max(largest, per_mask)
     # the candidates sorted by their own window's size (rows, then columns) at the node with the
     # most windowed multiply-adds: neighbours in this order have similar windows where it counts

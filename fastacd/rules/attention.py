@@ -127,10 +127,13 @@ class ScaledDotProductAttention(Rule):
         return 1
 
     def total(self, step, value_of):
+        """``P @ v`` with the P the parts use: the definition of the op (fused kernels differ
+        from it by rounding only), computed as the relevant part is, so that a mask holding
+        everything gets exactly the total and the bias splits after it see no rounding residue."""
         a = load_arg(value_of, _args(step.node, self.NAMES))
         p = attention_probs(a["query"], a["key"], a.get("attn_mask"), bool(a.get("is_causal", False)),
                             a.get("scale"), bool(a.get("enable_gqa", False)))
-        return call_with(step, value_of, {}), p
+        return p @ self._values(step, a["value"], value_of), p
 
     def _values(self, step, v, value_of):
         g = self._gqa(step, value_of)
@@ -190,12 +193,14 @@ class MultiheadAttention(Rule):
         return w, b
 
     def total(self, step, value_of):
+        """The module's output computed as ``F.multi_head_attention_forward`` does with
+        ``need_weights=True`` (the explicit product of its probabilities with the values; a fast
+        path differs by rounding only), the way the parts are computed: a mask holding everything
+        gets exactly the total. The probabilities are the module's own (masks, ``bias_k``, the
+        zero token and all)."""
         mha, a = step.module, load_arg(value_of, _args(step.node, self.NAMES))
         if a["query"].dim() != 3:
             raise UnsupportedOpError(f"{describe_node(step.node)}: unbatched inputs (CD needs the batch dim)")
-        out = call_with(step, value_of, {})  # the model's own call: (out, weights or None)
-        # every head's attention probabilities as the module computes them (masks, bias_k, the
-        # zero token and all)
         _, p = mha(a["query"], a["key"], a["value"], key_padding_mask=a.get("key_padding_mask"),
                    need_weights=True, attn_mask=a.get("attn_mask"), average_attn_weights=False,
                    is_causal=bool(a.get("is_causal", False)))
@@ -203,7 +208,11 @@ class MultiheadAttention(Rule):
         v_pre = linear_no_bias(_batch_first(mha, a["value"]), wv)
         v = v_pre if bv is None else v_pre + bv
         o_pre = linear_no_bias(_merge_heads(p @ _heads(mha, v, mha.bias_v)), mha.out_proj.weight)
-        return out, (p, v_pre, o_pre)
+        out = o_pre if mha.out_proj.bias is None else o_pre + mha.out_proj.bias
+        weights = None
+        if a.get("need_weights", True):
+            weights = p.mean(dim=1) if a.get("average_attn_weights", True) else p
+        return (_batch_first(mha, out), weights), (p, v_pre, o_pre)
 
     def reference(self, step, parts, value_of, aux):
         mha, (p, _, _) = step.module, aux
@@ -384,12 +393,14 @@ class SwinWindowAttention(Rule):
         o_pre = linear_no_bias(_merge_heads(p.matmul(v)), a["proj_weight"])
         proj_bias = a.get("proj_bias")
         mine = win.join(o_pre if proj_bias is None else o_pre + proj_bias)
+        # the replica is the total (computed as the parts are: a mask holding everything gets
+        # exactly the total); it must be the function's output up to rounding
         scale = float(out.detach().abs().max()) + 1e-30
         if not torch.allclose(mine, out, rtol=1e-3, atol=1e-3 * scale):
             raise UnsupportedOpError(
                 f"{describe_node(step.node)}: this torchvision's shifted_window_attention computes "
                 "something fastacd's window_attention rule does not reproduce; please report it")
-        return out, (win, p, v_pre, o_pre)
+        return mine, (win, p, v_pre, o_pre)
 
     def _v(self, step, value_of):
         a = load_arg(value_of, _args(step.node, self.NAMES))
