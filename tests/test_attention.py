@@ -739,3 +739,18 @@ def test_timm_transformers(name):
     size = TIMM[name]["img_size"]
     check_model(model, torch.randn(1, 3, size, size), image_masks(size, size, n=2), one_by_one=False,
                 backends=BACKENDS[-1:], f64_tol=F64_ROUNDING.get(name))
+
+
+def test_attention_rules_are_differentiable():
+    """CD through the attention rules under autograd (CDEP): the gradients of the relevant
+    scores match those of the reference's arithmetic."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    masks = full_masks(token_masks(5, n=2), x)
+    for model in (SDPANet("bool").double().eval(), MHANet(bias_kv=True).double().eval()):
+        grads = []
+        for backend in ("reference", BACKENDS[-1]):
+            model.zero_grad()
+            fastacd.Decomposer(model, backend=backend).cd(x, masks).relevant.sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[1], grads[0])

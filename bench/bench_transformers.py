@@ -1,0 +1,140 @@
+"""CD of 64 masks on one 224x224 image of vit_b_16 and swin_t vs plain forward passes.
+
+    .venv/bin/python -m pytest bench/bench_transformers.py -q
+
+Figures (bench/results/transformers.json), all ratios taken in the same run:
+* ``cd_per_mask_over_best_forward``: CD time per mask / the best plain forward time per image
+  over batch sizes 1, 8 and 16, forward and CD interleaved, best of ``ROUNDS`` rounds (the
+  attention probabilities are shared, so only the value path carries masks: the floor is
+  below 1, the queries, keys and their product are not computed per mask);
+* ``total_pass_over_forward_b1``: the per-image total pass (the true activations and what the
+  rules keep: attention probabilities, pre-bias outputs) over a batch-1 forward;
+* ``tokens_bias_split``: the Linear bias split on (M, N, F) tokens as (M, T) rows against the
+  former path (features moved to dim 1 for the split ops and back), each followed by the
+  next Linear reading it.
+
+The models need a LayerNorm rule. Where the default rule set has none (branch h-norm not
+merged), the case runs the model with its LayerNorms replaced by ``nn.Identity`` (case name
+``<arch>_ln_identity``, forward of that same model), and says so in ``layernorm``.
+
+``ACD_BENCH_THREADS`` threads (default 1: the 2-core box is shared; the CPU-time ratio beside
+the wall one tells contention from change).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fastacd
+from fastacd.ops import torch_ops
+from fastacd.rules.affine import split_bias_tokens
+
+from _results import best_wall_and_cpu, record
+
+THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+MASKS = 64
+ROUNDS = int(os.environ.get("ACD_BENCH_ROUNDS", "3"))
+BATCHES = (1, 8, 16)
+
+
+def _tile_masks(n: int, size: int = 224, tile: int = 16) -> torch.Tensor:
+    """n masks of one 16x16 tile each (ViT's patches)."""
+    g = torch.Generator().manual_seed(0)
+    grid = size // tile
+    masks = torch.zeros(n, size, size)
+    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
+        r, c = divmod(cell, grid)
+        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
+    return masks
+
+
+def _model(arch: str) -> tuple[nn.Module, str]:
+    """The model, with its LayerNorms as nn.Identity where the default rules have no LayerNorm."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    try:
+        fastacd.Decomposer(model)
+        return model, "rule"
+    except fastacd.UnsupportedOpError as exc:
+        if "LayerNorm" not in str(exc).splitlines()[0]:
+            raise
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(m, name, nn.Identity().eval())
+    return model, "identity"
+
+
+@pytest.mark.parametrize("arch", ["vit_b_16", "swin_t"])
+def test_cd_vs_forward(benchmark, arch):
+    model, layernorm = _model(arch)
+    x = torch.randn(1, 3, 224, 224)
+    masks = _tile_masks(MASKS)
+    dec = fastacd.Decomposer(model)
+    with torch.no_grad():
+        forward, forward_cpu, cd_wall, cd_cpu, total = {}, {}, [], [], []
+        dec.cd(x, masks[:2])  # warm-up
+        for _ in range(ROUNDS):  # interleaved: a change of the machine's load hits both
+            for b in BATCHES:
+                batch = x.expand(b, -1, -1, -1).contiguous()
+                w, c = best_wall_and_cpu(lambda: model(batch), repeats=1, warmup=0)
+                forward[b], forward_cpu[b] = min(forward.get(b, w), w), min(forward_cpu.get(b, c), c)
+            w, c = best_wall_and_cpu(lambda: dec.cd(x, masks), repeats=1, warmup=0)
+            cd_wall.append(w)
+            cd_cpu.append(c)
+            total.append(best_wall_and_cpu(lambda: dec._total_pass(x), repeats=1, warmup=0)[0])
+        benchmark.pedantic(lambda: None, rounds=1)
+        values = dec._total_pass(x)[0]
+    per_image = {b: t / b for b, t in forward.items()}
+    per_image_cpu = {b: t / b for b, t in forward_cpu.items()}
+    best_forward = min(per_image.values())
+    figures = {
+        "cd_per_mask_over_best_forward": min(cd_wall) / MASKS / best_forward,
+        "cd_per_mask_over_best_forward_cpu_time": min(cd_cpu) / MASKS / min(per_image_cpu.values()),
+        "total_pass_over_forward_b1": min(total) / per_image[1],
+        "cd_seconds_64_masks": min(cd_wall),
+        "layernorm": layernorm,
+        "backend_compiled": float(dec.backend == "compiled"),
+        "chunk_plan": " ".join(f"{src.name}:{c}" for _, src, c in dec.pass_plan(values, x, MASKS)),
+        **{f"forward_per_image_b{b}": t for b, t in per_image.items()},
+    }
+    name = arch if layernorm == "rule" else f"{arch}_ln_identity"
+    record("transformers", name, **figures)
+    print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+
+
+def test_tokens_bias_split(benchmark):
+    """ViT-B's MLP (197 tokens, 768 -> 3072 -> 768), 16 masks: the bias split of fc1 on (M, T)
+    rows vs features moved to dim 1 and back, each with fc2 reading the result."""
+    torch.manual_seed(0)
+    m, n, f, h = 16, 197, 768, 3072
+    r = torch.randn(m, n, f)
+    w1, b1, w2 = torch.randn(h, f) / f ** 0.5, torch.randn(h), torch.randn(f, h) / h ** 0.5
+    pre = torch.nn.functional.linear(torch.randn(1, n, f), w1)
+    ops = fastacd.ops if fastacd.ops.HAS_COMPILED else torch_ops
+
+    def rows():
+        z = torch.nn.functional.linear(r, w1)
+        return torch.nn.functional.linear(split_bias_tokens(ops, z, pre, b1, False, True), w2)
+
+    def moved():
+        z = torch.nn.functional.linear(r, w1)
+        out = ops.bias_split(z.movedim(-1, 1), pre.movedim(-1, 1), b1, False).movedim(1, -1)
+        return torch.nn.functional.linear(out, w2)
+
+    with torch.no_grad():
+        torch.testing.assert_close(rows(), moved())
+        t_rows, t_moved = [], []
+        for _ in range(ROUNDS + 2):
+            t_rows.append(best_wall_and_cpu(rows, repeats=1, warmup=0)[0])
+            t_moved.append(best_wall_and_cpu(moved, repeats=1, warmup=0)[0])
+        benchmark.pedantic(lambda: None, rounds=1)
+    figures = {"moved_over_rows": min(t_moved) / min(t_rows), "rows_seconds": min(t_rows),
+               "moved_seconds": min(t_moved)}
+    record("transformers", "tokens_bias_split", **figures)
+    print({k: round(v, 4) for k, v in figures.items()})
