@@ -728,8 +728,9 @@ def timm_model(name: str, fused: bool = True) -> nn.Module:
 def test_timm_transformers_without_norms(name, fused):
     model = without_norms(timm_model(name, fused))
     size = TIMM[name]["img_size"]
+    # the reference backend is the oracle itself: the batched backends against it
     check_model(model, torch.randn(1, 3, size, size), image_masks(size, size, n=2), one_by_one=fused,
-                backends=BACKENDS if fused else BACKENDS[-1:], f64_tol=F64_ROUNDING.get(name))
+                backends=BACKENDS[1:] if fused else BACKENDS[-1:], f64_tol=F64_ROUNDING.get(name))
 
 
 @pytest.mark.parametrize("name", list(TIMM))

@@ -57,14 +57,14 @@ def shared_matmul(p: torch.Tensor, r: torch.Tensor, total) -> torch.Tensor:
     ``total`` (..., S, d). Returns (..., L, d) with the masks in the same dim.
 
     One product per mask into one output: ``torch.matmul`` broadcasting ``p`` over the masks
-    copies it M times (heads x tokens^2 each), more than the product itself costs."""
+    copies it M times (heads x tokens^2 each), more than the product itself costs. ``p`` should
+    be free of subnormals (``without_subnormals``)."""
     total = tuple(total)
     k = mask_dim(r.shape, total)
     if k >= len(total) - 2:
         raise UnsupportedOpError("an attention product whose values hold the masks in their token "
                                  "or feature dim (the samples would mix)")
     rm = per_mask(r, total)  # (M, ..., S, d)
-    p = without_subnormals(p)
     batch = torch.broadcast_shapes(p.shape[:-2], rm.shape[1:-2])
     shape = (rm.shape[0],) + tuple(batch) + (p.shape[-2], rm.shape[-1])
     if torch.is_grad_enabled() and (p.requires_grad or rm.requires_grad):  # out= has no autograd

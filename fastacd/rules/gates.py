@@ -13,7 +13,7 @@ import operator
 import torch
 
 from ..capture.nodes import Step, load_arg, operands
-from .attention import shared_matmul
+from .attention import shared_matmul, without_subnormals
 from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 
@@ -76,8 +76,8 @@ class MatMul(Rule):
         r, total = rel[d], values[d].shape
         a, b = operands(step.node)
         other = load_arg(values.__getitem__, b if step.extra["left"] else a)
-        if not step.extra["left"] and r.dim() >= 3 and other.dim() >= 2:
-            return shared_matmul(other, r, total)  # P @ v: P shared by the masks, not copied per mask
+        if not step.extra["left"] and r.dim() >= 3 and other.dim() >= 2:  # P @ v: P shared by the masks
+            return shared_matmul(without_subnormals(other), r, total)
         k = mask_dim(r.shape, total)
         if total[k] == 1 or m == 1:  # the masks in a batch dim of their own: they broadcast
             return self._apply(step, r, values.__getitem__)
