@@ -286,7 +286,8 @@ class GroupNorm(_Norm):
     kind = "groupnorm"
     modules = (nn.GroupNorm,)
     functions = (F.group_norm,)
-    row = ("GroupNorm, `F.group_norm`", "as layernorm, per group of channels", "`zi + (1-pr)*beta`")
+    row = ("GroupNorm, `F.group_norm`", "`zr + pr*beta`, `zr = (r - mean_g(r)) / std_g(a) * gamma` per group g",
+           "`zi + (1-pr)*beta`")
 
     def params(self, step, value_of):
         m = step.module
