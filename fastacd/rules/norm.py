@@ -117,14 +117,12 @@ _RMS_NORM_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
 
 @dataclass
 class NormAux:
-    """What the total pass keeps of a normalisation: the input its statistics were computed
-    from, the layer's parameters, the total's reciprocal std (broadcast over the normalised
-    dims) and its output before beta, ``pre = (a - mean(a)) / std(a) * gamma`` (the affine
-    rule's total pre-activation)."""
+    """What the total pass keeps of a normalisation (or an addcmul affine): the input its
+    statistics were computed from, the factor each centred part is multiplied by
+    (``gamma / std(a)``, broadcast against the input) and the total's output before beta,
+    ``pre = (a - mean(a)) / std(a) * gamma`` (the affine rule's total pre-activation)."""
     source: torch.Tensor
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    rstd: torch.Tensor
+    factor: torch.Tensor | None
     pre: torch.Tensor | None
 
 
@@ -135,25 +133,33 @@ def rows_like(t: torch.Tensor, m: int) -> torch.Tensor:
     return t if n in (1, m) else t.repeat((m // n,) + (1,) * (t.dim() - 1))
 
 
+def inference(*ts: torch.Tensor) -> bool:
+    """Whether no autograd records these (the in-place and ``out=`` forms may run)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+
 def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | None,
-               relu: bool = False) -> torch.Tensor:
+               relu: bool = False, own: bool = False) -> torch.Tensor:
     """The affine rule's split of a shift ``beta`` (broadcast right-aligned against zr) for m
-    masks: ``zr + pr * beta`` with ``zi = pre - zr``, then ReLU if asked. The compiled
-    ``bias_split`` takes channels at dim 1: a per-channel beta goes as it is, a beta over the
-    last dims (LayerNorm, a token's features) with those dims flattened and moved to dim 1."""
+    masks: ``zr + pr * beta`` with ``zi = pre - zr``, then ReLU if asked (``own``: zr is a
+    contiguous tensor of the caller's that may be overwritten). The compiled ``bias_split``
+    takes channels at dim 1: a per-channel beta goes as it is; a beta over the last dims
+    (LayerNorm, a token's features) sees each mask's whole map as one row of channels, beta
+    repeated along it. That keeps the model's layout (features last, contiguous): moving the
+    features to dim 1 and back cost two copies and left a strided output that made the next
+    Linear's GEMM 3.6x slower (ConvNeXt-Tiny, docs/engine.md "Norms")."""
     if beta is None:
         return zr.clamp_min(0) if relu else zr
     pre = rows_like(pre, zr.shape[0])
+    split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split
     b = beta.reshape((1,) * (zr.dim() - beta.dim()) + tuple(beta.shape))
     spread = [k for k in range(zr.dim()) if b.shape[k] != 1]
     if zr.dim() >= 2 and spread == [1] and b.shape[1] == zr.shape[1]:
-        return ops.bias_split(zr, pre, b.reshape(-1), relu)
+        return split(zr, pre, b.reshape(-1), relu)
     if spread and spread[0] > 0 and spread == list(range(spread[0], zr.dim())) \
             and b.shape[spread[0]:] == zr.shape[spread[0]:]:
-        feat = b.numel()
-        out = ops.bias_split(zr.reshape(zr.shape[0], -1, feat).movedim(-1, 1),
-                             pre.reshape(pre.shape[0], -1, feat).movedim(-1, 1), b.reshape(-1), relu)
-        return out.movedim(1, -1).reshape(zr.shape)
+        rows = b.reshape(-1).repeat(zr[0].numel() // b.numel())
+        return split(zr.reshape(zr.shape[0], -1), pre.reshape(pre.shape[0], -1), rows, relu).reshape(zr.shape)
     zi = pre - zr  # any other broadcast: the same arithmetic as ops.bias_split, in torch
     prop_rel, prop_irrel = zr.abs() + EPS, zi.abs() + EPS
     out = zr + prop_rel / (prop_rel + prop_irrel) * b
@@ -162,9 +168,9 @@ def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | No
 
 class _Norm(Rule):
     """The shared form of LayerNorm, GroupNorm and RMSNorm; a subclass says which dims its
-    statistics run over (``params``, ``rstd``, ``centre``) and how gamma broadcasts."""
+    statistics run over (``params``, ``rstd``, ``mean``) and how they and gamma broadcast
+    (``factor``)."""
     fuses_relu = True
-    centred = True
 
     def params(self, step: Step, value_of: Callable) -> dict:
         """The layer's parameters: weight, bias, eps and its layout (normalised dims, groups)."""
@@ -174,13 +180,14 @@ class _Norm(Rule):
         """1 / sqrt(var(a) + eps) (RMSNorm: 1 / sqrt(mean(a^2) + eps)) per normalised group."""
         raise NotImplementedError
 
-    def centre(self, p: dict, t: torch.Tensor) -> torch.Tensor:
-        """t minus its own mean over the normalised dims (per group)."""
+    def mean(self, p: dict, t: torch.Tensor) -> torch.Tensor | None:
+        """t's own mean over the normalised dims (per group), broadcast against t (None: no
+        centring)."""
         raise NotImplementedError
 
-    def scale(self, p: dict, t: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-        """t (already centred) divided by the total's std, per normalised group."""
-        return t * rstd
+    def factor(self, p: dict, rstd: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``gamma / std(a)`` broadcast against the input (computed once per image)."""
+        return rstd if p["weight"] is None else rstd * self.gamma_view(p, like, p["weight"])
 
     def gamma_view(self, p: dict, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """A per-element parameter (gamma, beta) shaped to broadcast against t."""
@@ -191,15 +198,24 @@ class _Norm(Rule):
             raise unsupported(node, "a normalisation whose weight or bias depends on the input")
         return Step(node, self, dep, module=module)
 
-    def _normalise(self, p: dict, t: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-        z = self.scale(p, self.centre(p, t) if self.centred else t, rows_like(rstd, t.shape[0]))
-        return z if p["weight"] is None else z * self.gamma_view(p, z, p["weight"])
+    def _normalise(self, p: dict, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``(t - mean(t)) * factor``: the part's own centring, the total's std and gamma. Without
+        autograd into a fresh contiguous tensor (the model's layout: the input may be a permuted
+        view, as ConvNeXt's channels-last LayerNorm input is) in two passes."""
+        f = rows_like(factor, t.shape[0])
+        mean = self.mean(p, t)
+        if not inference(t, f):
+            return t * f if mean is None else (t - mean) * f
+        out = torch.empty(torch.broadcast_shapes(t.shape, f.shape), dtype=t.dtype, device=t.device)
+        if mean is None:
+            return torch.mul(t, f, out=out)
+        return torch.sub(t, mean, out=out).mul_(f)
 
     def _aux(self, step: Step, value_of: Callable, a: torch.Tensor) -> tuple[NormAux, dict]:
         p = self.params(step, value_of)
-        rstd = self.rstd(p, a)
-        pre = self._normalise(p, a, rstd) if p["bias"] is not None else None
-        return NormAux(a, p["weight"], p["bias"], rstd, pre), p
+        factor = self.factor(p, self.rstd(p, a), a)
+        pre = self._normalise(p, a, factor) if p["bias"] is not None else None
+        return NormAux(a, factor, pre), p
 
     def total(self, step, value_of):
         a = value_of(step.dep[0])
@@ -210,8 +226,7 @@ class _Norm(Rule):
         kept by the total pass), else recomputed from it (a window's per-mask crops, CDEP's)."""
         a = values[step.dep[0]]
         if aux is not None and aux.source is a:
-            p = self.params(step, values.__getitem__)
-            return aux, p
+            return aux, self.params(step, values.__getitem__)
         return self._aux(step, values.__getitem__, a)
 
     def _beta(self, p: dict, like: torch.Tensor) -> torch.Tensor | None:
@@ -220,13 +235,16 @@ class _Norm(Rule):
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         p = self.params(step, value_of)
-        zr, zi = self._normalise(p, r, aux.rstd), self._normalise(p, i, aux.rstd)
+        zr, zi = self._normalise(p, r, aux.factor), self._normalise(p, i, aux.factor)
         return split_bias(zr, zi, self._beta(p, zr), last=True)
 
     def relevant(self, step, rel, values, aux, ops, m):
         aux, p = self._stats(step, values, aux)
-        zr = self._normalise(p, rel[step.dep[0]], aux.rstd)
-        return split_beta(ops, zr, aux.pre, self._beta(p, zr), step.relu_fused)
+        zr = self._normalise(p, rel[step.dep[0]], aux.factor)
+        return split_beta(ops, zr, aux.pre, self._beta(p, zr), step.relu_fused, own=True)
+
+    def fresh(self, step, rel, out):
+        return True  # a tensor of its own (never a view of the input)
 
 
 def _layer_norm_params(step: Step, value_of: Callable) -> dict:
@@ -256,19 +274,15 @@ class LayerNorm(_Norm):
     def params(self, step, value_of):
         p = _layer_norm_params(step, value_of)
         p["channels_first"] = isinstance(step.module, _CHANNELS_FIRST_LN)
-        if p["channels_first"]:
-            p["dims"] = (1,)
-        else:
-            k = len(p["shape"])
-            p["dims"] = tuple(range(-k, 0))
+        p["dims"] = (1,) if p["channels_first"] else tuple(range(-len(p["shape"]), 0))
         return p
 
     def rstd(self, p, a):
-        var = torch.var_mean(a, p["dims"], correction=0, keepdim=True)[0]
+        var = torch.var_mean(a, p["dims"], correction=0, keepdim=True)[0]  # biased, as the layer
         return torch.rsqrt(var + p["eps"])
 
-    def centre(self, p, t):
-        return t - t.mean(p["dims"], keepdim=True)
+    def mean(self, p, t):
+        return t.mean(p["dims"], keepdim=True)
 
     def gamma_view(self, p, t, w):
         return w.reshape((-1,) + (1,) * (t.dim() - 2)) if p["channels_first"] else w
@@ -307,12 +321,15 @@ class GroupNorm(_Norm):
         var = torch.var_mean(self._grouped(p, a), -1, correction=0, keepdim=True)[0]
         return torch.rsqrt(var + p["eps"])  # (N, G, 1)
 
-    def centre(self, p, t):
-        g = self._grouped(p, t)
-        return (g - g.mean(-1, keepdim=True)).reshape(t.shape)
+    def mean(self, p, t):
+        n, c = t.shape[:2]
+        g = self._grouped(p, t).mean(-1, keepdim=True)  # (N, G, 1) -> per channel
+        return g.expand(n, p["groups"], c // p["groups"]).reshape((n, c) + (1,) * (t.dim() - 2))
 
-    def scale(self, p, t, rstd):
-        return (self._grouped(p, t) * rstd).reshape(t.shape)
+    def factor(self, p, rstd, like):
+        n, c = like.shape[:2]
+        per_channel = rstd.expand(n, p["groups"], c // p["groups"]).reshape((n, c) + (1,) * (like.dim() - 2))
+        return per_channel if p["weight"] is None else per_channel * self.gamma_view(p, like, p["weight"])
 
     def gamma_view(self, p, t, w):
         return w.reshape((-1,) + (1,) * (t.dim() - 2))
@@ -324,7 +341,6 @@ class RMSNorm(_Norm):
     kind = "rmsnorm"
     modules = _RMS_NORM_MODULES
     functions = _RMS_NORM_FUNCTIONS
-    centred = False
     row = ("RMSNorm, `F.rms_norm`", "`r / sqrt(mean(a^2) + eps) * gamma`", "`i / sqrt(mean(a^2) + eps) * gamma`")
 
     def params(self, step, value_of):
@@ -342,6 +358,9 @@ class RMSNorm(_Norm):
     def rstd(self, p, a):
         eps = p["eps"] if p["eps"] is not None else torch.finfo(a.dtype).eps  # F.rms_norm's default
         return torch.rsqrt(a.pow(2).mean(p["dims"], keepdim=True) + eps)
+
+    def mean(self, p, t):
+        return None
 
 
 class AddCMul(Rule):
@@ -396,7 +415,7 @@ class AddCMul(Rule):
     def total(self, step, value_of):
         scale, _ = self._parts(step, value_of)
         a = value_of(step.extra["x"])
-        return call_with(step, value_of, {}), NormAux(a, None, None, None, scale(a))
+        return call_with(step, value_of, {}), NormAux(a, None, scale(a))
 
     def reference(self, step, parts, value_of, aux):
         scale, beta = self._parts(step, value_of)
@@ -408,7 +427,10 @@ class AddCMul(Rule):
         scale, beta = self._parts(step, values.__getitem__)
         a = values[step.extra["x"]]
         pre = aux.pre if aux is not None and aux.source is a else scale(a)
-        return split_beta(ops, scale(rel[step.extra["x"]]), pre, beta, step.relu_fused)
+        return split_beta(ops, scale(rel[step.extra["x"]]), pre, beta, step.relu_fused, own=True)
+
+    def fresh(self, step, rel, out):
+        return True  # a tensor of its own (never a view of the input)
 
     def locality(self, step, values):
         # element-wise where alpha and beta are scalars or per channel (no extent over the map's
