@@ -2,6 +2,7 @@
 best plain forward per image: 64 masks, 224x224, float32, 1 thread.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/profile_norms.py [--arch convnext_tiny] [--masks 64]
+        [--no-profile] [--record] [--flush-denormal] [--affine-rows]
 
 Prints the share of the relevant pass per rule kind (each rule's ``relevant`` wrapped in a
 ``torch.profiler.record_function``) and the top ATen ops, then the ratio. Interleaves forward
@@ -20,6 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import fastacd
 from fastacd.rules import affine as affine_rules
 from fastacd.rules.norm import split_beta
+
+from _results import record
 
 
 def tile_masks(n: int, size: int = 224, tile: int = 14) -> torch.Tensor:
@@ -80,7 +83,7 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def ratio(model, dec, x, masks, rounds: int) -> None:
+def ratio(model, dec, x, masks, rounds: int) -> dict:
     m = masks.shape[0]
     fwd: dict[int, tuple] = {}
     cd = []
@@ -92,12 +95,16 @@ def ratio(model, dec, x, masks, rounds: int) -> None:
             fwd[b] = (min(old[0], w / b), min(old[1], c / b))
         w, c = timed(lambda: dec.cd(x, masks))
         cd.append((w / m, c / m))
+    figures = {}
     for k, name in ((0, "wall"), (1, "CPU")):
         best_b = min(fwd, key=lambda b: fwd[b][k])
         best_cd = min(t[k] for t in cd)
+        figures.update({f"cd_per_mask_over_best_forward_{name.lower()}": best_cd / fwd[best_b][k],
+                        f"cd_per_mask_s_{name.lower()}": best_cd, f"best_forward_s_{name.lower()}": fwd[best_b][k]})
         print(f"{name}: forward per image {', '.join(f'batch {b} {v[k] * 1e3:.1f} ms' for b, v in fwd.items())}; "
               f"CD per mask {best_cd * 1e3:.1f} ms (rounds {', '.join(f'{t[k] * 1e3:.1f}' for t in cd)}); "
               f"CD per mask / best forward per image (batch {best_b}): {best_cd / fwd[best_b][k]:.3f}")
+    return figures
 
 
 def affine_rows() -> None:
@@ -122,6 +129,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--record", action="store_true", help="write the ratios to bench/results/norms.json")
     ap.add_argument("--affine-rows", action="store_true", help="what-if: see affine_rows()")
     ap.add_argument("--flush-denormal", action="store_true",
                     help="what-if: flush denormals to zero (random-init ConvNeXt's zero biases and 1e-6 "
@@ -144,7 +152,12 @@ def main() -> None:
         if not args.no_profile:
             by_rule(dec, x, masks)
             forward_ops(model, x)
-        ratio(model, dec, x, masks, args.rounds)
+        figures = ratio(model, dec, x, masks, args.rounds)
+    if args.record:
+        case = "+".join([args.arch, str(args.size), f"{args.masks}masks"]
+                        + (["flush_denormal"] if args.flush_denormal else [])
+                        + (["affine_rows"] if args.affine_rows else []))
+        record("norms", case, **figures)
 
 
 if __name__ == "__main__":
