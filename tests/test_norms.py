@@ -482,3 +482,54 @@ def test_timm_resmlp_addcmul():
         # the model's own addmm: the total differs from model(x) by rounding (3e-14 here)
         assert_close_scaled(dec.forward(x), out, torch.float64)
         assert_close_scaled(res.relevant + res.irrelevant, out.expand_as(res.relevant), torch.float64)
+
+
+def test_cdep_penalty_through_norms_matches_the_reference():
+    """CDEP's paired pass calls the rules with N images' totals and K*N relevant rows (no
+    aux): the statistics are computed per image and repeated per mask. Values and gradients
+    equal the reference backend's."""
+    from fastacd.train.cdep import CDEPPenalty
+    torch.manual_seed(0)
+    model = randomise_affine(LocalNormNet()).eval().double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    masks = (torch.rand(2, 3, 1, 16, 16) > 0.5).double()
+    got = {}
+    for backend in ("paired", "reference"):
+        model.zero_grad()
+        pen = CDEPPenalty(model, backend=backend)(x, masks)
+        pen.backward()
+        got[backend] = (pen.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(got["paired"][0], got["reference"][0])
+    for a, b in zip(got["paired"][1], got["reference"][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_rms_norm_written_out_gives_the_rmsnorm_rule_numbers():
+    """timm's own rms_norm (used where torch lacks F.rms_norm, and by its RmsNorm2d) is written
+    out, ``x * rsqrt(mean(x^2) + eps) * w``: the normaliser is context, and the relevant part
+    equals the rmsnorm rule's on nn.RMSNorm."""
+    fast_norm = pytest.importorskip("timm.layers.fast_norm")
+
+    class WrittenOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.w, self.fc2 = nn.Linear(6, 8), nn.Parameter(torch.randn(8)), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(fast_norm.rms_norm(self.fc1(x), (8,), self.w, 1e-6))
+
+    torch.manual_seed(0)
+    theirs = WrittenOut().eval().double()
+    ours = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8, eps=1e-6), nn.Linear(8, 3)).eval().double()
+    with torch.no_grad():
+        for a, b in ((ours[0], theirs.fc1), (ours[2], theirs.fc2)):
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+        ours[1].weight.copy_(theirs.w)
+    x = torch.randn(1, 4, 6, dtype=torch.float64)
+    masks = masks_for(x.shape)
+    with torch.no_grad():
+        dec = fastacd.Decomposer(theirs)
+        assert "rmsnorm" not in {s.kind for s in dec.graph.steps.values()}
+        assert_close_scaled(dec.cd(x, masks).relevant, fastacd.Decomposer(ours).cd(x, masks).relevant,
+                            torch.float64)

@@ -194,7 +194,7 @@ class _Norm(Rule):
         return w
 
     def claim(self, graph, node, dep, module):
-        if module is None and dep != [node.args[0]]:
+        if module is None and dep != [arg(node, 0, "input")]:
             raise unsupported(node, "a normalisation whose weight or bias depends on the input")
         return Step(node, self, dep, module=module)
 
