@@ -4,16 +4,12 @@ mask at a time, relevant + irrelevant = the model's output, an empty mask stays 
 hand-computed checks (P @ (mask * x) with identity projections, a causal mask, Swin's
 windows through the dedicated rule against the same attention written out).
 
-Real models: torchvision's ViT, Swin (V1, V2) and MaxViT and timm's ViT, DeiT, CaiT, XCiT,
-Swin (V1, V2), BEiT in small configurations. Their LayerNorms need the norm rules (branch
-h-norm); until those are in the default set, each model is checked with its norms replaced
-by ``nn.Identity`` (everything else as built), and the model as built xfails naming exactly
-that op.
+Real models, as built (LayerNorms through the norm rules): torchvision's ViT, Swin (V1, V2)
+and MaxViT and timm's ViT, DeiT, CaiT, XCiT, Swin (V1, V2), BEiT in small configurations.
 """
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -50,20 +46,14 @@ def full_masks(masks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_model(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, *, backends=BACKENDS,
-                one_by_one: bool = True, empty: bool = True, f64_tol=None) -> fastacd.CDResult:
+                one_by_one: bool = True, empty: bool = True) -> fastacd.CDResult:
     """Engine (every backend, float64 and float32) against the float64 reference; sums; batched
     = one mask at a time; the empty mask (the last) has nothing relevant. Returns the float64
     result of the first backend."""
     model = model.eval().double()
     x, masks = x.double(), full_masks(masks.double(), x)
 
-    def close(actual, expected, dtype):
-        if dtype is torch.float64 and f64_tol is not None:  # an explicit, commented tolerance
-            scale = float(expected.abs().max())
-            torch.testing.assert_close(actual, expected, rtol=f64_tol, atol=f64_tol * scale)
-        else:
-            assert_close_scaled(actual, expected, dtype)
-
+    close = assert_close_scaled
     with torch.no_grad():
         ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
         out = model(x)
@@ -576,7 +566,7 @@ def test_a_roll_of_the_flattened_sample_runs_per_mask():
 # --------------------------------------------------------------------------------------
 def test_windowed_pass_through_attention_equals_the_full_pass():
     torch.manual_seed(0)
-    vit = small_vit(norms=False).double().eval()
+    vit = small_vit().double().eval()  # as built, LayerNorms included
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     base = torch.zeros(32, 32)
     base[8:16, 8:16] = 1
@@ -594,20 +584,6 @@ def test_windowed_pass_through_attention_equals_the_full_pass():
 # --------------------------------------------------------------------------------------
 # real models (small configurations)
 # --------------------------------------------------------------------------------------
-NORM_TYPES = ("LayerNorm", "LayerNorm2d", "RmsNorm", "RMSNorm", "GroupNorm", "LayerNormAct")
-NORM_PATTERN = re.compile(r"\((LayerNorm|LayerNorm2d|RmsNorm|RMSNorm|GroupNorm|LayerNormAct)\)|"
-                          r"F?\.?layer_norm|functional\.layer_norm")
-
-
-def without_norms(model: nn.Module) -> nn.Module:
-    """The model with its LayerNorm-like layers replaced by ``nn.Identity``."""
-    for m in list(model.modules()):
-        for name, child in list(m.named_children()):
-            if type(child).__name__ in NORM_TYPES:
-                setattr(m, name, nn.Identity().train(child.training))
-    return model
-
-
 def visible_heads(model: nn.Module) -> nn.Module:
     """Random weights for layers initialised at zero (torchvision's ViT head)."""
     g = torch.Generator().manual_seed(5)
@@ -620,23 +596,11 @@ def visible_heads(model: nn.Module) -> nn.Module:
     return model
 
 
-def decomposer_or_norm_xfail(model):
-    """The Decomposer, or an xfail when the only thing missing is a norm rule (branch h-norm)."""
-    try:
-        return fastacd.Decomposer(model)
-    except fastacd.UnsupportedOpError as exc:
-        first = str(exc).splitlines()[0]
-        if NORM_PATTERN.search(first):
-            pytest.xfail(f"LayerNorm rule on h-norm: {first}")
-        raise
-
-
-def small_vit(norms=True):
+def small_vit():
     from torchvision.models import VisionTransformer
     torch.manual_seed(0)
-    m = visible_heads(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
-                                        mlp_dim=32, num_classes=5))
-    return m if norms else without_norms(m)
+    return visible_heads(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                           mlp_dim=32, num_classes=5))
 
 
 def small_swin(v2=False):
@@ -660,20 +624,13 @@ TORCHVISION = {"vit": (small_vit, 32), "swin": (small_swin, 40), "swin_v2": (lam
 
 
 @pytest.mark.parametrize("name", list(TORCHVISION))
-def test_torchvision_transformers_without_norms(name):
-    pytest.importorskip("torchvision")
-    factory, size = TORCHVISION[name]
-    model = without_norms(visible_heads(factory()))
-    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size), one_by_one=name != "maxvit")
-
-
-@pytest.mark.parametrize("name", list(TORCHVISION))
 def test_torchvision_transformers(name):
+    """As built: f64 engine = reference, f32 close, sums, batched = one mask (the batched
+    backends; the reference backend is the oracle itself)."""
     pytest.importorskip("torchvision")
     factory, size = TORCHVISION[name]
     model = visible_heads(factory()).eval()
-    decomposer_or_norm_xfail(model)
-    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size), one_by_one=False)
+    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size), backends=BACKENDS[1:])
 
 
 @pytest.mark.slow
@@ -683,7 +640,7 @@ def test_torchvision_factory_models_float32(name, size):
     import torchvision
     torch.manual_seed(0)
     model = visible_heads(getattr(torchvision.models, name)(num_classes=10)).eval()
-    dec = decomposer_or_norm_xfail(model)
+    dec = fastacd.Decomposer(model)
     x = torch.randn(1, 3, size, size)
     masks = image_masks(size, size, n=2).float()
     with torch.no_grad():
@@ -705,14 +662,6 @@ TIMM = {  # small configurations of each family (random init, no download)
 }
 
 
-# float64 engine vs reference: a mask holding everything leaves the engine's i = a - r a
-# rounding residue (1e-16, from GEMMs run at another batch size) where the reference has an
-# exact 0, and the affine split amplifies it where a part is small (|zr| 1e-5 there: 3e-11 of
-# the bias); swinv2_cr's output moves by 1e-6 of its scale. Numerical zero (design.md 9,
-# issue 17) is the fix; until then this model gets an explicit tolerance.
-F64_ROUNDING = {"swinv2_cr_tiny_224": 1e-5}
-
-
 def timm_model(name: str, fused: bool = True) -> nn.Module:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -725,21 +674,13 @@ def timm_model(name: str, fused: bool = True) -> nn.Module:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
 @pytest.mark.parametrize("name", list(TIMM))
-def test_timm_transformers_without_norms(name, fused):
-    model = without_norms(timm_model(name, fused))
+def test_timm_transformers(name, fused):
+    """As built, fused attention (SDPA) and written out: f64 engine = reference, f32 close,
+    sums, batched = one mask (the written-out form: the compiled backend only, for time)."""
+    model = timm_model(name, fused)
     size = TIMM[name]["img_size"]
-    # the reference backend is the oracle itself: the batched backends against it
-    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size, n=2), one_by_one=fused,
-                backends=BACKENDS[1:] if fused else BACKENDS[-1:], f64_tol=F64_ROUNDING.get(name))
-
-
-@pytest.mark.parametrize("name", list(TIMM))
-def test_timm_transformers(name):
-    model = timm_model(name)
-    decomposer_or_norm_xfail(model)
-    size = TIMM[name]["img_size"]
-    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size, n=2), one_by_one=False,
-                backends=BACKENDS[-1:], f64_tol=F64_ROUNDING.get(name))
+    check_model(model, torch.randn(1, 3, size, size), image_masks(size, size, n=2),
+                backends=BACKENDS[1:] if fused else BACKENDS[-1:])
 
 
 def test_attention_rules_are_differentiable():
