@@ -13,9 +13,7 @@ Figures (bench/results/transformers.json), all ratios taken in the same run:
   former path (features moved to dim 1 for the split ops and back), each followed by the
   next Linear reading it.
 
-The models need a LayerNorm rule. Where the default rule set has none (branch h-norm not
-merged), the case runs the model with its LayerNorms replaced by ``nn.Identity`` (case name
-``<arch>_ln_identity``, forward of that same model), and says so in ``layernorm``.
+The models run as built (LayerNorms through the norm rules, random init).
 
 ``ACD_BENCH_THREADS`` threads (default 1: the 2-core box is shared; the CPU-time ratio beside
 the wall one tells contention from change).
@@ -53,26 +51,14 @@ def _tile_masks(n: int, size: int = 224, tile: int = 16) -> torch.Tensor:
     return masks
 
 
-def _model(arch: str) -> tuple[nn.Module, str]:
-    """The model, with its LayerNorms as nn.Identity where the default rules have no LayerNorm."""
+def _model(arch: str) -> nn.Module:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)().eval()
-    try:
-        fastacd.Decomposer(model)
-        return model, "rule"
-    except fastacd.UnsupportedOpError as exc:
-        if "LayerNorm" not in str(exc).splitlines()[0]:
-            raise
-    for m in list(model.modules()):
-        for name, child in list(m.named_children()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(m, name, nn.Identity().eval())
-    return model, "identity"
+    return getattr(torchvision.models, arch)().eval()
 
 
 @pytest.mark.parametrize("arch", ["vit_b_16", "swin_t"])
 def test_cd_vs_forward(benchmark, arch):
-    model, layernorm = _model(arch)
+    model = _model(arch)
     x = torch.randn(1, 3, 224, 224)
     masks = _tile_masks(MASKS)
     dec = fastacd.Decomposer(model)
@@ -98,14 +84,12 @@ def test_cd_vs_forward(benchmark, arch):
         "cd_per_mask_over_best_forward_cpu_time": min(cd_cpu) / MASKS / min(per_image_cpu.values()),
         "total_pass_over_forward_b1": min(total) / per_image[1],
         "cd_seconds_64_masks": min(cd_wall),
-        "layernorm": layernorm,
         "backend_compiled": float(dec.backend == "compiled"),
         "chunk_plan": " ".join(f"{src.name}:{c}" for _, src, c in dec.pass_plan(values, x, MASKS)),
         **{f"forward_per_image_b{b}": t for b, t in per_image.items()},
     }
-    name = arch if layernorm == "rule" else f"{arch}_ln_identity"
-    record("transformers", name, **figures)
-    print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+    record("transformers", arch, **figures)
+    print(arch, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
 
 
 def test_tokens_bias_split(benchmark):

@@ -37,3 +37,17 @@ class Cumsum(nn.Module):
 
 def unsupported() -> nn.Module:
     return Cumsum()
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer at 64 px with 8 px patches (an 8 x 8 patch grid), two
+    blocks, seeded; the head (zero at init) given random weights so that scores differ."""
+    from torchvision.models import VisionTransformer
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                  mlp_dim=32, num_classes=5)
+        with torch.no_grad():
+            model.heads.head.weight.normal_(0, 0.5)
+            model.heads.head.bias.normal_(0, 0.5)
+    return model.eval()

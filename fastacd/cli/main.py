@@ -116,7 +116,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
 
     g = r.add_argument_group("ACD (defaults: the paper's ImageNet settings)")
     g.add_argument("--sweep-dim", type=int, default=None, help="tile side in pixels (default: "
-                   "ceil(image size / 16), 14 at 224)")
+                   "ceil(image size / 16), 14 at 224; for patch models (ViT, Swin, ConvNeXt: the "
+                   "input read by a convolution with kernel = stride) the smallest multiple of the "
+                   "patch size at least that, so tiles align to the patch grid: 16 for vit_b_16, "
+                   "swin_t, convnext_tiny at 224)")
     g.add_argument("--percentile-include", type=float, default=95, help="selection percentile "
                    "(default: %(default)s)")
     g.add_argument("--num-iters", type=int, default=5, help="growing iterations (default: %(default)s)")

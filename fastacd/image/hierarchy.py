@@ -227,7 +227,10 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     model: a traceable PyTorch model (run in eval mode; its own mode is restored after)
     image: the model input, (C, H, W) or (1, C, H, W)
     label: class to explain; None = the model's prediction
-    sweep_dim: tile side for ``base='tiles'``; None = ceil(min(H, W) / 16) (a 16x16 grid at 224)
+    sweep_dim: tile side for ``base='tiles'``; None = ceil(min(H, W) / 16) (14 at 224), and for
+        a patch model (the input read by a convolution with kernel = stride, no padding: ViT,
+        Swin, ConvNeXt) the smallest multiple of its patch size at least that, so that tiles
+        align to the patch grid (16 for vit_b_16, swin_t and convnext_tiny at 224)
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
@@ -245,13 +248,39 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be the model input (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
     hw = tuple(int(v) for v in image.shape[-2:])
-    if sweep_dim is None:
-        sweep_dim = max(1, ceil(min(hw) / 16))
-    agg_2d.check_args(method, percentile_include, sweep_dim if base == "tiles" else 1, hw, num_iters)
+    agg_2d.check_args(method, percentile_include, sweep_dim if base == "tiles" and sweep_dim is not None else 1,
+                      hw, num_iters)
     model, x = agg_2d.prepare_model_input(model, image, device)
+    if sweep_dim is None:
+        sweep_dim = default_sweep_dim(hw, patch_size(decomposer_for(model, backend).graph))
     with eval_mode(model):
         return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
                           backend, base, segment_kwargs, corrected, progress)
+
+
+def patch_size(graph) -> int | None:
+    """The patch size of a patch model: the side of a square convolution reading the input
+    with kernel = stride > 1, no padding, no dilation (ViT's ``conv_proj``, Swin's and
+    ConvNeXt's stems, timm's ``patch_embed.proj``); None for anything else."""
+    for user in graph.input_node.users:
+        if user.op != "call_module":
+            continue
+        conv = graph.gm.get_submodule(user.target)
+        if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1] > 1
+                and tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ((0, 0), "valid")
+                and tuple(conv.dilation) == (1, 1)):
+            return int(conv.kernel_size[0])
+    return None
+
+
+def default_sweep_dim(hw, patch: int | None = None) -> int:
+    """ceil(min(H, W) / 16) (the paper's 14 at 224); for a patch model the smallest multiple
+    of the patch size at least that (tiles on the patch grid: a tile never splits a patch,
+    whose pixels the model only sees together), at most the image's shorter side."""
+    side = max(1, ceil(min(hw) / 16))
+    if patch is None or patch > min(hw):
+        return side
+    return min(min(hw), patch * ceil(side / patch))
 
 
 def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
