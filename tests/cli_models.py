@@ -51,3 +51,12 @@ def tiny_vit() -> nn.Module:
             model.heads.head.weight.normal_(0, 0.5)
             model.heads.head.bias.normal_(0, 0.5)
     return model.eval()
+
+
+def flat_vit() -> nn.Module:
+    """``tiny_vit`` with torchvision's own zero-initialised head: every output is 0."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.heads.head.weight.zero_()
+        model.heads.head.bias.zero_()
+    return model

@@ -192,17 +192,27 @@ def test_run_arch_swin_and_convnext(image_dir, tmp_path, arch):
     assert all(len(n.class_scores) == 4 for n in h.nodes)
 
 
+def test_run_warns_when_every_output_is_equal(image_dir, tmp_path, capsys):
+    """A ViT with torchvision's zero-initialised head (what ``--arch vit_b_16`` is without
+    weights): all outputs 0, every score the same, no blobs: the run says why."""
+    out = tmp_path / "flat"
+    assert run_cli("run", image_dir, "--out", out, "--model", "cli_models:flat_vit", "--image-size", "64",
+                   "--num-iters", "1", "--threads", "1", "--no-progress") == 0
+    assert "outputs are all equal" in capsys.readouterr().err
+    (rec,) = manifest(out)
+    assert rec["status"] == "ok" and rec["num_levels"] == 0
+
+
 @pytest.mark.slow
-def test_run_arch_vit_b_16(image_dir, tmp_path):
+def test_run_arch_vit_b_16(image_dir, tmp_path, capsys):
     """``fastacd run --arch vit_b_16`` at its 224 px with the default tiles (16: its patches),
-    few masks (the 99th percentile, one iteration)."""
+    one iteration. Random init: torchvision's head is zero, so every output is 0 and the
+    hierarchy has no blobs (the run warns); the blobs on a patch grid are tested above."""
     out = tmp_path / "vit_b_16"
     assert run_cli("run", image_dir, "--out", out, "--arch", "vit_b_16", "--num-classes", "4",
-                   "--num-iters", "1", "--percentile-include", "99", "--label", "1", "--threads", "1",
-                   "--no-progress") == 0
+                   "--num-iters", "1", "--label", "1", "--threads", "1", "--no-progress") == 0
+    assert "outputs are all equal" in capsys.readouterr().err
     (rec,) = manifest(out)
     assert rec["status"] == "ok"
     h = Hierarchy.from_json((out / rec["outputs"]["json"]).read_text())
     assert h.sweep_dim == 16 and h.image_hw == (224, 224)
-    for node in h.nodes:
-        assert_on_grid(h.mask(node), 16)

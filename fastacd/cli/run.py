@@ -540,6 +540,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
     except OSError as e:
         raise write_failed(e, f"manifest.rank{dist.rank}.jsonl") from e
     n_err = n_ok = 0
+    flat_warned = False
     t_start = time.perf_counter()
     bar = tqdm(total=len(shard), initial=n_done, unit="img", dynamic_ncols=True, smoothing=0.1,
                desc=f"ACD rank {dist.rank}/{dist.world}" if dist.world > 1 else "ACD",
@@ -558,6 +559,11 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                 with torch.no_grad():
                     logits = dec.forward(x).reshape(-1)
                 pred = int(logits.argmax())
+                if not flat_warned and bool((logits == logits[0]).all()):
+                    flat_warned = True  # e.g. torchvision's ViT, whose head is zero at init
+                    say(f"WARNING: the model's {logits.numel()} outputs are all equal on {it.id}: every CD "
+                        "score is the same and the hierarchy has no blobs (a random-init model with a "
+                        "zero-initialised head, such as torchvision's ViT, does this; pass --weights)")
                 if lab["mode"] == "pred":
                     label = pred
                 elif lab["mode"] == "fixed":
