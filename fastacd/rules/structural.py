@@ -3,6 +3,7 @@ each part as they are (pools, reshapes, indexing, concatenation, sums, scaling b
 constant). A constant operand joins the irrelevant part."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -102,8 +103,10 @@ class Reshape(Rule):
         if mask_dim(r.shape, total_in) != 0:  # masks moved (a head stack): to the front first
             r = per_mask(r, total_in)
         # the masks become the outer factor of dim 0: (M, ...) where the total has its batch of
-        # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows
-        return r.reshape(rel_shape(values[step.node].shape, 0, m))
+        # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows;
+        # the factor from the sizes, not m: CDEP's paired pass has N images' totals, K * N rows
+        total = values[step.node].shape
+        return r.reshape(rel_shape(total, 0, r.numel() // max(1, math.prod(total))))
 
 
 class Getitem(Rule):
