@@ -6,16 +6,16 @@ from .affine import Affine
 from .attention import Einsum, MultiheadAttention, ScaledDotProductAttention, SwinWindowAttention
 from .gates import MatMul, Normaliser, Product
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
-from .norm import BatchNorm
+from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
 from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, Repeat, Reshape, Roll,
                          Scale, Shape, Split, Sub)
 
-DEFAULT = RuleSet([Affine(), BatchNorm(), Activation(), OffsetActivation(), MaxPool(), Linear(), Reshape(),
-                   Getitem(), Split(), Add(), Sub(), Neg(), Scale(), MatMul(), Product(), Normaliser(),
-                   Cat(), OutputSoftmax(), Shape(), Roll(), Pad(), Expand(), Repeat(),
-                   ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(), Einsum()],
-                  name="acd")
+DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), AddCMul(), Activation(),
+                   OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
+                   Scale(), MatMul(), Product(), Normaliser(), Cat(), OutputSoftmax(), Shape(), Roll(), Pad(),
+                   Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
+                   Einsum()], name="acd")
 
 
 def resolve(rules) -> RuleSet:
