@@ -279,6 +279,37 @@ def test_default_and_cdt_differ(bert):
     assert (plain_r[:FULL] - cdt[:FULL]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["functional", "concat", "mlp", "vit"])
+def test_cdt_on_other_architectures(name):
+    """The set on CNNs (conv, batchnorm, max-pool, cat), an MLP with a trailing softmax and a
+    torchvision ViT (nn.MultiheadAttention): float64 engine = reference, sums = output, an empty
+    mask stays empty, batched = one mask at a time."""
+    from models import MLP, ConcatNet, FunctionalNet, randomize_batchnorm
+    from test_attention import image_masks, small_vit
+    torch.manual_seed(0)
+    model, x = {"functional": (FunctionalNet, (3, 16, 16)), "concat": (lambda: randomize_batchnorm(ConcatNet()), (3, 8, 8)),
+                "mlp": (MLP, (12,)), "vit": (small_vit, (3, 32, 32))}[name]
+    model, x = model().double().eval(), torch.randn(1, *x, dtype=torch.float64)
+    if len(x.shape) == 4:
+        masks = image_masks(*x.shape[2:]).expand(-1, x.shape[1], -1, -1)
+    else:
+        masks = torch.cat([(torch.rand(3, x.shape[1]) > 0.5).double(), torch.ones(1, x.shape[1]),
+                           torch.zeros(1, x.shape[1])])
+    with torch.no_grad():
+        dec = fastacd.Decomposer(model, rules="cdt")
+        res = dec.cd_relevant_input(x, masks * x)
+        ref_r, ref_i = reference_cd(captured(model, CDT), x, masks * x)
+        one = torch.cat([dec.cd_relevant_input(x, m[None] * x).relevant for m in masks])
+        out = model.net[:-1](x) if name == "mlp" else model(x)  # the MLP's scores: logits
+    assert_close_scaled(res.relevant, ref_r, torch.float64)
+    assert_close_scaled(res.irrelevant, ref_i, torch.float64)
+    assert_close_scaled(one, res.relevant, torch.float64)
+    assert_close_scaled(res.relevant + res.irrelevant, out.expand_as(res.relevant), torch.float64)
+    assert res.relevant[-1].abs().max() == 0
+    if name == "mlp":  # the logits (before a trailing softmax) are not sign-normalised
+        assert (ref_r * ref_i < 0).any()
+
+
 # --------------------------------------------------------------------------------------------
 # One hand-computed check per variant
 # --------------------------------------------------------------------------------------------

@@ -185,7 +185,16 @@ class SignNormalised(Rule):
         step = self.inner.claim(graph, node, dep, module)
         if step is not None:
             step.rule = self
+            step.extra["cdt_result"] = self._result(graph, node)
         return step
+
+    @staticmethod
+    def _result(graph, node) -> bool:
+        """Whether the node is the model's output, or feeds it through a trailing op left out
+        of CD (a softmax: the scores are the logits)."""
+        out = graph.output_node
+        return any(u is out or (list(u.users) == [out] and any(
+            r.output_only for r in graph.rules.candidates(graph, u))) for u in node.users)
 
     def folds_into(self, step):
         return False
@@ -201,7 +210,8 @@ class SignNormalised(Rule):
 
     @staticmethod
     def _applies(step: Step, out) -> bool:
-        return isinstance(out, torch.Tensor) and not any(u.op == "output" for u in step.node.users)
+        result = step.extra.get("cdt_result", any(u.op == "output" for u in step.node.users))
+        return isinstance(out, torch.Tensor) and not result
 
     def reference(self, step, parts, value_of, aux):
         r, i = self.inner.reference(step, parts, value_of, aux)
