@@ -321,6 +321,20 @@ def _cd(model, x, rel_in, rules):
     return res
 
 
+def test_sign_normalisation_is_a_clamp_between_0_and_the_total():
+    """The engine's form (r clamped to [min(0, a), max(0, a)]) equals CD-T's normalize_rel_irrel
+    on (r, a - r), ties (|r| = |i|, a = 0) and zeros included."""
+    from fastacd.rules.cdt import normalise_parts, normalise_relevant
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-3, 4, (1, 400), generator=g).double()
+    r = torch.randint(-6, 7, (5, 400), generator=g).double()
+    want_r, want_i = t_normalise(r, a - r)
+    torch.testing.assert_close(normalise_relevant(r, a), want_r, rtol=0, atol=0)
+    got_r, got_i = normalise_parts(r, a - r)
+    torch.testing.assert_close((got_r, got_i), (want_r, want_i), rtol=0, atol=0)
+    assert (want_r != r).any() and (a == 0).any()
+
+
 def test_hand_linear_bias_split_with_tol():
     lin = nn.Linear(2, 1).double()
     with torch.no_grad():

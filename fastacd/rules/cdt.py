@@ -10,7 +10,8 @@ Where CD-T differs from the default set:
 * bias of a linear map: ``pr = |zr| / (|zr| + |zi| + tol)``, ``tol = 1e-8``;
 * LayerNorm: beta split by the *input* parts' magnitudes ``|r| / (|r| + |i| + tol)``;
 * after each step the two parts are sign-normalised: where they have opposite signs the
-  larger takes the whole activation and the other becomes 0.
+  larger takes the whole activation and the other becomes 0 (for the relevant part: a clamp
+  between 0 and the total).
 
 Attention is treated as in the default set (probabilities from the total, the value path
 decomposed). The irrelevant part stays the completion ``a - rel`` at every step (CD-T's own
@@ -144,15 +145,13 @@ class CDTLayerNorm(LayerNorm):
 # --------------------------------------------------------------------------------------
 # Sign normalisation after each step (CD-T's normalize_rel_irrel)
 # --------------------------------------------------------------------------------------
-def normalise_relevant(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def normalise_relevant(r: torch.Tensor, a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """The relevant part after CD-T's sign normalisation against the total ``a``: where r and
-    i = a - r have opposite signs, r becomes a if |r| >= |i|, else 0."""
-    k = mask_dim(r.shape, a.shape)
-    rv = per_mask(r, a.shape)  # (m, *a.shape)
-    i = a - rv
-    flip = rv * i < 0
-    out = torch.where(flip & (rv.abs() >= i.abs()), a.expand_as(rv), torch.where(flip, 0.0, rv))
-    return merge_masks(out, k).view(r.shape) if r.dim() else out.reshape(r.shape)
+    i = a - r have opposite signs, r becomes a if |r| >= |i|, else 0. That is r clamped
+    between 0 and a: r and a - r differ in sign exactly where r lies outside [min(0, a),
+    max(0, a)], and then |r| >= |a - r| exactly where r is beyond a (not beyond 0)."""
+    lo, hi = total_like(a.clamp(max=0), r), total_like(a.clamp(min=0), r)
+    return r.clamp_(lo, hi) if inplace else torch.clamp(r, lo, hi)
 
 
 def normalise_parts(r: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +163,11 @@ def normalise_parts(r: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, tor
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     return (torch.where(to_rel, tot, torch.where(to_irrel, zero, r)),
             torch.where(to_irrel, tot, torch.where(to_rel, zero, i)))
+
+
+def _shares(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 class SignNormalised(Rule):
@@ -219,7 +223,19 @@ class SignNormalised(Rule):
 
     def relevant(self, step, rel, values, aux, ops, m):
         out = self.inner.relevant(step, rel, values, aux, ops, m)
-        return normalise_relevant(out, values[step.node]) if self._applies(step, out) else out
+        if not self._applies(step, out):
+            return out
+        ptr = out.untyped_storage().data_ptr()
+        total = values[step.node]
+        if any(isinstance(rel[d], torch.Tensor) and d.op != "placeholder"
+               and rel[d].untyped_storage().data_ptr() == ptr and _shares(total, values[d]) for d in step.dep):
+            # both parts views of an input's (reshape, transpose, indexing, identity): its
+            # elements were normalised against the same elements of the total already (not the
+            # model's input, nor a tuple output: those are not normalised; an add of a constant
+            # returns the input's relevant part for a new total: normalised)
+            return out
+        own = not (torch.is_grad_enabled() and out.requires_grad) and total.untyped_storage().data_ptr() != ptr
+        return normalise_relevant(out, total, inplace=own and out._base is None and out.is_contiguous())
 
     def inplace_operand(self, step):
         return None
