@@ -183,7 +183,10 @@ class SignNormalised(Rule):
         self.row = (inner.row[0], inner.row[1] + ", then sign-normalised", inner.row[2])
 
     def __getattr__(self, name):  # anything else a pass or a test asks of the rule
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")
+        if inner is None:  # not set up yet (a copy or unpickling in progress)
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def claim(self, graph, node, dep, module):
         step = self.inner.claim(graph, node, dep, module)

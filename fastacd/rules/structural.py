@@ -98,12 +98,16 @@ class Reshape(Rule):
 
     def relevant(self, step, rel, values, aux, ops, m):
         d = step.dep[0]
-        r, total_in = rel[d], values[d].shape
+        r, total_in, total_out = rel[d], values[d].shape, values[step.node].shape
         if mask_dim(r.shape, total_in) != 0:  # masks moved (a head stack): to the front first
             r = per_mask(r, total_in)
+            return r.reshape(rel_shape(total_out, 0, m))
         # the masks become the outer factor of dim 0: (M, ...) where the total has its batch of
-        # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows
-        return r.reshape(rel_shape(values[step.node].shape, 0, m))
+        # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows;
+        # CDEP's paired pass: K*N rows against N images' totals, K*N rows out
+        if not total_in or not total_out or total_in[0] == 0:
+            return r.reshape(rel_shape(total_out, 0, m))
+        return r.reshape((r.shape[0] // total_in[0] * total_out[0],) + tuple(total_out[1:]))
 
 
 class Getitem(Rule):
