@@ -90,11 +90,12 @@ class Decomposer:
     with running statistics); a model in training mode raises ``ValueError``.
     ``memory_budget`` (bytes, or a string such as ``"2G"``) bounds the activations held for
     the masks of one chunk; the default is 1 GiB on the CPU and half the free memory on a
-    GPU. ``rules``: the rule set (``fastacd.rules``; default ``fastacd.rules.DEFAULT``).
+    GPU. ``rules``: the rule set (``fastacd.rules``; default ``fastacd.rules.DEFAULT``; ``"cdt"``
+    or ``fastacd.rules.CDT``: CD-T's formulas, docs/engine.md "Rule sets: default and cdt").
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
-                 memory_budget: int | str | None = None, rules: rules_.RuleSet | None = None):
+                 memory_budget: int | str | None = None, rules: rules_.RuleSet | str | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model

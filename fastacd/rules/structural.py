@@ -99,9 +99,10 @@ class Reshape(Rule):
 
     def relevant(self, step, rel, values, aux, ops, m):
         d = step.dep[0]
-        r, total_in = rel[d], values[d].shape
+        r, total_in, total_out = rel[d], values[d].shape, values[step.node].shape
         if mask_dim(r.shape, total_in) != 0:  # masks moved (a head stack): to the front first
             r = per_mask(r, total_in)
+            return r.reshape(rel_shape(total_out, 0, m))
         # the masks become the outer factor of dim 0: (M, ...) where the total has its batch of
         # 1 there, (M * windows, N, C) where a window partition merges the batch with the windows;
         # the factor from the sizes, not m: CDEP's paired pass has N images' totals, K * N rows
