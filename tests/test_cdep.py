@@ -153,10 +153,17 @@ def test_split_backward_finite_float32_where_both_parts_are_zero(relu):
     zr[:, :, 0] = 0
     t[:, :, 0, :2] = 0
     bias, g = torch.rand(3) + 0.5, torch.randn(2, 3, 4, 4)
-    got = cdep._split_pre_grad(zr, t, bias, g, relu, 1)
+    d_zr, d_t, g_pr = cdep._split_grad(zr, t, bias[:, None, None], g, relu)
     leaves = [q.clone().requires_grad_() for q in (zr, t, bias)]
     want = torch.autograd.grad(cdep._torch_ops.bias_split(*leaves, relu), leaves, g)
-    for a, b in zip(got, want):
+    for a, b in zip((d_zr, d_t, cdep._channel_sum(g_pr)), want):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+    # the same through the fused kernel, from the layer's output with bias (t + b)
+    total = t + bias[:, None, None]
+    leaves = [q.clone().requires_grad_() for q in (zr, total, bias)]
+    want = torch.autograd.grad(cdep._bias_split_paired(*leaves, relu, 1), leaves, g)
+    d_zr, d_total, s_gpr, s_total = cdep._FUSED["_total_split_bwd"](zr, total, bias, g, 1, relu)
+    for a, b in zip((d_zr, d_total, s_gpr.sum(0) - s_total.sum(0)), want):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
 
 

@@ -46,6 +46,8 @@ are exactly zero.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -165,13 +167,6 @@ def _repeat_total(total: torch.Tensor, k: int) -> torch.Tensor:
     return total if k == 1 else total.repeat((k,) + (1,) * (total.dim() - 1))
 
 
-def _bias_split_paired(rel_pre, total_out, bias, relu: bool, k: int):
-    # total_out is the layer's ordinary output (with bias), so the forward pass of the true
-    # activations is the plain forward; its pre-bias value is total_out - bias.
-    pre = total_out - _torch_ops._channel_view(bias, total_out)
-    return _torch_ops.bias_split(rel_pre, _repeat_total(pre, k), bias, relu)
-
-
 def _unrepeat(t: torch.Tensor, k: int) -> torch.Tensor:
     """Gradient of ``_repeat_total``: sum the K groups."""
     return t if k == 1 else t.reshape((k, -1) + tuple(t.shape[1:])).sum(0)
@@ -181,93 +176,114 @@ def _channel_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=[d for d in range(t.dim()) if d != 1])
 
 
-class _BiasSplitPaired(torch.autograd.Function):
-    """``_bias_split_paired`` with a closed-form backward that keeps only its inputs.
-
-    out = zr + pr * b (then ReLU), pr = u / s, u = |zr| + eps, v = |zi| + eps, s = u + v,
-    zi = T - zr, T = total_out - b. With c = g * b / s^2:
-    d/dzr = g + c * (v * sgn(zr) + u * sgn(zi)); d/dT = -c * u * sgn(zi);
-    d/db = sum(g * pr) - sum(d/dT); d/dtotal_out = d/dT (summed over the K groups).
-    These are autograd's derivatives of the pure-torch formula (sgn(0) = 0, as torch.abs).
-    """
-
-    @staticmethod
-    def forward(ctx, rel_pre, total_out, bias, relu, k, compiled):
-        ctx.relu, ctx.k, ctx.compiled = relu, k, compiled
-        ctx.save_for_backward(rel_pre, total_out, bias)
-        fn = _compiled_fn("fwd") if compiled else _bias_split_paired
-        return fn(rel_pre, total_out, bias, relu, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        fn = _compiled_fn("bwd") if ctx.compiled else _bias_split_paired_grad
-        d_zr, d_total, d_bias = fn(*ctx.saved_tensors, grad.contiguous(), ctx.relu, ctx.k)
-        return d_zr, d_total, d_bias, None, None, None
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """(rows, C, *S) -> (rows, C): the inner, contiguous part of a channel sum. A fused kernel
+    reduces over contiguous memory fast; the small sum over rows is left to the caller."""
+    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
-def _bias_split_paired_grad(zr, total_out, bias, grad, relu: bool, k: int):
-    """The closed-form gradients of ``_bias_split_paired`` (see ``_BiasSplitPaired``)."""
-    b = _torch_ops._channel_view(bias, zr)
-    zi = _repeat_total(total_out - b, k) - zr
+def _split(zr, t_pre, b, relu: bool):
+    """The bias split (design.md section 2): ``zr + pr * b`` with ``pr = (|zr| + eps) /
+    ((|zr| + eps) + (|t_pre - zr| + eps))``, then ReLU if ``relu``; ``t_pre``: the true
+    pre-activation without bias, one row per relevant row; ``b``: the bias as a channel view.
+    The float operations of ``fastacd._torch_ops.bias_split``."""
+    u = zr.abs() + _torch_ops.EPS
+    out = zr + u / (u + ((t_pre - zr).abs() + _torch_ops.EPS)) * b
+    return out.clamp_min(0) if relu else out
+
+
+def _split_grad(zr, t_pre, b, g, relu: bool):
+    """Closed-form gradients of ``_split`` for an output gradient g: (d zr, d t_pre, g * pr),
+    where ``g * pr`` summed over rows and positions is the gradient of ``b``.
+
+    With u = |zr| + eps, v = |zi| + eps, s = u + v, zi = t_pre - zr, c = g b / s^2:
+    d zr = g + c (v sgn(zr) + u sgn(zi)), d t_pre = -c u sgn(zi) (sgn(0) = 0, as torch.abs);
+    these are autograd's derivatives of the formula. c is applied as (g b / s) (u / s) and
+    (g b / s) (v / s): s^2 underflows in float32 where both parts are ~0 (a dead region)."""
+    zi = t_pre - zr
     u = zr.abs() + _torch_ops.EPS
     v = zi.abs() + _torch_ops.EPS
     s = u + v
     pr = u / s
     if relu:
-        grad = grad * ((zr + pr * b) > 0)
-    q = grad * b / s  # c = g b / s^2 as q * (u / s): s^2 underflows in float32 (see _split_pre_grad)
-    d_t = -(q * pr * zi.sign())
-    d_zr = grad + q * (v / s) * zr.sign() - d_t
-    d_total = _unrepeat(d_t, k)
-    return d_zr, d_total, _channel_sum(grad * pr) - _channel_sum(d_total)
-
-
-def _split_pre(zr, t_pre, bias, relu: bool, k: int):
-    """The bias split from the true pre-activation without bias (N rows) and K*N relevant
-    rows: ``fastacd._torch_ops.bias_split`` (the same float operations, bit for bit), with
-    in-place steps (it runs inside an autograd.Function, so nothing records them)."""
-    eps = _torch_ops.EPS
-    u = zr.abs().add_(eps)                                       # |zr| + eps
-    den = (_repeat_total(t_pre, k) - zr).abs_().add_(eps)        # |zi| + eps
-    out = u.div_(den.add_(u)).mul_(_torch_ops._channel_view(bias, zr)).add_(zr)
-    return out.clamp_min_(0) if relu else out
-
-
-def _split_pre_grad(zr, t_pre, bias, grad, relu: bool, k: int):
-    """Closed-form gradients of ``_split_pre`` w.r.t. (zr, t_pre, bias) (see ``_BiasSplitPaired``;
-    here the true pre-activation is an input, so the bias gets only ``sum(g * pr)``)."""
-    eps = _torch_ops.EPS
-    b = _torch_ops._channel_view(bias, zr)
-    zi = _repeat_total(t_pre, k) - zr
-    u = zr.abs().add_(eps)
-    v = zi.abs().add_(eps)
-    s = u + v
-    pr = u / s
-    if relu:
-        grad = grad * ((zr + pr * b) > 0)
-    # c = g b / s^2, applied as (g b / s) * (u / s) and (g b / s) * (v / s): s^2 underflows in
-    # float32 when both parts are ~0 (zr = 0 and a zero pre-activation, e.g. a dead region)
-    q = (grad * b).div_(s)                                       # g b / s
-    d_t = (q * pr).mul_(zi.sign_()).neg_()                       # -c u sgn(zi)
-    d_zr = v.div_(s).mul_(q).mul_(zr.sign()).add_(grad).sub_(d_t)  # g + c v sgn(zr) - d_t
-    return d_zr, _unrepeat(d_t, k), _channel_sum(pr.mul_(grad))
+        g = torch.where(zr + pr * b > 0, g, 0.0)
+    q = g * b / s
+    d_t = -(q * pr) * zi.sign()
+    d_zr = g + q * (v / s) * zr.sign() - d_t
+    return d_zr, d_t, g * pr
 
 
 def _affine_fwd(both, bias, n: int, k: int, relu: bool):
     """Forward of ``_AffinePaired``: (true output, ReLU'd if ``relu``; relevant part)."""
     t_pre, zr = both[:n], both[n:]
-    total = t_pre + _torch_ops._channel_view(bias, t_pre)
-    rel = _split_pre(zr, t_pre, bias, relu, k)
-    return (total.clamp_min(0) if relu else total), rel
+    b = _torch_ops._channel_view(bias, t_pre)
+    total = t_pre + b
+    return (total.clamp_min(0) if relu else total), _split(zr, _repeat_total(t_pre, k), b, relu)
 
 
 def _affine_bwd(both, bias, g_total, g_rel, n: int, k: int, relu: bool):
-    """Closed-form backward of ``_AffinePaired``: (d both, d bias)."""
+    """Backward of ``_AffinePaired``: (d both, the bias gradient's per-row channel sums of the
+    true rows (N, C) and of the relevant rows (K*N, C))."""
     t_pre, zr = both[:n], both[n:]
-    d_zr, d_t, d_b = _split_pre_grad(zr, t_pre, bias, g_rel, relu, k)
+    b = _torch_ops._channel_view(bias, t_pre)
+    d_zr, d_t, g_pr = _split_grad(zr, _repeat_total(t_pre, k), b, g_rel, relu)
     if relu:
-        g_total = g_total * ((t_pre + _torch_ops._channel_view(bias, t_pre)) > 0)
-    return torch.cat([d_t + g_total, d_zr]), d_b + _channel_sum(g_total)
+        g_total = torch.where(t_pre + b > 0, g_total, 0.0)
+    return torch.cat([_unrepeat(d_t, k) + g_total, d_zr]), _spatial_sum(g_total), _spatial_sum(g_pr)
+
+
+def _total_split_fwd(zr, total_out, bias, k: int, relu: bool):
+    """The bias split of ``zr`` (K*N rows) against a layer's ordinary output (N rows, with bias)."""
+    b = _torch_ops._channel_view(bias, total_out)
+    return _split(zr, _repeat_total(total_out - b, k), b, relu)
+
+
+def _total_split_bwd(zr, total_out, bias, g, k: int, relu: bool):
+    """Backward of ``_total_split_fwd``: (d zr, d total_out, per-row channel sums of g * pr
+    (K*N, C) and of d total_out (N, C)); the bias gradient is the first sum minus the second
+    (``total_out - b`` is the pre-activation)."""
+    b = _torch_ops._channel_view(bias, total_out)
+    d_zr, d_t, g_pr = _split_grad(zr, _repeat_total(total_out - b, k), b, g, relu)
+    d_total = _unrepeat(d_t, k)
+    return d_zr, d_total, _spatial_sum(g_pr), _spatial_sum(d_total)
+
+
+class _Fusable:
+    """``fn`` run through ``torch.compile`` (one or two fused loops instead of ~20
+    element-wise passes over a layer's maps; compiled on first use, cached on disk by
+    inductor), or ``fn`` itself where compiling is not possible: no compiler, an unsupported
+    platform, an inductor error. The fallback is decided once per function and warned."""
+
+    def __init__(self, fn):
+        self.fn, self._compiled, self.broken = fn, None, None
+
+    def __call__(self, *args):
+        if self.broken is None:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=True)
+                return self._compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compile failure: fall back
+                out = self.fn(*args)  # the inputs' fault (not the compiler's) raises here
+                self.broken = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"fastacd.cdep: torch.compile of {self.fn.__name__} failed, using the "
+                              f"unfused formulas (same numbers, slower): {self.broken}", RuntimeWarning)
+                return out
+        return self.fn(*args)
+
+
+_FUSED = {f.__name__: _Fusable(f) for f in (_affine_fwd, _affine_bwd, _total_split_fwd, _total_split_bwd)}
+
+
+def _maybe_fused(fn, fuse: bool):
+    return _FUSED[fn.__name__] if fuse else fn
+
+
+def fusion_available() -> bool:
+    """Whether the fused element-wise kernels compile here (tries once, on tiny tensors)."""
+    t = torch.zeros(2, 1)
+    _FUSED["_total_split_fwd"](t[:1], t[1:], t.new_zeros(1), 1, False)
+    return _FUSED["_total_split_fwd"].broken is None
 
 
 class _AffinePaired(torch.autograd.Function):
@@ -277,15 +293,14 @@ class _AffinePaired(torch.autograd.Function):
     output ``both[:N] + b`` (ReLU'd if ``relu``: the ReLU folded into the layer) and the
     relevant part (the bias split, ReLU'd if ``relu``). Keeps only ``both`` and the bias for
     backward (closed-form gradients, recomputing the element-wise products). ``fuse``: the
-    forward and backward bodies run through ``torch.compile`` (one or two loops each).
+    forward and backward bodies run through ``torch.compile`` (``_Fusable``).
     """
 
     @staticmethod
     def forward(ctx, both, bias, n, k, relu, fuse):
         ctx.n, ctx.k, ctx.relu, ctx.fuse = n, k, relu, fuse
         ctx.save_for_backward(both, bias)
-        fn = _compiled_fn("affine_fwd") if fuse else _affine_fwd
-        return fn(both, bias, n, k, relu)
+        return _maybe_fused(_affine_fwd, fuse)(both, bias, n, k, relu)
 
     @staticmethod
     def backward(ctx, g_total, g_rel):
@@ -295,22 +310,34 @@ class _AffinePaired(torch.autograd.Function):
             g_rel = torch.zeros_like(both[n:])
         if g_total is None:
             g_total = torch.zeros_like(both[:n])
-        fn = _compiled_fn("affine_bwd") if ctx.fuse else _affine_bwd
-        d_both, d_b = fn(both, bias, g_total.contiguous(), g_rel.contiguous(), n, ctx.k, ctx.relu)
-        return d_both, d_b, None, None, None, None
+        d_both, s_true, s_rel = _maybe_fused(_affine_bwd, ctx.fuse)(
+            both, bias, g_total.contiguous(), g_rel.contiguous(), n, ctx.k, ctx.relu)
+        return d_both, s_true.sum(0) + s_rel.sum(0), None, None, None, None
 
 
-_COMPILED: dict[str, Any] = {}
+class _BiasSplitPaired(torch.autograd.Function):
+    """The bias split of ``rel_pre`` (K*N rows) against the layer's ordinary output
+    ``total_out`` (N rows, with bias), e.g. the one the model's own forward computed: keeps
+    only its inputs, closed-form backward (``_split_grad``), fused with ``fuse``."""
+
+    @staticmethod
+    def forward(ctx, rel_pre, total_out, bias, relu, k, fuse):
+        ctx.relu, ctx.k, ctx.fuse = relu, k, fuse
+        ctx.save_for_backward(rel_pre, total_out, bias)
+        return _maybe_fused(_total_split_fwd, fuse)(rel_pre, total_out, bias, k, relu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        zr, total_out, bias = ctx.saved_tensors
+        d_zr, d_total, s_gpr, s_total = _maybe_fused(_total_split_bwd, ctx.fuse)(
+            zr, total_out, bias, grad.contiguous(), ctx.k, ctx.relu)
+        return d_zr, d_total, s_gpr.sum(0) - s_total.sum(0), None, None, None
 
 
-def _compiled_fn(which: str):
-    """torch.compile'd forward / backward of the bias split: one fused loop each instead of
-    ~20 element-wise passes (compiled once per process, ~20 s on a CPU; cached on disk)."""
-    if which not in _COMPILED:
-        fn = {"fwd": _bias_split_paired, "bwd": _bias_split_paired_grad, "affine_fwd": _affine_fwd,
-              "affine_bwd": _affine_bwd}[which]
-        _COMPILED[which] = torch.compile(fn, dynamic=True)
-    return _COMPILED[which]
+def _bias_split_paired(rel_pre, total_out, bias, relu: bool, k: int):
+    """``_BiasSplitPaired`` in plain differentiable torch (``fastacd._torch_ops.bias_split``)."""
+    pre = total_out - _torch_ops._channel_view(bias, total_out)
+    return _torch_ops.bias_split(rel_pre, _repeat_total(pre, k), bias, relu)
 
 
 def _bias_split_compiled(ops, rel_pre, total_out, bias, relu: bool, k: int):
@@ -360,6 +387,7 @@ def _rule(fn, relu: bool, k: int, *tensors, low_memory: bool):
 
 def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compiled: bool,
                fuse: bool = False):
+    """The relevant output of a conv/linear layer from ``zr = W r`` and its true output."""
     if use_compiled:
         from ..engine.decomposer import compiled_ops
         ops = compiled_ops()
@@ -369,134 +397,6 @@ def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compil
                                                    or bias.requires_grad):
         return _BiasSplitPaired.apply(zr, total, bias, relu, k, fuse)
     return _bias_split_paired(zr, total, bias, relu, k)
-
-
-# --------------------------------------------------------------------------------------
-# paired evaluation over a batch
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put a model in eval mode (CD is defined on eval behaviour)."""
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in states:
-            m.training = training
-
-
-def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
-              low_memory: bool = True, pool_indices: dict | None = None,
-              use_compiled: bool = False, fuse: bool = False):
-    """CD of a batch: image n's relevant part paired with image n's true activation.
-
-    graph: the model captured in eval mode (``CapturedGraph``); the model's parameters are
-    read at call time, so it follows training.
-    x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
-    image n), or None for the true activations only.
-    pool_indices: a dict to receive the argmax indices of every max-pool (optional).
-    low_memory: element-wise rules keep only their inputs for backward (closed-form or
-    recomputed gradients) instead of autograd's intermediates.
-    use_compiled: run the conv/linear bias split with the compiled op (once per image, as
-    the op shares one true activation) when the extension is built.
-    fuse: run the element-wise forward and closed-form backward of each conv/linear layer
-    (true output, folded ReLU, bias split) through ``torch.compile`` (a few fused loops
-    each; needs low_memory; compiled on first use, ~20 s on a CPU).
-    Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
-    k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
-    """
-    n = x.shape[0]
-    m = n if relevant_input is None else relevant_input.shape[0]
-    if m % n:
-        raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
-    k = m // n
-    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
-    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
-    g = graph
-    values: dict[fx.Node, Any] = {}
-    relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
-    rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
-    value_of = values.__getitem__
-    for index, node in enumerate(g.nodes):
-        if node.op == "output":
-            break
-        if node.op == "placeholder":
-            values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
-            continue
-        if node.op == "get_attr":
-            values[node] = _fetch_attr(g.gm, node.target)
-            continue
-        step = g.steps.get(node)
-        if step is None:
-            values[node] = run_plain(g.gm, node, value_of)
-            continue
-        kind = step.kind
-        a = values[step.dep[0]]
-        # conv/linear: the true and the relevant inputs go through one weight application
-        merged = lean and kind == "affine" and not use_compiled
-        # ---- the true activation (batch N): the model's ordinary forward, in eval behaviour
-        if merged:
-            total = None  # computed with the relevant part below
-        elif kind == "maxpool":
-            if lean:
-                with torch.no_grad():
-                    _, idx = maxpool_fn(step, value_of)(a)
-                total = _IndexGather.apply(a, idx, 1)  # saves the indices only
-            else:
-                total, idx = maxpool_fn(step, value_of)(a)
-            if pool_indices is not None:
-                pool_indices[node] = idx
-        elif kind == "activation" and step.fused_into in relu_done:
-            total = a  # the producer applied this ReLU to the true activation too
-        elif kind == "activation" and step.fused_into is not None and lean:
-            # a ReLU folded into its producer: keep its input (the layer's output, which the
-            # bias split keeps anyway) for backward instead of a second map, its output
-            total = _ReLUKeepInput.apply(a)
-        elif kind == "affine" and step.module is not None:
-            total = step.module(a)
-        elif kind == "output_softmax":
-            total = a
-        else:
-            total = call_with(g, step, value_of, {})
-        values[node] = total
-        if kind == "shape" or relevant_input is None:
-            continue
-        # ---- the relevant part (batch K*N)
-        r = rel[step.dep[0]]
-        if merged:
-            weights, bias = affine_parts(step, value_of)
-            both = weights(torch.cat([a, r]))  # (N + K*N, ...): one GEMM / conv call
-            if bias is None:
-                total, out = both[:n], both[n:]
-                if step.relu_fused:
-                    total, out = total.clamp_min(0), out.clamp_min(0)
-            else:
-                total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
-            if step.relu_fused:
-                relu_done.add(node)
-            values[node] = total
-        elif kind == "affine":
-            weights, bias = affine_parts(step, value_of)
-            zr = weights(r)
-            if bias is None:
-                out = zr.clamp_min(0) if step.relu_fused else zr
-            else:
-                out = _bias_rule(zr, total, bias, step.relu_fused, k, low_memory, use_compiled,
-                                 fuse)
-        elif kind == "batchnorm":
-            scale, shift, _ = batchnorm_parts(step, value_of)
-            out = _rule(_bn_split_paired, step.relu_fused, k, r, a, scale, shift,
-                        low_memory=low_memory)
-        elif kind == "maxpool":
-            out = _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
-        else:
-            out = structural_rule(g, step, rel, values, m)
-        rel[node] = out
-        for d in step.dep:  # free relevant parts no later step reads
-            if g.last_use.get(d, -1) <= index and d is not g.result_node:
-                rel.pop(d, None)
-    return rel.get(g.result_node), values[g.result_node]
 
 
 class _IndexGather(torch.autograd.Function):
@@ -515,12 +415,34 @@ class _IndexGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        k = ctx.k
-        n, c = idx.shape[:2]
-        ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
-        out = grad.new_zeros((k, n, c, ctx.shape[2:].numel()))
-        out.scatter_add_(3, ix, grad.reshape(k, n, c, -1))
-        return out.reshape(ctx.shape), None, None
+        return _scatter_back(grad, idx, ctx.shape, ctx.k), None, None
+
+
+def _scatter_back(grad, idx, shape, k: int):
+    """Gradient of a gather at ``idx`` (N, C, *So) from K*N maps of ``shape``."""
+    n, c = idx.shape[:2]
+    ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
+    out = grad.new_zeros((k, n, c, shape[2:].numel()))
+    out.scatter_add_(3, ix, grad.reshape(k, n, c, -1))
+    return out.reshape(shape)
+
+
+class _MaxPoolKeepIndices(torch.autograd.Function):
+    """A max-pool's ordinary output that keeps only its argmax indices for backward
+    (``max_pool2d`` keeps its input as well). Returns (output, indices)."""
+
+    @staticmethod
+    def forward(ctx, a, pool):
+        out, idx = pool(a)
+        ctx.shape = a.shape
+        ctx.save_for_backward(idx)
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (idx,) = ctx.saved_tensors
+        return _scatter_back(grad, idx, ctx.shape, 1), None
 
 
 class _ReLUKeepInput(torch.autograd.Function):
@@ -544,9 +466,352 @@ def _gather(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# the penalty object
+# paired evaluation over a batch
 # --------------------------------------------------------------------------------------
-_TRAIN_DIFFERENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put a model in eval mode (CD is defined on eval behaviour)."""
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in states:
+            m.training = training
+
+
+class _TrueValues(dict):
+    """The true activations of a pass, node -> tensor: filled by the pass as it goes and from a
+    recorded forward; a value nobody filled is computed on first use, with its missing inputs
+    (in graph order, no recursion). So a recorded forward's values are never computed again,
+    and values no rule reads are never computed."""
+
+    def __init__(self, known: dict, compute, order: dict):
+        super().__init__(known)
+        self._compute, self._order = compute, order
+
+    def __missing__(self, node: fx.Node):
+        todo, stack, seen = [], [node], set()
+        while stack:
+            nd = stack.pop()
+            if nd in seen or dict.__contains__(self, nd):
+                continue
+            seen.add(nd)
+            todo.append(nd)
+            stack.extend(nd.all_input_nodes)
+        for nd in sorted(todo, key=self._order.__getitem__):
+            dict.__setitem__(self, nd, self._compute(nd))
+        return dict.__getitem__(self, node)
+
+
+def _true_value(g: CapturedGraph, node: fx.Node, values: _TrueValues, relu_done: set, pools: dict,
+                lean: bool):
+    """A node's ordinary output in eval behaviour (max-pools also record their indices)."""
+    if node.op == "placeholder":
+        return node.args[0] if node.args else None
+    if node.op == "get_attr":
+        return _fetch_attr(g.gm, node.target)
+    step = g.steps.get(node)
+    if step is None:
+        return run_plain(g.gm, node, values.__getitem__)
+    kind = step.kind
+    if kind == "maxpool":
+        pool = maxpool_fn(step, values.__getitem__)
+        a = values[step.dep[0]]
+        # lean: keep only the indices for backward (they are needed for the relevant part anyway)
+        total, pools[node] = _MaxPoolKeepIndices.apply(a, pool) if lean else pool(a)
+        return total
+    if kind == "activation" and step.fused_into is not None:
+        if step.fused_into in relu_done:
+            return values[step.dep[0]]  # the producer applied this ReLU to the true output too
+        if lean:  # keep its input (the layer's output, which the split keeps anyway), not a second map
+            return _ReLUKeepInput.apply(values[step.dep[0]])
+    if kind == "affine" and step.module is not None:
+        return step.module(values[step.dep[0]])
+    if kind == "output_softmax":
+        return values[step.dep[0]]
+    return call_with(g, step, values.__getitem__, {})
+
+
+def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
+    """The argmax indices autograd saved for a max-pool output of the model's own forward
+    (``MaxPool2DWithIndicesBackward0._saved_result1``: ``max_pool2d_with_indices``'s second
+    output), or None (not a max-pool's output, no graph, or a graph already freed)."""
+    fn = out.grad_fn
+    if fn is None or "MaxPool" not in type(fn).__name__:
+        return None
+    for name in ("_saved_result1", "_saved_indices"):
+        try:
+            idx = getattr(fn, name, None)
+        except RuntimeError:  # saved tensors freed by a backward pass
+            return None
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.int64 and idx.shape == out.shape:
+            return idx
+    return None
+
+
+def _paired_affine(g: CapturedGraph, step, values: _TrueValues, r: torch.Tensor, n: int, k: int,
+                   lean: bool, relu_done: set, low_memory: bool, use_compiled: bool, fuse: bool):
+    """Relevant output of a conv/linear layer: the bias split of ``W r`` against the layer's
+    true output. With the model's own forward recorded, that output is the forward's (``W r``
+    is the only weight application); otherwise one weight application on ``cat([a, r])``
+    gives both (``_AffinePaired``)."""
+    node = step.node
+    weights, bias = affine_parts(step, values.__getitem__)
+    total = dict.get(values, node)  # recorded by the model's forward (without its ReLU)
+    if total is None and lean and not use_compiled:
+        both = weights(torch.cat([values[step.dep[0]], r]))  # (N + K*N, ...): one GEMM / conv call
+        if bias is None:
+            total, out = both[:n], both[n:]
+            if step.relu_fused:
+                total, out = total.clamp_min(0), out.clamp_min(0)
+        else:
+            total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
+        values[node] = total
+        if step.relu_fused:
+            relu_done.add(node)
+        return out
+    zr = weights(r)
+    if bias is None:
+        return zr.clamp_min(0) if step.relu_fused else zr
+    return _bias_rule(zr, values[node], bias, step.relu_fused, k, low_memory, use_compiled, fuse)
+
+
+def _pool_indices(step, values: _TrueValues, pools: dict) -> torch.Tensor:
+    """A max-pool's argmax indices on the true activation: those the model's recorded forward
+    saved, else computed with the true pool."""
+    node = step.node
+    idx = pools.get(node)
+    if idx is None:
+        recorded = dict.get(values, node)
+        if recorded is None:
+            values[node]  # computes the true pool and records its indices
+            return pools[node]
+        idx = _saved_pool_indices(recorded)
+        if idx is None:
+            with torch.no_grad():
+                idx = maxpool_fn(step, values.__getitem__)(values[step.dep[0]])[1]
+        pools[node] = idx
+    return idx
+
+
+def _paired_maxpool(step, values: _TrueValues, pools: dict, r: torch.Tensor, k: int, lean: bool):
+    """Relevant output of a max-pool: the relevant maps gathered at the true activation's argmax."""
+    idx = _pool_indices(step, values, pools)
+    return _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
+
+
+def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
+              low_memory: bool = True, pool_indices: dict | None = None,
+              use_compiled: bool = False, fuse: bool = False, forward: dict | None = None):
+    """CD of a batch: image n's relevant part paired with image n's true activation.
+
+    graph: the model captured in eval mode (``CapturedGraph``); the model's parameters are
+    read at call time, so it follows training.
+    x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
+    image n), or None for the true activations only.
+    pool_indices: a dict to receive the argmax indices of every max-pool (optional).
+    low_memory: element-wise rules keep only their inputs for backward (closed-form or
+    recomputed gradients) instead of autograd's intermediates.
+    use_compiled: run the conv/linear bias split with the compiled op (once per image, as
+    the op shares one true activation) when the extension is built.
+    fuse: run the element-wise forward and closed-form backward of each conv/linear layer
+    (true output, folded ReLU, bias split) through ``torch.compile`` (``_Fusable``: a few
+    fused loops each; compiled on first use; the plain formulas where compiling fails).
+    forward: true activations of this very batch that the model's own forward computed
+    (node -> tensor, ``ForwardRecorder.take``): used instead of computing them again, the
+    gradient flowing into that forward's graph; the other ones are computed as needed.
+    Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
+    k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
+    """
+    n = x.shape[0]
+    m = n if relevant_input is None else relevant_input.shape[0]
+    if m % n:
+        raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
+    k = m // n
+    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
+    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
+    g = graph
+    relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
+    pools = {} if pool_indices is None else pool_indices
+    known = dict(forward) if forward else {}
+    known[g.input_node] = x
+    values = _TrueValues(known, lambda nd: _true_value(g, nd, values, relu_done, pools, lean),
+                         {nd: i for i, nd in enumerate(g.nodes)})
+    rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
+    for index, node in enumerate(g.nodes if relevant_input is not None else ()):
+        step = g.steps.get(node)
+        if step is None or step.kind == "shape":
+            continue
+        r = rel[step.dep[0]]
+        kind = step.kind
+        if kind == "affine":
+            out = _paired_affine(g, step, values, r, n, k, lean, relu_done, low_memory, use_compiled, fuse)
+        elif kind == "batchnorm":
+            scale, shift, _ = batchnorm_parts(step, values.__getitem__)
+            out = _rule(_bn_split_paired, step.relu_fused, k, r, values[step.dep[0]], scale, shift,
+                        low_memory=low_memory)
+        elif kind == "maxpool":
+            out = _paired_maxpool(step, values, pools, r, k, lean)
+        else:
+            out = structural_rule(g, step, rel, values, m)
+        rel[node] = out
+        for d in step.dep:  # free relevant parts no later step reads
+            if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                rel.pop(d, None)
+    total = values[g.result_node]
+    if pool_indices is not None:  # every max-pool's indices, also where no relevant part was asked
+        for step in g.steps.values():
+            if step.kind == "maxpool":
+                _pool_indices(step, values, pools)
+    return rel.get(g.result_node), total
+
+
+# --------------------------------------------------------------------------------------
+# reusing the model's own forward
+# --------------------------------------------------------------------------------------
+_TRAIN_DIFFERENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+# functions whose result depends on a `training` argument a traced forward bakes in as False
+_TRAINING_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                       F.feature_alpha_dropout, F.batch_norm, F.instance_norm, torch.dropout}
+
+
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether a module may compute something else in training mode: dropout and
+    normalisation layers, and any module class from outside torch.nn (unknown)."""
+    return isinstance(module, _TRAIN_DIFFERENT) or not type(module).__module__.startswith("torch.nn.")
+
+
+class _NoHook:
+    def __call__(self, *args):
+        return None
+
+
+class _Hook:
+    """A forward (pre-)hook that calls a recorder through a weak reference (the model keeps
+    its hooks; they must not keep the penalty alive). Pickles (``torch.save(model)``) and
+    copies (``copy.deepcopy(model)``) as a hook that does nothing."""
+
+    def __init__(self, recorder: "ForwardRecorder", what: str):
+        self.ref, self.what = weakref.ref(recorder), what
+
+    def __call__(self, module, args, out=None):
+        rec = self.ref()
+        if rec is not None:
+            getattr(rec, self.what)(module, args, out)
+
+    def __reduce__(self):
+        return (_NoHook, ())
+
+
+def _remove_hooks(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+class ForwardRecorder:
+    """Records, with forward hooks, the activations of a model's forward pass that a CD
+    penalty on the same batch can reuse (``take``), so ``loss(model(x), y) + lam *
+    penalty(x, masks)`` does not compute the true activations twice.
+
+    Recorded: the output of every module the captured graph calls (conv/linear outputs
+    before a separate ReLU, max-pool outputs and, through their autograd node, their argmax
+    indices), only while gradients are enabled. ``take(x)`` returns them only if the last
+    forward was on this very tensor ``x`` (same object, not modified in place since), with
+    the parameters and buffers not modified in place since (version counters), and only the
+    outputs that are still intact (an in-place ReLU overwrites its conv's output) and that
+    eval behaviour would give too: nothing downstream of a dropout / normalisation module in
+    training mode, of a module class from outside torch.nn in training mode, or of a
+    functional dropout / batch_norm while the model trains. The record is cleared by
+    ``take`` and by the next forward.
+    """
+
+    def __init__(self, model: nn.Module, graph: CapturedGraph):
+        self.graph = graph
+        self._nodes_of: dict[nn.Module, list[fx.Node]] = {}
+        for node in graph.nodes:
+            step = graph.steps.get(node)
+            if node.op == "call_module" and step is not None and step.kind != "shape":
+                self._nodes_of.setdefault(model.get_submodule(node.target), []).append(node)
+        self._mode_nodes = [(node, mod) for mod, nodes in self._nodes_of.items()
+                            for node in nodes if _mode_dependent(mod)]
+        self._mode_modules = list(dict.fromkeys(mod for _, mod in self._mode_nodes))
+        self._functional = [node for node in graph.nodes
+                            if node.op == "call_function" and node.target in _TRAINING_FUNCTIONS]
+        self._model = model
+        self._state = list(model.parameters()) + list(model.buffers())
+        handles = [model.register_forward_pre_hook(_Hook(self, "_start")),
+                   model.register_forward_hook(_Hook(self, "_end"))]
+        handles += [mod.register_forward_hook(_Hook(self, "_module")) for mod in self._nodes_of]
+        self._finalizer = weakref.finalize(self, _remove_hooks, handles)
+        self._clear()
+
+    def remove(self) -> None:
+        """Remove the hooks (the record is not kept any more)."""
+        self._finalizer()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._active = self._complete = False
+        self._input = None
+        self._outputs: dict[nn.Module, list] = {}
+
+    def _version(self) -> int:
+        return sum(t._version for t in self._state)  # counters only grow: equal sum = none changed
+
+    # ---- hooks
+    def _start(self, module, args, _):
+        self._clear()
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            self._input, self._input_version, self._active = args[0], args[0]._version, True
+
+    def _module(self, module, args, out):
+        if self._active and isinstance(out, torch.Tensor):
+            self._outputs.setdefault(module, []).append((out, out._version))
+
+    def _end(self, module, args, out):
+        if self._active:
+            self._active, self._complete = False, True
+            self._state_version = self._version()
+            self._training = [m.training for m in self._mode_modules]
+            self._any_training = any(m.training for m in self._model.modules())
+
+    # ---- use
+    def take(self, x: torch.Tensor) -> dict[fx.Node, torch.Tensor] | None:
+        """The recorded true activations usable for a penalty on ``x`` (node -> tensor), or
+        None; clears the record either way (a penalty's own module calls are not recorded)."""
+        ok = (self._complete and x is self._input and x._version == self._input_version
+              and self._version() == self._state_version)
+        outputs = self._outputs
+        training, any_training = (self._training, self._any_training) if ok else (None, False)
+        self._clear()
+        if not ok:
+            return None
+        tainted = self._tainted(training, any_training)
+        got = {}
+        for mod, nodes in self._nodes_of.items():
+            outs = outputs.get(mod, ())
+            if len(outs) != len(nodes):  # called another number of times than traced
+                continue
+            for node, (t, version) in zip(nodes, outs):
+                if (t._version == version and node not in tainted and t.dtype == x.dtype
+                        and t.device == x.device):
+                    got[node] = t
+        return got
+
+    def _tainted(self, training: list[bool], any_training: bool) -> set[fx.Node]:
+        """Nodes whose recorded value may differ from eval behaviour, and all downstream."""
+        mode_of = dict(zip(self._mode_modules, training))
+        sources = {node for node, mod in self._mode_nodes if mode_of[mod]}
+        if any_training:
+            sources.update(self._functional)
+        if not sources:
+            return set()
+        tainted: set[fx.Node] = set()
+        for node in self.graph.nodes:
+            if node in sources or any(a in tainted for a in node.all_input_nodes):
+                tainted.add(node)
+        return tainted
 
 
 class CDEPPenalty:
@@ -558,26 +823,38 @@ class CDEPPenalty:
     ...     loss = F.cross_entropy(model(x), y) + lam * penalty(x, masks)
     ...     loss.backward(); opt.step()
 
-    or, saving one forward pass when the model behaves the same in train and eval mode
-    (no dropout, no batchnorm)::
+    The penalty rides on the model's forward: ``penalty(x, masks)`` right after ``model(x)``
+    on the same tensor ``x`` reuses that forward's activations (``ForwardRecorder``: forward
+    hooks, checked to be the same input and parameter versions, and eval-equivalent), so it
+    adds one relevant pass and no second true pass. ``forward_with_penalty`` returns the
+    logits and the penalty from one pass (one weight application per layer for both) for a
+    model that behaves the same in train and eval mode (no dropout, no batchnorm)::
 
     ...     logits, pen = penalty.forward_with_penalty(x, masks)
     ...     loss = F.cross_entropy(logits, y) + lam * pen
 
     CD is defined on eval behaviour, so the penalty runs the model in eval mode (dropout
     off, batchnorm with running statistics) whatever mode the model is in; the model's own
-    mode is left as it was.
+    mode is left as it was. Activations of a train-mode forward that eval behaviour would
+    not give (after a dropout or batchnorm in training mode) are not reused: the penalty
+    computes those layers again in eval behaviour.
 
     backend: ``"paired"`` (default; batch evaluation in pure torch with the low-memory
     autograd rules), ``"engine"`` (one ``Decomposer`` call per image: uses the compiled
     ops when they are built, slower for large batches) or ``"reference"`` (relevant and
     irrelevant parts propagated separately, one image and mask at a time: the oracle).
+    fuse: the element-wise work of every conv/linear layer as ``torch.compile``'d loops
+    (default; falls back to the plain formulas, same numbers, where compiling fails).
+    reuse_forward: record the model's forward with hooks and reuse it (default; the hooks
+    cost a few microseconds a module and keep nothing alive beyond the next forward or
+    penalty call; ``remove_hooks()`` removes them).
     """
 
     BACKENDS = ("paired", "engine", "reference", "straightforward")
 
     def __init__(self, model: nn.Module, backend: str = "paired", reduction: str = "mean",
-                 low_memory: bool = True, use_compiled: bool = False, fuse: bool = False):
+                 low_memory: bool = True, use_compiled: bool = False, fuse: bool = True,
+                 reuse_forward: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in self.BACKENDS:
@@ -589,6 +866,13 @@ class CDEPPenalty:
         with eval_mode(model):
             self.graph = CapturedGraph(model)
         self._decomposer: Decomposer | None = None
+        self._recorder = ForwardRecorder(model, self.graph) if reuse_forward else None
+
+    def remove_hooks(self) -> None:
+        """Stop recording the model's forward (``reuse_forward=False`` from now on)."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
 
     def __call__(self, x: torch.Tensor, masks) -> torch.Tensor:
         """The penalty (a scalar tensor) for a batch x (N, ...) and its masks."""
@@ -625,9 +909,10 @@ class CDEPPenalty:
     # ---- backends ------------------------------------------------------------------------
     def _relevant(self, x, r0, k):
         n = x.shape[0]
+        forward = self._recorder.take(x) if self._recorder is not None else None
         if self.backend == "paired":
             return paired_cd(self.graph, x, r0, low_memory=self.low_memory,
-                             use_compiled=self.use_compiled, fuse=self.fuse)
+                             use_compiled=self.use_compiled, fuse=self.fuse, forward=forward)
         if self.backend == "straightforward":
             return straightforward_cd(self.graph, x, r0)
         if self.backend == "engine":
