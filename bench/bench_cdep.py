@@ -25,9 +25,11 @@ per sentence: ``plain`` vs ``TextCDEPPenalty.forward_with_penalty``.
 
 Time: median over interleaved repeats (the order rotated every repeat), of the process CPU
 time of a step (1 thread: the step's work, robust to other processes on a shared machine)
-and of its wall time. Ratios are within one run. Memory: bytes of tensors autograd keeps for
-the backward pass (deduplicated by storage), which is what a step's peak grows with;
-parameters and optimizer state are the same for all variants and not counted.
+and of its wall time. Ratios are within one run. Memory: bytes of the tensors the autograd
+graph holds for the backward pass at the end of the forward (``held_bytes``: each storage
+once; tensors recomputed on unpack not held), which is what a step's peak grows with;
+parameters and optimizer state are the same for all variants and not counted. The plain
+step runs with the penalty's forward recording off (a model without the penalty).
 ``--profile``: a torch.profiler table (self CPU ms per step, by op) of plain, readme and
 forward_with_penalty per model, printed as markdown. Results: bench/results/cdep.json
 (through bench/_results.py; ``bench/report.py`` prints them).
@@ -76,20 +78,46 @@ def vgg11_small(num_classes=10):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
-def saved_bytes(fn) -> int:
-    seen = {}
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        return [v]
+    return [t for t in v if isinstance(t, torch.Tensor)] if isinstance(v, (list, tuple)) else []
 
-    def pack(t):
-        try:
-            key = t.untyped_storage().data_ptr()
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        except Exception:  # noqa: BLE001 - e.g. sparse; not in these models
-            pass
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
+
+_SAVED: dict[type, list[str]] = {}
+
+
+def held_bytes(fn, exclude=()) -> int:
+    """Bytes of the tensors the autograd graph of ``fn()`` holds for backward, each storage
+    once, the parameters (``exclude``) not counted. Walks the graph: every node's saved
+    tensors (``_saved_*``, a custom function's ``saved_tensors``). A saved tensor that the
+    graph recomputes when backward unpacks it (saved-tensor hooks: the penalty's recomputed
+    layer inputs and ReLU outputs) is not held; it shows as a new storage on every unpack."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    loss = fn()
+    storages, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nf for nf, _ in node.next_functions)
+        names = _SAVED.get(type(node))
+        if names is None:
+            names = _SAVED[type(node)] = [a for a in dir(node) if a.startswith("_saved_")] + \
+                (["saved_tensors"] if hasattr(node, "saved_tensors") else [])
+        for name in names:
+            try:
+                first, again = _tensors(getattr(node, name)), _tensors(getattr(node, name))
+            except RuntimeError:  # e.g. a saved tensor already freed
+                continue
+            for a, b in zip(first, again):
+                st = a.untyped_storage()
+                if st.data_ptr() != b.untyped_storage().data_ptr() or st.data_ptr() in skip:
+                    continue
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
     del loss
-    return sum(seen.values())
+    return sum(storages.values())
 
 
 def image_losses(model, x, y, masks, lam=10.0, extra=False):
@@ -98,8 +126,12 @@ def image_losses(model, x, y, masks, lam=10.0, extra=False):
     graph = pen.graph
     r0 = masks[None] * x[None]
 
-    def plain():
-        return F.cross_entropy(model(x), y)
+    def plain():  # not recorded: a plain step of a model without the penalty's hooks
+        pen._recorder.enabled = False
+        try:
+            return F.cross_entropy(model(x), y)
+        finally:
+            pen._recorder.enabled = True
 
     def readme():
         return F.cross_entropy(model(x), y) + lam * pen(x, masks)
@@ -135,7 +167,7 @@ def _clock():
     return time.process_time(), time.perf_counter()
 
 
-def measure(name, batch, losses, step, repeats):
+def measure(name, batch, losses, step, repeats, params=()):
     for f in losses.values():  # warm-up (and torch.compile of the fused kernels)
         step(f)
         step(f)
@@ -151,12 +183,12 @@ def measure(name, batch, losses, step, repeats):
             wall[k].append(w1 - w0)
     med = {k: statistics.median(v) for k, v in cpu.items()}
     med_wall = {k: statistics.median(v) for k, v in wall.items()}
-    mem = {k: saved_bytes(f) for k, f in losses.items()}
+    mem = {k: held_bytes(f, params) for k, f in losses.items()}
     res = {"model": name, "batch": list(batch), "masks_per_example": 1, "repeats": repeats,
            "threads": torch.get_num_threads(),
            "cpu_ms": {k: v * 1e3 for k, v in med.items()},
            "wall_ms": {k: v * 1e3 for k, v in med_wall.items()},
-           "saved_MiB": {k: v / 2**20 for k, v in mem.items()}}
+           "held_MiB": {k: v / 2**20 for k, v in mem.items()}}
     for k in losses:
         if k != "plain":
             res[f"{k}_time_vs_plain"] = med[k] / med["plain"]
@@ -216,7 +248,8 @@ def bench_text(repeats, n=64, lam=10.0):
         return F.cross_entropy(logits, y) + lam * p
 
     return measure("SentimentLSTM (toy) text, 14 tokens", tuple(tokens.shape),
-                   {"plain": loss_plain, "forward_with_penalty": loss_pen}, sgd_step(model), repeats)
+                   {"plain": loss_plain, "forward_with_penalty": loss_pen}, sgd_step(model), repeats,
+                   list(model.parameters()))
 
 
 IMAGE_MODELS = {
@@ -263,7 +296,7 @@ def main(argv=None):
         if args.profile:
             print(profile(f"{name}, batch {n}", losses, step), "\n", flush=True)
             continue
-        r = measure(name, tuple(x.shape), losses, step, args.repeats)
+        r = measure(name, tuple(x.shape), losses, step, args.repeats, list(model.parameters()))
         print(json.dumps(r, indent=1), flush=True)
         if not args.no_record:
             record("cdep", name, load_average=list(os.getloadavg()), **r)

@@ -465,6 +465,30 @@ def _gather(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return r.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).reshape(idx.shape)
 
 
+class _Recipe:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+@contextlib.contextmanager
+def _saved_as_recipe(t: torch.Tensor, fn):
+    """Inside, an op that saves ``t`` for backward keeps ``fn`` instead, and backward calls
+    ``fn()`` to get ``t`` back: for a conv/linear whose input is another layer's fused output,
+    ``fn`` reruns that layer's element-wise kernel on the pre-activations its own backward
+    keeps anyway (the same kernel on the same inputs: the same numbers), so the layer's
+    outputs (the true and relevant activations, twice a plain step's) are not kept too."""
+    def pack(s):
+        same = s is t or (s.data_ptr() == t.data_ptr() and s.shape == t.shape and s.stride() == t.stride())
+        return _Recipe(fn) if same else s
+
+    def unpack(s):
+        return s.fn() if isinstance(s, _Recipe) else s
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 # --------------------------------------------------------------------------------------
 # paired evaluation over a batch
 # --------------------------------------------------------------------------------------
@@ -550,31 +574,53 @@ def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _paired_affine(g: CapturedGraph, step, values: _TrueValues, r: torch.Tensor, n: int, k: int,
-                   lean: bool, relu_done: set, low_memory: bool, use_compiled: bool, fuse: bool):
+def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: int, k: int,
+                   lean: bool, relu_done: set, low_memory: bool, use_compiled: bool, fuse: bool,
+                   recipes: dict):
     """Relevant output of a conv/linear layer: the bias split of ``W r`` against the layer's
     true output. With the model's own forward recorded, that output is the forward's (``W r``
     is the only weight application); otherwise one weight application on ``cat([a, r])``
-    gives both (``_AffinePaired``)."""
-    node = step.node
+    gives both (``_AffinePaired``). ``recipes``: node -> (true, relevant, recompute) for the
+    outputs of fused layers, which the weights' backward then recomputes instead of keeping."""
+    node, dep = step.node, step.dep[0]
+    r = rel[dep]
     weights, bias = affine_parts(step, values.__getitem__)
+    recipe = recipes.get(dep)
     total = dict.get(values, node)  # recorded by the model's forward (without its ReLU)
     if total is None and lean and not use_compiled:
-        both = weights(torch.cat([values[step.dep[0]], r]))  # (N + K*N, ...): one GEMM / conv call
+        a = values[dep]
+        inp = torch.cat([a, r])
+        if recipe is not None and recipe[0] is a and recipe[1] is r:
+            with _saved_as_recipe(inp, lambda: torch.cat(recipe[2]())):
+                both = weights(inp)  # (N + K*N, ...): one GEMM / conv call
+        else:
+            both = weights(inp)
+        del inp
         if bias is None:
             total, out = both[:n], both[n:]
             if step.relu_fused:
                 total, out = total.clamp_min(0), out.clamp_min(0)
         else:
             total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
+            fwd = _maybe_fused(_affine_fwd, fuse)
+            recipes[node] = (total, out, lambda: fwd(both, bias, n, k, step.relu_fused))
         values[node] = total
         if step.relu_fused:
             relu_done.add(node)
         return out
-    zr = weights(r)
+    if lean and recipe is not None and recipe[1] is r:
+        with _saved_as_recipe(r, lambda: recipe[2]()[1]):
+            zr = weights(r)
+    else:
+        zr = weights(r)
     if bias is None:
         return zr.clamp_min(0) if step.relu_fused else zr
-    return _bias_rule(zr, values[node], bias, step.relu_fused, k, low_memory, use_compiled, fuse)
+    total = values[node]
+    out = _bias_rule(zr, total, bias, step.relu_fused, k, low_memory, use_compiled, fuse)
+    if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
+        split = _maybe_fused(_total_split_fwd, fuse)
+        recipes[node] = (None, out, lambda: (None, split(zr, total, bias, k, step.relu_fused)))
+    return out
 
 
 def _pool_indices(step, values: _TrueValues, pools: dict) -> torch.Tensor:
@@ -639,6 +685,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     values = _TrueValues(known, lambda nd: _true_value(g, nd, values, relu_done, pools, lean),
                          {nd: i for i, nd in enumerate(g.nodes)})
     rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
+    recipes: dict[fx.Node, tuple] = {}
     for index, node in enumerate(g.nodes if relevant_input is not None else ()):
         step = g.steps.get(node)
         if step is None or step.kind == "shape":
@@ -646,7 +693,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
         r = rel[step.dep[0]]
         kind = step.kind
         if kind == "affine":
-            out = _paired_affine(g, step, values, r, n, k, lean, relu_done, low_memory, use_compiled, fuse)
+            out = _paired_affine(g, step, values, rel, n, k, lean, relu_done, low_memory, use_compiled,
+                                 fuse, recipes)
         elif kind == "batchnorm":
             scale, shift, _ = batchnorm_parts(step, values.__getitem__)
             out = _rule(_bn_split_paired, step.relu_fused, k, r, values[step.dep[0]], scale, shift,
@@ -655,6 +703,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             out = _paired_maxpool(step, values, pools, r, k, lean)
         else:
             out = structural_rule(g, step, rel, values, m)
+            if kind == "activation" and step.fused_into in recipes:
+                recipes[node] = recipes[step.fused_into]  # the same tensors (the ReLU is folded)
         rel[node] = out
         for d in step.dep:  # free relevant parts no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
@@ -702,6 +752,34 @@ class _Hook:
 
     def __reduce__(self):
         return (_NoHook, ())
+
+
+_SAVED_NAMES: dict[type, list[str]] = {}
+
+
+def _saved_names(fn) -> list[str]:
+    """The ``_raw_saved_*`` attributes (``SavedTensor``) of an autograd node's type."""
+    names = _SAVED_NAMES.get(type(fn))
+    if names is None:
+        names = _SAVED_NAMES[type(fn)] = [a for a in dir(fn) if a.startswith("_raw_saved_")]
+    return names
+
+
+def _drop(t):
+    return None
+
+
+class _ReLUAgain:
+    """Unpack hook: a ReLU's output recomputed from its input (checked unchanged)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.version = t, t._version
+
+    def __call__(self, _):
+        if self.t._version != self.version:
+            raise RuntimeError("fastacd.cdep: a layer's output that the penalty recomputes a ReLU from was "
+                               "modified in place after the forward pass")
+        return torch.relu(self.t)
 
 
 def _remove_hooks(handles) -> None:
@@ -760,9 +838,11 @@ class ForwardRecorder:
         return sum(t._version for t in self._state)  # counters only grow: equal sum = none changed
 
     # ---- hooks
+    enabled = True  # False: forwards are not recorded (e.g. a step without the penalty)
+
     def _start(self, module, args, _):
         self._clear()
-        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+        if self.enabled and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
             self._input, self._input_version, self._active = args[0], args[0]._version, True
 
     def _module(self, module, args, out):
@@ -797,7 +877,35 @@ class ForwardRecorder:
                 if (t._version == version and node not in tainted and t.dtype == x.dtype
                         and t.device == x.device):
                     got[node] = t
+        if torch.is_grad_enabled():
+            self._recompute_relu_outputs(got)
         return got
+
+    def _recompute_relu_outputs(self, got: dict) -> None:
+        """The model's graph keeps each ReLU's output for backward (ReLU's own and its
+        consumer's: a max-pool, the next conv); the penalty keeps the ReLU's input, the layer's
+        pre-activation, anyway. Let the model's graph recompute those outputs from it instead
+        (``SavedTensor.register_hooks``, registered now, after the forward, so a forward without
+        a penalty is left alone): one activation map less per layer, the same numbers."""
+        for node, y in got.items():
+            step = self.graph.steps.get(node)
+            if step is None or step.kind != "activation" or step.fused_into not in got:
+                continue
+            mod = self.graph.gm.get_submodule(node.target)
+            if type(mod) is not nn.ReLU or mod.inplace or y.grad_fn is None:
+                continue
+            t = got[step.fused_into]
+            again = _ReLUAgain(t)
+            holders = [y.grad_fn] + [got[u].grad_fn for u in node.users if u in got and got[u].grad_fn is not None]
+            for fn in holders:
+                for name in _saved_names(fn):
+                    try:
+                        saved = getattr(fn, name.replace("_raw", "", 1))
+                        if (isinstance(saved, torch.Tensor) and saved.data_ptr() == y.data_ptr()
+                                and saved.shape == y.shape and saved.stride() == y.stride()):
+                            getattr(fn, name).register_hooks(_drop, again)
+                    except RuntimeError:  # freed by a backward pass, or hooks already there
+                        continue
 
     def _tainted(self, training: list[bool], any_training: bool) -> set[fx.Node]:
         """Nodes whose recorded value may differ from eval behaviour, and all downstream."""
