@@ -232,6 +232,12 @@ def _affine_bwd(both, bias, g_total, g_rel, n: int, k: int, relu: bool):
     return torch.cat([_unrepeat(d_t, k) + g_total, d_zr]), _spatial_sum(g_total), _spatial_sum(g_pr)
 
 
+def _affine_fwd_cat(both, bias, n: int, k: int, relu: bool):
+    """``torch.cat(_affine_fwd(...))`` in one pass: the input of the next conv/linear, recomputed
+    in its backward."""
+    return torch.cat(_affine_fwd(both, bias, n, k, relu))
+
+
 def _total_split_fwd(zr, total_out, bias, k: int, relu: bool):
     """The bias split of ``zr`` (K*N rows) against a layer's ordinary output (N rows, with bias)."""
     b = _torch_ops._channel_view(bias, total_out)
@@ -272,7 +278,8 @@ class _Fusable:
         return self.fn(*args)
 
 
-_FUSED = {f.__name__: _Fusable(f) for f in (_affine_fwd, _affine_bwd, _total_split_fwd, _total_split_bwd)}
+_FUSED = {f.__name__: _Fusable(f) for f in (_affine_fwd, _affine_bwd, _affine_fwd_cat, _total_split_fwd,
+                                              _total_split_bwd)}
 
 
 def _maybe_fused(fn, fuse: bool):
@@ -585,8 +592,9 @@ def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: in
     """Relevant output of a conv/linear layer: the bias split of ``W r`` against the layer's
     true output. With the model's own forward recorded, that output is the forward's (``W r``
     is the only weight application); otherwise one weight application on ``cat([a, r])``
-    gives both (``_AffinePaired``). ``recipes``: node -> (true, relevant, recompute) for the
-    outputs of fused layers, which the weights' backward then recomputes instead of keeping."""
+    gives both (``_AffinePaired``). ``recipes``: node -> (true, relevant, recompute both,
+    recompute their concatenation) for the outputs of fused layers, which the next layer's
+    weights' backward then recomputes instead of keeping."""
     node, dep = step.node, step.dep[0]
     r = rel[dep]
     weights, bias = affine_parts(step, values.__getitem__)
@@ -596,7 +604,7 @@ def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: in
         a = values[dep]
         inp = torch.cat([a, r])
         if recipe is not None and recipe[0] is a and recipe[1] is r:
-            with _saved_as_recipe(inp, lambda: torch.cat(recipe[2]())):
+            with _saved_as_recipe(inp, recipe[3]):
                 both = weights(inp)  # (N + K*N, ...): one GEMM / conv call
         else:
             both = weights(inp)
@@ -607,8 +615,9 @@ def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: in
                 total, out = total.clamp_min(0), out.clamp_min(0)
         else:
             total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
-            fwd = _maybe_fused(_affine_fwd, fuse)
-            recipes[node] = (total, out, lambda: fwd(both, bias, n, k, step.relu_fused))
+            fwd, fwd_cat = _maybe_fused(_affine_fwd, fuse), _maybe_fused(_affine_fwd_cat, fuse)
+            relu = step.relu_fused
+            recipes[node] = (total, out, lambda: fwd(both, bias, n, k, relu), lambda: fwd_cat(both, bias, n, k, relu))
         values[node] = total
         if step.relu_fused:
             relu_done.add(node)
@@ -624,7 +633,8 @@ def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: in
     out = _bias_rule(zr, total, bias, step.relu_fused, k, low_memory, use_compiled, fuse)
     if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
         split = _maybe_fused(_total_split_fwd, fuse)
-        recipes[node] = (None, out, lambda: (None, split(zr, total, bias, k, step.relu_fused)))
+        relu = step.relu_fused
+        recipes[node] = (None, out, lambda: (None, split(zr, total, bias, k, relu)), None)
     return out
 
 
@@ -777,16 +787,17 @@ def _drop(t):
 
 
 class _ReLUAgain:
-    """Unpack hook: a ReLU's output recomputed from its input (checked unchanged)."""
+    """Unpack hook: a ReLU's output recomputed from its input (checked unchanged), or with
+    ``relu=False`` the input itself (for the ReLU's own backward, which reads only its sign)."""
 
-    def __init__(self, t: torch.Tensor):
-        self.t, self.version = t, t._version
+    def __init__(self, t: torch.Tensor, relu: bool = True):
+        self.t, self.version, self.relu = t, t._version, relu
 
     def __call__(self, _):
         if self.t._version != self.version:
             raise RuntimeError("fastacd.cdep: a layer's output that the penalty recomputes a ReLU from was "
                                "modified in place after the forward pass")
-        return torch.relu(self.t)
+        return torch.relu(self.t) if self.relu else self.t
 
 
 def _remove_hooks(handles) -> None:
@@ -902,15 +913,18 @@ class ForwardRecorder:
             if type(mod) is not nn.ReLU or mod.inplace or y.grad_fn is None:
                 continue
             t = got[step.fused_into]
+            # the ReLU's own backward only needs where its output is > 0, which is where t > 0:
+            # it gets t itself (threshold_backward(grad, t, 0) = threshold_backward(grad, relu(t), 0))
+            own = [(y.grad_fn, _ReLUAgain(t, relu=False))] if type(y.grad_fn).__name__ == "ReluBackward0" else []
             again = _ReLUAgain(t)
-            holders = [y.grad_fn] + [got[u].grad_fn for u in node.users if u in got and got[u].grad_fn is not None]
-            for fn in holders:
+            users = [(got[u].grad_fn, again) for u in node.users if u in got and got[u].grad_fn is not None]
+            for fn, unpack in own + users:
                 for name in _saved_names(fn):
                     try:
                         saved = getattr(fn, name.replace("_raw", "", 1))
                         if (isinstance(saved, torch.Tensor) and saved.data_ptr() == y.data_ptr()
                                 and saved.shape == y.shape and saved.stride() == y.stride()):
-                            getattr(fn, name).register_hooks(_drop, again)
+                            getattr(fn, name).register_hooks(_drop, unpack)
                     except RuntimeError:  # freed by a backward pass, or hooks already there
                         continue
 
