@@ -32,7 +32,15 @@ How it is computed (design.md sections 2 and 4, with gradients):
   stays alive between forward and backward;
 * **shared forward**: ``CDEPPenalty.forward_with_penalty`` returns the model's logits from
   the same true-activation pass, so a training step costs about one plain forward + one
-  relevant pass, instead of a plain forward + separate relevant and irrelevant passes.
+  relevant pass, instead of a plain forward + separate relevant and irrelevant passes;
+* **riding on the model's forward**: ``penalty(x, masks)`` right after ``model(x)`` reuses
+  that forward's activations (``ForwardRecorder``: forward hooks, checked to be the same
+  input and parameter versions, and eval-equivalent), so the README's
+  ``loss(model(x), y) + lam * penalty(x, masks)`` costs what ``forward_with_penalty`` does;
+* **fused element-wise kernels** (default): each layer's element-wise forward and
+  closed-form backward run as ``torch.compile``'d loops (``_Fusable``; the plain formulas
+  where compiling fails), and a layer's outputs that the next layer's weights need for
+  their gradient are recomputed from the pre-activations kept anyway.
 
 The text penalty (``TextCDEPPenalty``, ``paired_text_cd``) does the same for an embedding ->
 LSTM -> linear classifier: the true LSTM pass of N sentences once, the relevant states of
