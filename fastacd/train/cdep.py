@@ -64,8 +64,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import torch_ops as _torch_ops
-from ..engine.decomposer import Decomposer, _fetch_attr, run_plain, structural_rule
-from ..capture.graph import CapturedGraph, affine_parts, batchnorm_parts, call_with, maxpool_fn
+from .. import ops, rules as rules_
+from ..capture.graph import CapturedGraph
+from ..capture.nodes import call_with, fetch_attr, run_plain
+from ..engine.decomposer import Decomposer, compiled_ops
+from ..reference.cd import propagate_graph
+from ..rules.affine import affine_parts
+from ..rules.norm import batchnorm_parts
+from ..rules.pool import maxpool_fn
+from ..text.lstm import TextDecomposer
 
 REDUCTIONS = ("mean", "sum")
 
@@ -404,7 +411,6 @@ def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compil
                fuse: bool = False):
     """The relevant output of a conv/linear layer from ``zr = W r`` and its true output."""
     if use_compiled:
-        from ..engine.decomposer import compiled_ops
         ops = compiled_ops()
         if ops is not None and ops._compiled(zr):
             return _bias_split_compiled(ops, zr, total, bias, relu, k)
@@ -554,7 +560,7 @@ def _true_value(g: CapturedGraph, node: fx.Node, values: _TrueValues, relu_done:
     if node.op == "placeholder":
         return node.args[0] if node.args else None
     if node.op == "get_attr":
-        return _fetch_attr(g.gm, node.target)
+        return fetch_attr(g.gm, node.target)
     step = g.steps.get(node)
     if step is None:
         return run_plain(g.gm, node, values.__getitem__)
@@ -574,7 +580,7 @@ def _true_value(g: CapturedGraph, node: fx.Node, values: _TrueValues, relu_done:
         return step.module(values[step.dep[0]])
     if kind == "output_softmax":
         return values[step.dep[0]]
-    return call_with(g, step, values.__getitem__, {})
+    return call_with(step, values.__getitem__, {})
 
 
 def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
@@ -727,7 +733,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
         elif kind == "maxpool":
             out = _paired_maxpool(step, values, pools, r, k, lean)
         else:
-            out = structural_rule(g, step, rel, values, m)
+            out = step.rule.relevant(step, rel, values, None, _torch_ops, m)
             if kind == "activation" and step.fused_into in recipes:
                 recipes[node] = recipes[step.fused_into]  # the same tensors (the ReLU is folded)
         rel[node] = out
@@ -1001,7 +1007,7 @@ class CDEPPenalty:
         self.model, self.backend, self.reduction = model, backend, reduction
         self.low_memory, self.use_compiled, self.fuse = low_memory, use_compiled, fuse
         with eval_mode(model):
-            self.graph = CapturedGraph(model)
+            self.graph = CapturedGraph(model, rules_.DEFAULT)
         self._decomposer: Decomposer | None = None
         self._recorder = ForwardRecorder(model, self.graph) if reuse_forward else None
 
@@ -1061,7 +1067,6 @@ class CDEPPenalty:
             rel = torch.stack([res.relevant for res in rows], 1)  # (K, N, *out)
             out = torch.stack([res.output for res in rows])
             return rel.reshape((k * n,) + tuple(out.shape[1:])), out
-        from ..reference.cd import propagate_graph
         pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1])
                  for j in range(r0.shape[0])]
         rel = torch.cat([p[0] for p in pairs])
@@ -1088,7 +1093,6 @@ def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: to
     when omitted. The max-pool positions come from the true activations (as in the reference); the CDEP
     code takes them from ``max_pool(r + i)``, which is the same up to rounding at ties.
     """
-    from ..reference.cd import propagate_graph
     n, m = x.shape[0], relevant_input.shape[0]
     k = m // n
     if pool_indices is None:  # a training step has them from its forward pass
@@ -1139,7 +1143,6 @@ def _lstm_weights(lstm: nn.LSTM, dtype) -> list[list[tuple[torch.Tensor, torch.T
 def _text_cell_compiled(n: int):
     """The compiled ``lstm_cd_cell`` (total of batch 1) once per sentence: rows k*N + s pair
     with sentence s."""
-    from .. import ops
 
     def cell(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first):
         cs, hs = [], []
@@ -1270,7 +1273,6 @@ class TextCDEPPenalty:
     def __init__(self, model: nn.Module | None = None, *, embed=None, lstm: nn.LSTM | None = None,
                  head: nn.Linear | None = None, readout: str | None = None, score: str = "log",
                  reduction: str = "mean", cell: str = "torch", detach_embeddings: bool = False):
-        from ..text.lstm import TextDecomposer
         if model is not None:
             dec = TextDecomposer.from_model(model) if readout is None else \
                 TextDecomposer.from_model(model, readout=readout)
@@ -1285,7 +1287,6 @@ class TextCDEPPenalty:
         if cell not in TEXT_CELLS:
             raise ValueError(f"cell must be one of {TEXT_CELLS}, got {cell!r}")
         if cell == "compiled":
-            from ..engine.decomposer import compiled_ops
             if compiled_ops() is None:
                 raise RuntimeError("cell='compiled' needs the built extension (fastacd._C); use cell='torch'")
         self.model, self.embed, self.lstm, self.head = model, dec.embed, dec.lstm, dec.head

@@ -1,0 +1,115 @@
+"""Element-wise activations with f(0) = 0: relevant ``f(r)``, irrelevant ``f(r + i) - f(r)``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..capture.nodes import Step, call_with
+from .base import Elementwise, Rule
+
+# module type -> the function it applies (out of place: an inplace=True module must not
+# modify a stored activation)
+_MODULE_FUNCTIONS = {
+    nn.ReLU: lambda m: F.relu,
+    nn.ReLU6: lambda m: F.relu6,
+    nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)),
+    nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)),
+    nn.CELU: lambda m: (lambda t: F.celu(t, m.alpha)),
+    nn.SELU: lambda m: F.selu,
+    nn.GELU: lambda m: (lambda t: F.gelu(t, approximate=m.approximate)),
+    nn.SiLU: lambda m: F.silu,
+    nn.Mish: lambda m: F.mish,
+    nn.Hardswish: lambda m: F.hardswish,
+    nn.Hardtanh: lambda m: (lambda t: F.hardtanh(t, m.min_val, m.max_val)),
+    nn.Tanh: lambda m: torch.tanh,
+    nn.Softsign: lambda m: F.softsign,
+    nn.Tanhshrink: lambda m: F.tanhshrink,
+}
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
+
+class Activation(Rule):
+    kind = "activation"
+    modules = tuple(_MODULE_FUNCTIONS)
+    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
+                 F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
+                 F.tanhshrink, torch.relu_, F.relu_)
+    methods = ("relu", "relu_", "tanh", "tanh_")
+    row = ("ReLU, and ReLU6, LeakyReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
+           "Tanh, Softsign, Tanhshrink", "`f(r)`", "`f(a) - f(r)`")
+
+    def claim(self, graph, node, dep, module):
+        if module is not None:
+            typ = next(c for c in type(module).__mro__ if c in _MODULE_FUNCTIONS)
+            return Step(node, self, dep, fn=_MODULE_FUNCTIONS[typ](module), module=module,
+                        extra={"is_relu": typ is nn.ReLU})
+        is_relu = (node.target in _RELU_FUNCTIONS if node.op == "call_function"
+                   else node.target in ("relu", "relu_"))
+        return Step(node, self, dep, extra={"is_relu": is_relu})
+
+    def folds_into(self, step):
+        return step.extra["is_relu"]
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        rel = call_with(step, value_of, {step.dep[0]: r})
+        return rel, call_with(step, value_of, {step.dep[0]: r + i}) - rel
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.dep[0]
+        if step.fused_into is not None:
+            return rel[d]  # the producer already applied this ReLU to the relevant part
+        return call_with(step, values.__getitem__, {d: rel[d]})
+
+    def inplace_operand(self, step):
+        d = step.dep[0]
+        usable = step.fused_into is None and step.extra["is_relu"] and step.node.args[:1] == (d,)
+        return d if usable else None
+
+    def relevant_(self, step, rel, values, aux, ops):
+        return rel[step.dep[0]].clamp_min_(0)
+
+    def locality(self, step, values):
+        return Elementwise()
+
+
+_OFFSET_MODULES = {nn.Sigmoid: lambda m: torch.sigmoid, nn.Hardsigmoid: lambda m: F.hardsigmoid,
+                   nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold))}
+
+
+class OffsetActivation(Rule):
+    """An element-wise function with f(0) != 0 used on its own (a sigmoid output, softplus):
+    ``rel = f(r) - f(0)``, so an empty mask stays empty. As a gate on a decomposed value it is
+    context instead (``RuleSet.context``)."""
+    kind = "offset_activation"
+    modules = tuple(_OFFSET_MODULES)
+    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
+    methods = ("sigmoid", "sigmoid_")
+    row = ("Sigmoid, Hardsigmoid, Softplus on their own (f(0) != 0)", "`f(r) - f(0)`", "`f(a) - rel`")
+
+    def claim(self, graph, node, dep, module):
+        fn = None
+        if module is not None:
+            typ = next(c for c in type(module).__mro__ if c in _OFFSET_MODULES)
+            fn = _OFFSET_MODULES[typ](module)
+        return Step(node, self, dep, fn=fn, module=module)
+
+    def gate_like(self, graph, node, gates):
+        return True
+
+    def _f(self, step, t, value_of):
+        return call_with(step, value_of, {step.dep[0]: t})
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        rel = self._f(step, r, value_of) - self._f(step, torch.zeros_like(r), value_of)
+        return rel, self._f(step, r + i, value_of) - rel
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        r = rel[step.dep[0]]
+        f0 = self._f(step, r.new_zeros(()), values.__getitem__)
+        return self._f(step, r, values.__getitem__) - f0
+
+    def locality(self, step, values):
+        return Elementwise()
