@@ -54,6 +54,7 @@ are exactly zero.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 import weakref
 from typing import Any, Iterator
@@ -276,14 +277,25 @@ class _Fusable:
     platform, an inductor error. The fallback is decided once per function and warned."""
 
     def __init__(self, fn):
-        self.fn, self._compiled, self.broken = fn, None, None
+        self.fn, self.broken = fn, None
+        self._compiled: dict = {}
 
     def __call__(self, *args):
         if self.broken is None:
             try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, dynamic=True)
-                return self._compiled(*args)
+                # a parameter's sizes would be compiled in as constants (dynamo's default)
+                args = tuple(a.detach() if isinstance(a, nn.Parameter) else a for a in args)
+                key = _signature(args)
+                compiled = self._compiled.get(key)
+                if compiled is not None:
+                    return compiled(*args)
+                # a new kind of call (rank, dtype, flags): its own compiled copy of fn, so that
+                # every call checks one set of guards, compiled with general shapes
+                compiled = torch.compile(_own_code(self.fn), dynamic=True)
+                with _compiling():
+                    out = compiled(*args)
+                self._compiled[key] = compiled
+                return out
             except Exception as exc:  # noqa: BLE001 - any compile failure: fall back
                 out = self.fn(*args)  # the inputs' fault (not the compiler's) raises here
                 self.broken = f"{type(exc).__name__}: {exc}"
@@ -291,6 +303,41 @@ class _Fusable:
                               f"unfused formulas (same numbers, slower): {self.broken}", RuntimeWarning)
                 return out
         return self.fn(*args)
+
+
+def _own_code(fn):
+    """A copy of fn with a code object of its own (dynamo keeps one cache per code object)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _signature(args) -> tuple:
+    """What a compiled kernel is specialised on: ranks, dtypes, devices, sizes of 1, flags."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dim(), a.dtype, a.device.type, tuple(s == 1 for s in a.shape)))
+        else:
+            sig.append(a if isinstance(a, bool) or a in (0, 1) else type(a))
+    return tuple(sig)
+
+
+@contextlib.contextmanager
+def _compiling():
+    """Compile without "duck sizing" (which makes sizes that happen to be equal, e.g. a batch
+    of 32 and 32 channels, one symbol, and recompiles when they differ), and with room for a
+    few recompiles beyond dynamo's default limit; entered only when a kernel compiles."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    old = fx_config.use_duck_shape, getattr(dynamo_config, limit)
+    fx_config.use_duck_shape = False
+    setattr(dynamo_config, limit, max(old[1], 64))
+    try:
+        yield
+    finally:
+        fx_config.use_duck_shape = old[0]
+        setattr(dynamo_config, limit, old[1])
 
 
 _FUSED = {f.__name__: _Fusable(f) for f in (_affine_fwd, _affine_bwd, _affine_fwd_cat, _total_split_fwd,
