@@ -210,8 +210,21 @@ def sgd_step(model):
     return step
 
 
-def profile(name, losses, step, keys=("plain", "readme", "forward_with_penalty"), steps=3, top=14):
-    """Self CPU ms per step by op, for some variants, as a markdown table."""
+CATEGORIES = [  # (label, op names or prefixes); the first that matches counts the op
+    ("convolution backward", ("aten::convolution_backward",)),
+    ("convolution forward", ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward")),
+    ("linear layers (mm)", ("aten::mm", "aten::addmm")),
+    ("true max-pool (with indices) and its backward", ("aten::max_pool2d_with_indices",
+                                                       "aten::max_pool2d_with_indices_backward")),
+    ("fused element-wise kernels (inductor)", ("## Call CompiledFxGraph",)),
+    ("ReLU forward / backward (eager)", ("aten::clamp_min", "aten::relu", "aten::threshold_backward")),
+    ("relevant max-pool gather / scatter, zero fills", ("aten::gather", "aten::scatter_add_", "aten::fill_",
+                                                        "aten::zero_")),
+]
+
+
+def profile(name, losses, step, keys=("plain", "readme", "forward_with_penalty"), steps=3):
+    """Self CPU ms per step by op category, for some variants, as a markdown table."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     per = {}
     for k in keys:
@@ -221,15 +234,18 @@ def profile(name, losses, step, keys=("plain", "readme", "forward_with_penalty")
             for _ in range(steps):
                 step(losses[k])
         per[k] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
-    ops = sorted({op for d in per.values() for op in d}, key=lambda op: -max(d.get(op, 0) for d in per.values()))
     lines = [f"#### {name}: self CPU ms per step (torch.profiler, {steps} steps)", "",
              "| op | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for op in ops[:top]:
-        label = "fused kernel (inductor) " + op.split()[-1][:8] if op.startswith("## Call CompiledFxGraph") else op
-        lines.append(f"| {label} | " + " | ".join(f"{per[k].get(op, 0):.2f}" for k in keys) + " |")
-    rest = [sum(v for op, v in per[k].items() if op not in ops[:top]) for k in keys]
-    lines.append("| (all other ops) | " + " | ".join(f"{v:.2f}" for v in rest) + " |")
-    lines.append("| **total** | " + " | ".join(f"{sum(per[k].values()):.2f}" for k in keys) + " |")
+    sums = {k: dict.fromkeys([c for c, _ in CATEGORIES] + ["everything else (Python-level ops, "
+                                                           "autograd, optimizer, small ops)"], 0.0)
+            for k in keys}
+    for k in keys:
+        for op, ms in per[k].items():
+            cat = next((c for c, names in CATEGORIES if any(op.startswith(n) for n in names)), None)
+            sums[k][cat or list(sums[k])[-1]] += ms
+    for cat in sums[keys[0]]:
+        lines.append(f"| {cat} | " + " | ".join(f"{sums[k][cat]:.1f}" for k in keys) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(per[k].values()):.1f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
