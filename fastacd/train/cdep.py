@@ -70,9 +70,6 @@ from ..capture.graph import CapturedGraph
 from ..capture.nodes import call_with, fetch_attr, run_plain
 from ..engine.decomposer import Decomposer, compiled_ops
 from ..reference.cd import propagate_graph
-from ..rules.affine import affine_parts
-from ..rules.norm import batchnorm_parts
-from ..rules.pool import maxpool_fn
 from ..text.lstm import TextDecomposer
 
 REDUCTIONS = ("mean", "sum")
@@ -601,33 +598,16 @@ class _TrueValues(dict):
         return dict.__getitem__(self, node)
 
 
-def _true_value(g: CapturedGraph, node: fx.Node, values: _TrueValues, relu_done: set, pools: dict,
-                lean: bool):
-    """A node's ordinary output in eval behaviour (max-pools also record their indices)."""
+def _true_value(g: CapturedGraph, node: fx.Node, p: "PairedPass"):
+    """A node's ordinary output in eval behaviour: its rule's paired total."""
     if node.op == "placeholder":
         return node.args[0] if node.args else None
     if node.op == "get_attr":
         return fetch_attr(g.gm, node.target)
     step = g.steps.get(node)
     if step is None:
-        return run_plain(g.gm, node, values.__getitem__)
-    kind = step.kind
-    if kind == "maxpool":
-        pool = maxpool_fn(step, values.__getitem__)
-        a = values[step.dep[0]]
-        # lean: keep only the indices for backward (they are needed for the relevant part anyway)
-        total, pools[node] = _MaxPoolKeepIndices.apply(a, pool) if lean else pool(a)
-        return total
-    if kind == "activation" and step.fused_into is not None:
-        if step.fused_into in relu_done:
-            return values[step.dep[0]]  # the producer applied this ReLU to the true output too
-        if lean:  # keep its input (the layer's output, which the split keeps anyway), not a second map
-            return _ReLUKeepInput.apply(values[step.dep[0]])
-    if kind == "affine" and step.module is not None:
-        return step.module(values[step.dep[0]])
-    if kind == "output_softmax":
-        return values[step.dep[0]]
-    return call_with(step, values.__getitem__, {})
+        return run_plain(g.gm, node, p.value_of)
+    return step.rule.paired_total(step, p)
 
 
 def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
@@ -647,80 +627,159 @@ def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _paired_affine(g: CapturedGraph, step, values: _TrueValues, rel: dict, n: int, k: int,
-                   lean: bool, relu_done: set, low_memory: bool, use_compiled: bool, fuse: bool,
-                   recipes: dict):
-    """Relevant output of a conv/linear layer: the bias split of ``W r`` against the layer's
-    true output. With the model's own forward recorded, that output is the forward's (``W r``
-    is the only weight application); otherwise one weight application on ``cat([a, r])``
-    gives both (``_AffinePaired``). ``recipes``: node -> (true, relevant, recompute both,
-    recompute their concatenation) for the outputs of fused layers, which the next layer's
-    weights' backward then recomputes instead of keeping."""
-    node, dep = step.node, step.dep[0]
-    r = rel[dep]
-    weights, bias = affine_parts(step, values.__getitem__)
-    recipe = recipes.get(dep)
-    total = dict.get(values, node)  # recorded by the model's forward (without its ReLU)
-    if total is None and lean and not use_compiled:
-        a = values[dep]
-        inp = torch.cat([a, r])
-        if recipe is not None and recipe[0] is a and recipe[1] is r:
-            with _saved_as_recipe(inp, recipe[3]):
-                both = weights(inp)  # (N + K*N, ...): one GEMM / conv call
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A Linear's output over tokens (B, *T, F) as rows (B*T..., F): the row order keeps the
+    mask-major pairing (relevant row (k*N + n)*T + t pairs with true row n*T + t)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class PairedPass:
+    """One paired evaluation (``paired_cd``) as the rules' paired forms see it
+    (``Rule.paired_total``, ``paired_relevant``, ``paired_aux``; fastacd/rules/base.py):
+
+    * ``values``: the true activations of the N images, node -> (N, ...), filled as the pass
+      goes and from a recorded forward; a value nobody filled is computed on first use with
+      its rule's ``paired_total`` (``value_of`` reads it);
+    * ``rel``: the relevant parts of the K*N masks, (K*N, ...), mask-major (row k*N + n
+      belongs to image n); ``m`` = K*N; ``ops``: the pure-torch formulas (differentiable);
+      ``repeated``: an input-dependent value as K*N rows;
+    * the low-memory, optionally fused building blocks the conv/linear (``affine``),
+      batchnorm (``bn_split``), max-pool (``pool_total``, ``pool_relevant``,
+      ``pool_indices``) and folded-ReLU (``relu_total``) forms call. A rule that calls none of
+      them runs its own formulas under autograd.
+    """
+    ops = _torch_ops
+
+    def __init__(self, graph: CapturedGraph, n: int, k: int, *, lean: bool, low_memory: bool,
+                 use_compiled: bool, fuse: bool, known: dict, rel: dict, pools: dict):
+        self.graph, self.n, self.k, self.m = graph, n, k, n * k
+        self.lean, self.low_memory, self.use_compiled, self.fuse = lean, low_memory, use_compiled, fuse
+        self.rel, self.pools = rel, pools
+        self.relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
+        # node -> (true, relevant, recompute both, recompute their concatenation) for the outputs
+        # of fused layers, which the next layer's weights' backward recomputes instead of keeping
+        self.recipes: dict[fx.Node, tuple] = {}
+        order = _ORDER.get(graph)
+        if order is None:
+            order = _ORDER[graph] = {nd: i for i, nd in enumerate(graph.nodes)}
+        self.values = _TrueValues(known, lambda nd: _true_value(graph, nd, self), order)
+        self.value_of = self.values.__getitem__
+
+    def repeated(self, node: fx.Node):
+        """A node's true value for the K*N relevant rows: an input-dependent tensor of the N
+        images repeated per mask (mask-major); anything else as it is."""
+        v = self.values[node]
+        if (self.k > 1 and node in self.graph.reach and isinstance(v, torch.Tensor) and v.dim()
+                and v.shape[0] == self.n):
+            return _repeat_total(v, self.k)
+        return v
+
+    # ---- conv / linear
+    def affine(self, step, weights, bias, features_last: bool = False) -> torch.Tensor:
+        """Relevant output of a conv/linear layer (``weights``: the layer without its bias):
+        the bias split of ``W r`` against the layer's true output, ReLU'd if one is folded
+        into it. With the model's own forward recorded, that output is the forward's (``W r``
+        is the only weight application); otherwise one weight application on ``cat([a, r])``
+        gives both (``_AffinePaired``). ``features_last``: a Linear over tokens (N, *T, F),
+        whose bias runs along the last dim: the element-wise work runs on its rows."""
+        node, dep = step.node, step.dep[0]
+        values, n, k, lean, fuse, relu = self.values, self.n, self.k, self.lean, self.fuse, step.relu_fused
+        recipes = self.recipes
+        r = self.rel[dep]
+        recipe = recipes.get(dep)
+        total = dict.get(values, node)  # recorded by the model's forward (without its ReLU)
+        if total is None and lean and not self.use_compiled:
+            a = values[dep]
+            inp = torch.cat([a, r])
+            if recipe is not None and recipe[0] is a and recipe[1] is r:
+                with _saved_as_recipe(inp, recipe[3]):
+                    both = weights(inp)  # (N + K*N, ...): one GEMM / conv call
+            else:
+                both = weights(inp)
+            del inp
+            if bias is None:
+                total, out = both[:n], both[n:]
+                if relu:
+                    total, out = total.clamp_min(0), out.clamp_min(0)
+            else:
+                shape = both.shape
+                flat, rows = (_rows(both), n * (both[0].numel() // shape[-1])) if features_last else (both, n)
+                back = (lambda t: t.reshape((-1,) + tuple(shape[1:]))) if features_last else (lambda t: t)
+                total, out = _AffinePaired.apply(flat, bias, rows, k, relu, fuse)
+                total, out = back(total), back(out)
+                fwd, fwd_cat = _maybe_fused(_affine_fwd, fuse), _maybe_fused(_affine_fwd_cat, fuse)
+                recipes[node] = (total, out, lambda: tuple(map(back, fwd(flat, bias, rows, k, relu))),
+                                 lambda: back(fwd_cat(flat, bias, rows, k, relu)))
+            values[node] = total
+            if relu:
+                self.relu_done.add(node)
+            return out
+        if lean and recipe is not None and recipe[1] is r:
+            with _saved_as_recipe(r, lambda: recipe[2]()[1]):
+                zr = weights(r)
         else:
-            both = weights(inp)
-        del inp
-        if bias is None:
-            total, out = both[:n], both[n:]
-            if step.relu_fused:
-                total, out = total.clamp_min(0), out.clamp_min(0)
-        else:
-            total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
-            fwd, fwd_cat = _maybe_fused(_affine_fwd, fuse), _maybe_fused(_affine_fwd_cat, fuse)
-            relu = step.relu_fused
-            recipes[node] = (total, out, lambda: fwd(both, bias, n, k, relu), lambda: fwd_cat(both, bias, n, k, relu))
-        values[node] = total
-        if step.relu_fused:
-            relu_done.add(node)
-        return out
-    if lean and recipe is not None and recipe[1] is r:
-        with _saved_as_recipe(r, lambda: recipe[2]()[1]):
             zr = weights(r)
-    else:
-        zr = weights(r)
-    if bias is None:
-        return zr.clamp_min(0) if step.relu_fused else zr
-    total = values[node]
-    out = _bias_rule(zr, total, bias, step.relu_fused, k, low_memory, use_compiled, fuse)
-    if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
-        split = _maybe_fused(_total_split_fwd, fuse)
-        relu = step.relu_fused
-        recipes[node] = (None, out, lambda: (None, split(zr, total, bias, k, relu)), None)
-    return out
+        if bias is None:
+            return zr.clamp_min(0) if relu else zr
+        total = values[node]
+        shape = zr.shape
+        if features_last:
+            zr, total = _rows(zr), _rows(total)
+        out = _bias_rule(zr, total, bias, relu, k, self.low_memory, self.use_compiled, fuse)
+        if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
+            split = _maybe_fused(_total_split_fwd, fuse)
+            recipes[node] = (None, out.reshape(shape),
+                             lambda: (None, split(zr, total, bias, k, relu).reshape(shape)), None)
+            return recipes[node][1]
+        return out.reshape(shape)
 
+    # ---- batchnorm
+    def bn_split(self, step, r: torch.Tensor, a: torch.Tensor, scale, shift) -> torch.Tensor:
+        """A batchnorm's relevant output (ReLU'd if one is folded into it), keeping only its
+        inputs for backward."""
+        return _rule(_bn_split_paired, step.relu_fused, self.k, r, a, scale, shift, low_memory=self.low_memory)
 
-def _pool_indices(step, values: _TrueValues, pools: dict) -> torch.Tensor:
-    """A max-pool's argmax indices on the true activation: those the model's recorded forward
-    saved, else computed with the true pool."""
-    node = step.node
-    idx = pools.get(node)
-    if idx is None:
-        recorded = dict.get(values, node)
-        if recorded is None:
-            values[node]  # computes the true pool and records its indices
-            return pools[node]
-        idx = _saved_pool_indices(recorded)
+    # ---- max-pool
+    def pool_total(self, step, pool) -> torch.Tensor:
+        """A max-pool's true output (``pool``: returns (output, indices)); its argmax indices
+        recorded for the relevant part (and, lean, the only thing kept for backward)."""
+        a = self.values[step.dep[0]]
+        total, self.pools[step.node] = _MaxPoolKeepIndices.apply(a, pool) if self.lean else pool(a)
+        return total
+
+    def pool_indices(self, step, pool) -> torch.Tensor:
+        """A max-pool's argmax indices on the true activation: those the model's recorded
+        forward saved, else computed with the true pool."""
+        node = step.node
+        idx = self.pools.get(node)
         if idx is None:
-            with torch.no_grad():
-                idx = maxpool_fn(step, values.__getitem__)(values[step.dep[0]])[1]
-        pools[node] = idx
-    return idx
+            recorded = dict.get(self.values, node)
+            if recorded is None:
+                self.values[node]  # computes the true pool and records its indices
+                return self.pools[node]
+            idx = _saved_pool_indices(recorded)
+            if idx is None:
+                with torch.no_grad():
+                    idx = pool(self.values[step.dep[0]])[1]
+            self.pools[node] = idx
+        return idx
 
+    def pool_relevant(self, step, pool) -> torch.Tensor:
+        """A max-pool's relevant output: the relevant maps gathered at the true argmax."""
+        idx = self.pool_indices(step, pool)
+        r = self.rel[step.dep[0]]
+        return _IndexGather.apply(r, idx, self.k) if self.lean else _gather(r, _repeat_total(idx, self.k))
 
-def _paired_maxpool(step, values: _TrueValues, pools: dict, r: torch.Tensor, k: int, lean: bool):
-    """Relevant output of a max-pool: the relevant maps gathered at the true activation's argmax."""
-    idx = _pool_indices(step, values, pools)
-    return _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
+    # ---- a ReLU folded into its producer (conv/linear, batchnorm)
+    def relu_total(self, step) -> torch.Tensor:
+        """Its true output: the producer's, where the producer applied the ReLU already;
+        lean, a ReLU that keeps its input (the layer's output, which the split keeps anyway)."""
+        a = self.values[step.dep[0]]
+        if step.fused_into in self.relu_done:
+            return a
+        if self.lean:
+            return _ReLUKeepInput.apply(a)
+        return call_with(step, self.value_of, {})
 
 
 def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
@@ -732,7 +791,8 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     read at call time, so it follows training.
     x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
     image n), or None for the true activations only.
-    pool_indices: a dict to receive the argmax indices of every max-pool (optional).
+    pool_indices: a dict to receive what the reference's aux takes from the true batch (every
+    max-pool's argmax indices: ``Rule.paired_aux``), optional.
     low_memory: element-wise rules keep only their inputs for backward (closed-form or
     recomputed gradients) instead of autograd's intermediates.
     use_compiled: run the conv/linear bias split with the compiled op (once per image, as
@@ -745,55 +805,42 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
     gradient flowing into that forward's graph; the other ones are computed as needed.
     Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
     k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
+
+    Each node is its rule's paired form (``PairedPass``): no kind is tested here.
     """
     n = x.shape[0]
     m = n if relevant_input is None else relevant_input.shape[0]
     if m % n:
         raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
-    k = m // n
-    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
-    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
     g = graph
-    relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
-    pools = {} if pool_indices is None else pool_indices
     known = dict(forward) if forward else {}
     known[g.input_node] = x
-    order = _ORDER.get(g)
-    if order is None:
-        order = _ORDER[g] = {nd: i for i, nd in enumerate(g.nodes)}
-    values = _TrueValues(known, lambda nd: _true_value(g, nd, values, relu_done, pools, lean), order)
     rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
-    recipes: dict[fx.Node, tuple] = {}
+    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
+    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
+    p = PairedPass(g, n, m // n, lean=lean, low_memory=low_memory, use_compiled=use_compiled, fuse=fuse,
+                   known=known, rel=rel, pools={} if pool_indices is None else pool_indices)
+    recipes = p.recipes
     for index, node in enumerate(g.nodes if relevant_input is not None else ()):
         step = g.steps.get(node)
-        if step is None or step.kind == "shape":
+        if step is None or not step.rule.value:
             continue
-        r = rel[step.dep[0]]
-        kind = step.kind
-        if kind == "affine":
-            out = _paired_affine(g, step, values, rel, n, k, lean, relu_done, low_memory, use_compiled,
-                                 fuse, recipes)
-        elif kind == "batchnorm":
-            scale, shift, _ = batchnorm_parts(step, values.__getitem__)
-            out = _rule(_bn_split_paired, step.relu_fused, k, r, values[step.dep[0]], scale, shift,
-                        low_memory=low_memory)
-        elif kind == "maxpool":
-            out = _paired_maxpool(step, values, pools, r, k, lean)
-        else:
-            out = step.rule.relevant(step, rel, values, None, _torch_ops, m)
-            if kind == "activation" and step.fused_into in recipes:
-                recipes[node] = recipes[step.fused_into]  # the same tensors (the ReLU is folded)
+        out = step.rule.paired_relevant(step, p)
+        d = step.dep[0]
+        if d in recipes and out is rel[d] and len(step.dep) == 1:
+            recipes[node] = recipes[d]  # the same tensors (a ReLU folded into the layer)
         rel[node] = out
         for d in step.dep:  # free relevant parts no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
                 rel.pop(d, None)
-    total = values[g.result_node]
+    total = p.values[g.result_node]
     if pool_indices is not None:  # every max-pool's indices, also where no relevant part was asked
-        for step in g.steps.values():
-            if step.kind == "maxpool":
-                _pool_indices(step, values, pools)
+        for node, step in g.steps.items():
+            aux = step.rule.paired_aux(step, p)
+            if aux is not None:
+                pool_indices[node] = aux
+    p.values._compute = None  # no cycle through the pass: its tensors go with the last reference
     return rel.get(g.result_node), total
-
 
 # --------------------------------------------------------------------------------------
 # reusing the model's own forward
@@ -888,7 +935,7 @@ class ForwardRecorder:
         self._nodes_of: dict[nn.Module, list[fx.Node]] = {}
         for node in graph.nodes:
             step = graph.steps.get(node)
-            if node.op == "call_module" and step is not None and step.kind != "shape":
+            if node.op == "call_module" and step is not None and step.rule.value:
                 self._nodes_of.setdefault(model.get_submodule(node.target), []).append(node)
         self._mode_nodes = [(node, mod) for mod, nodes in self._nodes_of.items()
                             for node in nodes if _mode_dependent(mod)]
@@ -968,7 +1015,7 @@ class ForwardRecorder:
         a penalty is left alone): one activation map less per layer, the same numbers."""
         for node, y in got.items():
             step = self.graph.steps.get(node)
-            if step is None or step.kind != "activation" or step.fused_into not in got:
+            if step is None or step.fused_into is None or step.fused_into not in got:  # a folded ReLU
                 continue
             mod = self.graph.gm.get_submodule(node.target)
             if type(mod) is not nn.ReLU or mod.inplace or y.grad_fn is None:
@@ -1038,13 +1085,16 @@ class CDEPPenalty:
     reuse_forward: record the model's forward with hooks and reuse it (default; the hooks
     cost a few microseconds a module and keep nothing alive beyond the next forward or
     penalty call; ``remove_hooks()`` removes them).
+    rules: the rule set (``fastacd.rules.RuleSet``; default ``fastacd.rules.DEFAULT``). Every
+    node runs its rule's paired form (``Rule.paired_total`` / ``paired_relevant``), so a rule
+    added to a set needs nothing here.
     """
 
     BACKENDS = ("paired", "engine", "reference", "straightforward")
 
     def __init__(self, model: nn.Module, backend: str = "paired", reduction: str = "mean",
                  low_memory: bool = True, use_compiled: bool = False, fuse: bool = True,
-                 reuse_forward: bool = True):
+                 reuse_forward: bool = True, rules: rules_.RuleSet | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in self.BACKENDS:
@@ -1054,7 +1104,7 @@ class CDEPPenalty:
         self.model, self.backend, self.reduction = model, backend, reduction
         self.low_memory, self.use_compiled, self.fuse = low_memory, use_compiled, fuse
         with eval_mode(model):
-            self.graph = CapturedGraph(model, rules_.DEFAULT)
+            self.graph = CapturedGraph(model, rules_.resolve(rules))
         self._decomposer: Decomposer | None = None
         self._recorder = ForwardRecorder(model, self.graph) if reuse_forward else None
 
@@ -1107,7 +1157,7 @@ class CDEPPenalty:
             return straightforward_cd(self.graph, x, r0)
         if self.backend == "engine":
             if self._decomposer is None:
-                self._decomposer = Decomposer(self.model, backend="auto")
+                self._decomposer = Decomposer(self.model, backend="auto", rules=self.graph.rules)
                 self._decomposer.graph = self.graph
             dec = self._decomposer
             rows = [dec.cd_relevant_input(x[i:i + 1], r0[i::n]) for i in range(n)]
