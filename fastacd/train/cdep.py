@@ -723,15 +723,16 @@ class PairedPass:
             return zr.clamp_min(0) if relu else zr
         total = values[node]
         shape = zr.shape
+        back = (lambda t: t.reshape(shape)) if features_last else (lambda t: t)  # no view op otherwise
         if features_last:
             zr, total = _rows(zr), _rows(total)
         out = _bias_rule(zr, total, bias, relu, k, self.low_memory, self.use_compiled, fuse)
         if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
             split = _maybe_fused(_total_split_fwd, fuse)
-            recipes[node] = (None, out.reshape(shape),
-                             lambda: (None, split(zr, total, bias, k, relu).reshape(shape)), None)
-            return recipes[node][1]
-        return out.reshape(shape)
+            out = back(out)
+            recipes[node] = (None, out, lambda: (None, back(split(zr, total, bias, k, relu))), None)
+            return out
+        return back(out)
 
     # ---- batchnorm
     def bn_split(self, step, r: torch.Tensor, a: torch.Tensor, scale, shift) -> torch.Tensor:
