@@ -42,6 +42,7 @@ from .image import plots  # noqa: F401
 from .image.hierarchy import Hierarchy, Node, hierarchy  # noqa: F401
 from .train import cdep  # noqa: F401
 from .train.cdep import CDEPPenalty, cdep_score  # noqa: F401
+from .train.penalties import ExpectedGradientsPenalty, RRRPenalty  # noqa: F401
 
 # ``import fastacd.agg_2d`` and ``from fastacd.agg_2d import ...`` keep working for the
 # original's module names (and the earlier flat layout's public ones): the modules live in

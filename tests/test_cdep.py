@@ -98,7 +98,8 @@ def test_penalty_gradients_paired_engine_reference_float64(per_example_k):
     else:
         masks = cdep.pixel_masks(3, per_example_k, (8, 8), generator=torch.Generator().manual_seed(2))
     ref_p, ref_g = _grads(model, cdep.CDEPPenalty(model, backend="reference"), x, masks)
-    for kw in ({"backend": "paired"}, {"backend": "paired", "low_memory": False},
+    for kw in ({"backend": "paired"}, {"backend": "paired", "fuse": False},
+               {"backend": "paired", "low_memory": False},
                {"backend": "engine"}, {"backend": "straightforward"}):
         p, g = _grads(model, cdep.CDEPPenalty(model, **kw), x, masks)
         assert torch.allclose(p, ref_p, atol=1e-12), kw
@@ -133,15 +134,21 @@ def test_bias_split_closed_form_backward_gradcheck(relu, k):
         assert torch.allclose(a, b, atol=1e-13)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("k", [1, 2])
-def test_affine_paired_backward_gradcheck(relu, k):
-    """The merged true + relevant conv output: both outputs' closed-form gradients."""
+def test_affine_paired_backward_gradcheck(relu, k, fuse):
+    """The merged true + relevant conv output: both outputs' closed-form gradients, plain and
+    through the compiled (fused) kernels."""
     torch.manual_seed(7)
     both = torch.randn(2 + 2 * k, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    fn = lambda t, b: cdep._AffinePaired.apply(t, b, 2, k, relu, False)
+    fn = lambda t, b: cdep._AffinePaired.apply(t, b, 2, k, relu, fuse)
     assert torch.autograd.gradcheck(fn, (both, bias))
+    zr = torch.randn(2 * k, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    total = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    split = lambda a, t, b: cdep._BiasSplitPaired.apply(a, t, b, relu, k, fuse)
+    assert torch.autograd.gradcheck(split, (zr, total, bias))
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -153,10 +160,17 @@ def test_split_backward_finite_float32_where_both_parts_are_zero(relu):
     zr[:, :, 0] = 0
     t[:, :, 0, :2] = 0
     bias, g = torch.rand(3) + 0.5, torch.randn(2, 3, 4, 4)
-    got = cdep._split_pre_grad(zr, t, bias, g, relu, 1)
+    d_zr, d_t, g_pr = cdep._split_grad(zr, t, bias[:, None, None], g, relu)
     leaves = [q.clone().requires_grad_() for q in (zr, t, bias)]
     want = torch.autograd.grad(cdep._torch_ops.bias_split(*leaves, relu), leaves, g)
-    for a, b in zip(got, want):
+    for a, b in zip((d_zr, d_t, cdep._channel_sum(g_pr)), want):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+    # the same through the fused kernel, from the layer's output with bias (t + b)
+    total = t + bias[:, None, None]
+    leaves = [q.clone().requires_grad_() for q in (zr, total, bias)]
+    want = torch.autograd.grad(cdep._bias_split_paired(*leaves, relu, 1), leaves, g)
+    d_zr, d_total, s_gpr, s_total = cdep._FUSED["_total_split_bwd"](zr, total, bias, g, 1, relu)
+    for a, b in zip((d_zr, d_total, s_gpr.sum(0) - s_total.sum(0)), want):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
 
 
@@ -223,6 +237,150 @@ def test_low_memory_saves_fewer_bytes_for_backward():
     # max-pool indices and conv inputs, and its pre-ReLU maps instead of the ReLU outputs)
     assert low < 0.6 * high
     assert low < 2.0 * plain
+
+
+# ---------------------------------------------------------------------------- riding on the forward
+def _spy_forward(monkeypatch):
+    """Record the recorded-forward values each paired_cd call receives."""
+    seen, orig = [], cdep.paired_cd
+
+    def spy(*args, **kw):
+        seen.append(kw.get("forward"))
+        return orig(*args, **kw)
+    monkeypatch.setattr(cdep, "paired_cd", spy)
+    return seen
+
+
+def _params_grads(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), torch.cat([q.grad.flatten() for q in model.parameters()])
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_penalty_after_forward_reuses_it_exactly_float64(monkeypatch, fuse):
+    """The README's way: loss(model(x), y) + lam * penalty(x, masks) takes the true activations
+    from that forward, and gives the same loss and gradients as a penalty computed afresh."""
+    torch.manual_seed(9)
+    model = DemoCNN(width=4).double()
+    x, y = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 4, 7])
+    masks = cdep.box_masks([[0, 0, 6, 6], [20, 3, 6, 6], [9, 9, 5, 5]], (28, 28))
+    pen = cdep.CDEPPenalty(model, fuse=fuse)
+    fresh = cdep.CDEPPenalty(model, fuse=fuse, reuse_forward=False)
+    seen = _spy_forward(monkeypatch)
+    got = _params_grads(model, lambda: F.cross_entropy(model(x), y) + 10 * pen(x, masks))
+    assert {n.target for n in seen[-1]} == {f"features.{i}" for i in range(6)} | \
+        {f"classifier.{i}" for i in range(4)}  # every module's output
+    want = _params_grads(model, lambda: F.cross_entropy(model(x), y) + 10 * fresh(x, masks))
+    assert seen[-1] is None
+    assert torch.allclose(got[0], want[0], atol=1e-12)
+    assert torch.allclose(got[1], want[1], atol=1e-10, rtol=1e-10)
+    logits, p = pen.forward_with_penalty(x, masks)  # one pass, nothing recorded
+    assert torch.allclose(F.cross_entropy(logits, y) + 10 * p, want[0], atol=1e-12)
+
+
+def test_recorded_forward_not_reused_when_stale(monkeypatch):
+    torch.manual_seed(10)
+    model = DemoCNN(width=4)
+    x = torch.randn(2, 1, 28, 28)
+    masks = torch.ones(28, 28)
+    pen = cdep.CDEPPenalty(model)
+    seen = _spy_forward(monkeypatch)
+    model(x)
+    pen(x, masks)
+    assert len(seen[-1]) == 10
+    pen(x, masks)  # the record is used once
+    model(x)
+    pen(x.clone(), masks)  # another tensor
+    model(x)
+    with torch.no_grad():
+        model.features[0].bias.add_(0.1)  # an optimizer step
+    pen(x, masks)
+    model(x)
+    x.mul_(1.0)  # the batch changed in place
+    pen(x, masks)
+    with torch.no_grad():
+        model(x)  # nothing is recorded without gradients
+    pen(x, masks)
+    model(x)
+    model(torch.randn(2, 1, 28, 28))  # a later forward replaces the record
+    pen(x, masks)
+    assert seen[1:] == [None] * 6
+
+
+def test_train_mode_forward_reused_only_up_to_dropout_and_batchnorm(monkeypatch):
+    """DigitsCNN in training mode (batchnorm after the 2nd conv, dropout in the head): the
+    activations before the batchnorm are reused, the rest computed again in eval behaviour;
+    the penalty and its gradients equal the penalty computed afresh."""
+    torch.manual_seed(11)
+    model = _randomise_bn(DigitsCNN()).double().train()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    masks = cdep.box_masks([[0, 0, 7, 7]] * 3, (28, 28))
+    pen = cdep.CDEPPenalty(model)
+    fresh = cdep.CDEPPenalty(model, reuse_forward=False)
+    seen = _spy_forward(monkeypatch)
+    model(x)  # batchnorm in training mode: batch statistics, running statistics updated
+    got = pen(x, masks)
+    assert {n.target for n in seen[-1]} == {"features.0", "features.1", "features.2", "features.3"}
+    g_got = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    want = fresh(x, masks)
+    g_want = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(got, want, atol=1e-12)
+    for a, b in zip(g_got, g_want):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10, rtol=1e-10)
+    assert model.training and model.features[4].training
+
+
+def test_in_place_relu_output_not_reused_for_its_conv(monkeypatch):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 3])
+    masks = cdep.box_masks([[0, 0, 3, 3], [4, 4, 4, 4]], (8, 8))
+    pen, fresh = cdep.CDEPPenalty(model), cdep.CDEPPenalty(model, reuse_forward=False)
+    seen = _spy_forward(monkeypatch)
+    got = _params_grads(model, lambda: F.cross_entropy(model(x), y) + pen(x, masks))
+    assert {n.target for n in seen[-1]} == {"1", "2", "3", "4"}  # the conv's output was overwritten
+    want = _params_grads(model, lambda: F.cross_entropy(model(x), y) + fresh(x, masks))
+    assert torch.allclose(got[0], want[0], atol=1e-12) and torch.allclose(got[1], want[1], atol=1e-10)
+
+
+def test_hooks_do_not_keep_the_penalty_and_pickle_as_no_ops():
+    import copy
+    import gc
+    import io
+    model = DemoCNN(width=4)
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    pen = cdep.CDEPPenalty(model)
+    assert hooks() == 12  # the model (pre and post) and its 10 modules
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(torch.load(buf, weights_only=False)(x), model(x))
+    assert torch.allclose(copy.deepcopy(model)(x), model(x))
+    del pen
+    gc.collect()
+    assert hooks() == 0
+    pen = cdep.CDEPPenalty(model)
+    pen.remove_hooks()
+    assert hooks() == 0 and torch.isfinite(pen(x, torch.ones(28, 28)))
+
+
+def test_penalty_equals_straightforward_on_vgg_style_cnn_float64():
+    """The benchmark's 3-block VGG-style CNN (narrow): fused default vs the straightforward
+    implementation (relevant and irrelevant parts propagated separately)."""
+    from fastacd.train.models import VGGStyleCNN
+    torch.manual_seed(13)
+    model = VGGStyleCNN(width=4, hidden=16).double()
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 5, 9])
+    masks = cdep.box_masks([[0, 0, 6, 6], [10, 20, 6, 6], [26, 26, 6, 6]], (32, 32))
+    pen, ref = cdep.CDEPPenalty(model), cdep.CDEPPenalty(model, backend="straightforward")
+    got = _params_grads(model, lambda: F.cross_entropy(model(x), y) + 10 * pen(x, masks))
+    want = _params_grads(model, lambda: F.cross_entropy(model(x), y) + 10 * ref(x, masks))
+    assert torch.allclose(got[0], want[0], atol=1e-12)
+    assert torch.allclose(got[1], want[1], atol=1e-10, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------- API behaviour

@@ -62,6 +62,11 @@ class Activation(Rule):
             return rel[d]  # the producer already applied this ReLU to the relevant part
         return call_with(step, values.__getitem__, {d: rel[d]})
 
+    def paired_total(self, step, p):
+        if step.fused_into is not None:  # a ReLU folded into its producer's split
+            return p.relu_total(step)
+        return super().paired_total(step, p)
+
     def inplace_operand(self, step):
         d = step.dep[0]
         usable = step.fused_into is None and step.extra["is_relu"] and step.node.args[:1] == (d,)

@@ -164,6 +164,11 @@ class Affine(Rule):
     def fresh(self, step, rel, out):
         return own_buffer(out, rel[step.dep[0]])
 
+    def paired_relevant(self, step, p):
+        # one weight application for the true and relevant rows, fused split (and ReLU)
+        weights, bias = affine_parts(step, p.value_of)
+        return p.affine(step, weights, bias, channels_last(step, p.rel[step.dep[0]]))
+
     def locality(self, step, values):
         conv = conv2d_params(step, values.__getitem__)
         if conv is None:

@@ -117,6 +117,38 @@ class Rule:
         """How the windowed pass recomputes this node (None: in full)."""
         return None
 
+    # ---- the paired training pass (CDEP: fastacd.train.cdep.paired_cd) ------------------
+    # ``p`` is the pass: ``p.values`` the true activations of N images (node -> (N, ...)),
+    # ``p.rel`` the relevant parts of K*N masks (mask-major: row k*N + n pairs with image n),
+    # ``p.value_of``, ``p.ops`` (pure, differentiable torch), ``p.m`` = K*N, ``p.repeated``
+    # (input-dependent values as K*N rows), and the low-memory building blocks a rule may
+    # call (``p.affine``, ``p.bn_split``, ``p.pool_total``, ``p.pool_relevant``,
+    # ``p.pool_indices``, ``p.relu_total``). Everything is differentiable under grad mode.
+    def paired_total(self, step: Step, p) -> Any:
+        """The node's true output for the N images, as the model computes it (an
+        ``output_only`` rule passes its input on)."""
+        if self.output_only:
+            return p.values[step.dep[0]]
+        return call_with(step, p.value_of, {})
+
+    def paired_relevant(self, step: Step, p) -> torch.Tensor:
+        """The relevant part of the K*N masks. Default: ``relevant`` with the N images' totals
+        and no aux (a rule computes what it needs from ``values``; ``norm.rows_like`` repeats a
+        per-image statistic for K*N rows); for a rule without a ``relevant`` form, its
+        ``reference`` form on K*N rows with ``i = a - r`` (the oracle's arithmetic, at the
+        price of the op's total and irrelevant part computed once more)."""
+        if type(self).relevant is not Rule.relevant:
+            return self.relevant(step, p.rel, p.values, None, p.ops, p.m)
+        value_of = p.repeated
+        _, aux = self.total(step, value_of)
+        parts = {d: (p.rel[d], value_of(d) - p.rel[d]) for d in step.dep}
+        return self.reference(step, parts, value_of, aux)[0]
+
+    def paired_aux(self, step: Step, p) -> Any:
+        """What the reference's aux takes from the true batch here (a max-pool's argmax
+        indices; ``paired_cd(pool_indices=...)`` collects them), or None."""
+        return None
+
     def macs(self, step: Step, value_of: Callable) -> int:
         """Multiply-adds per output position and mask (the windowed pass's cost model)."""
         return 0

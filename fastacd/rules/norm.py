@@ -78,6 +78,12 @@ class BatchNorm(Rule):
         d = step.dep[0]
         return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused)
 
+    def paired_relevant(self, step, p):
+        # the channel parameters read once; the split keeps only its inputs for backward
+        scale, shift, _ = batchnorm_parts(step, p.value_of)
+        d = step.dep[0]
+        return p.bn_split(step, p.rel[d], p.values[d], scale, shift)
+
     def inplace_operand(self, step):
         return step.dep[0] if step.node.args[:1] == (step.dep[0],) else None
 

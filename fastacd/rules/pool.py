@@ -80,6 +80,16 @@ class MaxPool(Rule):
     def fresh(self, step, rel, out):
         return True
 
+    # the paired pass keeps only the argmax indices (of the model's own forward when recorded)
+    def paired_total(self, step, p):
+        return p.pool_total(step, maxpool_fn(step, p.value_of))
+
+    def paired_relevant(self, step, p):
+        return p.pool_relevant(step, maxpool_fn(step, p.value_of))
+
+    def paired_aux(self, step, p):
+        return p.pool_indices(step, maxpool_fn(step, p.value_of))
+
     def locality(self, step, values):
         pool = pool2d_params(step, values.__getitem__)
         return None if pool is None else Sliding(*pool)

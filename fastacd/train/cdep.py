@@ -32,7 +32,15 @@ How it is computed (design.md sections 2 and 4, with gradients):
   stays alive between forward and backward;
 * **shared forward**: ``CDEPPenalty.forward_with_penalty`` returns the model's logits from
   the same true-activation pass, so a training step costs about one plain forward + one
-  relevant pass, instead of a plain forward + separate relevant and irrelevant passes.
+  relevant pass, instead of a plain forward + separate relevant and irrelevant passes;
+* **riding on the model's forward**: ``penalty(x, masks)`` right after ``model(x)`` reuses
+  that forward's activations (``ForwardRecorder``: forward hooks, checked to be the same
+  input and parameter versions, and eval-equivalent), so the README's
+  ``loss(model(x), y) + lam * penalty(x, masks)`` costs what ``forward_with_penalty`` does;
+* **fused element-wise kernels** (default): each layer's element-wise forward and
+  closed-form backward run as ``torch.compile``'d loops (``_Fusable``; the plain formulas
+  where compiling fails), and a layer's outputs that the next layer's weights need for
+  their gradient are recomputed from the pre-activations kept anyway.
 
 The text penalty (``TextCDEPPenalty``, ``paired_text_cd``) does the same for an embedding ->
 LSTM -> linear classifier: the true LSTM pass of N sentences once, the relevant states of
@@ -46,6 +54,9 @@ are exactly zero.
 from __future__ import annotations
 
 import contextlib
+import types
+import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -59,9 +70,6 @@ from ..capture.graph import CapturedGraph
 from ..capture.nodes import call_with, fetch_attr, run_plain
 from ..engine.decomposer import Decomposer, compiled_ops
 from ..reference.cd import propagate_graph
-from ..rules.affine import affine_parts
-from ..rules.norm import batchnorm_parts
-from ..rules.pool import maxpool_fn
 from ..text.lstm import TextDecomposer
 
 REDUCTIONS = ("mean", "sum")
@@ -172,13 +180,6 @@ def _repeat_total(total: torch.Tensor, k: int) -> torch.Tensor:
     return total if k == 1 else total.repeat((k,) + (1,) * (total.dim() - 1))
 
 
-def _bias_split_paired(rel_pre, total_out, bias, relu: bool, k: int):
-    # total_out is the layer's ordinary output (with bias), so the forward pass of the true
-    # activations is the plain forward; its pre-bias value is total_out - bias.
-    pre = total_out - _torch_ops._channel_view(bias, total_out)
-    return _torch_ops.bias_split(rel_pre, _repeat_total(pre, k), bias, relu)
-
-
 def _unrepeat(t: torch.Tensor, k: int) -> torch.Tensor:
     """Gradient of ``_repeat_total``: sum the K groups."""
     return t if k == 1 else t.reshape((k, -1) + tuple(t.shape[1:])).sum(0)
@@ -188,93 +189,167 @@ def _channel_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=[d for d in range(t.dim()) if d != 1])
 
 
-class _BiasSplitPaired(torch.autograd.Function):
-    """``_bias_split_paired`` with a closed-form backward that keeps only its inputs.
-
-    out = zr + pr * b (then ReLU), pr = u / s, u = |zr| + eps, v = |zi| + eps, s = u + v,
-    zi = T - zr, T = total_out - b. With c = g * b / s^2:
-    d/dzr = g + c * (v * sgn(zr) + u * sgn(zi)); d/dT = -c * u * sgn(zi);
-    d/db = sum(g * pr) - sum(d/dT); d/dtotal_out = d/dT (summed over the K groups).
-    These are autograd's derivatives of the pure-torch formula (sgn(0) = 0, as torch.abs).
-    """
-
-    @staticmethod
-    def forward(ctx, rel_pre, total_out, bias, relu, k, compiled):
-        ctx.relu, ctx.k, ctx.compiled = relu, k, compiled
-        ctx.save_for_backward(rel_pre, total_out, bias)
-        fn = _compiled_fn("fwd") if compiled else _bias_split_paired
-        return fn(rel_pre, total_out, bias, relu, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        fn = _compiled_fn("bwd") if ctx.compiled else _bias_split_paired_grad
-        d_zr, d_total, d_bias = fn(*ctx.saved_tensors, grad.contiguous(), ctx.relu, ctx.k)
-        return d_zr, d_total, d_bias, None, None, None
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """(rows, C, *S) -> (rows, C): the inner, contiguous part of a channel sum. A fused kernel
+    reduces over contiguous memory fast; the small sum over rows is left to the caller."""
+    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
-def _bias_split_paired_grad(zr, total_out, bias, grad, relu: bool, k: int):
-    """The closed-form gradients of ``_bias_split_paired`` (see ``_BiasSplitPaired``)."""
-    b = _torch_ops._channel_view(bias, zr)
-    zi = _repeat_total(total_out - b, k) - zr
+def _split(zr, t_pre, b, relu: bool):
+    """The bias split (design.md section 2): ``zr + pr * b`` with ``pr = (|zr| + eps) /
+    ((|zr| + eps) + (|t_pre - zr| + eps))``, then ReLU if ``relu``; ``t_pre``: the true
+    pre-activation without bias, one row per relevant row; ``b``: the bias as a channel view.
+    The float operations of ``fastacd._torch_ops.bias_split``."""
+    u = zr.abs() + _torch_ops.EPS
+    out = zr + u / (u + ((t_pre - zr).abs() + _torch_ops.EPS)) * b
+    return out.clamp_min(0) if relu else out
+
+
+def _split_grad(zr, t_pre, b, g, relu: bool):
+    """Closed-form gradients of ``_split`` for an output gradient g: (d zr, d t_pre, g * pr),
+    where ``g * pr`` summed over rows and positions is the gradient of ``b``.
+
+    With u = |zr| + eps, v = |zi| + eps, s = u + v, zi = t_pre - zr, c = g b / s^2:
+    d zr = g + c (v sgn(zr) + u sgn(zi)), d t_pre = -c u sgn(zi) (sgn(0) = 0, as torch.abs);
+    these are autograd's derivatives of the formula. c is applied as (g b / s) (u / s) and
+    (g b / s) (v / s): s^2 underflows in float32 where both parts are ~0 (a dead region)."""
+    zi = t_pre - zr
     u = zr.abs() + _torch_ops.EPS
     v = zi.abs() + _torch_ops.EPS
     s = u + v
     pr = u / s
     if relu:
-        grad = grad * ((zr + pr * b) > 0)
-    q = grad * b / s  # c = g b / s^2 as q * (u / s): s^2 underflows in float32 (see _split_pre_grad)
-    d_t = -(q * pr * zi.sign())
-    d_zr = grad + q * (v / s) * zr.sign() - d_t
-    d_total = _unrepeat(d_t, k)
-    return d_zr, d_total, _channel_sum(grad * pr) - _channel_sum(d_total)
-
-
-def _split_pre(zr, t_pre, bias, relu: bool, k: int):
-    """The bias split from the true pre-activation without bias (N rows) and K*N relevant
-    rows: ``fastacd._torch_ops.bias_split`` (the same float operations, bit for bit), with
-    in-place steps (it runs inside an autograd.Function, so nothing records them)."""
-    eps = _torch_ops.EPS
-    u = zr.abs().add_(eps)                                       # |zr| + eps
-    den = (_repeat_total(t_pre, k) - zr).abs_().add_(eps)        # |zi| + eps
-    out = u.div_(den.add_(u)).mul_(_torch_ops._channel_view(bias, zr)).add_(zr)
-    return out.clamp_min_(0) if relu else out
-
-
-def _split_pre_grad(zr, t_pre, bias, grad, relu: bool, k: int):
-    """Closed-form gradients of ``_split_pre`` w.r.t. (zr, t_pre, bias) (see ``_BiasSplitPaired``;
-    here the true pre-activation is an input, so the bias gets only ``sum(g * pr)``)."""
-    eps = _torch_ops.EPS
-    b = _torch_ops._channel_view(bias, zr)
-    zi = _repeat_total(t_pre, k) - zr
-    u = zr.abs().add_(eps)
-    v = zi.abs().add_(eps)
-    s = u + v
-    pr = u / s
-    if relu:
-        grad = grad * ((zr + pr * b) > 0)
-    # c = g b / s^2, applied as (g b / s) * (u / s) and (g b / s) * (v / s): s^2 underflows in
-    # float32 when both parts are ~0 (zr = 0 and a zero pre-activation, e.g. a dead region)
-    q = (grad * b).div_(s)                                       # g b / s
-    d_t = (q * pr).mul_(zi.sign_()).neg_()                       # -c u sgn(zi)
-    d_zr = v.div_(s).mul_(q).mul_(zr.sign()).add_(grad).sub_(d_t)  # g + c v sgn(zr) - d_t
-    return d_zr, _unrepeat(d_t, k), _channel_sum(pr.mul_(grad))
+        g = torch.where(zr + pr * b > 0, g, 0.0)
+    q = g * b / s
+    d_t = -(q * pr) * zi.sign()
+    d_zr = g + q * (v / s) * zr.sign() - d_t
+    return d_zr, d_t, g * pr
 
 
 def _affine_fwd(both, bias, n: int, k: int, relu: bool):
     """Forward of ``_AffinePaired``: (true output, ReLU'd if ``relu``; relevant part)."""
     t_pre, zr = both[:n], both[n:]
-    total = t_pre + _torch_ops._channel_view(bias, t_pre)
-    rel = _split_pre(zr, t_pre, bias, relu, k)
-    return (total.clamp_min(0) if relu else total), rel
+    b = _torch_ops._channel_view(bias, t_pre)
+    total = t_pre + b
+    return (total.clamp_min(0) if relu else total), _split(zr, _repeat_total(t_pre, k), b, relu)
 
 
 def _affine_bwd(both, bias, g_total, g_rel, n: int, k: int, relu: bool):
-    """Closed-form backward of ``_AffinePaired``: (d both, d bias)."""
+    """Backward of ``_AffinePaired``: (d both, the bias gradient's per-row channel sums of the
+    true rows (N, C) and of the relevant rows (K*N, C))."""
     t_pre, zr = both[:n], both[n:]
-    d_zr, d_t, d_b = _split_pre_grad(zr, t_pre, bias, g_rel, relu, k)
+    b = _torch_ops._channel_view(bias, t_pre)
+    d_zr, d_t, g_pr = _split_grad(zr, _repeat_total(t_pre, k), b, g_rel, relu)
     if relu:
-        g_total = g_total * ((t_pre + _torch_ops._channel_view(bias, t_pre)) > 0)
-    return torch.cat([d_t + g_total, d_zr]), d_b + _channel_sum(g_total)
+        g_total = torch.where(t_pre + b > 0, g_total, 0.0)
+    return torch.cat([_unrepeat(d_t, k) + g_total, d_zr]), _spatial_sum(g_total), _spatial_sum(g_pr)
+
+
+def _affine_fwd_cat(both, bias, n: int, k: int, relu: bool):
+    """``torch.cat(_affine_fwd(...))`` in one pass: the input of the next conv/linear, recomputed
+    in its backward."""
+    return torch.cat(_affine_fwd(both, bias, n, k, relu))
+
+
+def _total_split_fwd(zr, total_out, bias, k: int, relu: bool):
+    """The bias split of ``zr`` (K*N rows) against a layer's ordinary output (N rows, with bias)."""
+    b = _torch_ops._channel_view(bias, total_out)
+    return _split(zr, _repeat_total(total_out - b, k), b, relu)
+
+
+def _total_split_bwd(zr, total_out, bias, g, k: int, relu: bool):
+    """Backward of ``_total_split_fwd``: (d zr, d total_out, per-row channel sums of g * pr
+    (K*N, C) and of d total_out (N, C)); the bias gradient is the first sum minus the second
+    (``total_out - b`` is the pre-activation)."""
+    b = _torch_ops._channel_view(bias, total_out)
+    d_zr, d_t, g_pr = _split_grad(zr, _repeat_total(total_out - b, k), b, g, relu)
+    d_total = _unrepeat(d_t, k)
+    return d_zr, d_total, _spatial_sum(g_pr), _spatial_sum(d_total)
+
+
+class _Fusable:
+    """``fn`` run through ``torch.compile`` (one or two fused loops instead of ~20
+    element-wise passes over a layer's maps; compiled on first use, cached on disk by
+    inductor), or ``fn`` itself where compiling is not possible: no compiler, an unsupported
+    platform, an inductor error. The fallback is decided once per function and warned."""
+
+    def __init__(self, fn):
+        self.fn, self.broken = fn, None
+        self._compiled: dict = {}
+
+    def __call__(self, *args):
+        if self.broken is None:
+            try:
+                # a parameter's sizes would be compiled in as constants (dynamo's default)
+                args = tuple(a.detach() if isinstance(a, nn.Parameter) else a for a in args)
+                key = _signature(args)
+                compiled = self._compiled.get(key)
+                if compiled is not None:
+                    return compiled(*args)
+                # a new kind of call (rank, dtype, flags): its own compiled copy of fn, so that
+                # every call checks one set of guards, compiled with general shapes
+                compiled = torch.compile(_own_code(self.fn), dynamic=True)
+                with _compiling():
+                    out = compiled(*args)
+                self._compiled[key] = compiled
+                return out
+            except Exception as exc:  # noqa: BLE001 - any compile failure: fall back
+                out = self.fn(*args)  # the inputs' fault (not the compiler's) raises here
+                self.broken = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"fastacd.cdep: torch.compile of {self.fn.__name__} failed, using the "
+                              f"unfused formulas (same numbers, slower): {self.broken}", RuntimeWarning)
+                return out
+        return self.fn(*args)
+
+
+def _own_code(fn):
+    """A copy of fn with a code object of its own (dynamo keeps one cache per code object)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _signature(args) -> tuple:
+    """What a compiled kernel is specialised on: ranks, dtypes, devices, sizes of 1, flags."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dim(), a.dtype, a.device.type, tuple(s == 1 for s in a.shape)))
+        else:
+            sig.append(a if isinstance(a, bool) or a in (0, 1) else type(a))
+    return tuple(sig)
+
+
+@contextlib.contextmanager
+def _compiling():
+    """Compile without "duck sizing" (which makes sizes that happen to be equal, e.g. a batch
+    of 32 and 32 channels, one symbol, and recompiles when they differ), and with room for a
+    few recompiles beyond dynamo's default limit; entered only when a kernel compiles."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    old = fx_config.use_duck_shape, getattr(dynamo_config, limit)
+    fx_config.use_duck_shape = False
+    setattr(dynamo_config, limit, max(old[1], 64))
+    try:
+        yield
+    finally:
+        fx_config.use_duck_shape = old[0]
+        setattr(dynamo_config, limit, old[1])
+
+
+_FUSED = {f.__name__: _Fusable(f) for f in (_affine_fwd, _affine_bwd, _affine_fwd_cat, _total_split_fwd,
+                                              _total_split_bwd)}
+
+
+def _maybe_fused(fn, fuse: bool):
+    return _FUSED[fn.__name__] if fuse else fn
+
+
+def fusion_available() -> bool:
+    """Whether the fused element-wise kernels compile here (tries once, on tiny tensors)."""
+    t = torch.zeros(2, 1)
+    _FUSED["_total_split_fwd"](t[:1], t[1:], t.new_zeros(1), 1, False)
+    return _FUSED["_total_split_fwd"].broken is None
 
 
 class _AffinePaired(torch.autograd.Function):
@@ -284,15 +359,14 @@ class _AffinePaired(torch.autograd.Function):
     output ``both[:N] + b`` (ReLU'd if ``relu``: the ReLU folded into the layer) and the
     relevant part (the bias split, ReLU'd if ``relu``). Keeps only ``both`` and the bias for
     backward (closed-form gradients, recomputing the element-wise products). ``fuse``: the
-    forward and backward bodies run through ``torch.compile`` (one or two loops each).
+    forward and backward bodies run through ``torch.compile`` (``_Fusable``).
     """
 
     @staticmethod
     def forward(ctx, both, bias, n, k, relu, fuse):
         ctx.n, ctx.k, ctx.relu, ctx.fuse = n, k, relu, fuse
         ctx.save_for_backward(both, bias)
-        fn = _compiled_fn("affine_fwd") if fuse else _affine_fwd
-        return fn(both, bias, n, k, relu)
+        return _maybe_fused(_affine_fwd, fuse)(both, bias, n, k, relu)
 
     @staticmethod
     def backward(ctx, g_total, g_rel):
@@ -302,22 +376,34 @@ class _AffinePaired(torch.autograd.Function):
             g_rel = torch.zeros_like(both[n:])
         if g_total is None:
             g_total = torch.zeros_like(both[:n])
-        fn = _compiled_fn("affine_bwd") if ctx.fuse else _affine_bwd
-        d_both, d_b = fn(both, bias, g_total.contiguous(), g_rel.contiguous(), n, ctx.k, ctx.relu)
-        return d_both, d_b, None, None, None, None
+        d_both, s_true, s_rel = _maybe_fused(_affine_bwd, ctx.fuse)(
+            both, bias, g_total.contiguous(), g_rel.contiguous(), n, ctx.k, ctx.relu)
+        return d_both, s_true.sum(0) + s_rel.sum(0), None, None, None, None
 
 
-_COMPILED: dict[str, Any] = {}
+class _BiasSplitPaired(torch.autograd.Function):
+    """The bias split of ``rel_pre`` (K*N rows) against the layer's ordinary output
+    ``total_out`` (N rows, with bias), e.g. the one the model's own forward computed: keeps
+    only its inputs, closed-form backward (``_split_grad``), fused with ``fuse``."""
+
+    @staticmethod
+    def forward(ctx, rel_pre, total_out, bias, relu, k, fuse):
+        ctx.relu, ctx.k, ctx.fuse = relu, k, fuse
+        ctx.save_for_backward(rel_pre, total_out, bias)
+        return _maybe_fused(_total_split_fwd, fuse)(rel_pre, total_out, bias, k, relu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        zr, total_out, bias = ctx.saved_tensors
+        d_zr, d_total, s_gpr, s_total = _maybe_fused(_total_split_bwd, ctx.fuse)(
+            zr, total_out, bias, grad.contiguous(), ctx.k, ctx.relu)
+        return d_zr, d_total, s_gpr.sum(0) - s_total.sum(0), None, None, None
 
 
-def _compiled_fn(which: str):
-    """torch.compile'd forward / backward of the bias split: one fused loop each instead of
-    ~20 element-wise passes (compiled once per process, ~20 s on a CPU; cached on disk)."""
-    if which not in _COMPILED:
-        fn = {"fwd": _bias_split_paired, "bwd": _bias_split_paired_grad, "affine_fwd": _affine_fwd,
-              "affine_bwd": _affine_bwd}[which]
-        _COMPILED[which] = torch.compile(fn, dynamic=True)
-    return _COMPILED[which]
+def _bias_split_paired(rel_pre, total_out, bias, relu: bool, k: int):
+    """``_BiasSplitPaired`` in plain differentiable torch (``fastacd._torch_ops.bias_split``)."""
+    pre = total_out - _torch_ops._channel_view(bias, total_out)
+    return _torch_ops.bias_split(rel_pre, _repeat_total(pre, k), bias, relu)
 
 
 def _bias_split_compiled(ops, rel_pre, total_out, bias, relu: bool, k: int):
@@ -367,6 +453,7 @@ def _rule(fn, relu: bool, k: int, *tensors, low_memory: bool):
 
 def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compiled: bool,
                fuse: bool = False):
+    """The relevant output of a conv/linear layer from ``zr = W r`` and its true output."""
     if use_compiled:
         ops = compiled_ops()
         if ops is not None and ops._compiled(zr):
@@ -375,134 +462,6 @@ def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compil
                                                    or bias.requires_grad):
         return _BiasSplitPaired.apply(zr, total, bias, relu, k, fuse)
     return _bias_split_paired(zr, total, bias, relu, k)
-
-
-# --------------------------------------------------------------------------------------
-# paired evaluation over a batch
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put a model in eval mode (CD is defined on eval behaviour)."""
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in states:
-            m.training = training
-
-
-def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
-              low_memory: bool = True, pool_indices: dict | None = None,
-              use_compiled: bool = False, fuse: bool = False):
-    """CD of a batch: image n's relevant part paired with image n's true activation.
-
-    graph: the model captured in eval mode (``CapturedGraph``); the model's parameters are
-    read at call time, so it follows training.
-    x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
-    image n), or None for the true activations only.
-    pool_indices: a dict to receive the argmax indices of every max-pool (optional).
-    low_memory: element-wise rules keep only their inputs for backward (closed-form or
-    recomputed gradients) instead of autograd's intermediates.
-    use_compiled: run the conv/linear bias split with the compiled op (once per image, as
-    the op shares one true activation) when the extension is built.
-    fuse: run the element-wise forward and closed-form backward of each conv/linear layer
-    (true output, folded ReLU, bias split) through ``torch.compile`` (a few fused loops
-    each; needs low_memory; compiled on first use, ~20 s on a CPU).
-    Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
-    k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
-    """
-    n = x.shape[0]
-    m = n if relevant_input is None else relevant_input.shape[0]
-    if m % n:
-        raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
-    k = m // n
-    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
-    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
-    g = graph
-    values: dict[fx.Node, Any] = {}
-    relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
-    rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
-    value_of = values.__getitem__
-    for index, node in enumerate(g.nodes):
-        if node.op == "output":
-            break
-        if node.op == "placeholder":
-            values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
-            continue
-        if node.op == "get_attr":
-            values[node] = fetch_attr(g.gm, node.target)
-            continue
-        step = g.steps.get(node)
-        if step is None:
-            values[node] = run_plain(g.gm, node, value_of)
-            continue
-        kind = step.kind
-        a = values[step.dep[0]]
-        # conv/linear: the true and the relevant inputs go through one weight application
-        merged = lean and kind == "affine" and not use_compiled
-        # ---- the true activation (batch N): the model's ordinary forward, in eval behaviour
-        if merged:
-            total = None  # computed with the relevant part below
-        elif kind == "maxpool":
-            if lean:
-                with torch.no_grad():
-                    _, idx = maxpool_fn(step, value_of)(a)
-                total = _IndexGather.apply(a, idx, 1)  # saves the indices only
-            else:
-                total, idx = maxpool_fn(step, value_of)(a)
-            if pool_indices is not None:
-                pool_indices[node] = idx
-        elif kind == "activation" and step.fused_into in relu_done:
-            total = a  # the producer applied this ReLU to the true activation too
-        elif kind == "activation" and step.fused_into is not None and lean:
-            # a ReLU folded into its producer: keep its input (the layer's output, which the
-            # bias split keeps anyway) for backward instead of a second map, its output
-            total = _ReLUKeepInput.apply(a)
-        elif kind == "affine" and step.module is not None:
-            total = step.module(a)
-        elif kind == "output_softmax":
-            total = a
-        else:
-            total = call_with(step, value_of, {})
-        values[node] = total
-        if relevant_input is None:
-            continue
-        # ---- the relevant part (batch K*N)
-        r = rel[step.dep[0]]
-        if merged:
-            weights, bias = affine_parts(step, value_of)
-            both = weights(torch.cat([a, r]))  # (N + K*N, ...): one GEMM / conv call
-            if bias is None:
-                total, out = both[:n], both[n:]
-                if step.relu_fused:
-                    total, out = total.clamp_min(0), out.clamp_min(0)
-            else:
-                total, out = _AffinePaired.apply(both, bias, n, k, step.relu_fused, fuse)
-            if step.relu_fused:
-                relu_done.add(node)
-            values[node] = total
-        elif kind == "affine":
-            weights, bias = affine_parts(step, value_of)
-            zr = weights(r)
-            if bias is None:
-                out = zr.clamp_min(0) if step.relu_fused else zr
-            else:
-                out = _bias_rule(zr, total, bias, step.relu_fused, k, low_memory, use_compiled,
-                                 fuse)
-        elif kind == "batchnorm":
-            scale, shift, _ = batchnorm_parts(step, value_of)
-            out = _rule(_bn_split_paired, step.relu_fused, k, r, a, scale, shift,
-                        low_memory=low_memory)
-        elif kind == "maxpool":
-            out = _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
-        else:
-            out = step.rule.relevant(step, rel, values, None, _torch_ops, m)
-        rel[node] = out
-        for d in step.dep:  # free relevant parts no later step reads
-            if g.last_use.get(d, -1) <= index and d is not g.result_node:
-                rel.pop(d, None)
-    return rel.get(g.result_node), values[g.result_node]
 
 
 class _IndexGather(torch.autograd.Function):
@@ -521,12 +480,34 @@ class _IndexGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        k = ctx.k
-        n, c = idx.shape[:2]
-        ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
-        out = grad.new_zeros((k, n, c, ctx.shape[2:].numel()))
-        out.scatter_add_(3, ix, grad.reshape(k, n, c, -1))
-        return out.reshape(ctx.shape), None, None
+        return _scatter_back(grad, idx, ctx.shape, ctx.k), None, None
+
+
+def _scatter_back(grad, idx, shape, k: int):
+    """Gradient of a gather at ``idx`` (N, C, *So) from K*N maps of ``shape``."""
+    n, c = idx.shape[:2]
+    ix = idx.reshape(1, n, c, -1).expand(k, n, c, -1)
+    out = grad.new_zeros((k, n, c, shape[2:].numel()))
+    out.scatter_add_(3, ix, grad.reshape(k, n, c, -1))
+    return out.reshape(shape)
+
+
+class _MaxPoolKeepIndices(torch.autograd.Function):
+    """A max-pool's ordinary output that keeps only its argmax indices for backward
+    (``max_pool2d`` keeps its input as well). Returns (output, indices)."""
+
+    @staticmethod
+    def forward(ctx, a, pool):
+        out, idx = pool(a)
+        ctx.shape = a.shape
+        ctx.save_for_backward(idx)
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (idx,) = ctx.saved_tensors
+        return _scatter_back(grad, idx, ctx.shape, 1), None
 
 
 class _ReLUKeepInput(torch.autograd.Function):
@@ -549,10 +530,526 @@ def _gather(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return r.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).reshape(idx.shape)
 
 
+class _Recipe:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+@contextlib.contextmanager
+def _saved_as_recipe(t: torch.Tensor, fn):
+    """Inside, an op that saves ``t`` for backward keeps ``fn`` instead, and backward calls
+    ``fn()`` to get ``t`` back: for a conv/linear whose input is another layer's fused output,
+    ``fn`` reruns that layer's element-wise kernel on the pre-activations its own backward
+    keeps anyway (the same kernel on the same inputs: the same numbers), so the layer's
+    outputs (the true and relevant activations, twice a plain step's) are not kept too."""
+    def pack(s):
+        same = s is t or (s.data_ptr() == t.data_ptr() and s.shape == t.shape and s.stride() == t.stride())
+        return _Recipe(fn) if same else s
+
+    def unpack(s):
+        return s.fn() if isinstance(s, _Recipe) else s
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 # --------------------------------------------------------------------------------------
-# the penalty object
+# paired evaluation over a batch
 # --------------------------------------------------------------------------------------
-_TRAIN_DIFFERENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put a model in eval mode (CD is defined on eval behaviour)."""
+    # the flag set directly: nn.Module.__setattr__ costs ~1 us a module, twice a training step
+    flipped = [m for m in model.modules() if m.training]
+    for m in flipped:
+        m.__dict__["training"] = False
+    try:
+        yield model
+    finally:
+        for m in flipped:
+            m.__dict__["training"] = True
+
+
+_ORDER: "weakref.WeakKeyDictionary[CapturedGraph, dict]" = weakref.WeakKeyDictionary()
+
+
+class _TrueValues(dict):
+    """The true activations of a pass, node -> tensor: filled by the pass as it goes and from a
+    recorded forward; a value nobody filled is computed on first use, with its missing inputs
+    (in graph order, no recursion). So a recorded forward's values are never computed again,
+    and values no rule reads are never computed."""
+
+    def __init__(self, known: dict, compute, order: dict):
+        super().__init__(known)
+        self._compute, self._order = compute, order
+
+    def __missing__(self, node: fx.Node):
+        todo, stack, seen = [], [node], set()
+        while stack:
+            nd = stack.pop()
+            if nd in seen or dict.__contains__(self, nd):
+                continue
+            seen.add(nd)
+            todo.append(nd)
+            stack.extend(nd.all_input_nodes)
+        for nd in sorted(todo, key=self._order.__getitem__):
+            dict.__setitem__(self, nd, self._compute(nd))
+        return dict.__getitem__(self, node)
+
+
+def _true_value(g: CapturedGraph, node: fx.Node, p: "PairedPass"):
+    """A node's ordinary output in eval behaviour: its rule's paired total."""
+    if node.op == "placeholder":
+        return node.args[0] if node.args else None
+    if node.op == "get_attr":
+        return fetch_attr(g.gm, node.target)
+    step = g.steps.get(node)
+    if step is None:
+        return run_plain(g.gm, node, p.value_of)
+    return step.rule.paired_total(step, p)
+
+
+def _saved_pool_indices(out: torch.Tensor) -> torch.Tensor | None:
+    """The argmax indices autograd saved for a max-pool output of the model's own forward
+    (``MaxPool2DWithIndicesBackward0._saved_result1``: ``max_pool2d_with_indices``'s second
+    output), or None (not a max-pool's output, no graph, or a graph already freed)."""
+    fn = out.grad_fn
+    if fn is None or "MaxPool" not in type(fn).__name__:
+        return None
+    for name in ("_saved_result1", "_saved_indices"):
+        try:
+            idx = getattr(fn, name, None)
+        except RuntimeError:  # saved tensors freed by a backward pass
+            return None
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.int64 and idx.shape == out.shape:
+            return idx
+    return None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A Linear's output over tokens (B, *T, F) as rows (B*T..., F): the row order keeps the
+    mask-major pairing (relevant row (k*N + n)*T + t pairs with true row n*T + t)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class PairedPass:
+    """One paired evaluation (``paired_cd``) as the rules' paired forms see it
+    (``Rule.paired_total``, ``paired_relevant``, ``paired_aux``; fastacd/rules/base.py):
+
+    * ``values``: the true activations of the N images, node -> (N, ...), filled as the pass
+      goes and from a recorded forward; a value nobody filled is computed on first use with
+      its rule's ``paired_total`` (``value_of`` reads it);
+    * ``rel``: the relevant parts of the K*N masks, (K*N, ...), mask-major (row k*N + n
+      belongs to image n); ``m`` = K*N; ``ops``: the pure-torch formulas (differentiable);
+      ``repeated``: an input-dependent value as K*N rows;
+    * the low-memory, optionally fused building blocks the conv/linear (``affine``),
+      batchnorm (``bn_split``), max-pool (``pool_total``, ``pool_relevant``,
+      ``pool_indices``) and folded-ReLU (``relu_total``) forms call. A rule that calls none of
+      them runs its own formulas under autograd.
+    """
+    ops = _torch_ops
+
+    def __init__(self, graph: CapturedGraph, n: int, k: int, *, lean: bool, low_memory: bool,
+                 use_compiled: bool, fuse: bool, known: dict, rel: dict, pools: dict):
+        self.graph, self.n, self.k, self.m = graph, n, k, n * k
+        self.lean, self.low_memory, self.use_compiled, self.fuse = lean, low_memory, use_compiled, fuse
+        self.rel, self.pools = rel, pools
+        self.relu_done: set[fx.Node] = set()  # affine nodes whose true output is already ReLU'd
+        # node -> (true, relevant, recompute both, recompute their concatenation) for the outputs
+        # of fused layers, which the next layer's weights' backward recomputes instead of keeping
+        self.recipes: dict[fx.Node, tuple] = {}
+        order = _ORDER.get(graph)
+        if order is None:
+            order = _ORDER[graph] = {nd: i for i, nd in enumerate(graph.nodes)}
+        self.values = _TrueValues(known, lambda nd: _true_value(graph, nd, self), order)
+        self.value_of = self.values.__getitem__
+
+    def repeated(self, node: fx.Node):
+        """A node's true value for the K*N relevant rows: an input-dependent tensor of the N
+        images repeated per mask (mask-major); anything else as it is."""
+        v = self.values[node]
+        if (self.k > 1 and node in self.graph.reach and isinstance(v, torch.Tensor) and v.dim()
+                and v.shape[0] == self.n):
+            return _repeat_total(v, self.k)
+        return v
+
+    # ---- conv / linear
+    def affine(self, step, weights, bias, features_last: bool = False) -> torch.Tensor:
+        """Relevant output of a conv/linear layer (``weights``: the layer without its bias):
+        the bias split of ``W r`` against the layer's true output, ReLU'd if one is folded
+        into it. With the model's own forward recorded, that output is the forward's (``W r``
+        is the only weight application); otherwise one weight application on ``cat([a, r])``
+        gives both (``_AffinePaired``). ``features_last``: a Linear over tokens (N, *T, F),
+        whose bias runs along the last dim: the element-wise work runs on its rows."""
+        node, dep = step.node, step.dep[0]
+        values, n, k, lean, fuse, relu = self.values, self.n, self.k, self.lean, self.fuse, step.relu_fused
+        recipes = self.recipes
+        r = self.rel[dep]
+        recipe = recipes.get(dep)
+        total = dict.get(values, node)  # recorded by the model's forward (without its ReLU)
+        if total is None and lean and not self.use_compiled:
+            a = values[dep]
+            inp = torch.cat([a, r])
+            if recipe is not None and recipe[0] is a and recipe[1] is r:
+                with _saved_as_recipe(inp, recipe[3]):
+                    both = weights(inp)  # (N + K*N, ...): one GEMM / conv call
+            else:
+                both = weights(inp)
+            del inp
+            if bias is None:
+                total, out = both[:n], both[n:]
+                if relu:
+                    total, out = total.clamp_min(0), out.clamp_min(0)
+            else:
+                shape = both.shape
+                flat, rows = (_rows(both), n * (both[0].numel() // shape[-1])) if features_last else (both, n)
+                back = (lambda t: t.reshape((-1,) + tuple(shape[1:]))) if features_last else (lambda t: t)
+                total, out = _AffinePaired.apply(flat, bias, rows, k, relu, fuse)
+                total, out = back(total), back(out)
+                fwd, fwd_cat = _maybe_fused(_affine_fwd, fuse), _maybe_fused(_affine_fwd_cat, fuse)
+                recipes[node] = (total, out, lambda: tuple(map(back, fwd(flat, bias, rows, k, relu))),
+                                 lambda: back(fwd_cat(flat, bias, rows, k, relu)))
+            values[node] = total
+            if relu:
+                self.relu_done.add(node)
+            return out
+        if lean and recipe is not None and recipe[1] is r:
+            with _saved_as_recipe(r, lambda: recipe[2]()[1]):
+                zr = weights(r)
+        else:
+            zr = weights(r)
+        if bias is None:
+            return zr.clamp_min(0) if relu else zr
+        total = values[node]
+        shape = zr.shape
+        back = (lambda t: t.reshape(shape)) if features_last else (lambda t: t)  # no view op otherwise
+        if features_last:
+            zr, total = _rows(zr), _rows(total)
+        out = _bias_rule(zr, total, bias, relu, k, self.low_memory, self.use_compiled, fuse)
+        if lean and out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_BiasSplitPaired"):
+            split = _maybe_fused(_total_split_fwd, fuse)
+            out = back(out)
+            recipes[node] = (None, out, lambda: (None, back(split(zr, total, bias, k, relu))), None)
+            return out
+        return back(out)
+
+    # ---- batchnorm
+    def bn_split(self, step, r: torch.Tensor, a: torch.Tensor, scale, shift) -> torch.Tensor:
+        """A batchnorm's relevant output (ReLU'd if one is folded into it), keeping only its
+        inputs for backward."""
+        return _rule(_bn_split_paired, step.relu_fused, self.k, r, a, scale, shift, low_memory=self.low_memory)
+
+    # ---- max-pool
+    def pool_total(self, step, pool) -> torch.Tensor:
+        """A max-pool's true output (``pool``: returns (output, indices)); its argmax indices
+        recorded for the relevant part (and, lean, the only thing kept for backward)."""
+        a = self.values[step.dep[0]]
+        total, self.pools[step.node] = _MaxPoolKeepIndices.apply(a, pool) if self.lean else pool(a)
+        return total
+
+    def pool_indices(self, step, pool) -> torch.Tensor:
+        """A max-pool's argmax indices on the true activation: those the model's recorded
+        forward saved, else computed with the true pool."""
+        node = step.node
+        idx = self.pools.get(node)
+        if idx is None:
+            recorded = dict.get(self.values, node)
+            if recorded is None:
+                self.values[node]  # computes the true pool and records its indices
+                return self.pools[node]
+            idx = _saved_pool_indices(recorded)
+            if idx is None:
+                with torch.no_grad():
+                    idx = pool(self.values[step.dep[0]])[1]
+            self.pools[node] = idx
+        return idx
+
+    def pool_relevant(self, step, pool) -> torch.Tensor:
+        """A max-pool's relevant output: the relevant maps gathered at the true argmax."""
+        idx = self.pool_indices(step, pool)
+        r = self.rel[step.dep[0]]
+        return _IndexGather.apply(r, idx, self.k) if self.lean else _gather(r, _repeat_total(idx, self.k))
+
+    # ---- a ReLU folded into its producer (conv/linear, batchnorm)
+    def relu_total(self, step) -> torch.Tensor:
+        """Its true output: the producer's, where the producer applied the ReLU already;
+        lean, a ReLU that keeps its input (the layer's output, which the split keeps anyway)."""
+        a = self.values[step.dep[0]]
+        if step.fused_into in self.relu_done:
+            return a
+        if self.lean:
+            return _ReLUKeepInput.apply(a)
+        return call_with(step, self.value_of, {})
+
+
+def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor | None,
+              low_memory: bool = True, pool_indices: dict | None = None,
+              use_compiled: bool = False, fuse: bool = False, forward: dict | None = None):
+    """CD of a batch: image n's relevant part paired with image n's true activation.
+
+    graph: the model captured in eval mode (``CapturedGraph``); the model's parameters are
+    read at call time, so it follows training.
+    x: (N, *D) the batch; relevant_input: (K*N, *D), mask-major (row ``k*N + n`` belongs to
+    image n), or None for the true activations only.
+    pool_indices: a dict to receive what the reference's aux takes from the true batch (every
+    max-pool's argmax indices: ``Rule.paired_aux``), optional.
+    low_memory: element-wise rules keep only their inputs for backward (closed-form or
+    recomputed gradients) instead of autograd's intermediates.
+    use_compiled: run the conv/linear bias split with the compiled op (once per image, as
+    the op shares one true activation) when the extension is built.
+    fuse: run the element-wise forward and closed-form backward of each conv/linear layer
+    (true output, folded ReLU, bias split) through ``torch.compile`` (``_Fusable``: a few
+    fused loops each; compiled on first use; the plain formulas where compiling fails).
+    forward: true activations of this very batch that the model's own forward computed
+    (node -> tensor, ``ForwardRecorder.take``): used instead of computing them again, the
+    gradient flowing into that forward's graph; the other ones are computed as needed.
+    Returns (relevant (K*N, *out) or None, output (N, *out)); the irrelevant part of row
+    k*N + n is ``output[n] - relevant[k*N + n]``. Differentiable under the caller's grad mode.
+
+    Each node is its rule's paired form (``PairedPass``): no kind is tested here.
+    """
+    n = x.shape[0]
+    m = n if relevant_input is None else relevant_input.shape[0]
+    if m % n:
+        raise ValueError(f"relevant_input has {m} rows, not a multiple of the batch size {n}")
+    g = graph
+    known = dict(forward) if forward else {}
+    known[g.input_node] = x
+    rel: dict[fx.Node, torch.Tensor] = {g.input_node: relevant_input}
+    # low-memory autograd for the true pass too (only worth it when gradients are recorded)
+    lean = low_memory and relevant_input is not None and torch.is_grad_enabled()
+    p = PairedPass(g, n, m // n, lean=lean, low_memory=low_memory, use_compiled=use_compiled, fuse=fuse,
+                   known=known, rel=rel, pools={} if pool_indices is None else pool_indices)
+    recipes = p.recipes
+    for index, node in enumerate(g.nodes if relevant_input is not None else ()):
+        step = g.steps.get(node)
+        if step is None or not step.rule.value:
+            continue
+        out = step.rule.paired_relevant(step, p)
+        d = step.dep[0]
+        if d in recipes and out is rel[d] and len(step.dep) == 1:
+            recipes[node] = recipes[d]  # the same tensors (a ReLU folded into the layer)
+        rel[node] = out
+        for d in step.dep:  # free relevant parts no later step reads
+            if g.last_use.get(d, -1) <= index and d is not g.result_node:
+                rel.pop(d, None)
+    total = p.values[g.result_node]
+    if pool_indices is not None:  # every max-pool's indices, also where no relevant part was asked
+        for node, step in g.steps.items():
+            aux = step.rule.paired_aux(step, p)
+            if aux is not None:
+                pool_indices[node] = aux
+    p.values._compute = None  # no cycle through the pass: its tensors go with the last reference
+    return rel.get(g.result_node), total
+
+# --------------------------------------------------------------------------------------
+# reusing the model's own forward
+# --------------------------------------------------------------------------------------
+_TRAIN_DIFFERENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+# functions whose result depends on a `training` argument a traced forward bakes in as False
+_TRAINING_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                       F.feature_alpha_dropout, F.batch_norm, F.instance_norm, torch.dropout}
+
+
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether a module may compute something else in training mode: dropout and
+    normalisation layers, and any module class from outside torch.nn (unknown)."""
+    return isinstance(module, _TRAIN_DIFFERENT) or not type(module).__module__.startswith("torch.nn.")
+
+
+class _NoHook:
+    def __call__(self, *args):
+        return None
+
+
+class _Hook:
+    """A forward (pre-)hook that calls a recorder through a weak reference (the model keeps
+    its hooks; they must not keep the penalty alive). Pickles (``torch.save(model)``) and
+    copies (``copy.deepcopy(model)``) as a hook that does nothing."""
+
+    def __init__(self, recorder: "ForwardRecorder", what: str):
+        self.ref, self.what = weakref.ref(recorder), what
+
+    def __call__(self, module, args, out=None):
+        rec = self.ref()
+        if rec is not None:
+            getattr(rec, self.what)(module, args, out)
+
+    def __reduce__(self):
+        return (_NoHook, ())
+
+
+_SAVED_NAMES: dict[type, list[str]] = {}
+
+
+def _saved_names(fn) -> list[str]:
+    """The ``_raw_saved_*`` attributes (``SavedTensor``) of an autograd node's type."""
+    names = _SAVED_NAMES.get(type(fn))
+    if names is None:
+        names = _SAVED_NAMES[type(fn)] = [a for a in dir(fn) if a.startswith("_raw_saved_")]
+    return names
+
+
+def _drop(t):
+    return None
+
+
+class _ReLUAgain:
+    """Unpack hook: a ReLU's output recomputed from its input (checked unchanged), or with
+    ``relu=False`` the input itself (for the ReLU's own backward, which reads only its sign)."""
+
+    def __init__(self, t: torch.Tensor, relu: bool = True):
+        self.t, self.version, self.relu = t, t._version, relu
+
+    def __call__(self, _):
+        if self.t._version != self.version:
+            raise RuntimeError("fastacd.cdep: a layer's output that the penalty recomputes a ReLU from was "
+                               "modified in place after the forward pass")
+        return torch.relu(self.t) if self.relu else self.t
+
+
+def _remove_hooks(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+class ForwardRecorder:
+    """Records, with forward hooks, the activations of a model's forward pass that a CD
+    penalty on the same batch can reuse (``take``), so ``loss(model(x), y) + lam *
+    penalty(x, masks)`` does not compute the true activations twice.
+
+    Recorded: the output of every module the captured graph calls (conv/linear outputs
+    before a separate ReLU, max-pool outputs and, through their autograd node, their argmax
+    indices), only while gradients are enabled. ``take(x)`` returns them only if the last
+    forward was on this very tensor ``x`` (same object, not modified in place since), with
+    the parameters and buffers not modified in place since (version counters), and only the
+    outputs that are still intact (an in-place ReLU overwrites its conv's output) and that
+    eval behaviour would give too: nothing downstream of a dropout / normalisation module in
+    training mode, of a module class from outside torch.nn in training mode, or of a
+    functional dropout / batch_norm while the model trains. The record is cleared by
+    ``take`` and by the next forward.
+    """
+
+    def __init__(self, model: nn.Module, graph: CapturedGraph):
+        self.graph = graph
+        self._nodes_of: dict[nn.Module, list[fx.Node]] = {}
+        for node in graph.nodes:
+            step = graph.steps.get(node)
+            if node.op == "call_module" and step is not None and step.rule.value:
+                self._nodes_of.setdefault(model.get_submodule(node.target), []).append(node)
+        self._mode_nodes = [(node, mod) for mod, nodes in self._nodes_of.items()
+                            for node in nodes if _mode_dependent(mod)]
+        self._mode_modules = list(dict.fromkeys(mod for _, mod in self._mode_nodes))
+        self._functional = [node for node in graph.nodes
+                            if node.op == "call_function" and node.target in _TRAINING_FUNCTIONS]
+        self._model = model
+        self._state = list(model.parameters()) + list(model.buffers())
+        handles = [model.register_forward_pre_hook(_Hook(self, "_start")),
+                   model.register_forward_hook(_Hook(self, "_end"))]
+        handles += [mod.register_forward_hook(_Hook(self, "_module")) for mod in self._nodes_of]
+        self._finalizer = weakref.finalize(self, _remove_hooks, handles)
+        self._clear()
+
+    def remove(self) -> None:
+        """Remove the hooks (the record is not kept any more)."""
+        self._finalizer()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._active = self._complete = False
+        self._input = None
+        self._outputs: dict[nn.Module, list] = {}
+
+    def _version(self) -> int:
+        return sum(t._version for t in self._state)  # counters only grow: equal sum = none changed
+
+    # ---- hooks
+    enabled = True  # False: forwards are not recorded (e.g. a step without the penalty)
+
+    def _start(self, module, args, _):
+        self._clear()
+        if self.enabled and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            self._input, self._input_version, self._active = args[0], args[0]._version, True
+
+    def _module(self, module, args, out):
+        if self._active and isinstance(out, torch.Tensor):
+            self._outputs.setdefault(module, []).append((out, out._version))
+
+    def _end(self, module, args, out):
+        if self._active:
+            self._active, self._complete = False, True
+            self._state_version = self._version()
+            self._training = [m.training for m in self._mode_modules]
+            self._any_training = any(m.training for m in self._model.modules())
+
+    # ---- use
+    def take(self, x: torch.Tensor) -> dict[fx.Node, torch.Tensor] | None:
+        """The recorded true activations usable for a penalty on ``x`` (node -> tensor), or
+        None; clears the record either way (a penalty's own module calls are not recorded)."""
+        ok = (self._complete and x is self._input and x._version == self._input_version
+              and self._version() == self._state_version)
+        outputs = self._outputs
+        training, any_training = (self._training, self._any_training) if ok else (None, False)
+        self._clear()
+        if not ok:
+            return None
+        tainted = self._tainted(training, any_training)
+        got = {}
+        for mod, nodes in self._nodes_of.items():
+            outs = outputs.get(mod, ())
+            if len(outs) != len(nodes):  # called another number of times than traced
+                continue
+            for node, (t, version) in zip(nodes, outs):
+                if (t._version == version and node not in tainted and t.dtype == x.dtype
+                        and t.device == x.device):
+                    got[node] = t
+        if torch.is_grad_enabled():
+            self._recompute_relu_outputs(got)
+        return got
+
+    def _recompute_relu_outputs(self, got: dict) -> None:
+        """The model's graph keeps each ReLU's output for backward (ReLU's own and its
+        consumer's: a max-pool, the next conv); the penalty keeps the ReLU's input, the layer's
+        pre-activation, anyway. Let the model's graph recompute those outputs from it instead
+        (``SavedTensor.register_hooks``, registered now, after the forward, so a forward without
+        a penalty is left alone): one activation map less per layer, the same numbers."""
+        for node, y in got.items():
+            step = self.graph.steps.get(node)
+            if step is None or step.fused_into is None or step.fused_into not in got:  # a folded ReLU
+                continue
+            mod = self.graph.gm.get_submodule(node.target)
+            if type(mod) is not nn.ReLU or mod.inplace or y.grad_fn is None:
+                continue
+            t = got[step.fused_into]
+            # the ReLU's own backward only needs where its output is > 0, which is where t > 0:
+            # it gets t itself (threshold_backward(grad, t, 0) = threshold_backward(grad, relu(t), 0))
+            own = [(y.grad_fn, _ReLUAgain(t, relu=False))] if type(y.grad_fn).__name__ == "ReluBackward0" else []
+            again = _ReLUAgain(t)
+            users = [(got[u].grad_fn, again) for u in node.users if u in got and got[u].grad_fn is not None]
+            for fn, unpack in own + users:
+                for name in _saved_names(fn):
+                    try:
+                        saved = getattr(fn, name.replace("_raw", "", 1))
+                        if (isinstance(saved, torch.Tensor) and saved.data_ptr() == y.data_ptr()
+                                and saved.shape == y.shape and saved.stride() == y.stride()):
+                            getattr(fn, name).register_hooks(_drop, unpack)
+                    except RuntimeError:  # freed by a backward pass, or hooks already there
+                        continue
+
+    def _tainted(self, training: list[bool], any_training: bool) -> set[fx.Node]:
+        """Nodes whose recorded value may differ from eval behaviour, and all downstream."""
+        mode_of = dict(zip(self._mode_modules, training))
+        sources = {node for node, mod in self._mode_nodes if mode_of[mod]}
+        if any_training:
+            sources.update(self._functional)
+        if not sources:
+            return set()
+        tainted: set[fx.Node] = set()
+        for node in self.graph.nodes:
+            if node in sources or any(a in tainted for a in node.all_input_nodes):
+                tainted.add(node)
+        return tainted
 
 
 class CDEPPenalty:
@@ -564,26 +1061,41 @@ class CDEPPenalty:
     ...     loss = F.cross_entropy(model(x), y) + lam * penalty(x, masks)
     ...     loss.backward(); opt.step()
 
-    or, saving one forward pass when the model behaves the same in train and eval mode
-    (no dropout, no batchnorm)::
+    The penalty rides on the model's forward: ``penalty(x, masks)`` right after ``model(x)``
+    on the same tensor ``x`` reuses that forward's activations (``ForwardRecorder``: forward
+    hooks, checked to be the same input and parameter versions, and eval-equivalent), so it
+    adds one relevant pass and no second true pass. ``forward_with_penalty`` returns the
+    logits and the penalty from one pass (one weight application per layer for both) for a
+    model that behaves the same in train and eval mode (no dropout, no batchnorm)::
 
     ...     logits, pen = penalty.forward_with_penalty(x, masks)
     ...     loss = F.cross_entropy(logits, y) + lam * pen
 
     CD is defined on eval behaviour, so the penalty runs the model in eval mode (dropout
     off, batchnorm with running statistics) whatever mode the model is in; the model's own
-    mode is left as it was.
+    mode is left as it was. Activations of a train-mode forward that eval behaviour would
+    not give (after a dropout or batchnorm in training mode) are not reused: the penalty
+    computes those layers again in eval behaviour.
 
     backend: ``"paired"`` (default; batch evaluation in pure torch with the low-memory
     autograd rules), ``"engine"`` (one ``Decomposer`` call per image: uses the compiled
     ops when they are built, slower for large batches) or ``"reference"`` (relevant and
     irrelevant parts propagated separately, one image and mask at a time: the oracle).
+    fuse: the element-wise work of every conv/linear layer as ``torch.compile``'d loops
+    (default; falls back to the plain formulas, same numbers, where compiling fails).
+    reuse_forward: record the model's forward with hooks and reuse it (default; the hooks
+    cost a few microseconds a module and keep nothing alive beyond the next forward or
+    penalty call; ``remove_hooks()`` removes them).
+    rules: the rule set (``fastacd.rules.RuleSet``; default ``fastacd.rules.DEFAULT``). Every
+    node runs its rule's paired form (``Rule.paired_total`` / ``paired_relevant``), so a rule
+    added to a set needs nothing here.
     """
 
     BACKENDS = ("paired", "engine", "reference", "straightforward")
 
     def __init__(self, model: nn.Module, backend: str = "paired", reduction: str = "mean",
-                 low_memory: bool = True, use_compiled: bool = False, fuse: bool = False):
+                 low_memory: bool = True, use_compiled: bool = False, fuse: bool = True,
+                 reuse_forward: bool = True, rules: rules_.RuleSet | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in self.BACKENDS:
@@ -593,8 +1105,15 @@ class CDEPPenalty:
         self.model, self.backend, self.reduction = model, backend, reduction
         self.low_memory, self.use_compiled, self.fuse = low_memory, use_compiled, fuse
         with eval_mode(model):
-            self.graph = CapturedGraph(model, rules_.DEFAULT)
+            self.graph = CapturedGraph(model, rules_.resolve(rules))
         self._decomposer: Decomposer | None = None
+        self._recorder = ForwardRecorder(model, self.graph) if reuse_forward else None
+
+    def remove_hooks(self) -> None:
+        """Stop recording the model's forward (``reuse_forward=False`` from now on)."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
 
     def __call__(self, x: torch.Tensor, masks) -> torch.Tensor:
         """The penalty (a scalar tensor) for a batch x (N, ...) and its masks."""
@@ -631,14 +1150,15 @@ class CDEPPenalty:
     # ---- backends ------------------------------------------------------------------------
     def _relevant(self, x, r0, k):
         n = x.shape[0]
+        forward = self._recorder.take(x) if self._recorder is not None else None
         if self.backend == "paired":
             return paired_cd(self.graph, x, r0, low_memory=self.low_memory,
-                             use_compiled=self.use_compiled, fuse=self.fuse)
+                             use_compiled=self.use_compiled, fuse=self.fuse, forward=forward)
         if self.backend == "straightforward":
             return straightforward_cd(self.graph, x, r0)
         if self.backend == "engine":
             if self._decomposer is None:
-                self._decomposer = Decomposer(self.model, backend="auto")
+                self._decomposer = Decomposer(self.model, backend="auto", rules=self.graph.rules)
                 self._decomposer.graph = self.graph
             dec = self._decomposer
             rows = [dec.cd_relevant_input(x[i:i + 1], r0[i::n]) for i in range(n)]

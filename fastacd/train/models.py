@@ -96,3 +96,26 @@ def train_digits_cnn(epochs: int = 3, seed: int = 0, n_train: int = 1500):
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     return model, xte, yte, acc
+
+
+class VGGStyleCNN(nn.Module):
+    """A VGG-style CNN for 32x32 images: ``blocks`` blocks of two 3x3 conv-ReLU and a 2x2
+    max-pool (widths ``width * 2**b``), then linear-ReLU-linear. No dropout or batchnorm, so
+    train and eval behaviour coincide (CDEP's benchmark model beside VGG11 and ``DemoCNN``)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, blocks: int = 3,
+                 size: int = 32, hidden: int = 128):
+        super().__init__()
+        layers, c = [], in_channels
+        for b in range(blocks):
+            w = width * 2 ** b
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        side = size // 2 ** blocks
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
