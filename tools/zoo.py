@@ -1,0 +1,1022 @@
+"""Model zoo: which architectures fastacd decomposes, how well, and which ops it lacks (issue 16).
+
+Every entry is built with random initialisation (no weights are downloaded; network access is
+refused in the worker process), in eval mode, from a fixed seed. ``check(entry)`` runs
+
+* ``torch.fx`` symbolic tracing and ``torch.export.export(strict=False)`` (ok / the error),
+* ``fastacd.Decomposer(model).cd(x, masks)`` for 4 block masks (ok / the exception and the
+  first line of its message),
+* when that works: completeness (relevant + irrelevant == logits), batched vs one mask at a
+  time, float32 vs float64, the float64 engine vs ``fastacd.reference.cd``, and the time of
+  CD per mask over one plain forward (1 thread),
+* an op inventory (fx graph, or the export graph where fx fails) and every op fastacd has
+  no rule for (not only the first one), so the rule work can be prioritised.
+
+Command line (from the repository root; each model runs in its own subprocess with a
+timeout so one hang or crash does not stop the survey)::
+
+    OMP_NUM_THREADS=1 python tools/zoo.py                       # all entries -> bench/results/zoo.json
+    python tools/zoo.py --only timm:convnext_atto tv:resnet18   # some entries (names or globs)
+    python tools/zoo.py --list                                  # the registry
+    python tools/zoo.py --markdown docs/zoo.md                  # the report, from the JSON
+
+Importable: ``ENTRIES`` (name -> Entry), ``build(entry)``, ``check(entry)``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# No downloads, ever: the zoo is random init only (set before transformers/timm import).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the checkout's fastacd, not an installed copy
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.fx as fx  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+RESULTS_JSON = ROOT / "bench" / "results" / "zoo.json"
+TIMING_MASKS = 64          # masks of the CD / forward timing (issue 16's setting)
+TIMING_BUDGET_S = 60.0     # fewer timing masks when 64 would take longer than this
+NUM_CLASSES = 10           # small heads: the head is not what the zoo is about
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One zoo model.
+
+    name: unique id, ``<source>:<model>`` (``tv:``, ``timm:``, ``text:``).
+    family: the architecture family it stands for.
+    size: the survey's input size (images: H = W; text: tokens); the model's native size.
+    min_size: the smallest size the model accepts (what the fast tests use).
+    input_kind: ``"image"`` (1, 3, H, W) floats, or ``"tokens"`` (1, T) ids; a token model
+        is decomposed from its embeddings (the masks select tokens, as in CD for text).
+    build: ``build(size) -> nn.Module`` with random init (``size`` matters only for models
+        whose input size is fixed at construction).
+    """
+    name: str
+    source: str
+    family: str
+    size: int
+    min_size: int
+    build_fn: Callable[[int], nn.Module] = field(repr=False, compare=False)
+    input_kind: str = "image"
+    note: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.name.split(":", 1)[1]
+
+
+ENTRIES: dict[str, Entry] = {}
+
+
+def _add(entry: Entry) -> None:
+    assert entry.name not in ENTRIES, entry.name
+    ENTRIES[entry.name] = entry
+
+
+# ---- torchvision: the 18 classification families of issue 16 ---------------------------
+def _tv_builder(name: str, **kw):
+    def build(size: int) -> nn.Module:
+        import torchvision
+        extra = dict(kw)
+        if name == "vit_b_16":
+            extra["image_size"] = size       # position embeddings are sized at construction
+        if name == "maxvit_t":
+            extra["input_size"] = (size, size)
+        return getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES, **extra)
+    return build
+
+
+# (name, family, native size, smallest accepted size, note). Smallest: by probing forward
+# passes (maxvit_t needs multiples of 7*32 = 224 for its 7x7 partitions).
+_TORCHVISION = [
+    ("vgg16", "vgg", 224, 32, ""),
+    ("vgg11_bn", "vgg", 224, 32, ""),
+    ("alexnet", "alexnet", 224, 64, ""),
+    ("resnet18", "resnet", 224, 32, ""),
+    ("resnet50", "resnet", 224, 32, ""),
+    ("densenet121", "densenet", 224, 32, ""),
+    ("mobilenet_v2", "mobilenet", 224, 32, ""),
+    ("mobilenet_v3_small", "mobilenet", 224, 32, "squeeze-excitation (hardsigmoid)"),
+    ("efficientnet_b0", "efficientnet", 224, 32, "squeeze-excitation (sigmoid), stochastic depth"),
+    ("regnet_y_400mf", "regnet", 224, 32, "squeeze-excitation (sigmoid)"),
+    ("squeezenet1_0", "squeezenet", 224, 32, ""),
+    ("googlenet", "googlenet", 224, 32, "aux_logits=False"),
+    ("shufflenet_v2_x0_5", "shufflenet", 224, 32, "chunk, channel shuffle"),
+    ("mnasnet0_5", "mnasnet", 224, 32, ""),
+    ("convnext_tiny", "convnext", 224, 32, "LayerNorm2d, LayerScale, stochastic depth"),
+    ("swin_t", "swin", 224, 32, "shifted windows, relative position bias"),
+    ("vit_b_16", "vit", 224, 32, "image_size set at construction"),
+    ("maxvit_t", "maxvit", 224, 224, "input_size set at construction; multiples of 224 only"),
+]
+for _n, _fam, _size, _min, _note in _TORCHVISION:
+    _kw = {"aux_logits": False, "init_weights": True} if _n == "googlenet" else {}
+    _add(Entry(f"tv:{_n}", "torchvision", _fam, _size, _min, _tv_builder(_n, **_kw), note=_note))
+
+
+# ---- timm: one small model per family ---------------------------------------------------
+def _timm_builder(name: str, size_kw: str | None = None, **kw):
+    def build(size: int) -> nn.Module:
+        import timm
+        extra = dict(kw)
+        if size_kw is not None:
+            extra[size_kw] = size            # fixed-size models: build them for this size
+        return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **extra)
+    return build
+
+
+_SMALL_BEIT = dict(embed_dim=192, depth=4, num_heads=3)
+# (family, timm model, native size, smallest size, size keyword or None, extra kwargs, note).
+# Smallest sizes: by probing; models built for a size (size keyword) take that size exactly.
+_TIMM = [
+    ("resnet", "resnet18", 224, 32, None, {}, ""),
+    ("resnext", "resnext26ts", 256, 32, None, {}, "byobnet ResNeXt, SiLU"),
+    ("seresnet", "seresnet18", 224, 32, None, {}, "squeeze-excitation (sigmoid)"),
+    ("senet", "legacy_seresnet18", 224, 32, None, {}, "legacy SENet SE module"),
+    ("efficientnet", "efficientnet_b0", 224, 32, None, {}, "SE (sigmoid), SiLU"),
+    ("mobilenetv3", "mobilenetv3_small_050", 224, 32, None, {}, "SE (hardsigmoid), hardswish"),
+    ("mobilenetv4", "mobilenetv4_conv_small", 224, 32, None, {}, "universal inverted bottleneck"),
+    ("regnet", "regnety_002", 224, 32, None, {}, "SE (sigmoid)"),
+    ("rexnet", "rexnet_100", 224, 32, None, {}, "SE, partial residual (slice add)"),
+    ("ghostnet", "ghostnet_050", 224, 32, None, {}, "ghost modules (cat + slice), SE hard_sigmoid"),
+    ("dla", "dla46_c", 224, 32, None, {}, "tree aggregation"),
+    ("dpn", "dpn48b", 224, 32, None, {}, "dual path (split + cat)"),
+    ("hrnet", "hrnet_w18_small", 224, 32, None, {}, "multi-resolution fusion, upsample"),
+    ("cspnet", "cspresnet50", 256, 32, None, {}, "cross-stage split"),
+    ("darknet", "darknet17", 256, 32, None, {}, "LeakyReLU"),
+    ("vovnet", "ese_vovnet19b_slim_dw", 224, 32, None, {}, "effective SE (hard_sigmoid)"),
+    ("res2net", "res2net50_26w_4s", 224, 32, None, {}, "torch.split hierarchy"),
+    ("resnest", "resnest14d", 224, 32, None, {}, "split attention (radix softmax)"),
+    ("sknet", "skresnet18", 224, 32, None, {}, "selective kernel (softmax over branches)"),
+    ("byobnet", "gernet_s", 256, 32, None, {}, ""),
+    ("selecsls", "selecsls42b", 224, 32, None, {}, ""),
+    ("xception", "xception41", 299, 32, None, {}, "separable convs"),
+    ("mixnet", "mixnet_s", 224, 32, None, {}, "mixed kernels (torch.split)"),
+    ("lcnet", "lcnet_050", 224, 32, None, {}, "SE (hardsigmoid)"),
+    ("hgnet", "hgnetv2_b0", 224, 32, None, {}, "learnable affine, ESE"),
+    ("repvit", "repvit_m0_9", 224, 32, None, {}, "SE, reparameterisable convs"),
+    ("fastvit", "fastvit_t8", 256, 32, None, {}, "RepMixer, MobileOne blocks"),
+    ("resnetv2_bit", "resnetv2_50x1_bit", 224, 32, None, {}, "GroupNorm, weight-standardised convs"),
+    ("nfnet", "nf_resnet26", 224, 32, None, {}, "normalizer-free: ScaledStdConv, gamma act"),
+    ("convnext", "convnext_atto", 224, 32, None, {}, "LayerNorm2d, LayerScale"),
+    ("convmixer", "convmixer_768_32", 224, 32, None, {}, "GELU + BatchNorm residual mixer"),
+    ("poolformer", "poolformer_s12", 224, 32, None, {}, "GroupNorm(1), pooling token mixer"),
+    ("mambaout", "mambaout_femto", 224, 32, None, {}, "gated CNN (product of two branches)"),
+    ("starnet", "starnet_s1", 224, 32, None, {}, "star operation (product of two branches)"),
+    ("botnet", "botnet26t_256", 256, 32, "img_size", {}, "self-attention in a ResNet"),
+    ("mlp_mixer", "mixer_s32_224", 224, 32, "img_size", {}, "token-mixing MLP, LayerNorm"),
+    ("resmlp", "resmlp_12_224", 224, 32, "img_size", {}, "Affine (addcmul), LayerScale"),
+    ("gmlp", "gmlp_ti16_224", 224, 32, "img_size", {}, "spatial gating unit (chunk + product)"),
+    ("vit", "vit_tiny_patch16_224", 224, 32, "img_size", {}, "attention (F.sdpa), class token"),
+    ("deit", "deit_tiny_distilled_patch16_224", 224, 32, "img_size", {}, "distillation token, two heads"),
+    ("cait", "cait_xxs24_224", 224, 32, "img_size", {}, "talking heads, class attention, LayerScale"),
+    ("xcit", "xcit_nano_12_p16_224", 224, 32, "img_size", {}, "cross-covariance attention, F.normalize"),
+    ("beit", "beit_base_patch16_224", 224, 32, "img_size", _SMALL_BEIT,
+     "relative position bias; beit_base shrunk to dim 192, depth 4"),
+    ("eva", "eva02_tiny_patch14_224", 224, 32, "img_size", {}, "rotary embedding, SwiGLU"),
+    ("swin", "swin_tiny_patch4_window7_224", 224, 32, "img_size", {}, "shifted windows (roll, mask)"),
+    ("pit", "pit_ti_224", 224, 32, "img_size", {}, "pooling-based ViT (depthwise conv on tokens)"),
+    ("levit", "levit_128s", 224, 32, "img_size", {}, "attention bias, hardswish, BN on tokens"),
+    ("coat", "coat_lite_tiny", 224, 32, "img_size", {}, "conv-attentional (factorised attention)"),
+    ("crossvit", "crossvit_tiny_240", 240, 32, None, {}, "two branches, cross attention"),
+    ("twins", "twins_pcpvt_small", 224, 32, "img_size", {}, "spatial-reduction attention, PEG"),
+    ("pvt_v2", "pvt_v2_b0", 224, 32, None, {}, "spatial-reduction attention, DWConv MLP"),
+    ("mobilevit", "mobilevit_xxs", 256, 32, None, {}, "unfold/fold patches + transformer"),
+    ("convit", "convit_tiny", 224, 32, "img_size", {}, "gated positional self-attention"),
+    ("tiny_vit", "tiny_vit_5m_224", 224, 32, None, {}, "windowed attention with bias"),
+    ("efficientvit", "efficientvit_b0", 224, 32, None, {}, "ReLU linear attention (MIT)"),
+    ("edgenext", "edgenext_xx_small", 256, 32, None, {}, "split depthwise + XCA"),
+    ("efficientformer", "efficientformer_l1", 224, 224, None, {}, "pooling mixer + attention"),
+    ("swiftformer", "swiftformer_xs", 224, 32, None, {}, "efficient additive attention"),
+    ("gcvit", "gcvit_xxtiny", 224, 32, "img_size", {}, "global-context attention"),
+    ("davit", "davit_tiny", 224, 32, None, {}, "channel + spatial window attention"),
+    ("focalnet", "focalnet_tiny_srf", 224, 32, None, {}, "focal modulation (gated aggregation)"),
+    ("volo", "volo_d1_224", 224, 32, "img_size", {}, "outlook attention (unfold/fold)"),
+    ("hiera", "hiera_tiny_224", 224, 32, "img_size", {}, "mask-unit attention"),
+    ("sequencer", "sequencer2d_s", 224, 32, "img_size", {}, "bidirectional LSTMs over rows/cols"),
+]
+for _fam, _n, _size, _min, _skw, _kw, _note in _TIMM:
+    _add(Entry(f"timm:{_n}", "timm", _fam, _size, _min, _timm_builder(_n, _skw, **_kw), note=_note))
+
+
+# ---- text: token ids in, decomposed from the embeddings --------------------------------
+class TokenModel(nn.Module):
+    """``body(embed(tokens))``: a text classifier split at its embedding.
+
+    CD for text selects tokens: the relevant input is the embedding of the chosen tokens,
+    so the engine sees ``body`` with the (1, T, E) embeddings as its input.
+    """
+
+    def __init__(self, embed: nn.Module, body: nn.Module):
+        super().__init__()
+        self.embed, self.body = embed, body
+
+    def forward(self, tokens):
+        return self.body(self.embed(tokens))
+
+
+class _RecurrentBody(nn.Module):
+    def __init__(self, cell: nn.Module, hidden: int, classes: int):
+        super().__init__()
+        self.rnn, self.head = cell, nn.Linear(hidden, classes)
+
+    def forward(self, e):
+        out, _ = self.rnn(e)
+        return self.head(out[:, -1])        # the output at the last token
+
+
+class _EncoderBody(nn.Module):
+    def __init__(self, dim: int, max_len: int, classes: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.1)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, e):
+        h = self.encoder(e + self.pos[:, :e.shape[1]])
+        return self.head(h.mean(1))
+
+
+class _BertBody(nn.Module):
+    """A ``transformers`` sequence classifier called with ``inputs_embeds``."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, e):
+        return self.bert(inputs_embeds=e).logits
+
+
+VOCAB, EMBED, TEXT_LEN = 50, 16, 12
+
+
+def _lstm(size):
+    return TokenModel(nn.Embedding(VOCAB, EMBED), _RecurrentBody(nn.LSTM(EMBED, 24, batch_first=True), 24, 3))
+
+
+def _gru(size):
+    return TokenModel(nn.Embedding(VOCAB, EMBED), _RecurrentBody(nn.GRU(EMBED, 24, batch_first=True), 24, 3))
+
+
+def _encoder(size):
+    return TokenModel(nn.Embedding(VOCAB, 32), _EncoderBody(32, 64, 3))
+
+
+def _bert(attn: str):
+    def build(size):
+        from transformers import BertConfig, BertForSequenceClassification
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg._attn_implementation = attn
+        bert = BertForSequenceClassification(cfg)
+        return TokenModel(bert.bert.embeddings.word_embeddings, _BertBody(bert))
+    return build
+
+
+_add(Entry("text:lstm", "text", "lstm", TEXT_LEN, 8, _lstm, "tokens", "embedding -> nn.LSTM -> linear"))
+_add(Entry("text:gru", "text", "gru", TEXT_LEN, 8, _gru, "tokens", "embedding -> nn.GRU -> linear"))
+_add(Entry("text:transformer_encoder", "text", "transformer_encoder", TEXT_LEN, 8, _encoder, "tokens",
+           "nn.TransformerEncoder (2 layers, d 32), mean pooling"))
+_add(Entry("text:bert_tiny", "text", "bert", TEXT_LEN, 8, _bert("eager"), "tokens",
+           "transformers BertForSequenceClassification, 2 layers, hidden 32, eager attention"))
+_add(Entry("text:bert_tiny_sdpa", "text", "bert", TEXT_LEN, 8, _bert("sdpa"), "tokens",
+           "the same BERT with F.scaled_dot_product_attention"))
+
+
+# --------------------------------------------------------------------------------------
+# Building models and inputs
+# --------------------------------------------------------------------------------------
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial statistics and shifts, so the CD splits of norms and biases are exercised.
+
+    Fresh models have batchnorm statistics (0, 1), norm affines (1, 0) and often zero biases,
+    which make the bias and shift splits trivial; trained models have none of that.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            is_norm = "norm" in type(m).__name__.lower()
+            for pname, p in m.named_parameters(recurse=False):
+                if is_norm and p.dim() == 1 and pname == "weight":
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                elif pname == "bias" and p.dim() == 1 and bool((p == 0).all()):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def seed_of(name: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2 ** 31)
+
+
+def build(entry: Entry, size: int | None = None, dtype=torch.float32) -> nn.Module:
+    """The entry's model: random init from its seed, eval, ``dtype``."""
+    torch.manual_seed(seed_of(entry.name))
+    model = entry.build_fn(size or entry.size)
+    return randomize(model, seed_of(entry.name)).eval().to(dtype)
+
+
+def decomposed_model(entry: Entry, model: nn.Module) -> nn.Module:
+    """What the engine decomposes: the model, or a token model's body (input: embeddings)."""
+    return model.body if entry.input_kind == "tokens" else model
+
+
+def make_input(entry: Entry, model: nn.Module, size: int | None = None, dtype=torch.float32):
+    """(x, tokens): the engine's float input (1, 3, H, W) or (1, T, E), and the token ids or None."""
+    size = size or entry.size
+    g = torch.Generator().manual_seed(seed_of(entry.name) + 1)
+    if entry.input_kind == "tokens":
+        tokens = torch.randint(0, VOCAB, (1, size), generator=g)
+        with torch.no_grad():
+            return model.embed(tokens).to(dtype), tokens
+    return torch.randn(1, 3, size, size, generator=g).to(dtype), None
+
+
+def block_masks(entry: Entry, x: torch.Tensor) -> torch.Tensor:
+    """4 block masks: the image quadrants (M, H, W), or 4 runs of tokens (M, T, E)."""
+    if entry.input_kind == "tokens":
+        t, e = x.shape[1], x.shape[2]
+        m = torch.zeros(4, t, e, dtype=x.dtype)
+        for k, part in enumerate(torch.arange(t).chunk(4)):
+            m[k, part] = 1
+        return m
+    h, w = x.shape[-2:]
+    m = torch.zeros(4, h, w, dtype=x.dtype)
+    m[0, :h // 2, :w // 2] = 1
+    m[1, :h // 2, w // 2:] = 1
+    m[2, h // 2:, :w // 2] = 1
+    m[3, h // 2:, w // 2:] = 1
+    return m
+
+
+def random_block_masks(entry: Entry, x: torch.Tensor, n: int) -> torch.Tensor:
+    """n random square blocks of a quarter of the side (tokens: random runs), for timing."""
+    g = torch.Generator().manual_seed(seed_of(entry.name) + 2)
+    if entry.input_kind == "tokens":
+        t, e = x.shape[1], x.shape[2]
+        m = torch.zeros(n, t, e, dtype=x.dtype)
+        for k in range(n):
+            a = int(torch.randint(0, t, (1,), generator=g))
+            m[k, a:a + max(1, t // 4)] = 1
+        return m
+    h, w = x.shape[-2:]
+    s = max(1, h // 4)
+    m = torch.zeros(n, h, w, dtype=x.dtype)
+    for k in range(n):
+        i = int(torch.randint(0, h - s + 1, (1,), generator=g))
+        j = int(torch.randint(0, w - s + 1, (1,), generator=g))
+        m[k, i:i + s, j:j + s] = 1
+    return m
+
+
+# --------------------------------------------------------------------------------------
+# Op names and inventories
+# --------------------------------------------------------------------------------------
+_PREFIXES = (("torch.nn.functional", "F"), ("torch.nn.modules", "nn"), ("_operator", "operator"),
+             ("torch._C._nn", "F"), ("torch._C._VariableFunctions", "torch"), ("torch.functional", "torch"))
+
+
+def _qual(obj) -> str:
+    """``F.layer_norm``, ``nn.LayerNorm``, ``operator.mul``, ``torch.sigmoid``, ``timm.layers....``."""
+    mod = getattr(obj, "__module__", None) or ""
+    name = (getattr(obj, "__qualname__", None) if isinstance(obj, type) else None) \
+        or getattr(obj, "__name__", None) or repr(obj)  # torch.flatten, not _VariableFunctionsClass.flatten
+    for long, short in _PREFIXES:
+        if mod == long or mod.startswith(long + "."):
+            mod = short
+            break
+    return name if mod in ("builtins", "") else f"{mod}.{name}"
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for the op of a graph node (fx or export)."""
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        return _qual(type(owner.get_submodule(node.target))) if owner is not None else str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):           # export: aten.layer_norm.default
+        return f"aten.{target._schema.name.split('::')[-1]}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"aten.{target.__name__}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"hop.{target.name()}"
+    return _qual(target)
+
+
+def inventory(gm: fx.GraphModule) -> dict:
+    """The set of call_module types, call_function targets and call_method names of a graph."""
+    inv = {"call_module": set(), "call_function": set(), "call_method": set()}
+    for node in gm.graph.nodes:
+        if node.op in inv:
+            inv[node.op].add(op_name(node))
+    return {k: sorted(v) for k, v in inv.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:400] if text else ""
+
+
+def _error(exc: BaseException) -> dict:
+    return {"ok": False, "error_type": type(exc).__name__, "error": _first_line(exc)}
+
+
+def unsupported_ops(gm: fx.GraphModule) -> list[dict] | None:
+    """Every input-dependent node of ``gm`` fastacd has no rule for, in graph order.
+
+    fastacd's capture stops at the first such node; this walks on (an unsupported node is
+    taken to give an input-dependent tensor) so a model's full list of missing ops is known.
+    It uses the capture's classification internals and returns None when they are not there
+    (the first error from ``Decomposer`` is recorded either way).
+    """
+    try:
+        from fastacd.capture import graph as G
+        cg = object.__new__(G.CapturedGraph)
+        cg.model, cg.gm = gm, gm
+        cg.nodes = list(gm.graph.nodes)
+        cg.input_node = next(n for n in cg.nodes if n.op == "placeholder")
+        cg.output_node = next(n for n in cg.nodes if n.op == "output")
+        cg.steps, cg.dependent = {}, {cg.input_node}
+        rule_for = cg._rule_for
+    except Exception:  # noqa: BLE001 - internals moved: report the first error only
+        return None
+    found = []
+    for node in cg.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        dep = [a for a in node.all_input_nodes if a in cg.dependent]
+        if not dep:
+            continue
+        try:
+            step = rule_for(node, dep)
+        except G.UnsupportedOpError as exc:
+            msg = str(exc).splitlines()[0]
+            why = re.search(r"\(graph node '[^']*'\) \((.*)\)\.$", msg)
+            found.append({"op": op_name(node), "reason": why.group(1) if why else "",
+                          "where": G.describe_node(node)})
+            cg.dependent.add(node)
+            continue
+        except Exception as exc:  # noqa: BLE001
+            found.append({"op": op_name(node), "reason": f"{type(exc).__name__}: {_first_line(exc)}",
+                          "where": str(node)})
+            cg.dependent.add(node)
+            continue
+        if step.kind != "shape":
+            cg.dependent.add(node)
+    return _dedupe(found)
+
+
+def _dedupe(found: list[dict]) -> list[dict]:
+    """One item per op key, in order of first occurrence, with its count and first place."""
+    out: dict[str, dict] = {}
+    for item in found:
+        key = op_key(item)
+        if key in out:
+            out[key]["count"] += 1
+        else:
+            out[key] = dict(item, count=1)
+    return list(out.values())
+
+
+def op_key(item: dict) -> str:
+    """The key of a missing op in the ops-needed table: the op, plus why when that matters."""
+    reason = item.get("reason", "")
+    if "product or quotient of two input-dependent" in reason:
+        return f"{item['op']} (two input-dependent factors)"
+    if "softmax inside the network" in reason:
+        return f"{item['op']} (inside the network)"
+    if "methods whose arguments" in reason or "a method whose arguments" in reason:
+        return f"{item['op']} (input-dependent argument)"
+    if "indexing with an index computed" in reason:
+        return f"{item['op']} (input-dependent index)"
+    if reason and reason.startswith(("add/sub with alpha",)):
+        return f"{item['op']} (alpha)"
+    return item["op"]
+
+
+# ATen ops (export graphs) with a counterpart rule in fastacd's fx capture today; the rest of
+# an export-only model's ATen ops are the ones its decomposition would need (approximate:
+# the export capture does not exist yet).
+ATEN_WITH_RULE = {
+    "aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten.linear", "aten.addmm",
+    "aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.relu", "aten.relu_",
+    "aten.relu6", "aten.hardtanh", "aten.hardtanh_", "aten.leaky_relu", "aten.elu", "aten.gelu",
+    "aten.silu", "aten.silu_", "aten.hardswish", "aten.hardswish_", "aten.tanh", "aten.mish",
+    "aten.max_pool2d", "aten.max_pool2d_with_indices", "aten.avg_pool2d", "aten.adaptive_avg_pool2d",
+    "aten.adaptive_avg_pool1d", "aten.adaptive_max_pool2d", "aten.add", "aten.add_", "aten.sub",
+    "aten.mul", "aten.div", "aten.neg", "aten.view", "aten.reshape", "aten.flatten", "aten.permute",
+    "aten.transpose", "aten.cat", "aten.slice", "aten.select", "aten.mean", "aten.sum", "aten.dropout",
+    "aten.clone", "aten.contiguous", "aten.unsqueeze", "aten.squeeze", "aten.pad", "aten.constant_pad_nd",
+    "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.pixel_shuffle", "aten._log_softmax",
+    "aten.log_softmax", "aten.softmax", "aten._softmax", "aten.size", "aten.sym_size", "aten.alias",
+    "aten.expand", "aten.t", "aten.matmul", "aten.mm", "aten.bmm", "aten.embedding", "aten.to",
+    "aten._to_copy", "aten.detach", "aten.zeros", "aten.ones", "aten.arange", "aten.full",
+    "aten.lift_fresh_copy", "aten.copy", "aten.copy_", "aten.empty", "aten.scalar_tensor",
+    "aten.lt", "aten.gt", "aten.eq", "aten.ne", "aten.ge", "aten.le", "aten.sym_numel",
+    "aten._assert_tensor_metadata", "aten.zeros_like", "aten.ones_like", "aten.new_zeros",
+    "aten.new_ones", "aten.flatten", "aten.unflatten", "aten.split_with_sizes", "aten.split",
+    "aten.chunk", "aten.unbind",
+}
+
+
+# --------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_network():
+    """Refuse every socket connection (the zoo must run offline)."""
+    def refuse(*a, **k):
+        raise RuntimeError("the model zoo must not touch the network")
+    saved = socket.socket.connect, socket.create_connection
+    socket.socket.connect, socket.create_connection = refuse, refuse
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.create_connection = saved
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    return float((a.double() - b.double()).abs().max()) / scale
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_MASKS,
+          do_export: bool = True, numbers: bool = True) -> dict:
+    """Run every check on one entry; never raises for a failure of the model (records it)."""
+    import fastacd
+    size = size or entry.size
+    t_start = time.perf_counter()
+    rec: dict[str, Any] = {"name": entry.name, "source": entry.source, "family": entry.family,
+                           "input_kind": entry.input_kind, "size": size, "note": entry.note}
+    full = build(entry, size)
+    model = decomposed_model(entry, full)
+    x, tokens = make_input(entry, full, size)
+    rec["input_shape"] = list(x.shape) if tokens is None else list(tokens.shape)
+    rec["decomposed_input_shape"] = list(x.shape)
+    rec["params_m"] = round(sum(p.numel() for p in full.parameters()) / 1e6, 3)
+    with torch.no_grad():
+        logits = model(x)
+    rec["output_shape"] = list(logits.shape)
+
+    # capture: torch.fx, then torch.export
+    gm = None
+    try:
+        gm = fx.GraphModule(model, fx.Tracer().trace(model))
+        rec["fx"] = {"ok": True}
+    except Exception as exc:  # noqa: BLE001
+        rec["fx"] = _error(exc)
+    ep = None
+    if do_export:
+        t = time.perf_counter()
+        try:
+            ep = torch.export.export(model, (x,), strict=False)
+            rec["export"] = {"ok": True}
+        except Exception as exc:  # noqa: BLE001
+            rec["export"] = _error(exc)
+        rec["export"]["seconds"] = round(time.perf_counter() - t, 2)
+    if gm is not None:
+        rec["inventory"] = dict(inventory(gm), graph="fx")
+        missing = unsupported_ops(gm)
+        rec["unsupported"] = missing
+    elif ep is not None:
+        inv = inventory(ep.graph_module)
+        rec["inventory"] = dict(inv, graph="export")
+        rec["unsupported"] = [{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
+        rec["aten_without_rule"] = sorted(o for o in inv["call_function"] if o not in ATEN_WITH_RULE)
+    else:
+        rec["inventory"] = None
+        rec["unsupported"] = [{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
+
+    # fastacd: construction and 4 block masks
+    masks = block_masks(entry, x)
+    stage = "construct"
+    try:
+        dec = fastacd.Decomposer(model)
+        stage = "cd"
+        with torch.no_grad():
+            res = dec.cd(x, masks)
+        rec["fastacd"] = {"ok": True}
+    except Exception as exc:  # noqa: BLE001
+        rec["fastacd"] = dict(_error(exc), stage=stage)
+        rec["fastacd"]["op"] = first_failing_op(rec)
+        if stage == "cd" and not rec.get("unsupported"):
+            rec["unsupported"] = [{"op": f"runtime: {type(exc).__name__}", "reason": _first_line(exc), "where": ""}]
+    if entry.input_kind == "tokens":
+        rec["text_api"] = _text_api(entry, full, tokens)
+    if rec["fastacd"]["ok"] and numbers:
+        try:
+            rec["numbers"] = _numbers(entry, model, x, masks, res, logits, dec, timing_masks)
+        except Exception as exc:  # noqa: BLE001
+            rec["numbers"] = dict(_error(exc), trace=traceback.format_exc()[-2000:])
+    rec["seconds"] = round(time.perf_counter() - t_start, 2)
+    return rec
+
+
+def first_failing_op(rec: dict) -> str:
+    """The op named by fastacd's first error (from the full list when the walk had one)."""
+    fa = rec.get("fastacd", {})
+    msg = fa.get("error", "")
+    for item in rec.get("unsupported") or []:
+        if item.get("where") and item["where"] in msg:
+            return op_key(item)
+    m = re.search(r"no CD rule for (module '[^']*' \((\w+)\)|function (\S+)|method (\.\w+\(\)))", msg)
+    if m:
+        return m.group(2) or m.group(3) or m.group(4)
+    if "could not trace" in msg:
+        return "capture: torch.fx cannot trace"
+    return f"{fa.get('error_type', '?')}: {msg[:120]}"
+
+
+def _numbers(entry, model, x, masks, res, logits, dec, timing_masks) -> dict:
+    """Completeness, batched = one mask, f32 vs f64, f64 engine vs reference, CD/forward."""
+    import fastacd
+    scale = max(float(logits.abs().max()), 1e-30)
+    out = {"logit_scale": scale}
+    out["complete"] = _gap(res.relevant + res.irrelevant, logits.expand_as(res.relevant), scale)
+    with torch.no_grad():
+        one = torch.cat([dec.cd(x, masks[k:k + 1]).relevant for k in range(masks.shape[0])])
+    out["batched_vs_one"] = _gap(res.relevant, one, scale)
+
+    model64 = copy.deepcopy(model).double()
+    x64, masks64 = x.double(), masks.double()
+    with torch.no_grad():
+        logits64 = model64(x64)
+        res64 = fastacd.Decomposer(model64).cd(x64, masks64)
+        rel_ref, irrel_ref = fastacd.reference.cd(model64, x64, masks64)
+    scale64 = max(float(logits64.abs().max()), 1e-300)
+    out["complete_f64"] = _gap(res64.relevant + res64.irrelevant, logits64.expand_as(res64.relevant), scale64)
+    out["f32_vs_f64"] = _gap(res.relevant, res64.relevant, scale64)
+    out["f64_vs_reference"] = _gap(res64.relevant, rel_ref, scale64)
+    out["reference_complete"] = _gap(rel_ref + irrel_ref, logits64.expand_as(rel_ref), scale64)
+    del model64, res64
+
+    if timing_masks:
+        with torch.no_grad():
+            fwd = _best(lambda: model(x), 5)
+            warm = random_block_masks(entry, x, 4)
+            per_mask = _best(lambda: dec.cd(x, warm), 1) / 4
+            n = int(max(4, min(timing_masks, TIMING_BUDGET_S / 2 / max(per_mask, 1e-9))))
+            tm = random_block_masks(entry, x, n)
+            cd_t = _best(lambda: dec.cd(x, tm), 2)
+        out.update(timing_masks=n, forward_s=fwd, cd_s=cd_t, cd_per_mask_s=cd_t / n,
+                   cd_per_mask_over_forward=cd_t / n / fwd, threads=torch.get_num_threads())
+    return out
+
+
+def _text_api(entry: Entry, model: nn.Module, tokens: torch.Tensor) -> dict:
+    """fastacd's text API (``TextDecomposer.from_model``) on a token model: ok, completeness."""
+    import fastacd
+    t = tokens.shape[1]
+    masks = torch.zeros(4, t)
+    for k, part in enumerate(torch.arange(t).chunk(4)):
+        masks[k, part] = 1
+    try:
+        dec = fastacd.TextDecomposer.from_model(model)
+        with torch.no_grad():
+            res = dec.cd(tokens[0], masks=masks)
+            logits = model(tokens)
+        scale = max(float(logits.abs().max()), 1e-30)
+        total = res.relevant + res.irrelevant + (0 if res.bias is None else res.bias)  # parts exclude the head's bias
+        return {"ok": True, "complete": _gap(total.to(logits.dtype), logits.expand_as(res.relevant), scale)}
+    except Exception as exc:  # noqa: BLE001
+        return _error(exc)
+
+
+# --------------------------------------------------------------------------------------
+# Survey: one subprocess per entry
+# --------------------------------------------------------------------------------------
+def select(patterns: list[str] | None) -> list[Entry]:
+    if not patterns:
+        return list(ENTRIES.values())
+    chosen = [e for e in ENTRIES.values()
+              if any(fnmatch.fnmatch(e.name, p) or fnmatch.fnmatch(e.model_name, p) or e.family == p
+                     or e.source == p for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no zoo entry matches {patterns}; see --list")
+    return chosen
+
+
+def run_isolated(entry: Entry, args: argparse.Namespace) -> dict:
+    """``check`` in a fresh process with a timeout; a crash or hang becomes a record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rec.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", entry.name, "--worker-out", str(out),
+               "--timing-masks", str(args.timing_masks)]
+        if args.small:
+            cmd.append("--small")
+        if args.no_export:
+            cmd.append("--no-export")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                   PYTHONWARNINGS="ignore")
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+            if out.exists():
+                return json.loads(out.read_text())
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            why = f"worker exited with {proc.returncode}: {' | '.join(tail)}"
+        except subprocess.TimeoutExpired:
+            why = f"timed out after {args.timeout} s"
+        return {"name": entry.name, "source": entry.source, "family": entry.family,
+                "input_kind": entry.input_kind, "size": entry.size, "note": entry.note,
+                "crashed": why, "fastacd": {"ok": False, "error_type": "Crash", "error": why,
+                                            "op": f"harness: {why[:60]}"},
+                "unsupported": [], "seconds": round(time.perf_counter() - t, 2)}
+
+
+def _worker(name: str, out: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    entry = ENTRIES[name]
+    with no_network():
+        rec = check(entry, entry.min_size if args.small else None, timing_masks=args.timing_masks,
+                    do_export=not args.no_export)
+    Path(out).write_text(json.dumps(rec, default=str))
+
+
+def _meta(args) -> dict:
+    import timm
+    import torchvision
+    import transformers
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    return {"commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "transformers": transformers.__version__,
+            "machine": platform.machine(), "threads": args.threads, "small": args.small,
+            "timing_masks": args.timing_masks, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def survey(args: argparse.Namespace) -> dict:
+    path = Path(args.json)
+    data = json.loads(path.read_text()) if (args.merge and path.exists()) else {"entries": {}}
+    for k, entry in enumerate(select(args.only), 1):
+        rec = run_isolated(entry, args)
+        data["entries"][entry.name] = rec
+        fa = rec.get("fastacd", {})
+        nums = rec.get("numbers") or {}
+        status = "ok" if fa.get("ok") else f"{fa.get('stage', '?')}: {fa.get('op', fa.get('error', ''))}"
+        ratio = nums.get("cd_per_mask_over_forward")
+        print(f"[{k}] {entry.name:44s} fx={'ok' if rec.get('fx', {}).get('ok') else 'FAIL'} "
+              f"export={'ok' if rec.get('export', {}).get('ok') else 'FAIL'} fastacd={status}"
+              + (f" cd/fwd={ratio:.2f}" if ratio else "") + f" ({rec.get('seconds')} s)", flush=True)
+        data["meta"] = _meta(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, path)  # written after every model: an interrupted survey keeps its results
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+def needed_ops(entries: dict) -> dict[str, list[str]]:
+    """op key -> names of the entries that need it (from each entry's full missing list)."""
+    need: dict[str, list[str]] = {}
+    for name, rec in entries.items():
+        if rec.get("fastacd", {}).get("ok"):
+            continue
+        keys = {op_key(i) for i in rec.get("unsupported") or []}
+        if not keys:
+            keys = {rec["fastacd"].get("op", "?")}
+        for k in keys:
+            need.setdefault(k, []).append(name)
+    return need
+
+
+def unblock_order(entries: dict, limit: int = 25) -> list[tuple[str, int, int]]:
+    """Greedy: the op whose rule (with those before it) lets the most entries decompose.
+
+    Returns (op, entries unblocked by this step, cumulative working entries). An entry is
+    counted as unblocked when every op on its missing list has a rule (export-only entries
+    need the export capture; their ATen ops are not counted).
+    """
+    todo = {n: {op_key(i) for i in (r.get("unsupported") or [])} or {r["fastacd"].get("op", "?")}
+            for n, r in entries.items() if not r.get("fastacd", {}).get("ok")}
+    working = sum(1 for r in entries.values() if r.get("fastacd", {}).get("ok"))
+    have: set[str] = set()
+    order = []
+    while todo and len(order) < limit:
+        ops = {o for s in todo.values() for o in s} - have
+        if not ops:
+            break
+
+        def gain(o):
+            done = sum(1 for s in todo.values() if s <= have | {o})
+            return done, sum(1 for s in todo.values() if o in s)
+        best = max(sorted(ops), key=gain)
+        have.add(best)
+        done = [n for n, s in todo.items() if s <= have]
+        for n in done:
+            del todo[n]
+        working += len(done)
+        order.append((best, len(done), working))
+    return order
+
+
+def _fmt(v, digits=1) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.{digits}e}" if (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.{digits + 1}g}"
+    return str(v)
+
+
+def _short(name: str) -> str:
+    return name.split(":", 1)[-1]
+
+
+def markdown(data: dict) -> str:
+    entries, meta = data["entries"], data.get("meta", {})
+    order = [n for n in ENTRIES if n in entries] + sorted(n for n in entries if n not in ENTRIES)
+    ok = lambda r: r.get("fastacd", {}).get("ok", False)  # noqa: E731
+    by_source = {}
+    for n in order:
+        by_source.setdefault(entries[n]["source"], []).append(n)
+    L = ["# Model zoo", "",
+         "Generated by `python tools/zoo.py --markdown docs/zoo.md` from `bench/results/zoo.json`;",
+         "do not edit by hand. Rerun the survey with `OMP_NUM_THREADS=1 python tools/zoo.py` (each",
+         "model in its own process, ~1 h on one core) and regenerate.", "",
+         f"Run: commit `{meta.get('commit')}`, torch {meta.get('torch')}, torchvision {meta.get('torchvision')}, "
+         f"timm {meta.get('timm')}, transformers {meta.get('transformers')}, {meta.get('threads')} thread(s), "
+         f"{meta.get('when')}.", "",
+         "Every model is built with **random initialisation** (nothing is downloaded; the worker refuses "
+         "network connections), in eval mode, from a seed fixed per entry, with "
+         f"{NUM_CLASSES} classes. Batchnorm statistics, norm scales and zero-initialised biases are "
+         "randomised (`zoo.randomize`) so the bias and shift splits of CD are exercised. Text models take "
+         "token ids; they are decomposed from their embeddings (the masks select tokens).", "",
+         "## Summary", ""]
+    for src, names in by_source.items():
+        L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose "
+                 f"(torch.fx traces {sum(bool(entries[n].get('fx', {}).get('ok')) for n in names)}, "
+                 f"torch.export captures {sum(bool(entries[n].get('export', {}).get('ok')) for n in names)})")
+    L += ["", "Checks, for the 4 quadrant masks (text: 4 runs of tokens), as fractions of the largest |logit|: "
+          "**complete** = max |relevant + irrelevant - logits| (float32); **batched** = max gap between the "
+          "4-mask call and 4 one-mask calls; **f32/f64** = max gap between the float32 and the float64 "
+          "engines' relevant parts; **ref** = float64 engine vs `fastacd.reference.cd`. **CD/fwd** = time of "
+          f"CD per mask over one plain forward (1 thread, up to {meta.get('timing_masks')} random block masks "
+          "in one call; fewer where 64 would take over a minute).", ""]
+    for src, names in by_source.items():
+        L += [f"## {src}", "",
+              "| model | family | input | works | first failing op | fx | export | complete | batched | f32/f64 | ref | CD/fwd |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n in names:
+            r = entries[n]
+            nums = r.get("numbers") or {}
+            shape = "x".join(map(str, r.get("input_shape", [])[1:])) or str(r.get("size"))
+            if r.get("input_kind") == "tokens":
+                shape = f"{shape} tokens"
+            fa = r.get("fastacd", {})
+            if ok(r):
+                works, op = ("yes" if "error" not in nums else "yes (checks failed: " + nums["error"][:60] + ")"), ""
+            else:
+                works, op = f"no ({fa.get('stage', '?')})", f"`{fa.get('op', '?')}`"
+            L.append(f"| {_short(n)} | {r['family']} | {shape} | {works} | {op} | "
+                     f"{'ok' if r.get('fx', {}).get('ok') else 'fails'} | "
+                     f"{'ok' if r.get('export', {}).get('ok') else ('fails' if 'export' in r else '')} | "
+                     f"{_fmt(nums.get('complete'))} | {_fmt(nums.get('batched_vs_one'))} | "
+                     f"{_fmt(nums.get('f32_vs_f64'))} | {_fmt(nums.get('f64_vs_reference'))} | "
+                     f"{_fmt(nums.get('cd_per_mask_over_forward'), 2)} |")
+        L.append("")
+    text_api = {n: entries[n]["text_api"] for n in order if "text_api" in entries[n]}
+    if text_api:
+        L += ["Text API (`fastacd.TextDecomposer.from_model` on the token model):", ""]
+        for n, t in text_api.items():
+            L.append(f"- {_short(n)}: " + (f"ok (complete {_fmt(t.get('complete'))})" if t.get("ok")
+                                           else f"{t.get('error_type')}: {t.get('error', '')[:150]}"))
+        L.append("")
+
+    need = needed_ops(entries)
+    failing = [n for n in order if not ok(entries[n])]
+    only = {k: sum(1 for n in v if {op_key(i) for i in entries[n].get("unsupported") or []} <= {k}) for k, v in need.items()}
+    L += ["## Ops needed", "",
+          f"Every op without a CD rule today, over the {len(failing)} models that do not decompose, with the "
+          "models that need it. A model's list is complete, not only its first failure: the survey walks "
+          "past each unsupported node (taking it to give an input-dependent tensor). **alone** counts the "
+          "models for which this op is the only one missing. Models that torch.fx cannot trace count under "
+          "`capture: torch.fx cannot trace` (their ATen ops are listed further down).", "",
+          "| op | models | alone | families |", "|---|---|---|---|"]
+    for k, v in sorted(need.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        fams = ", ".join(sorted({f"{entries[n]['family']} ({entries[n]['source'][:4]})" for n in v}))
+        L.append(f"| `{k}` | {len(v)} | {only[k]} | {fams} |")
+    L += ["", "### Order of rules that unblocks the most models", "",
+          "Greedy: each row adds the rule that makes the most further models decompose (ties: the op more "
+          "models need). Cumulative counts are over all entries.", "",
+          "| step | add a rule for | models unblocked | decompose then |", "|---|---|---|---|"]
+    for k, (o, d, w) in enumerate(unblock_order(entries), 1):
+        L.append(f"| {k} | `{o}` | {d} | {w} / {len(entries)} |")
+    exp_only = [n for n in order if not entries[n].get("fx", {}).get("ok")]
+    if exp_only:
+        L += ["", "## Where torch.fx fails", "",
+              "These need the `torch.export` capture (issue 16, item 2). ATen ops without an fx-capture "
+              "counterpart today (approximate: the export capture does not exist yet):", "",
+              "| model | export | fx error | ATen ops without a counterpart rule |", "|---|---|---|---|"]
+        for n in exp_only:
+            r = entries[n]
+            aten = ", ".join(f"`{a}`" for a in r.get("aten_without_rule", []))
+            err = r.get("fx", {}).get("error", "").replace("|", "\\|")[:140]
+            L.append(f"| {_short(n)} | {'ok' if r.get('export', {}).get('ok') else 'fails'} | {err} | {aten} |")
+    L += ["", "## Entries", "",
+          "The survey input size is the model's native one; `min` is the smallest size it accepts (the fast "
+          "tests use it). Models built for a size (fixed position embeddings) are built for the size used.", "",
+          "| model | source | family | size | min | params (M) | notes |", "|---|---|---|---|---|---|---|"]
+    for n in order:
+        r, e = entries[n], ENTRIES.get(n)
+        L.append(f"| {_short(n)} | {r['source']} | {r['family']} | {r.get('size')} | "
+                 f"{e.min_size if e else ''} | {r.get('params_m', '')} | {r.get('note', '')} |")
+    L += ["", "## Op inventory", "",
+          "Per model, the ops of its graph (fx, or export where fx fails): modules, functions, methods.", ""]
+    for n in order:
+        inv = entries[n].get("inventory")
+        if not inv:
+            continue
+        parts = [", ".join(inv.get("call_module", [])), ", ".join(inv.get("call_function", [])),
+                 ", ".join(inv.get("call_method", []))]
+        L.append(f"- **{_short(n)}** ({inv.get('graph')}): modules: {parts[0] or '-'}; functions: "
+                 f"{parts[1] or '-'}; methods: {parts[2] or '-'}")
+    return "\n".join(L) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", help="entry names, model names, globs, families or sources")
+    p.add_argument("--list", action="store_true", help="print the registry and exit")
+    p.add_argument("--json", default=str(RESULTS_JSON), help="results file (default bench/results/zoo.json)")
+    p.add_argument("--merge", action="store_true", help="update the entries run in an existing JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the report from --json and exit "
+                                                      "(no survey unless --run is given too)")
+    p.add_argument("--run", action="store_true", help="with --markdown: run the survey first")
+    p.add_argument("--small", action="store_true", help="each model at its smallest input size")
+    p.add_argument("--timing-masks", type=int, default=TIMING_MASKS, help="0: no timing")
+    p.add_argument("--no-export", action="store_true", help="skip torch.export")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per model")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(args.worker, args.worker_out, args)
+        return 0
+    if args.list:
+        for e in select(args.only):
+            print(f"{e.name:44s} {e.family:18s} size {e.size:4d} min {e.min_size:4d} {e.input_kind:6s} {e.note}")
+        return 0
+    if args.markdown and not args.run:
+        data = json.loads(Path(args.json).read_text())
+    else:
+        data = survey(args)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(data))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
