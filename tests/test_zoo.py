@@ -181,7 +181,18 @@ def test_needed_ops_and_unblock_order():
     assert zoo.unblock_order(entries) == [("y", 2, 3), ("x", 2, 5),
                                           ("operator.mul (two input-dependent factors)", 1, 6)]
     text = zoo.markdown({"entries": {k: dict(v, name=k) for k, v in entries.items()}, "meta": {}})
-    assert "| `y` | 3 | 2 |" in text
+    assert "| `y` | y | 3 | 2 |" in text
+
+
+def test_rule_groups():
+    """Ops one rule covers land in one group, whatever the capture calls them."""
+    g = zoo.rule_group
+    assert g("nn.LayerNorm") == g("F.layer_norm") == g("aten.layer_norm")
+    assert g(".sigmoid()") == g("nn.Sigmoid") == g("aten.sigmoid") != g("nn.Hardsigmoid")
+    assert g("operator.matmul (two input-dependent factors)") == g("aten.bmm (two input-dependent factors)")
+    assert g("operator.mul (two input-dependent factors)") != g("operator.matmul (two input-dependent factors)")
+    assert g("torch.split") == g(".chunk()") == g(".unbind()")
+    assert g("torch.sort") == "torch.sort"   # unknown ops are their own group
 
 
 def test_check_records_a_failure_without_raising():

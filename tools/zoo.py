@@ -485,16 +485,67 @@ def unsupported_ops(gm: fx.GraphModule) -> list[dict] | None:
             msg = str(exc).splitlines()[0]
             why = re.search(r"\(graph node '[^']*'\) \((.*)\)\.$", msg)
             found.append({"op": op_name(node), "reason": why.group(1) if why else "",
-                          "where": G.describe_node(node)})
+                          "where": G.describe_node(node), "factors": _dependent_args(node, cg.dependent)})
             cg.dependent.add(node)
             continue
         except Exception as exc:  # noqa: BLE001
             found.append({"op": op_name(node), "reason": f"{type(exc).__name__}: {_first_line(exc)}",
-                          "where": str(node)})
+                          "where": str(node), "factors": _dependent_args(node, cg.dependent)})
             cg.dependent.add(node)
             continue
         if step.kind != "shape":
             cg.dependent.add(node)
+    return _dedupe(found)
+
+
+def _dependent_args(node: fx.Node, dependent: set) -> int:
+    """How many of the node's arguments (with repeats: x * x counts 2) depend on the input."""
+    count = 0
+
+    def visit(a):
+        nonlocal count
+        count += a in dependent
+        return a
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return count
+
+
+_PRODUCTS = {"operator.mul", "operator.truediv", "operator.matmul", "torch.mul", "torch.div", "torch.matmul",
+             "torch.bmm", "torch.einsum", ".mul()", ".div()", ".matmul()", ".bmm()", "operator.imul",
+             "aten.mul", "aten.div", "aten.matmul", "aten.bmm", "aten.mm", "aten.einsum", "aten.baddbmm"}
+_SOFTMAXES = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"}
+
+
+def export_unsupported(ep) -> list[dict]:
+    """The input-dependent ATen ops of an export graph without a counterpart rule (approximate).
+
+    fastacd has no export capture yet; this lists what one would need beyond the ops the fx
+    capture covers today (``ATEN_WITH_RULE``), with products of two input-dependent values
+    and softmax inside the network told apart, as in the fx walk.
+    """
+    gm = ep.graph_module
+    user = set(ep.graph_signature.user_inputs)
+    nodes = list(gm.graph.nodes)
+    dependent = {n for n in nodes if n.op == "placeholder" and n.name in user}
+    output = next(n for n in nodes if n.op == "output")
+    found = []
+    for node in nodes:
+        if node.op != "call_function" or not any(a in dependent for a in node.all_input_nodes):
+            continue
+        dependent.add(node)
+        name = op_name(node)
+        if name.startswith("aten.") and name.endswith("_") and not name.endswith("__"):
+            name = name[:-1]  # in-place variants: the same rule
+        factors = _dependent_args(node, dependent)
+        item = {"op": name, "reason": "", "where": f"export node {node.name!r}", "factors": factors}
+        if name in _PRODUCTS and (factors >= 2 or (name == "aten.div" and len(node.args) > 1
+                                                   and node.args[1] in dependent)):
+            item["reason"] = "a product or quotient of two input-dependent values"
+        elif name in _SOFTMAXES and list(node.users) != [output]:
+            item["reason"] = "a softmax inside the network"
+        elif name in ATEN_WITH_RULE or name == "operator.getitem":
+            continue
+        found.append(item)
     return _dedupe(found)
 
 
@@ -513,7 +564,8 @@ def _dedupe(found: list[dict]) -> list[dict]:
 def op_key(item: dict) -> str:
     """The key of a missing op in the ops-needed table: the op, plus why when that matters."""
     reason = item.get("reason", "")
-    if "product or quotient of two input-dependent" in reason:
+    if "product or quotient of two input-dependent" in reason or (
+            item["op"] in _PRODUCTS and item.get("factors", 0) >= 2):
         return f"{item['op']} (two input-dependent factors)"
     if "softmax inside the network" in reason:
         return f"{item['op']} (inside the network)"
@@ -526,28 +578,61 @@ def op_key(item: dict) -> str:
     return item["op"]
 
 
+# Rule groups: the ops one rule (or one capture feature) would cover, for prioritising. The
+# first pattern that matches an op key wins; an op matching none is its own group.
+RULE_GROUPS = [
+    (r"^capture", "capture: torch.export where torch.fx fails"),
+    (r"layer_norm|LayerNorm", "LayerNorm (nn.LayerNorm, F.layer_norm)"),
+    (r"group_norm|GroupNorm", "GroupNorm (nn.GroupNorm, F.group_norm)"),
+    (r"rms_norm|RmsNorm|RMSNorm", "RMSNorm"),
+    (r"F\.normalize|vector_norm|linalg_norm", "F.normalize (L2 norm; XCiT, SwiftFormer)"),
+    (r"hardsigmoid|Hardsigmoid|hard_sigmoid", "hardsigmoid (gates)"),
+    (r"sigmoid|Sigmoid", "sigmoid (gates)"),
+    (r"(matmul|bmm|einsum|aten\.mm).*two input-dependent", "matmul of two input-dependent values (attention)"),
+    (r"two input-dependent", "element-wise product of two input-dependent values (gates, SwiGLU)"),
+    (r"scaled_dot_product_attention", "F.scaled_dot_product_attention"),
+    (r"MultiheadAttention", "nn.MultiheadAttention"),
+    (r"shifted_window_attention", "torchvision swin shifted_window_attention (fx-wrapped function)"),
+    (r"[Ss]oftmax.*inside", "softmax inside the network (attention, split attention)"),
+    (r"split|chunk|unbind", "split / chunk / unbind"),
+    (r"pad|Pad", "pad (F.pad, nn.ConstantPad2d, swin's patch-merging pad)"),
+    (r"stochastic_depth|drop_path", "stochastic depth / drop path (eval)"),
+    (r"matmul|einsum|bmm", "matmul / einsum with a constant"),
+    (r"LSTM", "nn.LSTM in the general engine"),
+    (r"GRU", "nn.GRU"),
+    (r"TransformerEncoder", "nn.TransformerEncoder"),
+    (r"\broll\b", "roll (shifted windows)"),
+    (r"stack", "stack"),
+    (r"addcmul", "addcmul (ResMLP's affine)"),
+    (r"[Ff]old|[Uu]nfold|im2col|col2im", "fold / unfold"),
+    (r"\.to\(\)|type_as|_to_copy", "dtype casts (.to(), .type_as())"),
+    (r"expand|repeat", "expand / repeat"),
+]
+
+
+def rule_group(key: str) -> str:
+    for pattern, group in RULE_GROUPS:
+        if re.search(pattern, key):
+            return group
+    return key
+
+
 # ATen ops (export graphs) with a counterpart rule in fastacd's fx capture today; the rest of
 # an export-only model's ATen ops are the ones its decomposition would need (approximate:
 # the export capture does not exist yet).
 ATEN_WITH_RULE = {
     "aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten.linear", "aten.addmm",
-    "aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.relu", "aten.relu_",
-    "aten.relu6", "aten.hardtanh", "aten.hardtanh_", "aten.leaky_relu", "aten.elu", "aten.gelu",
-    "aten.silu", "aten.silu_", "aten.hardswish", "aten.hardswish_", "aten.tanh", "aten.mish",
-    "aten.max_pool2d", "aten.max_pool2d_with_indices", "aten.avg_pool2d", "aten.adaptive_avg_pool2d",
-    "aten.adaptive_avg_pool1d", "aten.adaptive_max_pool2d", "aten.add", "aten.add_", "aten.sub",
-    "aten.mul", "aten.div", "aten.neg", "aten.view", "aten.reshape", "aten.flatten", "aten.permute",
-    "aten.transpose", "aten.cat", "aten.slice", "aten.select", "aten.mean", "aten.sum", "aten.dropout",
-    "aten.clone", "aten.contiguous", "aten.unsqueeze", "aten.squeeze", "aten.pad", "aten.constant_pad_nd",
-    "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.pixel_shuffle", "aten._log_softmax",
-    "aten.log_softmax", "aten.softmax", "aten._softmax", "aten.size", "aten.sym_size", "aten.alias",
-    "aten.expand", "aten.t", "aten.matmul", "aten.mm", "aten.bmm", "aten.embedding", "aten.to",
-    "aten._to_copy", "aten.detach", "aten.zeros", "aten.ones", "aten.arange", "aten.full",
-    "aten.lift_fresh_copy", "aten.copy", "aten.copy_", "aten.empty", "aten.scalar_tensor",
-    "aten.lt", "aten.gt", "aten.eq", "aten.ne", "aten.ge", "aten.le", "aten.sym_numel",
-    "aten._assert_tensor_metadata", "aten.zeros_like", "aten.ones_like", "aten.new_zeros",
-    "aten.new_ones", "aten.flatten", "aten.unflatten", "aten.split_with_sizes", "aten.split",
-    "aten.chunk", "aten.unbind",
+    "aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.relu", "aten.relu6",
+    "aten.hardtanh", "aten.leaky_relu", "aten.elu", "aten.celu", "aten.selu", "aten.gelu", "aten.silu",
+    "aten.hardswish", "aten.tanh", "aten.mish", "aten.max_pool1d", "aten.max_pool2d",
+    "aten.max_pool2d_with_indices", "aten.avg_pool1d", "aten.avg_pool2d", "aten.adaptive_avg_pool1d",
+    "aten.adaptive_avg_pool2d", "aten.adaptive_max_pool2d", "aten.add", "aten.sub", "aten.rsub", "aten.mul",
+    "aten.div", "aten.neg", "aten.view", "aten.reshape", "aten.flatten", "aten.unflatten", "aten.permute",
+    "aten.transpose", "aten.t", "aten.cat", "aten.concat", "aten.slice", "aten.select", "aten.mean",
+    "aten.sum", "aten.dropout", "aten.clone", "aten.contiguous", "aten.unsqueeze", "aten.squeeze",
+    "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.pixel_shuffle", "aten.pixel_unshuffle",
+    "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten.size", "aten.sym_size",
+    "aten.sym_numel", "aten.alias", "aten.detach", "aten._assert_tensor_metadata",
 }
 
 
@@ -621,8 +706,8 @@ def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_M
     elif ep is not None:
         inv = inventory(ep.graph_module)
         rec["inventory"] = dict(inv, graph="export")
-        rec["unsupported"] = [{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
-        rec["aten_without_rule"] = sorted(o for o in inv["call_function"] if o not in ATEN_WITH_RULE)
+        rec["unsupported"] = ([{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
+                              + export_unsupported(ep))
     else:
         rec["inventory"] = None
         rec["unsupported"] = [{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
@@ -801,6 +886,7 @@ def survey(args: argparse.Namespace) -> dict:
               f"export={'ok' if rec.get('export', {}).get('ok') else 'FAIL'} fastacd={status}"
               + (f" cd/fwd={ratio:.2f}" if ratio else "") + f" ({rec.get('seconds')} s)", flush=True)
         data["meta"] = _meta(args)
+        data["summary"] = summary(data["entries"])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
@@ -811,29 +897,40 @@ def survey(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
-def needed_ops(entries: dict) -> dict[str, list[str]]:
-    """op key -> names of the entries that need it (from each entry's full missing list)."""
+def _missing(rec: dict, key: Callable[[dict], str]) -> set[str]:
+    keys = {key(i) for i in rec.get("unsupported") or []}
+    return keys or {rec.get("fastacd", {}).get("op", "?")}
+
+
+def by_op(item: dict) -> str:
+    return op_key(item)
+
+
+def by_group(item: dict) -> str:
+    return rule_group(op_key(item))
+
+
+def needed_ops(entries: dict, key: Callable[[dict], str] = by_op) -> dict[str, list[str]]:
+    """op key (or rule group, ``key=by_group``) -> the failing entries that need it (from each
+    entry's full missing list, not only its first failure)."""
     need: dict[str, list[str]] = {}
     for name, rec in entries.items():
         if rec.get("fastacd", {}).get("ok"):
             continue
-        keys = {op_key(i) for i in rec.get("unsupported") or []}
-        if not keys:
-            keys = {rec["fastacd"].get("op", "?")}
-        for k in keys:
+        for k in _missing(rec, key):
             need.setdefault(k, []).append(name)
     return need
 
 
-def unblock_order(entries: dict, limit: int = 25) -> list[tuple[str, int, int]]:
-    """Greedy: the op whose rule (with those before it) lets the most entries decompose.
+def unblock_order(entries: dict, key: Callable[[dict], str] = by_op, limit: int = 30) -> list[tuple[str, int, int]]:
+    """Greedy: the op (or rule group) whose rule, with those before it, lets the most entries
+    decompose; ties go to the one more entries need.
 
-    Returns (op, entries unblocked by this step, cumulative working entries). An entry is
-    counted as unblocked when every op on its missing list has a rule (export-only entries
-    need the export capture; their ATen ops are not counted).
+    Returns (op, entries unblocked by this step, cumulative working entries). An entry counts
+    as unblocked when every op on its missing list has a rule. Steps that unblock nothing yet
+    (parts of a model's list) come in the order of how many entries need them.
     """
-    todo = {n: {op_key(i) for i in (r.get("unsupported") or [])} or {r["fastacd"].get("op", "?")}
-            for n, r in entries.items() if not r.get("fastacd", {}).get("ok")}
+    todo = {n: _missing(r, key) for n, r in entries.items() if not r.get("fastacd", {}).get("ok")}
     working = sum(1 for r in entries.values() if r.get("fastacd", {}).get("ok"))
     have: set[str] = set()
     order = []
@@ -853,6 +950,22 @@ def unblock_order(entries: dict, limit: int = 25) -> list[tuple[str, int, int]]:
         working += len(done)
         order.append((best, len(done), working))
     return order
+
+
+def summary(entries: dict) -> dict:
+    """The figures of the report, for programs (stored in the JSON beside the entries)."""
+    ok = {n for n, r in entries.items() if r.get("fastacd", {}).get("ok")}
+    sources = sorted({r["source"] for r in entries.values()})
+    return {
+        "decompose": {s: [sum(1 for n, r in entries.items() if r["source"] == s and n in ok),
+                          sum(1 for r in entries.values() if r["source"] == s)] for s in sources},
+        "rules_needed": {g: sorted(v) for g, v in sorted(needed_ops(entries, by_group).items(),
+                                                         key=lambda kv: (-len(kv[1]), kv[0]))},
+        "ops_needed": {k: sorted(v) for k, v in sorted(needed_ops(entries).items(),
+                                                       key=lambda kv: (-len(kv[1]), kv[0]))},
+        "unblock_order": unblock_order(entries, by_group),
+        "fx_fails": sorted(n for n, r in entries.items() if not r.get("fx", {}).get("ok", True)),
+    }
 
 
 def _fmt(v, digits=1) -> str:
@@ -929,34 +1042,49 @@ def markdown(data: dict) -> str:
                                            else f"{t.get('error_type')}: {t.get('error', '')[:150]}"))
         L.append("")
 
-    need = needed_ops(entries)
     failing = [n for n in order if not ok(entries[n])]
-    only = {k: sum(1 for n in v if {op_key(i) for i in entries[n].get("unsupported") or []} <= {k}) for k, v in need.items()}
-    L += ["## Ops needed", "",
-          f"Every op without a CD rule today, over the {len(failing)} models that do not decompose, with the "
-          "models that need it. A model's list is complete, not only its first failure: the survey walks "
-          "past each unsupported node (taking it to give an input-dependent tensor). **alone** counts the "
-          "models for which this op is the only one missing. Models that torch.fx cannot trace count under "
-          "`capture: torch.fx cannot trace` (their ATen ops are listed further down).", "",
-          "| op | models | alone | families |", "|---|---|---|---|"]
-    for k, v in sorted(need.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        fams = ", ".join(sorted({f"{entries[n]['family']} ({entries[n]['source'][:4]})" for n in v}))
-        L.append(f"| `{k}` | {len(v)} | {only[k]} | {fams} |")
+
+    def fams(names):
+        return ", ".join(sorted({f"{entries[n]['family']} ({entries[n]['source'][:4]})" for n in names}))
+
+    def alone(names, k, key):
+        return sum(1 for n in names if _missing(entries[n], key) == {k})
+
+    groups, ops = needed_ops(entries, by_group), needed_ops(entries)
+    L += ["## Rules needed", "",
+          f"What the {len(failing)} models that do not decompose need, as rules (each row groups the ops one "
+          "rule would cover: `tools/zoo.py` `RULE_GROUPS`), sorted by how many models need it. A model's list "
+          "is complete, not only its first failure: the survey walks past each unsupported node (taking it to "
+          "give an input-dependent tensor). **alone** = models for which this is the only thing missing. "
+          "Models torch.fx cannot trace need the export capture, and their lists come from the export graph "
+          "(ATen ops without a counterpart rule in the fx capture; approximate).", "",
+          "| rule | models | alone | ops | families |", "|---|---|---|---|---|"]
+    members: dict[str, set[str]] = {}
+    for k in ops:
+        members.setdefault(rule_group(k), set()).add(k)
+    for g, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        L.append(f"| {g} | {len(v)} | {alone(v, g, by_group)} | "
+                 f"{', '.join(f'`{m}`' for m in sorted(members.get(g, {g})))} | {fams(v)} |")
     L += ["", "### Order of rules that unblocks the most models", "",
-          "Greedy: each row adds the rule that makes the most further models decompose (ties: the op more "
-          "models need). Cumulative counts are over all entries.", "",
-          "| step | add a rule for | models unblocked | decompose then |", "|---|---|---|---|"]
-    for k, (o, d, w) in enumerate(unblock_order(entries), 1):
-        L.append(f"| {k} | `{o}` | {d} | {w} / {len(entries)} |")
-    exp_only = [n for n in order if not entries[n].get("fx", {}).get("ok")]
+          "Greedy: each row adds the rule that makes the most further models decompose (ties: the rule more "
+          "models need). A model counts once everything on its list has a rule.", "",
+          "| step | add | models unblocked | decompose then |", "|---|---|---|---|"]
+    for k, (o, d, w) in enumerate(unblock_order(entries, by_group), 1):
+        L.append(f"| {k} | {o} | {d} | {w} / {len(entries)} |")
+    L += ["", "### Ops needed", "",
+          "The same, op by op (function targets, module types, `.method()` names, as the graph has them).", "",
+          "| op | rule | models | alone | families |", "|---|---|---|---|---|"]
+    for k, v in sorted(ops.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        L.append(f"| `{k}` | {rule_group(k)} | {len(v)} | {alone(v, k, by_op)} | {fams(v)} |")
+    exp_only = [n for n in order if not entries[n].get("fx", {}).get("ok", True)]
     if exp_only:
         L += ["", "## Where torch.fx fails", "",
-              "These need the `torch.export` capture (issue 16, item 2). ATen ops without an fx-capture "
-              "counterpart today (approximate: the export capture does not exist yet):", "",
-              "| model | export | fx error | ATen ops without a counterpart rule |", "|---|---|---|---|"]
+              "These need the `torch.export` capture (issue 16, item 2). Their missing ATen ops (beyond the "
+              "ops the fx capture has rules for today; approximate, as the export capture does not exist yet):",
+              "", "| model | export | fx error | missing ATen ops |", "|---|---|---|---|"]
         for n in exp_only:
             r = entries[n]
-            aten = ", ".join(f"`{a}`" for a in r.get("aten_without_rule", []))
+            aten = ", ".join(f"`{op_key(i)}`" for i in r.get("unsupported", [])[1:])
             err = r.get("fx", {}).get("error", "").replace("|", "\\|")[:140]
             L.append(f"| {_short(n)} | {'ok' if r.get('export', {}).get('ok') else 'fails'} | {err} | {aten} |")
     L += ["", "## Entries", "",
