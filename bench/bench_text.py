@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from _results import record
 from fastacd import agg_1d
-from fastacd.text import lstm as ft
+from fastacd import text as ft
 from fastacd.reference import text as rt
 
 torch.set_num_threads(1)

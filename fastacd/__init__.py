@@ -16,10 +16,13 @@ The modern API sits beside it: ``Decomposer`` (trace once, many masks per call),
 """
 import sys as _sys
 
-from .api import cd, decomposer_for  # noqa: F401
+from ._version import __version__  # noqa: F401
+from .api import build_info, cd, decomposer_for  # noqa: F401
 from .engine import BACKENDS, CDResult, Decomposer, available_backends  # noqa: F401
-from .capture import UnsupportedOpError, register_rule  # noqa: F401
-from . import reference  # noqa: F401
+from .capture import UnsupportedOpError  # noqa: F401
+from . import reference, rules  # noqa: F401
+from .engine import decomposer as _decomposer
+from .rules import RuleSet, register_rule  # noqa: F401
 
 # the original package's modules and top-level functions (drop-in)
 from .image import agg_2d, tiling_2d  # noqa: F401
@@ -29,7 +32,7 @@ from .attribution.score_funcs import (get_scores_1d, get_scores_2d,  # noqa: F40
                                       gradient_times_input_scores, ig_scores_1d, ig_scores_2d,
                                       tiles_to_cd)
 from .text import TextDecomposer, cd_text, cd_text_phrases  # noqa: F401
-from .reference.text import propagate_tanh_two, propagate_three  # noqa: F401
+from .rules.recurrent import propagate_tanh_two, propagate_three  # noqa: F401
 
 # the modern API
 from . import attribution, text  # noqa: F401
@@ -48,14 +51,6 @@ for _name, _module in {"agg_2d": agg_2d, "tiling_2d": tiling_2d, "agg_1d": agg_1
                        "interactions": interactions, "plots": plots}.items():
     _sys.modules[f"{__name__}.{_name}"] = _module
 
-__version__ = "0.1.0"
+# the engine's reference backend is the oracle; neither package imports the other
+_decomposer.use_reference(reference.cd_relevant_input)
 
-
-def build_info() -> dict:
-    """Versions, the compiled extension and its kernels, devices."""
-    import torch
-    from .ops import build_info as _ops_info
-    info = dict(_ops_info())
-    info.update(fastacd=__version__, torch=torch.__version__,
-                cuda_available=torch.cuda.is_available(), backends=available_backends())
-    return info

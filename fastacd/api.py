@@ -6,7 +6,10 @@ import weakref
 import numpy as np
 import torch
 
-from .engine.decomposer import Decomposer
+from . import ops
+from ._version import __version__
+from .capture.inputs import check_masks
+from .engine.decomposer import Decomposer, available_backends
 
 _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -27,8 +30,9 @@ def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=Non
     ------
     im_torch: torch.Tensor, shape (1, C, H, W)
     model: any traceable PyTorch model (put in eval mode, as the original does)
-    mask: array_like, 1 = relevant; (H, W), (1, C, H, W) like ``im_torch``, or a batch of M masks
-        (M, H, W) / (M, 1 or C, H, W), scored in one batched call
+    mask: array_like of 0/1 (or soft values in [0, 1]), 1 = relevant; one mask (H, W), (C, H, W)
+        or (1, C, H, W) as in the original, or a batch of M masks (M, H, W) with M != C, or
+        (M, 1 or C, H, W), scored in one batched call
     model_type: accepted for compatibility ('mnist', 'resnet18'); the tracer handles any model
     device: None = the model's device; otherwise the model and image are moved there
     transform: used when ``mask`` is None: ``transform(im_torch)`` is the relevant input
@@ -49,7 +53,8 @@ def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=Non
     im_torch = im_torch.to(device)
     dec = decomposer_for(model)
     if mask is not None:
-        res = dec.cd(im_torch, mask)
+        # a (C, H, W) mask is one per-channel mask, as in the original (Decomposer.cd refuses it)
+        res = dec.cd(im_torch, check_masks(im_torch, mask, one_per_channel_stack=True))
     elif transform is not None:
         relevant = transform(im_torch).to(device=device, dtype=im_torch.dtype)
         if relevant.dim() < im_torch.dim():
@@ -58,3 +63,11 @@ def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=Non
     else:
         raise ValueError("cd needs either a mask or a transform")
     return res.relevant, res.irrelevant
+
+
+def build_info() -> dict:
+    """Versions, the compiled extension and its kernels, devices."""
+    info = dict(ops.build_info())
+    info.update(fastacd=__version__, torch=torch.__version__,
+                cuda_available=torch.cuda.is_available(), backends=available_backends())
+    return info

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fastacd import agg_1d, tiling_1d
-from fastacd.text import lstm as ft
+from fastacd import text as ft
 from fastacd.reference import text as rt
 from fastacd.text.sentiment_toy import NEG, POS, toy_model
 

@@ -71,7 +71,7 @@ def test_engine_matches_reference(name, dtype, backend):
     with torch.no_grad():
         # The oracle runs in float64 even for float32 (its own float32 arithmetic is off by
         # up to 1e-2 of the output on VGG16, the engine's by ~1e-6).
-        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), tiles.double())
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), tiles[:, None].double())
         ref_rel, ref_irrel = ref_rel.to(dtype), ref_irrel.to(dtype)
         model.to(dtype)
         dec = fastacd.Decomposer(model, backend=backend)
@@ -152,7 +152,7 @@ def test_results_do_not_depend_on_chunk_size(name):
     assert_close_scaled(tiny_budget.relevant, whole.relevant, torch.float64)
 
 
-@pytest.mark.skipif(fastacd.engine.decomposer.compiled_ops() is None, reason="compiled extension fastacd._C not built")
+@pytest.mark.skipif(not fastacd.ops.HAS_COMPILED, reason="compiled extension fastacd._C not built")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_buffer_reuse_across_chunks_changes_nothing(backend, monkeypatch):
     """The chunks of one call reuse each other's large blocks (fastacd.ops.reuse_cpu_buffers);
@@ -166,7 +166,7 @@ def test_buffer_reuse_across_chunks_changes_nothing(backend, monkeypatch):
         assert ops.buffer_reuse_stats()["hits"] > hits  # later chunks got earlier chunks' blocks
         assert ops.buffer_reuse_stats()["open_scopes"] == 0
         assert ops.buffer_reuse_stats()["cached_bytes"] == 0
-        monkeypatch.setattr(fastacd.engine.decomposer, "reuse_buffers", lambda *a: contextlib.nullcontext(False))
+        monkeypatch.setattr(fastacd.engine.chunks, "reuse_buffers", lambda *a: contextlib.nullcontext(False))
         without = dec.cd(x, masks, chunk_size=1)
     torch.testing.assert_close(with_reuse.relevant, without.relevant, rtol=0, atol=0)
     torch.testing.assert_close(with_reuse.irrelevant, without.irrelevant, rtol=0, atol=0)
@@ -187,7 +187,7 @@ def test_segmented_pass_equals_one_mask_a_pass(name):
     chunks = [c for _, _, c in plan]
     assert len(plan) > 1 and chunks[0] == 2 and chunks[-1] <= len(masks)
     assert chunks == sorted(set(chunks))  # growing, one segment per chunk
-    cuts = fastacd.engine.decomposer.cut_points(dec.graph)
+    cuts = fastacd.engine.chunks.cut_points(dec.graph)
     assert all(cuts[start] is src for start, src, _ in plan[1:])
     with torch.no_grad():
         segmented = dec.cd(x, masks)
@@ -197,7 +197,7 @@ def test_segmented_pass_equals_one_mask_a_pass(name):
 
 
 def test_cut_points_and_even_passes():
-    from fastacd.engine.decomposer import _passes, balanced_chunk, cut_points
+    from fastacd.engine.chunks import balanced_chunk, cut_points, passes as _passes
     model, _, _ = _case("resnet18", torch.float32)
     g = fastacd.Decomposer(model).graph
     cuts = cut_points(g)
@@ -305,7 +305,7 @@ def test_matches_original_acd_package(name, model_type):
 
 
 def test_all_finite_checks_by_sum_then_by_element():
-    from fastacd.engine.decomposer import all_finite
+    from fastacd.capture.inputs import all_finite
     assert all_finite(torch.ones(3, 5))
     assert all_finite(torch.full((4,), 3e38))  # the sum overflows; every element is finite
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -347,7 +347,7 @@ def test_in_place_rules_leave_live_views_alone(backend, monkeypatch):
     with torch.no_grad():
         res = fastacd.Decomposer(model, backend=backend).cd(x, masks)
         ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
-        monkeypatch.setattr(fastacd.engine.decomposer, "_in_place_rule", lambda *a: None)
+        monkeypatch.setattr(fastacd.engine.batched, "in_place", lambda *a: None)
         plain = fastacd.Decomposer(model, backend=backend).cd(x, masks)
     assert_close_scaled(res.relevant, ref_rel, torch.float64)
     assert_close_scaled(res.irrelevant, ref_irrel, torch.float64)
@@ -356,7 +356,7 @@ def test_in_place_rules_leave_live_views_alone(backend, monkeypatch):
 
 def test_in_place_rules_apply_on_resnet_blocks():
     """ResNet's batchnorms, residual additions and their ReLUs run in place (no new tensors)."""
-    from fastacd.engine.decomposer import _in_place_rule
+    from fastacd.engine.batched import in_place as _in_place_rule
     model, x, masks = _case("resnet18", torch.float32)
     dec = fastacd.Decomposer(model)
     hits = []
@@ -368,7 +368,7 @@ def test_in_place_rules_apply_on_resnet_blocks():
         return out
 
     import unittest.mock
-    with torch.no_grad(), unittest.mock.patch.object(fastacd.engine.decomposer, "_in_place_rule", spy):
+    with torch.no_grad(), unittest.mock.patch.object(fastacd.engine.batched, "in_place", spy):
         dec.cd(x, masks)
     # per block: bn1 (ReLU fused), bn2, the add, the ReLU after it; downsample batchnorms
     assert hits.count("add") == 8 and hits.count("activation") == 8
@@ -380,7 +380,7 @@ def test_linear_layers_use_onednn_where_it_pays_and_give_the_same_numbers(rows, 
     """graph.linear_no_bias: oneDNN's linear for float32 CPU inference from 4 rows on, else
     F.linear; the two agree to float32 rounding, float64 and autograd always take F.linear."""
     import torch.nn.functional as F
-    from fastacd.capture import graph
+    from fastacd.rules import affine as graph
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(300, 257, generator=g, requires_grad=True)
     x = torch.randn(rows, 257, generator=g)

@@ -125,7 +125,7 @@ def test_logits_module_drops_the_trailing_softmax(net_and_image):
     from fastacd.api import decomposer_for
     model, x = net_and_image
     batch = torch.cat([x, 2 * x, -x])
-    logits = agg_2d.logits_module(decomposer_for(model))(batch)
+    logits = agg_2d.logits_module(decomposer_for(model).graph)(batch)
     with torch.no_grad():
         expected = model[:-1](batch)
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)

@@ -39,7 +39,7 @@ def test_random_cnns_match_the_reference(model_and_seed, n_masks):
     model, seed = model_and_seed
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, 12, 12, generator=g, dtype=torch.float64)
-    masks = (torch.rand(n_masks, 12, 12, generator=g) > 0.5).double()
+    masks = (torch.rand(n_masks, 1, 12, 12, generator=g) > 0.5).double()
     with torch.no_grad():
         res = fastacd.Decomposer(model).cd(x, masks)
         rel, irrel = fastacd.reference.cd(model, x, masks)

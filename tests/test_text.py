@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from fastacd.ops import torch_ops as _torch_ops
-from fastacd.text import lstm as ft
+from fastacd import text as ft
+from fastacd.text import lstm as ft_lstm
 from fastacd.reference import text as rt
 from fastacd.text.sentiment_toy import NEG, POS, SentimentLSTM, accuracy, toy_model
 
@@ -302,8 +303,8 @@ def test_phrase_plan_is_the_mask_plan():
         T = int(torch.randint(1, 14, (1,), generator=gen))
         pairs = random_phrases(T, int(torch.randint(1, 20, (1,), generator=gen)), gen)
         pairs += pairs[:2]
-        by_phrase = ft._phrase_plan(pairs, T)
-        by_mask = ft._row_plan(ft._pair_masks(pairs, T))
+        by_phrase = ft_lstm._phrase_plan(pairs, T)
+        by_mask = ft_lstm._row_plan(ft_lstm._pair_masks(pairs, T))
         assert by_phrase[0] == by_mask[0]                           # live rows per step
         for a, b in zip(by_phrase[1], by_mask[1]):                  # copied rows per step
             assert (a is None) == (b is None)
@@ -315,7 +316,7 @@ def test_phrase_plan_is_the_mask_plan():
 
 def test_rows_are_shared_until_masks_differ():
     # (2, 4) and (2, 6) share one row until step 5; (0, 0) and (3, 3) start from zero
-    n_at, joins, bits, final, _, _ = ft._phrase_plan([(2, 4), (2, 6), (0, 0), (3, 3)], 8)
+    n_at, joins, bits, final, _, _ = ft_lstm._phrase_plan([(2, 4), (2, 6), (0, 0), (3, 3)], 8)
     assert n_at == [1, 1, 2, 3, 3, 4, 4, 4]
     assert joins[5] is not None and joins[5][0] == 3                # (2, 6) splits off at 5
     assert bits.shape == (8, 4)
@@ -335,8 +336,8 @@ def test_keep_states_resumes_phrases_and_matches_a_fresh_sentence():
             assert_scaled(a.irrelevant, b.irrelevant, scale=b.relevant.abs().max())
         assert fresh.memo is None and sorted(h for h, _, _ in kept.memo[2]) == [2, 4, 5, 7, 8]
         # (2, 9) resumes after (2, 8)'s last token: its first computed step is 9, not 2
-        plan = ft._phrase_plan([(2, 9)], T, kept.memo)
-        assert ft._first_live(plan[0]) == 9 and plan[4] and not plan[1][2]
+        plan = ft_lstm._phrase_plan([(2, 9)], T, kept.memo)
+        assert ft_lstm._first_live(plan[0]) == 9 and plan[4] and not plan[1][2]
 
 
 def test_cached_weights_follow_in_place_updates():

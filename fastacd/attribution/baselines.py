@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from ..api import decomposer_for
 
 REGION_METHODS = ("cd", "occlusion", "build_up")
 GRADIENT_METHODS = ("gradient_x_input", "integrated_gradients", "expected_gradients", "smoothgrad")
@@ -304,7 +305,6 @@ def _region_scores(model, x, t, labels, num, method, baseline, batch_size, decom
     b_all = _baseline_like(x, baseline)
     if method == "cd":
         if decomposer is None:
-            from ..api import decomposer_for
             decomposer = decomposer_for(model)
         for j in range(n):
             # one engine call per input: the Decomposer chunks the masks under its memory budget

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .baselines import segment_labels, segment_masks
+from ..api import decomposer_for
 
 
 def _gather_output(out: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -231,7 +232,6 @@ def cd_interactions(model, x: torch.Tensor, segments=None, *, masks=None,
     ``masks``: (S, ...) 0/1 masks the Decomposer accepts (their union is the elementwise max).
     """
     if decomposer is None:
-        from ..api import decomposer_for
         decomposer = decomposer_for(model)
     if masks is None:
         labels, s = segment_labels(x, segments)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..text.agg_1d import get_scores_1d  # noqa: F401  (one definition, shared with agg_1d)
 from ..text.tiling_1d import tiles_to_cd  # noqa: F401
+from ..api import cd
 
 
 def _device_of(model, device):
@@ -159,7 +160,6 @@ def get_scores_2d(model, method, ims, im_torch=None, pred_ims=None, model_type=N
     """
     ims = np.asarray(ims) if not isinstance(ims, torch.Tensor) else ims
     if method == "cd":
-        from ..api import cd
         rel, _ = cd(im_torch, model, mask=ims, model_type=model_type, device=device)
         scores = np.squeeze(rel.detach().cpu().numpy()[:, None, :])
     elif method in ("build_up", "occlusion"):

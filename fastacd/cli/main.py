@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+from ..api import build_info
+from .run import RunError, demo, run
 
 RUN_EXAMPLES = """\
 examples:
@@ -27,13 +31,11 @@ same --out is refused unless --overwrite. Outputs, schema and resume rules: docs
 
 
 def cmd_demo(args) -> int:
-    from fastacd.cli.run import demo
     return demo(args.out, n=args.n, sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
                 num_iters=args.num_iters, tile=args.tile, threads=args.threads or None)
 
 
 def cmd_run(args) -> int:
-    from fastacd.cli.run import RunError, run
     try:
         return run(args)
     except RunError as e:
@@ -46,14 +48,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import fastacd
-    print(json.dumps(fastacd.build_info(), indent=2, default=str))
+    print(json.dumps(build_info(), indent=2, default=str))
     return 0
 
 
 def cmd_bench(args) -> int:
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     bench = root / "bench"
     if not bench.is_dir():
         print("bench/ is not present (the benchmarks ship with the source tree)", file=sys.stderr)

@@ -42,6 +42,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .._version import __version__
+from ..api import decomposer_for
+from ..engine import Decomposer
+from ..image.hierarchy import Hierarchy, display_image, hierarchy
+from ..train.models import train_digits_cnn
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SETTINGS_FILE = "run_settings.json"
 MANIFEST = "manifest.jsonl"
@@ -399,7 +405,6 @@ def check_settings_file(out: Path, settings: dict, digest: str, overwrite: bool,
 
 
 def _version():
-    from .. import __version__
     return __version__
 
 
@@ -673,8 +678,6 @@ def run(args) -> int:
     if dist.rank == 0 or not (out / SETTINGS_FILE).exists():
         check_settings_file(out, settings, digest, args.overwrite, args.source, write=True)
 
-    from ..api import decomposer_for
-    from ..image.hierarchy import display_image, hierarchy, Hierarchy
     dec = decomposer_for(model, args.backend)
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
@@ -792,9 +795,6 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     import torch
     if threads:
         torch.set_num_threads(threads)
-    import fastacd
-    from ..image.hierarchy import hierarchy
-    from ..train.models import train_digits_cnn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -827,8 +827,8 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     for k in range(grid * grid):
         r, c = divmod(k, grid)
         tiles[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    fast = fastacd.Decomposer(model)
-    ref = fastacd.Decomposer(model, backend="reference")
+    fast = Decomposer(model)
+    ref = Decomposer(model, backend="reference")
     t_fast = t_ref = 0.0
     diff = 0.0
     n_cmp = min(n, 2)  # the reference is slow: time it on at most two digits

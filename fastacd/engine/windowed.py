@@ -1,27 +1,18 @@
 """Windowed (incremental) relevant propagation for masks that differ from a base mask.
 
-Almost every mask ACD scores is a component plus one tile. CD's rules are local given the
-shared total activation ``a`` (conv/linear: a weight application, then an element-wise
-bias split of ``zr`` and the total pre-activation; batchnorm, activations: element-wise in
-``r`` and ``a``; max-pool: ``r`` gathered at the argmax of ``a``), so the relevant part of a
-node at one position depends only on the relevant input inside that position's receptive
-field. A candidate ``base | delta`` therefore has the base's relevant maps everywhere except
-inside the window of positions whose receptive field reaches the delta. Here:
+Almost every mask ACD scores is a component plus one tile. A candidate ``base | delta`` has
+the base's relevant maps everywhere except inside the windows ``fastacd.engine.windows``
+plans. Here:
 
 * the base is propagated once with the ordinary batched pass (every node's map kept);
-* ``plan`` tracks, per graph node and per candidate, the window (top-left corner, one common
-  size per node) that can differ from the base: through convs (kernel, stride, padding,
-  dilation), max-pools, element-wise rules (batchnorm, activations, dropout, scaling by a
-  constant), residual adds and channel concatenations (the union of the operands' windows);
-  every other op, and any node whose window exceeds ``WINDOW_MAX_FRACTION`` of its map, is
-  "full" from there on (the candidates' full maps are assembled once and the ordinary rules
-  run on them);
 * the windowed pass computes, for each candidate, only the window of each node: a conv reads
   an input crop with its halo taken from the candidate's full-resolution map (base outside
   the candidate's previous window, the recomputed window inside) and the conv's zero padding
-  only beyond the true image border, then applies its weights without padding; the bias /
-  batchnorm splits run through the engine's own rule dispatch (``engine.apply_rule``) on the
-  window with the total cropped to the same window.
+  only beyond the true image border, then applies its weights without padding; a max-pool
+  gathers at the total's argmax; every other rule runs as in the full pass on the window,
+  with the total cropped to the same window;
+* a node that is not windowed gets the candidates' full maps assembled once and the ordinary
+  rules run on them.
 
 The numbers equal full propagation (outside the window nothing changes) up to the rounding of
 a different convolution algorithm on the crop. ``cd_delta`` falls back to the ordinary pass
@@ -33,312 +24,17 @@ docs/engine.md "Windowed propagation".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from ..capture.graph import load_arg
+from ..capture.inputs import check_masks
+from . import chunks
+from .batched import apply_rule
+from .windows import WINDOW_MAX_FRACTION, Window, diff_boxes, input_windows, plan
 
-# A node whose window covers more than this fraction of its map is computed in full (and so is
-# everything after it). 1.0: never for size alone. With the compiled window_gather a window that
-# covers most of a map still saves more multiply-adds than its gathers cost (VGG16 ACD at the
-# notebook settings: 1634 -> 1447 GMAC of convolutions, docs/engine.md); at 0.5 with the
-# pure-torch gathers it was within noise.
-WINDOW_MAX_FRACTION = 1.0
 # Use windowing only when (base pass + M windowed candidates) is estimated below this fraction
 # of M full passes (multiply-adds of the affine layers).
 MAX_COST_RATIO = 0.8
-
-_ELEMENTWISE_LINEAR_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                               nn.AlphaDropout, nn.FeatureAlphaDropout)
-_ELEMENTWISE_LINEAR_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                                 F.feature_alpha_dropout}
-_ELEMENTWISE_LINEAR_METHODS = {"contiguous", "clone"}
-
-
-# --------------------------------------------------------------------------------------------
-# Windows
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Window:
-    """Per-candidate top-left corners (oy, ox: (M,) int64) of an h x w window of a map.
-
-    A conv's input crop may reach outside the map (its zero padding); node windows never do.
-    """
-    oy: torch.Tensor
-    ox: torch.Tensor
-    h: int
-    w: int
-
-    def part(self, s: int, e: int, device) -> "Window":
-        return Window(self.oy[s:e].to(device), self.ox[s:e].to(device), self.h, self.w)
-
-    def same(self, other: "Window") -> bool:
-        return (self.h == other.h and self.w == other.w and torch.equal(self.oy, other.oy)
-                and torch.equal(self.ox, other.ox))
-
-
-@dataclass
-class NodePlan:
-    win: Window | None              # the node's output window; None: full maps
-    crop: Window | None = None      # conv: the input region read (with halo / padding)
-    conv: tuple | None = None       # conv: (weight, stride, dilation, groups)
-    pool: bool = False              # windowed max-pool
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
-    return int(v), int(v)
-
-
-def _fdiv(a: torch.Tensor, b: int) -> torch.Tensor:
-    return torch.div(a, b, rounding_mode="floor")
-
-
-def _through_each(lo: torch.Tensor, size, k: int, s: int, p: int, d: int, n_out: int):
-    """Output rows of a sliding window op (kernel k, stride s, padding p, dilation d) whose
-    receptive field meets each candidate's input rows [lo, lo + size): (start, size), (M,) each."""
-    first = (-_fdiv(-(lo + p - (k - 1) * d), s)).clamp(0, n_out - 1)   # ceil division
-    last = _fdiv(lo + size - 1 + p, s).clamp(0, n_out - 1)
-    return first, (last - first + 1).clamp_min(1)
-
-
-def _common(first: torch.Tensor, size: torch.Tensor, n_map: int):
-    """One size for all candidates (the largest, at most the map) and the starts moved so that
-    every window lies inside the map."""
-    n = int(min(int(size.max()), n_map))
-    return first.clamp(0, n_map - n), n
-
-
-def _through(lo: torch.Tensor, size: int, k: int, s: int, p: int, d: int, n_out: int):
-    """``_through_each`` with one common size: (start (M,), common size)."""
-    return _common(*_through_each(lo, size, k, s, p, d, n_out), n_out)
-
-
-def _union_each(lo_a, size_a, lo_b, size_b):
-    """Each candidate's bounding box of two windows along one axis: (start, size)."""
-    lo = torch.minimum(lo_a, lo_b)
-    return lo, torch.maximum(lo_a + size_a, lo_b + size_b) - lo
-
-
-def _union(lo_a, size_a, lo_b, size_b, n_map):
-    return _common(*_union_each(lo_a, size_a, lo_b, size_b), n_map)
-
-
-def _conv_params(step, value_of):
-    """(weight, stride, padding, dilation, groups) of a 2-d convolution with zero padding, or None."""
-    m = step.module
-    if m is not None:
-        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
-            return None
-        padding = m.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                return None
-            padding = 0
-        return m.weight, _pair(m.stride), _pair(padding), _pair(m.dilation), m.groups
-    node = step.node
-    if node.target is not F.conv2d:
-        return None
-    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    vals = dict(zip(names, load_arg(value_of, node.args)))
-    vals.update(load_arg(value_of, node.kwargs))
-    padding = vals.get("padding", 0)
-    if isinstance(padding, str):
-        if padding != "valid":
-            return None
-        padding = 0
-    return (vals["weight"], _pair(vals.get("stride", 1)), _pair(padding),
-            _pair(vals.get("dilation", 1)), int(vals.get("groups", 1)))
-
-
-def _pool_params(step, value_of):
-    """(kernel, stride, padding, dilation) of a 2-d max-pool, or None (adaptive pools)."""
-    m = step.module
-    if m is not None:
-        if not isinstance(m, nn.MaxPool2d):
-            return None
-        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
-    else:
-        node = step.node
-        if node.target is not F.max_pool2d:
-            return None
-        names = ["input", "kernel_size", "stride", "padding", "dilation"]
-        vals = dict(zip(names, load_arg(value_of, node.args)))
-        vals.update({k: v for k, v in load_arg(value_of, node.kwargs).items() if k in names})
-        k, s = vals["kernel_size"], vals.get("stride")
-        p, d = vals.get("padding", 0), vals.get("dilation", 1)
-    if s is None or (isinstance(s, (tuple, list)) and len(s) == 0):
-        s = k
-    return _pair(k), _pair(s), _pair(p), _pair(d)
-
-
-def _is_elementwise(g, step, values) -> bool:
-    """Whether the node's relevant output at a position depends only on the input there."""
-    node, kind = step.node, step.kind
-    if len(step.dep) != 1:
-        return False
-    a, out = values[step.dep[0]], values[node]
-    if not (isinstance(out, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == out.shape):
-        return False
-    if kind in ("batchnorm", "activation", "neg", "output_softmax"):
-        return kind != "output_softmax"
-    if kind == "scale":
-        other = [x for x in node.args[:2] if x is not step.dep[0]]
-        c = load_arg(values.__getitem__, other[0] if other else node.kwargs.get("other"))
-        return not isinstance(c, torch.Tensor) or c.dim() < 2 or tuple(c.shape[-2:]) == (1, 1)
-    if kind == "linear":
-        if step.module is not None:
-            return isinstance(step.module, _ELEMENTWISE_LINEAR_MODULES)
-        if node.op == "call_method":
-            return node.target in _ELEMENTWISE_LINEAR_METHODS
-        return node.target in _ELEMENTWISE_LINEAR_FUNCTIONS
-    return False
-
-
-def diff_boxes(cand: torch.Tensor, base: torch.Tensor):
-    """(y0, y1, x0, x1), each (M,): per candidate mask, the bounding box [y0, y1) x [x0, x1) of
-    the pixels where it differs from ``base`` (no difference: y1 <= y0)."""
-    diff = cand != base
-    if diff.dim() == 4:  # (M, C, H, W): any channel
-        diff = diff.view(torch.uint8).amax(1)
-    m, hgt, wid = diff.shape
-    u = diff.view(torch.uint8)  # amax over uint8 is several times faster than any() on the CPU
-    rows, cols = u.amax(2).bool(), u.amax(1).bool()
-    ar_h, ar_w = torch.arange(hgt, device=diff.device), torch.arange(wid, device=diff.device)
-    return (torch.where(rows, ar_h, hgt).min(1).values, torch.where(rows, ar_h + 1, 0).max(1).values,
-            torch.where(cols, ar_w, wid).min(1).values, torch.where(cols, ar_w + 1, 0).max(1).values)
-
-
-def input_windows(cand: torch.Tensor, base: torch.Tensor) -> Window:
-    """The bounding box (common size) of the pixels where each candidate mask differs from the base."""
-    y0, y1, x0, x1 = diff_boxes(cand, base)
-    hgt, wid = cand.shape[-2:]
-    empty = y1 <= y0
-    y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
-    y1, x1 = torch.where(empty, 1, y1), torch.where(empty, 1, x1)
-    h, w = int((y1 - y0).max()), int((x1 - x0).max())
-    return Window(y0.clamp(0, hgt - h).cpu(), x0.clamp(0, wid - w).cpu(), h, w)
-
-
-# --------------------------------------------------------------------------------------------
-# The plan: windows per node, and what it costs
-# --------------------------------------------------------------------------------------------
-def plan(g, values: dict, win0: Window, max_fraction: float = WINDOW_MAX_FRACTION):
-    """Windows of every dependent node for candidates whose input differs inside ``win0``.
-
-    Returns (plans: node -> NodePlan, cost: (windowed multiply-adds, full multiply-adds) of
-    the affine layers per candidate, largest: the largest per-candidate activation in elements,
-    order: the candidates sorted by their own (unpadded) windows at the node with the most
-    windowed multiply-adds, see ``SORTED_CHUNK``).
-    """
-    value_of = values.__getitem__
-    plans: dict[fx.Node, NodePlan] = {}
-    state: dict[fx.Node, Window | None] = {}
-    # each candidate's own window (oy, h, ox, w: (M,) each), inside the common one
-    own: dict[fx.Node, tuple] = {}
-    x = values[g.input_node]
-    state[g.input_node] = win0 if x.dim() == 4 else None
-    m = win0.oy.shape[0]
-    own[g.input_node] = (win0.oy, win0.oy.new_full((m,), win0.h), win0.ox, win0.ox.new_full((m,), win0.w))
-    heaviest = (-1, None)  # (multiply-adds, the node's own windows): the key that sorts candidates
-    win_macs = full_macs = 0
-    largest = win0.h * win0.w * x.shape[1] if x.dim() == 4 else x[0].numel()
-    for node in g.nodes:
-        step = g.steps.get(node)
-        if step is None or step.kind == "shape":
-            continue
-        out = values[node]
-        wins = [state.get(d) for d in step.dep]
-        p = NodePlan(None)
-        spatial = isinstance(out, torch.Tensor) and out.dim() == 4
-        if spatial and all(w is not None for w in wins):
-            ho, wo = out.shape[2:]
-            if step.kind == "affine":
-                conv = _conv_params(step, value_of)
-                if conv is not None:
-                    weight, (sh, sw), (ph, pw), (dh, dw), groups = conv
-                    kh, kw = weight.shape[2:]
-                    w_in = wins[0]
-                    oy, nh = _through(w_in.oy, w_in.h, kh, sh, ph, dh, ho)
-                    ox, nw = _through(w_in.ox, w_in.w, kw, sw, pw, dw, wo)
-                    crop = Window(oy * sh - ph, ox * sw - pw, (nh - 1) * sh + (kh - 1) * dh + 1,
-                                  (nw - 1) * sw + (kw - 1) * dw + 1)
-                    p = NodePlan(Window(oy, ox, nh, nw), crop=crop, conv=(weight, (sh, sw), (dh, dw), groups))
-                    largest = max(largest, crop.h * crop.w * values[step.dep[0]].shape[1])
-                    e = own[step.dep[0]]
-                    own[node] = (*_through_each(e[0], e[1], kh, sh, ph, dh, ho), *_through_each(e[2], e[3], kw, sw, pw, dw, wo))
-            elif step.kind == "maxpool":
-                pool = _pool_params(step, value_of)
-                if pool is not None:
-                    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool
-                    w_in = wins[0]
-                    oy, nh = _through(w_in.oy, w_in.h, kh, sh, ph, dh, ho)
-                    ox, nw = _through(w_in.ox, w_in.w, kw, sw, pw, dw, wo)
-                    p = NodePlan(Window(oy, ox, nh, nw), pool=True)
-                    e = own[step.dep[0]]
-                    own[node] = (*_through_each(e[0], e[1], kh, sh, ph, dh, ho), *_through_each(e[2], e[3], kw, sw, pw, dw, wo))
-            elif step.kind in ("add", "sub") and len(step.dep) == 2:
-                a, b = wins
-                if values[step.dep[0]].shape == values[step.dep[1]].shape == out.shape:
-                    oy, nh = _union(a.oy, a.h, b.oy, b.h, ho)
-                    ox, nw = _union(a.ox, a.w, b.ox, b.w, wo)
-                    p = NodePlan(Window(oy, ox, nh, nw))
-                    ea, eb = own[step.dep[0]], own[step.dep[1]]
-                    own[node] = (*_union_each(ea[0], ea[1], eb[0], eb[1]), *_union_each(ea[2], ea[3], eb[2], eb[3]))
-            elif step.kind == "cat":
-                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-                parts = node.args[0]
-                if (dim % 4 == 1 and all(isinstance(t, fx.Node) and t in state for t in parts)
-                        and len(parts) == len(step.dep)):
-                    w = wins[0]
-                    oy, nh, ox, nw = w.oy, w.h, w.ox, w.w
-                    for o in wins[1:]:
-                        oy, nh = _union(oy, nh, o.oy, o.h, ho)
-                        ox, nw = _union(ox, nw, o.ox, o.w, wo)
-                    p = NodePlan(Window(oy, ox, nh, nw))
-                    e = own[step.dep[0]]
-                    for d in step.dep[1:]:
-                        f = own[d]
-                        e = (*_union_each(e[0], e[1], f[0], f[1]), *_union_each(e[2], e[3], f[2], f[3]))
-                    own[node] = e
-            elif _is_elementwise(g, step, values):
-                p = NodePlan(wins[0])
-                own[node] = own[step.dep[0]]
-            if p.win is not None and p.win.h * p.win.w > max_fraction * ho * wo:
-                p = NodePlan(None)
-        plans[node] = p
-        state[node] = p.win
-        if step.kind == "affine":
-            weight = aux_weight_numel(step, value_of)
-            positions = out[0, 0].numel() if out.dim() > 2 else 1
-            full_macs += weight * positions
-            win_macs += weight * (p.win.h * p.win.w if p.win is not None else positions)
-            if p.win is not None and weight * p.win.h * p.win.w > heaviest[0]:
-                heaviest = (weight * p.win.h * p.win.w, own[node])
-        per_mask = out[0].numel() if p.win is None else out.shape[1] * p.win.h * p.win.w
-        largest = max(largest, per_mask)
-    # the candidates sorted by their own window's size (rows, then columns) at the node with the
-    # most windowed multiply-adds: neighbours in this order have similar windows where it counts
-    order = torch.arange(m, device=win0.oy.device)
-    if heaviest[1] is not None:
-        _, rows, _, cols = heaviest[1]
-        order = order[torch.argsort(cols, stable=True)]
-        order = order[torch.argsort(rows[order], stable=True)]
-    return plans, (win_macs, full_macs), largest, order
-
-
-def aux_weight_numel(step, value_of) -> int:
-    m = step.module
-    if m is not None:
-        return m.weight.numel()
-    node = step.node
-    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-    return load_arg(value_of, w).numel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +125,6 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
     of ``node``, the only value later nodes read (the head runs once for many groups).
     ``keep`` (one candidate, a dict holding its full input): fill it with the candidate's full
     map of every node before ``stop`` and return it (a base derived from another base)."""
-    from .decomposer import apply_rule
     g, m = dec.graph, e - s
     dev = r0_win.device
     ops = _PerMaskOps(dec._ops)
@@ -457,29 +152,26 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
         if stop is not None and index == stop:
             return keep
         step = g.steps.get(node)
-        if step is None or step.kind == "shape":
+        if step is None:
             continue
         p = plans[node]
         if p.win is None:
-            out = apply_rule(g, step, {d: full(d) for d in step.dep}, values, aux.get(node), dec._ops, m)
+            out = apply_rule(step, {d: full(d) for d in step.dep}, values, aux.get(node), dec._ops, m)
             win = None
         else:
             win = p.win.part(s, e, dev)
             want = (m, values[node].shape[1], win.h, win.w)
             d0 = step.dep[0]
-            if p.conv is not None:
-                crop = p.crop.part(s, e, dev)
-                x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], crop)
-                weight, stride, dilation, groups = p.conv
-                _, bias, pre = aux[node]
-                entry = ((lambda t: F.conv2d(t, weight, None, stride, 0, dilation, groups)), bias,
-                         gather_crop(dec._ops, pre, None, None, win) if bias is not None else None)
-                out = apply_rule(g, step, {d0: x_crop}, values, entry, ops, m, want)
-            elif p.pool:
+            if p.crop is not None:  # a convolution on the input crop, without its padding
+                x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], p.crop.part(s, e, dev))
+                entry = step.rule.crop_aux(step, aux[node], p.sliding,
+                                           lambda t: gather_crop(dec._ops, t, None, None, win))
+                out = apply_rule(step, {d0: x_crop}, values, entry, ops, m, want)
+            elif p.sliding is not None:  # a max-pool: gathered at the total's argmax (its aux)
                 out = gather_pool(dec._ops, base_rel[d0], rel[d0], wins[d0], aux[node], win)
             else:
                 crops = _Crops(dec._ops, values, g.dependent, win)
-                out = apply_rule(g, step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
+                out = apply_rule(step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
         rel[node], wins[node] = out, win
         if keep is not None:
             # a rule that passes its input through (a ReLU fused into its producer) shares its map
@@ -587,7 +279,7 @@ def single_live(g) -> dict:
             live = [d for d in defined if g.last_use.get(d, -1) >= i or d is g.result_node]
             if len(live) == 1:
                 out[i] = live[0]
-            if node is g.input_node or (node in g.steps and g.steps[node].kind != "shape"):
+            if node is g.input_node or node in g.steps:
                 defined.append(node)
         _LIVE[key] = (g, out)
     return _LIVE[key][1]
@@ -612,16 +304,15 @@ def _finish(dec, x: torch.Tensor, pending: dict, deferred: list, res: list, valu
     The layers after the latest cut (a CNN's linear head, where batch size pays most) run
     once for all of them: frontiers at earlier cuts are advanced to it, deferred masks are
     propagated up to it. With nothing pending, deferred masks get one full pass per mask shape."""
-    from .decomposer import default_memory_budget, _BYTES_PER_MASK_FACTOR
     g = dec.graph
-    budget = dec.memory_budget or default_memory_budget(x.device)
+    budget = dec.memory_budget or chunks.default_memory_budget(x.device)
 
     def chunked(t: torch.Tensor, start: int, fn) -> torch.Tensor:
         """fn over chunks of t sized by the largest activation from graph position ``start`` on."""
         after = [values[n] for i, n in enumerate(g.nodes) if i >= start and n in g.steps
                  and isinstance(values.get(n), torch.Tensor)]
         largest = max([t[0].numel()] + [v[0].numel() for v in after])
-        step = chunk_size or max(1, int(budget // (largest * t.element_size() * _BYTES_PER_MASK_FACTOR)))
+        step = chunk_size or max(1, int(budget // (largest * t.element_size() * chunks.BYTES_PER_MASK_FACTOR)))
         return torch.cat([fn(t[s:s + step]) for s in range(0, t.shape[0], step)])
 
     last = max(pending, key=lambda c: c[0]) if pending else None
@@ -663,14 +354,13 @@ def propagate(dec, rel: dict, values: dict, aux: dict, start: int, stop: int, m:
               free: bool = True) -> dict:
     """The ordinary relevant pass over graph positions [start, stop) on ``rel`` (node -> maps of
     m masks, holding every value those steps read); ``free``: drop what no later step reads."""
-    from .decomposer import apply_rule
     g = dec.graph
     for index in range(start, stop):
         node = g.nodes[index]
         step = g.steps.get(node)
-        if step is None or step.kind == "shape":
+        if step is None:
             continue
-        rel[node] = apply_rule(g, step, rel, values, aux.get(node), dec._ops, m)
+        rel[node] = apply_rule(step, rel, values, aux.get(node), dec._ops, m)
         if free:
             for d in step.dep:
                 if g.last_use.get(d, -1) <= index and d is not g.result_node:
@@ -694,12 +384,12 @@ def cd_delta(dec, x: torch.Tensor, base_mask, delta_masks, *, chunk_size: int | 
     ``max_cost_ratio``: window only when the estimated cost is below this fraction of full
     propagation (``float('inf')``: always). ``stats`` (a dict) receives ``windowed`` (bool)
     and the estimated ``cost_ratio``.
+    Returns (relevant (M, K), the model's output (1, K)).
     """
-    from .decomposer import CDResult
     [(_, rel)], out = cd_groups(dec, x, [(base_mask, delta_masks, False)], chunk_size=chunk_size,
                                 max_fraction=max_fraction, max_cost_ratio=max_cost_ratio,
                                 stats=[stats] if stats is not None else None)
-    return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
+    return rel, out
 
 
 def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
@@ -727,18 +417,17 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
-    from .decomposer import default_memory_budget, _BYTES_PER_MASK_FACTOR
     x = dec._check_input(x)
     if dec.backend == "reference" or x.dim() != 4:  # the oracle: mask by mask, no windows
         res = []
         for base, deltas, want_base in groups:
-            b = dec._check_masks(x, base) if base is not None else None
-            d = dec._check_masks(x, deltas) if deltas is not None else None
+            b = check_masks(x, base) if base is not None else None
+            d = check_masks(x, deltas) if deltas is not None else None
             rel = None if d is None else dec.cd(x, d if b is None else torch.maximum(b, d)).relevant
             res.append((dec.cd(x, b).relevant if b is not None and want_base else None, rel))
         return res, dec.forward(x)
     g, dev = dec.graph, x.device
-    budget = dec.memory_budget or default_memory_budget(dev)
+    budget = dec.memory_budget or chunks.default_memory_budget(dev)
     if (totals is not None and totals.get("x") is x and totals.get("version") == x._version
             and totals.get("dec") is dec):
         values, aux, cache = totals["values"], totals["aux"], totals["bases"]
@@ -753,7 +442,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
             return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t
     else:
         def masks_of(t):
-            return dec._check_masks(x, t)
+            return check_masks(x, t)
     pending: dict = {}   # head cut -> [(group, slot, frontier maps)]: the head runs once per cut
     deferred: list = []  # [(group, slot, masks)]: full propagation, one batched pass at the end
     res: list = [[None, None] for _ in groups]
@@ -814,7 +503,7 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
         r0_win = input_crop(dec._ops, cand, x, win0)
         step = chunk_size
         if step is None:
-            step = max(1, int(budget // (largest * x.element_size() * _BYTES_PER_MASK_FACTOR)))
+            step = max(1, int(budget // (largest * x.element_size() * chunks.BYTES_PER_MASK_FACTOR)))
         if mcount <= min(step, SORTED_CHUNK):
             parts = windowed_pass(dec, plans, kept.rel, values, aux, r0_win, win0, 0, mcount, cut)
         else:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from . import agg_2d
+from ..api import decomposer_for
+from ..train.models import acd_mnist_cnn, digits_28, train_digits_cnn
 
 BASES = ("tiles", "slic", "felzenszwalb")
 
@@ -233,7 +235,6 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         its best gain, and occlusion's "all blobs" score occludes all of them
     progress: tqdm bars
     """
-    from ..api import decomposer_for
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     if not isinstance(image, torch.Tensor):
@@ -279,7 +280,6 @@ def demo_digits(out_dir, n: int = 4, weights=None, sweep_dim: int = 2, percentil
     ``weights``: path to the ACD MNIST CNN's published weights; None = train the small
     digits CNN (seconds). Returns the written paths.
     """
-    from ..train.models import acd_mnist_cnn, digits_28, train_digits_cnn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if weights is not None:

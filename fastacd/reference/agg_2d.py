@@ -18,9 +18,9 @@ import torch
 from skimage import measure
 
 from ..image import tiling_2d as tiling
-from ..image.agg_2d import (check_args, establish_correspondence, is_batched, logits_module,
-                      prepare_model_input, refine_scores, smooth_im_thresh, threshold_scores)
-from .cd import cd as reference_cd
+from ..image.steps import (check_args, establish_correspondence, is_batched, logits_module,
+                           prepare_model_input, refine_scores, smooth_im_thresh, threshold_scores)
+from .cd import captured, cd as reference_cd
 
 
 class _OneAtATime:
@@ -38,8 +38,7 @@ class _OneAtATime:
         self.calls += 1
         if self.pred_ims is None:
             if self._logits is None:
-                from ..api import decomposer_for
-                self._logits = logits_module(decomposer_for(self.model, "reference"))
+                self._logits = logits_module(captured(self.model))
             x = self.x
             if isinstance(im, str):
                 inp = x

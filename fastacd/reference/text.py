@@ -22,20 +22,8 @@ import torch
 import torch.nn as nn
 from skimage import measure
 
-from ..text.lstm import check_phrase, tokens_of
-
-
-def propagate_three(a, b, c, act):
-    """Three-player split of ``act(a + b + c)``: shares of a, b and of c (the bias)."""
-    a_share = 0.5 * (act(a + c) - act(c) + act(a + b + c) - act(b + c))
-    b_share = 0.5 * (act(b + c) - act(c) + act(a + b + c) - act(a + c))
-    return a_share, b_share, act(c)
-
-
-def propagate_tanh_two(a, b):
-    """Two-player split of ``tanh(a + b)``."""
-    return (0.5 * (torch.tanh(a) + (torch.tanh(a + b) - torch.tanh(b))),
-            0.5 * (torch.tanh(b) + (torch.tanh(a + b) - torch.tanh(a))))
+from ..capture.phrases import check_phrase, tokens_of
+from ..rules.recurrent import lstm_cell_reference, propagate_tanh_two, propagate_three  # noqa: F401
 
 
 def _direction(rel_x, irrel_x, w_ih, w_hh, bias, in_phrase, reverse):
@@ -49,31 +37,14 @@ def _direction(rel_x, irrel_x, w_ih, w_hh, bias, in_phrase, reverse):
     irrel_out = rel_x.new_zeros(T, H)
     rel_h = irrel_h = rel_c = irrel_c = rel_x.new_zeros(H)
     for k, t in enumerate(range(T - 1, -1, -1) if reverse else range(T)):
-        rel_i = W_hi @ rel_h + W_ii @ rel_x[t]
-        rel_g = W_hg @ rel_h + W_ig @ rel_x[t]
-        rel_f = W_hf @ rel_h + W_if @ rel_x[t]
-        irrel_i = W_hi @ irrel_h + W_ii @ irrel_x[t]
-        irrel_g = W_hg @ irrel_h + W_ig @ irrel_x[t]
-        irrel_f = W_hf @ irrel_h + W_if @ irrel_x[t]
-
-        rel_ci, irrel_ci, bias_ci = propagate_three(rel_i, irrel_i, b_i, torch.sigmoid)
-        rel_cg, irrel_cg, bias_cg = propagate_three(rel_g, irrel_g, b_g, torch.tanh)
-        new_rel_c = rel_ci * (rel_cg + bias_cg) + bias_ci * rel_cg
-        new_irrel_c = irrel_ci * (rel_cg + irrel_cg + bias_cg) + (rel_ci + bias_ci) * irrel_cg
-        if in_phrase[t]:
-            new_rel_c = new_rel_c + bias_ci * bias_cg
-        else:
-            new_irrel_c = new_irrel_c + bias_ci * bias_cg
-        if k > 0:
-            rel_cf, irrel_cf, bias_cf = propagate_three(rel_f, irrel_f, b_f, torch.sigmoid)
-            new_rel_c = new_rel_c + (rel_cf + bias_cf) * rel_c
-            new_irrel_c = (new_irrel_c + (rel_cf + irrel_cf + bias_cf) * irrel_c
-                           + irrel_cf * rel_c)
+        rel_gates = (W_hi @ rel_h + W_ii @ rel_x[t], W_hf @ rel_h + W_if @ rel_x[t],
+                     W_hg @ rel_h + W_ig @ rel_x[t])
+        irrel_gates = (W_hi @ irrel_h + W_ii @ irrel_x[t], W_hf @ irrel_h + W_if @ irrel_x[t],
+                       W_hg @ irrel_h + W_ig @ irrel_x[t])
         # the output gate of the true LSTM: full input, full previous hidden state
         o = torch.sigmoid(W_io @ (rel_x[t] + irrel_x[t]) + W_ho @ (rel_h + irrel_h) + b_o)
-        new_rel_h, new_irrel_h = propagate_tanh_two(new_rel_c, new_irrel_c)
-        rel_c, irrel_c = new_rel_c, new_irrel_c
-        rel_h, irrel_h = o * new_rel_h, o * new_irrel_h
+        rel_c, irrel_c, rel_h, irrel_h = lstm_cell_reference(
+            rel_gates, irrel_gates, (b_i, b_f, b_g), o, rel_c, irrel_c, bool(in_phrase[t]), k == 0)
         rel_out[t], irrel_out[t] = rel_h, irrel_h
     return rel_out, irrel_out
 

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from . import tiling_1d
-from .lstm import Batch, TextDecomposer, cd_text_phrases, tokens_of
+from ..capture.phrases import Batch, tokens_of
+from .dropin import cd_text_phrases
+from .lstm import TextDecomposer
 
 METHODS = ("cd", "occlusion", "build_up")
 

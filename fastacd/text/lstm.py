@@ -13,7 +13,7 @@ The batched engine (``TextDecomposer``) runs that rule for M masks at once:
   computed once and cached, shared by all masks and calls;
 * the relevant state of the M masks is one (M, H) batch: one GEMM per step
   (``W_hh @ rel_h``) and one fused cell op (``fastacd.ops.lstm_cd_cell`` when the
-  compiled extension is built, ``fastacd._torch_ops.lstm_cd_cell`` otherwise);
+  compiled extension is built, ``fastacd.ops.torch_ops.lstm_cd_cell`` otherwise);
 * irrelevant parts are never propagated: ``irrelevant = total - relevant`` (the rule keeps
   ``relevant + irrelevant == true state`` at every step);
 * a mask's steps before its first relevant token (after its last, for a backward
@@ -32,95 +32,24 @@ token mask of step t in every layer and direction (see docs/text.md).
 """
 from __future__ import annotations
 
-import json
+import operator
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.phrases import _pair_masks, check_phrase, check_phrases, tokens_of
 from ..ops import torch_ops as _torch_ops
+from ..rules.recurrent import cell_fn
 
 READOUTS = ("last", "final")
 
 # converted LSTM weights per module (see TextDecomposer._weights)
 _WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.LSTM, dict]" = weakref.WeakKeyDictionary()
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-class Batch:
-    """A minimal stand-in for a torchtext batch: ``.text`` is a (seq_len, 1) LongTensor.
-
-    >>> batch = Batch([4, 17, 9])          # token ids of one sentence
-    >>> batch.text.shape
-    torch.Size([3, 1])
-    """
-
-    def __init__(self, text):
-        t = torch.as_tensor(text)
-        if t.dim() == 1:
-            t = t.unsqueeze(1)
-        self.text = t
-
-    def __repr__(self):
-        return f"Batch(text={tuple(self.text.shape)})"
-
-
-def tokens_of(batch_or_tokens, vocab_size: int | None = None) -> torch.Tensor:
-    """The token ids of one sentence as a 1-d LongTensor, checked.
-
-    Accepts an object with ``.text`` (seq_len, 1) (a torchtext batch or ``Batch``), a
-    (seq_len,) or (seq_len, 1) integer tensor, or a list of ints.
-    """
-    text = getattr(batch_or_tokens, "text", batch_or_tokens)
-    if isinstance(text, np.ndarray) or isinstance(text, (list, tuple)):
-        text = torch.as_tensor(np.asarray(text))
-    if not isinstance(text, torch.Tensor):
-        raise TypeError("expected a batch with a .text (seq_len, 1) LongTensor, a token tensor or "
-                        f"a list of token ids, got {type(batch_or_tokens).__name__}")
-    if text.dtype.is_floating_point or text.dtype == torch.bool or text.is_complex():
-        raise TypeError(f"token ids must be integers, got dtype {text.dtype}")
-    if text.dim() == 2:
-        if text.shape[1] != 1:
-            raise ValueError(f"text CD explains one sentence: .text must be (seq_len, 1), got "
-                             f"{tuple(text.shape)}; pass the sentences one at a time")
-        text = text[:, 0]
-    elif text.dim() != 1:
-        raise ValueError(f".text must be (seq_len, 1) or (seq_len,), got {tuple(text.shape)}")
-    if text.numel() == 0:
-        raise ValueError("the sentence is empty (seq_len 0): CD needs at least one token")
-    text = text.long()
-    if vocab_size is not None:
-        bad = (text < 0) | (text >= vocab_size)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0])
-            raise ValueError(f"token id {int(text[pos])} at position {pos} is outside the "
-                             f"embedding's vocabulary [0, {vocab_size}); map unknown words to "
-                             "a valid id (e.g. <unk>) first")
-    return text
-
-
-def check_phrase(start, stop, length: int) -> tuple[int, int]:
-    """Validate an inclusive phrase ``start..stop`` of a sentence of ``length`` tokens."""
-    for name, v in (("start", start), ("stop", stop)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
-                continue
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    start, stop = int(start), int(stop)
-    if start < 0:
-        raise ValueError(f"start={start} is negative: phrases are 0-based positions")
-    if start > stop:
-        raise ValueError(f"start={start} > stop={stop}: the phrase is start..stop, stop inclusive")
-    if stop >= length:
-        raise ValueError(f"stop={stop} is beyond the sentence ({length} tokens, positions "
-                         f"0..{length - 1}); stop is inclusive")
-    return start, stop
 
 
 _NP_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
@@ -137,54 +66,7 @@ def _from_numpy(arr: np.ndarray, dtype, device) -> torch.Tensor:
     return t if t.device == torch.device(device) else t.to(device)
 
 
-def check_phrases(phrases, length: int) -> list[tuple[int, int]]:
-    """``check_phrase`` for every inclusive ``(start, stop)`` pair: a list of int pairs."""
-    if isinstance(phrases, torch.Tensor):
-        phrases = phrases.tolist()
-    pairs = [tuple(p) for p in phrases]
-    ok = all(len(p) == 2 and type(p[0]) is int and type(p[1]) is int and 0 <= p[0] <= p[1] < length
-             for p in pairs)  # the common case, without the per-phrase checks' overhead
-    return pairs if ok else [check_phrase(st, e, length) for st, e in pairs]
-
-
-def _pair_masks(pairs: list[tuple[int, int]], length: int) -> np.ndarray:
-    """(M, length) boolean masks of checked inclusive pairs."""
-    se = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    pos = np.arange(length)
-    return (pos >= se[:, :1]) & (pos <= se[:, 1:])
-
-
-def phrase_masks(phrases, length: int, dtype=torch.float64) -> torch.Tensor:
-    """(M, length) 0/1 masks of inclusive ``(start, stop)`` phrases."""
-    return torch.from_numpy(_pair_masks(check_phrases(phrases, length), length)).to(dtype)
-
-
-def all_phrases(length: int) -> list[tuple[int, int]]:
-    """Every contiguous phrase of a sentence: T (T + 1) / 2 inclusive ``(start, stop)`` pairs."""
-    return [(s, e) for s in range(length) for e in range(s, length)]
-
-
 # --------------------------------------------------------------------------- the engine
-
-
-def _cell_fn(backend: str) -> Callable:
-    if backend not in ("auto", "torch", "compiled"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'compiled', got {backend!r}")
-    if backend == "torch":
-        return _torch_ops.lstm_cd_cell
-    try:
-        from .. import ops
-        fn = ops.lstm_cd_cell
-        compiled = getattr(ops, "HAS_COMPILED", True)
-    except (ImportError, AttributeError):
-        fn, compiled = None, False
-    if fn is not None and compiled:
-        return fn
-    if backend == "compiled":
-        raise RuntimeError("backend='compiled' needs fastacd.ops.lstm_cd_cell from the built C++ "
-                           "extension, which is not available; build it (`pip install "
-                           "--no-build-isolation -e .`) or use backend='torch'")
-    return _torch_ops.lstm_cd_cell
 
 
 @dataclass
@@ -314,7 +196,7 @@ class TextDecomposer:
         self.embed, self.lstm, self.head, self.readout = embed, lstm, head, readout
         self.dtype = dtype or lstm.weight_ih_l0.dtype
         self.backend = backend
-        self._cell = _cell_fn(backend)
+        self._cell = cell_fn(backend)
         self.memory_budget = memory_budget or (1 << 28)
         self.num_directions = 2 if lstm.bidirectional else 1
 
@@ -928,9 +810,6 @@ def _discover_cached(model: nn.Module):
 
 def _discover(model: nn.Module):
     """Embedding, LSTM, head and readout of an embedding -> LSTM -> linear model, by fx."""
-    import operator
-    import torch.fx as fx
-
     def fail(why):
         return ValueError(
             f"cannot read {type(model).__name__} as embedding -> nn.LSTM -> linear on the last "
@@ -978,131 +857,3 @@ def _discover(model: nn.Module):
                                         ("softmax", "log_softmax")):
             raise fail(f"the head's output goes on to {user.format_node()}")
     return mods[embs[0].target], lstm, mods[head_node.target], readout
-
-
-# --------------------------------------------------------------------------- drop-in
-
-
-def _drop_in_decomposer(model) -> TextDecomposer:
-    for a in ("embed", "lstm", "hidden_to_label"):
-        if not hasattr(model, a):
-            raise AttributeError(f"cd_text needs model.{a} (the original package's text model: "
-                                 ".embed, .lstm, .hidden_to_label, .hidden_dim); for other models "
-                                 "use fastacd.text.TextDecomposer(embed, lstm, head)")
-    if model.lstm.num_layers != 1 or model.lstm.bidirectional:
-        raise ValueError("cd_text follows the original: a one-layer unidirectional LSTM; use "
-                         "TextDecomposer for multi-layer or bidirectional LSTMs")
-    return TextDecomposer(model.embed, model.lstm, model.hidden_to_label, readout="last",
-                          dtype=torch.float64)
-
-
-def cd_text(batch, model, start, stop, return_irrel_scores=False):
-    """Drop-in for ``acd.cd_text``: CD scores of the phrase ``start..stop`` (inclusive).
-
-    ``batch.text`` is the sentence, (seq_len, 1) token ids; ``model`` has ``.embed``,
-    ``.lstm`` (one layer), ``.hidden_to_label``. Returns a float64 numpy array of class
-    scores ``hidden_to_label.weight @ h_relevant`` (no bias, as the original), and the
-    irrelevant scores too when ``return_irrel_scores``.
-    """
-    dec = _drop_in_decomposer(model)
-    with torch.no_grad():
-        sent = dec.prepare(batch)
-        start, stop = check_phrase(start, stop, sent.length)
-        res = dec.cd(sent, phrases=[(start, stop)])
-    scores = res.relevant[0].cpu().numpy()
-    if return_irrel_scores:
-        return scores, res.irrelevant[0].cpu().numpy()
-    return scores
-
-
-def cd_text_phrases(batch, model, phrases) -> tuple[np.ndarray, np.ndarray]:
-    """``cd_text`` for many phrases in one call: (M, C) relevant and irrelevant float64 scores."""
-    dec = _drop_in_decomposer(model)
-    with torch.no_grad():
-        res = dec.cd(batch, phrases=phrases)
-    return res.relevant.cpu().numpy(), res.irrelevant.cpu().numpy()
-
-
-# --------------------------------------------------------------------------- hierarchy output
-
-
-def text_hierarchy(lists: dict, words: Sequence[str] | None = None) -> dict:
-    """A JSON-ready form of a 1-D hierarchy (``agg_1d.agglomerate``, collapsed or not).
-
-    Returns ``{"words": [...], "score_orig": float, "levels": [[{"start", "stop",
-    "positions", "words", "score"}, ...], ...]}``: one list of phrases per level. Level 0
-    lists every word with its score from the first sweep (``scores_list[0]``); level k > 0
-    the components of ``comps_list[k]`` with their scores (``comp_scores_list[k]``).
-    """
-    comps_list = lists["comps_list"]
-    n = len(comps_list[0])
-    words = [str(w) for w in (words if words is not None else range(n))]
-    if len(words) != n:
-        raise ValueError(f"{len(words)} words for a hierarchy over {n} tokens")
-    word_scores = lists.get("scores_list", [None])[0]
-    levels = []
-    for lv, (comps, comp_scores) in enumerate(zip(comps_list, lists["comp_scores_list"])):
-        comps = np.asarray(comps)
-        phrases = []
-        if lv == 0 and word_scores is not None:
-            # level 0: every word with its own score (the first sweep); multi-word phrases
-            # that collapse_tree put on level 0 follow
-            phrases = [{"start": p, "stop": p, "positions": [p], "words": words[p],
-                        "score": float(word_scores[p])} for p in range(n)]
-            comps = np.where(np.bincount(comps, minlength=comps.max() + 1)[comps] > 1, comps, 0)
-        for num in sorted(int(k) for k in np.unique(comps) if k > 0):
-            pos = np.flatnonzero(comps == num)
-            score = comp_scores.get(num)
-            phrases.append({"start": int(pos.min()), "stop": int(pos.max()),
-                            "positions": pos.tolist(),
-                            "words": " ".join(words[p] for p in pos),
-                            "score": None if score is None else float(np.asarray(score))})
-        levels.append(phrases)
-    return {"words": words, "score_orig": float(np.asarray(lists["score_orig"])),
-            "levels": levels}
-
-
-def text_hierarchy_json(lists: dict, words: Sequence[str] | None = None, **kwargs) -> str:
-    return json.dumps(text_hierarchy(lists, words), **kwargs)
-
-
-def plot_text_hierarchy(lists: dict, words: Sequence[str], cmap: str = "RdBu", ax=None,
-                        vmax: float | None = None):
-    """Plot a 1-D hierarchy like the paper's sentiment figure: one row per level, each
-    phrase a box around its words, coloured by its score (red negative, blue positive).
-
-    Returns the matplotlib ``Figure``.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize
-
-    h = text_hierarchy(lists, words)
-    levels = [lv for lv in h["levels"] if lv]
-    scores = [p["score"] for lv in levels for p in lv if p["score"] is not None]
-    vmax = vmax or max([abs(s) for s in scores] + [1e-12])
-    norm, cm = Normalize(-vmax, vmax), plt.get_cmap(cmap)
-    n = len(h["words"])
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n), 0.5 * len(levels) + 1.0))
-    else:
-        fig = ax.figure
-    for row, lv in enumerate(levels):
-        y = len(levels) - 1 - row
-        for p in lv:
-            color = cm(norm(p["score"])) if p["score"] is not None else (0.9, 0.9, 0.9, 1)
-            ax.add_patch(plt.Rectangle((p["start"], y + 0.1), p["stop"] - p["start"] + 1, 0.8,
-                                       facecolor=color, edgecolor="k", linewidth=0.5))
-            dark = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] < 0.5
-            for pos in p["positions"]:
-                ax.text(pos + 0.5, y + 0.5, h["words"][pos], ha="center", va="center",
-                        fontsize=9, color="white" if dark else "black")
-    ax.set_xlim(0, n)
-    ax.set_ylim(0, max(len(levels), 1))
-    ax.set_yticks([len(levels) - 1 - r + 0.5 for r in range(len(levels))])
-    ax.set_yticklabels([f"level {r}" for r in range(len(levels))])
-    ax.set_xticks([])
-    for side in ("top", "right", "bottom"):
-        ax.spines[side].set_visible(False)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cm), ax=ax, label="CD score")
-    fig.tight_layout()
-    return fig

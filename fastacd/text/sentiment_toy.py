@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .lstm import Batch
+from ..capture.phrases import Batch
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "brilliant", "enjoyable"]
 NEGATIVE = ["bad", "boring", "awful", "terrible", "dull", "poor", "weak"]

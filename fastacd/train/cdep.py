@@ -54,8 +54,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import torch_ops as _torch_ops
-from ..engine.decomposer import Decomposer, _fetch_attr, run_plain, structural_rule
-from ..capture.graph import CapturedGraph, affine_parts, batchnorm_parts, call_with, maxpool_fn
+from .. import ops, rules as rules_
+from ..capture.graph import CapturedGraph
+from ..capture.nodes import call_with, fetch_attr, run_plain
+from ..engine.decomposer import Decomposer, compiled_ops
+from ..reference.cd import propagate_graph
+from ..rules.affine import affine_parts
+from ..rules.norm import batchnorm_parts
+from ..rules.pool import maxpool_fn
+from ..text.lstm import TextDecomposer
 
 REDUCTIONS = ("mean", "sum")
 
@@ -361,7 +368,6 @@ def _rule(fn, relu: bool, k: int, *tensors, low_memory: bool):
 def _bias_rule(zr, total, bias, relu: bool, k: int, low_memory: bool, use_compiled: bool,
                fuse: bool = False):
     if use_compiled:
-        from ..engine.decomposer import compiled_ops
         ops = compiled_ops()
         if ops is not None and ops._compiled(zr):
             return _bias_split_compiled(ops, zr, total, bias, relu, k)
@@ -425,7 +431,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
             values[node] = x if node is g.input_node else (node.args[0] if node.args else None)
             continue
         if node.op == "get_attr":
-            values[node] = _fetch_attr(g.gm, node.target)
+            values[node] = fetch_attr(g.gm, node.target)
             continue
         step = g.steps.get(node)
         if step is None:
@@ -458,9 +464,9 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
         elif kind == "output_softmax":
             total = a
         else:
-            total = call_with(g, step, value_of, {})
+            total = call_with(step, value_of, {})
         values[node] = total
-        if kind == "shape" or relevant_input is None:
+        if relevant_input is None:
             continue
         # ---- the relevant part (batch K*N)
         r = rel[step.dep[0]]
@@ -491,7 +497,7 @@ def paired_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tenso
         elif kind == "maxpool":
             out = _IndexGather.apply(r, idx, k) if lean else _gather(r, _repeat_total(idx, k))
         else:
-            out = structural_rule(g, step, rel, values, m)
+            out = step.rule.relevant(step, rel, values, None, _torch_ops, m)
         rel[node] = out
         for d in step.dep:  # free relevant parts no later step reads
             if g.last_use.get(d, -1) <= index and d is not g.result_node:
@@ -587,7 +593,7 @@ class CDEPPenalty:
         self.model, self.backend, self.reduction = model, backend, reduction
         self.low_memory, self.use_compiled, self.fuse = low_memory, use_compiled, fuse
         with eval_mode(model):
-            self.graph = CapturedGraph(model)
+            self.graph = CapturedGraph(model, rules_.DEFAULT)
         self._decomposer: Decomposer | None = None
 
     def __call__(self, x: torch.Tensor, masks) -> torch.Tensor:
@@ -639,7 +645,6 @@ class CDEPPenalty:
             rel = torch.stack([res.relevant for res in rows], 1)  # (K, N, *out)
             out = torch.stack([res.output for res in rows])
             return rel.reshape((k * n,) + tuple(out.shape[1:])), out
-        from ..reference.cd import propagate_graph
         pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1])
                  for j in range(r0.shape[0])]
         rel = torch.cat([p[0] for p in pairs])
@@ -666,7 +671,6 @@ def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: to
     when omitted. The max-pool positions come from the true activations (as in the reference); the CDEP
     code takes them from ``max_pool(r + i)``, which is the same up to rounding at ties.
     """
-    from ..reference.cd import propagate_graph
     n, m = x.shape[0], relevant_input.shape[0]
     k = m // n
     if pool_indices is None:  # a training step has them from its forward pass
@@ -717,7 +721,6 @@ def _lstm_weights(lstm: nn.LSTM, dtype) -> list[list[tuple[torch.Tensor, torch.T
 def _text_cell_compiled(n: int):
     """The compiled ``lstm_cd_cell`` (total of batch 1) once per sentence: rows k*N + s pair
     with sentence s."""
-    from .. import ops
 
     def cell(rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c, in_phrase, first):
         cs, hs = [], []
@@ -848,7 +851,6 @@ class TextCDEPPenalty:
     def __init__(self, model: nn.Module | None = None, *, embed=None, lstm: nn.LSTM | None = None,
                  head: nn.Linear | None = None, readout: str | None = None, score: str = "log",
                  reduction: str = "mean", cell: str = "torch", detach_embeddings: bool = False):
-        from ..text.lstm import TextDecomposer
         if model is not None:
             dec = TextDecomposer.from_model(model) if readout is None else \
                 TextDecomposer.from_model(model, readout=readout)
@@ -863,7 +865,6 @@ class TextCDEPPenalty:
         if cell not in TEXT_CELLS:
             raise ValueError(f"cell must be one of {TEXT_CELLS}, got {cell!r}")
         if cell == "compiled":
-            from ..engine.decomposer import compiled_ops
             if compiled_ops() is None:
                 raise RuntimeError("cell='compiled' needs the built extension (fastacd._C); use cell='torch'")
         self.model, self.embed, self.lstm, self.head = model, dec.embed, dec.lstm, dec.head

@@ -31,6 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..text.sentiment_toy import WORDS, Vocab, generate
+from .cdep import box_masks
+
 N_TRAIN = 1200   # train + validation
 N_VAL = 200      # the last 200 of those
 PATCH = 4
@@ -124,7 +127,6 @@ class DecoyDigits(_TensorSet):
 
     def __init__(self, split: str = "train", seed: int = 0, data_seed: int = 0,
                  style: str = "band", confound: str | None = None):
-        from .cdep import box_masks
         if style not in self.STYLES:
             raise ValueError(f"style must be one of {self.STYLES}, got {style!r}")
         train_like = _confounded(split, confound)
@@ -213,7 +215,6 @@ class DecoyText:
     def __init__(self, split: str = "train", n: int = 2000, seed: int = 0, confound: str | None = None):
         import random
 
-        from ..text.sentiment_toy import WORDS, Vocab, generate
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         train_like = _confounded(split, confound)

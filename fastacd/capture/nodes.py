@@ -1,0 +1,142 @@
+"""What a captured op is (``Step``), how it is named in errors, and how a node is evaluated.
+
+Shared by capture, the rules and every pass; imports nothing else of fastacd.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the rule objects a step points to (no import at run time: rules import this)
+    from ..rules.base import Rule
+
+
+class UnsupportedOpError(TypeError):
+    """An op that depends on the input has no CD rule (or a variant of it that CD cannot
+    decompose exactly as the model computes it)."""
+
+
+@dataclass
+class Step:
+    """One input-dependent node and the rule that decomposes it."""
+    node: fx.Node
+    rule: "Rule"
+    dep: list[fx.Node]                    # the input-dependent arguments, in order
+    fn: Callable | None = None            # the op on one tensor, where the rule needs it
+    module: nn.Module | None = None
+    relu_fused: bool = False              # a producer of a ReLU that only it feeds
+    fused_into: fx.Node | None = None     # for a ReLU folded into its producer
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
+
+    @property
+    def where(self) -> str:
+        return describe_node(self.node)
+
+
+def describe_node(node: fx.Node) -> str:
+    """'<op> at <module path> (node <name>)' for error messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        typ = type(owner.get_submodule(node.target)).__name__ if owner is not None else "?"
+        what, path = f"module {node.target!r} ({typ})", node.target
+    elif node.op == "call_method":
+        what = f"method .{node.target}()"
+    else:
+        what = f"function {getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}"
+    place = f" inside {path!r}" if path and node.op != "call_module" else ""
+    return f"{what}{place} (graph node {node.name!r})"
+
+
+def check_eval(model: nn.Module) -> None:
+    """Raise if any module is in training mode: CD is defined on eval behaviour."""
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"the model is in training mode ({', '.join(training[:3])}"
+            f"{', ...' if len(training) > 3 else ''}); CD is defined on eval behaviour "
+            "(dropout off, batchnorm running statistics). Call model.eval() first.")
+
+
+def arg(node: fx.Node, pos: int, name: str, default=None):
+    """A node's argument by position or keyword."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def operands(node: fx.Node) -> tuple:
+    """The two operands of a binary op node (``a + b``, ``a.add(b)``, ``torch.mul(a, other=b)``)."""
+    return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def load_arg(value_of: Callable[[fx.Node], Any], a):
+    """Map graph nodes inside (nested) args to their values."""
+    return fx.node.map_arg(a, value_of)
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+                 operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                 torch.relu_: torch.relu, F.relu_: torch.relu}
+# inplace is the last positional argument of these
+_INPLACE_LAST = (F.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.hardtanh, F.hardsigmoid,
+                 F.hardswish, F.silu, F.mish)
+
+
+def call_with(step: Step, value_of: Callable[[fx.Node], Any], replace: dict[fx.Node, Any]) -> Any:
+    """Run the node's own op with the input-dependent arguments replaced by ``replace``.
+
+    In-place variants run out of place, so stored activations are never modified.
+    """
+    def v(n: fx.Node):
+        return replace[n] if n in replace else value_of(n)
+
+    node = step.node
+    args = load_arg(v, node.args)
+    kwargs = dict(load_arg(v, node.kwargs))
+    if "inplace" in kwargs:
+        kwargs["inplace"] = False
+    if step.fn is not None:
+        return step.fn(args[0]) if args else step.fn(*kwargs.values())
+    if node.op == "call_module":
+        return step.module(*args, **kwargs)
+    if node.op == "call_method":
+        name = node.target
+        if name.endswith("_") and not name.endswith("__"):
+            name = name[:-1]  # relu_ -> relu: never modify a stored activation
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    target = _OUT_OF_PLACE.get(node.target, node.target)
+    if target in _INPLACE_LAST and len(args) > 1 and isinstance(args[-1], bool):
+        args = args[:-1]
+    return target(*args, **kwargs)
+
+
+def run_plain(gm: fx.GraphModule, node: fx.Node, value_of) -> Any:
+    """Run a node that does not depend on the input, as torch.fx would."""
+    args = load_arg(value_of, node.args)
+    kwargs = load_arg(value_of, node.kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise RuntimeError(f"unexpected node {node.op}")
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,74 @@
+"""Element-wise activations with f(0) = 0: relevant ``f(r)``, irrelevant ``f(r + i) - f(r)``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..capture.nodes import Step, call_with
+from .base import Elementwise, Rule
+
+# module type -> the function it applies (out of place: an inplace=True module must not
+# modify a stored activation)
+_MODULE_FUNCTIONS = {
+    nn.ReLU: lambda m: F.relu,
+    nn.ReLU6: lambda m: F.relu6,
+    nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)),
+    nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)),
+    nn.CELU: lambda m: (lambda t: F.celu(t, m.alpha)),
+    nn.SELU: lambda m: F.selu,
+    nn.GELU: lambda m: (lambda t: F.gelu(t, approximate=m.approximate)),
+    nn.SiLU: lambda m: F.silu,
+    nn.Mish: lambda m: F.mish,
+    nn.Hardswish: lambda m: F.hardswish,
+    nn.Hardtanh: lambda m: (lambda t: F.hardtanh(t, m.min_val, m.max_val)),
+    nn.Tanh: lambda m: torch.tanh,
+    nn.Softsign: lambda m: F.softsign,
+    nn.Tanhshrink: lambda m: F.tanhshrink,
+}
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
+
+class Activation(Rule):
+    kind = "activation"
+    modules = tuple(_MODULE_FUNCTIONS)
+    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
+                 F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
+                 F.tanhshrink, torch.relu_, F.relu_)
+    methods = ("relu", "relu_", "tanh", "tanh_")
+    row = ("ReLU, and ReLU6, LeakyReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
+           "Tanh, Softsign, Tanhshrink", "`f(r)`", "`f(a) - f(r)`")
+
+    def claim(self, graph, node, dep, module):
+        if module is not None:
+            typ = next(c for c in type(module).__mro__ if c in _MODULE_FUNCTIONS)
+            return Step(node, self, dep, fn=_MODULE_FUNCTIONS[typ](module), module=module,
+                        extra={"is_relu": typ is nn.ReLU})
+        is_relu = (node.target in _RELU_FUNCTIONS if node.op == "call_function"
+                   else node.target in ("relu", "relu_"))
+        return Step(node, self, dep, extra={"is_relu": is_relu})
+
+    def folds_into(self, step):
+        return step.extra["is_relu"]
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        rel = call_with(step, value_of, {step.dep[0]: r})
+        return rel, call_with(step, value_of, {step.dep[0]: r + i}) - rel
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.dep[0]
+        if step.fused_into is not None:
+            return rel[d]  # the producer already applied this ReLU to the relevant part
+        return call_with(step, values.__getitem__, {d: rel[d]})
+
+    def inplace_operand(self, step):
+        d = step.dep[0]
+        usable = step.fused_into is None and step.extra["is_relu"] and step.node.args[:1] == (d,)
+        return d if usable else None
+
+    def relevant_(self, step, rel, values, aux, ops):
+        return rel[step.dep[0]].clamp_min_(0)
+
+    def locality(self, step, values):
+        return Elementwise()

@@ -1,0 +1,148 @@
+"""Conv / linear layers: the weights apply to each part; the bias is split by magnitude."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..capture.nodes import Step, load_arg
+from .base import Rule, Sliding, as_tuple, unsupported
+
+EPS = 1e-20  # the reference's constant in the bias split
+
+# oneDNN's linear (the kernel torch.compile's CPU backend calls) where torch has it, from
+# ONEDNN_LINEAR_MIN_ROWS rows on (below that the default GEMM is as fast): docs/kernels.md.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR_MIN_ROWS = 4
+
+
+def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(t, weight)``; float32 (M, F) CPU inference goes to oneDNN's linear, faster at
+    the few rows of an ACD call's head (same numbers up to float32 summation order)."""
+    if (_ONEDNN_LINEAR and t.device.type == "cpu" and t.dtype == weight.dtype == torch.float32 and t.dim() == 2
+            and t.shape[0] >= ONEDNN_LINEAR_MIN_ROWS
+            and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(t, weight, None, "none", [], "")
+    return F.linear(t, weight)
+
+
+def affine_parts(step: Step, value_of: Callable):
+    """(apply the weights without bias to a tensor, the bias or None) for an affine step."""
+    m = step.module
+    if m is not None:
+        if isinstance(m, nn.Linear):
+            return (lambda t: linear_no_bias(t, m.weight)), m.bias
+        return (lambda t: m._conv_forward(t, m.weight, None)), m.bias
+    node = step.node
+    args = list(load_arg(value_of, node.args[1:]))
+    kwargs = dict(load_arg(value_of, node.kwargs))
+    weight = args.pop(0) if args else kwargs.pop("weight")
+    bias = args.pop(0) if args else kwargs.pop("bias", None)
+    fn = node.target
+    if fn is F.linear and not args and not kwargs:
+        return (lambda t: linear_no_bias(t, weight)), bias
+    return (lambda t: fn(t, weight, None, *args, **kwargs)), bias
+
+
+def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None):
+    """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``."""
+    if bias is None:
+        return zr, zi
+    prop_rel = zr.abs() + EPS
+    prop_irrel = zi.abs() + EPS
+    prop_sum = prop_rel + prop_irrel
+    b = bias.reshape((1, -1) + (1,) * (zr.dim() - 2))
+    return zr + prop_rel / prop_sum * b, zi + prop_irrel / prop_sum * b
+
+
+def own_buffer(out: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out`` may be overwritten: a contiguous tensor that shares no memory with
+    ``source`` (a user's weights could return a view of their input) and needs no grad."""
+    return (out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad)
+            and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr())
+
+
+def conv2d_params(step: Step, value_of: Callable):
+    """(weight, stride, padding, dilation, groups) of a zero-padded 2-d convolution, or None."""
+    m = step.module
+    if m is not None:
+        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
+            return None
+        padding = m.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                return None
+            padding = 0
+        return m.weight, as_tuple(m.stride), as_tuple(padding), as_tuple(m.dilation), m.groups
+    node = step.node
+    if node.target is not F.conv2d:
+        return None
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    vals = dict(zip(names, load_arg(value_of, node.args)))
+    vals.update(load_arg(value_of, node.kwargs))
+    padding = vals.get("padding", 0)
+    if isinstance(padding, str):
+        if padding != "valid":
+            return None
+        padding = 0
+    return (vals["weight"], as_tuple(vals.get("stride", 1)), as_tuple(padding),
+            as_tuple(vals.get("dilation", 1)), int(vals.get("groups", 1)))
+
+
+class Affine(Rule):
+    kind = "affine"
+    modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    functions = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+    fuses_relu = True
+    row = ("Conv1d/2d/3d, Linear, `F.conv*`, `F.linear`", "`zr + pr*b`", "`zi + (1-pr)*b`")
+
+    def claim(self, graph, node, dep, module):
+        if module is None and dep != [node.args[0]]:
+            raise unsupported(node, "weights that depend on the input")
+        return Step(node, self, dep, module=module)
+
+    def total(self, step, value_of):
+        weights, bias = affine_parts(step, value_of)
+        pre = weights(value_of(step.dep[0]))
+        out = pre if bias is None else pre + bias.reshape((1, -1) + (1,) * (pre.dim() - 2))
+        return out, (weights, bias, pre)
+
+    def reference(self, step, parts, value_of, aux):
+        weights, bias, _ = aux
+        r, i = parts[step.dep[0]]
+        return split_bias(weights(r), weights(i), bias)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        weights, bias, pre = aux
+        r = rel[step.dep[0]]
+        zr = weights(r)
+        if bias is None:
+            return zr.clamp_min(0) if step.relu_fused else zr
+        if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
+            return ops.bias_split_(zr, pre, bias, step.relu_fused)
+        return ops.bias_split(zr, pre, bias, step.relu_fused)
+
+    def fresh(self, step, rel, out):
+        return own_buffer(out, rel[step.dep[0]])
+
+    def locality(self, step, values):
+        conv = conv2d_params(step, values.__getitem__)
+        if conv is None:
+            return None
+        weight, stride, padding, dilation, groups = conv
+        return Sliding(tuple(weight.shape[2:]), stride, padding, dilation, weight, groups)
+
+    def crop_aux(self, step, aux, loc: Sliding, crop: Callable):
+        """aux for a window: the convolution without padding (the crop carries it) and the
+        total pre-activation cropped to the output window."""
+        _, bias, pre = aux
+        weights = (lambda t: F.conv2d(t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
+        return weights, bias, (crop(pre) if bias is not None else None)
+
+    def macs(self, step, value_of):
+        if step.module is not None:
+            return step.module.weight.numel()
+        w = step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs["weight"]
+        return load_arg(value_of, w).numel()

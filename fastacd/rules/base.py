@@ -1,0 +1,255 @@
+"""Rules as objects: one ``Rule`` per kind of op, collected in a ``RuleSet``.
+
+A rule owns everything about its kind, so a pass never tests a kind by name:
+
+* ``modules`` / ``functions`` / ``methods``: what it claims in a captured graph, and
+  ``claim`` to accept a node (or refuse a variant it cannot decompose exactly);
+* ``total``: the node's true output as the model computes it, plus what the other forms
+  reuse (``aux``: weights, statistics, argmax indices);
+* ``reference``: relevant and irrelevant parts propagated separately (the oracle);
+* ``relevant``: the relevant part of M masks from the shared total (``i = a - r``);
+  ``relevant_`` the same written into an input no later step reads;
+* ``locality``: how the windowed pass recomputes it inside a window, or None (not local);
+* ``row``: its line in the rules table of docs/engine.md.
+
+A ``RuleSet`` maps kind -> rule; ``Decomposer(model, rules=...)`` picks one (the default
+is ``fastacd.rules.DEFAULT``). ``register_rule`` teaches every set a new module type or
+function of an existing kind.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture.nodes import Step, UnsupportedOpError, call_with, describe_node
+
+
+# --------------------------------------------------------------------------------------
+# Locality: what the windowed pass needs to recompute a node inside a window
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Elementwise:
+    """The output at a position depends only on the input at that position."""
+
+
+@dataclass(frozen=True)
+class Union:
+    """The outputs combine the operands position by position (residual add, channel concat):
+    the window is the union of the operands' windows."""
+
+
+@dataclass(frozen=True)
+class Sliding:
+    """A 2-d sliding-window op: an output position reads a kernel-sized input patch.
+    ``weight`` set: a zero-padded convolution (the rule's ``crop_aux`` adapts its aux to a
+    crop); None: a max-pool (the relevant part is gathered at the total's argmax)."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    weight: torch.Tensor | None = None
+    groups: int = 1
+
+
+class Rule:
+    """One kind of op and its CD rule in every form (see the module docstring)."""
+    kind: str = ""
+    modules: tuple[type, ...] = ()
+    functions: tuple = ()
+    methods: tuple[str, ...] = ()
+    fuses_relu: bool = False   # a ReLU that only this node feeds is folded into its split
+    value: bool = True         # False: the node gives a plain value (a size), not decomposed
+    output_only: bool = False  # a trailing op left out of CD (its input's parts are the result)
+    row: tuple[str, str, str] = ("", "", "")  # docs: ops, relevant out, irrelevant out
+
+    # ---- capture ------------------------------------------------------------------------
+    def claim(self, graph, node: fx.Node, dep: list[fx.Node], module: nn.Module | None) -> Step | None:
+        """A step for ``node`` (None: not this rule's; raise for a variant it must refuse)."""
+        return Step(node, self, dep, module=module)
+
+    def folds_into(self, step: Step) -> bool:
+        """Whether this step may be folded into a producer whose rule ``fuses_relu``."""
+        return False
+
+    # ---- the forms ----------------------------------------------------------------------
+    def total(self, step: Step, value_of: Callable) -> tuple[Any, Any]:
+        """(the node's true output, aux for the other forms)."""
+        return call_with(step, value_of, {}), None
+
+    def reference(self, step: Step, parts: dict, value_of: Callable, aux) -> tuple:
+        """(relevant, irrelevant) from the inputs' parts ``parts[d] = (r, i)``."""
+        raise NotImplementedError
+
+    def relevant(self, step: Step, rel: dict, values, aux, ops, m: int) -> torch.Tensor:
+        """The relevant part of m masks from the inputs' relevant parts ``rel[d]`` (m, ...)
+        and the true activations ``values`` (shared: batch 1; windowed: per-mask crops)."""
+        raise NotImplementedError
+
+    def inplace_operand(self, step: Step) -> fx.Node | None:
+        """The input ``relevant_`` overwrites (None: no in-place form)."""
+        return None
+
+    def relevant_(self, step: Step, rel: dict, values, aux, ops) -> torch.Tensor | None:
+        """``relevant`` written into ``rel[inplace_operand(step)]``; None where it does not apply."""
+        return None
+
+    def fresh(self, step: Step, rel: dict, out: torch.Tensor) -> bool:
+        """Whether ``relevant``'s output is a tensor of its own (a later rule may overwrite it)."""
+        return False
+
+    def locality(self, step: Step, values) -> Elementwise | Union | Sliding | None:
+        """How the windowed pass recomputes this node (None: in full)."""
+        return None
+
+    def macs(self, step: Step, value_of: Callable) -> int:
+        """Multiply-adds per output position and mask (the windowed pass's cost model)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} rule {self.kind!r}>"
+
+
+def as_tuple(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
+    return int(v), int(v)
+
+
+# --------------------------------------------------------------------------------------
+# Rule sets and registration
+# --------------------------------------------------------------------------------------
+# register_rule: module type or function -> (kind, fn factory or None), for every rule set
+_USER_RULES: dict[Any, tuple[str, Callable | None]] = {}
+USER_KINDS = ("activation", "linear", "reshape")
+
+
+def register_rule(target: type | Callable, kind: str, fn: Callable | None = None) -> None:
+    """Teach fastacd a module type or function it does not know, as a rule of ``kind``:
+
+    * ``"linear"``: a map that is linear in its input and treats every sample of the batch
+      alike (a pooling, a fixed filter, an up-sampling): relevant ``f(r)``, irrelevant ``f(i)``;
+    * ``"activation"``: an element-wise function with ``f(0) = 0``: relevant ``f(r)``,
+      irrelevant ``f(r + i) - f(r)``;
+    * ``"reshape"``: a per-sample reshape that keeps the element order.
+
+    ``fn`` (optional) is the function to apply to one tensor, e.g. ``lambda m: m.my_fn``
+    for a module type (it receives the module) or the function itself; by default the
+    module or function is called with the tensor in place of its input. Every rule set
+    (``fastacd.rules``) uses its own rule of that kind for the target. A new kind of rule
+    is a ``Rule`` subclass added to a set: docs/engine.md, "Adding a rule".
+    """
+    if kind not in USER_KINDS:
+        raise ValueError(f"kind must be one of {USER_KINDS}, got {kind!r}")
+    _USER_RULES[target] = (kind, fn)
+
+
+class RuleSet(Mapping):
+    """A mapping kind -> rule, and the lookup of the rule that claims a captured node."""
+
+    def __init__(self, rules: Iterable[Rule], name: str = ""):
+        self.name = name
+        self._rules: dict[str, Rule] = {}
+        for r in rules:
+            if not r.kind:
+                raise ValueError(f"{r!r} has no kind")
+            self._rules[r.kind] = r
+        self._modules: dict[type, list[Rule]] = {}
+        self._functions: dict[Any, list[Rule]] = {}
+        self._methods: dict[str, list[Rule]] = {}
+        for r in self._rules.values():
+            for t in r.modules:
+                self._modules.setdefault(t, []).append(r)
+            for f in r.functions:
+                self._functions.setdefault(f, []).append(r)
+            for name_ in r.methods:
+                self._methods.setdefault(name_, []).append(r)
+
+    def __getitem__(self, kind: str) -> Rule:
+        return self._rules[kind]
+
+    def __iter__(self):
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def __repr__(self) -> str:
+        return f"RuleSet({self.name!r}, {sorted(self._rules)})"
+
+    def markdown(self) -> str:
+        """The set's rules table (docs/engine.md carries the default set's, checked by a test)."""
+        lines = ["| kind | ops | relevant | irrelevant |", "|---|---|---|---|"]
+        lines += [f"| {r.kind} | {' | '.join(r.row)} |" for r in self._rules.values()]
+        return "\n".join(lines)
+
+    def replace(self, *rules: Rule, name: str | None = None) -> "RuleSet":
+        """A new set: this one with ``rules`` added, or replacing the rules of their kinds."""
+        kinds = {r.kind for r in rules}
+        return RuleSet([r for r in self._rules.values() if r.kind not in kinds] + list(rules),
+                       name if name is not None else self.name)
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def claims_module(self, module: nn.Module) -> bool:
+        """Whether a rule takes this module whole (the tracer keeps it as one node)."""
+        return type(module) in _USER_RULES or bool(self._module_rules(module))
+
+    def _module_rules(self, module: nn.Module) -> list[Rule]:
+        """Rules for the module's type, or for a base class whose forward it keeps (a subclass
+        with a forward of its own computes something else)."""
+        typ = type(module)
+        for cls in typ.__mro__:
+            if cls in self._modules and (cls is typ or typ.forward is cls.forward):
+                return self._modules[cls]
+        return []
+
+    def claim(self, graph, node: fx.Node, dep: list[fx.Node]) -> Step:
+        """The step of the rule that claims ``node``; ``UnsupportedOpError`` if none does."""
+        mod = graph.gm.get_submodule(node.target) if node.op == "call_module" else None
+        key = type(mod) if mod is not None else node.target
+        if node.op != "call_method" and key in _USER_RULES:
+            kind, factory = _USER_RULES[key]
+            fn = None if factory is None else (factory(mod) if mod is not None else factory)
+            return Step(node, self._rules[kind], dep, fn=fn, module=mod)
+        if mod is not None:
+            candidates = self._module_rules(mod)
+        elif node.op == "call_function":
+            candidates = self._functions.get(node.target, []) if _hashable(node.target) else []
+        elif node.op == "call_method":
+            candidates = self._methods.get(node.target, [])
+        else:
+            candidates = []
+        refused = None  # a rule's refusal names the variant; a later rule may still claim it
+        for rule in candidates:
+            try:
+                step = rule.claim(graph, node, dep, mod)
+            except UnsupportedOpError as exc:
+                refused = refused or exc
+                continue
+            if step is not None:
+                return step
+        raise refused or unsupported(node)
+
+
+def _hashable(t) -> bool:
+    try:
+        hash(t)
+    except TypeError:
+        return False
+    return True
+
+
+def unsupported(node: fx.Node, why: str | None = None) -> UnsupportedOpError:
+    """The error for an op without a rule (or a variant a rule refuses), naming the op."""
+    reason = f" ({why})" if why else ""
+    return UnsupportedOpError(
+        f"fastacd has no CD rule for {describe_node(node)}{reason}.\n"
+        "If the op is linear and batch-agnostic (a pooling, a fixed filter), or an "
+        "element-wise activation with f(0) = 0, register it:\n"
+        "    fastacd.register_rule(<module type or function>, 'linear' | 'activation' | 'reshape')\n"
+        "then build the Decomposer again. Otherwise the op needs a rule of its own "
+        "(see docs/engine.md, 'Adding a rule').")

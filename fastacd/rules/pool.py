@@ -1,0 +1,85 @@
+"""Max-pools: both parts gathered at the argmax positions of the true activation."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..capture.nodes import Step, load_arg
+from .base import Rule, Sliding, as_tuple
+
+def maxpool_fn(step: Step, value_of: Callable):
+    """A function returning (pooled, flat indices) for a max-pool step."""
+    m = step.module
+    if m is not None:
+        if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+            fn = F.adaptive_max_pool1d if isinstance(m, nn.AdaptiveMaxPool1d) else F.adaptive_max_pool2d
+            return lambda t: fn(t, m.output_size, return_indices=True)
+        fn = F.max_pool1d if isinstance(m, nn.MaxPool1d) else F.max_pool2d
+        return lambda t: fn(t, m.kernel_size, m.stride, m.padding, m.dilation,
+                            ceil_mode=m.ceil_mode, return_indices=True)
+    node = step.node
+    args = list(load_arg(value_of, node.args[1:]))
+    kwargs = dict(load_arg(value_of, node.kwargs))
+    kwargs["return_indices"] = True
+    fn = node.target
+    if fn in (F.max_pool1d, F.max_pool2d) and len(args) >= 6:
+        args = args[:5]  # positional return_indices replaced by the keyword
+    return lambda t: fn(t, *args, **kwargs)
+
+
+def gather_at(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """r (M, C, *S) gathered at flat argmax indices (1 or M, C, *So)."""
+    idx = idx.expand(r.shape[0], *idx.shape[1:])
+    n, c = idx.shape[:2]
+    return r.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).reshape(idx.shape)
+
+
+def pool2d_params(step: Step, value_of: Callable):
+    """(kernel, stride, padding, dilation) of a 2-d max-pool, or None (adaptive pools)."""
+    m = step.module
+    if m is not None:
+        if not isinstance(m, nn.MaxPool2d):
+            return None
+        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+    else:
+        node = step.node
+        if node.target is not F.max_pool2d:
+            return None
+        names = ["input", "kernel_size", "stride", "padding", "dilation"]
+        vals = dict(zip(names, load_arg(value_of, node.args)))
+        vals.update({k: v for k, v in load_arg(value_of, node.kwargs).items() if k in names})
+        k, s = vals["kernel_size"], vals.get("stride")
+        p, d = vals.get("padding", 0), vals.get("dilation", 1)
+    if s is None or (isinstance(s, (tuple, list)) and len(s) == 0):
+        s = k
+    return as_tuple(k), as_tuple(s), as_tuple(p), as_tuple(d)
+
+
+class MaxPool(Rule):
+    kind = "maxpool"
+    modules = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+    functions = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+    row = ("MaxPool1d/2d, AdaptiveMaxPool1d/2d, `F.max_pool*`", "`r` at the argmax of `a`",
+           "`i` at the same positions")
+
+    def total(self, step, value_of):
+        # the indices come from the model's own forward, not from the sum r + i: at exact ties
+        # (constant backgrounds) that sum's rounding would pick the position, mask by mask
+        return maxpool_fn(step, value_of)(value_of(step.dep[0]))
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        return gather_at(r, aux), gather_at(i, aux)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return ops.maxpool_gather(rel[step.dep[0]], aux)
+
+    def fresh(self, step, rel, out):
+        return True
+
+    def locality(self, step, values):
+        pool = pool2d_params(step, values.__getitem__)
+        return None if pool is None else Sliding(*pool)

@@ -1,0 +1,353 @@
+"""The rule registry: rules as objects, rule sets per Decomposer, the docs table, a new kind
+added without touching a pass; in-place ops decomposed as the model computes them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastacd
+from fastacd.capture.nodes import call_with
+from fastacd.rules import DEFAULT, Rule, RuleSet
+
+from conftest import assert_close_scaled
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
+
+
+def test_docs_rules_table_is_the_default_sets():
+    assert DEFAULT.markdown() in DOCS.read_text()
+
+
+def test_every_rule_has_a_kind_row_and_reference_form():
+    for kind, rule in DEFAULT.items():
+        assert rule.kind == kind and all(isinstance(c, str) for c in rule.row) and rule.row[0]
+        if rule.value:  # value rules decompose: they define both forms
+            assert type(rule).reference is not Rule.reference, kind
+            assert type(rule).relevant is not Rule.relevant, kind
+
+
+def test_rule_set_is_a_mapping_and_replace_derives_a_new_set():
+    class Other(Rule):
+        kind = "other"
+    s = DEFAULT.replace(Other(), name="mine")
+    assert "other" in s and "other" not in DEFAULT and len(s) == len(DEFAULT) + 1
+    assert s.name == "mine" and isinstance(s["affine"], Rule)
+    with pytest.raises(TypeError, match="RuleSet"):
+        fastacd.Decomposer(nn.Linear(3, 2).eval(), rules={"affine": s["affine"]})
+
+
+class Flip(Rule):
+    """A part-wise op fastacd's default set lacks (docs/engine.md, 'Adding a rule')."""
+    kind = "flip"
+    functions = (torch.flip,)
+    methods = ("flip",)
+    row = ("`torch.flip`", "`f(r)`", "`f(i)`")
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        return call_with(step, value_of, {step.dep[0]: r}), call_with(step, value_of, {step.dep[0]: i})
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return call_with(step, values.__getitem__, {step.dep[0]: rel[step.dep[0]]})
+
+
+class FlipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(torch.flip(h, dims=(3,)) + h.flip(2), 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_new_rule_kind_works_through_every_pass(dtype):
+    torch.manual_seed(0)
+    model = FlipNet().eval().to(dtype)
+    x = torch.randn(1, 3, 8, 8, dtype=dtype)
+    masks = (torch.rand(5, 1, 8, 8) > 0.5).to(dtype)
+    with pytest.raises(fastacd.UnsupportedOpError, match="torch.flip"):
+        fastacd.Decomposer(model)  # the default set has no rule for it
+    rules = DEFAULT.replace(Flip())
+    with torch.no_grad():
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), masks.double(), rules=rules)
+        model.to(dtype)
+        for backend in fastacd.available_backends():
+            res = fastacd.Decomposer(model, backend=backend, rules=rules).cd(x, masks)
+            assert_close_scaled(res.relevant, ref_rel.to(dtype), dtype)
+            assert_close_scaled(res.irrelevant, ref_irrel.to(dtype), dtype)
+            assert_close_scaled(res.relevant + res.irrelevant, model(x).expand_as(res.relevant), dtype)
+        # the windowed pass recomputes a node without locality in full: same numbers
+        dec = fastacd.Decomposer(model, rules=rules)
+        base = torch.zeros(8, 8, dtype=dtype)
+        base[:4, :4] = 1
+        delta = torch.zeros(2, 1, 8, 8, dtype=dtype)
+        delta[0, :, 6:, 6:] = delta[1, :, 0, 7] = 1
+        got = dec.cd_delta(x, base, delta, max_cost_ratio=float("inf"))
+        assert_close_scaled(got.relevant, dec.cd(x, torch.maximum(base, delta)).relevant, dtype)
+
+
+def test_rule_refusal_names_the_variant_and_a_later_rule_may_claim():
+    class Square(nn.Module):
+        def forward(self, x):
+            return self.fc(x * x) if hasattr(self, "fc") else x * x
+
+    with pytest.raises(fastacd.UnsupportedOpError, match="product or quotient of two input-dependent"):
+        fastacd.Decomposer(Square().eval())
+
+    class Product(Rule):  # claims what Scale refuses: CD has no published rule, this is a test double
+        kind = "product"
+        functions = Rule.functions + (__import__("operator").mul,)
+
+    rules = DEFAULT.replace(Product())
+    dec = fastacd.Decomposer(Square().eval(), rules=rules)
+    (step,) = [s for s in dec.graph.steps.values() if s.kind == "product"]
+    assert step.rule is rules["product"]
+
+
+def test_module_subclass_with_its_own_forward_is_not_claimed_by_its_base_rule():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Same(nn.Conv2d):  # same forward: the base's rule applies
+        pass
+
+    assert not DEFAULT.claims_module(ScaledConv(1, 1, 1))
+    assert DEFAULT.claims_module(Same(1, 1, 1))
+    net = nn.Sequential(ScaledConv(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).eval().double()
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    dec = fastacd.Decomposer(net)  # traced through: conv + scale
+    assert {s.kind for s in dec.graph.steps.values()} >= {"affine", "scale"}
+    torch.testing.assert_close(dec.forward(x), net(x))
+
+
+# ------------------------------------------------------------------------- in-place ops
+class InPlaceNet(nn.Module):
+    """Every in-place form the issue lists; each statement's result is read only through the
+    tensor it modified (a traced graph that ignored them would decompose another network)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 4).reshape(1, 4, 1, 1))
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h.relu_()
+        y = self.conv2(h)
+        y.add_(h)
+        y.mul_(2)
+        F.relu(y, inplace=True)
+        y.sub_(self.shift)
+        y.div_(3)
+        self.act(y)
+        y.clamp_(min=0)  # clamp has no rule: refused below; removed in the model that runs
+        return self.fc(torch.flatten(y, 1))
+
+
+class InPlaceNetNoClamp(InPlaceNet):
+    def forward(self, x):
+        h = self.conv1(x)
+        h.relu_()
+        y = self.conv2(h)
+        y.add_(h)
+        y.mul_(2)
+        F.relu(y, inplace=True)
+        y.sub_(self.shift)
+        y.div_(3)
+        self.act(y)
+        torch.relu_(y)
+        return self.fc(torch.flatten(y, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_methods_are_decomposed_as_the_model_computes_them(dtype):
+    torch.manual_seed(0)
+    model = InPlaceNetNoClamp().eval().to(dtype)
+    x = torch.randn(1, 3, 6, 6, dtype=dtype)
+    masks = (torch.rand(4, 1, 6, 6) > 0.5).to(dtype)
+    with torch.no_grad():
+        want = model(x.clone())
+        dec = fastacd.Decomposer(model)
+        torch.testing.assert_close(dec.forward(x), want)
+        res = dec.cd(x, masks)
+        ref_rel, _ = fastacd.reference.cd(model.double(), x.double(), masks.double())
+    assert_close_scaled(res.relevant + res.irrelevant, want.expand_as(res.relevant), dtype)
+    assert_close_scaled(res.relevant, ref_rel.to(dtype), dtype)
+    kinds = [s.kind for s in dec.graph.steps.values()]
+    assert kinds.count("activation") == 4 and "add" in kinds and kinds.count("scale") == 2
+
+
+def test_an_in_place_op_without_a_rule_is_named():
+    with pytest.raises(fastacd.UnsupportedOpError, match=r"method \.clamp_\(\)"):
+        fastacd.Decomposer(InPlaceNet().eval())
+
+
+def test_in_place_ops_that_cannot_be_made_out_of_place_are_refused():
+    class SetItem(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y[:, 0] = 0
+            return y.flatten(1)
+
+    class ViewThenInPlace(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            v = y[:, :1]
+            v.relu_()  # modifies y too, which is read below
+            return (y + v).flatten(1)
+
+    class Param(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            self.w.add_(x.mean())
+            return x.flatten(1) * self.w
+
+    with pytest.raises(fastacd.UnsupportedOpError, match="item assignment"):
+        fastacd.Decomposer(SetItem().eval())
+    with pytest.raises(fastacd.UnsupportedOpError, match="shares memory"):
+        fastacd.Decomposer(ViewThenInPlace().eval())
+    with pytest.raises(fastacd.UnsupportedOpError, match="parameter or buffer 'w'"):
+        fastacd.Decomposer(Param().eval())
+
+
+def test_in_place_relu_read_by_a_later_add_sees_the_relu():
+    """y = relu_(x) modifies x: a later x + y is relu(x) + relu(x)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            a = self.conv(x)
+            b = self.relu(a)
+            return (a + b).flatten(1)
+
+    torch.manual_seed(0)
+    net = Net().eval().double()
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    dec = fastacd.Decomposer(net)
+    torch.testing.assert_close(dec.forward(x), net(x.clone()))
+    torch.testing.assert_close(dec.forward(x), 2 * torch.relu(net.conv(x)).flatten(1))
+
+
+# ------------------------------------------------------------------------- masks
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).eval().double()
+
+
+def test_masks_bool_int_and_soft_are_read_alike():
+    model, x = _tiny(), torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    dec = fastacd.Decomposer(model)
+    m = torch.rand(6, 6) > 0.5
+    as_float = dec.cd(x, m.double()).relevant
+    torch.testing.assert_close(dec.cd(x, m).relevant, as_float)
+    torch.testing.assert_close(dec.cd(x, m.to(torch.uint8)).relevant, as_float)
+    torch.testing.assert_close(dec.cd(x, m.long().numpy()).relevant, as_float)
+    soft = dec.cd(x, torch.full((6, 6), 0.25, dtype=torch.float64))
+    assert torch.isfinite(soft.relevant).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ((torch.rand(6, 6) > 0.5).to(torch.uint8) * 255, "up to 255"),
+    (torch.full((6, 6), 2.0), r"\[0, 1\].*from 2 to 2"),
+    (-torch.ones(6, 6), r"\[0, 1\].*from -1"),
+    (torch.full((6, 6), float("nan")), "NaN"),
+    (torch.ones(3, 6, 6), "ambiguous"),
+    (torch.ones(6, 5), "does not fit"),
+    (torch.empty(2, 6, 6, device="meta"), "meta"),
+])
+def test_bad_masks_are_refused_saying_what_is_wrong(bad, message):
+    model, x = _tiny(), torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        fastacd.Decomposer(model).cd(x, bad)
+    with pytest.raises(ValueError, match=message):
+        fastacd.reference.cd(model, x, bad)
+
+
+def test_a_channel_stack_is_one_mask_in_the_drop_in_and_many_with_an_explicit_dim():
+    model, x = _tiny(), torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    per_channel = (torch.rand(3, 6, 6) > 0.5).double()
+    rel, _ = fastacd.cd(x, model, per_channel)  # the original's reading: one mask
+    assert rel.shape == (1, 2)
+    torch.testing.assert_close(rel, fastacd.Decomposer(model).cd(x, per_channel[None]).relevant)
+    many = fastacd.Decomposer(model).cd(x, per_channel[:, None]).relevant
+    assert many.shape == (3, 2)
+    torch.testing.assert_close(fastacd.cd(x, model, per_channel[:, None])[0], many)
+
+
+# ------------------------------------------------------------------------- split / chunk / unbind
+class SplitNet(nn.Module):
+    """A ShuffleNet-style block (chunk, process one half, cat, channel shuffle), a Res2Net-style
+    split into unequal widths, and unbind along the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(8 * 6 * 6 + 6 * 6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        a, b = h.chunk(2, dim=1)
+        h = torch.cat([a, self.branch(b)], 1)
+        n = h.size(0)
+        h = h.view(n, 2, 4, 6, 6).transpose(1, 2).reshape(n, 8, 6, 6)  # channel shuffle
+        p, q = torch.split(h, [3, 5], dim=1)
+        p = self.conv(p) + q[:, :3]
+        c0, c1, c2 = torch.unbind(p, dim=1)
+        return self.fc(torch.cat([torch.flatten(h, 1), torch.flatten(c0 + c1 - c2, 1)], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_chunk_unbind(dtype):
+    from models import randomize_batchnorm
+    torch.manual_seed(0)
+    model = randomize_batchnorm(SplitNet()).eval().to(dtype)
+    x = torch.randn(1, 3, 6, 6, dtype=dtype)
+    masks = torch.cat([(torch.rand(4, 1, 6, 6) > 0.5), torch.ones(1, 1, 6, 6)]).to(dtype)
+    with torch.no_grad():
+        ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), masks.double())
+        model.to(dtype)
+        for backend in fastacd.available_backends():
+            dec = fastacd.Decomposer(model, backend=backend)
+            res = dec.cd(x, masks)
+            assert_close_scaled(res.relevant, ref_rel.to(dtype), dtype)
+            assert_close_scaled(res.irrelevant, ref_irrel.to(dtype), dtype)
+            torch.testing.assert_close(dec.forward(x), model(x))
+            one = torch.cat([dec.cd(x, mk).relevant for mk in masks])  # batched = one mask at a time
+            assert_close_scaled(res.relevant, one, dtype)
+    assert {"split"} <= {s.kind for s in dec.graph.steps.values()}
+
+
+def test_shufflenet_v2_decomposes():
+    from models import torchvision_model
+    torch.manual_seed(0)
+    model = torchvision_model("shufflenet_v2_x0_5").double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    masks = (torch.rand(3, 1, 64, 64) > 0.5).double()
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks)
+        ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
+        logits = model(x)
+    # like MobileNetV2 (tests/test_engine.py), its many batchnorms amplify the rounding of
+    # i = a - r: within 1e-5 of the output scale in float64, not 1e-10
+    scale = float(ref_rel.abs().max())
+    torch.testing.assert_close(res.relevant, ref_rel, rtol=1e-5, atol=1e-5 * scale)
+    assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), torch.float64)
