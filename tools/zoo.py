@@ -453,25 +453,38 @@ def _error(exc: BaseException) -> dict:
     return {"ok": False, "error_type": type(exc).__name__, "error": _first_line(exc)}
 
 
-def unsupported_ops(gm: fx.GraphModule) -> list[dict] | None:
-    """Every input-dependent node of ``gm`` fastacd has no rule for, in graph order.
+def unsupported_ops(model: nn.Module, rules=None) -> list[dict] | None:
+    """Every input-dependent op of ``model`` fastacd has no rule for, in graph order.
 
     fastacd's capture stops at the first such node; this walks on (an unsupported node is
     taken to give an input-dependent tensor) so a model's full list of missing ops is known.
-    It uses the capture's classification internals and returns None when they are not there
-    (the first error from ``Decomposer`` is recorded either way).
+    It traces as the capture does (the rule set's leaf modules, in-place ops made out of
+    place) and asks the rule set (``rules``, default: fastacd's) for each node. It uses the
+    capture's internals and returns None when they are not there or tracing fails (the
+    first error from ``Decomposer`` is recorded either way).
     """
     try:
         from fastacd.capture import graph as G
-        cg = object.__new__(G.CapturedGraph)
-        cg.model, cg.gm = gm, gm
-        cg.nodes = list(gm.graph.nodes)
-        cg.input_node = next(n for n in cg.nodes if n.op == "placeholder")
-        cg.output_node = next(n for n in cg.nodes if n.op == "output")
-        cg.steps, cg.dependent = {}, {cg.input_node}
-        rule_for = cg._rule_for
+        import fastacd.rules as R
+        rules = R.resolve(rules)
+        claim = rules.claim
+        tracer = G._Tracer(rules)
     except Exception:  # noqa: BLE001 - internals moved: report the first error only
         return None
+    try:
+        gm = fx.GraphModule(model, tracer.trace(model))
+    except Exception:  # noqa: BLE001 - torch.fx cannot trace it: the caller records that
+        return None
+    try:
+        G.functionalise(gm)
+    except G.UnsupportedOpError as exc:
+        return [{"op": "in-place op on a view or parameter", "reason": _first_line(exc), "where": ""}]
+    cg = object.__new__(G.CapturedGraph)  # what rules read of a graph while claiming nodes
+    cg.model, cg.rules, cg.gm = model, rules, gm
+    cg.nodes = list(gm.graph.nodes)
+    cg.input_node = next(n for n in cg.nodes if n.op == "placeholder")
+    cg.output_node = next(n for n in cg.nodes if n.op == "output")
+    cg.steps, cg.dependent = {}, {cg.input_node}
     found = []
     for node in cg.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
@@ -480,7 +493,7 @@ def unsupported_ops(gm: fx.GraphModule) -> list[dict] | None:
         if not dep:
             continue
         try:
-            step = rule_for(node, dep)
+            step = claim(cg, node, dep)
         except G.UnsupportedOpError as exc:
             msg = str(exc).splitlines()[0]
             why = re.search(r"\(graph node '[^']*'\) \((.*)\)\.$", msg)
@@ -488,12 +501,13 @@ def unsupported_ops(gm: fx.GraphModule) -> list[dict] | None:
                           "where": G.describe_node(node), "factors": _dependent_args(node, cg.dependent)})
             cg.dependent.add(node)
             continue
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a rule that breaks on this node: record it
             found.append({"op": op_name(node), "reason": f"{type(exc).__name__}: {_first_line(exc)}",
                           "where": str(node), "factors": _dependent_args(node, cg.dependent)})
             cg.dependent.add(node)
             continue
-        if step.kind != "shape":
+        if step.rule.value:  # a size or shape is a plain value, not a decomposed one
+            cg.steps[node] = step
             cg.dependent.add(node)
     return _dedupe(found)
 
@@ -701,8 +715,7 @@ def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_M
         rec["export"]["seconds"] = round(time.perf_counter() - t, 2)
     if gm is not None:
         rec["inventory"] = dict(inventory(gm), graph="fx")
-        missing = unsupported_ops(gm)
-        rec["unsupported"] = missing
+        rec["unsupported"] = unsupported_ops(model)
     elif ep is not None:
         inv = inventory(ep.graph_module)
         rec["inventory"] = dict(inv, graph="export")
