@@ -557,7 +557,7 @@ def export_unsupported(ep) -> list[dict]:
             item["reason"] = "a product or quotient of two input-dependent values"
         elif name in _SOFTMAXES and list(node.users) != [output]:
             item["reason"] = "a softmax inside the network"
-        elif name in ATEN_WITH_RULE or name == "operator.getitem":
+        elif has_counterpart(name):
             continue
         found.append(item)
     return _dedupe(found)
@@ -648,6 +648,31 @@ ATEN_WITH_RULE = {
     "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten.size", "aten.sym_size",
     "aten.sym_numel", "aten.alias", "aten.detach", "aten._assert_tensor_metadata",
 }
+
+
+
+
+def has_counterpart(aten: str, rules=None) -> bool:
+    """Whether an ATen op (``aten.layer_norm``) has a rule in fastacd's fx capture: listed in
+    ``ATEN_WITH_RULE``, or its torch / functional / method namesake is claimed by a rule of the
+    set (so the list follows the rules as they land)."""
+    if aten in ATEN_WITH_RULE or aten == "operator.getitem":
+        return True
+    base = aten.split(".", 1)[-1].lstrip("_")
+    base = {"split_with_sizes": "split", "unsafe_split": "split", "unsafe_chunk": "chunk"}.get(base, base)
+    try:
+        import fastacd.rules as R
+        rules = R.resolve(rules)
+        functions, methods = rules._functions, rules._methods
+    except Exception:  # noqa: BLE001 - the rule set's internals moved: the static list only
+        return False
+    for f in (getattr(torch, base, None), getattr(torch.nn.functional, base, None)):
+        try:
+            if f is not None and f in functions:
+                return True
+        except TypeError:  # unhashable
+            pass
+    return base in methods
 
 
 # --------------------------------------------------------------------------------------
