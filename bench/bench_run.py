@@ -16,7 +16,10 @@ Figures (bench/results/run.json), per model and process count:
 * ``per_image_s``: the manifest's per-image compute times (mean), and their sum;
 * ``per_image``: each image's compute time (the same images in every configuration);
 * ``masks_scored``: CD masks the engine scored per image (the JSON's ``stats.scored``);
-* ``images_per_hour_vs_first_config``: over the first configuration's (1 process by default).
+* ``images_per_hour_vs_first_config``: over the first configuration's (1 process by default);
+* ``images_per_hour_per_core``: ``images_per_hour / (processes x threads)``, the figure to
+  compare machines and layouts by; ``steady_images_per_hour_per_core``: the same from the
+  per-image compute times alone (``3600 / (per_image_s x threads)``: start-up left out).
 
 Configurations ``P`` or ``PxT`` (``--configs 1 1x1 2``: 1 process with every core, 1 process
 with one thread, 2 processes); ``--repeats R`` runs R interleaved rounds and keeps the fastest
@@ -143,6 +146,9 @@ def main(argv=None) -> None:
                            cpu_cores=cores, settings=" ".join(SETTINGS), rounds=len(runs[c]),
                            all_wall_s=[r["wall_s"] for r in runs[c]],
                            all_load_avg_1min=[r["load_avg_1min"] for r in runs[c]])
+                used = procs * fig["threads_per_process"]
+                fig.update(dtype="float32", images_per_hour_per_core=fig["images_per_hour"] / used,
+                           steady_images_per_hour_per_core=3600 / (fig["per_image_s"] * fig["threads_per_process"]))
                 base = base or fig["images_per_hour"]
                 fig["images_per_hour_vs_first_config"] = fig["images_per_hour"] / base
                 name = f"{arch}_224_sweep14_{procs}proc" + (f"_{threads}thread" if threads else "")

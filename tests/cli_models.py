@@ -22,3 +22,18 @@ def factory() -> nn.Module:
     with g:
         torch.manual_seed(1234)
         return TinyCNN()
+
+
+class Cumsum(nn.Module):
+    """A model with an op that has no CD rule (``cumsum``): ``fastacd run`` must refuse it cleanly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).flatten(1).cumsum(1)[:, :3]
+
+
+def unsupported() -> nn.Module:
+    return Cumsum()

@@ -74,16 +74,23 @@ class CapturedGraph:
         self.last_use = self._last_uses()
 
     def _classify(self) -> None:
+        """Give every input-dependent node its rule. Sizes read off the input and context
+        (gates, attention weights, normalisers: ``RuleSet.context``) are computed from the
+        total like constants; every other input-dependent node is decomposed."""
+        reach, self.metadata = {self.input_node}, set()
         for node in self.nodes:
-            if node.op in ("placeholder", "get_attr", "output"):
+            if node.op in ("placeholder", "get_attr", "output") or not any(
+                    a in reach for a in node.all_input_nodes):
                 continue
-            dep = [a for a in node.all_input_nodes if a in self.dependent]
-            if not dep:
-                continue
-            step = self.rules.claim(self, node, dep)
-            if step.rule.value:  # a plain value (a size) is computed like any constant
-                self.steps[node] = step
-                self.dependent.add(node)
+            (self.metadata if self.rules.is_metadata(self, node) else reach).add(node)
+        self.reach = reach
+        self.context = self.rules.context(self, reach, self.metadata)
+        for node in self.nodes:
+            if node in reach and node not in self.context and node is not self.input_node:
+                dep = [a for a in node.all_input_nodes if a in self.dependent]
+                if dep:
+                    self.steps[node] = self.rules.claim(self, node, dep)
+                    self.dependent.add(node)
 
     def _fold_relus(self) -> None:
         """Fold a ReLU into the affine/batchnorm that alone feeds it (design.md 4, fusion)."""
@@ -132,7 +139,8 @@ class CapturedGraph:
                 continue
             out, aux[node] = step.rule.total(step, value_of)
             for t in tensors(out):  # a tensor, or a tuple of them (chunk, split)
-                if not (isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch):
+                # the batch may move to another dim (attention's (3, B, heads, N, d) stack)
+                if not (isinstance(t, torch.Tensor) and batch in t.shape):
                     raise UnsupportedOpError(
                         f"{describe_node(node)} changes the batch dimension (output shape "
                         f"{tuple(getattr(t, 'shape', ()))} for a batch of {batch}); CD needs every "

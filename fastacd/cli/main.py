@@ -31,8 +31,12 @@ same --out is refused unless --overwrite. Outputs, schema and resume rules: docs
 
 
 def cmd_demo(args) -> int:
-    return demo(args.out, n=args.n, sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
-                num_iters=args.num_iters, tile=args.tile, threads=args.threads or None)
+    try:
+        return demo(args.out, n=args.n, sweep_dim=args.sweep_dim, percentile_include=args.percentile_include,
+                    num_iters=args.num_iters, tile=args.tile, threads=args.threads or None)
+    except RunError as e:
+        print(f"fastacd demo: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_run(args) -> int:

@@ -3,21 +3,25 @@
 ``fastacd run SOURCE --out DIR`` explains every image of a folder, a file list or a glob
 (docs/run.md). What it guarantees:
 
+* **Inputs** (``inputs.py``): one id per real file (symbolic links are followed without
+  looping), the output folder left out, high-bit-depth pixels scaled to [0, 1] (or refused as an
+  error of that image).
 * **Outputs per image** under ``DIR/hierarchies/<image id>``: ``.json`` (``Hierarchy.to_json``
   without the image), ``.npz`` (compressed boolean pixel masks of every node, plus the run's
-  settings hash and the image's manifest record), ``.png`` with ``--figures``. The image id
-  is the image's path relative to the source's root, extension included.
-* **Atomic files.** Each file is written to a hidden temp file in the same folder, flushed,
-  fsync'ed and renamed over the final name (``os.replace``). The ``.npz`` is written last and
-  is the commit marker: an image is finished when its ``.json`` and ``.npz`` exist and the
-  ``.npz`` holds the current settings hash. A kill at any point leaves either a finished image
-  or one that is recomputed.
-* **Resume.** ``DIR/run_settings.json`` holds the settings that determine the results and
-  their hash; a re-run with the same settings skips finished images; with other settings it is
-  refused unless ``--overwrite`` (then every image is recomputed, as the old outputs carry the
-  old hash).
-* **Errors** (an unreadable image, a label outside the model's classes, ...) are recorded in the
-  manifest with the message; the run goes on. Errored images are retried by a re-run.
+  settings hash and the image's manifest record), ``.png`` with ``--figures``. A path component
+  too long for the file system is shortened and hashed; the record keeps the full id.
+* **Atomic files, finished images** (``outdir.py``): each file is written to a hidden temp file,
+  fsync'ed and renamed; the ``.npz`` is written last. An image is finished when its ``.npz``
+  holds the current settings hash, its ``.json`` has the recorded size and the input file the
+  recorded sha256. A kill at any point leaves either a finished image or one that is recomputed.
+* **One run per folder**: a lock (shared by the ranks of one torchrun job) refuses a second run;
+  a killed run's lock and temp files are taken over / removed by the next run.
+* **Resume.** ``DIR/run_settings.json`` holds the settings that determine the results and their
+  hash (written with the first finished image); a re-run with the same settings skips finished
+  images; with other settings it is refused unless ``--overwrite``.
+* **Errors**: an image that cannot be read or explained is recorded in the manifest with the
+  message and the run goes on (a re-run retries it); a write error (disk full, read-only) or a
+  model that cannot be decomposed stops the run with a message (exit 2), recording nothing false.
 * **Manifest.** Each rank appends one JSON line per image it processed to
   ``manifest.rank{r}.jsonl`` (flushed and fsync'ed per line; a torn last line after a kill is
   ignored). At the end rank 0 writes ``manifest.jsonl`` atomically: one record per image of
@@ -29,169 +33,38 @@
 """
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
 import importlib
 import importlib.util
+import io
 import json
+import math
 import os
 import pickle
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .._version import __version__
 from ..api import decomposer_for
+from ..capture import UnsupportedOpError
 from ..engine import Decomposer
 from ..image.hierarchy import Hierarchy, display_image, hierarchy
 from ..train.models import train_digits_cnn
+from .errors import RunError
+from .inputs import (IMAGE_EXTS, Item, collect_images, load_image, prefetch, read_class_index,  # noqa: F401
+                     read_image)
+from .outdir import (ITEMS_DIR, MANIFEST, SETTINGS_FILE, ManifestPart, RunLock,  # noqa: F401
+                     _now, atomic_write, atomic_write_bytes, atomic_write_text, check_settings_file,
+                     clean_stale_temps, figure_ok, finished_record, merge_manifest, output_paths,
+                     run_key, save_figure, set_temp_tag, settings_hash, sha256_file)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-SETTINGS_FILE = "run_settings.json"
-MANIFEST = "manifest.jsonl"
-ITEMS_DIR = "hierarchies"
 SETTINGS_FORMAT = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class RunError(Exception):
-    """A problem with the command's arguments or the output folder (exit code 2)."""
-
-
-# ------------------------------------------------------------------------------------------
-# Atomic files
-# ------------------------------------------------------------------------------------------
-def _tmp_path(path: Path) -> Path:
-    # one name per process: torchrun's ranks may write the same file (the settings) at once,
-    # and a shared temp name let one rank's rename find the other's file already moved
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a hidden temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-
-
-# ------------------------------------------------------------------------------------------
-# Images
-# ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Item:
-    id: str         # path relative to the source's root (posix), extension included: the output key
-    path: str       # where to read it
-    folder: str     # name of the folder holding it (the class for --label folder)
-
-
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS
-
-
-def collect_images(source: str) -> tuple[list[Item], str]:
-    """The images of ``source``, sorted by id, and the kind of source.
-
-    source: a folder (searched recursively for image files, hidden entries skipped: the
-    ImageFolder layout ``root/class/img.png`` or flat), a glob pattern (``'data/**/*.png'``,
-    quoted; every matching file), a text file listing image paths (one per line, relative
-    to the list's folder or absolute; blank lines and lines starting with ``#`` skipped), or
-    one image file.
-    """
-    if _glob.has_magic(source):
-        kind = "glob"
-        paths = [Path(p) for p in _glob.glob(source, recursive=True) if Path(p).is_file()]
-        prefix = []
-        for part in Path(source).parts:
-            if _glob.has_magic(part):
-                break
-            prefix.append(part)
-        root = Path(*prefix) if prefix else Path(".")
-    else:
-        src = Path(source)
-        if src.is_dir():
-            kind = "folder"
-            root = src
-            paths = []
-            for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                paths += [Path(dirpath) / f for f in filenames if not f.startswith(".") and _is_image(Path(f))]
-        elif src.is_file() and _is_image(src):
-            kind = "file"
-            root, paths = src.parent, [src]
-        elif src.is_file():
-            kind = "list"
-            paths = []
-            for line in src.read_text().splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                p = Path(line)
-                paths.append(p if p.is_absolute() else src.parent / p)
-            if not paths:
-                raise RunError(f"the file list {source} names no images")
-            parents = [str(p.parent.resolve()) for p in paths]
-            root = Path(os.path.commonpath(parents))
-            paths = [p.resolve() for p in paths]
-        else:
-            raise RunError(f"{source}: no such folder, file list or image (for a glob pattern, quote it)")
-    root = root.resolve() if kind == "list" else root
-    items = {}
-    for p in paths:
-        rel = os.path.relpath(p, root)
-        if rel.startswith(".."):
-            rel = str(p.resolve()).lstrip("/")
-        rel = Path(rel).as_posix()
-        items[rel] = Item(id=rel, path=str(p), folder=p.parent.name)
-    if not items:
-        raise RunError(f"{source}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
-    return [items[k] for k in sorted(items)], kind
-
-
-def read_class_index(path: str) -> dict[str, int]:
-    """A folder-name -> class-index mapping from a file.
-
-    JSON ``{"n01440764": 0, ...}``, JSON like ``imagenet_class_index.json``
-    (``{"0": ["n01440764", "tench"], ...}``), or text: one folder name per line (the first word
-    of the line, e.g. ``LOC_synset_mapping.txt``), the line number being the index.
-    """
-    text = Path(path).read_text()
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError:
-        names = [ln.split()[0] for ln in text.splitlines() if ln.strip()]
-        return {n: i for i, n in enumerate(names)}
-    if isinstance(d, list):
-        return {str(n): i for i, n in enumerate(d)}
-    if all(isinstance(v, list) and v for v in d.values()):
-        return {str(v[0]): int(k) for k, v in d.items()}
-    return {str(k): int(v) for k, v in d.items()}
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def preprocess_settings(args) -> dict:
@@ -202,6 +75,8 @@ def preprocess_settings(args) -> dict:
     for name, v in (("--mean", mean), ("--std", std)):
         if len(v) not in (1, channels):
             raise RunError(f"{name} takes 1 or {channels} values, got {len(v)}")
+        if not all(math.isfinite(x) for x in v):
+            raise RunError(f"{name} values must be finite numbers")
     if any(s == 0 for s in std):
         raise RunError("--std values must be non-zero")
     size = args.image_size
@@ -210,60 +85,35 @@ def preprocess_settings(args) -> dict:
         resize = round(size * 256 / 224)  # torchvision's ImageNet convention: 256 -> crop 224
     if size is not None and (size < 1 or resize < size):
         raise RunError(f"need 1 <= --image-size <= --resize, got {size} and {resize}")
+    if size is None and resize is not None:
+        raise RunError("--resize needs an --image-size (0 keeps each image's own size, unresized)")
     return dict(image_size=size, resize=resize, mean=mean, std=std, grayscale=grey)
-
-
-def load_image(path: str, pre: dict):
-    """The model input (1, C, H, W) float32: resize the shorter side, centre-crop, normalise
-    (the same arithmetic as torchvision's Resize + CenterCrop + ToTensor + Normalize on PIL)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("L" if pre["grayscale"] else "RGB")
-    if pre["image_size"] is not None:
-        w, h = im.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = pre["resize"], int(pre["resize"] * long / short)
-        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BILINEAR)
-        s = pre["image_size"]
-        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
-        im = im.crop((left, top, left + s, top + s))
-    a = np.asarray(im, dtype=np.float32) / 255.0
-    a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
-    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(pre["std"], dtype=np.float32).reshape(-1, 1, 1)
-    return torch.from_numpy(np.ascontiguousarray((a - mean) / std))[None]
 
 
 # ------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------
-def sha256_file(path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_weights(path: str, unsafe: bool = False):
     """``torch.load`` with ``weights_only=True`` unless ``unsafe``; a clear refusal otherwise."""
     import torch
+    where = f"--weights {path}"
     if not Path(path).is_file():
-        raise RunError(f"--weights {path}: no such file")
+        raise RunError(f"{where}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise RunError(f"{where}: the file is empty (0 bytes): an interrupted download or copy?")
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        if unsafe:
-            raise RunError(f"--weights {path}: torch.load failed: {e}") from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(
-            f"--weights {path}: refused. torch.load(..., weights_only=True) accepts only tensors and "
-            f"plain containers, and this file holds other Python objects ({first}). Loading it runs "
-            f"arbitrary code from the file: pass --unsafe-load only if you trust where it came from.") from e
+    except Exception as e:  # noqa: BLE001 - torch.load fails with many types on damaged files
+        if not unsafe and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            first = str(e).strip().splitlines()[0]
+            raise RunError(
+                f"{where}: refused. torch.load(..., weights_only=True) accepts only tensors and "
+                f"plain containers, and this file holds other Python objects ({first}). Loading it "
+                "runs arbitrary code from the file: pass --unsafe-load only if you trust where it "
+                "came from.") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RunError(f"{where}: not a readable PyTorch weights file ({type(e).__name__}: {first}); "
+                       "is it complete (a truncated download?) and written by torch.save?") from e
 
 
 def _state_dict_of(obj, path):
@@ -311,12 +161,19 @@ def model_settings(args) -> dict:
     """What identifies the model in the settings hash (the weights by their sha256)."""
     if (args.arch is None) == (args.model is None):
         raise RunError("give exactly one of --arch NAME (a torchvision model) or --model module:factory")
-    d = dict(arch=args.arch, module=args.model, num_classes=args.num_classes, seed=args.seed,
+    module = args.model
+    if module is not None and ":" in module and module.rsplit(":", 1)[0].endswith(".py"):
+        file, attr = module.rsplit(":", 1)  # relative or absolute: one file, one setting
+        module = f"{os.path.realpath(file)}:{attr}"
+    d = dict(arch=args.arch, module=module, num_classes=args.num_classes, seed=args.seed,
              weights_sha256=None)
     if args.weights is not None:
         if not Path(args.weights).is_file():
             raise RunError(f"--weights {args.weights}: no such file")
-        d["weights_sha256"] = sha256_file(args.weights)
+        try:
+            d["weights_sha256"] = sha256_file(args.weights)
+        except OSError as e:
+            raise RunError(f"--weights {args.weights}: unreadable ({e.strerror})") from e
     return d
 
 
@@ -353,136 +210,14 @@ def _build_model(args):
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
-                raise RunError(f"--weights {args.weights} does not fit the model: {e}") from e
+                raise RunError(f"--weights {args.weights} does not fit the model: {_one_line(e)}") from e
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:  # every score would be NaN: say why now, not after an hour of NaN hierarchies
+        where = f"--weights {args.weights}" if args.weights is not None else f"--model {args.model}"
+        raise RunError(f"{where}: NaN or infinite values in {', '.join(bad[:3])}"
+                       f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}")
     return model.eval(), random_init
 
-
-# ------------------------------------------------------------------------------------------
-# Settings and the output folder
-# ------------------------------------------------------------------------------------------
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "classes":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _short(v, n=60):
-    s = json.dumps(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
-
-
-def check_settings_file(out: Path, settings: dict, digest: str, overwrite: bool, source: str,
-                        write: bool) -> None:
-    """Refuse a settings change in ``out`` unless ``overwrite``; record the settings."""
-    path = out / SETTINGS_FILE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RunError(f"{path} is unreadable ({e}); remove it or pass --overwrite") from e
-        if old.get("settings_hash") == digest:
-            return
-        if not overwrite:
-            a, b = _flat(old.get("settings", {})), _flat(settings)
-            diffs = [f"  {k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k)]
-            raise RunError(
-                f"{out} holds results made with other settings:\n" + "\n".join(diffs or ["  (format)"]) +
-                f"\nUse another --out folder, or pass --overwrite to recompute every image of {out} "
-                "with the new settings (finished images of the old settings are replaced).")
-    if write:
-        record = dict(settings_hash=digest, settings=settings, source=source,
-                      fastacd_version=_version(), created=_now(), command=sys.argv)
-        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-
-def _version():
-    return __version__
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def output_paths(out: Path, item: Item) -> dict[str, Path]:
-    base = out / ITEMS_DIR / item.id
-    return dict(json=base.with_name(base.name + ".json"), npz=base.with_name(base.name + ".npz"),
-                figure=base.with_name(base.name + ".png"))
-
-
-def finished_record(paths: dict, digest: str):
-    """The stored manifest record when the image is finished with these settings, else None."""
-    import numpy as np
-    if not (paths["npz"].exists() and paths["json"].exists()):
-        return None
-    try:
-        with np.load(paths["npz"]) as z:
-            if str(z["settings_hash"]) != digest:
-                return None
-            return json.loads(str(z["record"]))
-    except Exception:  # unreadable or foreign file: recompute
-        return None
-
-
-def read_manifest_parts(out: Path) -> list[dict]:
-    recs = []
-    for part in sorted(out.glob("manifest.rank*.jsonl")):
-        for line in part.read_text(errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if isinstance(r, dict) and "image" in r:
-                recs.append(r)
-    return recs
-
-
-def merge_manifest(out: Path, items: list[Item], digest: str) -> dict:
-    """``manifest.jsonl``: one record per image, sorted by id; returns the status counts."""
-    last_error = {}
-    for r in read_manifest_parts(out):
-        if r.get("settings_hash") == digest and r.get("status") != "ok":
-            last_error[r["image"]] = r
-    lines, counts = [], {}
-    for item in items:
-        rec = finished_record(output_paths(out, item), digest)
-        if rec is None:
-            rec = last_error.get(item.id) or dict(image=item.id, path=item.path, status="missing",
-                                                  error="not processed yet (re-run the command to resume)")
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-        lines.append(json.dumps(rec, sort_keys=True))
-    atomic_write_text(out / MANIFEST, "".join(line + "\n" for line in lines))
-    return counts
-
-
-class ManifestPart:
-    """This rank's append-only log: one JSON line per image processed, flushed and fsync'ed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "ab")
-        if self._f.tell() > 0:  # a torn last line from a kill: start on a fresh line
-            with open(path, "rb") as g:
-                g.seek(-1, os.SEEK_END)
-                if g.read(1) != b"\n":
-                    self._f.write(b"\n")
-
-    def append(self, rec: dict) -> None:
-        self._f.write((json.dumps(rec, sort_keys=True) + "\n").encode())
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self):
-        self._f.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -514,12 +249,19 @@ def pick_device(requested: str, dist: Dist):
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}")
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RunError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {requested}: CUDA is not available here")
         if dev.index is None:
             dev = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}")
+        elif dev.index >= torch.cuda.device_count():
+            raise RunError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 
@@ -548,6 +290,7 @@ def final_barrier(dist: Dist, device, timeout_s: float) -> None:
         td.destroy_process_group()
 
 
+
 # ------------------------------------------------------------------------------------------
 # One image
 # ------------------------------------------------------------------------------------------
@@ -558,19 +301,40 @@ def node_masks(h):
     return np.stack([h.mask(n) for n in h.nodes]).astype(bool)
 
 
-def write_outputs(paths: dict, h, record: dict, digest: str, figures: bool) -> None:
-    """Figure, JSON, then the .npz last (the commit marker)."""
+def prepare_outputs(h, record: dict, digest: str, figures: bool) -> dict:
+    """The image's files as bytes (the figure, the JSON, then the .npz holding ``record``, which
+    gets the other files' sizes): everything that may fail for the image before anything is written."""
     import numpy as np
+    files = dict(json=h.to_json(include_image=False).encode())
     if figures:
-        save_figure(h.plot(), paths["figure"])
-    atomic_write_text(paths["json"], h.to_json(include_image=False))
-    arrays = dict(masks=node_masks(h),
-                  level=np.array([n.level for n in h.nodes], dtype=np.int32),
-                  component=np.array([n.component for n in h.nodes], dtype=np.int32),
-                  score=np.array([n.score for n in h.nodes], dtype=np.float64),
-                  label=np.int64(h.label), settings_hash=np.str_(digest),
-                  record=np.str_(json.dumps(record, sort_keys=True)))
-    atomic_write(paths["npz"], lambda f: np.savez_compressed(f, **arrays))
+        buf = io.BytesIO()
+        h.plot().savefig(buf, format="png", dpi=100)
+        files["figure"] = buf.getvalue()
+    record["bytes"] = {k: len(v) for k, v in files.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, masks=node_masks(h),
+                        level=np.array([n.level for n in h.nodes], dtype=np.int32),
+                        component=np.array([n.component for n in h.nodes], dtype=np.int32),
+                        score=np.array([n.score for n in h.nodes], dtype=np.float64),
+                        label=np.int64(h.label), settings_hash=np.str_(digest),
+                        record=np.str_(json.dumps(record, sort_keys=True)))
+    files["npz"] = buf.getvalue()
+    return files
+
+
+def write_outputs(paths: dict, files: dict) -> None:
+    """Figure, JSON, then the .npz last (the commit marker)."""
+    for key in ("figure", "json", "npz"):
+        if key in files:
+            atomic_write_bytes(paths[key], files[key])
+
+
+def write_failed(e: OSError, what: str) -> RunError:
+    """A write error stops the run: the next images would fail the same way (disk full,
+    read-only folder, quota), and a record must never claim files that were not written."""
+    return RunError(f"writing {e.filename or what} failed: {e.strerror or e}. The run stops: nothing is "
+                    "recorded for the image being written, finished images are kept; free some space "
+                    "(or fix the folder's permissions), then re-run the same command to resume")
 
 
 def load_masks(npz_path) -> dict:
@@ -594,15 +358,18 @@ def parse_memory(s):
     t = str(s).strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(float(t))
+        v = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
     except ValueError:
-        raise RunError(f"--memory-budget {s!r}: expected bytes, e.g. 2G, 512M or 1073741824") from None
+        v = math.nan
+    if not (math.isfinite(v) and v >= 1):
+        raise RunError(f"--memory-budget {s!r}: expected a positive size in bytes, e.g. 2G, 512M or 1073741824")
+    return int(v)
 
 
 def label_settings(args, items: list[Item]) -> dict:
     mode = str(args.label)
+    if args.class_index is not None and mode != "folder":
+        raise RunError("--class-index maps folder names to classes: it needs --label folder")
     if mode == "pred":
         return dict(mode="pred", index=None, classes=None)
     if mode == "folder":
@@ -615,9 +382,12 @@ def label_settings(args, items: list[Item]) -> dict:
             classes = {n: i for i, n in enumerate(sorted({it.folder for it in items}))}
         return dict(mode="folder", index=None, classes=classes)
     try:
-        return dict(mode="fixed", index=int(mode), classes=None)
+        index = int(mode)
     except ValueError:
         raise RunError(f"--label {mode!r}: expected 'pred', 'folder' or a class index") from None
+    if index < 0:
+        raise RunError(f"--label {index}: a class index is >= 0")
+    return dict(mode="fixed", index=index, classes=None)
 
 
 def run_settings(args, items) -> dict:
@@ -632,30 +402,61 @@ def run_settings(args, items) -> dict:
                 outputs=dict(class_scores=not args.no_class_scores))
 
 
-def _check_acd_args(args):
+def _check_args(args):
+    """The numbers of the command line, before anything is read or loaded."""
+    if args.image_size is not None and args.image_size < 1:
+        raise RunError("--image-size must be >= 1 (0 keeps each image's own size)")
+    if args.resize is not None and args.resize < 1:
+        raise RunError("--resize must be >= 1")
     if args.sweep_dim is not None and args.sweep_dim < 1:
         raise RunError("--sweep-dim must be >= 1")
-    if not 0 <= args.percentile_include <= 100:
+    if args.sweep_dim is not None and args.image_size is not None and args.sweep_dim > args.image_size:
+        raise RunError(f"--sweep-dim {args.sweep_dim} is larger than the image "
+                       f"(--image-size {args.image_size})")
+    if not 0 <= args.percentile_include <= 100:  # also NaN
         raise RunError("--percentile-include must be within 0..100")
-    if args.num_iters < 0:
-        raise RunError("--num-iters must be >= 0")
+    if args.num_iters < 1:
+        raise RunError("--num-iters must be >= 1 (0 would give an empty hierarchy)")
+    if args.threads is not None and args.threads < 1:
+        raise RunError(f"--threads {args.threads}: must be >= 1 (leave it out for cores // processes)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise RunError("--num-classes must be >= 1")
+    if not args.barrier_timeout > 0:
+        raise RunError("--barrier-timeout must be > 0 seconds")
+    parse_memory(args.memory_budget)
+
+
+def _decomposer(model, backend):
+    try:
+        return decomposer_for(model, backend)
+    except (UnsupportedOpError, RuntimeError) as e:  # an op without a rule; a backend not built
+        raise RunError(f"the model cannot be decomposed: {_one_line(e)}") from e
 
 
 def run(args) -> int:
-    """``fastacd run``: see the module docstring and docs/run.md. Returns the exit code."""
-    _check_acd_args(args)
+    """``fastacd run``: see the module docstring and docs/run.md. Returns the exit code.
+
+    Everything that can be refused is checked before the output folder is touched: the
+    arguments, the source, the settings against the folder's, the device, the weights, the
+    model's graph. Then the lock; the settings are recorded with the first finished image."""
+    _check_args(args)
     dist = Dist.from_env()
+    device = pick_device(args.device, dist)
     out = Path(args.out)
-    items, kind = collect_images(args.source)
+    items, kind = collect_images(args.source, exclude=out)
     settings = run_settings(args, items)
     digest = settings_hash(settings)
     # every rank checks (all refuse together) before anything is loaded or written
     check_settings_file(out, settings, digest, args.overwrite, args.source, write=False)
 
     import torch
-    device = pick_device(args.device, dist)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_threads(dist))
+        cores = cpu_threads(Dist())
+        if dist.rank == 0 and args.threads and args.threads * dist.local_world > cores:
+            print(f"WARNING: {dist.local_world} process(es) x {args.threads} threads on {cores} cores: "
+                  "oversubscribed threads wait for each other (often several times slower); "
+                  f"use --threads {max(1, cores // dist.local_world)} or fewer processes", file=sys.stderr)
     else:
         torch.cuda.set_device(device)
         # PyTorch runs float32 convolutions in TF32 on Ampere+ GPUs by default (10-bit mantissa):
@@ -670,60 +471,90 @@ def run(args) -> int:
     elif args.weights is None:
         say(f"note: no --weights given: {args.model} is used as its factory returns it "
             "(random-init unless the factory loads weights)")
-    dtype = getattr(torch, args.dtype)
-    model = model.to(device=device, dtype=dtype)
-    # the model loaded: record the settings. Rank 0 writes; other ranks write only a missing
-    # file (identical settings, so the race between them is harmless)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.rank == 0 or not (out / SETTINGS_FILE).exists():
-        check_settings_file(out, settings, digest, args.overwrite, args.source, write=True)
-
-    dec = decomposer_for(model, args.backend)
+    model = model.to(device=device, dtype=getattr(torch, args.dtype))
+    dec = _decomposer(model, args.backend)
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
-    lab = settings["label"]
-    pre = settings["preprocess"]
-    acd = settings["acd"]
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the folder ({e.strerror})") from e
+    key = run_key(dist.world)
+    set_temp_tag(key[:8])
+    with RunLock(out, key):
+        # again under the lock: a run that finished meanwhile may have recorded other settings
+        check_settings_file(out, settings, digest, args.overwrite, args.source, write=False)
+        clean_stale_temps(out)
+        return _run_locked(args, dist, device, out, items, kind, settings, digest, model, dec, say)
+
+
+def _run_locked(args, dist, device, out, items, kind, settings, digest, model, dec, say) -> int:
+    import torch
+    lab, pre, acd = settings["label"], settings["preprocess"], settings["acd"]
+    dtype = getattr(torch, args.dtype)
+    recorded = [False]
+
+    def record_settings():  # once the first image is done: a run failing before blocks nothing
+        if not recorded[0] and (dist.rank == 0 or not (out / SETTINGS_FILE).exists()):
+            try:
+                check_settings_file(out, settings, digest, args.overwrite, args.source, write=True)
+            except OSError as e:
+                raise write_failed(e, SETTINGS_FILE) from e
+        recorded[0] = True
 
     shard = [it for i, it in enumerate(items) if i % dist.world == dist.rank]
     todo, n_done, figure_only = [], 0, []
     for it in shard:
-        paths = output_paths(out, it)
-        if finished_record(paths, digest) is None:
+        paths = output_paths(out, it.id)
+        rec = finished_record(paths, digest, it.path)
+        if rec is None:
             todo.append(it)
         else:
             n_done += 1
-            if args.figures and not paths["figure"].exists():
+            if args.figures and not figure_ok(paths, rec):
                 figure_only.append(it)
     say(f"fastacd run: {len(items)} images ({kind} {args.source}) -> {out}; rank {dist.rank} of "
         f"{dist.world} on {device}"
         + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
         + f": {len(shard)} in this shard, {n_done} already done, {len(todo)} to do")
 
-    for it in figure_only:  # finished earlier without --figures: draw from the JSON
-        paths = output_paths(out, it)
+    for it in figure_only:  # finished earlier without --figures (or the figure was damaged): from the JSON
+        paths = output_paths(out, it.id)
         try:
             h = Hierarchy.from_json(paths["json"].read_text())
             h.image = display_image(load_image(it.path, pre))
-            save_figure(h.plot(), paths["figure"])
+            buf = io.BytesIO()
+            h.plot().savefig(buf, format="png", dpi=100)
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             say(f"figure for {it.id} failed: {e}")
+            continue
+        try:
+            atomic_write_bytes(paths["figure"], buf.getvalue())
+        except OSError as e:
+            raise write_failed(e, str(paths["figure"])) from e
 
     from tqdm.auto import tqdm
-    part = ManifestPart(out / f"manifest.rank{dist.rank}.jsonl")
+    try:
+        part = ManifestPart(out / f"manifest.rank{dist.rank}.jsonl")
+    except OSError as e:
+        raise write_failed(e, f"manifest.rank{dist.rank}.jsonl") from e
     n_err = n_ok = 0
     t_start = time.perf_counter()
     bar = tqdm(total=len(shard), initial=n_done, unit="img", dynamic_ncols=True, smoothing=0.1,
                desc=f"ACD rank {dist.rank}/{dist.world}" if dist.world > 1 else "ACD",
                disable=args.no_progress or dist.rank != 0)
+    reading = prefetch(todo, lambda it: read_image(it.path, pre))
     try:
-        for it in todo:
-            paths = output_paths(out, it)
+        for it, pending in reading:
+            paths = output_paths(out, it.id)
             rec = dict(image=it.id, path=it.path, folder=it.folder, rank=dist.rank,
-                       settings_hash=digest, label=None, prediction=None)
+                       settings_hash=digest, label=None, prediction=None, input_sha256=None)
             t0 = time.perf_counter()
+            files = None
             try:
-                x = load_image(it.path, pre).to(device=device, dtype=dtype)
+                x, rec["input_sha256"] = pending.result()
+                x = x.to(device=device, dtype=dtype)
                 with torch.no_grad():
                     logits = dec.forward(x).reshape(-1)
                 pred = int(logits.argmax())
@@ -750,8 +581,9 @@ def run(args) -> int:
                            outputs={k: os.path.relpath(p, out) for k, p in paths.items()
                                     if k != "figure" or args.figures},
                            time_s=round(time.perf_counter() - t0, 4), finished=_now())
-                write_outputs(paths, h, rec, digest, args.figures)
-                n_ok += 1
+                files = prepare_outputs(h, rec, digest, args.figures)
+            except UnsupportedOpError as e:  # the model, not the image: every image would fail
+                raise RunError(f"the model cannot be decomposed ({it.id}): {_one_line(e)}") from e
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 rec.update(status="error", error=f"{type(e).__name__}: {e}",
                            time_s=round(time.perf_counter() - t0, 4), finished=_now())
@@ -762,10 +594,18 @@ def run(args) -> int:
                     print(f"rank {dist.rank}: {it.id}: {rec['error']}", file=sys.stderr, flush=True)
                 else:
                     bar.write(f"{it.id}: {rec['error']}")
-            part.append(rec)
+            try:
+                if files is not None:
+                    record_settings()
+                    write_outputs(paths, files)
+                    n_ok += 1
+                part.append(rec)
+            except OSError as e:
+                raise write_failed(e, it.id) from e
             bar.update(1)
             bar.set_postfix(errors=n_err, refresh=False)
     finally:
+        reading.close()  # stops the reader thread now, also when a write error ends the loop
         bar.close()
         part.close()
     dt = time.perf_counter() - t_start
@@ -774,7 +614,12 @@ def run(args) -> int:
     final_barrier(dist, device, args.barrier_timeout)
     if dist.rank != 0:
         return 0
-    counts = merge_manifest(out, items, digest)
+    try:
+        if n_done:
+            record_settings()  # finished images of these settings, but no settings file (removed?)
+        counts = merge_manifest(out, items, digest)
+    except OSError as e:
+        raise write_failed(e, MANIFEST) from e
     rate = f", {n_ok / dt:.3g} images/s on rank 0" if n_ok and dt > 0 else ""
     say(f"done: {n_ok} computed, {n_done} skipped (finished before), {n_err} errors on rank 0{rate}; "
         f"all ranks: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}. "
@@ -792,6 +637,12 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
 
     ``threads``: torch CPU threads (default 1: the model is tiny, and on a shared machine one
     thread was 3-4x faster than two; None = torch's default)."""
+    for name, v, lo in (("--n", n, 1), ("--sweep-dim", sweep_dim, 1), ("--num-iters", num_iters, 1),
+                        ("--tile", tile, 1), ("--threads", threads or 0, 0)):
+        if v < lo:
+            raise RunError(f"{name} {v}: must be >= {lo}")
+    if not 0 <= percentile_include <= 100:  # also NaN
+        raise RunError(f"--percentile-include {percentile_include}: must be within 0..100")
     import torch
     if threads:
         torch.set_num_threads(threads)
@@ -801,6 +652,9 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, images, labels, acc = train_digits_cnn()
+    size = images.shape[-1]
+    if sweep_dim > size or tile > size:
+        raise RunError(f"--sweep-dim and --tile must be at most the digits' size, {size}")
     print(f"trained a digits CNN in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.3f}")
     n = max(1, min(n, len(images)))
 
@@ -821,7 +675,6 @@ def demo(out_dir, n: int = 4, sweep_dim: int = 2, percentile_include: float = 90
               f"({len(h.nodes)} blobs) in {dt:.2f} s -> {stem.name}.png/.json")
 
     # tile CD, batched engine vs the reference backend (one mask at a time)
-    size = images.shape[-1]
     grid = -(-size // tile)
     tiles = torch.zeros(grid * grid, size, size)
     for k in range(grid * grid):

@@ -11,17 +11,28 @@ from ..capture.graph import tensors
 from ..capture.nodes import UnsupportedOpError, describe_node
 
 
+def masks_apart(shape: tuple, total: tuple, m: int) -> bool:
+    """Whether a relevant part of m masks has the total's shape (batch 1) with the masks in
+    place of its batch: in dim 0, or where an op moved the batch (attention's head stacks)."""
+    if len(shape) != len(total):
+        return False
+    differ = [k for k in range(len(shape)) if shape[k] != total[k]]
+    return differ == [] if m == 1 else (len(differ) == 1 and total[differ[0]] == 1 and shape[differ[0]] == m)
+
+
 def apply_rule(step, rel: dict, values, aux_entry, ops, m: int, want: tuple | None = None) -> torch.Tensor:
-    """The step's relevant output from ``rel`` (node -> relevant part (m, ...)), checked to
-    keep the masks apart (``want``: the expected shape, default ``(m,) + values[node].shape[1:]``)."""
+    """The step's relevant output from ``rel`` (node -> relevant part of m masks), checked to
+    keep the masks apart (``want``: the exact expected shape, as the windowed pass knows it)."""
     out = step.rule.relevant(step, rel, values, aux_entry, ops, m)
-    wants = [want] if want is not None else [(m,) + tuple(t.shape[1:]) for t in tensors(values[step.node])]
     got = [tuple(t.shape) for t in tensors(out)]
-    if got != [tuple(w) for w in wants]:
+    totals = [tuple(t.shape) for t in tensors(values[step.node])]
+    ok = (got == [tuple(want)] if want is not None else
+          len(got) == len(totals) and all(masks_apart(g, t, m) for g, t in zip(got, totals)))
+    if not ok:
         raise UnsupportedOpError(
             f"{describe_node(step.node)} does not treat the samples of a batch independently "
-            f"(relevant part has shape {', '.join(map(str, got))}, expected "
-            f"{', '.join(str(tuple(w)) for w in wants)})")
+            f"(relevant part has shape {', '.join(map(str, got))} for {m} masks; the true "
+            f"activation has {', '.join(map(str, totals))})")
     return out
 
 

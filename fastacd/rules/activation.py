@@ -72,3 +72,44 @@ class Activation(Rule):
 
     def locality(self, step, values):
         return Elementwise()
+
+
+_OFFSET_MODULES = {nn.Sigmoid: lambda m: torch.sigmoid, nn.Hardsigmoid: lambda m: F.hardsigmoid,
+                   nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold))}
+
+
+class OffsetActivation(Rule):
+    """An element-wise function with f(0) != 0 used on its own (a sigmoid output, softplus):
+    ``rel = f(r) - f(0)``, so an empty mask stays empty. As a gate on a decomposed value it is
+    context instead (``RuleSet.context``)."""
+    kind = "offset_activation"
+    modules = tuple(_OFFSET_MODULES)
+    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
+    methods = ("sigmoid", "sigmoid_")
+    row = ("Sigmoid, Hardsigmoid, Softplus on their own (f(0) != 0)", "`f(r) - f(0)`", "`f(a) - rel`")
+
+    def claim(self, graph, node, dep, module):
+        fn = None
+        if module is not None:
+            typ = next(c for c in type(module).__mro__ if c in _OFFSET_MODULES)
+            fn = _OFFSET_MODULES[typ](module)
+        return Step(node, self, dep, fn=fn, module=module)
+
+    def gate_like(self, graph, node, gates):
+        return True
+
+    def _f(self, step, t, value_of):
+        return call_with(step, value_of, {step.dep[0]: t})
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        rel = self._f(step, r, value_of) - self._f(step, torch.zeros_like(r), value_of)
+        return rel, self._f(step, r + i, value_of) - rel
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        r = rel[step.dep[0]]
+        f0 = self._f(step, r.new_zeros(()), values.__getitem__)
+        return self._f(step, r, values.__getitem__) - f0
+
+    def locality(self, step, values):
+        return Elementwise()

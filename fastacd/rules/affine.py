@@ -46,14 +46,24 @@ def affine_parts(step: Step, value_of: Callable):
     return (lambda t: fn(t, weight, None, *args, **kwargs)), bias
 
 
-def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None):
+def channels_last(step: Step, t: torch.Tensor) -> bool:
+    """Whether the layer's channels are the last dim: a Linear on (N, ..., F) (tokens)."""
+    linear = isinstance(step.module, nn.Linear) or step.node.target is F.linear
+    return linear and t.dim() > 2
+
+
+def bias_view(bias: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
+    return bias if last else bias.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, last: bool = False):
     """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``."""
     if bias is None:
         return zr, zi
     prop_rel = zr.abs() + EPS
     prop_irrel = zi.abs() + EPS
     prop_sum = prop_rel + prop_irrel
-    b = bias.reshape((1, -1) + (1,) * (zr.dim() - 2))
+    b = bias_view(bias, zr, last)
     return zr + prop_rel / prop_sum * b, zi + prop_irrel / prop_sum * b
 
 
@@ -106,13 +116,13 @@ class Affine(Rule):
     def total(self, step, value_of):
         weights, bias = affine_parts(step, value_of)
         pre = weights(value_of(step.dep[0]))
-        out = pre if bias is None else pre + bias.reshape((1, -1) + (1,) * (pre.dim() - 2))
+        out = pre if bias is None else pre + bias_view(bias, pre, channels_last(step, pre))
         return out, (weights, bias, pre)
 
     def reference(self, step, parts, value_of, aux):
-        weights, bias, _ = aux
+        weights, bias, pre = aux
         r, i = parts[step.dep[0]]
-        return split_bias(weights(r), weights(i), bias)
+        return split_bias(weights(r), weights(i), bias, channels_last(step, pre))
 
     def relevant(self, step, rel, values, aux, ops, m):
         weights, bias, pre = aux
@@ -120,6 +130,8 @@ class Affine(Rule):
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
+        if channels_last(step, zr):  # the split ops take channels at dim 1
+            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused).movedim(1, -1)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused)
         return ops.bias_split(zr, pre, bias, step.relu_fused)

@@ -65,6 +65,7 @@ class Rule:
     fuses_relu: bool = False   # a ReLU that only this node feeds is folded into its split
     value: bool = True         # False: the node gives a plain value (a size), not decomposed
     output_only: bool = False  # a trailing op left out of CD (its input's parts are the result)
+    context_only: bool = False  # claims nothing: it only marks context (``gate_like``)
     row: tuple[str, str, str] = ("", "", "")  # docs: ops, relevant out, irrelevant out
 
     # ---- capture ------------------------------------------------------------------------
@@ -75,6 +76,16 @@ class Rule:
     def folds_into(self, step: Step) -> bool:
         """Whether this step may be folded into a producer whose rule ``fuses_relu``."""
         return False
+
+    # ---- context (design.md section 8) -----------------------------------------------------
+    def gate_like(self, graph, node: fx.Node, gates: set) -> bool:
+        """Whether the node's output modulates another value (a gate, attention weights, a
+        normaliser); ``gates``: the gate-like nodes before it."""
+        return False
+
+    def context_operands(self, graph, node: fx.Node, reach: set, gates: set) -> set:
+        """The node's input-dependent operands it reads from the total only (context)."""
+        return set()
 
     # ---- the forms ----------------------------------------------------------------------
     def total(self, step: Step, value_of: Callable) -> tuple[Any, Any]:
@@ -112,6 +123,13 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} rule {self.kind!r}>"
+
+
+def only_gates(node: fx.Node, reach: set, gates: set) -> bool:
+    """Whether the node's input-dependent inputs are all gate-like (and there is one): an
+    op on gates alone (a reshape, ``1 - g``, ``g1 * g2``) is gate-like too."""
+    dep = [a for a in node.all_input_nodes if a in reach]
+    return bool(dep) and all(a in gates for a in dep)
 
 
 def as_tuple(v) -> tuple[int, int]:
@@ -207,6 +225,47 @@ class RuleSet(Mapping):
                 return self._modules[cls]
         return []
 
+    def candidates(self, graph, node: fx.Node) -> list[Rule]:
+        """The rules whose tables name the node's module type, function or method."""
+        if node.op == "call_module":
+            return self._module_rules(graph.gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return self._functions.get(node.target, []) if _hashable(node.target) else []
+        if node.op == "call_method":
+            return self._methods.get(node.target, [])
+        return []
+
+    def is_metadata(self, graph, node: fx.Node) -> bool:
+        """Whether the node reads only sizes of its input (a rule with ``value = False`` claims it)."""
+        for r in self.candidates(graph, node):
+            if not r.value:
+                try:
+                    if r.claim(graph, node, [], None) is not None:
+                        return True
+                except UnsupportedOpError:
+                    pass
+        return False
+
+    def context(self, graph, reach: set, metadata: set = frozenset()) -> set:
+        """The input-dependent nodes that are context: computed once from the total and shared
+        by all masks, like a constant (design.md section 8). A node is context when every
+        reader takes it as context (a gate, attention weights, a normaliser, a size) or is
+        context itself: what only feeds a gate's computation is never decomposed."""
+        gates: set = set()
+        operands: dict = {}
+        for n in graph.nodes:
+            if n in reach:
+                rules = self.candidates(graph, n)
+                if any(r.gate_like(graph, n, gates) for r in rules):
+                    gates.add(n)
+                operands[n] = set().union(*(r.context_operands(graph, n, reach, gates) for r in rules))
+        context: set = set()
+        for n in reversed(graph.nodes):
+            if n in reach and n is not graph.input_node and n.users and all(
+                    u in context or u in metadata or n in operands.get(u, ()) for u in n.users):
+                context.add(n)
+        return context
+
     def claim(self, graph, node: fx.Node, dep: list[fx.Node]) -> Step:
         """The step of the rule that claims ``node``; ``UnsupportedOpError`` if none does."""
         mod = graph.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -215,14 +274,7 @@ class RuleSet(Mapping):
             kind, factory = _USER_RULES[key]
             fn = None if factory is None else (factory(mod) if mod is not None else factory)
             return Step(node, self._rules[kind], dep, fn=fn, module=mod)
-        if mod is not None:
-            candidates = self._module_rules(mod)
-        elif node.op == "call_function":
-            candidates = self._functions.get(node.target, []) if _hashable(node.target) else []
-        elif node.op == "call_method":
-            candidates = self._methods.get(node.target, [])
-        else:
-            candidates = []
+        candidates = self.candidates(graph, node)
         refused = None  # a rule's refusal names the variant; a later rule may still claim it
         for rule in candidates:
             try:

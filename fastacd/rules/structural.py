@@ -11,13 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg, operands
-from .base import Elementwise, Rule, Union, unsupported
+from .base import Elementwise, Rule, Union, only_gates, unsupported
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout)
 _IDENTITY_METHODS = ("contiguous", "clone")
+try:  # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap): identity in eval
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    _STOCHASTIC_DEPTH = {_stochastic_depth: 3}  # function -> position of its training flag
+except ImportError:  # torchvision is optional
+    _STOCHASTIC_DEPTH = {}
 
 
 def _identity(t):
@@ -39,16 +44,19 @@ class Linear(Rule):
                nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle) + _DROPOUT_FUNCTIONS
+                 F.interpolate, F.pixel_shuffle) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH)
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum")
-    row = ("avg-pools, adaptive avg-pools, dropout (eval), Identity, padding, upsampling, `permute`, "
-           "`mean`, ...", "`f(r)`", "`f(i)`")
+    row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
+           "upsampling, `permute`, `mean`, ...", "`f(r)`", "`f(i)`")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if isinstance(module, _DROPOUT_MODULES + (nn.Identity,)):
             return Step(node, self, dep, fn=_identity, module=module, extra={"identity": True})
-        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            if arg(node, 2, "training", True):
+        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH):
+            if arg(node, _STOCHASTIC_DEPTH.get(node.target, 2), "training", True):
                 raise unsupported(node, "dropout with training=True: CD (defined on eval behaviour) "
                                         "would see random masks. Pass training=self.training and "
                                         "call model.eval()")
@@ -73,6 +81,9 @@ class Reshape(Rule):
     methods = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
     row = ("`flatten`, `view`, `reshape`, `squeeze`, `unsqueeze`, `nn.Flatten`", "`f(r)`", "`f(i)`")
 
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
     def reference(self, step, parts, value_of, aux):
         return _each(step, parts, value_of)
 
@@ -84,6 +95,9 @@ class Getitem(Rule):
     kind = "getitem"
     functions = (operator.getitem,)
     row = ("`x[:, ...]` keeping the batch dim", "`r[idx]`", "`i[idx]`")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if node.args[0] not in graph.dependent:
@@ -105,6 +119,9 @@ class Split(Rule):
     methods = ("chunk", "split", "unbind")
     row = ("`chunk`, `split`, `unbind` along a non-batch dim", "the pieces of `r`", "the pieces of `i`")
 
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
     def reference(self, step, parts, value_of, aux):
         return _each(step, parts, value_of)
 
@@ -119,6 +136,9 @@ class Add(Rule):
     functions = (operator.add, torch.add, operator.iadd)
     methods = ("add", "add_")
     row = ("`+`, `+=`, `torch.add`", "`r1 + r2`", "`i1 + i2` (a constant joins here)")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if "alpha" in node.kwargs or len(node.args) > 2:
@@ -186,6 +206,9 @@ class Neg(Rule):
     methods = ("neg",)
     row = ("unary `-`", "`-r`", "`-i`")
 
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return -r, -i
@@ -214,6 +237,21 @@ class Scale(Rule):
                                     "(not linear; CD has no rule for it)")
         return Step(node, self, dep, extra={"divide": divide})
 
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def context_operands(self, graph, node, reach, gates):
+        """A gate on a decomposed value (``x * sigmoid(s)``, ``attn * v``) and a denominator
+        (``x / std``) are taken from the total (design.md section 8)."""
+        a, b = operands(node)
+        if a is b:  # read decomposed too
+            return set()
+        if node.target in self._DIVIDE:
+            return {b} & reach
+        if a in reach and b in reach and (a in gates) != (b in gates):
+            return {a, b} & gates
+        return set()
+
     def _constant(self, step, value_of):
         a, b = operands(step.node)
         return load_arg(value_of, b if a is step.dep[0] else a)
@@ -237,6 +275,9 @@ class Cat(Rule):
     kind = "cat"
     functions = (torch.cat, torch.concat, torch.concatenate)
     row = ("`torch.cat` along a non-batch dim", "part-wise (zeros for a constant)", "part-wise (a constant joins here)")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
 
     @staticmethod
     def _dim(node: fx.Node, total: torch.Tensor) -> int:
@@ -292,9 +333,13 @@ class OutputSoftmax(Rule):
 
     def claim(self, graph, node, dep, module):
         if list(node.users) != [graph.output_node]:
-            raise unsupported(node, "a softmax inside the network (only a trailing softmax at the "
-                                    "output is allowed, and it is not decomposed)")
+            raise unsupported(node, "a softmax inside the network that weights nothing (a trailing "
+                                    "softmax is not decomposed; one inside the network is context "
+                                    "only as attention or gate weights of a decomposed value)")
         return Step(node, self, dep, module=module)
+
+    def gate_like(self, graph, node, gates):
+        return list(node.users) != [graph.output_node]
 
     def total(self, step, value_of):
         return value_of(step.dep[0]), None

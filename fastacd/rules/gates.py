@@ -1,0 +1,107 @@
+"""Products (design.md section 8).
+
+A value that *modulates* a decomposed one (a sigmoid gate, attention weights, a normaliser)
+is context: ``RuleSet.context`` has it computed once from the total and shared by all masks,
+so the product is linear in the decomposed factor (``Scale``, ``MatMul`` with a constant).
+What remains is a product of two decomposed factors (SwiGLU's ``silu(u) * v``, a bilinear
+layer): as in the LSTM rule (the cell's ``i * g``), only relevant x relevant is relevant.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..capture.nodes import Step, load_arg, operands
+from .base import Rule, only_gates, unsupported
+
+
+class Normaliser(Rule):
+    """``rsqrt`` / ``reciprocal`` of an input-dependent value: a normaliser, context wherever it
+    scales a decomposed value (``(x - mean) * torch.rsqrt(var + eps)``); no rule on its own."""
+    kind = "normaliser"
+    context_only = True
+    functions = (torch.rsqrt, torch.reciprocal)
+    methods = ("rsqrt", "reciprocal")
+    row = ("`rsqrt`, `reciprocal` scaling a decomposed value", "context: from the total", "")
+
+    def claim(self, graph, node, dep, module):
+        raise unsupported(node, "a normaliser that scales no decomposed value")
+
+    def gate_like(self, graph, node, gates):
+        return True
+
+
+class MatMul(Rule):
+    """``a @ b`` with one input-dependent factor (the other a constant or context, e.g.
+    attention weights): linear in it."""
+    kind = "matmul"
+    functions = (operator.matmul, torch.matmul, torch.bmm)
+    methods = ("matmul", "bmm")
+    row = ("`@`, `matmul`, `bmm` with one decomposed factor (the other a constant or context: "
+           "attention weights from the total)", "`P @ r`", "`P @ i`")
+
+    def claim(self, graph, node, dep, module):
+        if len(set(dep)) > 1 or (len(dep) == 1 and operands(node)[0] is operands(node)[1]):
+            return None  # two decomposed factors: Product
+        a, _ = operands(node)
+        return Step(node, self, dep, extra={"left": a is dep[0]})
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def context_operands(self, graph, node, reach, gates):
+        a, b = operands(node)
+        if a is not b and a in reach and b in reach and (a in gates) != (b in gates):
+            return {a, b} & gates
+        return set()
+
+    def _apply(self, step, t, value_of):
+        a, b = operands(step.node)
+        left = step.extra["left"]
+        other = load_arg(value_of, b if left else a)
+        x, y = (t, other) if left else (other, t)
+        if step.node.target in (torch.bmm, "bmm"):  # bmm does not broadcast a batch of 1 to M masks
+            n = max(x.shape[0], y.shape[0])
+            x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
+        return torch.matmul(x, y)
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        return self._apply(step, r, value_of), self._apply(step, i, value_of)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return self._apply(step, rel[step.dep[0]], values.__getitem__)
+
+
+class Product(Rule):
+    """``u * v`` or ``u @ v`` of two decomposed factors: relevant ``ur * vr``, irrelevant the
+    rest (``ur * vi + ui * vr + ui * vi``), as the LSTM rule does with ``i * g``."""
+    kind = "product"
+    functions = (operator.mul, torch.mul, operator.imul, operator.matmul, torch.matmul, torch.bmm)
+    methods = ("mul", "mul_", "matmul", "bmm")
+    row = ("`u * v`, `u @ v` of two decomposed factors (SwiGLU, bilinear)", "`ur * vr`",
+           "`ur*vi + ui*vr + ui*vi`")
+
+    def claim(self, graph, node, dep, module):
+        a, b = operands(node)
+        if not (a in graph.dependent and b in graph.dependent):
+            return None
+        return Step(node, self, dep, extra={"matmul": node.target in (operator.matmul, torch.matmul,
+                                                                    torch.bmm, "matmul", "bmm")})
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def _times(self, step, u, v):
+        return torch.matmul(u, v) if step.extra["matmul"] else u * v
+
+    def reference(self, step, parts, value_of, aux):
+        a, b = operands(step.node)
+        (ur, ui), (vr, vi) = parts[a], parts[b]
+        return (self._times(step, ur, vr),
+                self._times(step, ur, vi) + self._times(step, ui, vr) + self._times(step, ui, vi))
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        a, b = operands(step.node)
+        return self._times(step, rel[a], rel[b])
