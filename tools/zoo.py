@@ -332,6 +332,9 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
                     p.copy_(torch.rand(p.shape, generator=g) + 0.5)
                 elif pname == "bias" and p.dim() == 1 and bool((p == 0).all()):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                elif p.dim() >= 2 and bool((p == 0).all()):
+                    # zero-initialised heads (timm's MLP-Mixer family) make the logits constant
+                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return model
 
 
@@ -456,59 +459,44 @@ def _error(exc: BaseException) -> dict:
 def unsupported_ops(model: nn.Module, rules=None) -> list[dict] | None:
     """Every input-dependent op of ``model`` fastacd has no rule for, in graph order.
 
-    fastacd's capture stops at the first such node; this walks on (an unsupported node is
-    taken to give an input-dependent tensor) so a model's full list of missing ops is known.
-    It traces as the capture does (the rule set's leaf modules, in-place ops made out of
-    place) and asks the rule set (``rules``, default: fastacd's) for each node. It uses the
-    capture's internals and returns None when they are not there or tracing fails (the
-    first error from ``Decomposer`` is recorded either way).
+    fastacd's capture stops at the first such node; this runs the capture itself with a copy
+    of the rule set (``rules``, default: fastacd's) whose ``claim`` records a refusal and
+    answers with a placeholder step, so the capture walks on (the node taken to give a
+    decomposed tensor) and a model's full list of missing ops is known. Returns None when
+    the capture's interfaces are not there or torch.fx cannot trace the model (the first
+    error from ``Decomposer`` is recorded either way).
     """
     try:
-        from fastacd.capture import graph as G
         import fastacd.rules as R
-        rules = R.resolve(rules)
-        claim = rules.claim
-        tracer = G._Tracer(rules)
-    except Exception:  # noqa: BLE001 - internals moved: report the first error only
+        from fastacd.capture.graph import CapturedGraph
+        from fastacd.capture.nodes import Step, UnsupportedOpError, describe_node
+        recording = R.resolve(rules).replace()  # a copy: the patched claim stays here
+        real_claim = recording.claim
+        placeholder = type("Missing", (R.Rule,), {"kind": "zoo:missing"})()
+    except Exception:  # noqa: BLE001 - interfaces moved: report the first error only
         return None
-    try:
-        gm = fx.GraphModule(model, tracer.trace(model))
-    except Exception:  # noqa: BLE001 - torch.fx cannot trace it: the caller records that
-        return None
-    try:
-        G.functionalise(gm)
-    except G.UnsupportedOpError as exc:
-        return [{"op": "in-place op on a view or parameter", "reason": _first_line(exc), "where": ""}]
-    cg = object.__new__(G.CapturedGraph)  # what rules read of a graph while claiming nodes
-    cg.model, cg.rules, cg.gm = model, rules, gm
-    cg.nodes = list(gm.graph.nodes)
-    cg.input_node = next(n for n in cg.nodes if n.op == "placeholder")
-    cg.output_node = next(n for n in cg.nodes if n.op == "output")
-    cg.steps, cg.dependent = {}, {cg.input_node}
     found = []
-    for node in cg.nodes:
-        if node.op in ("placeholder", "get_attr", "output"):
-            continue
-        dep = [a for a in node.all_input_nodes if a in cg.dependent]
-        if not dep:
-            continue
+
+    def claim(graph, node, dep):
         try:
-            step = claim(cg, node, dep)
-        except G.UnsupportedOpError as exc:
+            return real_claim(graph, node, dep)
+        except UnsupportedOpError as exc:
             msg = str(exc).splitlines()[0]
             why = re.search(r"\(graph node '[^']*'\) \((.*)\)\.$", msg)
             found.append({"op": op_name(node), "reason": why.group(1) if why else "",
-                          "where": G.describe_node(node), "factors": _dependent_args(node, cg.dependent)})
-            cg.dependent.add(node)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a rule that breaks on this node: record it
-            found.append({"op": op_name(node), "reason": f"{type(exc).__name__}: {_first_line(exc)}",
-                          "where": str(node), "factors": _dependent_args(node, cg.dependent)})
-            cg.dependent.add(node)
-            continue
-        if step.rule.value:  # a size or shape is a plain value, not a decomposed one
-            cg.steps[node] = step
-            cg.dependent.add(node)
+                          "where": describe_node(node), "factors": _dependent_args(node, graph.dependent)})
+            return Step(node, placeholder, dep)
+
+    recording.claim = claim
+    try:
+        CapturedGraph(model, recording)
+    except UnsupportedOpError as exc:
+        msg = _first_line(exc)
+        if "could not trace" in msg:
+            return None
+        found.append({"op": "capture: " + msg[:80], "reason": msg, "where": ""})
+    except Exception as exc:  # noqa: BLE001 - a rule that breaks on this model: record it
+        found.append({"op": f"capture: {type(exc).__name__}", "reason": _first_line(exc), "where": ""})
     return _dedupe(found)
 
 
@@ -552,13 +540,13 @@ def export_unsupported(ep) -> list[dict]:
             name = name[:-1]  # in-place variants: the same rule
         factors = _dependent_args(node, dependent)
         item = {"op": name, "reason": "", "where": f"export node {node.name!r}", "factors": factors}
+        if has_counterpart(name):  # the fx capture's rule for its namesake covers it
+            continue
         if name in _PRODUCTS and (factors >= 2 or (name == "aten.div" and len(node.args) > 1
                                                    and node.args[1] in dependent)):
             item["reason"] = "a product or quotient of two input-dependent values"
         elif name in _SOFTMAXES and list(node.users) != [output]:
             item["reason"] = "a softmax inside the network"
-        elif has_counterpart(name):
-            continue
         found.append(item)
     return _dedupe(found)
 
@@ -798,6 +786,8 @@ def _numbers(entry, model, x, masks, res, logits, dec, timing_masks) -> dict:
     scale = max(float(logits.abs().max()), 1e-30)
     out = {"logit_scale": scale}
     out["complete"] = _gap(res.relevant + res.irrelevant, logits.expand_as(res.relevant), scale)
+    # the masks select different inputs: near 0, the output does not depend on the input
+    out["mask_spread"] = _gap(res.relevant, res.relevant[:1].expand_as(res.relevant), scale)
     with torch.no_grad():
         one = torch.cat([dec.cd(x, masks[k:k + 1]).relevant for k in range(masks.shape[0])])
     out["batched_vs_one"] = _gap(res.relevant, one, scale)
