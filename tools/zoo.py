@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -56,7 +57,7 @@ import torch.nn as nn  # noqa: E402
 
 RESULTS_JSON = ROOT / "bench" / "results" / "zoo.json"
 TIMING_MASKS = 64          # masks of the CD / forward timing (issue 16's setting)
-TIMING_BUDGET_S = 60.0     # fewer timing masks when 64 would take longer than this
+TIMING_BUDGET_S = 30.0     # fewer timing masks when 64 would take longer than this
 NUM_CLASSES = 10           # small heads: the head is not what the zoo is about
 
 
@@ -456,14 +457,15 @@ def _error(exc: BaseException) -> dict:
     return {"ok": False, "error_type": type(exc).__name__, "error": _first_line(exc)}
 
 
-def unsupported_ops(model: nn.Module, rules=None) -> list[dict] | None:
+def unsupported_ops(model: nn.Module, rules=None, gm: fx.GraphModule | None = None) -> list[dict] | None:
     """Every input-dependent op of ``model`` fastacd has no rule for, in graph order.
 
     fastacd's capture stops at the first such node; this runs the capture itself with a copy
     of the rule set (``rules``, default: fastacd's) whose ``claim`` records a refusal and
     answers with a placeholder step, so the capture walks on (the node taken to give a
-    decomposed tensor) and a model's full list of missing ops is known. Returns None when
-    the capture's interfaces are not there or torch.fx cannot trace the model (the first
+    decomposed tensor) and a model's full list of missing ops is known. With ``gm`` (fastacd's
+    torch.export capture, ``export_module``) it walks that graph instead of torch.fx's. Returns None
+    when the capture's interfaces are not there or the model cannot be captured (the first
     error from ``Decomposer`` is recorded either way).
     """
     try:
@@ -489,7 +491,7 @@ def unsupported_ops(model: nn.Module, rules=None) -> list[dict] | None:
 
     recording.claim = claim
     try:
-        CapturedGraph(model, recording)
+        CapturedGraph(model, recording, gm)
     except UnsupportedOpError as exc:
         msg = _first_line(exc)
         if "could not trace" in msg:
@@ -720,10 +722,11 @@ def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_M
     except Exception as exc:  # noqa: BLE001
         rec["fx"] = _error(exc)
     ep = None
-    if do_export:
+    if do_export and gm is None:  # fastacd's capture='auto' falls back to torch.export here
         t = time.perf_counter()
         try:
-            ep = torch.export.export(model, (x,), strict=False)
+            from fastacd.capture.export import export_module
+            ep = export_module(model, x)  # fastacd's export capture (an fx.GraphModule of ATen ops)
             rec["export"] = {"ok": True}
         except Exception as exc:  # noqa: BLE001
             rec["export"] = _error(exc)
@@ -732,10 +735,8 @@ def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_M
         rec["inventory"] = dict(inventory(gm), graph="fx")
         rec["unsupported"] = unsupported_ops(model)
     elif ep is not None:
-        inv = inventory(ep.graph_module)
-        rec["inventory"] = dict(inv, graph="export")
-        rec["unsupported"] = ([{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
-                              + export_unsupported(ep))
+        rec["inventory"] = dict(inventory(ep), graph="export")
+        rec["unsupported"] = unsupported_ops(model, gm=ep)
     else:
         rec["inventory"] = None
         rec["unsupported"] = [{"op": "capture: torch.fx cannot trace", "reason": rec["fx"]["error"], "where": ""}]
@@ -744,11 +745,13 @@ def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_M
     masks = block_masks(entry, x)
     stage = "construct"
     try:
-        dec = fastacd.Decomposer(model)
+        with warnings.catch_warnings():  # capture='auto' says when it falls back to torch.export
+            warnings.simplefilter("ignore")
+            dec = fastacd.Decomposer(model)
         stage = "cd"
         with torch.no_grad():
             res = dec.cd(x, masks)
-        rec["fastacd"] = {"ok": True}
+        rec["fastacd"] = {"ok": True, "capture": dec.capture}
     except Exception as exc:  # noqa: BLE001
         rec["fastacd"] = dict(_error(exc), stage=stage)
         rec["fastacd"]["op"] = first_failing_op(rec)
@@ -772,9 +775,10 @@ def first_failing_op(rec: dict) -> str:
     for item in rec.get("unsupported") or []:
         if item.get("where") and item["where"] in msg:
             return op_key(item)
-    m = re.search(r"no CD rule for (module '[^']*' \((\w+)\)|function (\S+)|method (\.\w+\(\)))", msg)
+    m = re.search(r"no CD rule for (module '[^']*' \((\w+)\)|function (\S+)|method (\.\w+\(\))|ATen op (\S+))", msg)
     if m:
-        return m.group(2) or m.group(3) or m.group(4)
+        aten = m.group(5)
+        return ".".join(aten.split(".")[:2]) if aten else (m.group(2) or m.group(3) or m.group(4))
     if "could not trace" in msg:
         return "capture: torch.fx cannot trace"
     return f"{fa.get('error_type', '?')}: {msg[:120]}"
@@ -796,8 +800,9 @@ def _numbers(entry, model, x, masks, res, logits, dec, timing_masks) -> dict:
     x64, masks64 = x.double(), masks.double()
     with torch.no_grad():
         logits64 = model64(x64)
-        res64 = fastacd.Decomposer(model64).cd(x64, masks64)
-        rel_ref, irrel_ref = fastacd.reference.cd(model64, x64, masks64)
+        dec64 = fastacd.Decomposer(model64, capture=dec.capture)
+        res64 = dec64.cd(x64, masks64)
+        rel_ref, irrel_ref = _reference(dec64, model64, x64, masks64)
     scale64 = max(float(logits64.abs().max()), 1e-300)
     out["complete_f64"] = _gap(res64.relevant + res64.irrelevant, logits64.expand_as(res64.relevant), scale64)
     out["f32_vs_f64"] = _gap(res.relevant, res64.relevant, scale64)
@@ -818,6 +823,17 @@ def _numbers(entry, model, x, masks, res, logits, dec, timing_masks) -> dict:
                    cd_per_mask_over_forward=cd_cpu / n / fwd_cpu,  # CPU time: robust to the load
                    cd_per_mask_over_forward_wall=cd_t / n / fwd, threads=torch.get_num_threads())
     return out
+
+
+def _reference(dec, model, x, masks):
+    """``fastacd.reference.cd``; on the engine's graph where it is torch.export's (the
+    reference's own capture is torch.fx)."""
+    import fastacd
+    from fastacd.capture.inputs import check_masks
+    from fastacd.reference.cd import cd_relevant_input
+    if dec.capture == "fx":
+        return fastacd.reference.cd(model, x, masks)
+    return cd_relevant_input(dec.graph, x, check_masks(x, masks) * x)
 
 
 def _text_api(entry: Entry, model: nn.Module, tokens: torch.Tensor) -> dict:
@@ -1059,9 +1075,12 @@ def markdown(data: dict) -> str:
          "token ids; they are decomposed from their embeddings (the masks select tokens).", "",
          "## Summary", ""]
     for src, names in by_source.items():
+        no_fx = [n for n in names if not entries[n].get("fx", {}).get("ok")]
+        via_export = sum(ok(entries[n]) for n in no_fx)
         L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose "
-                 f"(torch.fx traces {sum(bool(entries[n].get('fx', {}).get('ok')) for n in names)}, "
-                 f"torch.export captures {sum(bool(entries[n].get('export', {}).get('ok')) for n in names)})")
+                 f"(torch.fx traces {len(names) - len(no_fx)}; of the {len(no_fx)} it cannot, fastacd's "
+                 f"torch.export capture takes {sum(bool(entries[n].get('export', {}).get('ok')) for n in no_fx)} "
+                 f"and {via_export} decompose through it)")
     L += ["", "Checks, for the 4 quadrant masks (text: 4 runs of tokens), as fractions of the largest |logit|: "
           "**complete** = max |relevant + irrelevant - logits| (float32); **batched** = max gap between the "
           "4-mask call and 4 one-mask calls; **f32/f64** = max gap between the float32 and the float64 "

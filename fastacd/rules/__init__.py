@@ -7,11 +7,11 @@ from .gates import MatMul, Normaliser, Product
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
-from .structural import (Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Reshape, Scale, Shape, Split,
+from .structural import (Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Pad, Reshape, Scale, Shape, Split,
                          Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), AddCMul(), Activation(),
-                   OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
+                   OffsetActivation(), MaxPool(), Linear(), Pad(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
                    Scale(), MatMul(), Product(), Normaliser(), Cat(), OutputSoftmax(), Shape()], name="acd")
 
 
