@@ -931,7 +931,7 @@ def survey(args: argparse.Namespace) -> dict:
         status = "ok" if fa.get("ok") else f"{fa.get('stage', '?')}: {fa.get('op', fa.get('error', ''))}"
         ratio = nums.get("cd_per_mask_over_forward")
         print(f"[{k}] {entry.name:44s} fx={'ok' if rec.get('fx', {}).get('ok') else 'FAIL'} "
-              f"export={'ok' if rec.get('export', {}).get('ok') else 'FAIL'} fastacd={status}"
+              f"export={('ok' if rec['export'].get('ok') else 'FAIL') if 'export' in rec else '-'} fastacd={status}"
               + (f" cd/fwd={ratio:.2f}" if ratio else "") + f" ({rec.get('seconds')} s)", flush=True)
         data["meta"] = _meta(args)
         data["summary"] = summary(data["entries"])
@@ -1086,10 +1086,13 @@ def markdown(data: dict) -> str:
           "4-mask call and 4 one-mask calls; **f32/f64** = max gap between the float32 and the float64 "
           "engines' relevant parts; **ref** = float64 engine vs `fastacd.reference.cd`. **CD/fwd** = CPU time "
           f"of CD per mask over one plain forward (1 thread, best of 2 calls of up to {meta.get('timing_masks')} "
-          "random block masks, fewer where 64 would take over a minute; forward best of 5; CPU time because "
+          f"random block masks, fewer where 64 would take over {TIMING_BUDGET_S / 2:.0f} s; forward best of 5; CPU time because "
           "the machine is shared, wall-clock ratios are in the JSON). Gaps in **bold** are beyond the test tolerances (1e-4 of the scale in float32, 1e-10 "
           "for ref): CD's splits are discontinuous where both parts are zero, and rounding residues flip "
-          "them (design.md section 9; issue 17 fixes this), so they are not rule bugs.", ""]
+          "them (design.md section 9; issue 17 fixes this), so they are not rule bugs. **fx** = torch.fx "
+          "traces the model; **export** = fastacd's torch.export capture (`fastacd.capture.export`), tried "
+          "where torch.fx cannot trace (`Decomposer(capture='auto')` falls back to it); \"yes (export)\" = "
+          "decomposed through that capture.", ""]
     for src, names in by_source.items():
         L += [f"## {src}", "",
               "| model | family | input | works | first failing op | fx | export | complete | batched | f32/f64 | ref | CD/fwd |",
@@ -1103,6 +1106,8 @@ def markdown(data: dict) -> str:
             fa = r.get("fastacd", {})
             if ok(r):
                 works, op = ("yes" if "error" not in nums else "yes (checks failed: " + nums["error"][:60] + ")"), ""
+                if fa.get("capture") == "export":
+                    works = works.replace("yes", "yes (export)", 1)
             else:
                 works, op = f"no ({fa.get('stage', '?')})", f"`{fa.get('op', '?')}`"
             L.append(f"| {_short(n)} | {r['family']} | {shape} | {works} | {op} | "
@@ -1134,8 +1139,8 @@ def markdown(data: dict) -> str:
           "rule would cover: `tools/zoo.py` `RULE_GROUPS`), sorted by how many models need it. A model's list "
           "is complete, not only its first failure: the survey walks past each unsupported node (taking it to "
           "give an input-dependent tensor). **alone** = models for which this is the only thing missing. "
-          "Models torch.fx cannot trace need the export capture, and their lists come from the export graph "
-          "(ATen ops without a counterpart rule in the fx capture; approximate).", "",
+          "Models torch.fx cannot trace are walked on fastacd's torch.export capture with the same rules "
+          "(their ops are ATen ops).", "",
           "| rule | models | alone | ops | families |", "|---|---|---|---|---|"]
     members: dict[str, set[str]] = {}
     for k in ops:
@@ -1157,14 +1162,15 @@ def markdown(data: dict) -> str:
     exp_only = [n for n in order if not entries[n].get("fx", {}).get("ok", True)]
     if exp_only:
         L += ["", "## Where torch.fx fails", "",
-              "These need the `torch.export` capture (issue 16, item 2). Their missing ATen ops (beyond the "
-              "ops the fx capture has rules for today; approximate, as the export capture does not exist yet):",
-              "", "| model | export | fx error | missing ATen ops |", "|---|---|---|---|"]
+              "fastacd captures these through `torch.export` (`fastacd.capture.export`; `Decomposer` falls "
+              "back to it with a warning). What their export graphs still miss, as ATen ops:",
+              "", "| model | export | decomposes | fx error | missing ATen ops |", "|---|---|---|---|---|"]
         for n in exp_only:
             r = entries[n]
-            aten = ", ".join(f"`{op_key(i)}`" for i in r.get("unsupported", [])[1:])
+            aten = ", ".join(f"`{op_key(i)}`" for i in r.get("unsupported") or [] if not op_key(i).startswith("capture"))
             err = r.get("fx", {}).get("error", "").replace("|", "\\|")[:140]
-            L.append(f"| {_short(n)} | {'ok' if r.get('export', {}).get('ok') else 'fails'} | {err} | {aten} |")
+            L.append(f"| {_short(n)} | {'ok' if r.get('export', {}).get('ok') else 'fails'} | "
+                     f"{'yes' if ok(r) else 'no'} | {err} | {aten} |")
     L += ["", "## Entries", "",
           "The survey input size is the model's native one; `min` is the smallest size it accepts (the fast "
           "tests use it). Models built for a size (fixed position embeddings) are built for the size used.", "",
