@@ -248,3 +248,32 @@ def test_export_pad_batched_and_reference_on_a_copy():
     res = fastacd.Decomposer(m64, capture="export").cd(x, masks)
     ref = fastacd.Decomposer(m64, capture="export", backend="reference").cd(x, masks)
     assert_close_scaled(res.relevant, ref.relevant, torch.float64)
+
+
+def test_reference_cd_captures_through_export_where_fx_cannot():
+    m64 = shape_flow(torch.float64)
+    x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    masks = quadrant_masks(10, 10).double()
+    rel, irrel = fastacd.reference.cd(m64, x, masks)
+    res = fastacd.Decomposer(m64, capture="export").cd(x, masks)
+    assert_close_scaled(res.relevant, rel, torch.float64)
+    assert_close_scaled(res.irrelevant, irrel, torch.float64)
+
+
+def test_windowed_cd_delta_on_an_export_graph_equals_cd():
+    model = torchvision_model("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    dec = fastacd.Decomposer(model, capture="export", example_input=x)
+    base = torch.zeros(32, 32)
+    base[:8, :8] = 1
+    deltas = torch.zeros(4, 32, 32)
+    deltas[0, 8:12, 0:4] = 1
+    deltas[1, 20:24, 20:24] = 1
+    deltas[2, 0:4, 28:32] = 1
+    deltas[3, 28:32, 0:4] = 1
+    with torch.no_grad():
+        stats = {}
+        windowed = dec.cd_delta(x, base, deltas, stats=stats, max_cost_ratio=float("inf"))
+        full = dec.cd(x, torch.clamp(base + deltas, max=1))
+    assert stats["windowed"]  # the ATen convolutions and pools have a locality: windowed, not a fallback
+    assert_close_scaled(windowed.relevant, full.relevant, torch.float32)
