@@ -21,7 +21,7 @@ from .. import ops, rules as rules_
 from ..capture.export import export_module
 from ..capture.graph import CapturedGraph
 from ..capture.inputs import all_finite, check_input, check_masks
-from ..capture.nodes import TraceError, check_eval
+from ..capture.nodes import TraceError, UnsupportedOpError, check_eval
 from ..ops import torch_ops
 from . import chunks
 from .batched import walk
@@ -115,6 +115,7 @@ class Decomposer:
         self.capture = capture
         self._graph: CapturedGraph | None = None
         self._export_shape: tuple | None = None
+        self._fx_error: TraceError | None = None
         if capture != "export":
             try:
                 self._graph = CapturedGraph(model, self.rules)
@@ -122,6 +123,7 @@ class Decomposer:
             except TraceError as exc:
                 if capture == "fx":
                     raise
+                self._fx_error = exc
                 warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0]}); "
                               "fastacd captures it with torch.export instead (capture='export')",
                               stacklevel=2)
@@ -149,7 +151,13 @@ class Decomposer:
     def _capture_export(self, x: torch.Tensor) -> None:
         """torch.export's graph of the model for inputs shaped like x (any batch)."""
         check_eval(self.model)
-        self._graph = CapturedGraph(self.model, self.rules, export_module(self.model, x))
+        try:
+            gm = export_module(self.model, x)
+        except UnsupportedOpError as exc:
+            if self._fx_error is None:
+                raise
+            raise UnsupportedOpError(f"{str(self._fx_error).splitlines()[0]}\n{exc}") from exc
+        self._graph = CapturedGraph(self.model, self.rules, gm)
         self._export_shape = tuple(x.shape[1:])
 
     # ---- public -------------------------------------------------------------------------
