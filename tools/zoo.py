@@ -836,6 +836,17 @@ def _reference(dec, model, x, masks):
     return cd_relevant_input(dec.graph, x, check_masks(x, masks) * x)
 
 
+def _sizes_note(entries: dict) -> str:
+    """Which entries ran below their native input size (``--small`` runs, merged)."""
+    small = sorted({entries[n]["source"] for n in entries
+                    if n in ENTRIES and entries[n].get("size") != ENTRIES[n].size})
+    if not small:
+        return ""
+    k = sum(1 for n in entries if n in ENTRIES and entries[n].get("size") != ENTRIES[n].size)
+    return (f" {k} entries ({', '.join(small)}) ran at their smallest input size (`--small`, to fit the "
+            "machine time; the **input** column gives each size), the rest at their native size.")
+
+
 def _text_api(entry: Entry, model: nn.Module, tokens: torch.Tensor) -> dict:
     """fastacd's text API (``TextDecomposer.from_model``) on a token model: ok, completeness."""
     import fastacd
@@ -1067,7 +1078,7 @@ def markdown(data: dict) -> str:
          "sources) in `tools/zoo.py`, then `python tools/zoo.py --only <name> --merge` and regenerate.", "",
          f"Run: commit `{meta.get('commit')}`, torch {meta.get('torch')}, torchvision {meta.get('torchvision')}, "
          f"timm {meta.get('timm')}, transformers {meta.get('transformers')}, {meta.get('threads')} thread(s), "
-         f"{meta.get('when')}.", "",
+         f"{meta.get('when')}." + _sizes_note(entries), "",
          "Every model is built with **random initialisation** (nothing is downloaded; the worker refuses "
          "network connections), in eval mode, from a seed fixed per entry, with "
          f"{NUM_CLASSES} classes. Batchnorm statistics, norm scales and zero-initialised biases are "

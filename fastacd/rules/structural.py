@@ -20,7 +20,7 @@ _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alp
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout)
 _IDENTITY_METHODS = ("contiguous", "clone")
-_IDENTITY_ATEN = (aten.clone, aten.alias, aten.detach)
+_IDENTITY_ATEN = (aten.clone, aten.alias, aten.detach, aten.contiguous)
 # torch.export's ATen forms of the linear maps (the training IR keeps these whole)
 _LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
                 aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.mean, aten.sum, aten.permute,
