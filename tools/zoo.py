@@ -1088,10 +1088,10 @@ def markdown(data: dict) -> str:
     for src, names in by_source.items():
         no_fx = [n for n in names if not entries[n].get("fx", {}).get("ok")]
         via_export = sum(ok(entries[n]) for n in no_fx)
-        L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose "
-                 f"(torch.fx traces {len(names) - len(no_fx)}; of the {len(no_fx)} it cannot, fastacd's "
-                 f"torch.export capture takes {sum(bool(entries[n].get('export', {}).get('ok')) for n in no_fx)} "
-                 f"and {via_export} decompose through it)")
+        how = (f"torch.fx traces {len(names) - len(no_fx)}; of the {len(no_fx)} it cannot, fastacd's "
+               f"torch.export capture takes {sum(bool(entries[n].get('export', {}).get('ok')) for n in no_fx)} "
+               f"and {via_export} decompose through it") if no_fx else f"torch.fx traces all {len(names)}"
+        L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose ({how})")
     L += ["", "Checks, for the 4 quadrant masks (text: 4 runs of tokens), as fractions of the largest |logit|: "
           "**complete** = max |relevant + irrelevant - logits| (float32); **batched** = max gap between the "
           "4-mask call and 4 one-mask calls; **f32/f64** = max gap between the float32 and the float64 "
