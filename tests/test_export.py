@@ -223,6 +223,15 @@ def test_pad_fill_value_joins_the_irrelevant_part_by_hand(capture):
     torch.testing.assert_close(ref.irrelevant, res.irrelevant)
 
 
+def test_constant_pad_module_fill_joins_the_irrelevant_part_by_hand():
+    x = torch.tensor([[1.0, -2.0, 3.0, 4.0]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    res = fastacd.Decomposer(nn.Sequential(nn.ConstantPad1d((2, 1), -0.5)).eval()).cd(x, mask)
+    torch.testing.assert_close(res.relevant, torch.tensor([[0.0, 0.0, 0.0, -2.0, 3.0, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(res.irrelevant, torch.tensor([[-0.5, -0.5, 1.0, 0.0, 0.0, 4.0, -0.5]],
+                                                            dtype=torch.float64))
+
+
 def test_pad_reflect_is_linear_by_hand():
     x = torch.tensor([[1.0, -2.0, 3.0, 4.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)

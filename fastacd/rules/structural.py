@@ -172,14 +172,17 @@ class Pad(Rule):
     a constant fill value, which joins the irrelevant part (as a constant operand of a sum):
     relevant ``pad(r, 0)``, irrelevant ``pad(i, value)`` (EfficientViT pads v with ones)."""
     kind = "pad"
+    modules = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
     functions = (F.pad, aten.pad, aten.constant_pad_nd)
-    row = ("`F.pad`, `aten.pad`, `aten.constant_pad_nd` (constant, reflect, replicate, circular)",
+    row = ("`F.pad`, `aten.pad`, `aten.constant_pad_nd` (constant, reflect, replicate, circular), ConstantPad1d/2d/3d",
            "`pad(r, 0)`", "`pad(i, value)` (the fill joins here)")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
+        if module is not None:
+            return Step(node, self, dep, module=module)
         if dep != [node.args[0]]:
             raise unsupported(node, "padding sizes or a fill value computed from the input")
         val = node.args[0].meta.get("val")  # torch.export records shapes; fx checks at run time
@@ -190,6 +193,8 @@ class Pad(Rule):
     @staticmethod
     def _pad(step, t, value_of, fill: bool):
         node = step.node
+        if step.module is not None:  # nn.ConstantPadNd: its padding and value
+            return F.pad(t, step.module.padding, "constant", step.module.value if fill else 0.0)
         pad = load_arg(value_of, arg(node, 1, "pad"))
         if op_is(node.target, aten.constant_pad_nd):
             mode, value = "constant", arg(node, 2, "value", 0)
