@@ -1,6 +1,7 @@
 """Shared test configuration: CUDA skipping, tolerances, the shared data folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,17 @@ def cpu_and_cuda():
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--zoo", action="store_true",
+                     help="run the whole model zoo (tests/test_zoo.py, marked zoo; or FASTACD_ZOO=1)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not (config.getoption("--zoo") or os.environ.get("FASTACD_ZOO") == "1"):
+        skip_zoo = pytest.mark.skip(reason="the whole model zoo runs with --zoo or FASTACD_ZOO=1")
+        for item in items:
+            if "zoo" in item.keywords:
+                item.add_marker(skip_zoo)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -181,7 +181,13 @@ def test_untraceable_model_says_why():
                 return x.flatten(1)
             return -x.flatten(1)
     with pytest.raises(fastacd.UnsupportedOpError, match="could not trace Branchy with torch.fx"):
-        fastacd.Decomposer(Branchy().eval())
+        fastacd.Decomposer(Branchy().eval(), capture="fx")
+    # capture="auto" tries torch.export on the first input: control flow on values fails there too
+    with pytest.warns(UserWarning, match="torch.export"):
+        dec = fastacd.Decomposer(Branchy().eval())
+    with pytest.raises(fastacd.UnsupportedOpError,
+                       match="(?s)could not trace Branchy with torch.fx.*torch.export either"):
+        dec.cd(torch.randn(1, 4), torch.ones(4))
 
 
 def test_cd_without_mask_or_transform(model, x):

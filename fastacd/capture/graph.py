@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nodes import (Step, UnsupportedOpError, check_eval, describe_node, fetch_attr,
-                    run_plain)
+from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, describe_node,
+                    fetch_attr, run_plain)
 
 if TYPE_CHECKING:
     from ..rules.base import RuleSet
@@ -39,21 +39,27 @@ class CapturedGraph:
 
     Parameters are read from the model's modules at call time, so training the model
     after capture is reflected; the graph (the model's structure) is fixed at capture.
+    ``gm``: a graph captured otherwise (``fastacd.capture.export``: torch.export's ATen
+    graph); by default the model is traced with torch.fx.
     """
 
-    def __init__(self, model: nn.Module, rules: "RuleSet"):
+    def __init__(self, model: nn.Module, rules: "RuleSet", gm: fx.GraphModule | None = None):
         self.model = model
         self.rules = rules
         check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
-        try:
-            graph = _Tracer(rules).trace(model)
-        except Exception as exc:  # torch.fx raises many types; say what to do
-            raise UnsupportedOpError(
-                f"fastacd could not trace {type(model).__name__} with torch.fx: {exc}\n"
-                "fastacd needs a forward pass without data-dependent Python control flow. "
-                "Move such logic out of forward(), or wrap the offending submodule in a module "
-                "type registered with fastacd.register_rule.") from exc
-        self.gm = fx.GraphModule(model, graph)
+        if gm is None:
+            try:
+                graph = _Tracer(rules).trace(model)
+            except Exception as exc:  # torch.fx raises many types; say what to do
+                raise TraceError(
+                    f"fastacd could not trace {type(model).__name__} with torch.fx: {exc}\n"
+                    "fastacd needs a forward pass without data-dependent Python control flow. "
+                    "Move such logic out of forward(), wrap the offending submodule in a module "
+                    "type registered with fastacd.register_rule, or capture with torch.export: "
+                    "Decomposer(model, capture='export').") from exc
+            gm = fx.GraphModule(model, graph)
+        self.gm = gm
+        self.capture = gm.meta.get("capture", "fx")
         functionalise(self.gm)
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -174,6 +180,10 @@ _INPLACE_FUNCTIONS = {torch.relu_, F.relu_}
 def _mutated(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The tensor an in-place op writes into (its first argument), or None."""
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    schema = aten_schema(node)
+    if schema is not None:  # an ATen op says so itself: its first argument is written to
+        info = schema.arguments[0].alias_info if schema.arguments else None
+        return first if info is not None and info.is_write else None
     if node.op == "call_method":
         name = node.target
         return first if name.endswith("_") and not name.endswith("__") else None
@@ -192,7 +202,16 @@ def _mutated(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def aten_schema(node: fx.Node):
+    """The schema of an ATen op node (torch.export), or None."""
+    return getattr(aten_op(node), "_schema", None)
+
+
 def _is_view(node: fx.Node) -> bool:
+    schema = aten_schema(node)
+    if schema is not None:  # an ATen view returns an alias of its input that is not written
+        info = schema.returns[0].alias_info if schema.returns else None
+        return info is not None and not info.is_write
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
@@ -207,10 +226,13 @@ def functionalise(gm: fx.GraphModule) -> None:
     item assignment (``t[idx] = v``)."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
+    reach = _from_input(nodes)
     for node in nodes:
         t = _mutated(gm, node)
         if t is None:
             continue
+        if node not in reach and t.op != "get_attr":
+            continue  # builds a constant in place (convit's position indices): runs as the model runs it
         where = describe_node(node)
         if node.op == "call_function" and node.target is operator.setitem:
             raise UnsupportedOpError(
@@ -226,11 +248,39 @@ def functionalise(gm: fx.GraphModule) -> None:
             raise UnsupportedOpError(
                 f"fastacd cannot decompose {where}: it modifies in place a tensor that shares "
                 "memory with another value the model reads later (a view). Write the op out of "
-                f"place (e.g. y = y.{str(node.target).rstrip('_')}(...) instead of y.{node.target}(...)).")
+                f"place (e.g. y = y.{_plain_name(node).rstrip('_')}(...) instead of y.{_plain_name(node)}(...)).")
         for user in list(t.users):
             if user is not node and order[user] > pos:
                 user.replace_input_with(t, node)
+        if aten_schema(node) is not None:  # aten.relu_ -> aten.relu: the rules run it out of place
+            node.target = _out_of_place_aten(node)
     gm.recompile()
+
+
+def _from_input(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes computed from the model's input (any placeholder)."""
+    reach: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder" or any(a in reach for a in n.all_input_nodes):
+            reach.add(n)
+    return reach
+
+
+def _plain_name(node: fx.Node) -> str:
+    """An in-place op's method name (``relu_``), also for an ATen op (``aten.relu_.default``)."""
+    schema = aten_schema(node)
+    return schema.name.split("::")[1] if schema is not None else str(node.target)
+
+
+def _out_of_place_aten(node: fx.Node):
+    """The functional overload of an in-place ATen op (``aten.add_.Tensor`` -> ``aten.add.Tensor``)."""
+    op = node.target
+    name, overload = op._schema.name.split("::")[1], op._overloadname
+    try:
+        return getattr(getattr(torch.ops.aten, name.rstrip("_")), overload)
+    except AttributeError:
+        raise UnsupportedOpError(f"fastacd cannot decompose {describe_node(node)}: an in-place ATen op "
+                                 "without an out-of-place form") from None
 
 
 def _view_family(t: fx.Node, order: dict, pos: int) -> set[fx.Node]:

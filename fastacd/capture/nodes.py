@@ -23,6 +23,24 @@ class UnsupportedOpError(TypeError):
     decompose exactly as the model computes it)."""
 
 
+class TraceError(UnsupportedOpError):
+    """torch.fx cannot trace the model (Python control flow on the input): capture with
+    torch.export instead (``fastacd.capture.export``)."""
+
+
+def aten_op(node: fx.Node):
+    """The ATen op (an ``OpOverload``) a torch.export node calls, or None."""
+    target = node.target
+    return target if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) else None
+
+
+def op_is(target, *ops) -> bool:
+    """Whether a node's target is one of ``ops``: a function, or an ATen op packet
+    (``torch.ops.aten.linear``) any overload of which matches."""
+    packet = getattr(target, "overloadpacket", None)
+    return any(target is o or (packet is not None and packet is o) for o in ops)
+
+
 @dataclass
 class Step:
     """One input-dependent node and the rule that decomposes it."""
@@ -54,6 +72,8 @@ def describe_node(node: fx.Node) -> str:
         what, path = f"module {node.target!r} ({typ})", node.target
     elif node.op == "call_method":
         what = f"method .{node.target}()"
+    elif aten_op(node) is not None:
+        what = f"ATen op {node.target}"
     else:
         what = f"function {getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}"
     place = f" inside {path!r}" if path and node.op != "call_module" else ""

@@ -11,21 +11,24 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .. import ops, rules as rules_
+from ..capture.export import export_module
 from ..capture.graph import CapturedGraph
 from ..capture.inputs import all_finite, check_input, check_masks
-from ..capture.nodes import check_eval
+from ..capture.nodes import TraceError, UnsupportedOpError, check_eval
 from ..ops import torch_ops
 from . import chunks
 from .batched import walk
 from .windowed import cd_delta
 
 BACKENDS = ("auto", "reference", "torch", "compiled")
+CAPTURES = ("auto", "fx", "export")
 
 # The reference backend runs the oracle (fastacd.reference), which the engine does not import
 # (neither may depend on the other); the package root plugs it in with ``use_reference``.
@@ -92,18 +95,71 @@ class Decomposer:
     the masks of one chunk; the default is 1 GiB on the CPU and half the free memory on a
     GPU. ``rules``: the rule set (``fastacd.rules``; default ``fastacd.rules.DEFAULT``; ``"cdt"``
     or ``fastacd.rules.CDT``: CD-T's formulas, docs/engine.md "Rule sets: default and cdt").
+
+    ``capture``: how the model becomes a graph (docs/engine.md, "Capture"). ``"fx"``: traced
+    by torch.fx, once for any input shape. ``"export"``: torch.export's ATen graph, recorded
+    on ``example_input`` or on the first input (and again for an input of another shape:
+    every size but the batch is fixed by export); for models with Python control flow on
+    shapes. ``"auto"`` (default): fx, falling back to export with a warning where torch.fx
+    cannot trace the model.
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
-                 memory_budget: int | str | None = None, rules: rules_.RuleSet | str | None = None):
+                 memory_budget: int | str | None = None, rules: rules_.RuleSet | str | None = None,
+                 capture: str = "auto", example_input: torch.Tensor | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.model = model
         self.rules = rules_.resolve(rules)
-        self.graph = CapturedGraph(model, self.rules)
+        self.capture = capture
+        self._graph: CapturedGraph | None = None
+        self._export_shape: tuple | None = None
+        self._fx_error: TraceError | None = None
+        if capture != "export":
+            try:
+                self._graph = CapturedGraph(model, self.rules)
+                self.capture = "fx"
+            except TraceError as exc:
+                if capture == "fx":
+                    raise
+                self._fx_error = exc
+                warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0]}); "
+                              "fastacd captures it with torch.export instead (capture='export')",
+                              stacklevel=2)
+                self.capture = "export"
+        else:
+            self.capture = "export"
+        if self._graph is None and example_input is not None:
+            self._capture_export(check_input(example_input))
         self.backend = resolve_backend(backend)
         self.memory_budget = chunks.parse_budget(memory_budget)
         self._ops = ops if self.backend == "compiled" else torch_ops
+
+    @property
+    def graph(self) -> CapturedGraph:
+        """The captured graph (``fastacd.capture``)."""
+        if self._graph is None:
+            raise RuntimeError("the model is captured with torch.export on its first input: call "
+                               "cd() or forward() first, or pass example_input= to the Decomposer")
+        return self._graph
+
+    @graph.setter
+    def graph(self, graph: CapturedGraph) -> None:
+        self._graph = graph
+
+    def _capture_export(self, x: torch.Tensor) -> None:
+        """torch.export's graph of the model for inputs shaped like x (any batch)."""
+        check_eval(self.model)
+        try:
+            gm = export_module(self.model, x)
+        except UnsupportedOpError as exc:
+            if self._fx_error is None:
+                raise
+            raise UnsupportedOpError(f"{str(self._fx_error).splitlines()[0]}\n{exc}") from exc
+        self._graph = CapturedGraph(self.model, self.rules, gm)
+        self._export_shape = tuple(x.shape[1:])
 
     # ---- public -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +238,8 @@ class Decomposer:
             if param.dtype != x.dtype:
                 raise TypeError(f"input is {x.dtype} but the model's parameters are {param.dtype}; "
                                 f"use x.to({param.dtype}) or model.to({x.dtype})")
+        if self.capture == "export" and (self._graph is None or self._export_shape != tuple(x.shape[1:])):
+            self._capture_export(x)  # export fixes every size but the batch: capture for this shape
         return x
 
     def _check_grad_budget(self, values: dict, x: torch.Tensor, m: int, r0: torch.Tensor) -> None:

@@ -14,8 +14,10 @@ import torch
 import torch.fx as fx
 
 from .. import rules as rules_
+from ..capture.export import export_module
 from ..capture.graph import CapturedGraph
 from ..capture.inputs import check_input, check_masks
+from ..capture.nodes import TraceError
 
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -49,13 +51,27 @@ def cd_relevant_input(graph: CapturedGraph, x: torch.Tensor, relevant_input: tor
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
-def captured(model: torch.nn.Module, rules: rules_.RuleSet | None = None) -> CapturedGraph:
-    """The captured graph of a model under a rule set, traced once per model object."""
+def captured(model: torch.nn.Module, rules: rules_.RuleSet | None = None,
+             example: torch.Tensor | None = None) -> CapturedGraph:
+    """The captured graph of a model under a rule set, traced once per model object with
+    torch.fx; where fx cannot trace it and ``example`` (an input) is given, torch.export's
+    graph for inputs of its shape (docs/engine.md, "Capture")."""
     rules = rules_.resolve(rules)
     per_model = _GRAPHS.setdefault(model, {})
     if id(rules) not in per_model:
-        per_model[id(rules)] = CapturedGraph(model, rules)
-    return per_model[id(rules)]
+        try:
+            per_model[id(rules)] = CapturedGraph(model, rules)
+        except TraceError:
+            if example is None:
+                raise
+            per_model[id(rules)] = None  # fx cannot trace it: export, per input shape
+    graph = per_model[id(rules)]
+    if graph is not None:
+        return graph
+    key = (id(rules), tuple(example.shape[1:]))
+    if key not in per_model:
+        per_model[key] = CapturedGraph(model, rules, export_module(model, example))
+    return per_model[key]
 
 
 def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | None = None
@@ -63,11 +79,12 @@ def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | No
     """Reference CD of ``mask`` (any shape ``Decomposer.cd`` accepts; M masks -> M rows).
 
     Returns (relevant, irrelevant), each (M, *output_shape). The relevant input is
-    ``mask * x`` and the irrelevant ``(1 - mask) * x``.
+    ``mask * x`` and the irrelevant ``(1 - mask) * x``. A model torch.fx cannot trace is
+    captured with torch.export on x (as ``Decomposer(capture="auto")``).
     """
     x = check_input(x)
     masks = check_masks(x, mask)
-    graph = captured(model, rules)
+    graph = captured(model, rules, x)
     totals = graph.total_pass(x)
     rels, irrels = [], []
     for m in masks:

@@ -5,8 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, call_with
+from ..capture.nodes import Step, call_with, op_is
 from .base import Elementwise, Rule
+
+aten = torch.ops.aten
 
 # module type -> the function it applies (out of place: an inplace=True module must not
 # modify a stored activation)
@@ -26,7 +28,7 @@ _MODULE_FUNCTIONS = {
     nn.Softsign: lambda m: F.softsign,
     nn.Tanhshrink: lambda m: F.tanhshrink,
 }
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, aten.relu)
 
 
 class Activation(Rule):
@@ -34,17 +36,19 @@ class Activation(Rule):
     modules = tuple(_MODULE_FUNCTIONS)
     functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
                  F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
-                 F.tanhshrink, torch.relu_, F.relu_)
+                 F.tanhshrink, torch.relu_, F.relu_,
+                 aten.relu, aten.relu6, aten.leaky_relu, aten.elu, aten.celu, aten.selu, aten.gelu, aten.silu,
+                 aten.mish, aten.hardswish, aten.hardtanh, aten.tanh)
     methods = ("relu", "relu_", "tanh", "tanh_")
     row = ("ReLU, and ReLU6, LeakyReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
-           "Tanh, Softsign, Tanhshrink", "`f(r)`", "`f(a) - f(r)`")
+           "Tanh, Softsign, Tanhshrink; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
 
     def claim(self, graph, node, dep, module):
         if module is not None:
             typ = next(c for c in type(module).__mro__ if c in _MODULE_FUNCTIONS)
             return Step(node, self, dep, fn=_MODULE_FUNCTIONS[typ](module), module=module,
                         extra={"is_relu": typ is nn.ReLU})
-        is_relu = (node.target in _RELU_FUNCTIONS if node.op == "call_function"
+        is_relu = (op_is(node.target, *_RELU_FUNCTIONS) if node.op == "call_function"
                    else node.target in ("relu", "relu_"))
         return Step(node, self, dep, extra={"is_relu": is_relu})
 
@@ -89,9 +93,11 @@ class OffsetActivation(Rule):
     context instead (``RuleSet.context``)."""
     kind = "offset_activation"
     modules = tuple(_OFFSET_MODULES)
-    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
+    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, aten.sigmoid, aten.hardsigmoid,
+                 aten.softplus)
     methods = ("sigmoid", "sigmoid_")
-    row = ("Sigmoid, Hardsigmoid, Softplus on their own (f(0) != 0)", "`f(r) - f(0)`", "`f(a) - rel`")
+    row = ("Sigmoid, Hardsigmoid, Softplus on their own (f(0) != 0); their `aten` ops", "`f(r) - f(0)`",
+           "`f(a) - rel`")
 
     def claim(self, graph, node, dep, module):
         fn = None

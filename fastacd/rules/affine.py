@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, load_arg
+from ..capture.nodes import Step, load_arg, op_is
 from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
+
+aten = torch.ops.aten
 
 EPS = 1e-20  # the reference's constant in the bias split
 
@@ -41,14 +43,14 @@ def affine_parts(step: Step, value_of: Callable):
     weight = args.pop(0) if args else kwargs.pop("weight")
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
-    if fn is F.linear and not args and not kwargs:
+    if op_is(fn, F.linear, aten.linear) and not args and not kwargs:
         return (lambda t: linear_no_bias(t, weight)), bias
     return (lambda t: fn(t, weight, None, *args, **kwargs)), bias
 
 
 def channels_last(step: Step, t: torch.Tensor) -> bool:
     """Whether the layer's channels are the last dim: a Linear on (N, ..., F) (tokens)."""
-    linear = isinstance(step.module, nn.Linear) or step.node.target is F.linear
+    linear = isinstance(step.module, nn.Linear) or op_is(step.node.target, F.linear, aten.linear)
     return linear and t.dim() > 2
 
 
@@ -107,7 +109,7 @@ def conv2d_params(step: Step, value_of: Callable):
             padding = 0
         return m.weight, as_tuple(m.stride), as_tuple(padding), as_tuple(m.dilation), m.groups
     node = step.node
-    if node.target is not F.conv2d:
+    if not op_is(node.target, F.conv2d, aten.conv2d):
         return None
     names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
     vals = dict(zip(names, load_arg(value_of, node.args)))
@@ -124,9 +126,10 @@ def conv2d_params(step: Step, value_of: Callable):
 class Affine(Rule):
     kind = "affine"
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    functions = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+    functions = (F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
     fuses_relu = True
-    row = ("Conv1d/2d/3d, Linear, `F.conv*`, `F.linear`", "`zr + pr*b`", "`zi + (1-pr)*b`")
+    row = ("Conv1d/2d/3d, Linear, `F.conv*`, `F.linear`; `aten.conv*d`, `aten.linear`", "`zr + pr*b`",
+           "`zi + (1-pr)*b`")
 
     def claim(self, graph, node, dep, module):
         if module is None and dep != [node.args[0]]:

@@ -2,8 +2,10 @@
 
 A rule owns everything about its kind, so a pass never tests a kind by name:
 
-* ``modules`` / ``functions`` / ``methods``: what it claims in a captured graph, and
-  ``claim`` to accept a node (or refuse a variant it cannot decompose exactly);
+* ``modules`` / ``functions`` / ``methods``: what it claims in a captured graph (functions
+  include the ATen ops of a torch.export graph, as packets such as ``torch.ops.aten.linear``:
+  every overload), and ``claim`` to accept a node (or refuse a variant it cannot decompose
+  exactly);
 * ``total``: the node's true output as the model computes it, plus what the other forms
   reuse (``aux``: weights, statistics, argmax indices);
 * ``reference``: relevant and irrelevant parts propagated separately (the oracle);
@@ -300,7 +302,13 @@ class RuleSet(Mapping):
         if node.op == "call_module":
             return self._module_rules(graph.gm.get_submodule(node.target))
         if node.op == "call_function":
-            return self._functions.get(node.target, []) if _hashable(node.target) else []
+            if not _hashable(node.target):
+                return []
+            found = self._functions.get(node.target)
+            packet = getattr(node.target, "overloadpacket", None)  # an ATen op (torch.export)
+            if found is None and packet is not None:
+                found = self._functions.get(packet)
+            return found or []
         if node.op == "call_method":
             return self._methods.get(node.target, [])
         return []
@@ -340,6 +348,8 @@ class RuleSet(Mapping):
         """The step of the rule that claims ``node``; ``UnsupportedOpError`` if none does."""
         mod = graph.gm.get_submodule(node.target) if node.op == "call_module" else None
         key = type(mod) if mod is not None else node.target
+        if key not in _USER_RULES and _hashable(key):  # an ATen op registered by its packet
+            key = getattr(key, "overloadpacket", key)
         if node.op != "call_method" and key in _USER_RULES:
             kind, factory = _USER_RULES[key]
             fn = None if factory is None else (factory(mod) if mod is not None else factory)

@@ -12,9 +12,12 @@ import operator
 
 import torch
 
-from ..capture.nodes import Step, load_arg, operands
+from ..capture.nodes import Step, load_arg, op_is, operands
 from .attention import shared_matmul, without_subnormals
 from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
+
+aten = torch.ops.aten
+_MATMULS = (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", aten.matmul, aten.bmm)
 
 
 class Normaliser(Rule):
@@ -22,7 +25,7 @@ class Normaliser(Rule):
     scales a decomposed value (``(x - mean) * torch.rsqrt(var + eps)``); no rule on its own."""
     kind = "normaliser"
     context_only = True
-    functions = (torch.rsqrt, torch.reciprocal)
+    functions = (torch.rsqrt, torch.reciprocal, aten.rsqrt, aten.reciprocal)
     methods = ("rsqrt", "reciprocal")
     row = ("`rsqrt`, `reciprocal` scaling a decomposed value", "context: from the total", "")
 
@@ -37,7 +40,7 @@ class MatMul(Rule):
     """``a @ b`` with one input-dependent factor (the other a constant or context, e.g.
     attention weights): linear in it."""
     kind = "matmul"
-    functions = (operator.matmul, torch.matmul, torch.bmm)
+    functions = (operator.matmul, torch.matmul, torch.bmm, aten.matmul, aten.bmm)
     methods = ("matmul", "bmm")
     row = ("`@`, `matmul`, `bmm` with one decomposed factor (the other a constant or context: "
            "attention weights from the total)", "`P @ r`", "`P @ i`")
@@ -62,7 +65,7 @@ class MatMul(Rule):
         left = step.extra["left"]
         other = load_arg(value_of, b if left else a)
         x, y = (t, other) if left else (other, t)
-        if step.node.target in (torch.bmm, "bmm"):  # bmm does not broadcast a batch of 1 to M masks
+        if op_is(step.node.target, torch.bmm, "bmm", aten.bmm):  # bmm does not broadcast a batch of 1 to M masks
             n = max(x.shape[0], y.shape[0])
             x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
         return torch.matmul(x, y)
@@ -89,7 +92,8 @@ class Product(Rule):
     """``u * v`` or ``u @ v`` of two decomposed factors: relevant ``ur * vr``, irrelevant the
     rest (``ur * vi + ui * vr + ui * vi``), as the LSTM rule does with ``i * g``."""
     kind = "product"
-    functions = (operator.mul, torch.mul, operator.imul, operator.matmul, torch.matmul, torch.bmm)
+    functions = (operator.mul, torch.mul, operator.imul, operator.matmul, torch.matmul, torch.bmm,
+                 aten.mul, aten.matmul, aten.bmm)
     methods = ("mul", "mul_", "matmul", "bmm")
     row = ("`u * v`, `u @ v` of two decomposed factors (SwiGLU, bilinear)", "`ur * vr`",
            "`ur*vi + ui*vr + ui*vi`")
@@ -98,8 +102,7 @@ class Product(Rule):
         a, b = operands(node)
         if not (a in graph.dependent and b in graph.dependent):
             return None
-        return Step(node, self, dep, extra={"matmul": node.target in (operator.matmul, torch.matmul,
-                                                                    torch.bmm, "matmul", "bmm")})
+        return Step(node, self, dep, extra={"matmul": op_is(node.target, *_MATMULS)})
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)

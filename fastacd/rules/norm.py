@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, arg, call_with, load_arg
+from ..capture.nodes import Step, arg, call_with, load_arg, op_is
 from .affine import EPS, split_bias
 from .base import Elementwise, Rule, only_gates, unsupported
+
+aten = torch.ops.aten
 
 
 def batchnorm_parts(step: Step, value_of: Callable):
@@ -24,6 +26,8 @@ def batchnorm_parts(step: Step, value_of: Callable):
     else:
         node = step.node
         names = ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+        if op_is(node.target, aten.batch_norm):  # ATen's order: weight and bias first
+            names = ["weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"]
         vals = dict(zip(names, load_arg(value_of, node.args[1:])))
         vals.update(load_arg(value_of, node.kwargs))
         mean, var = vals["running_mean"], vals["running_var"]
@@ -52,9 +56,10 @@ def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: to
 class BatchNorm(Rule):
     kind = "batchnorm"
     modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    functions = (F.batch_norm,)
+    functions = (F.batch_norm, aten.batch_norm)
     fuses_relu = True
-    row = ("BatchNorm1d/2d/3d in eval, `F.batch_norm(training=False)`", "`s*r + qr*c`", "`bn(a) - rel`")
+    row = ("BatchNorm1d/2d/3d in eval, `F.batch_norm(training=False)`, `aten.batch_norm`", "`s*r + qr*c`",
+           "`bn(a) - rel`")
 
     def claim(self, graph, node, dep, module):
         if module is not None and module.running_mean is None:
@@ -118,7 +123,8 @@ try:  # torchvision's channels-first LayerNorm (ConvNeXt's stem and downsampling
 except ImportError:  # torchvision is optional
     _CHANNELS_FIRST_LN = ()
 _RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-_RMS_NORM_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
+_RMS_NORM_FUNCTIONS = ((F.rms_norm,) if hasattr(F, "rms_norm") else ()) + (
+    (aten.rms_norm,) if hasattr(aten, "rms_norm") else ())
 
 
 @dataclass
@@ -273,8 +279,8 @@ class LayerNorm(_Norm):
     ``LayerNorm2d`` (normalised over dim 1 of (N, C, H, W): per position, so windowed)."""
     kind = "layernorm"
     modules = (nn.LayerNorm,) + _CHANNELS_FIRST_LN
-    functions = (F.layer_norm,)
-    row = ("LayerNorm (any normalized_shape), `F.layer_norm`, torchvision's LayerNorm2d (channels "
+    functions = (F.layer_norm, aten.layer_norm)
+    row = ("LayerNorm (any normalized_shape), `F.layer_norm`, `aten.layer_norm`, torchvision's LayerNorm2d (channels "
            "first)", "`zr + pr*beta`, `zr = (r - mean(r)) / std(a) * gamma`", "`zi + (1-pr)*beta`")
 
     def params(self, step, value_of):
@@ -305,8 +311,8 @@ class GroupNorm(_Norm):
     over a group reads the part at every position."""
     kind = "groupnorm"
     modules = (nn.GroupNorm,)
-    functions = (F.group_norm,)
-    row = ("GroupNorm, `F.group_norm`", "`zr + pr*beta`, `zr = (r - mean_g(r)) / std_g(a) * gamma` per group g",
+    functions = (F.group_norm, aten.group_norm)
+    row = ("GroupNorm, `F.group_norm`, `aten.group_norm`", "`zr + pr*beta`, `zr = (r - mean_g(r)) / std_g(a) * gamma` per group g",
            "`zi + (1-pr)*beta`")
 
     def params(self, step, value_of):
@@ -347,7 +353,7 @@ class RMSNorm(_Norm):
     kind = "rmsnorm"
     modules = _RMS_NORM_MODULES
     functions = _RMS_NORM_FUNCTIONS
-    row = ("RMSNorm, `F.rms_norm`", "`r / sqrt(mean(a^2) + eps) * gamma`", "`i / sqrt(mean(a^2) + eps) * gamma`")
+    row = ("RMSNorm, `F.rms_norm`, `aten.rms_norm`", "`r / sqrt(mean(a^2) + eps) * gamma`", "`i / sqrt(mean(a^2) + eps) * gamma`")
 
     def params(self, step, value_of):
         m = step.module
@@ -374,10 +380,10 @@ class AddCMul(Rule):
     context) ``alpha`` and ``beta``: ResMLP's affine "norm" (timm's ``Affine``). The scaled part
     ``value * alpha * r`` is the affine rule's ``zr``, beta is split by it."""
     kind = "addcmul"
-    functions = (torch.addcmul,)
+    functions = (torch.addcmul, aten.addcmul)
     methods = ("addcmul",)
     fuses_relu = True
-    row = ("`torch.addcmul(beta, alpha, x)` with constant alpha, beta (ResMLP's affine)",
+    row = ("`torch.addcmul(beta, alpha, x)` (`aten.addcmul`) with constant alpha, beta (ResMLP's affine)",
            "`zr + pr*beta`, `zr = alpha*r`", "`zi + (1-pr)*beta`")
 
     @staticmethod

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, load_arg
+from ..capture.nodes import Step, load_arg, op_is
 from .base import Rule, Sliding, as_tuple
+
+aten = torch.ops.aten
 
 def maxpool_fn(step: Step, value_of: Callable):
     """A function returning (pooled, flat indices) for a max-pool step."""
@@ -25,6 +27,8 @@ def maxpool_fn(step: Step, value_of: Callable):
     kwargs = dict(load_arg(value_of, node.kwargs))
     kwargs["return_indices"] = True
     fn = node.target
+    if op_is(fn, aten.max_pool1d, aten.max_pool2d):  # the same arguments; F's form gives the indices
+        fn = F.max_pool1d if op_is(fn, aten.max_pool1d) else F.max_pool2d
     if fn in (F.max_pool1d, F.max_pool2d) and len(args) >= 6:
         args = args[:5]  # positional return_indices replaced by the keyword
     return lambda t: fn(t, *args, **kwargs)
@@ -46,7 +50,7 @@ def pool2d_params(step: Step, value_of: Callable):
         k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
     else:
         node = step.node
-        if node.target is not F.max_pool2d:
+        if not op_is(node.target, F.max_pool2d, aten.max_pool2d):
             return None
         names = ["input", "kernel_size", "stride", "padding", "dilation"]
         vals = dict(zip(names, load_arg(value_of, node.args)))
@@ -61,8 +65,9 @@ def pool2d_params(step: Step, value_of: Callable):
 class MaxPool(Rule):
     kind = "maxpool"
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-    functions = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
-    row = ("MaxPool1d/2d, AdaptiveMaxPool1d/2d, `F.max_pool*`", "`r` at the argmax of `a`",
+    functions = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, aten.max_pool1d,
+                 aten.max_pool2d)
+    row = ("MaxPool1d/2d, AdaptiveMaxPool1d/2d, `F.max_pool*`, `aten.max_pool1d/2d`", "`r` at the argmax of `a`",
            "`i` at the same positions")
 
     def total(self, step, value_of):

@@ -11,15 +11,32 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg, operands
+from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg, op_is, operands
 from .base import (Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, per_mask, rel_shape,
                    unsupported)
+
+aten = torch.ops.aten
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout)
 _IDENTITY_METHODS = ("contiguous", "clone")
+_IDENTITY_ATEN = (aten.clone, aten.alias, aten.detach, aten.contiguous)
+# torch.export's ATen forms of the linear maps (the training IR keeps these whole)
+_LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+                aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.mean, aten.sum, aten.permute,
+                aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.upsample_nearest1d,
+                aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+                aten.flip, aten.dropout, aten.to, aten._to_copy)
+
+
+def _batch_dim(node: fx.Node, dims) -> bool:
+    """Whether an ATen op's ``dims`` name the batch dim (dim 0 of its first argument)."""
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    ndim = getattr(val, "ndim", None)
+    dims = dims if isinstance(dims, (tuple, list)) else [dims]
+    return any(isinstance(d, int) and (d == 0 or (ndim is not None and d % ndim == 0)) for d in dims)
 try:  # torchvision's stochastic depth is an fx leaf function (torch.fx.wrap): identity in eval
     from torchvision.ops import stochastic_depth as _stochastic_depth
     _STOCHASTIC_DEPTH = {_stochastic_depth: 3}  # function -> position of its training flag
@@ -52,11 +69,12 @@ class Linear(Rule):
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
                  F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims
-                 ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR
+                 ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
                "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
-           "upsampling, `permute`, `transpose`, `movedim`, `mean`, Swin's patch merging, ...", "`f(r)`", "`f(i)`")
+           "upsampling, `permute`, `transpose`, `movedim`, `mean`, Swin's patch merging, ...; their `aten` ops, "
+           "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
@@ -64,13 +82,18 @@ class Linear(Rule):
     def claim(self, graph, node, dep, module):
         if isinstance(module, _DROPOUT_MODULES + (nn.Identity,)):
             return Step(node, self, dep, fn=_identity, module=module, extra={"identity": True})
-        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH):
-            if arg(node, _STOCHASTIC_DEPTH.get(node.target, 2), "training", True):
+        if node.op == "call_function" and op_is(node.target, *_DROPOUT_FUNCTIONS, *_STOCHASTIC_DEPTH, aten.dropout):
+            training = (arg(node, 2, "train", True) if op_is(node.target, aten.dropout)
+                        else arg(node, _STOCHASTIC_DEPTH.get(node.target, 2), "training", True))
+            if training:
                 raise unsupported(node, "dropout with training=True: CD (defined on eval behaviour) "
                                         "would see random masks. Pass training=self.training and "
                                         "call model.eval()")
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
-        identity = node.op == "call_method" and node.target in _IDENTITY_METHODS
+        if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
+            raise unsupported(node, "a flip across the batch dim")
+        identity = (node.op == "call_method" and node.target in _IDENTITY_METHODS) or op_is(
+            node.target, *_IDENTITY_ATEN)
         return Step(node, self, dep, module=module, extra={"identity": identity})
 
     def reference(self, step, parts, value_of, aux):
@@ -86,10 +109,11 @@ class Linear(Rule):
 class Reshape(Rule):
     kind = "reshape"
     modules = (nn.Flatten, nn.Unflatten)
-    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten)
+    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, aten.view,
+                 aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze)
     methods = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten")
     row = ("`flatten`, `view`, `reshape`, `squeeze`, `unsqueeze`, `unflatten`, `nn.Flatten`; window "
-           "partitions merging the batch with the windows", "`f(r)`", "`f(i)`")
+           "partitions merging the batch with the windows; their `aten` ops", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
@@ -112,15 +136,22 @@ class Reshape(Rule):
 
 class Getitem(Rule):
     kind = "getitem"
-    functions = (operator.getitem,)
-    row = ("`x[:, ...]` keeping the batch dim", "`r[idx]`", "`i[idx]`")
+    functions = (operator.getitem, aten.slice, aten.select, aten.narrow, aten.index)
+    row = ("`x[:, ...]` keeping the batch dim; `aten.slice`, `aten.select`, `aten.narrow`, `aten.index`",
+           "`r[idx]`", "`i[idx]`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
-        if node.args[0] not in graph.dependent:
+        if node.args[0] not in graph.dependent or (aten_indexing(node) and dep != [node.args[0]]):
             raise unsupported(node, "indexing with an index computed from the input")
+        if op_is(node.target, aten.select, aten.narrow) and _batch_dim(node, arg(node, 1, "dim", 0)):
+            raise unsupported(node, "indexing the batch dim")
+        if op_is(node.target, aten.slice) and _batch_dim(node, arg(node, 1, "dim", 0)) and not (
+                arg(node, 2, "start", None) in (0, None) and arg(node, 4, "step", 1) == 1
+                and (arg(node, 3, "end", None) is None or arg(node, 3, "end") >= 2 ** 62)):
+            raise unsupported(node, "slicing the batch dim")  # export's x[:, ...] is slice(x, 0, 0, 2**63-1)
         return Step(node, self, dep)
 
     def reference(self, step, parts, value_of, aux):
@@ -130,11 +161,16 @@ class Getitem(Rule):
         return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
 
 
+def aten_indexing(node: fx.Node) -> bool:
+    return op_is(node.target, aten.slice, aten.select, aten.narrow, aten.index)
+
+
 class Split(Rule):
     """``chunk``, ``split``, ``unbind``: a tuple of pieces, each part cut alike (the pieces are
     read through ``getitem``)."""
     kind = "split"
-    functions = (torch.chunk, torch.split, torch.unbind)
+    functions = (torch.chunk, torch.split, torch.unbind, aten.chunk, aten.split, aten.split_with_sizes,
+                 aten.unbind)
     methods = ("chunk", "split", "unbind")
     row = ("`chunk`, `split`, `unbind` along a non-batch dim", "the pieces of `r`", "the pieces of `i`")
 
@@ -152,7 +188,7 @@ class Add(Rule):
     """``a + b``: parts add; a constant operand joins the irrelevant part."""
     kind = "add"
     sign = 1
-    functions = (operator.add, torch.add, operator.iadd)
+    functions = (operator.add, torch.add, operator.iadd, aten.add)
     methods = ("add", "add_")
     row = ("`+`, `+=`, `torch.add`", "`r1 + r2`", "`i1 + i2` (a constant joins here)")
 
@@ -160,7 +196,7 @@ class Add(Rule):
         return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
-        if "alpha" in node.kwargs or len(node.args) > 2:
+        if arg(node, 2, "alpha", 1) != 1:
             raise unsupported(node, "add/sub with alpha")
         return Step(node, self, dep)
 
@@ -214,14 +250,14 @@ class Add(Rule):
 class Sub(Add):
     kind = "sub"
     sign = -1
-    functions = (operator.sub, torch.sub, operator.isub)
+    functions = (operator.sub, torch.sub, operator.isub, aten.sub)
     methods = ("sub", "sub_")
     row = ("`-`, `-=`, `torch.sub`", "`r1 - r2`", "`i1 - i2` (a constant joins here)")
 
 
 class Neg(Rule):
     kind = "neg"
-    functions = (operator.neg, torch.neg)
+    functions = (operator.neg, torch.neg, aten.neg)
     methods = ("neg",)
     row = ("unary `-`", "`-r`", "`-i`")
 
@@ -242,15 +278,18 @@ class Neg(Rule):
 class Scale(Rule):
     """``x * c`` or ``x / c`` with c independent of the input."""
     kind = "scale"
-    functions = (operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, operator.itruediv)
+    functions = (operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, operator.itruediv,
+                 aten.mul, aten.div)
     methods = ("mul", "mul_", "div", "div_")
     row = ("`*` or `/` by something that does not depend on the input", "`r*c`", "`i*c`")
-    _DIVIDE = (operator.truediv, torch.div, operator.itruediv, "div", "div_")
+    _DIVIDE = (operator.truediv, torch.div, operator.itruediv, "div", "div_", aten.div)
 
     def claim(self, graph, node, dep, module):
         a, b = operands(node)
         dependent = graph.dependent
-        divide = node.target in self._DIVIDE
+        divide = op_is(node.target, *self._DIVIDE)
+        if divide and node.kwargs.get("rounding_mode") is not None:
+            raise unsupported(node, "division with rounding (not linear)")
         if (a in dependent and b in dependent) or (divide and b in dependent):
             raise unsupported(node, "a product or quotient of two input-dependent values "
                                     "(not linear; CD has no rule for it)")
@@ -265,7 +304,7 @@ class Scale(Rule):
         a, b = operands(node)
         if a is b:  # read decomposed too
             return set()
-        if node.target in self._DIVIDE:
+        if op_is(node.target, *self._DIVIDE):
             return {b} & reach
         if a in reach and b in reach and (a in gates) != (b in gates):
             return {a, b} & gates
@@ -292,7 +331,7 @@ class Scale(Rule):
 
 class Cat(Rule):
     kind = "cat"
-    functions = (torch.cat, torch.concat, torch.concatenate)
+    functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
     row = ("`torch.cat` along a non-batch dim", "part-wise (zeros for a constant)", "part-wise (a constant joins here)")
 
     def gate_like(self, graph, node, gates):
@@ -347,7 +386,8 @@ class OutputSoftmax(Rule):
     """A trailing softmax / log-softmax: not decomposed (CD scores are logits)."""
     kind = "output_softmax"
     modules = (nn.Softmax, nn.LogSoftmax)
-    functions = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+    functions = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, aten.softmax, aten._softmax,
+                 aten.log_softmax, aten._log_softmax)
     methods = ("softmax", "log_softmax")
     output_only = True
     row = ("softmax / log-softmax feeding the output", "not decomposed: scores are logits", "")
@@ -377,14 +417,15 @@ class Shape(Rule):
     (``x.new_zeros(...)``, ``torch.zeros_like(x)``: an attention mask's canvas): a plain value
     of the total, not decomposed."""
     kind = "shape"
-    functions = (getattr, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
+    functions = (getattr, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, aten.sym_size,
+                 aten.sym_numel)
     methods = ("size", "dim", "new_zeros", "new_ones", "new_full", "new_empty")
     value = False
-    row = ("`x.size()`, `x.shape`, `x.dim()`, `x.new_zeros(...)`, `torch.zeros_like(x)`, ...",
+    row = ("`x.size()`, `x.shape`, `x.dim()`, `x.new_zeros(...)`, `torch.zeros_like(x)`, `aten.sym_size`, ...",
            "a plain value of `a`", "")
 
     def claim(self, graph, node, dep, module):
-        if node.op == "call_function" and node.args[1] not in ("shape", "ndim", "dtype", "device"):
+        if node.target is getattr and node.args[1] not in ("shape", "ndim", "dtype", "device"):
             return None
         return Step(node, self, dep)
 
@@ -414,9 +455,9 @@ def _dims(dims, ndim: int) -> set:
 class Roll(Rule):
     """``torch.roll``: part-wise (Swin's cyclic shift and its reverse)."""
     kind = "roll"
-    functions = (torch.roll,)
+    functions = (torch.roll, aten.roll)
     methods = ("roll",)
-    row = ("`torch.roll`", "`f(r)`", "`f(i)`")
+    row = ("`torch.roll`, `aten.roll`", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
@@ -427,7 +468,7 @@ class Roll(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         r = rel[step.dep[0]]
         dims = arg(step.node, 2, "dims", None)
-        if dims is None or dims == () or mask_dim(r.shape, values[step.dep[0]].shape) in _dims(dims, r.dim()):
+        if dims is None or (isinstance(dims, (tuple, list)) and not dims) or mask_dim(r.shape, values[step.dep[0]].shape) in _dims(dims, r.dim()):
             return each_mask(step, r, values)  # a roll of the flattened sample or along the masks
         return call_with(step, values.__getitem__, {step.dep[0]: r})
 
@@ -442,9 +483,9 @@ class Pad(Rule):
     joins the irrelevant part (the relevant part is padded with zeros)."""
     kind = "pad"
     modules = _CONSTANT_PADS + _OTHER_PADS
-    functions = (F.pad,)
-    row = ("`F.pad`, ConstantPad, ReflectionPad, ReplicationPad, CircularPad", "`pad(r, 0)`",
-           "`pad(i, value)` (reflect, replicate, circular: `pad(i)`)")
+    functions = (F.pad, aten.pad, aten.constant_pad_nd)
+    row = ("`F.pad`, ConstantPad, ReflectionPad, ReplicationPad, CircularPad; `aten.pad`, "
+           "`aten.constant_pad_nd`", "`pad(r, 0)`", "`pad(i, value)` (reflect, replicate, circular: `pad(i)`)")
 
     def claim(self, graph, node, dep, module):
         if module is not None:
@@ -452,10 +493,17 @@ class Pad(Rule):
             return Step(node, self, dep, module=module, extra={
                 "pad": tuple(module.padding), "mode": "constant" if constant else None,
                 "value": float(module.value) if constant else 0.0})
+        if dep != [node.args[0]]:
+            raise unsupported(node, "padding sizes or a fill value computed from the input")
+        val = node.args[0].meta.get("val")  # torch.export records shapes; fx checks at run time
+        if val is not None and len(arg(node, 1, "pad")) // 2 >= val.ndim:
+            raise unsupported(node, "padding the batch dim")
+        if op_is(node.target, aten.constant_pad_nd):  # (input, pad, value)
+            return Step(node, self, dep, extra={"pad": None, "mode": "constant", "value_at": 2})
         mode = arg(node, 2, "mode", "constant")
         if isinstance(mode, fx.Node):
             raise unsupported(node, "a padding mode computed in forward")
-        return Step(node, self, dep, extra={"pad": None, "mode": mode, "value": None})
+        return Step(node, self, dep, extra={"pad": None, "mode": mode, "value_at": 3})
 
     def _fn(self, step, value_of, value):
         """The padding of one tensor with the constant ``value`` (constant mode)."""
@@ -471,7 +519,7 @@ class Pad(Rule):
     def _value(self, step, value_of):
         if step.module is not None:
             return step.extra["value"]
-        v = load_arg(value_of, arg(step.node, 3, "value", None))
+        v = load_arg(value_of, arg(step.node, step.extra["value_at"], "value", None))
         return 0.0 if v is None else v
 
     def reference(self, step, parts, value_of, aux):
