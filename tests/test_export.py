@@ -286,3 +286,41 @@ def test_windowed_cd_delta_on_an_export_graph_equals_cd():
         full = dec.cd(x, torch.clamp(base + deltas, max=1))
     assert stats["windowed"]  # the ATen convolutions and pools have a locality: windowed, not a fallback
     assert_close_scaled(windowed.relevant, full.relevant, torch.float32)
+
+
+class TinyAttention(nn.Module):
+    """Patch tokens, LayerNorm, q/k/v projections and F.scaled_dot_product_attention with a
+    residual: the attention rule claims the ATen op torch.export records."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, d, 4, stride=4)
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, d = t.shape
+        q, k, v = self.qkv(self.ln(t)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return self.head((t + a).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_export_attention_through_the_aten_sdpa_op_equals_fx(dtype):
+    torch.manual_seed(2)
+    model = TinyAttention().eval().to(dtype)
+    x = torch.randn(1, 3, 16, 16, dtype=dtype)
+    masks = quadrant_masks(16, 16).to(dtype)
+    with torch.no_grad():
+        fx_res = fastacd.Decomposer(model, capture="fx").cd(x, masks)
+        ex = fastacd.Decomposer(model, capture="export")
+        ex_res = ex.cd(x, masks)
+    assert "sdpa" in {s.kind for s in ex.graph.steps.values()}
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    scale = float(fx_res.output.abs().max())
+    torch.testing.assert_close(ex_res.relevant, fx_res.relevant, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(ex_res.relevant + ex_res.irrelevant, ex_res.output.expand_as(ex_res.relevant),
+                               rtol=tol, atol=tol * scale)

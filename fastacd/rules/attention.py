@@ -104,8 +104,8 @@ def _args(node: fx.Node, names: tuple) -> dict:
 # --------------------------------------------------------------------------------------
 class ScaledDotProductAttention(Rule):
     kind = "sdpa"
-    functions = (F.scaled_dot_product_attention,)
-    row = ("`F.scaled_dot_product_attention` (bool/float masks, `is_causal`, `scale`, GQA)",
+    functions = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention)
+    row = ("`F.scaled_dot_product_attention`, its `aten` op (bool/float masks, `is_causal`, `scale`, GQA)",
            "`P @ v_r`, `P = softmax(q k^T * scale + mask)` of the total", "`P @ v_i`")
     NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
