@@ -150,8 +150,11 @@ class CapturedGraph:
 
 
 def tensors(value) -> tuple:
-    """A node's value as a tuple: the tensor itself, or the items of a tuple or list."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    """A node's value as a flat tuple: the tensor itself, or the items of a (nested) tuple or
+    list (an LSTM's ``(out, (h_n, c_n))``)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(t for v in value for t in tensors(v))
+    return (value,)
 
 
 # --------------------------------------------------------------------------------------

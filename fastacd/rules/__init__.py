@@ -7,12 +7,13 @@ from .gates import MatMul, Normaliser, Product
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import BatchNorm
 from .pool import MaxPool
+from .recurrent import Recurrent
 from .structural import (Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Reshape, Scale, Shape, Split,
                          Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), Activation(), OffsetActivation(), MaxPool(), Linear(), Reshape(),
                    Getitem(), Split(), Add(), Sub(), Neg(), Scale(), MatMul(), Product(), Normaliser(),
-                   Cat(), OutputSoftmax(), Shape()], name="acd")
+                   Cat(), OutputSoftmax(), Shape(), Recurrent()], name="acd")
 
 
 def resolve(rules) -> RuleSet:
