@@ -484,9 +484,27 @@ def test_from_model_discovery_is_cached_and_follows_changes():
 
 
 def test_from_model_unsupported_structure_is_explained():
+    class NoEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.out(out[-1])
+
+    with pytest.raises(ValueError, match="embedding -> nn.LSTM / nn.GRU -> linear") as err:
+        ft.TextDecomposer.from_model(NoEmbedding().eval())
+    assert "general engine" in str(err.value) and "0 embeddings of the input ids" in str(err.value)
+
+
+def test_from_model_reads_other_structures_through_the_general_engine():
+    """embedding -> LSTM -> linear -> linear: not the recurrent engine's form; the general
+    engine (the recurrent rule) gives the text engine's numbers for the part they share."""
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
+            torch.manual_seed(3)
             self.emb, self.rnn = nn.Embedding(5, 3), nn.LSTM(3, 4)
             self.a, self.b = nn.Linear(4, 2), nn.Linear(2, 2)
 
@@ -494,8 +512,21 @@ def test_from_model_unsupported_structure_is_explained():
             out, _ = self.rnn(self.emb(ids))
             return self.b(self.a(out[-1]))
 
-    with pytest.raises(ValueError, match="embedding -> nn.LSTM / nn.GRU -> linear"):
-        ft.TextDecomposer.from_model(TwoHeads())
+    model = TwoHeads().double().eval()
+    dec = ft.TextDecomposer.from_model(model)
+    assert isinstance(dec, ft.ModelTextDecomposer) and dec.head is model.b
+    tokens = torch.tensor([1, 2, 3, 4])
+    res = dec.cd(tokens, phrases=ft.all_phrases(4))
+    with torch.no_grad():
+        logits = model(tokens[:, None])[0]
+    assert_scaled(res.relevant + res.irrelevant, (logits - model.b.bias).expand(10, -1))
+    # the features a(out[-1]) through the general engine vs the LSTM text engine plus the
+    # affine rule for a (its bias split by magnitude)
+    inner = ft.TextDecomposer(model.emb, model.rnn, None).cd(tokens, phrases=ft.all_phrases(4))
+    zr, zi = inner.relevant @ model.a.weight.T, inner.irrelevant @ model.a.weight.T
+    pr, pi = zr.abs() + 1e-20, zi.abs() + 1e-20
+    feat_rel = zr + pr / (pr + pi) * model.a.bias
+    assert_scaled(res.relevant, feat_rel @ model.b.weight.T)
 
 
 # ------------------------------------------------------------------ hierarchy output

@@ -18,20 +18,34 @@ import torch.nn.functional as F
 
 from .nodes import (Step, UnsupportedOpError, check_eval, describe_node, fetch_attr,
                     run_plain)
+from .transformer import traced_forward
 
 if TYPE_CHECKING:
     from ..rules.base import RuleSet
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every module a rule claims (and every torch.nn leaf) as one node."""
+    """Keeps every module a rule claims (and every torch.nn leaf) as one node; traces the
+    plain path of the torch.nn modules whose forward torch.fx cannot trace
+    (``fastacd.capture.transformer``: nn.TransformerEncoder, nn.TransformerEncoderLayer)."""
 
     def __init__(self, rules: "RuleSet"):
         super().__init__()
         self.rules = rules
 
+    def _traced_forward(self, m: nn.Module):
+        return None if self.rules.claims_module(m) else traced_forward(m)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._traced_forward(m) is not None:
+            return False
         return self.rules.claims_module(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        fn = self._traced_forward(m)
+        if fn is not None:
+            forward = lambda *a, **k: fn(m, *a, **k)  # noqa: E731
+        return super().call_module(m, forward, args, kwargs)
 
 
 class CapturedGraph:

@@ -52,6 +52,15 @@ def channels_last(step: Step, t: torch.Tensor) -> bool:
     return linear and t.dim() > 2
 
 
+def mask_dim(rel: torch.Tensor, total: torch.Tensor) -> int:
+    """The dim of a relevant part that holds the masks: where it differs from the total (batch
+    1), else the first dim of size 1 in the total (dim 0 unless an op moved the batch)."""
+    for k, (a, b) in enumerate(zip(rel.shape, total.shape)):
+        if a != b:
+            return k
+    return next((k for k, b in enumerate(total.shape) if b == 1), 0)
+
+
 def bias_view(bias: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
     return bias if last else bias.reshape((1, -1) + (1,) * (like.dim() - 2))
 
@@ -130,8 +139,11 @@ class Affine(Rule):
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
-        if channels_last(step, zr):  # the split ops take channels at dim 1
-            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused).movedim(1, -1)
+        if channels_last(step, zr):  # the split ops take the masks at dim 0, channels at dim 1
+            k = mask_dim(zr, pre)     # not 0 for a sequence-first (T, M, F) layout
+            out = ops.bias_split(zr.movedim(k, 0).movedim(-1, 1), pre.movedim(k, 0).movedim(-1, 1),
+                                 bias, step.relu_fused)
+            return out.movedim(1, -1).movedim(0, k)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused)
         return ops.bias_split(zr, pre, bias, step.relu_fused)

@@ -166,10 +166,10 @@ class Add(Rule):
         rb = rel.get(b) if isinstance(b, fx.Node) else None
         if ra is not None and rb is not None:
             return ra + rb if self.sign > 0 else ra - rb
-        want = (m,) + tuple(values[step.node].shape[1:])  # a constant may broadcast the shape
-        if ra is not None:
-            return ra.expand(want)
-        return (rb if self.sign > 0 else -rb).expand(want)
+        # a constant may broadcast the shape; the masks may sit in another dim than 0 (a
+        # sequence-first (T, M, E) layout): the total's shape broadcast with the part's
+        r = ra if ra is not None else (rb if self.sign > 0 else -rb)
+        return r.expand(torch.broadcast_shapes(tuple(r.shape), tuple(values[step.node].shape)))
 
     def inplace_operand(self, step):
         a, b = operands(step.node)
@@ -303,12 +303,22 @@ class Cat(Rule):
         total = values[node]
         dim = self._dim(node, total)
         out = []
+        # the dim holding the masks: where a decomposed operand's part differs from its total
+        # (dim 0 unless an op moved the batch, e.g. a sequence-first (T, M, E) layout)
+        mask_dim = 0
+        for t in node.args[0]:
+            if isinstance(t, fx.Node) and t in rel:
+                diff = [k for k, (a, b) in enumerate(zip(rel[t].shape, values[t].shape)) if a != b]
+                mask_dim = diff[0] if diff else mask_dim
+                break
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in rel:
                 out.append(rel[t])
             else:  # a constant joins the irrelevant part
                 v = values[t] if isinstance(t, fx.Node) else t
-                out.append(torch.zeros((m,) + tuple(v.shape[1:]), dtype=total.dtype, device=total.device))
+                shape = list(v.shape)
+                shape[mask_dim] = m
+                out.append(torch.zeros(shape, dtype=total.dtype, device=total.device))
         return torch.cat(out, dim)
 
     def locality(self, step, values):

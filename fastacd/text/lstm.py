@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.nodes import UnsupportedOpError
 from ..capture.phrases import _pair_masks, check_phrase, check_phrases, tokens_of
 from ..ops import torch_ops as _torch_ops
 from ..rules.recurrent import (LSTMDirection, cell_fn, lstm_true_pass as _true_pass,  # noqa: F401
@@ -169,6 +170,8 @@ class TextDecomposer:
     # recurrent module type -> the TextDecomposer subclass for it (fastacd.text.gru adds the
     # GRU's): ``TextDecomposer(embed, gru, head)`` gives a ``GRUDecomposer``
     families: dict = {}
+    # from_model's family for other models (fastacd.text.general.ModelTextDecomposer)
+    general = None
 
     def __new__(cls, embed=None, rnn=None, *args, **kwargs):
         if cls is TextDecomposer:
@@ -223,12 +226,23 @@ class TextDecomposer:
         last position as ``cd_text`` does. Otherwise ``model.forward`` is traced with
         ``torch.fx`` and must be embedding -> ``nn.LSTM`` or ``nn.GRU`` -> (output at the
         last position, or the last layer's ``h_n``) -> linear, optionally followed by
-        softmax / log-softmax. A GRU gives a ``GRUDecomposer``.
+        softmax / log-softmax. A GRU gives a ``GRUDecomposer``. Any other model (a
+        transformer classifier, a recurrent layer inside a larger network) goes through the
+        general engine: a ``ModelTextDecomposer`` (``fastacd.text.general``: token masks over
+        the word vectors of its ``nn.Embedding``, same results).
         """
         if all(hasattr(model, a) for a in ("embed", "lstm", "hidden_to_label")):
             kwargs.setdefault("readout", "last")
             return cls(model.embed, model.lstm, model.hidden_to_label, **kwargs)
-        embed, rnn, head, readout = _discover_cached(model)
+        try:
+            embed, rnn, head, readout = _discover_cached(model)
+        except ValueError as exc:
+            if TextDecomposer.general is None:
+                raise
+            try:
+                return TextDecomposer.general(model, **kwargs)
+            except (ValueError, UnsupportedOpError) as exc2:
+                raise ValueError(f"{exc}\nNor through the general engine: {exc2}") from exc2
         kwargs.setdefault("readout", readout)
         return cls(embed, rnn, head, **kwargs)
 
