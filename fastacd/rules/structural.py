@@ -278,15 +278,20 @@ class Cat(Rule):
         return only_gates(node, graph.reach, gates)
 
     @staticmethod
-    def _dim(node: fx.Node, total: torch.Tensor) -> int:
-        dim = arg(node, 1, "dim", 0)
-        if dim % total.dim() == 0:
+    def _dim(node: fx.Node, total: torch.Tensor, shapes: list, mask_dim: int | None = None) -> int:
+        """The cat dim, refused where it is the batch's: the dim holding the masks when known
+        (``mask_dim``), else dim 0 when every operand has size 1 there (batch-1 tensors; in a
+        sequence-first (T, N, F) layout dim 0 is the sequence, which may be concatenated)."""
+        dim = arg(node, 1, "dim", 0) % total.dim()
+        batch = mask_dim if mask_dim is not None else (0 if all(sh[0] == 1 for sh in shapes) else None)
+        if dim == batch:
             raise UnsupportedOpError(f"{describe_node(node)} concatenates along the batch dimension")
         return dim
 
     def reference(self, step, parts, value_of, aux):
         node = step.node
-        dim = self._dim(node, value_of(node))
+        shapes = [tuple(load_arg(value_of, t).shape) for t in node.args[0]]
+        dim = self._dim(node, value_of(node), shapes)
         rs, is_ = [], []
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in parts:
@@ -301,23 +306,26 @@ class Cat(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         node = step.node
         total = values[node]
-        dim = self._dim(node, total)
-        out = []
         # the dim holding the masks: where a decomposed operand's part differs from its total
-        # (dim 0 unless an op moved the batch, e.g. a sequence-first (T, M, E) layout)
-        mask_dim = 0
+        # (dim 0 unless an op moved the batch, e.g. a sequence-first (T, M, E) layout); None
+        # for one mask (the parts have the totals' shapes)
+        mask_dim = None
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in rel:
                 diff = [k for k, (a, b) in enumerate(zip(rel[t].shape, values[t].shape)) if a != b]
-                mask_dim = diff[0] if diff else mask_dim
+                mask_dim = diff[0] if diff else None
                 break
+        shapes = [tuple((values[t] if isinstance(t, fx.Node) else t).shape) for t in node.args[0]]
+        dim = self._dim(node, total, shapes, mask_dim)
+        out = []
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in rel:
                 out.append(rel[t])
             else:  # a constant joins the irrelevant part
                 v = values[t] if isinstance(t, fx.Node) else t
                 shape = list(v.shape)
-                shape[mask_dim] = m
+                if mask_dim is not None:
+                    shape[mask_dim] = m
                 out.append(torch.zeros(shape, dtype=total.dtype, device=total.device))
         return torch.cat(out, dim)
 
