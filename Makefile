@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SOURCES = $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp kernels/*.h kernels/*.cuh kernels/*.cu) setup.py
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(VENV)/.built
 
@@ -28,6 +28,12 @@ test: setup
 
 bench: setup
 	$(PY) -m fastacd bench
+
+# On a CUDA machine: build, every needs_cuda test, CUDA vs CPU checks, benchmarks, one JSON
+# (bench/results/gpu_check.json) in under 8 minutes; docs/gpu_check.md. GPU_CHECK_ARGS=--dry-run
+# runs it on the CPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastacd/_C*.so

@@ -6,13 +6,14 @@ of torch are present. Switches (environment variables):
   FASTACD_FORCE_CUDA=1       build the CUDA kernels even where the checks say no
                              (nvcc must exist; CI compiles them on a GPU-less machine)
   FASTACD_FORCE_ONLY_CPU=1   never build the CUDA kernels (wins over FORCE_CUDA)
-  TORCH_CUDA_ARCH_LIST       GPU architectures; defaults to "8.0;9.0" here (compile time)
+  TORCH_CUDA_ARCH_LIST       GPU architectures; defaults to "8.0;9.0+PTX" here (compile time)
   MAX_JOBS                   parallel compile jobs (ninja)
 
 A CUDA compile error fails the build. The resolved flags are printed.
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -35,7 +36,10 @@ _guess_cuda_home()  # before torch.utils.cpp_extension reads it
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100; keep small, every arch adds compile time
+# Machine code for A100 (8.x) and H100/H200 (9.0), and 9.0's PTX, which the driver compiles
+# at load time for newer GPUs (Blackwell). Older ones (T4, V100) get the pure-torch formulas:
+# fastacd.ops checks a GPU's capability against these targets. Every arch adds compile time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def env_flag(name: str) -> bool:
@@ -65,6 +69,23 @@ def resolve_cuda():
     return True, f"nvcc at {nvcc}, torch built with CUDA {torch.version.cuda}"
 
 
+def arch_tag(archs: str) -> str:
+    """The targets nvcc gets, as one macro-safe word: "8.0;9.0+PTX" -> "sm80_compute90_sm90"
+    (machine code, PTX). fastacd.ops reads it (``_C.cuda_archs``) to check a GPU at run time."""
+    try:  # torch's own translation of TORCH_CUDA_ARCH_LIST into -gencode flags
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+        flags = " ".join(_get_cuda_arch_flags())
+        targets = re.findall(r"code=(sm|compute)_(\d+[a-z]?)", flags)
+    except Exception:  # noqa: BLE001 - a private function: read the list ourselves
+        targets = []
+        for a in re.split(r"[;, ]+", archs.strip()):
+            m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", a)
+            if m:
+                num = m[1] + m[2] + m[3]
+                targets += [("sm", num)] + ([("compute", num)] if m[4] else [])
+    return "_".join(kind + num for kind, num in targets) or "none"
+
+
 def extensions():
     with_cuda, why = resolve_cuda()
     sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
@@ -77,9 +98,8 @@ def extensions():
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += sorted(glob.glob("kernels/*.cu", root_dir=ROOT))
-        # Digits only ("80_90"), so the macro needs no shell quoting; ops.cpp stringifies it.
-        arch_tag = "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs.replace(",", ";").split(";") if a)
-        define_macros += [("FASTACD_WITH_CUDA", "1"), ("FASTACD_CUDA_ARCHS", arch_tag)]
+        # Letters, digits and "_" only, so the macro needs no shell quoting; ops.cpp stringifies it.
+        define_macros += [("FASTACD_WITH_CUDA", "1"), ("FASTACD_CUDA_ARCHS", arch_tag(archs))]
     ext_cls = CUDAExtension if with_cuda else CppExtension
     kwargs = dict(
         name="fastacd._C",
@@ -93,7 +113,8 @@ def extensions():
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")
     print(f"  CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     if with_cuda:
-        print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}  nvcc flags: {' '.join(nvcc)}")
+        print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (targets {arch_tag(archs)})  "
+              f"nvcc flags: {' '.join(nvcc)}")
     print(f"  sources: {' '.join(sources)}")
     print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
     return [ext_cls(**kwargs)]

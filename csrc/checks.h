@@ -91,6 +91,15 @@ inline void check_gather_indices(const char* op, const at::Tensor& rel, const at
               "), got ", indices.sizes(), ".");
 }
 
+// An int64 index tensor's values lie in [0, bound) (csrc/index_checks.cpp); `what` says what
+// they index. On CUDA: one reduction and a small copy to the host (a synchronisation), cached
+// per tensor and version, so passing the same indices again costs nothing.
+void check_index_range(const char* op, const at::Tensor& idx, int64_t bound, const char* what);
+
+// Whether some channel of indices (1, C, *So) holds one position twice (overlapping pooling
+// windows), cached like check_index_range. A synchronisation on CUDA the first time.
+bool has_repeated_indices(const at::Tensor& idx);
+
 // Per-candidate corners: (M,) int64.
 inline void check_corner(const char* op, const at::Tensor& t, const char* name, int64_t M) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == M, op, ": ", name,

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scatter_add.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,20 +22,14 @@
 
 #include "csrc/checks.h"
 #include "kernels/cd_math.h"
+#include "kernels/launch.cuh"
 
 namespace fastacd {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Grid-stride loops: enough blocks to fill the GPU, capped so the grid stays legal.
-unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
-#define FASTACD_GRID_STRIDE(k, n) \
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < (n); k += int64_t(blockDim.x) * gridDim.x)
-
+constexpr const char* kIndexWhat = "flat positions into the spatial dims of rel";
+using cuda::blocks_for;
+using cuda::kThreads;
 
 void check_cuda_float(const char* op, std::initializer_list<std::pair<const at::Tensor*, const char*>> args) {
   check_device(op, c10::DeviceType::CUDA, args);
@@ -266,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cud
 
 // ---------------------------------------------------------------- maxpool_gather
 
-// Out-of-range indices stop the kernel with a device assert (checking them on the host
-// would synchronise).
+// The launcher checks the indices on the host (once per indices tensor); the device assert
+// is what remains while a CUDA graph is captured.
 template <typename scalar_t>
 __global__ void maxpool_gather_kernel(const scalar_t* __restrict__ rel, const int64_t* __restrict__ idx,
                                       scalar_t* __restrict__ out, int64_t n, int64_t C, int64_t S, int64_t So) {
@@ -286,10 +281,12 @@ at::Tensor maxpool_gather_cuda(const at::Tensor& rel, const at::Tensor& indices)
   check_float_dtype(op, rel, "rel", /*allow_reduced=*/true);
   check_gather_indices(op, rel, indices);
   const c10::cuda::CUDAGuard guard(rel.device());
+  const at::Tensor ix = indices.contiguous();
+  if (!cuda::stream_capturing()) check_index_range(op, ix, positions(rel), kIndexWhat);
   at::Tensor out = at::empty(gathered_shape(rel.size(0), indices), rel.options());
   const int64_t n = out.numel();
   if (n == 0) return out;
-  const at::Tensor r = rel.contiguous(), ix = indices.contiguous();
+  const at::Tensor r = rel.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTACD_DISPATCH(r.scalar_type(), "maxpool_gather_cuda", [&] {
     maxpool_gather_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -301,7 +298,8 @@ at::Tensor maxpool_gather_cuda(const at::Tensor& rel, const at::Tensor& indices)
 }
 
 // Overlapping windows can send two outputs to one position: atomics into an
-// accumulation-type buffer (float or double atomics are native), cast at the end.
+// accumulation-type buffer (float or double atomics are native), cast at the end. Without
+// overlaps every position receives at most one add, so the result is deterministic.
 template <typename scalar_t, typename acc_t>
 __global__ void maxpool_gather_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ idx,
                                                acc_t* __restrict__ g_rel, int64_t n, int64_t C, int64_t S,
@@ -325,10 +323,20 @@ at::Tensor maxpool_gather_backward_cuda(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(gathered_shape(acc.size(0), indices)), op,
               ": grad must have shape (M, C, *So) with M = ", acc.size(0), " and (C, *So) = ",
               indices.sizes().slice(1), ", got ", grad.sizes(), ".");
+  const at::Tensor ix = indices.contiguous();
+  const bool capturing = cuda::stream_capturing();
+  if (!capturing) check_index_range(op, ix, positions(acc), kIndexWhat);
   const int64_t n = grad.numel();
   if (n == 0) return acc.to(grad.scalar_type());
-  at::globalContext().alertNotDeterministic("fastacd::maxpool_gather_backward (CUDA atomics)");
-  const at::Tensor g = grad.contiguous(), ix = indices.contiguous();
+  const at::Tensor g = grad.contiguous();
+  if (at::globalContext().deterministicAlgorithms() && (capturing || has_repeated_indices(ix))) {
+    // Overlapping windows under torch.use_deterministic_algorithms: scatter_add_, which is
+    // deterministic on CUDA in that mode, instead of the atomics.
+    const int64_t M = acc.size(0), C = acc.size(1), So = ix.numel() / C;
+    acc.view({M, C, positions(acc)})
+        .scatter_add_(2, ix.view({1, C, So}).expand({M, C, So}), g.view({M, C, So}).to(acc.scalar_type()));
+    return acc.to(grad.scalar_type());
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTACD_DISPATCH(g.scalar_type(), "maxpool_gather_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

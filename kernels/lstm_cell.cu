@@ -11,20 +11,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <string>
 
 #include "csrc/lstm_cell.h"
 #include "kernels/cd_math.h"
+#include "kernels/launch.cuh"
 
 namespace fastacd {
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 template <typename acc_t, typename scalar_t>
 __device__ math::LstmColumn<acc_t> column(const LstmPtrs<scalar_t>& a, int64_t j) {
@@ -40,7 +37,7 @@ __global__ void lstm_cell_forward_kernel(LstmPtrs<scalar_t> a, scalar_t* __restr
                                          scalar_t* __restrict__ rel_h) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, n = a.M * H;
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
+  FASTACD_GRID_STRIDE(k, n) {
     const int64_t m = k / H, j = k - m * H;
     const scalar_t* g = a.rel_gates + m * 4 * H;
     const auto out = math::lstm_cd_cell<acc_t>(column<acc_t>(a, j), acc_t(g[j]), acc_t(g[H + j]),
@@ -59,7 +56,7 @@ __global__ void lstm_cell_backward_kernel(LstmPtrs<scalar_t> a, const scalar_t* 
                                           scalar_t* __restrict__ g_prev_rel_c, acc_t* __restrict__ phrase,
                                           acc_t* __restrict__ shared) {
   const int64_t H = a.H, n = a.M * H;
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
+  FASTACD_GRID_STRIDE(k, n) {
     const int64_t m = k / H, j = k - m * H;
     const scalar_t* g = a.rel_gates + m * 4 * H;
     const auto d = math::lstm_cd_cell_grad<acc_t>(column<acc_t>(a, j), acc_t(g[j]), acc_t(g[H + j]),

@@ -10,23 +10,21 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "csrc/checks.h"
+#include "kernels/launch.cuh"
 #include "kernels/window_math.h"
 
 namespace fastacd {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::blocks_for;
+using cuda::kThreads;
 
-unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
-
-// Out-of-range indices or pooled corners stop the kernel with a device assert (checking them
-// on the host would synchronise).
+// The launcher checks the indices on the host (once per indices tensor); pooled corners out
+// of range stop the kernel with a device assert: checking them on the host would synchronise
+// on every call, and the windowed pass makes new corners for every chunk of candidates.
 template <typename scalar_t>
 __global__ void window_gather_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ win,
                                      const int64_t* __restrict__ idx, const int64_t* __restrict__ oy,
@@ -34,7 +32,7 @@ __global__ void window_gather_kernel(const scalar_t* __restrict__ base, const sc
                                      const int64_t* __restrict__ win_ox, scalar_t* __restrict__ out, int64_t n,
                                      int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w,
                                      int64_t Ho, int64_t Wo, double inv_W) {
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += int64_t(blockDim.x) * gridDim.x) {
+  FASTACD_GRID_STRIDE(k, n) {
     const int64_t row = k / (h * w), q = k - row * (h * w);
     const int64_t j = row / C, c = row - j * C, y = q / w, x = q - y * w;
     const int64_t* idx_c = idx == nullptr ? nullptr : idx + c * Ho * Wo;
@@ -68,6 +66,8 @@ at::Tensor window_gather_cuda(const at::Tensor& base, const std::optional<at::Te
   const at::Tensor wy = win.has_value() ? win_oy->contiguous() : at::Tensor();
   const at::Tensor wx = win.has_value() ? win_ox->contiguous() : at::Tensor();
   const at::Tensor ix = indices.has_value() ? indices->contiguous() : at::Tensor();
+  if (ix.defined() && !cuda::stream_capturing())
+    check_index_range(op, ix, H * W, "flat positions into the H x W map of base");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, b.scalar_type(),
                                   "window_gather_cuda", [&] {

@@ -81,8 +81,8 @@ def test_unknown_backend(model):
         fastacd.Decomposer(model, backend="fast")
 
 
-class Gated(nn.Module):
-    """x * sigmoid(x): a product of two input-dependent values has no CD rule."""
+class Exp(nn.Module):
+    """exp has no CD rule (not f(0) = 0, not a gate)."""
 
     def __init__(self):
         super().__init__()
@@ -90,38 +90,43 @@ class Gated(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return (y * torch.sigmoid(y)).flatten(1)
+        return torch.exp(y).flatten(1)
 
 
-class WithLayerNorm(nn.Module):
+class WithLPPool(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.norm = nn.LayerNorm(6)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.pool = nn.LPPool2d(2, 2)
 
     def forward(self, x):
-        return self.norm(self.fc(x))
+        return self.pool(self.conv(x)).flatten(1)
 
 
 def test_unsupported_op_names_the_op_the_node_and_the_fix():
     with pytest.raises(fastacd.UnsupportedOpError) as err:
-        fastacd.Decomposer(Gated().eval())
+        fastacd.Decomposer(Exp().eval())
     msg = str(err.value)
-    assert "torch.sigmoid" in msg and "graph node 'sigmoid'" in msg
+    assert "torch.exp" in msg and "graph node 'exp'" in msg
     assert "fastacd.register_rule" in msg
 
 
 def test_unsupported_module_names_its_path():
-    with pytest.raises(fastacd.UnsupportedOpError, match=r"(?s)module 'norm' \(LayerNorm\).*fastacd.register_rule"):
-        fastacd.Decomposer(WithLayerNorm().eval())
+    with pytest.raises(fastacd.UnsupportedOpError, match=r"(?s)module 'pool' \(LPPool2d\).*fastacd.register_rule"):
+        fastacd.Decomposer(WithLPPool().eval())
 
 
 def test_product_of_two_dependent_values_is_refused():
-    class Square(nn.Module):
+    class Ratio(nn.Module):  # a quotient of a value by itself: no rule (a product has one)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
         def forward(self, x):
-            return (x * x).flatten(1)
+            y = self.fc(x)
+            return y / y
     with pytest.raises(fastacd.UnsupportedOpError, match="product or quotient of two input-dependent"):
-        fastacd.Decomposer(Square().eval())
+        fastacd.Decomposer(Ratio().eval())
 
 
 def test_softmax_inside_the_network_is_refused():
@@ -182,3 +187,63 @@ def test_untraceable_model_says_why():
 def test_cd_without_mask_or_transform(model, x):
     with pytest.raises(ValueError, match="either a mask or a transform"):
         fastacd.cd(x, model)
+
+
+# ------------------------------------------------------------------ API edges (issue 17 item 6)
+def _api_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)).double()
+
+
+def test_hierarchy_keeps_the_callers_model_mode():
+    model = _api_model().train()
+    fastacd.hierarchy(model, torch.randn(1, 1, 8, 8, dtype=torch.float64), sweep_dim=4, num_iters=1)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("label, message", [(True, "class index"), (3, "0..2"), (-1, "0..2"), (1.5, "class index")])
+def test_hierarchy_label_is_checked(label, message):
+    with pytest.raises(ValueError, match=message):
+        fastacd.hierarchy(_api_model().eval(), torch.randn(1, 1, 8, 8, dtype=torch.float64), label=label,
+                          sweep_dim=4, num_iters=1)
+
+
+def test_zero_iterations_is_refused():
+    with pytest.raises(ValueError, match="num_iters must be a positive integer"):
+        fastacd.hierarchy(_api_model().eval(), torch.randn(1, 1, 8, 8, dtype=torch.float64), sweep_dim=4,
+                          num_iters=0)
+
+
+def test_nan_weights_are_named():
+    model = _api_model().eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite.*3\.weight"):
+        fastacd.Decomposer(model).cd(torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.ones(8, 8))
+
+
+@pytest.mark.parametrize("budget, expect", [("1G", 1 << 30), ("512M", 512 << 20), ("2gb", 2 << 30), (4096, 4096)])
+def test_memory_budget_accepts_sizes(budget, expect):
+    assert fastacd.Decomposer(_api_model().eval(), memory_budget=budget).memory_budget == expect
+
+
+@pytest.mark.parametrize("budget, error", [(-5, ValueError), (0, ValueError), ("lots", ValueError), ([1], TypeError),
+                                           (True, TypeError)])
+def test_memory_budget_refuses_nonsense(budget, error):
+    with pytest.raises(error, match="memory_budget"):
+        fastacd.Decomposer(_api_model().eval(), memory_budget=budget)
+
+
+def test_grad_mode_beyond_the_budget_is_a_clear_error():
+    """With autograd recording every chunk's activations stay alive: the budget cannot bound
+    them, so the call is refused (under no_grad the same call runs in chunks)."""
+    model = _api_model().eval()
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    masks = torch.ones(500, 8, 8, dtype=torch.float64)
+    dec = fastacd.Decomposer(model, memory_budget=64 << 10)
+    with pytest.raises(ValueError, match=r"autograd recording.*torch.no_grad\(\)"):
+        dec.cd(x, masks)
+    with torch.no_grad():
+        assert dec.cd(x, masks).relevant.shape == (500, 3)
+    small = dec.cd(x, masks[:2])  # within the budget: differentiable as before
+    assert small.relevant.requires_grad

@@ -109,7 +109,7 @@ def test_occlusion_and_build_up(net_and_image):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(label=7), "lab_num"),
+    (dict(label=7), r"label must be a class index in 0\.\.4"),
     (dict(sweep_dim=64), "larger than the image"),
     (dict(percentile_include=150), "percentile_include"),
     (dict(base="quadtree"), "base"),

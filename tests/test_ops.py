@@ -445,6 +445,9 @@ def test_torch_compile_inductor():
      r"indices must lie in \[0, 16\)"),
     (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.full((1, 3, 2, 2), -1)),
      r"indices must lie in \[0, 16\)"),
+    (lambda: torch.ops.fastacd.maxpool_gather_backward(torch.zeros(2, 3, 2, 2), torch.full((1, 3, 2, 2), 16),
+                                                       [2, 3, 4, 4]),
+     r"indices must lie in \[0, 16\) \(flat positions into the spatial dims of rel\), found values in \[16, 16\]"),
     (lambda: torch.ops.fastacd.lstm_cd_cell(torch.zeros(2, 12), torch.zeros(1, 12), torch.zeros(12),
                                             torch.zeros(1, 3), torch.zeros(2, 4), torch.zeros(1, 3), torch.zeros(2),
                                             False), r"rel_gates must have shape \(M, 4H\) = \[2, 16\]"),
@@ -466,6 +469,48 @@ def test_device_mismatch_error():
     fake kernel; the CUDA launchers check the same, see test_cuda_device_mismatch)."""
     with pytest.raises(RuntimeError, match=r"bias is on meta but rel_pre is on cpu"):
         torch.ops.fastacd.bias_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3, device="meta"))
+
+
+# --------------------------------------------------------------------------- dtype promotion
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "formula"])
+def test_mixed_dtypes_are_promoted(compiled, monkeypatch):
+    """Parameters in another dtype than the activations (float32 biases with bfloat16 conv
+    outputs under torch.autocast on CUDA; here float32 with float64) are promoted as the
+    pure-torch formulas promote them, on the compiled path and the fallback alike."""
+    if compiled and not ops.HAS_COMPILED:
+        pytest.skip("compiled extension fastacd._C not built")
+    if not compiled:
+        monkeypatch.setattr(ops, "HAS_COMPILED", False)
+    gen = torch.Generator().manual_seed(15)
+    rel, total = split_inputs((3, 4, 5, 6), torch.float64, "cpu", gen, False)
+    c32, s32 = channel_vec(4, torch.float32, "cpu", gen), channel_vec(4, torch.float32, "cpu", gen)
+    for args in ((rel, total, c32), (rel.float(), total.float(), c32.double()), (rel.float(), total, c32)):
+        out = ops.bias_split(*args, True)
+        assert out.dtype == torch.float64
+        close(out, _torch_ops.bias_split(*(a.double() for a in args), True))
+    out = ops.bn_split(rel, total.float(), s32, c32, True)
+    assert out.dtype == torch.float64
+    close(out, _torch_ops.bn_split(rel, total.float().double(), s32.double(), c32.double(), True))
+    # in place: written in the buffer's dtype
+    buf = rel.float()
+    assert ops.bias_split_(buf, total, c32.double(), True) is buf
+    close(buf, _torch_ops.bias_split(rel.float(), total.float(), c32, True))
+    buf = rel.float()
+    ops.bn_split_(buf, total, s32.double(), c32, False)
+    close(buf, _torch_ops.bn_split(rel.float(), total.float(), s32, c32, False))
+    lstm = list(lstm_inputs(3, 4, torch.float64, "cpu", gen))
+    lstm[1], lstm[2] = lstm[1].float(), lstm[2].float()  # total_gates, bias in float32
+    got = ops.lstm_cd_cell(*lstm, False)
+    want = _torch_ops.lstm_cd_cell(*(a.double() for a in lstm), False)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64
+        close(a, b)
+    base, win = torch.randn(1, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=gen)
+    corner = torch.tensor([0, 2, 4])
+    got = ops.window_gather(base, win, corner, corner, corner - 1, corner, 4, 4)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, _torch_ops.window_gather(base, win.double(), corner, corner, corner - 1, corner, 4, 4))
 
 
 # --------------------------------------------------------------------------- fallback, build info

@@ -25,7 +25,7 @@ def test_docs_rules_table_is_the_default_sets():
 def test_every_rule_has_a_kind_row_and_reference_form():
     for kind, rule in DEFAULT.items():
         assert rule.kind == kind and all(isinstance(c, str) for c in rule.row) and rule.row[0]
-        if rule.value:  # value rules decompose: they define both forms
+        if rule.value and not rule.context_only:  # rules that decompose define both forms
             assert type(rule).reference is not Rule.reference, kind
             assert type(rule).relevant is not Rule.relevant, kind
 
@@ -94,21 +94,22 @@ def test_a_new_rule_kind_works_through_every_pass(dtype):
 
 
 def test_rule_refusal_names_the_variant_and_a_later_rule_may_claim():
-    class Square(nn.Module):
+    class Ratio(nn.Module):
         def forward(self, x):
-            return self.fc(x * x) if hasattr(self, "fc") else x * x
+            y = x.flatten(1)
+            return y / y  # (a denominator read nowhere else would be context: x / std)
 
     with pytest.raises(fastacd.UnsupportedOpError, match="product or quotient of two input-dependent"):
-        fastacd.Decomposer(Square().eval())
+        fastacd.Decomposer(Ratio().eval())
 
-    class Product(Rule):  # claims what Scale refuses: CD has no published rule, this is a test double
-        kind = "product"
-        functions = Rule.functions + (__import__("operator").mul,)
+    class Quotient(Rule):  # claims what Scale refuses (a test double: it has no forms)
+        kind = "quotient"
+        functions = (__import__("operator").truediv,)
 
-    rules = DEFAULT.replace(Product())
-    dec = fastacd.Decomposer(Square().eval(), rules=rules)
-    (step,) = [s for s in dec.graph.steps.values() if s.kind == "product"]
-    assert step.rule is rules["product"]
+    rules = DEFAULT.replace(Quotient())
+    dec = fastacd.Decomposer(Ratio().eval(), rules=rules)
+    (step,) = [s for s in dec.graph.steps.values() if s.kind == "quotient"]
+    assert step.rule is rules["quotient"]
 
 
 def test_module_subclass_with_its_own_forward_is_not_claimed_by_its_base_rule():

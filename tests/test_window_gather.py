@@ -193,6 +193,23 @@ def test_cuda_equals_cpu(dtype, pool):
         assert torch.equal(torch.ops.fastacd.window_gather.default(*cuda).cpu(), expect)
 
 
+@needs_compiled
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pool", [False, True], ids=["crop", "pool"])
+def test_cuda_without_windows_equals_cpu(dtype, pool):
+    """win = None (every candidate's map is the base: the first layer's crops), on CUDA."""
+    gen = torch.Generator().manual_seed(31 + pool)
+    for _ in range(100):
+        case = random_case(gen, pool, False, torch.float32)
+        case = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in case)
+        assert case[1] is None
+        cuda = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in case)
+        expect = _torch_ops.window_gather(case[0].float(), *case[1:]).to(dtype)
+        assert torch.equal(torch.ops.fastacd.window_gather.default(*cuda).cpu(), expect)
+        assert torch.equal(ops.window_gather(*cuda).cpu(), expect)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_windowed_pass_uses_the_backend_op(device, monkeypatch):
     """The engine's compiled backend sends its gathers to torch.ops.fastacd.window_gather."""

@@ -284,19 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_split_backward_cpu
 
 // ---------------------------------------------------------------- maxpool_gather
 
-// Indices come from max_pool on the shared total: (1, C, *So), small next to rel.
-// Checking their range once up front keeps the gather loops branch-free.
-void check_indices_in_range(const char* op, const at::Tensor& idx, int64_t S) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  int64_t lo = 0, hi = 0;
-  for (int64_t k = 0; k < idx.numel(); ++k) {
-    lo = std::min(lo, p[k]);
-    hi = std::max(hi, p[k]);
-  }
-  TORCH_CHECK(lo >= 0 && (idx.numel() == 0 || hi < S), op, ": indices must lie in [0, ", S,
-              ") (flat positions into the spatial dims of rel), found values in [", lo, ", ", hi, "].");
-}
-
+// The launchers check the indices once up front (check_index_range): the loops are branch-free.
 template <typename scalar_t>
 void maxpool_gather_kernel(const scalar_t* rel, const int64_t* idx, scalar_t* out, int64_t M, int64_t C,
                            int64_t S, int64_t So) {
@@ -319,7 +307,7 @@ at::Tensor maxpool_gather_cpu(const at::Tensor& rel, const at::Tensor& indices) 
   at::Tensor out = at::empty(gathered_shape(rel.size(0), indices), rel.options());
   const at::Tensor ix = indices.contiguous();
   const int64_t S = positions(rel);
-  check_indices_in_range(op, ix, S);
+  check_index_range(op, ix, S, "flat positions into the spatial dims of rel");
   if (out.numel() == 0) return out;
   const int64_t So = ix.numel() / ix.size(1);
   const at::Tensor r = rel.contiguous();
@@ -357,7 +345,7 @@ at::Tensor maxpool_gather_backward_cpu(const at::Tensor& grad, const at::Tensor&
               indices.sizes().slice(1), ", got ", grad.sizes(), ".");
   const at::Tensor ix = indices.contiguous();
   const int64_t S = positions(g_rel);
-  check_indices_in_range(op, ix, S);
+  check_index_range(op, ix, S, "flat positions into the spatial dims of rel");
   if (grad.numel() == 0) return g_rel;
   const int64_t So = ix.numel() / ix.size(1);
   const at::Tensor g = grad.contiguous();

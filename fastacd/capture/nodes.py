@@ -4,9 +4,10 @@ Shared by capture, the rules and every pass; imports nothing else of fastacd.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -67,6 +68,19 @@ def check_eval(model: nn.Module) -> None:
             f"the model is in training mode ({', '.join(training[:3])}"
             f"{', ...' if len(training) > 3 else ''}); CD is defined on eval behaviour "
             "(dropout off, batchnorm running statistics). Call model.eval() first.")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block (CD is defined on eval behaviour), each module's
+    own mode restored after it."""
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in states:
+            m.training = training
 
 
 def arg(node: fx.Node, pos: int, name: str, default=None):

@@ -25,6 +25,7 @@ import torch
 
 from . import agg_2d
 from ..api import decomposer_for
+from ..capture.nodes import eval_mode
 from ..train.models import acd_mnist_cnn, digits_28, train_digits_cnn
 
 BASES = ("tiles", "slic", "felzenszwalb")
@@ -223,7 +224,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
 
     Params
     ------
-    model: a traceable PyTorch model (put in eval mode here)
+    model: a traceable PyTorch model (run in eval mode; its own mode is restored after)
     image: the model input, (C, H, W) or (1, C, H, W)
     label: class to explain; None = the model's prediction
     sweep_dim: tile side for ``base='tiles'``; None = ceil(min(H, W) / 16) (a 16x16 grid at 224)
@@ -248,14 +249,24 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         sweep_dim = max(1, ceil(min(hw) / 16))
     agg_2d.check_args(method, percentile_include, sweep_dim if base == "tiles" else 1, hw, num_iters)
     model, x = agg_2d.prepare_model_input(model, image, device)
-    model.eval()
+    with eval_mode(model):
+        return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
+                          backend, base, segment_kwargs, corrected, progress)
+
+
+def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
+               segment_kwargs, corrected, progress) -> Hierarchy:
     p = next(model.parameters(), None)
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)
     dec = decomposer_for(model, backend)
+    with torch.no_grad():
+        out = dec.forward(x).reshape(-1)
     if label is None:
-        with torch.no_grad():
-            label = int(dec.forward(x).reshape(-1).argmax())
+        label = int(out.argmax())
+    elif isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < out.numel():
+        raise ValueError(f"label must be a class index in 0..{out.numel() - 1} (the model has "
+                         f"{out.numel()} outputs), got {label!r}")
     shown = display_image(x)
     if base == "tiles":
         units = agg_2d.TileUnits(hw, sweep_dim)

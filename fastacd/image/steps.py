@@ -118,8 +118,9 @@ def check_args(method, percentile_include, sweep_dim, image_hw, num_iters):
     if sweep_dim > min(image_hw):
         raise ValueError(f"sweep_dim={sweep_dim} is larger than the image ({image_hw[0]}x{image_hw[1]}); "
                          "use a tile side no larger than the image's shorter side")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 0:
-        raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive integer (iterations of the agglomeration; "
+                         f"0 would give an empty hierarchy), got {num_iters!r}")
 
 
 def prepare_model_input(model, im_torch, device, image_hw=None):

@@ -3,19 +3,27 @@
 
 Each function has the signature of its ``torch_ops`` twin. It runs the compiled kernel
 when the extension is built and has a kernel for the tensor's device and dtype (CPU:
-float32/float64; CUDA: float32/float64/float16/bfloat16), and the pure-torch formula
-otherwise, so callers never special-case devices. Below each wrapper: its fake (meta)
-kernel for ``torch.compile``, and its autograd, whose backward is a compiled op of its own.
+float32/float64; CUDA: float32/float64/float16/bfloat16, on a GPU whose compute capability
+the build targeted), and the pure-torch formula otherwise, so callers never special-case
+devices. Floating inputs of different dtypes are promoted as torch promotes them (float32
+parameters with bfloat16 activations under ``torch.autocast``, say). Below each wrapper: its
+fake (meta) kernel for ``torch.compile``, and its autograd, whose backward is a compiled op
+of its own.
 
 ``HAS_COMPILED`` says whether the extension imported; ``build_info()`` describes it.
+``float32_precision`` / ``tf32_enabled`` (``precision.py``) keep float32 convolutions exact.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
+import warnings
 
 import torch
 
 from . import torch_ops as _torch_ops
+from .precision import float32_precision, tf32_enabled  # noqa: F401
 
 try:
     from .. import _C  # loading the library registers torch.ops.fastacd.*
@@ -43,7 +51,94 @@ _KERNEL_TYPES = frozenset(
 def _compiled(t: torch.Tensor) -> bool:
     """Whether the compiled kernel handles ``t``'s device and dtype. Read at call time, so
     setting ``fastacd.ops.HAS_COMPILED = False`` forces the pure-torch path."""
-    return HAS_COMPILED and (t.device.type, t.dtype) in _KERNEL_TYPES
+    if not (HAS_COMPILED and (t.device.type, t.dtype) in _KERNEL_TYPES):
+        return False
+    return t.device.type != "cuda" or _cuda_kernels_fit(t.device)
+
+
+# --------------------------------------------------------------------------- GPU capability
+
+def _parse_archs(tag: str) -> list[tuple[str, int, str]]:
+    """The build's CUDA targets, ``_C.cuda_archs`` ("sm80_compute90_sm90": machine code for
+    8.0 and 9.0, PTX of 9.0), as (kind, number, suffix): ("sm", 80, ""), ("compute", 90, "").
+    Also reads the older form "80_90ptx"."""
+    out = []
+    for word in tag.replace(";", "_").split("_"):
+        m = re.fullmatch(r"(sm|compute)?(\d+)([af]?)(ptx)?", word)
+        if m:
+            out.append((m[1] or "sm", int(m[2]), m[3]))
+            if m[4]:
+                out.append(("compute", int(m[2]), m[3]))
+    return out
+
+
+def kernel_image_fits(archs: list[tuple[str, int, str]], capability: tuple[int, int]) -> bool:
+    """Whether a GPU of ``capability`` (major, minor) can run a build with ``archs``: machine
+    code of the same major version and a minor one not above the GPU's, or PTX of an arch not
+    above the GPU's, which the driver compiles at load time ("a" targets: that arch only;
+    "f": its family)."""
+    major, minor = capability
+    cc = 10 * major + minor
+    for kind, num, suffix in archs:
+        if suffix == "a":
+            ok = num == cc
+        elif kind == "sm" or suffix == "f":
+            ok = num // 10 == major and num % 10 <= minor
+        else:  # plain PTX
+            ok = num <= cc
+        if ok:
+            return True
+    return False
+
+
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_name(index: int) -> str:
+    try:
+        return torch.cuda.get_device_name(index)
+    except Exception:  # noqa: BLE001 - only for the message
+        return f"cuda:{index}"
+
+
+_CUDA_FITS: dict[int, bool] = {}  # device index -> whether the CUDA kernels run there
+
+
+def _cuda_kernels_fit(device: torch.device) -> bool:
+    """Whether the compiled CUDA kernels have an image for ``device``, cached per device; the
+    first time they do not, one warning, and the pure-torch formulas run there."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fits = _CUDA_FITS.get(index)
+    if fits is None:
+        tag = str(getattr(_C, "cuda_archs", "none"))
+        capability = tuple(_device_capability(index))
+        fits = kernel_image_fits(_parse_archs(tag), capability)
+        _CUDA_FITS[index] = fits
+        if not fits:
+            warnings.warn(
+                f"fastacd: the compiled CUDA kernels (built for {tag.replace('_', ', ')}) have no kernel "
+                f"image for {_device_name(index)} (compute capability {capability[0]}.{capability[1]}); "
+                f"the pure-torch formulas run there instead (slower). Rebuild with "
+                f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" to compile for it "
+                f"(docs/kernels.md, On GPUs).", RuntimeWarning, stacklevel=4)
+    return fits
+
+
+# --------------------------------------------------------------------------- dtype promotion
+
+def _promoted(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their promoted dtype (``torch.promote_types``), as the pure-torch
+    formulas compute them: under ``torch.autocast`` a conv output is bfloat16 and its bias
+    float32, and the kernels need one dtype."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _like(out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For the in-place ops: the other inputs cast to the dtype of the tensor written into
+    (the split then runs in that dtype's accumulation type, float32 for bfloat16)."""
+    return tuple(t if t.dtype == out.dtype else t.to(out.dtype) for t in tensors)
 
 
 def _check(cond: bool, op: str, msg: str) -> None:
@@ -79,6 +174,7 @@ def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tenso
     rel_pre (M, C, *S) = W r without bias; total_pre (1, C, *S) = W a without bias;
     bias (C,). Returns (M, C, *S). Linear layers pass (M, F), (1, F), (F,).
     """
+    rel_pre, total_pre, bias = _promoted(rel_pre, total_pre, bias)
     if _compiled(rel_pre):
         return torch.ops.fastacd.bias_split.default(rel_pre, total_pre, bias, relu)
     return _torch_ops.bias_split(rel_pre, total_pre, bias, relu)
@@ -116,6 +212,7 @@ def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tens
     """``bias_split`` written into ``rel_pre`` (contiguous) and returned; inference only (no
     autograd). On the CPU it saves the page faults of a fresh (M, C, *S) output."""
     if _compiled(rel_pre):
+        total_pre, bias = _like(rel_pre, total_pre, bias)
         return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu)
     return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu)
 
@@ -135,6 +232,7 @@ def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift:
 
     rel (M, C, *S), total (1, C, *S), scale and shift (C,). Returns (M, C, *S).
     """
+    rel, total, scale, shift = _promoted(rel, total, scale, shift)
     if _compiled(rel):
         return torch.ops.fastacd.bn_split.default(rel, total, scale, shift, relu)
     return _torch_ops.bn_split(rel, total, scale, shift, relu)
@@ -172,8 +270,10 @@ def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift
               relu: bool = False) -> torch.Tensor:
     """``bn_split`` written into ``rel`` (contiguous) and returned; inference only (no
     autograd). The engine uses it on a conv output that no later step reads."""
-    impl = torch.ops.fastacd.bn_split_.default if _compiled(rel) else _torch_ops.bn_split_
-    return impl(rel, total, scale, shift, relu)
+    if _compiled(rel):
+        total, scale, shift = _like(rel, total, scale, shift)
+        return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu)
+    return _torch_ops.bn_split_(rel, total, scale, shift, relu)
 
 
 if HAS_COMPILED:
@@ -237,6 +337,8 @@ def window_gather(base: torch.Tensor, win: torch.Tensor | None, win_oy: torch.Te
     argmax (1, C, Ho, Wo) int64. Returns (M, C, h, w). Inference only: with autograd on and
     an input that requires grad, the pure-torch formula runs (it is differentiable).
     """
+    if win is not None:
+        base, win = _promoted(base, win)
     if _compiled(base) and not (torch.is_grad_enabled() and (base.requires_grad or (
             win is not None and win.requires_grad))):
         return torch.ops.fastacd.window_gather.default(base, win, win_oy, win_ox, oy, ox, h, w, indices)
@@ -282,6 +384,8 @@ def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch
     prev_rel_c (M, H), prev_total_c (1, H) (unused on the first step); in_phrase (M,)
     0/1 (float, int or bool); first_step: no forget-gate term. Returns (rel_c, rel_h), (M, H).
     """
+    rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c = _promoted(
+        rel_gates, total_gates, bias, out_gate, prev_rel_c, prev_total_c)
     if _compiled(rel_gates):
         return torch.ops.fastacd.lstm_cd_cell.default(rel_gates, total_gates, bias, out_gate, prev_rel_c,
                                                       prev_total_c, in_phrase, first_step)
@@ -367,6 +471,9 @@ def build_info() -> dict:
         cuda_kernels=bool(_C.with_cuda),
         ops={op: [key for key in ("CPU", "CUDA") if _has_kernel(op, key)] for op in _OP_NAMES},
         cuda_archs=_C.cuda_archs.replace("_", ";") if _C.with_cuda else None,
+        cuda_devices=[dict(index=i, name=_device_name(i), capability=list(_device_capability(i)),
+                           kernels_fit=bool(_C.with_cuda) and _cuda_kernels_fit(torch.device("cuda", i)))
+                      for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         openmp=_C.openmp,
         cxx_compiler=_C.cxx_compiler,
         library=_C.__file__,

@@ -78,8 +78,8 @@ def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     Returns (M, C, Ho, Wo).
     """
     m, c = rel.shape[:2]
-    flat = rel.reshape(m, c, -1)
-    idx = indices.reshape(1, c, -1).expand(m, c, -1)
+    flat = rel.flatten(2) if rel.dim() > 2 else rel[..., None]  # (flatten: M = 0 works too)
+    idx = indices.flatten(2).expand(m, c, -1)
     return flat.gather(2, idx).reshape((m, c) + tuple(indices.shape[2:]))
 
 

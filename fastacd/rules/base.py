@@ -65,6 +65,7 @@ class Rule:
     fuses_relu: bool = False   # a ReLU that only this node feeds is folded into its split
     value: bool = True         # False: the node gives a plain value (a size), not decomposed
     output_only: bool = False  # a trailing op left out of CD (its input's parts are the result)
+    context_only: bool = False  # claims nothing: it only marks context (``gate_like``)
     row: tuple[str, str, str] = ("", "", "")  # docs: ops, relevant out, irrelevant out
 
     # ---- capture ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class Normaliser(Rule):
     """``rsqrt`` / ``reciprocal`` of an input-dependent value: a normaliser, context wherever it
     scales a decomposed value (``(x - mean) * torch.rsqrt(var + eps)``); no rule on its own."""
     kind = "normaliser"
+    context_only = True
     functions = (torch.rsqrt, torch.reciprocal)
     methods = ("rsqrt", "reciprocal")
     row = ("`rsqrt`, `reciprocal` scaling a decomposed value", "context: from the total", "")
@@ -51,7 +52,7 @@ class MatMul(Rule):
 
     def context_operands(self, graph, node, reach, gates):
         a, b = operands(node)
-        if a in reach and b in reach and (a in gates) != (b in gates):
+        if a is not b and a in reach and b in reach and (a in gates) != (b in gates):
             return {a, b} & gates
         return set()
 

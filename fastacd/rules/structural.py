@@ -244,6 +244,8 @@ class Scale(Rule):
         """A gate on a decomposed value (``x * sigmoid(s)``, ``attn * v``) and a denominator
         (``x / std``) are taken from the total (design.md section 8)."""
         a, b = operands(node)
+        if a is b:  # read decomposed too
+            return set()
         if node.target in self._DIVIDE:
             return {b} & reach
         if a in reach and b in reach and (a in gates) != (b in gates):

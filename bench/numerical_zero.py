@@ -1,0 +1,103 @@
+"""How much CD depends on rounding (design.md section 9, docs/engine.md "Numerical zero").
+
+torchvision models with trained-like parameters (conv/linear biases N(0, 0.05), batchnorm
+running statistics and affine parameters like a trained net's) at 224x224; four block masks
+plus the full and the empty mask. Largest gaps, as a fraction of the largest |logit|:
+
+* f32 vs f64: the engine in float32 against the engine in float64;
+* engine vs reference: both in float64;
+* batched vs one-mask: the engine's batched call against one call per mask (float32).
+
+    .venv/bin/python bench/numerical_zero.py [--models vgg16 ...] [--size 224] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torchvision
+
+import fastacd
+
+MODELS = ("vgg16", "vgg11_bn", "alexnet", "resnet18")
+
+
+def trained_like(name: str, seed: int = 0) -> torch.nn.Module:
+    """Random init, then biases and batchnorm statistics like a trained network's."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.05)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.2, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+def block_masks(size: int) -> torch.Tensor:
+    """Four block masks (a quarter, a centre block, a thin band, a corner tile), full, empty."""
+    m = torch.zeros(6, 1, size, size)
+    h = size // 2
+    m[0, :, :h, :h] = 1
+    m[1, :, size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    m[2, :, :, h - 8:h + 8] = 1
+    m[3, :, -16:, -16:] = 1
+    m[4] = 1
+    return m
+
+
+def gaps(name: str, size: int) -> dict:
+    model = trained_like(name)
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, size, size)
+    masks = block_masks(size)
+    with torch.no_grad():
+        m64, x64 = model.double(), x.double()
+        e64 = fastacd.Decomposer(m64).cd(x64, masks.double())
+        ref, _ = fastacd.reference.cd(m64, x64, masks.double())
+        scale = float(e64.output.abs().max())
+        m32 = model.float()
+        dec32 = fastacd.Decomposer(m32)
+        e32 = dec32.cd(x, masks)
+        one = torch.cat([dec32.cd(x, mk[None]).relevant for mk in masks])
+    return {
+        "f32_vs_f64": float((e32.relevant.double() - e64.relevant).abs().max()) / scale,
+        "engine_vs_reference_f64": float((e64.relevant - ref).abs().max()) / scale,
+        "batched_vs_one_mask_f32": float((e32.relevant - one).abs().max()) / scale,
+        "full_mask_irrelevant_f32": float(e32.irrelevant[4].abs().max()) / scale,
+        "logit_scale": scale,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = {}
+    for name in args.models:
+        t = time.perf_counter()
+        rows[name] = gaps(name, args.size)
+        r = rows[name]
+        print(f"{name:10s} f32 vs f64 {r['f32_vs_f64']:.1e}  engine vs reference (f64) "
+              f"{r['engine_vs_reference_f64']:.1e}  batched vs one-mask (f32) {r['batched_vs_one_mask_f32']:.1e}"
+              f"  full mask irrelevant {r['full_mask_irrelevant_f32']:.1e}  ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "zero_tol": getattr(fastacd.rules, "ZERO_TOL", None),
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
