@@ -364,3 +364,20 @@ def test_toy_transformer_negation_demo_drop_in(toy_transformer):
     first = lists["comps_list"][1]
     assert first.tolist() == [0, 0, 0, 1, 1]          # "not good" is the first phrase
     assert lists["comp_scores_list"][1][1] < 0
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_layernorm_rule_of_the_default_set_equals_the_stand_in(batch_first):
+    """The default set's LayerNorm (statistics from the total) is the stand-in's formula, in
+    either layout (the sequence-first (T, M, E) one has the masks in dim 1)."""
+    if not _default_has(nn.LayerNorm):
+        pytest.xfail("the default rule set has no LayerNorm rule yet")
+    rules = DEFAULT.replace(StandInSelfAttention())
+    model = TransformerText(batch_first=batch_first, norm_first=True, seed=5).double().eval()
+    tokens = torch.tensor([4, 9, 1, 7, 7, 2])
+    masks = _masks(6, seed=3)
+    got = ft.ModelTextDecomposer(model, rules=rules).cd(tokens, masks=masks)
+    ref = ft.ModelTextDecomposer(model, rules=rules, backend="reference").cd(tokens, masks=masks)
+    standin = ft.ModelTextDecomposer(model, rules=STAND_IN).cd(tokens, masks=masks)
+    assert_scaled(got.relevant, ref.relevant)
+    assert_scaled(got.relevant, standin.relevant)
