@@ -23,6 +23,7 @@ import fastacd
 from conftest import assert_close_scaled
 from fastacd import agg_1d
 from fastacd import text as ft
+from fastacd.ops import torch_ops
 from fastacd.reference import text as rt
 from fastacd.rules import recurrent as rec
 
@@ -460,3 +461,30 @@ def test_general_engine_refuses_what_it_cannot_decompose():
         fastacd.Decomposer(Proj().eval())
     with pytest.raises(fastacd.UnsupportedOpError, match="initial state computed from the input"):
         fastacd.Decomposer(StateFromInput().eval())
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_recurrent_rule_on_a_batch_of_sequences(cls):
+    """The CDEP pass gives the rule a batch of N sequences (no aux) and K*N relevant rows,
+    mask-major (row j belongs to sequence j % N): each row equals the one-sequence engine."""
+    torch.manual_seed(4)
+    E, H, T, N, K = 3, 4, 5, 3, 2
+    rnn = big_biases(cls(E, H, num_layers=2, bidirectional=True, batch_first=True)).double().eval()
+    model = EmbeddingsToRNN(rnn, None, "last").eval()
+    dec = fastacd.Decomposer(model)
+    node = next(n for n, st in dec.graph.steps.items() if st.kind == "recurrent")
+    step = dec.graph.steps[node]
+    xs = torch.randn(N, T, E, dtype=F64)
+    masks = (torch.rand(K * N, T, 1, generator=torch.Generator().manual_seed(5)) < 0.5).double()
+    r = masks * xs.repeat(K, 1, 1)
+    values, _ = dec.graph.total_pass(xs)
+    out, state = step.rule.relevant(step, {step.dep[0]: r}, values, None, torch_ops, K * N)
+    one = dec.graph
+    for j in range(K * N):
+        v1, a1 = one.total_pass(xs[j % N][None])
+        node1 = next(n for n, st in one.steps.items() if st.kind == "recurrent")
+        st1 = one.steps[node1]
+        o1, s1 = st1.rule.relevant(st1, {st1.dep[0]: r[j:j + 1]}, v1, a1[node1], torch_ops, 1)
+        assert_scaled(out[j], o1[0])
+        h1 = s1[0] if cls is nn.LSTM else s1
+        assert_scaled((state[0] if cls is nn.LSTM else state)[:, j], h1[:, 0])

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import ops
-from ..capture.nodes import Step, arg, load_arg
+from ..capture.nodes import Step, arg, call_with, load_arg
 from ..ops import torch_ops
 from .base import Rule, unsupported
 
@@ -515,6 +515,7 @@ class Recurrent(Rule):
 
     @staticmethod
     def _state(step, value_of):
+        """(h0, c0) of the call, (L*D, N, H) each, or None."""
         hx = load_arg(value_of, arg(step.node, 1, "hx"))
         if hx is None:
             return None, None
@@ -522,34 +523,44 @@ class Recurrent(Rule):
             return hx
         return hx, None
 
-    def total(self, step, value_of):
+    @staticmethod
+    def _batch_major(mod, t: torch.Tensor) -> torch.Tensor:
+        """(N, T, F) from the module's layout."""
+        return t if mod.batch_first else t.transpose(0, 1)
+
+    def _directions(self, step, value_of, x: torch.Tensor) -> list:
+        """The true pass of every layer and direction, per sequence of the batch: aux[n] is
+        the list of layers (each a list of directions) of sample n."""
         m = step.module
-        x = value_of(step.dep[0])
         if x.dim() != 3:
             raise unsupported(step.node, f"an unbatched {x.dim()}-d input (give the batch dim)")
-        hx_arg = load_arg(value_of, arg(step.node, 1, "hx"))
-        out = m(x) if hx_arg is None else m(x, hx_arg)
-        seq = (x[0] if m.batch_first else x[:, 0]).to(x.dtype)
         h0, c0 = self._state(step, value_of)
         D = 2 if m.bidirectional else 1
-        layers = []
-        for layer in range(m.num_layers):
-            dirs = []
-            for d in range(D):
-                w = direction_weights(m, layer, d == 1, x.dtype)
-                k = layer * D + d
-                h_init = None if h0 is None else h0[k, 0]
-                if isinstance(m, nn.LSTM):
-                    dirs.append(LSTMDirection.total(seq, *w, d == 1, h_init,
-                                                    None if c0 is None else c0[k, 0]))
-                else:
-                    dirs.append(GRUDirection.total(seq, *w, d == 1, h_init))
-            layers.append(dirs)
-            seq = torch.cat([dd.h for dd in dirs], dim=1)
-        return out, layers
+        aux = []
+        for n, seq in enumerate(self._batch_major(m, x).unbind(0)):
+            layers = []
+            for layer in range(m.num_layers):
+                dirs = []
+                for d in range(D):
+                    w = direction_weights(m, layer, d == 1, x.dtype)
+                    k = layer * D + d
+                    h_init = None if h0 is None else h0[k, n]
+                    if isinstance(m, nn.LSTM):
+                        dirs.append(LSTMDirection.total(seq, *w, d == 1, h_init,
+                                                        None if c0 is None else c0[k, n]))
+                    else:
+                        dirs.append(GRUDirection.total(seq, *w, d == 1, h_init))
+                layers.append(dirs)
+                seq = torch.cat([dd.h for dd in dirs], dim=1)
+            aux.append(layers)
+        return aux
+
+    def total(self, step, value_of):
+        x = value_of(step.dep[0])
+        return call_with(step, value_of, {}), self._directions(step, value_of, x)
 
     def _pack(self, step, out_seq, h_n, c_n):
-        """The module's output structure from (M, T, D*H) outputs and (L*D, M, H) states."""
+        """The module's output structure from (R, T, D*H) outputs and (L*D, R, H) states."""
         m = step.module
         out = out_seq if m.batch_first else out_seq.transpose(0, 1)
         if isinstance(m, nn.LSTM):
@@ -557,17 +568,35 @@ class Recurrent(Rule):
         return out, h_n
 
     def relevant(self, step, rel, values, aux, ops, m):
+        """Rows of the relevant part belong to the batch's sequences mask-major (row j to
+        sequence j % N: N = 1 for the engine, the CDEP pass's K masks of N sequences)."""
         mod = step.module
-        r = rel[step.dep[0]]
         x = values[step.dep[0]]
-        r = r if mod.batch_first else r.transpose(0, 1)                 # (M, T, In)
-        x = x if mod.batch_first else x.transpose(0, 1)                 # (1, T, In)
-        phrase = phrase_weight(r, x - r)                                # (M, T)
+        if aux is None or len(aux) != self._batch_major(mod, x).shape[0]:
+            aux = self._directions(step, values.__getitem__, x)     # the CDEP pass gives none
+        r = self._batch_major(mod, rel[step.dep[0]])                    # (R, T, In)
+        xs = self._batch_major(mod, x)                                  # (N, T, In)
+        N, R = xs.shape[0], r.shape[0]
+        cell = getattr(ops, "lstm_cd_cell", torch_ops.lstm_cd_cell)
+        lstm = isinstance(mod, nn.LSTM)
+        if N == 1:
+            out, h_n, c_n = self._relevant_rows(aux[0], r, xs, cell)
+        else:
+            parts = [self._relevant_rows(aux[n], r[n::N], xs[n:n + 1], cell) for n in range(N)]
+            order = torch.argsort(torch.cat([torch.arange(n, R, N) for n in range(N)]))
+            out = torch.cat([p[0] for p in parts])[order]
+            h_n = torch.cat([p[1] for p in parts], dim=1)[:, order]
+            c_n = torch.cat([p[2] for p in parts], dim=1)[:, order] if lstm else None
+        return self._pack(step, out, h_n, c_n)
+
+    @staticmethod
+    def _relevant_rows(layers, r, x, cell):
+        """Relevant (out (R, T, D*H), h_n (L*D, R, H), c_n or None) of R rows of one sequence."""
+        phrase = phrase_weight(r, x - r)                                # (R, T)
         active = (r != 0).any(2)
         rel_in, T = r, r.shape[1]
-        cell = getattr(ops, "lstm_cd_cell", torch_ops.lstm_cd_cell)
         h_n, c_n = [], []
-        for dirs in aux:
+        for dirs in layers:
             active = active | (rel_in != 0).any(2)
             outs = []
             for dd in dirs:
@@ -576,40 +605,50 @@ class Recurrent(Rule):
                 h_n.append(seq[:, 0 if dd.reverse else T - 1])
                 c_n.append(c_last)
             rel_in = torch.cat(outs, dim=2)
-        return self._pack(step, rel_in, torch.stack(h_n),
-                          torch.stack(c_n) if isinstance(mod, nn.LSTM) else None)
+        return rel_in, torch.stack(h_n), (torch.stack(c_n) if c_n[0] is not None else None)
 
     def reference(self, step, parts, value_of, aux):
         mod = step.module
-        r, i = parts[step.dep[0]]
-        rs, is_ = (r[0], i[0]) if mod.batch_first else (r[:, 0], i[:, 0])   # (T, In), batch 1
-        phrase = phrase_weight(rs, is_)
+        r, i = (self._batch_major(mod, t) for t in parts[step.dep[0]])     # (R, T, In)
         h0, c0 = self._state(step, value_of)
+        rows = [self._reference_row(mod, aux[j % len(aux)], r[j], i[j], h0, c0, j % len(aux))
+                for j in range(r.shape[0])]
+        lstm = isinstance(mod, nn.LSTM)
+
+        def packed(which: int):
+            seq = torch.stack([row[which][0] for row in rows])
+            hn = torch.stack([row[which][1] for row in rows], dim=1)
+            cn = torch.stack([row[which][2] for row in rows], dim=1) if lstm else None
+            return self._pack(step, seq, hn, cn)
+
+        return packed(0), packed(1)
+
+    @staticmethod
+    def _reference_row(mod, layers, rs, is_, h0, c0, n):
+        """Both parts of one row (T, In) through every layer and direction: ((out, h_n, c_n)
+        relevant, (out, h_n, c_n) irrelevant), c_n None for a GRU."""
+        phrase = phrase_weight(rs, is_)
         T = rs.shape[0]
-        states = []   # per layer and direction: (rel_h_n, irrel_h_n, rel_c_n, irrel_c_n)
-        for layer, dirs in enumerate(aux):
+        finals = []   # per layer and direction: (rel_h, irrel_h, rel_c, irrel_c) after the last step
+        for layer, dirs in enumerate(layers):
             outs = []
             for d, dd in enumerate(dirs):
                 k = layer * len(dirs) + d
-                h_init = None if h0 is None else h0[k, 0]
+                h_init = None if h0 is None else h0[k, n]
                 if isinstance(mod, nn.LSTM):
                     ro, io, rc, ic = lstm_reference_direction(
                         rs, is_, dd.w_ih, dd.w_hh, dd.bias, phrase, dd.reverse, h_init,
-                        None if c0 is None else c0[k, 0])
+                        None if c0 is None else c0[k, n])
                 else:
                     ro, io = gru_reference_direction(rs, is_, dd.w_ih, dd.w_hh, dd.b_ih, dd.b_hh,
                                                      phrase, dd.reverse, h_init)
                     rc = ic = None
                 last = 0 if dd.reverse else T - 1
-                states.append((ro[last], io[last], rc, ic))
+                finals.append((ro[last], io[last], rc, ic))
                 outs.append((ro, io))
             rs = torch.cat([o[0] for o in outs], dim=1)
             is_ = torch.cat([o[1] for o in outs], dim=1)
-
-        def packed(which: int, seq):
-            hn = torch.stack([s[which] for s in states]).unsqueeze(1)
-            cn = (torch.stack([s[2 + which] for s in states]).unsqueeze(1)
-                  if isinstance(mod, nn.LSTM) else None)
-            return self._pack(step, seq.unsqueeze(0), hn, cn)
-
-        return packed(0, rs), packed(1, is_)
+        lstm = isinstance(mod, nn.LSTM)
+        rel = (rs, torch.stack([f[0] for f in finals]), torch.stack([f[2] for f in finals]) if lstm else None)
+        irrel = (is_, torch.stack([f[1] for f in finals]), torch.stack([f[3] for f in finals]) if lstm else None)
+        return rel, irrel
