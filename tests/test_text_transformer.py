@@ -2,11 +2,12 @@
 the general engine) on token-mixing and ``nn.TransformerEncoder`` classifiers, the drop-in
 ``cd_text`` / ``agg_1d.agglomerate`` on them, and the toy sentiment transformer.
 
-The transformer cases need LayerNorm and MultiheadAttention rules. Until the default rule set
-has them (the norm and attention work), the tests with the default set are expected to fail
-(``xfail(strict=False)``, naming the op); the plumbing is tested now with minimal stand-in
-rules of design.md section 8 (LayerNorm over the last dim, self-attention with probabilities
-from the total), passed through ``rules=``.
+The transformer cases need LayerNorm and MultiheadAttention rules. LayerNorm is in the default
+set; until the MultiheadAttention rule lands (the attention work, issue 16 item 1), the tests
+with the default set are strict xfails naming it (they must fail with UnsupportedOpError, and
+run as tests once the rule is there). The plumbing is tested now with minimal stand-in rules of
+design.md section 8 (LayerNorm over the last dim, self-attention with probabilities from the
+total), passed through ``rules=``.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _default_has(module_type) -> bool:
 _MISSING = [t.__name__ for t in (nn.LayerNorm, nn.MultiheadAttention) if not _default_has(t)]
 NEEDS_RULES = pytest.mark.xfail(
     bool(_MISSING), reason=f"the default rule set has no {' / '.join(_MISSING)} rule yet (issue 16 "
-                           "item 1, other work)", strict=False, raises=UnsupportedOpError)
+                           "item 1, other work)", strict=True, raises=UnsupportedOpError)
 
 
 def assert_scaled(actual, expected, rel=1e-10, scale=None):
@@ -370,8 +371,6 @@ def test_toy_transformer_negation_demo_drop_in(toy_transformer):
 def test_layernorm_rule_of_the_default_set_equals_the_stand_in(batch_first):
     """The default set's LayerNorm (statistics from the total) is the stand-in's formula, in
     either layout (the sequence-first (T, M, E) one has the masks in dim 1)."""
-    if not _default_has(nn.LayerNorm):
-        pytest.xfail("the default rule set has no LayerNorm rule yet")
     rules = DEFAULT.replace(StandInSelfAttention())
     model = TransformerText(batch_first=batch_first, norm_first=True, seed=5).double().eval()
     tokens = torch.tensor([4, 9, 1, 7, 7, 2])
