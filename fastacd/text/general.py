@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import rules as rules_
+from ..capture.concrete import ConcreteTracer
 from ..capture.graph import _Tracer
 from ..capture.nodes import UnsupportedOpError, check_eval, fetch_attr
 from ..capture.phrases import Batch, _pair_masks, check_phrases, tokens_of
@@ -75,7 +76,8 @@ def _fail(model, why: str) -> ValueError:
 
 @dataclass
 class _Structure:
-    """What the trace of a model says about it, found once per model."""
+    """What the trace of a model says about it, found once per model (or per sentence for a
+    model traced concretely)."""
     gm: fx.GraphModule
     placeholder: fx.Node
     embedding: fx.Node       # the token embedding's call
@@ -84,12 +86,30 @@ class _Structure:
     reads_text: bool         # forward reads ``.text`` of its input
 
 
-def _structure(model: nn.Module, rules) -> _Structure:
-    try:
-        graph = _Tracer(rules).trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same advice
-        raise _fail(model, f"torch.fx could not trace forward: {type(exc).__name__}: {exc}") from exc
-    gm = fx.GraphModule(model, graph)
+class _Root(nn.Module):
+    """The model as the traced root: its logits (a ``transformers`` model's ``.logits``, the
+    first element of a tuple output), and tensor constants of a trace kept here rather than
+    on the user's model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        if isinstance(out, (torch.Tensor, fx.Proxy)):
+            return out
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        logits = getattr(out, "logits", None)
+        return out if logits is None else logits
+
+
+def _symbolic_graph(root: _Root, rules) -> fx.GraphModule:
+    return fx.GraphModule(root, _Tracer(rules).trace(root))
+
+
+def _read(gm: fx.GraphModule, model) -> _Structure:
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if not placeholders:
@@ -126,6 +146,33 @@ def _structure(model: nn.Module, rules) -> _Structure:
     reads_text = any(u.op == "call_function" and u.target is getattr and u.args[1] == "text"
                      for u in ph.users)
     return _Structure(gm, ph, embs[0], out.args[0], gm.get_submodule(out.target), reads_text)
+
+
+def _concrete(root: _Root, rules, inputs: list) -> tuple[_Structure, dict]:
+    """The first input of ``inputs`` the model maps to one row of logits, traced concretely
+    (``fastacd.capture.concrete``): its structure and every node's value."""
+    tried = []
+    for inp in inputs:
+        try:
+            with torch.no_grad():
+                out = root(inp)
+        except Exception as exc:  # noqa: BLE001 - a wrong layout fails in many ways
+            tried.append(f"{_shape(inp)}: {type(exc).__name__}: {exc}")
+            continue
+        if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1):
+            tried.append(f"{_shape(inp)}: output of shape {tuple(getattr(out, 'shape', ()))}")
+            continue
+        tracer = ConcreteTracer(rules)
+        try:
+            graph = tracer.trace(root, inp)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same advice
+            raise _fail(root.model, f"tracing one sentence's forward failed: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        gm = fx.GraphModule(root, graph)
+        values = {n: tracer.values[n.name] for n in gm.graph.nodes if n.name in tracer.values}
+        return _read(gm, root.model), values
+    raise ValueError("could not run the model on the sentence as one row of logits: "
+                     + "; ".join(tried))
 
 
 class _Recorder(fx.Interpreter):
@@ -177,9 +224,23 @@ class ModelTextDecomposer(TextDecomposer):
         self.backend, self.memory_budget = backend, memory_budget
         self.rules = rules_.resolve(rules)
         self._run = _converted(model, self.dtype)
-        self._s = _structure(self._run, self.rules)
-        self.embed = self._s.gm.get_submodule(self._s.embedding.target)
-        self.head = self._s.head
+        self._root = _Root(self._run).eval()
+        try:
+            # one symbolic trace serves every sentence
+            self._s: _Structure | None = _read(_symbolic_graph(self._root, self.rules), model)
+        except Exception as exc:  # noqa: BLE001 - torch.fx fails in many ways
+            if isinstance(exc, ValueError) and str(exc).startswith("cannot read"):
+                raise
+            # shapes read in Python, branches (transformers models): a concrete trace per
+            # sentence; a two-token probe finds the embedding and the head
+            self._s = None
+            self._symbolic_error = exc
+            probe = torch.zeros(2, dtype=torch.long, device=_device(self._run))
+            s, _ = _concrete(self._root, self.rules, self._inputs(probe, probe, None))
+        else:
+            s = self._s
+        self.embed = s.gm.get_submodule(s.embedding.target)
+        self.head = s.head
         self.rnn, self.readout, self.num_directions = None, None, 1
 
     @classmethod
@@ -188,13 +249,18 @@ class ModelTextDecomposer(TextDecomposer):
 
     # -------------------------------------------------------------- the sentence
 
-    def _inputs(self, tokens_or_batch, tokens: torch.Tensor) -> list:
-        """The model's input for a sentence: the batch as given, else candidate layouts."""
-        if hasattr(tokens_or_batch, "text"):
-            return [tokens_or_batch]
-        if self._s.reads_text:
-            return [Batch(tokens)]
-        return [tokens[:, None], tokens[None]]
+    def _inputs(self, tokens_or_batch, tokens: torch.Tensor, reads_text: bool | None) -> list:
+        """The model's input for a sentence, in the order tried: the batch as given, then the
+        layouts a token tensor may take ((1, T) first for a ``transformers`` model)."""
+        given = [tokens_or_batch] if hasattr(tokens_or_batch, "text") else []
+        if reads_text:
+            return given or [Batch(tokens)]
+        if reads_text is None and not given:      # not known yet (a concrete trace)
+            given = [Batch(tokens)]
+        layouts = [tokens[:, None], tokens[None]]
+        if hasattr(self._run, "config"):
+            layouts.reverse()
+        return given + layouts
 
     def _record(self, inputs: list) -> dict:
         """Every node's value on the first input that gives one row of logits."""
@@ -223,8 +289,11 @@ class ModelTextDecomposer(TextDecomposer):
         if hasattr(tokens, "text"):
             tokens = copy.copy(tokens)
             tokens.text = tokens.text.to(dev)
-        env = self._record(self._inputs(tokens, ids))
-        s = self._s
+        if self._s is not None:
+            s = self._s
+            env = self._record(self._inputs(tokens, ids, s.reads_text))
+        else:
+            s, env = _concrete(self._root, self.rules, self._inputs(tokens, ids, None))
         emb = env[s.embedding]
         T = ids.shape[0]
         if emb.dim() != 3 or emb.shape[-1] != self.embed.embedding_dim or T not in emb.shape[:2] or \
@@ -279,6 +348,11 @@ class ModelTextDecomposer(TextDecomposer):
         w = self.head.weight.to(x.dtype)
         b = None if self.head.bias is None else self.head.bias.to(x.dtype)
         return TextCDResult(rel @ w.T, irrel @ w.T, mask, b)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _shape(inp) -> str:
