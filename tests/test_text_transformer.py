@@ -380,3 +380,24 @@ def test_layernorm_rule_of_the_default_set_equals_the_stand_in(batch_first):
     standin = ft.ModelTextDecomposer(model, rules=STAND_IN).cd(tokens, masks=masks)
     assert_scaled(got.relevant, ref.relevant)
     assert_scaled(got.relevant, standin.relevant)
+
+
+@NEEDS_RULES
+def test_negation_demo_script_on_the_toy_transformer(toy_transformer):
+    """examples/negation_demo.py's functions (the docs/text.md table) on the toy transformer."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "negation_demo.py"
+    spec = importlib.util.spec_from_file_location("negation_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    model, vocab = toy_transformer
+    batch = vocab.batch("the movie was not good")
+    assert demo.score(batch, model, 4, 4) > 0
+    phrase, s = demo.first_phrase(model, vocab, batch)
+    assert phrase == "not good" and s < 0
+    assert abs(s - demo.score(batch, model, 3, 4)) < 1e-9
+    md = demo.markdown({"t": {"accuracy": 1.0, "train_cpu_s": 1.0, "cd_cpu_s": 0.1, **{
+        sentence: {"prediction": 0, "scores": {p: 0.0 for p, _, _ in phrases}, "first_phrase": "x",
+                   "first_phrase_score": 0.0} for sentence, phrases in demo.SENTENCES.items()}}})
+    assert "| \"not good\" | +0.00 |" in md

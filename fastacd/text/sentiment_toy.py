@@ -163,12 +163,13 @@ ARCHS = {"lstm": (SentimentLSTM, 250, 0.02), "gru": (SentimentGRU, 250, 0.02),
 
 
 def train_toy_model(seed: int = 0, steps: int | None = None, n_train: int = 3000,
-                    batch_size: int = 64, lr: float | None = None, arch: str = "lstm"
-                    ) -> tuple[nn.Module, Vocab]:
+                    batch_size: int = 64, lr: float | None = None, arch: str = "lstm",
+                    **model_kwargs) -> tuple[nn.Module, Vocab]:
     """Train the toy model ``arch`` ("lstm": ``SentimentLSTM``, "gru": ``SentimentGRU``,
     "transformer": ``SentimentTransformer``) on ``generate(n_train, seed)``; returns
     (model in eval, vocab). ``steps`` and ``lr`` default per architecture (250 / 0.02 for
-    the recurrent models, 600 / 0.003 for the transformer).
+    the recurrent models, 600 / 0.003 for the transformer). ``model_kwargs`` go to the
+    model's class (e.g. ``readout="cls"`` for the transformer).
 
     Deterministic for a given seed (single-threaded CPU training). Sentences are bucketed
     by length so that the last position is always a real word (no padding).
@@ -181,7 +182,7 @@ def train_toy_model(seed: int = 0, steps: int | None = None, n_train: int = 3000
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = cls()
+        model = cls(**model_kwargs)
     data = generate(n_train, seed)
     buckets: dict[int, list[tuple[list[int], int]]] = {}
     for sentence, label in data:
