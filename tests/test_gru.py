@@ -488,3 +488,199 @@ def test_recurrent_rule_on_a_batch_of_sequences(cls):
         assert_scaled(out[j], o1[0])
         h1 = s1[0] if cls is nn.LSTM else s1
         assert_scaled((state[0] if cls is nn.LSTM else state)[:, j], h1[:, 0])
+
+
+# ------------------------------------------------------------------ packing, padding, batch_first
+
+
+class PackingGRU(nn.Module):
+    """ids (T, N) -> embedding -> pack_padded_sequence (lengths = non-padding tokens) -> GRU
+    -> h_n[-1] -> linear. ``names``: the original package's attribute names (.embed, .lstm,
+    .hidden_to_label), which cd_text reads without calling forward."""
+
+    def __init__(self, names=False, batch_first=False, seed=5):
+        super().__init__()
+        torch.manual_seed(seed)
+        emb = nn.Embedding(20, 5, padding_idx=0)
+        rnn = big_biases(nn.GRU(5, 6, batch_first=batch_first), seed)
+        head = nn.Linear(6, 2)
+        self.names, self.batch_first = names, batch_first
+        if names:
+            self.hidden_dim = 6
+            self.embed, self.lstm, self.hidden_to_label = emb, rnn, head
+        else:
+            self.emb, self.gru, self.fc = emb, rnn, head
+
+    def parts(self):
+        return ((self.embed, self.lstm, self.hidden_to_label) if self.names
+                else (self.emb, self.gru, self.fc))
+
+    def forward(self, batch):
+        emb, rnn, head = self.parts()
+        ids = getattr(batch, "text", batch)
+        lengths = (ids != 0).sum(0).cpu()
+        x = emb(ids.t() if self.batch_first else ids)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=self.batch_first,
+                                                   enforce_sorted=False)
+        _, h = rnn(packed)
+        return head(h[-1])
+
+
+class EmbeddingsPacked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.fc = nn.GRU(5, 6, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]], batch_first=True)
+        return self.fc(self.gru(packed)[1][-1])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packed_sequence_is_refused_by_name(batch_first):
+    """A forward that packs cannot be traced (torch.fx's own message is obscure): every entry
+    point names pack_padded_sequence and says what to do; no global state is left behind."""
+    model = PackingGRU(batch_first=batch_first).double().eval()
+    batch = ft.Batch(torch.tensor([3, 5, 7, 2]))
+    for call in (lambda: ft.TextDecomposer.from_model(model),
+                 lambda: ft.cd_text(batch, model, 1, 2),
+                 lambda: ft.ModelTextDecomposer(model),
+                 lambda: fastacd.Decomposer(EmbeddingsPacked().eval())):
+        with pytest.raises(fastacd.UnsupportedOpError, match="pack_padded_sequence.*PackedSequence"):
+            call()
+    # tracing still works afterwards
+    assert isinstance(ft.TextDecomposer.from_model(GRUText().eval()), ft.GRUDecomposer)
+
+
+def test_original_names_model_that_packs_reads_one_sentence_as_the_original():
+    """With the original's attribute names cd_text does not call forward (as the original):
+    packing one sentence without padding changes nothing, so the scores sum to the logits."""
+    model = PackingGRU(names=True).double().eval()
+    tokens = torch.tensor([3, 5, 7, 2, 9])
+    batch = ft.Batch(tokens)
+    whole = ft.cd_text(batch, model, 0, 4)
+    with torch.no_grad():
+        logits = model(batch)[0]
+    np.testing.assert_allclose(whole, (logits - model.hidden_to_label.bias).detach().numpy(), rtol=1e-10,
+                               atol=1e-12)
+    r_ref, _ = rt.text_cd(model.embed, model.lstm, model.hidden_to_label, tokens,
+                          phrase_mask(5, 1, 2))
+    assert_scaled(torch.from_numpy(ft.cd_text(batch, model, 1, 2)), r_ref)
+
+
+class BatchFirstGRU(nn.Module):
+    """ids (T, N) -> transposed -> embedding -> batch_first GRU -> out[:, -1] -> linear."""
+
+    def __init__(self, twin: GRUText):
+        super().__init__()
+        self.emb, self.fc = twin.emb, twin.fc
+        self.gru = nn.GRU(twin.gru.input_size, twin.gru.hidden_size, batch_first=True)
+        self.gru.load_state_dict(twin.gru.state_dict())
+
+    def forward(self, batch):
+        ids = getattr(batch, "text", batch)
+        out, _ = self.gru(self.emb(ids.t()))
+        return self.fc(out[:, -1])
+
+
+def test_batch_first_gru_classifier_equals_its_sequence_first_twin():
+    twin = GRUText(seed=3).double().eval()
+    model = BatchFirstGRU(twin).double().eval()
+    dec = ft.TextDecomposer.from_model(model)
+    assert isinstance(dec, ft.GRUDecomposer) and dec.rnn is model.gru   # the recurrent engine
+    tokens = torch.tensor([4, 1, 9, 9, 2, 7])
+    batch = ft.Batch(tokens)
+    phrases = ft.all_phrases(6)
+    res = dec.cd(tokens, phrases=phrases)
+    exp = ft.TextDecomposer.from_model(twin).cd(tokens, phrases=phrases)
+    assert_scaled(res.relevant, exp.relevant)
+    with torch.no_grad():
+        logits = model(batch)[0]
+        assert_scaled(logits, twin(batch)[0])
+    whole = res.relevant[phrases.index((0, 5))] + res.irrelevant[phrases.index((0, 5))]
+    assert_scaled(whole, logits - model.fc.bias)
+    np.testing.assert_allclose(ft.cd_text(batch, model, 2, 3), res.relevant[phrases.index((2, 3))]
+                               .detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_padding_tokens_in_the_text_and_general_engines():
+    """Padding tokens (padding_idx: zero word vectors) inside a sentence. The recurrent
+    engine follows the token mask: a phrase of padding tokens gets its steps' bias terms,
+    as the original. The general engine sees only the parts of the input: at a zero vector
+    the relevant share p_t is 0 (0/0 -> 0), so a padding-only phrase is exactly irrelevant.
+    Both sum to the model's output and match their references."""
+    model = GRUText(seed=6).double().eval()
+    model.emb.padding_idx = 0
+    with torch.no_grad():
+        model.emb.weight[0] = 0
+    tokens = torch.tensor([4, 0, 0, 7, 3, 0])
+    phrases = [(1, 2), (0, 3), (5, 5), (3, 4), (0, 5)]
+    text = ft.TextDecomposer.from_model(model)
+    general = ft.ModelTextDecomposer(model)
+    rt_res = text.cd(tokens, phrases=phrases)
+    gen = general.cd(tokens, phrases=phrases)
+    ref = ft.ModelTextDecomposer(model, backend="reference").cd(tokens, phrases=phrases)
+    assert_scaled(gen.relevant, ref.relevant)
+    for k, (s, e) in enumerate(phrases):
+        r_ref, _ = rt.text_cd(model.emb, model.gru, model.fc, tokens, phrase_mask(6, s, e))
+        assert_scaled(rt_res.relevant[k], r_ref)
+    with torch.no_grad():
+        expected = (model(ft.Batch(tokens))[0] - model.fc.bias).expand(5, -1)
+    assert_scaled(rt_res.relevant + rt_res.irrelevant, expected)
+    assert_scaled(gen.relevant + gen.irrelevant, expected)
+    # the padding-only phrases: bias terms in the recurrent engine, nothing in the general one
+    for k in (0, 2):
+        assert float(rt_res.relevant[k].detach().abs().max()) > 1e-3
+        assert float(gen.relevant[k].detach().abs().max()) < 1e-15   # the head's eps share only
+    # a phrase without padding tokens: the same in both engines; one with padding inside
+    # differs by the padding steps' bias terms
+    assert_scaled(gen.relevant[3], rt_res.relevant[3], rel=1e-9)
+    assert float((gen.relevant[4] - rt_res.relevant[4]).detach().abs().max()) > 1e-3
+
+
+class ScaledEmbeddingGRU(GRUText):
+    """A scale and a position embedding between the embedding and the GRU: not the recurrent
+    engine's embedding -> GRU form (it would ignore them), so from_model takes the general
+    engine."""
+
+    def __init__(self):
+        super().__init__(seed=8)
+        self.pos = nn.Parameter(0.3 * torch.randn(12, 1, 8))
+
+    def forward(self, batch):
+        ids = getattr(batch, "text", batch)
+        out, _ = self.gru(self.emb(ids) * 2.0 + self.pos[:ids.shape[0]])
+        return self.fc(out[-1])
+
+
+def test_embedding_transformed_before_the_gru_goes_to_the_general_engine():
+    model = ScaledEmbeddingGRU().double().eval()
+    dec = ft.TextDecomposer.from_model(model)
+    assert isinstance(dec, ft.ModelTextDecomposer)
+    tokens = torch.tensor([4, 1, 9, 2, 7])
+    phrases = ft.all_phrases(5)
+    res = dec.cd(tokens, phrases=phrases)
+    ref = ft.ModelTextDecomposer(model, backend="reference").cd(tokens, phrases=phrases)
+    assert_scaled(res.relevant, ref.relevant)
+    with torch.no_grad():
+        logits = model(ft.Batch(tokens))[0]
+    assert_scaled(res.relevant + res.irrelevant, (logits - model.fc.bias).expand(len(phrases), -1))
+    # the positions are irrelevant: the whole sentence is not the logit
+    whole = res.relevant[phrases.index((0, 4))]
+    assert float((whole - (logits - model.fc.bias)).detach().abs().max()) > 1e-3
+
+
+def test_unbatched_recurrent_input_is_refused():
+    """An unbatched (T, In) call needs the batch dim dropped first: refused there, naming
+    the op (the recurrent rule refuses a 2-d input too)."""
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.fc = nn.GRU(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):                       # x (1, T, 3) -> (T, 3): unbatched GRU call
+            return self.fc(self.gru(x[0])[0][-1:])
+
+    dec = fastacd.Decomposer(Unbatched().eval())
+    with pytest.raises(fastacd.UnsupportedOpError, match="getitem.*changes the batch dimension"):
+        dec.cd(torch.randn(1, 5, 3), torch.ones(1, 5, 3))

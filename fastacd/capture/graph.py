@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nodes import (Step, UnsupportedOpError, check_eval, describe_node, fetch_attr,
-                    run_plain)
+                    packing_error, run_plain)
 from .transformer import traced_forward
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ class CapturedGraph:
         try:
             graph = _Tracer(rules).trace(model)
         except Exception as exc:  # torch.fx raises many types; say what to do
+            packing = packing_error(exc, model)
+            if packing is not None:
+                raise packing from exc
             raise UnsupportedOpError(
                 f"fastacd could not trace {type(model).__name__} with torch.fx: {exc}\n"
                 "fastacd needs a forward pass without data-dependent Python control flow. "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import rules as rules_
 from ..capture.concrete import ConcreteTracer
 from ..capture.graph import _Tracer
-from ..capture.nodes import UnsupportedOpError, check_eval, fetch_attr
+from ..capture.nodes import UnsupportedOpError, check_eval, fetch_attr, packing_error
 from ..capture.phrases import Batch, _pair_masks, check_phrases, tokens_of
 from ..engine.decomposer import Decomposer
 from .lstm import TextCDResult, TextDecomposer
@@ -166,6 +166,9 @@ def _concrete(root: _Root, rules, inputs: list) -> tuple[_Structure, dict]:
         try:
             graph = tracer.trace(root, inp)
         except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same advice
+            packing = packing_error(exc, root.model)
+            if packing is not None:
+                raise packing from exc
             raise _fail(root.model, f"tracing one sentence's forward failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
         gm = fx.GraphModule(root, graph)
@@ -231,11 +234,17 @@ class ModelTextDecomposer(TextDecomposer):
         except Exception as exc:  # noqa: BLE001 - torch.fx fails in many ways
             if isinstance(exc, ValueError) and str(exc).startswith("cannot read"):
                 raise
+            packing = packing_error(exc, model)
+            if packing is not None:
+                raise packing from exc
             # shapes read in Python, branches (transformers models): a concrete trace per
             # sentence; a two-token probe finds the embedding and the head
             self._s = None
             self._symbolic_error = exc
-            probe = torch.zeros(2, dtype=torch.long, device=_device(self._run))
+            # token 1, not 0 (often padding: a model may refuse an all-padding sentence)
+            rows = min((m.num_embeddings for m in self._run.modules()
+                        if isinstance(m, nn.Embedding)), default=2)
+            probe = torch.full((2,), min(1, rows - 1), dtype=torch.long, device=_device(self._run))
             s, _ = _concrete(self._root, self.rules, self._inputs(probe, probe, None))
         else:
             s = self._s

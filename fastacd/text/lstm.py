@@ -241,7 +241,9 @@ class TextDecomposer:
                 raise
             try:
                 return TextDecomposer.general(model, **kwargs)
-            except (ValueError, UnsupportedOpError) as exc2:
+            except UnsupportedOpError:
+                raise             # an op no rule decomposes (a PackedSequence): named as it is
+            except ValueError as exc2:
                 raise ValueError(f"{exc}\nNor through the general engine: {exc2}") from exc2
         kwargs.setdefault("readout", readout)
         return cls(embed, rnn, head, **kwargs)
@@ -751,6 +753,26 @@ def _discover_cached(model: nn.Module):
     return found
 
 
+_LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "long", "to", "view", "reshape", "int"}
+_LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.t}
+
+
+def _through_layout(node, mods):
+    """The node ``node`` reads through transposes, dtype casts, ``.text`` and dropout."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target is getattr and node.args[1] == "text":
+            node = node.args[0]
+        elif node.op == "call_method" and node.target in _LAYOUT_METHODS:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS:
+            node = node.args[0]
+        elif node.op == "call_module" and isinstance(mods[node.target], (nn.Dropout, nn.Identity)):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
 def _discover(model: nn.Module):
     """Embedding, recurrent module, head and readout of an embedding -> LSTM / GRU -> linear
     model, by fx."""
@@ -773,6 +795,19 @@ def _discover(model: nn.Module):
                    "layers; need one of each")
     lstm_node, head_node = lstms[0], lins[0]
     lstm = mods[lstm_node.target]
+    # the recurrent engine computes rnn(embed(ids)): only layout ops (and dropout, identity
+    # in eval) may sit between the ids, the embedding and the recurrent module; anything
+    # else (a scale, a position embedding, packing) is the general engine's
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    ids_src = _through_layout(embs[0].args[0], mods)
+    if ids_src is not placeholder:
+        raise fail(f"the embedding's input comes from {ids_src.format_node()}, not the token ids")
+    if lstm_node.kwargs.get("hx") is not None or len(lstm_node.args) > 1:
+        raise fail("the recurrent module gets an initial state")
+    src = _through_layout(lstm_node.args[0] if lstm_node.args else lstm_node.kwargs.get("input"), mods)
+    if src is not embs[0]:
+        raise fail(f"the recurrent module's input comes from {getattr(src, 'format_node', lambda: src)()}, "
+                   "not the embedding")
     # walk back from the head's input to the LSTM through getitem nodes
     node, path = head_node.args[0], []
     while isinstance(node, fx.Node) and node is not lstm_node:
