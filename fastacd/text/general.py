@@ -87,9 +87,10 @@ class _Structure:
 
 
 class _Root(nn.Module):
-    """The model as the traced root: its logits (a ``transformers`` model's ``.logits``, the
-    first element of a tuple output), and tensor constants of a trace kept here rather than
-    on the user's model."""
+    """The model as the root of a concrete (per-sentence) trace: its logits (a
+    ``transformers`` model's ``.logits``, the first element of a tuple output), and the
+    trace's tensor constants kept here rather than on the user's model (a trace per
+    sentence would pile them up there)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -105,7 +106,7 @@ class _Root(nn.Module):
         return out if logits is None else logits
 
 
-def _symbolic_graph(root: _Root, rules) -> fx.GraphModule:
+def _symbolic_graph(root: nn.Module, rules) -> fx.GraphModule:
     return fx.GraphModule(root, _Tracer(rules).trace(root))
 
 
@@ -230,7 +231,8 @@ class ModelTextDecomposer(TextDecomposer):
         self._root = _Root(self._run).eval()
         try:
             # one symbolic trace serves every sentence
-            self._s: _Structure | None = _read(_symbolic_graph(self._root, self.rules), model)
+            # (the model itself: graph names are its own, as in the user's error messages)
+            self._s: _Structure | None = _read(_symbolic_graph(self._run, self.rules), model)
         except Exception as exc:  # noqa: BLE001 - torch.fx fails in many ways
             if isinstance(exc, ValueError) and str(exc).startswith("cannot read"):
                 raise
