@@ -385,12 +385,6 @@ def test_batch_helper_and_torchtext_like_inputs():
 def test_bad_input_clear_errors():
     model = TextModel(vocab=20, seed=9).double().eval()
     batch = ft.Batch([1, 2, 3, 4])
-    with pytest.raises(ValueError, match="start=3 > stop=1"):
-        ft.cd_text(batch, model, 3, 1)
-    with pytest.raises(ValueError, match="beyond the sentence"):
-        ft.cd_text(batch, model, 0, 4)
-    with pytest.raises(ValueError, match="negative"):
-        ft.cd_text(batch, model, -1, 2)
     with pytest.raises(ValueError, match="empty"):
         ft.cd_text(ft.Batch(torch.zeros(0, 1, dtype=torch.long)), model, 0, 0)
     with pytest.raises(ValueError, match="outside the embedding's vocabulary"):
@@ -406,17 +400,24 @@ def test_bad_input_clear_errors():
     with pytest.raises(AttributeError, match="hidden_to_label"):
         ft.cd_text(batch, nn.Module(), 0, 1)
     # the same checks guard the reference
-    with pytest.raises(ValueError, match="beyond the sentence"):
-        rt.cd_text(batch, model, 0, 4)
+    with pytest.raises(TypeError, match="start must be an int"):
+        rt.cd_text(batch, model, 0.5, 1)
     dec = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
+    # the engine's phrases are checked strictly (cd_text reads them as the original)
+    with pytest.raises(ValueError, match="beyond the sentence"):
+        dec.cd(batch, phrases=[(0, 4)])
+    with pytest.raises(ValueError, match="start=3 > stop=1"):
+        dec.cd(batch, phrases=[(3, 1)])
+    with pytest.raises(ValueError, match="negative"):
+        dec.cd(batch, phrases=[(-1, 2)])
     with pytest.raises(ValueError, match="exactly one of"):
         dec.cd(batch, phrases=[(0, 1)], masks=torch.ones(4))
     with pytest.raises(ValueError, match=r"\(M, T\)"):
         dec.cd(batch, masks=torch.ones(2, 5))
     with pytest.raises(ValueError, match="0/1"):
         dec.cd(batch, masks=torch.full((4,), 0.5))
-    with pytest.raises(TypeError, match="nn.LSTM"):
-        ft.TextDecomposer(model.embed, nn.GRU(8, 12), model.hidden_to_label)
+    with pytest.raises(TypeError, match="nn.LSTM or nn.GRU"):
+        ft.TextDecomposer(model.embed, nn.RNN(8, 12), model.hidden_to_label)
     with pytest.raises(TypeError, match="nn.Linear"):
         ft.TextDecomposer(model.embed, model.lstm, nn.ReLU())
     with pytest.raises(ValueError, match="readout"):
@@ -483,9 +484,27 @@ def test_from_model_discovery_is_cached_and_follows_changes():
 
 
 def test_from_model_unsupported_structure_is_explained():
+    class NoEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.out(out[-1])
+
+    with pytest.raises(ValueError, match="embedding -> nn.LSTM / nn.GRU -> linear") as err:
+        ft.TextDecomposer.from_model(NoEmbedding().eval())
+    assert "general engine" in str(err.value) and "0 embeddings of the input ids" in str(err.value)
+
+
+def test_from_model_reads_other_structures_through_the_general_engine():
+    """embedding -> LSTM -> linear -> linear: not the recurrent engine's form; the general
+    engine (the recurrent rule) gives the text engine's numbers for the part they share."""
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
+            torch.manual_seed(3)
             self.emb, self.rnn = nn.Embedding(5, 3), nn.LSTM(3, 4)
             self.a, self.b = nn.Linear(4, 2), nn.Linear(2, 2)
 
@@ -493,8 +512,21 @@ def test_from_model_unsupported_structure_is_explained():
             out, _ = self.rnn(self.emb(ids))
             return self.b(self.a(out[-1]))
 
-    with pytest.raises(ValueError, match="embedding -> nn.LSTM -> linear"):
-        ft.TextDecomposer.from_model(TwoHeads())
+    model = TwoHeads().double().eval()
+    dec = ft.TextDecomposer.from_model(model)
+    assert isinstance(dec, ft.ModelTextDecomposer) and dec.head is model.b
+    tokens = torch.tensor([1, 2, 3, 4])
+    res = dec.cd(tokens, phrases=ft.all_phrases(4))
+    with torch.no_grad():
+        logits = model(tokens[:, None])[0]
+    assert_scaled(res.relevant + res.irrelevant, (logits - model.b.bias).expand(10, -1))
+    # the features a(out[-1]) through the general engine vs the LSTM text engine plus the
+    # affine rule for a (its bias split by magnitude)
+    inner = ft.TextDecomposer(model.emb, model.rnn, None).cd(tokens, phrases=ft.all_phrases(4))
+    zr, zi = inner.relevant @ model.a.weight.T, inner.irrelevant @ model.a.weight.T
+    pr, pi = zr.abs() + 1e-20, zi.abs() + 1e-20
+    feat_rel = zr + pr / (pr + pi) * model.a.bias
+    assert_scaled(res.relevant, feat_rel @ model.b.weight.T)
 
 
 # ------------------------------------------------------------------ hierarchy output

@@ -17,21 +17,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, describe_node,
-                    fetch_attr, run_plain)
+                    fetch_attr, packing_error, run_plain)
+from .transformer import traced_forward
 
 if TYPE_CHECKING:
     from ..rules.base import RuleSet
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every module a rule claims (and every torch.nn leaf) as one node."""
+    """Keeps every module a rule claims (and every torch.nn leaf) as one node; traces the
+    plain path of the torch.nn modules whose forward torch.fx cannot trace
+    (``fastacd.capture.transformer``: nn.TransformerEncoder, nn.TransformerEncoderLayer)."""
 
     def __init__(self, rules: "RuleSet"):
         super().__init__()
         self.rules = rules
 
+    def _traced_forward(self, m: nn.Module):
+        return None if self.rules.claims_module(m) else traced_forward(m)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._traced_forward(m) is not None:
+            return False
         return self.rules.claims_module(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        fn = self._traced_forward(m)
+        if fn is not None:
+            forward = lambda *a, **k: fn(m, *a, **k)  # noqa: E731
+        return super().call_module(m, forward, args, kwargs)
 
 
 class CapturedGraph:
@@ -51,6 +65,9 @@ class CapturedGraph:
             try:
                 graph = _Tracer(rules).trace(model)
             except Exception as exc:  # torch.fx raises many types; say what to do
+                packing = packing_error(exc, model)
+                if packing is not None:
+                    raise packing from exc
                 raise TraceError(
                     f"fastacd could not trace {type(model).__name__} with torch.fx: {exc}\n"
                     "fastacd needs a forward pass without data-dependent Python control flow. "
@@ -159,8 +176,11 @@ class CapturedGraph:
 
 
 def tensors(value) -> tuple:
-    """A node's value as a tuple: the tensor itself, or the items of a tuple or list."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    """A node's value as a flat tuple: the tensor itself, or the items of a (nested) tuple or
+    list (an LSTM's ``(out, (h_n, c_n))``)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(t for v in value for t in tensors(v))
+    return (value,)
 
 
 # --------------------------------------------------------------------------------------

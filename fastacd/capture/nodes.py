@@ -18,6 +18,25 @@ if TYPE_CHECKING:  # the rule objects a step points to (no import at run time: r
     from ..rules.base import Rule
 
 
+def packing_error(exc: BaseException, model: nn.Module) -> "UnsupportedOpError | None":
+    """The error to raise when tracing ``model`` failed inside ``torch.nn.utils.rnn``'s
+    packing (``pack_padded_sequence`` and the rest: their Python cannot take a proxy, and
+    fx's own message does not say so), else None."""
+    tb, name = exc.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.replace("\\", "/").endswith("torch/nn/utils/rnn.py") and name is None:
+            name = code.co_name
+        tb = tb.tb_next
+    if name is None:
+        return None
+    return UnsupportedOpError(
+        f"{type(model).__name__}.forward calls torch.nn.utils.rnn.{name}: a PackedSequence has "
+        "no CD rule. fastacd decomposes a recurrent module on a padded tensor (one sentence "
+        "at a time for text: packing a single sentence of one length changes nothing), so "
+        "call the module on the tensor itself")
+
+
 class UnsupportedOpError(TypeError):
     """An op that depends on the input has no CD rule (or a variant of it that CD cannot
     decompose exactly as the model computes it)."""

@@ -2,6 +2,8 @@
 checked once for the text engine, the reference and the agglomeration."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -74,6 +76,33 @@ def check_phrase(start, stop, length: int) -> tuple[int, int]:
         raise ValueError(f"stop={stop} is beyond the sentence ({length} tokens, positions "
                          f"0..{length - 1}); stop is inclusive")
     return start, stop
+
+
+def original_phrase(start, stop, length: int) -> np.ndarray:
+    """The tokens the original ``acd.cd_text`` takes as the phrase ``start..stop``: the
+    positions i with ``start <= i <= stop``, as a (length,) boolean mask.
+
+    So a ``stop`` at or beyond the end reads "to the end" (the original's own tests pass
+    ``stop=len(sentence)``). A negative ``start`` counts from position 0 and a ``start``
+    after ``stop`` or after the end is an empty phrase (relevant part 0), as in the
+    original; both warn, since they are more likely a slip (a Python negative index, swapped
+    bounds) than meant. ``start`` and ``stop`` must be integers.
+    """
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+                continue
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    start, stop = int(start), int(stop)
+    if start < 0:
+        warnings.warn(f"start={start} is negative: read as position 0, as the original acd.cd_text "
+                      "does (positions are 0-based, not Python negative indices)", stacklevel=3)
+    if start > stop or start >= length:
+        warnings.warn(f"the phrase start={start}..stop={stop} holds no token of the sentence "
+                      f"({length} tokens): its relevant part is 0, as in the original acd.cd_text",
+                      stacklevel=3)
+    pos = np.arange(length)
+    return (pos >= start) & (pos <= stop)
 
 
 def check_phrases(phrases, length: int) -> list[tuple[int, int]]:

@@ -9,9 +9,11 @@ This is the oracle the batched engine (``fastacd.text``) and the fast agglomerat
   relevant part inside the phrase; the output gate is computed from the full input;
 * one phrase per call, in float64 (the original's numpy arithmetic is float64 too).
 
-It also defines the rule for multi-layer and bidirectional LSTMs (``lstm_cd``), which
-the original does not have: the same cell per layer and direction, layer l > 0 taking
-the relevant / irrelevant output of layer l-1 as its relevant / irrelevant input.
+It also defines the rule for multi-layer and bidirectional LSTMs and for GRUs
+(``rnn_cd``), which the original does not have: the same cell per layer and direction,
+layer l > 0 taking the relevant / irrelevant output of layer l-1 as its relevant /
+irrelevant input; the GRU cell is ``fastacd.rules.recurrent.gru_cell_reference``
+(docs/text.md, "The GRU rule").
 """
 from __future__ import annotations
 
@@ -22,58 +24,46 @@ import torch
 import torch.nn as nn
 from skimage import measure
 
-from ..capture.phrases import check_phrase, tokens_of
-from ..rules.recurrent import lstm_cell_reference, propagate_tanh_two, propagate_three  # noqa: F401
+from ..capture.phrases import original_phrase, tokens_of
+from ..rules.recurrent import (gru_reference_direction, lstm_cell_reference,  # noqa: F401
+                               lstm_reference_direction, propagate_tanh_two, propagate_three)
 
 
-def _direction(rel_x, irrel_x, w_ih, w_hh, bias, in_phrase, reverse):
-    """One LSTM direction, relevant and irrelevant parts side by side, one step at a time."""
-    T = rel_x.shape[0]
-    W_ii, W_if, W_ig, W_io = w_ih.chunk(4, 0)
-    W_hi, W_hf, W_hg, W_ho = w_hh.chunk(4, 0)
-    b_i, b_f, b_g, b_o = bias.chunk(4)
-    H = w_hh.shape[1]
-    rel_out = rel_x.new_zeros(T, H)
-    irrel_out = rel_x.new_zeros(T, H)
-    rel_h = irrel_h = rel_c = irrel_c = rel_x.new_zeros(H)
-    for k, t in enumerate(range(T - 1, -1, -1) if reverse else range(T)):
-        rel_gates = (W_hi @ rel_h + W_ii @ rel_x[t], W_hf @ rel_h + W_if @ rel_x[t],
-                     W_hg @ rel_h + W_ig @ rel_x[t])
-        irrel_gates = (W_hi @ irrel_h + W_ii @ irrel_x[t], W_hf @ irrel_h + W_if @ irrel_x[t],
-                       W_hg @ irrel_h + W_ig @ irrel_x[t])
-        # the output gate of the true LSTM: full input, full previous hidden state
-        o = torch.sigmoid(W_io @ (rel_x[t] + irrel_x[t]) + W_ho @ (rel_h + irrel_h) + b_o)
-        rel_c, irrel_c, rel_h, irrel_h = lstm_cell_reference(
-            rel_gates, irrel_gates, (b_i, b_f, b_g), o, rel_c, irrel_c, bool(in_phrase[t]), k == 0)
-        rel_out[t], irrel_out[t] = rel_h, irrel_h
-    return rel_out, irrel_out
-
-
-def lstm_cd(x: torch.Tensor, lstm: nn.LSTM, mask, readout: str = "last"):
-    """Relevant and irrelevant parts of an LSTM's readout features for one token mask.
+def rnn_cd(x: torch.Tensor, rnn: nn.Module, mask, readout: str = "last"):
+    """Relevant and irrelevant parts of an LSTM's or GRU's readout features for one token mask.
 
     x: (T, E) word vectors; mask: (T,) 0/1, 1 where the token is relevant; readout:
     ``"last"`` (output at position T-1) or ``"final"`` (each direction's final state).
     Computed in float64. Returns two (F,) tensors.
     """
+    if not isinstance(rnn, (nn.LSTM, nn.GRU)):
+        raise TypeError(f"the reference has rules for nn.LSTM and nn.GRU, got {type(rnn).__name__}")
     dt = torch.float64
     in_phrase = [bool(v) for v in torch.as_tensor(mask).tolist()]
     x = x.to(dt)
     keep = torch.tensor(in_phrase, dtype=dt, device=x.device).unsqueeze(1)
     rel, irrel = x * keep, x * (1 - keep)  # a token's vector is wholly one or the other
-    D = 2 if lstm.bidirectional else 1
-    for layer in range(lstm.num_layers):
+    D = 2 if rnn.bidirectional else 1
+    for layer in range(rnn.num_layers):
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            w_ih = getattr(lstm, "weight_ih" + sfx).to(dt)
-            w_hh = getattr(lstm, "weight_hh" + sfx).to(dt)
-            bias = ((getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx)).to(dt)
-                    if lstm.bias else torch.zeros(w_ih.shape[0], dtype=dt, device=x.device))
-            outs.append(_direction(rel, irrel, w_ih, w_hh, bias, in_phrase, reverse=d == 1))
+            w_ih = getattr(rnn, "weight_ih" + sfx).to(dt)
+            w_hh = getattr(rnn, "weight_hh" + sfx).to(dt)
+            if rnn.bias:
+                b_ih, b_hh = getattr(rnn, "bias_ih" + sfx), getattr(rnn, "bias_hh" + sfx)
+            else:
+                b_ih = b_hh = torch.zeros(w_ih.shape[0], dtype=dt, device=x.device)
+            if isinstance(rnn, nn.LSTM):
+                # b_ih + b_hh summed in the model's dtype, as the original (numpy, float32)
+                outs.append(lstm_reference_direction(rel, irrel, w_ih, w_hh, (b_ih + b_hh).to(dt),
+                                                     in_phrase, reverse=d == 1)[:2])
+            else:
+                outs.append(gru_reference_direction(rel, irrel, w_ih, w_hh, b_ih.to(dt),
+                                                    b_hh.to(dt), in_phrase, reverse=d == 1))
         rel = torch.cat([r for r, _ in outs], dim=1)
         irrel = torch.cat([i for _, i in outs], dim=1)
-    T, H = x.shape[0], lstm.hidden_size
+    T, H = x.shape[0], rnn.hidden_size
     if readout == "last" or D == 1:
         return rel[T - 1], irrel[T - 1]
     if readout != "final":
@@ -81,20 +71,23 @@ def lstm_cd(x: torch.Tensor, lstm: nn.LSTM, mask, readout: str = "last"):
     return (torch.cat([rel[T - 1, :H], rel[0, H:]]), torch.cat([irrel[T - 1, :H], irrel[0, H:]]))
 
 
-def text_cd(embed, lstm: nn.LSTM, head: nn.Linear | None, tokens, mask, readout: str = "last"):
-    """Reference CD of one token mask for embed -> LSTM -> readout -> linear head.
+lstm_cd = rnn_cd  # the earlier name
+
+
+def text_cd(embed, rnn: nn.Module, head: nn.Linear | None, tokens, mask, readout: str = "last"):
+    """Reference CD of one token mask for embed -> LSTM / GRU -> readout -> linear head.
 
     Returns (relevant, irrelevant) float64 tensors: ``head.weight @`` each part of the head
     input, without the head's bias (as the original ``cd_text``); the parts themselves if
     ``head`` is None.
     """
     vocab = embed.num_embeddings if isinstance(embed, nn.Embedding) else None
-    tokens = tokens_of(tokens, vocab).to(lstm.weight_ih_l0.device)
+    tokens = tokens_of(tokens, vocab).to(rnn.weight_ih_l0.device)
     mask = torch.as_tensor(mask)
     if mask.shape != tokens.shape:
         raise ValueError(f"mask must be ({tokens.shape[0]},), got {tuple(mask.shape)}")
     with torch.no_grad():
-        rel, irrel = lstm_cd(embed(tokens), lstm, mask, readout)
+        rel, irrel = rnn_cd(embed(tokens), rnn, mask, readout)
         if head is None:
             return rel, irrel
         w = head.weight.to(torch.float64)
@@ -102,13 +95,13 @@ def text_cd(embed, lstm: nn.LSTM, head: nn.Linear | None, tokens, mask, readout:
 
 
 def cd_text(batch, model, start, stop, return_irrel_scores=False):
-    """Reference ``acd.cd_text``: scores of the phrase ``start..stop`` (inclusive), float64
-    numpy, ``hidden_to_label.weight @ h`` without the bias."""
+    """Reference ``acd.cd_text``: scores of the phrase ``start..stop`` (inclusive; the tokens
+    i with ``start <= i <= stop``, so ``stop >= len`` reads to the end, as the original),
+    float64 numpy, ``hidden_to_label.weight @ h`` without the bias. ``model.lstm`` may be an
+    ``nn.GRU``."""
     tokens = tokens_of(batch, model.embed.num_embeddings
                        if isinstance(model.embed, nn.Embedding) else None)
-    start, stop = check_phrase(start, stop, tokens.shape[0])
-    mask = torch.zeros(tokens.shape[0])
-    mask[start:stop + 1] = 1
+    mask = torch.from_numpy(original_phrase(start, stop, tokens.shape[0]).astype(np.float64))
     rel, irrel = text_cd(model.embed, model.lstm, model.hidden_to_label, tokens, mask)
     if return_irrel_scores:
         return rel.cpu().numpy(), irrel.cpu().numpy()

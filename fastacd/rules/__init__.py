@@ -10,6 +10,7 @@ from .cdt import cdt_rules
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
+from .recurrent import Recurrent
 from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, Repeat, Reshape, Roll,
                          Scale, Shape, Split, Sub)
 
@@ -17,7 +18,7 @@ DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), A
                    OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
                    Scale(), MatMul(), Product(), Normaliser(), Cat(), OutputSoftmax(), Shape(), Roll(), Pad(),
                    Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
-                   Einsum()], name="acd")
+                   Einsum(), Recurrent()], name="acd")
 
 
 CDT = cdt_rules(DEFAULT)

@@ -166,9 +166,12 @@ def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | No
     split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split
     b = beta.reshape((1,) * (zr.dim() - beta.dim()) + tuple(beta.shape))
     spread = [k for k in range(zr.dim()) if b.shape[k] != 1]
-    if zr.dim() >= 2 and spread == [1] and b.shape[1] == zr.shape[1]:
+    # the compiled op takes the masks in dim 0; a sequence-first (T, M, F) layout (masks in
+    # dim 1: nn.TransformerEncoder with batch_first=False) takes the torch arithmetic below
+    masks_first = tuple(pre.shape[1:]) == tuple(zr.shape[1:])
+    if masks_first and zr.dim() >= 2 and spread == [1] and b.shape[1] == zr.shape[1]:
         return split(zr, pre, b.reshape(-1), relu)
-    if spread and spread[0] > 0 and spread == list(range(spread[0], zr.dim())) \
+    if masks_first and spread and spread[0] > 0 and spread == list(range(spread[0], zr.dim())) \
             and b.shape[spread[0]:] == zr.shape[spread[0]:]:
         rows = b.reshape(-1).repeat(zr[0].numel() // b.numel())
         return split(zr.reshape(zr.shape[0], -1), pre.reshape(pre.shape[0], -1), rows, relu).reshape(zr.shape)

@@ -338,15 +338,20 @@ class Cat(Rule):
         return only_gates(node, graph.reach, gates)
 
     @staticmethod
-    def _dim(node: fx.Node, total: torch.Tensor) -> int:
-        dim = arg(node, 1, "dim", 0)
-        if dim % total.dim() == 0:
+    def _dim(node: fx.Node, total: torch.Tensor, shapes: list, mask_dim: int | None = None) -> int:
+        """The cat dim, refused where it is the batch's: the dim holding the masks when known
+        (``mask_dim``), else dim 0 when every operand has size 1 there (batch-1 tensors; in a
+        sequence-first (T, N, F) layout dim 0 is the sequence, which may be concatenated)."""
+        dim = arg(node, 1, "dim", 0) % total.dim()
+        batch = mask_dim if mask_dim is not None else (0 if all(sh[0] == 1 for sh in shapes) else None)
+        if dim == batch:
             raise UnsupportedOpError(f"{describe_node(node)} concatenates along the batch dimension")
         return dim
 
     def reference(self, step, parts, value_of, aux):
         node = step.node
-        dim = self._dim(node, value_of(node))
+        shapes = [tuple(load_arg(value_of, t).shape) for t in node.args[0]]
+        dim = self._dim(node, value_of(node), shapes)
         rs, is_ = [], []
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in parts:
@@ -361,9 +366,13 @@ class Cat(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         node = step.node
         total = values[node]
-        dim = self._dim(node, total)
         first = next(t for t in node.args[0] if isinstance(t, fx.Node) and t in rel)
         k = mask_dim(rel[first].shape, values[first].shape)
+        # the masks' dim is known where the parts differ from the totals (more than one mask);
+        # in a sequence-first (T, N, F) layout dim 0 is the sequence, which may be concatenated
+        moved = tuple(rel[first].shape) != tuple(values[first].shape)
+        shapes = [tuple((values[t] if isinstance(t, fx.Node) else t).shape) for t in node.args[0]]
+        dim = self._dim(node, total, shapes, k if moved else None)
         out = []
         for t in node.args[0]:
             if isinstance(t, fx.Node) and t in rel:

@@ -42,9 +42,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.nodes import UnsupportedOpError
 from ..capture.phrases import _pair_masks, check_phrase, check_phrases, tokens_of
 from ..ops import torch_ops as _torch_ops
-from ..rules.recurrent import cell_fn
+from ..rules.recurrent import (LSTMDirection, cell_fn, lstm_true_pass as _true_pass,  # noqa: F401
+                               lstm_true_pass_autograd as _true_pass_autograd)
 
 READOUTS = ("last", "final")
 
@@ -69,20 +71,8 @@ def _from_numpy(arr: np.ndarray, dtype, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- the engine
 
 
-@dataclass
-class _Direction:
-    """Weights and the true (total) pass of one layer and direction for one sentence."""
-    w_ih: torch.Tensor       # (4H, In)
-    w_hh: torch.Tensor       # (4H, H)
-    bias: torch.Tensor       # (4H,)  b_ih + b_hh
-    reverse: bool
-    xw: torch.Tensor         # (T, 4H) W_ih x_t of the true input, no bias
-    gates: torch.Tensor      # (T, 4H) W_ih x_t + W_hh h_{t-1}, no bias
-    c: torch.Tensor          # (T, H) true cell state
-    h: torch.Tensor          # (T, H) true hidden state
-    o: torch.Tensor          # (T, H) sigmoid of the true output gate
-    w_hh_t: torch.Tensor | None = None  # (H, 4H) contiguous W_hh^T (faster small GEMMs)
-    fast: "_FastConsts | None" = None   # per-step constants of the one-layer fast path
+# weights and the true pass of one layer and direction (shared with the Recurrent rule)
+_Direction = LSTMDirection
 
 
 @dataclass
@@ -154,8 +144,9 @@ class TextDecomposer:
 
     embed:   ``nn.Embedding`` (ids are checked against its vocabulary) or any callable
              mapping (T,) token ids to (T, E) vectors.
-    lstm:    ``nn.LSTM``, any ``num_layers``, uni- or bidirectional, ``batch_first`` either
+    rnn:     ``nn.LSTM``, any ``num_layers``, uni- or bidirectional, ``batch_first`` either
              way (CD is defined on eval behaviour: no inter-layer dropout); ``proj_size=0``.
+             An ``nn.GRU`` gives a ``GRUDecomposer`` (``fastacd.text.gru``: the GRU rule).
     head:    ``nn.Linear`` on the readout features, or None to get the features' parts.
     readout: ``"last"`` the LSTM output at the last position (``out[-1]``; both
              directions at position T-1) or ``"final"`` the final hidden state of each
@@ -176,15 +167,35 @@ class TextDecomposer:
     ``torch.no_grad()`` when you do not need them.
     """
 
-    def __init__(self, embed, lstm: nn.LSTM, head: nn.Module | None = None, readout: str = "last",
+    # recurrent module type -> the TextDecomposer subclass for it (fastacd.text.gru adds the
+    # GRU's): ``TextDecomposer(embed, gru, head)`` gives a ``GRUDecomposer``
+    families: dict = {}
+    # from_model's family for other models (fastacd.text.general.ModelTextDecomposer)
+    general = None
+
+    def __new__(cls, embed=None, rnn=None, *args, **kwargs):
+        if cls is TextDecomposer:
+            for typ, sub in TextDecomposer.families.items():
+                if isinstance(rnn, typ):
+                    cls = sub
+                    break
+        return super().__new__(cls)
+
+    def __init__(self, embed, rnn: nn.LSTM, head: nn.Module | None = None, readout: str = "last",
                  dtype: torch.dtype | None = None, backend: str = "auto",
                  memory_budget: int | None = None):
-        if not isinstance(lstm, nn.LSTM):
-            raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}; other "
-                            "recurrent modules have no CD rule here")
-        if getattr(lstm, "proj_size", 0):
+        if not isinstance(rnn, nn.LSTM):
+            raise TypeError(f"rnn must be a torch.nn.LSTM or nn.GRU, got {type(rnn).__name__}; "
+                            "other recurrent modules have no CD rule here")
+        if getattr(rnn, "proj_size", 0):
             raise ValueError("nn.LSTM with proj_size > 0 is not supported (no CD rule for the "
                              "projection); use proj_size=0")
+        self._setup(embed, rnn, head, readout, dtype, memory_budget)
+        self.backend = backend
+        self._cell = cell_fn(backend)
+
+    def _setup(self, embed, rnn, head, readout, dtype, memory_budget):
+        """The checks and attributes every family shares."""
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         if head is not None and not isinstance(head, nn.Linear):
@@ -193,31 +204,49 @@ class TextDecomposer:
         if not callable(embed):
             raise TypeError("embed must be an nn.Embedding or a callable mapping token ids to "
                             "vectors")
-        self.embed, self.lstm, self.head, self.readout = embed, lstm, head, readout
-        self.dtype = dtype or lstm.weight_ih_l0.dtype
-        self.backend = backend
-        self._cell = cell_fn(backend)
+        self.embed, self.rnn, self.head, self.readout = embed, rnn, head, readout
+        self.dtype = dtype or rnn.weight_ih_l0.dtype
         self.memory_budget = memory_budget or (1 << 28)
-        self.num_directions = 2 if lstm.bidirectional else 1
+        self.num_directions = 2 if rnn.bidirectional else 1
+
+    @property
+    def lstm(self) -> nn.Module:
+        """The recurrent module (the original package's attribute name; an nn.GRU for a
+        ``GRUDecomposer``)."""
+        return self.rnn
 
     # -------------------------------------------------------------- construction helpers
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs) -> "TextDecomposer":
-        """Find the embedding, LSTM and head of a text classifier.
+        """Find the embedding, recurrent module and head of a text classifier.
 
         Models with the original package's attribute names (``.embed``, ``.lstm``,
-        ``.hidden_to_label``) use those, read out at the last position as ``cd_text`` does.
-        Otherwise ``model.forward`` is traced with ``torch.fx`` and must be
-        embedding -> LSTM -> (output at the last position, or the last layer's ``h_n``)
-        -> linear, optionally followed by softmax / log-softmax.
+        ``.hidden_to_label``; ``.lstm`` may be an ``nn.GRU``) use those, read out at the
+        last position as ``cd_text`` does. Otherwise ``model.forward`` is traced with
+        ``torch.fx`` and must be embedding -> ``nn.LSTM`` or ``nn.GRU`` -> (output at the
+        last position, or the last layer's ``h_n``) -> linear, optionally followed by
+        softmax / log-softmax. A GRU gives a ``GRUDecomposer``. Any other model (a
+        transformer classifier, a recurrent layer inside a larger network) goes through the
+        general engine: a ``ModelTextDecomposer`` (``fastacd.text.general``: token masks over
+        the word vectors of its ``nn.Embedding``, same results).
         """
         if all(hasattr(model, a) for a in ("embed", "lstm", "hidden_to_label")):
             kwargs.setdefault("readout", "last")
             return cls(model.embed, model.lstm, model.hidden_to_label, **kwargs)
-        embed, lstm, head, readout = _discover_cached(model)
+        try:
+            embed, rnn, head, readout = _discover_cached(model)
+        except ValueError as exc:
+            if TextDecomposer.general is None:
+                raise
+            try:
+                return TextDecomposer.general(model, **kwargs)
+            except UnsupportedOpError:
+                raise             # an op no rule decomposes (a PackedSequence): named as it is
+            except ValueError as exc2:
+                raise ValueError(f"{exc}\nNor through the general engine: {exc2}") from exc2
         kwargs.setdefault("readout", readout)
-        return cls(embed, lstm, head, **kwargs)
+        return cls(embed, rnn, head, **kwargs)
 
     @property
     def vocab_size(self) -> int | None:
@@ -325,7 +354,7 @@ class TextDecomposer:
         if (phrases is None) == (masks is None):
             raise ValueError("give exactly one of phrases=[(start, stop), ...] or masks=(M, T)")
         dev = sent.features.device
-        fast = self.backend == "auto" and sent.layers[0][0].fast is not None and not (
+        fast = self.backend == "auto" and getattr(sent.layers[0][0], "fast", None) is not None and not (
             torch.is_grad_enabled() and sent.features.requires_grad)
         pairs = mask_np = None
         if phrases is not None:
@@ -494,98 +523,14 @@ class TextDecomposer:
             bwd = bwd[:, T - 1]
         return torch.cat([fwd, bwd if bwd.dim() == 2 else bwd[:, 0]], dim=1)
 
-    def _run_direction(self, dd: _Direction, rel_in: torch.Tensor | None, mask: torch.Tensor,
+    def _run_direction(self, dd, rel_in: torch.Tensor | None, mask: torch.Tensor,
                        active: torch.Tensor, keep_sequence: bool) -> torch.Tensor:
         """Relevant hidden states of one direction: (M, T, H) if ``keep_sequence``, else the
         state after the direction's last step, (M, H). ``rel_in``: the relevant input
         (M, T, In) of a layer > 0; None for layer 0, whose relevant input is the word vector
-        where the mask is 1.
-
-        A mask's relevant state is exactly zero until its first step with a relevant input
-        (in processing order): the cell maps zero relevant gates and cell to zero. So the
-        masks are sorted by that step and step k computes only the rows that have started.
-        """
-        M, T = mask.shape
-        H = dd.w_hh.shape[1]
-        order = list(range(T - 1, -1, -1)) if dd.reverse else list(range(T))
-        proc = active.flip(1) if dd.reverse else active                 # processing order
-        start = torch.where(proc.any(1), proc.to(torch.int8).argmax(1), torch.full_like(
-            proc[:, 0], T, dtype=torch.long))
-        perm = torch.argsort(start, stable=True)
-        starts = start[perm].tolist()
-        mask_steps = mask[perm].T.contiguous()                          # (T, M)
-        # W_ih times the relevant input, step-major: (T, M, 4H)
-        if rel_in is None:
-            xw_steps = mask_steps.unsqueeze(2) * dd.xw.unsqueeze(1)
-        else:
-            xw_steps = rel_in[perm].transpose(0, 1) @ dd.w_ih.T
-        new = mask.new_zeros
-        w_hh_t = dd.w_hh_t if dd.w_hh_t is not None else dd.w_hh.T
-        rel_h = rel_c = new(0, H)                                       # the started rows
-        seq = new(M, T, H) if keep_sequence else None
-        n = 0
-        for k in range(starts[0] if M else T, T):
-            t = order[k]
-            prev = order[k - 1] if k > 0 else t
-            while n < M and starts[n] <= k:
-                n += 1
-            if n > rel_h.shape[0]:  # rows starting now join with a zero state
-                pad = new(n - rel_h.shape[0], H)
-                rel_h, rel_c = torch.cat([rel_h, pad]), torch.cat([rel_c, pad])
-            rel_gates = torch.addmm(xw_steps[t, :n], rel_h, w_hh_t)
-            rel_c, rel_h = self._cell(rel_gates, dd.gates[t:t + 1], dd.bias, dd.o[t:t + 1],
-                                      rel_c, dd.c[prev:prev + 1], mask_steps[t, :n], k == 0)
-            if keep_sequence:
-                seq[:n, t] = rel_h
-        inverse = torch.argsort(perm)
-        if keep_sequence:
-            return seq[inverse]
-        if n < M:
-            rel_h = torch.cat([rel_h, new(M - n, H)])
-        return rel_h[inverse]
-
-
-def _true_pass(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
-    """The true LSTM of one direction without autograd, written into preallocated rows.
-
-    xwb (T, 4H) ``W_ih x_t + b``; w_hh_t (H, 4H). Returns gates (T, 4H) with bias, act
-    (T, 4H) (sigmoid of i, f, o; tanh of g in g's slot), c, tanh(c), h (T, H). Seven ops
-    per step: every row view is made once (one ``unbind`` per buffer), not per step.
-    """
-    T, H = xwb.shape[0], w_hh_t.shape[0]
-    new = xwb.new_empty
-    G, A, TC = new(T, 4 * H), new(T, 4 * H), new(T, H)
-    C, Hs = xwb.new_zeros(T + 1, H), xwb.new_zeros(T + 1, H)       # row T: the zero state
-    rows = lambda m: m.unsqueeze(1).unbind(0)                       # noqa: E731  (1, X) rows
-    xr, gr, ar, tcr, cr, hr = rows(xwb), rows(G), rows(A), rows(TC), rows(C), rows(Hs)
-    g_g, a_i, a_f, a_g, a_o = (rows(G[:, 2 * H:3 * H]), rows(A[:, :H]), rows(A[:, H:2 * H]),
-                               rows(A[:, 2 * H:3 * H]), rows(A[:, 3 * H:]))
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        prev = t + 1 if reverse else t - 1                          # -1 and T: row T, zero
-        torch.addmm(xr[t], hr[prev], w_hh_t, out=gr[t])
-        torch.sigmoid(gr[t], out=ar[t])
-        torch.tanh(g_g[t], out=a_g[t])
-        torch.mul(a_i[t], a_g[t], out=cr[t]).addcmul_(a_f[t], cr[prev])
-        torch.tanh(cr[t], out=tcr[t])
-        torch.mul(a_o[t], tcr[t], out=hr[t])
-    return G, A, C[:T], TC, Hs[:T]
-
-
-def _true_pass_autograd(xwb: torch.Tensor, w_hh_t: torch.Tensor, reverse: bool):
-    """``_true_pass`` with autograd (no out= buffers): the same arithmetic."""
-    T, H = xwb.shape[0], w_hh_t.shape[0]
-    gates, acts, cs, tcs, hs = [None] * T, [None] * T, [None] * T, [None] * T, [None] * T
-    h = c = xwb.new_zeros(1, H)
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        g = torch.addmm(xwb[t:t + 1], h, w_hh_t)
-        s = torch.sigmoid(g)
-        tg = torch.tanh(g[:, 2 * H:3 * H])
-        c = torch.addcmul(s[:, :H] * tg, s[:, H:2 * H], c)
-        tc = torch.tanh(c)
-        h = s[:, 3 * H:] * tc
-        gates[t], cs[t], tcs[t], hs[t] = g, c, tc, h
-        acts[t] = torch.cat([s[:, :2 * H], tg, s[:, 3 * H:]], dim=1)
-    return (torch.cat(gates), torch.cat(acts), torch.cat(cs), torch.cat(tcs), torch.cat(hs))
+        where the mask is 1 (``LSTMDirection.relevant``: masks sorted by their first step
+        with a relevant input; before it a mask's relevant state is exactly zero)."""
+        return dd.relevant(rel_in, mask, active, keep_sequence, self._cell)[0]
 
 
 def _fast_consts(dd: _Direction, gates, act, tc, w3) -> _FastConsts:
@@ -808,13 +753,34 @@ def _discover_cached(model: nn.Module):
     return found
 
 
+_LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "long", "to", "view", "reshape", "int"}
+_LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.t}
+
+
+def _through_layout(node, mods):
+    """The node ``node`` reads through transposes, dtype casts, ``.text`` and dropout."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target is getattr and node.args[1] == "text":
+            node = node.args[0]
+        elif node.op == "call_method" and node.target in _LAYOUT_METHODS:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS:
+            node = node.args[0]
+        elif node.op == "call_module" and isinstance(mods[node.target], (nn.Dropout, nn.Identity)):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
 def _discover(model: nn.Module):
-    """Embedding, LSTM, head and readout of an embedding -> LSTM -> linear model, by fx."""
+    """Embedding, recurrent module, head and readout of an embedding -> LSTM / GRU -> linear
+    model, by fx."""
     def fail(why):
         return ValueError(
-            f"cannot read {type(model).__name__} as embedding -> nn.LSTM -> linear on the last "
-            f"step ({why}); build TextDecomposer(embed, lstm, head, readout=...) yourself, or "
-            "give the model the attributes .embed, .lstm and .hidden_to_label")
+            f"cannot read {type(model).__name__} as embedding -> nn.LSTM / nn.GRU -> linear on "
+            f"the last step ({why}); build TextDecomposer(embed, rnn, head, readout=...) "
+            "yourself, or give the model the attributes .embed, .lstm and .hidden_to_label")
 
     try:
         gm = fx.symbolic_trace(model)
@@ -823,12 +789,25 @@ def _discover(model: nn.Module):
     mods = dict(gm.named_modules())
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
     by_type = lambda t: [n for n in calls if isinstance(mods[n.target], t)]  # noqa: E731
-    embs, lstms, lins = by_type(nn.Embedding), by_type(nn.LSTM), by_type(nn.Linear)
+    embs, lstms, lins = by_type(nn.Embedding), by_type((nn.LSTM, nn.GRU)), by_type(nn.Linear)
     if len(embs) != 1 or len(lstms) != 1 or len(lins) != 1:
-        raise fail(f"found {len(embs)} embeddings, {len(lstms)} LSTMs, {len(lins)} linear layers;"
-                   " need one of each")
+        raise fail(f"found {len(embs)} embeddings, {len(lstms)} LSTMs / GRUs, {len(lins)} linear "
+                   "layers; need one of each")
     lstm_node, head_node = lstms[0], lins[0]
     lstm = mods[lstm_node.target]
+    # the recurrent engine computes rnn(embed(ids)): only layout ops (and dropout, identity
+    # in eval) may sit between the ids, the embedding and the recurrent module; anything
+    # else (a scale, a position embedding, packing) is the general engine's
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    ids_src = _through_layout(embs[0].args[0], mods)
+    if ids_src is not placeholder:
+        raise fail(f"the embedding's input comes from {ids_src.format_node()}, not the token ids")
+    if lstm_node.kwargs.get("hx") is not None or len(lstm_node.args) > 1:
+        raise fail("the recurrent module gets an initial state")
+    src = _through_layout(lstm_node.args[0] if lstm_node.args else lstm_node.kwargs.get("input"), mods)
+    if src is not embs[0]:
+        raise fail(f"the recurrent module's input comes from {getattr(src, 'format_node', lambda: src)()}, "
+                   "not the embedding")
     # walk back from the head's input to the LSTM through getitem nodes
     node, path = head_node.args[0], []
     while isinstance(node, fx.Node) and node is not lstm_node:
@@ -840,17 +819,18 @@ def _discover(model: nn.Module):
         else:
             raise fail(f"the head's input comes from {node.format_node()}")
     if node is not lstm_node:
-        raise fail("the head's input does not come from the LSTM")
+        raise fail("the head's input does not come from the recurrent module")
     path = path[::-1]
     last = (-1, ) if not lstm.batch_first else ((slice(None), -1),)
     if len(path) == 2 and path[0] == 0 and (path[1] == -1 or (lstm.batch_first and path[1] in last)):
         readout = "last"
-    elif (len(path) == 3 and path[0] == 1 and path[1] == 0 and path[2] == -1
-          and not lstm.bidirectional):
+    elif not lstm.bidirectional and (
+            (isinstance(lstm, nn.LSTM) and path == [1, 0, -1])     # (h_n, c_n)[0][-1]
+            or (isinstance(lstm, nn.GRU) and path == [1, -1])):    # h_n[-1]
         readout = "final"
     else:
         raise fail(f"unsupported readout {path} (supported: out[-1], out[:, -1] for batch_first, "
-                   "h_n[-1] of a unidirectional LSTM)")
+                   "h_n[-1] of a unidirectional LSTM or GRU)")
     for user in head_node.users:
         if user.op != "output" and not (user.op in ("call_function", "call_method") and
                                         getattr(user.target, "__name__", "") in

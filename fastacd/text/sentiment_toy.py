@@ -1,5 +1,6 @@
-"""A small generated sentiment task with negation and contrast, and an LSTM trained on it
-in seconds on the CPU: a self-contained text example for CD and ACD (nothing downloaded).
+"""A small generated sentiment task with negation and contrast, and an LSTM, a GRU and a small
+transformer trained on it in seconds on the CPU: a self-contained text example for CD and ACD
+(nothing downloaded).
 
 Sentences follow a few templates::
 
@@ -10,6 +11,7 @@ Sentences follow a few templates::
 >>> model, vocab = train_toy_model()            # a few seconds on one CPU core
 >>> batch = vocab.batch("the movie was not good")
 >>> model(batch).argmax(1)                      # tensor([0]): negative
+>>> tmodel, _ = train_toy_model(arch="transformer")   # nn.TransformerEncoder, mean readout
 
 Labels: 0 = negative, 1 = positive. Token id 0 is ``<pad>``, the blank the 1-D
 agglomeration's occlusion and build-up tiles use.
@@ -110,17 +112,77 @@ class SentimentLSTM(nn.Module):
         return self.hidden_to_label(out[-1])
 
 
-def train_toy_model(seed: int = 0, steps: int = 250, n_train: int = 3000, batch_size: int = 64,
-                    lr: float = 0.02) -> tuple[SentimentLSTM, Vocab]:
-    """Train ``SentimentLSTM`` on ``generate(n_train, seed)``; returns (model in eval, vocab).
+class SentimentGRU(SentimentLSTM):
+    """``SentimentLSTM`` with an ``nn.GRU`` (attribute names kept: ``.lstm`` is the GRU, as
+    the original's text model shape that ``cd_text`` reads)."""
+
+    def __init__(self, vocab_size: int = len(WORDS), embed_dim: int = 16, hidden_dim: int = 24,
+                 num_classes: int = 2):
+        super().__init__(vocab_size, embed_dim, hidden_dim, num_classes)
+        self.lstm = nn.GRU(embed_dim, hidden_dim)
+
+
+class SentimentTransformer(nn.Module):
+    """embedding + learned position embedding -> [CLS] token prepended ->
+    ``nn.TransformerEncoder`` (batch_first, pre-norm, a final LayerNorm) -> the mean of the
+    words' outputs (``readout="mean"``) or the [CLS] output (``"cls"``) -> linear. With the
+    [CLS] readout and attention weights from the total, CD credits mostly the few words the
+    [CLS] token attends to (on the toy task "not" takes the whole score of "not good" and
+    "good" alone gets ~0); the mean readout keeps each word's own path to the output.
+    ``forward`` takes a batch with ``.text`` (seq_len, N) token ids (or that
+    tensor), as the LSTM, and returns (N, 2) logits. No dropout (CD is defined on eval
+    behaviour; the toy task does not need it)."""
+
+    def __init__(self, vocab_size: int = len(WORDS), d_model: int = 32, nhead: int = 2,
+                 num_layers: int = 1, dim_feedforward: int = 64, max_len: int = 32,
+                 num_classes: int = 2, readout: str = "mean"):
+        super().__init__()
+        if readout not in ("cls", "mean"):
+            raise ValueError(f"readout must be 'cls' or 'mean', got {readout!r}")
+        self.readout = readout
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_len + 1, d_model)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        # pre-norm (norm_first) trains stably on this task from any seed; post-norm did not
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model),
+                                             enable_nested_tensor=False)
+        self.classifier = nn.Linear(d_model, num_classes)
+
+    def forward(self, batch):
+        ids = getattr(batch, "text", batch).t()                        # (N, T)
+        x = self.embed(ids) + self.pos(torch.arange(1, ids.shape[1] + 1, device=ids.device))
+        x = torch.cat([self.cls.expand(ids.shape[0], -1, -1) + self.pos.weight[0], x], dim=1)
+        h = self.encoder(x)
+        return self.classifier(h[:, 0] if self.readout == "cls" else h[:, 1:].mean(1))
+
+
+ARCHS = {"lstm": (SentimentLSTM, 250, 0.02), "gru": (SentimentGRU, 250, 0.02),
+         "transformer": (SentimentTransformer, 600, 0.003)}   # class, default steps, lr
+
+
+def train_toy_model(seed: int = 0, steps: int | None = None, n_train: int = 3000,
+                    batch_size: int = 64, lr: float | None = None, arch: str = "lstm",
+                    **model_kwargs) -> tuple[nn.Module, Vocab]:
+    """Train the toy model ``arch`` ("lstm": ``SentimentLSTM``, "gru": ``SentimentGRU``,
+    "transformer": ``SentimentTransformer``) on ``generate(n_train, seed)``; returns
+    (model in eval, vocab). ``steps`` and ``lr`` default per architecture (250 / 0.02 for
+    the recurrent models, 600 / 0.003 for the transformer). ``model_kwargs`` go to the
+    model's class (e.g. ``readout="cls"`` for the transformer).
 
     Deterministic for a given seed (single-threaded CPU training). Sentences are bucketed
     by length so that the last position is always a real word (no padding).
     """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    cls, default_steps, default_lr = ARCHS[arch]
+    steps = default_steps if steps is None else steps
+    lr = default_lr if lr is None else lr
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SentimentLSTM()
+        model = cls(**model_kwargs)
     data = generate(n_train, seed)
     buckets: dict[int, list[tuple[list[int], int]]] = {}
     for sentence, label in data:
@@ -159,11 +221,12 @@ def accuracy(model: nn.Module, n: int = 500, seed: int = 1) -> float:
     return correct / n
 
 
-_CACHE: dict[int, tuple[SentimentLSTM, Vocab]] = {}
+_CACHE: dict[tuple[int, str], tuple[nn.Module, Vocab]] = {}
 
 
-def toy_model(seed: int = 0) -> tuple[SentimentLSTM, Vocab]:
-    """``train_toy_model(seed)``, trained once per process and cached (do not modify it)."""
-    if seed not in _CACHE:
-        _CACHE[seed] = train_toy_model(seed)
-    return _CACHE[seed]
+def toy_model(seed: int = 0, arch: str = "lstm") -> tuple[nn.Module, Vocab]:
+    """``train_toy_model(seed, arch=arch)``, trained once per process and cached (do not
+    modify it)."""
+    if (seed, arch) not in _CACHE:
+        _CACHE[(seed, arch)] = train_toy_model(seed, arch=arch)
+    return _CACHE[(seed, arch)]

@@ -1377,6 +1377,9 @@ class TextCDEPPenalty:
             embed, lstm, head, readout = dec.embed, dec.lstm, dec.head, dec.readout
         if lstm is None or embed is None:
             raise ValueError("give a model, or embed= and lstm= (and head=, readout=)")
+        if not isinstance(lstm, nn.LSTM):  # GRUs and transformers have no paired text cell here
+            raise TypeError(f"TextCDEPPenalty decomposes nn.LSTM text models; got "
+                            f"{type(lstm).__name__}")
         dec = TextDecomposer(embed, lstm, head, readout=readout or "last")  # validates
         if score not in TEXT_SCORES:
             raise ValueError(f"score must be one of {TEXT_SCORES}, got {score!r}")
