@@ -219,7 +219,8 @@ def from_lists(lists: dict, label: int, method: str, units, *, base="tiles", swe
 def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_dim: int | None = None,
               percentile_include: float = 95, num_iters: int = 5, method: str = "cd",
               backend: str = "auto", base: str = "tiles", segment_kwargs: dict | None = None,
-              corrected: bool = False, device=None, progress: bool = False) -> Hierarchy:
+              corrected: bool = False, device=None, progress: bool = False,
+              precision: str = "float32") -> Hierarchy:
     """The ACD hierarchy of one image.
 
     Params
@@ -230,6 +231,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     sweep_dim: tile side for ``base='tiles'``; None = ceil(min(H, W) / 16) (a 16x16 grid at 224)
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
+    precision: 'float32' (exact, default), 'bf16' or 'tf32' (CUDA): docs/precision.md
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
     corrected: False = exactly the original algorithm (same blobs as ``agg_2d.agglomerate``);
         True = the final selection also becomes a level, a tile bordering several blobs keeps
@@ -251,15 +253,15 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     model, x = agg_2d.prepare_model_input(model, image, device)
     with eval_mode(model):
         return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
-                          backend, base, segment_kwargs, corrected, progress)
+                          backend, base, segment_kwargs, corrected, progress, precision)
 
 
 def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
-               segment_kwargs, corrected, progress) -> Hierarchy:
+               segment_kwargs, corrected, progress, precision="float32") -> Hierarchy:
     p = next(model.parameters(), None)
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)
-    dec = decomposer_for(model, backend)
+    dec = decomposer_for(model, backend, precision)
     with torch.no_grad():
         out = dec.forward(x).reshape(-1)
     if label is None:
@@ -277,7 +279,7 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
-                  corrected=corrected, segment_kwargs=segment_kwargs or {})
+                  precision=dec.precision, corrected=corrected, segment_kwargs=segment_kwargs or {})
     stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
     return from_lists(lists, label, method, units, base=base,
                       sweep_dim=sweep_dim if base == "tiles" else None, params=params,

@@ -13,6 +13,7 @@ import operator
 import torch
 
 from ..capture.nodes import Step, load_arg, operands
+from ..ops.precision import low_matmul
 from .base import Rule, only_gates, unsupported
 
 
@@ -64,7 +65,7 @@ class MatMul(Rule):
         if step.node.target in (torch.bmm, "bmm"):  # bmm does not broadcast a batch of 1 to M masks
             n = max(x.shape[0], y.shape[0])
             x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
-        return torch.matmul(x, y)
+        return low_matmul(x, y)  # bfloat16 under Decomposer(precision="bf16")
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
