@@ -251,6 +251,7 @@ def layout(arch: str, size: int = 224, masks_n: int = 32) -> dict:
 
 
 def main(argv=None) -> int:
+    global SUITE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--acceptance", action="store_true")
@@ -263,7 +264,6 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default=SUITE, help="results file bench/results/SUITE.json (runs in "
                    "parallel processes write separate files)")
     args = p.parse_args(argv)
-    global SUITE
     SUITE = args.suite
     if args.accuracy:
         accuracy(args.models.split(","), [w == "trained_like" for w in args.weights.split(",")],
