@@ -111,7 +111,7 @@ def same_levels(a: list, b: list) -> float:
     return k / n
 
 
-def accuracy(models, weights, images: int, size: int) -> None:
+def accuracy(models, weights, images: int, size: int, acd: bool = True) -> None:
     sweep = size // 16
     for name in models:
         for trained in weights:
@@ -129,6 +129,9 @@ def accuracy(models, weights, images: int, size: int) -> None:
                 lab = int(a.output.argmax())
                 gaps.append(float((a.relevant - b.relevant).abs().max() / a.output.abs().max()))
                 gaps_label.append(float((a.relevant[:, lab] - b.relevant[:, lab]).abs().max() / a.output[lab].abs()))
+                if not acd:
+                    print(f"{case} image {i}: cd gap {gaps[-1]:.2e} (label {gaps_label[-1]:.2e})", flush=True)
+                    continue
                 im = x[0].permute(1, 2, 0).numpy().copy()
                 kw = dict(num_iters=5, im_torch=x)
                 h32, c32, _ = cpu_timed(agg_2d.agglomerate, model, None, 95, "cd", sweep, im, lab, **kw)
@@ -140,11 +143,13 @@ def accuracy(models, weights, images: int, size: int) -> None:
                 print(f"{case} image {i}: cd gap {gaps[-1]:.2e} (label {gaps_label[-1]:.2e}), levels "
                       f"identical {levels[-1]:.2f} ({len(h32['comps_list'])} levels), ACD cpu "
                       f"{c32:.1f} s float32 / {c16:.1f} s bf16", flush=True)
-            record(SUITE, case, cd_gap_max=max(gaps), cd_gap_mean=float(np.mean(gaps)),
-                   cd_gap_label_max=max(gaps_label), levels_identical=float(np.mean(levels)),
-                   levels_identical_min=min(levels), hierarchies_identical=int(sum(identical)),
-                   images=images, size=size, sweep_dim=sweep, masks=32,
-                   acd_cpu_s_float32=t32, acd_cpu_s_bf16=t16, acd_bf16_speedup=t32 / max(t16, 1e-9))
+            figures = dict(cd_gap_max=max(gaps), cd_gap_mean=float(np.mean(gaps)),
+                           cd_gap_label_max=max(gaps_label), images=images, size=size, masks=32)
+            if acd:
+                figures.update(levels_identical=float(np.mean(levels)), levels_identical_min=min(levels),
+                               hierarchies_identical=int(sum(identical)), sweep_dim=sweep,
+                               acd_cpu_s_float32=t32, acd_cpu_s_bf16=t16, acd_bf16_speedup=t32 / max(t16, 1e-9))
+            record(SUITE, case + ("" if acd else "_cd_only"), **figures)
 
 
 # ------------------------------------------------------------------------------- acceptance
@@ -254,6 +259,7 @@ def main(argv=None) -> int:
     global SUITE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--no-acd", action="store_true", help="--accuracy: CD gaps only (no hierarchies)")
     p.add_argument("--acceptance", action="store_true")
     p.add_argument("--layout", action="store_true")
     p.add_argument("--models", default="vgg16,resnet50,convnext_tiny,deit_tiny")
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
     SUITE = args.suite
     if args.accuracy:
         accuracy(args.models.split(","), [w == "trained_like" for w in args.weights.split(",")],
-                 args.images, args.size)
+                 args.images, args.size, acd=not args.no_acd)
     if args.layout:
         for arch in args.archs.split(","):
             layout(arch)
