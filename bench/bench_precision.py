@@ -195,7 +195,7 @@ def _best_cpu(fn, rounds: int = 2) -> float:
     return best
 
 
-def cd_over_forward(arch: str, masks_n: int = 64) -> dict:
+def cd_over_forward(arch: str, masks_n: int = 64, batches=(1, 8, 64), rounds: int = 2) -> dict:
     from bench_engine import _tile_masks
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().eval()
@@ -212,18 +212,18 @@ def cd_over_forward(arch: str, masks_n: int = 64) -> dict:
             else:
                 fmodel, fx = model, x
             fwd = {}
-            for b in (1, 8, 64):
+            for b in batches:
                 batch = fx.expand(b, -1, -1, -1).contiguous(
                     memory_format=torch.channels_last if prec == "bf16" else torch.contiguous_format)
                 fmodel(batch)
-                fwd[b] = _best_cpu(lambda: fmodel(batch)) / b
+                fwd[b] = _best_cpu(lambda: fmodel(batch), rounds) / b
             if prec == "bf16":
                 model.float().to(memory_format=torch.contiguous_format)
-            cd = _best_cpu(lambda: dec.cd(x, masks))
+            cd = _best_cpu(lambda: dec.cd(x, masks), rounds)
             best = min(fwd.values())
             figures.update({f"{prec}_cd_per_mask_s": cd / masks_n, f"{prec}_best_forward_s": best,
                             f"{prec}_cd_per_mask_over_best_forward": cd / masks_n / best,
-                            f"{prec}_channels_last": dec.channels_last,
+                            f"{prec}_channels_last": dec.channels_last, "masks": masks_n, "rounds": rounds,
                             **{f"{prec}_forward_b{b}_s": t for b, t in fwd.items()}})
     figures["bf16_cd_speedup"] = figures["float32_cd_per_mask_s"] / figures["bf16_cd_per_mask_s"]
     record(SUITE, f"acceptance_cd_over_forward_{arch}", **figures)
@@ -267,6 +267,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--archs", default="vgg16,resnet18,alexnet")
+    p.add_argument("--cd-forward", action="store_true", help="only the CD per mask / forward part of --acceptance")
+    p.add_argument("--masks", type=int, default=64)
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--suite", default=SUITE, help="results file bench/results/SUITE.json (runs in "
                    "parallel processes write separate files)")
     args = p.parse_args(argv)
@@ -279,8 +283,9 @@ def main(argv=None) -> int:
             layout(arch)
     if args.acceptance:
         acd_vs_original()
+    if args.acceptance or args.cd_forward:
         for arch in args.archs.split(","):
-            cd_over_forward(arch)
+            cd_over_forward(arch, args.masks, tuple(int(b) for b in args.batches.split(",")), args.rounds)
     return 0
 
 

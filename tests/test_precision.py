@@ -329,7 +329,15 @@ def test_window_gather_channels_last():
 
 # ------------------------------------------------------------------------------- API, CLI
 
-def test_hierarchy_and_agglomerate_accept_precision():
+def test_hierarchy_and_agglomerate_accept_precision(monkeypatch):
+    import fastacd.engine.windowed as windowed
+    modes = []
+    real = windowed._cd_groups
+
+    def spy(*args, **kwargs):  # the scorer's windowed path runs in the Decomposer's precision
+        modes.append(prec.current_low_precision())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(windowed, "_cd_groups", spy)
     model, hw = MODELS["vgg11"]
     x = torch.randn(1, 3, hw, hw, generator=torch.Generator().manual_seed(5))
     h32 = fastacd.hierarchy(model, x, sweep_dim=8, num_iters=2)
@@ -343,6 +351,8 @@ def test_hierarchy_and_agglomerate_accept_precision():
     # the tile scores (level 0) agree to the bf16 tolerance
     s16, s32 = np.asarray(out["scores_orig_raw"]), np.asarray(ref["scores_orig_raw"])
     assert np.abs(s16 - s32).max() <= BF16_TOL * np.abs(s32).max() * 10
+    assert any(m is not None and m.dtype == torch.bfloat16 for m in modes)
+    assert any(m is None for m in modes)  # the float32 runs
 
 
 def test_cli_precision_flag(tmp_path):
