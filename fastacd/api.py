@@ -14,12 +14,13 @@ from .engine.decomposer import Decomposer, available_backends
 _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def decomposer_for(model: torch.nn.Module, backend: str = "auto") -> Decomposer:
-    """A Decomposer per (model, backend), traced once and reused across calls."""
+def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str = "float32") -> Decomposer:
+    """A Decomposer per (model, backend, precision), traced once and reused across calls."""
     per_model = _DECOMPOSERS.setdefault(model, {})
-    if backend not in per_model:
-        per_model[backend] = Decomposer(model, backend=backend)
-    return per_model[backend]
+    key = backend if precision == "float32" else (backend, precision)
+    if key not in per_model:
+        per_model[key] = Decomposer(model, backend=backend, precision=precision)
+    return per_model[key]
 
 
 def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=None, device=None,

@@ -150,8 +150,12 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    "e.g. 4G (default: 1 GiB on the CPU, half the free memory on a GPU)")
     g.add_argument("--backend", choices=("auto", "compiled", "torch", "reference"), default="auto",
                    help="CD engine backend (default: %(default)s: the fastest built)")
-    g.add_argument("--tf32", action="store_true", help="on GPUs, allow TF32 for float32 convolutions "
-                   "and matmuls (faster on Ampere and later, ~1e-3 relative error; off by default)")
+    g.add_argument("--precision", choices=("float32", "bf16", "tf32"), default="float32",
+                   help="float32: exact (default); bf16: convolutions, linear layers and attention "
+                   "products in bfloat16, the splits and everything that decides the hierarchy in "
+                   "float32 (4-5x faster on CPUs with AMX, GPUs from Ampere; docs/precision.md); "
+                   "tf32: TF32 tensor cores on a GPU for float32 convolutions and matmuls")
+    g.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
                    "the cores this process may use // processes on this node)")
     g.add_argument("--barrier-timeout", type=float, default=7 * 24 * 3600,

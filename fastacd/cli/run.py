@@ -399,11 +399,22 @@ def run_settings(args, items) -> dict:
                          num_iters=args.num_iters, method=args.method, base=args.base,
                          corrected=args.corrected),
                 preprocess=preprocess_settings(args), dtype=dtype, tf32=bool(args.tf32),
-                outputs=dict(class_scores=not args.no_class_scores))
+                outputs=dict(class_scores=not args.no_class_scores),
+                # only when not the default, so that folders written before --precision resume
+                **({"precision": args.precision} if getattr(args, "precision", "float32") not in ("float32", "tf32") else {}))
 
 
 def _check_args(args):
     """The numbers of the command line, before anything is read or loaded."""
+    precision = getattr(args, "precision", "float32")
+    if args.tf32 and precision == "bf16":
+        raise RunError("--tf32 and --precision bf16: choose one")
+    if args.tf32 or precision == "tf32":  # --tf32 is --precision tf32
+        args.tf32, args.precision = True, "tf32"
+    else:
+        args.precision = precision
+    if args.precision == "bf16" and getattr(args, "dtype", "float32") != "float32":
+        raise RunError("--precision bf16 runs a float32 model's weights in bfloat16: use --dtype float32")
     if args.image_size is not None and args.image_size < 1:
         raise RunError("--image-size must be >= 1 (0 keeps each image's own size)")
     if args.resize is not None and args.resize < 1:
@@ -426,9 +437,9 @@ def _check_args(args):
     parse_memory(args.memory_budget)
 
 
-def _decomposer(model, backend):
+def _decomposer(model, backend, precision="float32"):
     try:
-        return decomposer_for(model, backend)
+        return decomposer_for(model, backend, precision)
     except (UnsupportedOpError, RuntimeError) as e:  # an op without a rule; a backend not built
         raise RunError(f"the model cannot be decomposed: {_one_line(e)}") from e
 
@@ -460,7 +471,8 @@ def run(args) -> int:
     else:
         torch.cuda.set_device(device)
         # PyTorch runs float32 convolutions in TF32 on Ampere+ GPUs by default (10-bit mantissa):
-        # off unless asked for, so that the scores stay float32-faithful
+        # off unless asked for, so that the scores stay float32-faithful (the engine's calls set
+        # it per call from the precision too: Decomposer.compute)
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     model, random_init = build_model(args)
@@ -472,7 +484,7 @@ def run(args) -> int:
         say(f"note: no --weights given: {args.model} is used as its factory returns it "
             "(random-init unless the factory loads weights)")
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
-    dec = _decomposer(model, args.backend)
+    dec = _decomposer(model, args.backend, args.precision)
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
 
@@ -578,7 +590,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                 h = hierarchy(model, x, label, sweep_dim=acd["sweep_dim"],
                               percentile_include=acd["percentile_include"], num_iters=acd["num_iters"],
                               method=acd["method"], backend=args.backend, base=acd["base"],
-                              corrected=acd["corrected"])
+                              corrected=acd["corrected"], precision=args.precision)
                 if args.no_class_scores:
                     for node in h.nodes:
                         node.class_scores = []

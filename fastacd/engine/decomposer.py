@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -102,15 +103,28 @@ class Decomposer:
     every size but the batch is fixed by export); for models with Python control flow on
     shapes. ``"auto"`` (default): fx, falling back to export with a warning where torch.fx
     cannot trace the model.
+
+    ``precision`` (docs/precision.md): ``"float32"`` (default: exact IEEE float32; TF32 is
+    switched off inside every call, whatever the process set); ``"bf16"``: the weight
+    applications of the relevant passes (conv, linear, ``P @ v``) run in bfloat16 with float32
+    in and out, the totals, the splits and all bookkeeping stay float32 (a float32 model only;
+    warns once where the device has no fast bf16 path); ``"tf32"``: float32 convolutions and
+    matrix products on TF32 tensor cores on a CUDA GPU (on the CPU it warns once and runs
+    exact float32). ``channels_last``: run the relevant maps of 2-d convolutions in
+    channels_last memory format; None chooses (on for bf16 with 2-d convolutions, off for
+    float32, where it measured slower end to end).
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
                  memory_budget: int | str | None = None, rules: rules_.RuleSet | str | None = None,
-                 capture: str = "auto", example_input: torch.Tensor | None = None):
+                 capture: str = "auto", example_input: torch.Tensor | None = None,
+                 precision: str = "float32", channels_last: bool | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+        if precision not in ops.PRECISIONS:
+            raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
         self.model = model
         self.rules = rules_.resolve(rules)
         self.capture = capture
@@ -134,8 +148,19 @@ class Decomposer:
         if self._graph is None and example_input is not None:
             self._capture_export(check_input(example_input))
         self.backend = resolve_backend(backend)
+        if self.backend == "reference" and precision != "float32":
+            raise ValueError(f"precision={precision!r} needs a batched backend: the reference "
+                             "backend is the exact oracle")
         self.memory_budget = chunks.parse_budget(memory_budget)
         self._ops = ops if self.backend == "compiled" else torch_ops
+        self.precision = precision
+        if channels_last is None:  # measured: docs/precision.md, "channels_last"
+            channels_last = precision == "bf16" and (self._graph is None or any(  # export: not yet captured
+                isinstance(s.module, torch.nn.Conv2d) for s in self._graph.steps.values()))
+        self.channels_last = bool(channels_last)
+        self._weight_mode = (ops.WeightMode(torch.bfloat16 if precision == "bf16" else torch.float32,
+                                            self.channels_last)
+                             if precision == "bf16" or self.channels_last else None)
 
     @property
     def graph(self) -> CapturedGraph:
@@ -165,7 +190,8 @@ class Decomposer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for x (trailing softmax not applied)."""
         x = self._check_input(x)
-        values, _ = self._total_pass(x)
+        with self.compute(x):
+            values, _ = self._total_pass(x)
         return values[self.graph.result_node]
 
     def cd(self, x: torch.Tensor, masks, *, chunk_size: int | None = None) -> CDResult:
@@ -182,6 +208,10 @@ class Decomposer:
     def cd_relevant_input(self, x: torch.Tensor, relevant_input: torch.Tensor, *,
                           chunk_size: int | None = None, _checked: bool = False) -> CDResult:
         """CD with the input's relevant part given directly, shape (M, *x.shape[1:])."""
+        with self.compute(x):
+            return self._cd_relevant_input(x, relevant_input, chunk_size=chunk_size, _checked=_checked)
+
+    def _cd_relevant_input(self, x, relevant_input, *, chunk_size, _checked):
         if not _checked:
             x = self._check_input(x)
             if relevant_input.shape[1:] != x.shape[1:] or relevant_input.dim() != x.dim():
@@ -214,7 +244,8 @@ class Decomposer:
         in any form ``cd`` accepts. ``options`` (``max_fraction``, ``max_cost_ratio``,
         ``stats``) go to ``fastacd.engine.windowed.cd_delta``.
         """
-        rel, out = cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size, **options)
+        with self.compute(x):
+            rel, out = cd_delta(self, x, base_mask, delta_masks, chunk_size=chunk_size, **options)
         return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
 
     def chunk_size(self, values: dict, x: torch.Tensor) -> int:
@@ -225,6 +256,25 @@ class Decomposer:
                   chunk_size: int | None = None) -> list:
         """The segments ``(start, source, chunk)`` of a relevant pass (``chunks.pass_plan``)."""
         return chunks.pass_plan(self.graph, values, x, m, self.memory_budget, chunk_size=chunk_size)
+
+    @contextlib.contextmanager
+    def compute(self, x: torch.Tensor):
+        """The scope of one call: float32 convolutions and matrix products exact (IEEE) unless
+        ``precision="tf32"`` on a GPU, and the weight applications of the relevant passes in
+        this Decomposer's ``WeightMode`` (bfloat16, channels_last) if any."""
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        if self.precision == "tf32" and device.type != "cuda":
+            ops.precision.warn_once(("tf32", device.type), f"fastacd: precision='tf32' has no effect on "
+                                    f"{device.type} (TF32 is a CUDA tensor-core format); running exact float32")
+        if self.precision == "bf16":
+            fast, why = ops.fast_bf16(device)
+            if not fast:
+                ops.precision.warn_once(("bf16", str(device)), f"fastacd: precision='bf16' on {device}: "
+                                        f"{why}; it may run slower than float32")
+        mode = "tf32" if self.precision == "tf32" and device.type == "cuda" else "ieee"
+        low = self._weight_mode if x is None or x.dtype == torch.float32 else None
+        with ops.float32_precision(mode), ops.low_precision(low):
+            yield
 
     # ---- validation -----------------------------------------------------------------------
     def _check_input(self, x) -> torch.Tensor:
@@ -261,7 +311,8 @@ class Decomposer:
 
     # ---- the two passes -----------------------------------------------------------------
     def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
-        values, aux = self.graph.total_pass(x)
+        with ops.low_precision(None):  # the totals are exact float32, whatever the precision
+            values, aux = self.graph.total_pass(x)
         if not all_finite(values[self.graph.result_node]):
             bad = [n for n, p in self.model.named_parameters() if not all_finite(p.detach())]
             raise ValueError("the model's output for this input is not finite (NaN or Inf)"

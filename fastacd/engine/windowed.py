@@ -418,6 +418,12 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
     x = dec._check_input(x)
+    with dec.compute(x):  # the Decomposer's precision (its totals stay exact float32)
+        return _cd_groups(dec, x, groups, chunk_size=chunk_size, max_fraction=max_fraction,
+                          max_cost_ratio=max_cost_ratio, stats=stats, trusted=trusted, totals=totals)
+
+
+def _cd_groups(dec, x, groups, *, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals):
     if dec.backend == "reference" or x.dim() != 4:  # the oracle: mask by mask, no windows
         res = []
         for base, deltas, want_base in groups:

@@ -475,7 +475,8 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
 # ------------------------------------------------------------------------------------------
 def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig, lab_num,
                 num_iters=5, im_torch=None, model_type="mnist", device=None, *,
-                backend="auto", pred_ims_batched=None, progress=False, stats=None, windowed=True):
+                backend="auto", pred_ims_batched=None, progress=False, stats=None, windowed=True,
+                precision="float32"):
     """Agglomerative CD of one image (drop-in for ``acd.agg_2d.agglomerate``).
 
     Params
@@ -495,6 +496,8 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     model_type: accepted for compatibility; every model goes through the traced engine
     device: None = the model's device
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
+    precision: 'float32' (exact, default), 'bf16' (weight applications in bfloat16; the
+        totals, splits and every comparison float32) or 'tf32' (CUDA): ``Decomposer``, docs/precision.md
     progress: tqdm bars (off by default)
     stats: optional dict, filled with candidates requested / scored, engine calls and the
         candidates scored with windowed propagation
@@ -515,7 +518,7 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
         raise ValueError(f"method={method!r} needs pred_ims(model, im) or im_torch")
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
     model.eval()
-    dec = decomposer_for(model, backend) if x is not None else None
+    dec = decomposer_for(model, backend, precision) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress,
@@ -531,12 +534,12 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
 
 def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_dim, im_orig,
                       lab_num, num_iters=5, im_torch=None, model_type="mnist", device=None, *,
-                      backend="auto", pred_ims_batched=None):
+                      backend="auto", pred_ims_batched=None, precision="float32"):
     """The merge phase alone on a dict from ``agglomerate`` (drop-in)."""
     im_orig = np.asarray(im_orig)
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
     model.eval()
-    dec = decomposer_for(model, backend) if x is not None else None
+    dec = decomposer_for(model, backend, precision) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched))

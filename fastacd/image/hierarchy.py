@@ -219,7 +219,8 @@ def from_lists(lists: dict, label: int, method: str, units, *, base="tiles", swe
 def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_dim: int | None = None,
               percentile_include: float = 95, num_iters: int = 5, method: str = "cd",
               backend: str = "auto", base: str = "tiles", segment_kwargs: dict | None = None,
-              corrected: bool = False, device=None, progress: bool = False) -> Hierarchy:
+              corrected: bool = False, device=None, progress: bool = False,
+              precision: str = "float32") -> Hierarchy:
     """The ACD hierarchy of one image.
 
     Params
@@ -233,6 +234,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         align to the patch grid (16 for vit_b_16, swin_t and convnext_tiny at 224)
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
+    precision: 'float32' (exact, default), 'bf16' or 'tf32' (CUDA): docs/precision.md
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
     corrected: False = exactly the original algorithm (same blobs as ``agg_2d.agglomerate``);
         True = the final selection also becomes a level, a tile bordering several blobs keeps
@@ -255,7 +257,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         sweep_dim = default_sweep_dim(hw, patch_size(decomposer_for(model, backend).graph))
     with eval_mode(model):
         return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
-                          backend, base, segment_kwargs, corrected, progress)
+                          backend, base, segment_kwargs, corrected, progress, precision)
 
 
 def patch_size(graph) -> int | None:
@@ -284,11 +286,11 @@ def default_sweep_dim(hw, patch: int | None = None) -> int:
 
 
 def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
-               segment_kwargs, corrected, progress) -> Hierarchy:
+               segment_kwargs, corrected, progress, precision="float32") -> Hierarchy:
     p = next(model.parameters(), None)
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)
-    dec = decomposer_for(model, backend)
+    dec = decomposer_for(model, backend, precision)
     with torch.no_grad():
         out = dec.forward(x).reshape(-1)
     if label is None:
@@ -306,7 +308,7 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
-                  corrected=corrected, segment_kwargs=segment_kwargs or {})
+                  precision=dec.precision, corrected=corrected, segment_kwargs=segment_kwargs or {})
     stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
     return from_lists(lists, label, method, units, base=base,
                       sweep_dim=sweep_dim if base == "tiles" else None, params=params,

@@ -23,7 +23,8 @@ import warnings
 import torch
 
 from . import torch_ops as _torch_ops
-from .precision import float32_precision, tf32_enabled  # noqa: F401
+from .precision import (PRECISIONS, WeightMode, fast_bf16, float32_precision, low_precision,  # noqa: F401
+                        low_matmul, tf32_enabled, weight_apply)
 
 try:
     from .. import _C  # loading the library registers torch.ops.fastacd.*
@@ -165,6 +166,28 @@ def _check_channel_vector(op: str, p, name: str, channels) -> None:
            f"{name} must have shape (C,) = ({channels},), got {tuple(p.shape)}.")
 
 
+# --------------------------------------------------------------------------- channels_last
+
+def nhwc(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-d map stored channels_last (and not also plainly contiguous, as a
+    map with C == 1 or H * W == 1 is): the split ops then run on its (M, H*W*C) rows."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows(rel: torch.Tensor, total: torch.Tensor, *vectors: torch.Tensor):
+    """A channels_last (M, C, H, W) map as the linear layout's rows: rel (M, H*W*C) (a view),
+    total (1, H*W*C) (a view if the total is channels_last too, else a copy of one map) and
+    each per-channel vector repeated over the positions (one map's worth each)."""
+    m, c, h, w = rel.shape
+    return ((rel.permute(0, 2, 3, 1).reshape(m, -1), total.permute(0, 2, 3, 1).reshape(1, -1))
+            + tuple(v.repeat(h * w) for v in vectors))
+
+
+def _unrows(out: torch.Tensor, shape) -> torch.Tensor:
+    m, c, h, w = shape
+    return out.view(m, h, w, c).permute(0, 3, 1, 2)
+
+
 # --------------------------------------------------------------------------- bias_split
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
@@ -175,6 +198,8 @@ def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tenso
     bias (C,). Returns (M, C, *S). Linear layers pass (M, F), (1, F), (F,).
     """
     rel_pre, total_pre, bias = _promoted(rel_pre, total_pre, bias)
+    if _compiled(rel_pre) and nhwc(rel_pre):  # keep channels_last: the kernel's rows form
+        return _unrows(torch.ops.fastacd.bias_split.default(*_rows(rel_pre, total_pre, bias), relu), rel_pre.shape)
     if _compiled(rel_pre):
         return torch.ops.fastacd.bias_split.default(rel_pre, total_pre, bias, relu)
     return _torch_ops.bias_split(rel_pre, total_pre, bias, relu)
@@ -213,6 +238,9 @@ def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tens
     autograd). On the CPU it saves the page faults of a fresh (M, C, *S) output."""
     if _compiled(rel_pre):
         total_pre, bias = _like(rel_pre, total_pre, bias)
+        if nhwc(rel_pre):  # written through the rows view of the channels_last map
+            torch.ops.fastacd.bias_split_.default(*_rows(rel_pre, total_pre, bias), relu)
+            return rel_pre
         return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu)
     return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu)
 
@@ -233,6 +261,8 @@ def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift:
     rel (M, C, *S), total (1, C, *S), scale and shift (C,). Returns (M, C, *S).
     """
     rel, total, scale, shift = _promoted(rel, total, scale, shift)
+    if _compiled(rel) and nhwc(rel):  # keep channels_last: the kernel's rows form
+        return _unrows(torch.ops.fastacd.bn_split.default(*_rows(rel, total, scale, shift), relu), rel.shape)
     if _compiled(rel):
         return torch.ops.fastacd.bn_split.default(rel, total, scale, shift, relu)
     return _torch_ops.bn_split(rel, total, scale, shift, relu)
@@ -272,6 +302,9 @@ def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift
     autograd). The engine uses it on a conv output that no later step reads."""
     if _compiled(rel):
         total, scale, shift = _like(rel, total, scale, shift)
+        if nhwc(rel):  # written through the rows view of the channels_last map
+            torch.ops.fastacd.bn_split_.default(*_rows(rel, total, scale, shift), relu)
+            return rel
         return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu)
     return _torch_ops.bn_split_(rel, total, scale, shift, relu)
 
@@ -291,9 +324,22 @@ def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     rel (M, C, *S); indices (1, C, *So) int64, flat positions into the spatial dims of rel
     (as ``max_pool{1,2,3}d(total, ..., return_indices=True)`` gives). Returns (M, C, *So).
     """
+    if nhwc(rel) and indices.dim() == 4 and not (torch.is_grad_enabled() and rel.requires_grad):
+        return _maxpool_gather_nhwc(rel, indices)
     if _compiled(rel):
         return torch.ops.fastacd.maxpool_gather.default(rel, indices)
     return _torch_ops.maxpool_gather(rel, indices)
+
+
+def _maxpool_gather_nhwc(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The gather on a channels_last map, staying channels_last: position p of channel c is
+    element p * C + c of a mask's (H*W*C) row."""
+    m, c, h, w = rel.shape
+    ho, wo = indices.shape[2:]
+    chan = torch.arange(c, device=indices.device)
+    idx = (indices.permute(0, 2, 3, 1) * c + chan).reshape(1, -1)  # (1, Ho*Wo*C)
+    out = rel.permute(0, 2, 3, 1).reshape(m, -1).gather(1, idx.expand(m, -1))
+    return _unrows(out, (m, c, ho, wo))
 
 
 if HAS_COMPILED:

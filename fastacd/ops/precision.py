@@ -1,4 +1,7 @@
-"""Float32 precision of the vendor libraries' convolutions and matrix products.
+"""Precision of the vendor libraries' convolutions and matrix products.
+
+Reduced precision (``WeightMode``, ``weight_apply``: ``Decomposer(precision="bf16")``) is at
+the end of this file; docs/precision.md has the measurements behind its boundary.
 
 On Ampere and later GPUs, torch lets cuDNN run float32 convolutions in TF32 by default
 (``torch.backends.cudnn.allow_tf32 = True``: ~1e-3 relative error), and
@@ -15,6 +18,8 @@ new API only for what they leave different.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import warnings
 
 import torch
 
@@ -131,3 +136,113 @@ def float32_precision(mode: str = "ieee"):
         for key, value in saved.items():
             if _get(*key) != value:
                 _set(*key, value)
+
+
+# --------------------------------------------------------------------------- reduced precision
+# ``Decomposer(model, precision=...)``: "float32" (exact IEEE float32, the default), "bf16"
+# (weight applications in bfloat16, docs/precision.md) or "tf32" (TF32 tensor cores on CUDA).
+PRECISIONS = ("float32", "bf16", "tf32")
+
+_LOW: contextvars.ContextVar = contextvars.ContextVar("fastacd_low_precision", default=None)
+
+
+class WeightMode:
+    """How one Decomposer applies weights in its relevant passes: in ``dtype`` (bfloat16 for
+    ``precision="bf16"``: the activation is cast on the way in and the product cast back to
+    float32 on the way out, so the splits, the totals and every comparison stay float32) and,
+    with ``channels_last``, with a 4-d convolution input in channels_last memory format (where
+    oneDNN's AMX kernels and cuDNN's tensor-core kernels are fast; the maps then stay
+    channels_last through the element-wise rules). Keeps a copy of each parameter in that
+    dtype and layout (made again when the parameter changes in place)."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True):
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self._weights: dict[int, tuple] = {}
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        if not isinstance(w, torch.nn.Parameter) or (torch.is_grad_enabled() and w.requires_grad):
+            return self.cast(w)  # a computed weight (new each image) or one being trained
+        hit = self._weights.get(id(w))
+        if hit is not None and hit[0] is w and hit[1] == w._version and hit[2].device == w.device:
+            return hit[2]
+        low = self.cast(w.detach())
+        self._weights[id(w)] = (w, w._version, low)
+        return low
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and t.dim() == 4:
+            return t.to(self.dtype, memory_format=torch.channels_last)
+        return t.to(self.dtype)
+
+
+@contextlib.contextmanager
+def low_precision(low: "WeightMode | None"):
+    """Within this scope ``weight_apply`` / ``low_matmul`` run in ``low``'s dtype (None:
+    exact float32). Per thread / task (a context variable), unlike ``float32_precision``."""
+    token = _LOW.set(low)
+    try:
+        yield
+    finally:
+        _LOW.reset(token)
+
+
+def current_low_precision() -> "WeightMode | None":
+    return _LOW.get()
+
+
+def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``fn(t, weight, *args, **kwargs)`` (a conv or linear without bias), in bfloat16 inside a
+    ``low_precision`` scope (float32 in, float32 out), exact otherwise."""
+    low = _LOW.get()
+    if low is None or t.dtype != torch.float32 or weight.dtype != torch.float32:
+        return fn(t, weight, *args, **kwargs)
+    return fn(low.cast(t), low.weight(weight), *args, **kwargs).to(torch.float32)
+
+
+def low_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)``, in bfloat16 inside a ``low_precision`` scope (attention's
+    ``P @ v``: both factors are cast, the product comes back float32)."""
+    low = _LOW.get()
+    if low is None or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return torch.matmul(a, b)
+    return torch.matmul(a.to(low.dtype), b.to(low.dtype)).to(torch.float32)
+
+
+_WARNED: set = set()
+
+
+def fast_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` has a fast bfloat16 path for convolutions and matrix products, and
+    why not: CUDA compute capability >= 8.0 (Ampere: bf16 tensor cores); a CPU with oneDNN and
+    AMX or AVX512-BF16 (read from /proc/cpuinfo's flags where torch does not say)."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        return cap >= (8, 0), f"compute capability {cap[0]}.{cap[1]} < 8.0 (no bf16 tensor cores)"
+    if device.type != "cpu":
+        return False, f"no known bf16 path on {device.type}"
+    if not torch.backends.mkldnn.is_available():
+        return False, "torch was built without oneDNN (mkldnn)"
+    flags = _cpu_flags()
+    if flags is None:
+        return True, ""  # cannot tell: do not warn
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        return True, ""
+    return False, "the CPU has neither AMX-BF16 nor AVX512-BF16 (oneDNN emulates bf16: slower than float32)"
+
+
+def _cpu_flags() -> set | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg, op_is
+from ..ops.precision import weight_apply
 from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 aten = torch.ops.aten
@@ -31,12 +32,13 @@ def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def affine_parts(step: Step, value_of: Callable):
-    """(apply the weights without bias to a tensor, the bias or None) for an affine step."""
+    """(apply the weights without bias to a tensor, the bias or None) for an affine step. The
+    weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``)."""
     m = step.module
     if m is not None:
         if isinstance(m, nn.Linear):
-            return (lambda t: linear_no_bias(t, m.weight)), m.bias
-        return (lambda t: m._conv_forward(t, m.weight, None)), m.bias
+            return (lambda t: weight_apply(linear_no_bias, t, m.weight)), m.bias
+        return (lambda t: weight_apply(m._conv_forward, t, m.weight, None)), m.bias
     node = step.node
     args = list(load_arg(value_of, node.args[1:]))
     kwargs = dict(load_arg(value_of, node.kwargs))
@@ -44,8 +46,8 @@ def affine_parts(step: Step, value_of: Callable):
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
     if op_is(fn, F.linear, aten.linear) and not args and not kwargs:
-        return (lambda t: linear_no_bias(t, weight)), bias
-    return (lambda t: fn(t, weight, None, *args, **kwargs)), bias
+        return (lambda t: weight_apply(linear_no_bias, t, weight)), bias
+    return (lambda t: weight_apply(fn, t, weight, None, *args, **kwargs)), bias
 
 
 def channels_last(step: Step, t: torch.Tensor) -> bool:
@@ -90,9 +92,9 @@ def split_bias_tokens(ops, zr: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
 
 
 def own_buffer(out: torch.Tensor, source: torch.Tensor) -> bool:
-    """Whether ``out`` may be overwritten: a contiguous tensor that shares no memory with
+    """Whether ``out`` may be overwritten: a contiguous (or channels_last) tensor that shares no memory with
     ``source`` (a user's weights could return a view of their input) and needs no grad."""
-    return (out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad)
+    return ((out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)) and not (torch.is_grad_enabled() and out.requires_grad)
             and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr())
 
 
@@ -183,7 +185,7 @@ class Affine(Rule):
         """aux for a window: the convolution without padding (the crop carries it) and the
         total pre-activation cropped to the output window."""
         _, bias, pre = aux
-        weights = (lambda t: F.conv2d(t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
+        weights = (lambda t: weight_apply(F.conv2d, t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
         return weights, bias, (crop(pre) if bias is not None else None)
 
     def macs(self, step, value_of):

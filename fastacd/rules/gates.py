@@ -13,6 +13,7 @@ import operator
 import torch
 
 from ..capture.nodes import Step, load_arg, op_is, operands
+from ..ops.precision import low_matmul
 from .attention import shared_matmul, without_subnormals
 from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
@@ -68,7 +69,7 @@ class MatMul(Rule):
         if op_is(step.node.target, torch.bmm, "bmm", aten.bmm):  # bmm does not broadcast a batch of 1 to M masks
             n = max(x.shape[0], y.shape[0])
             x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
-        return torch.matmul(x, y)
+        return low_matmul(x, y)  # bfloat16 under Decomposer(precision="bf16")
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]

@@ -94,7 +94,7 @@ class BatchNorm(Rule):
 
     def relevant_(self, step, rel, values, aux, ops):
         d = step.dep[0]
-        if not rel[d].is_contiguous():
+        if not (rel[d].is_contiguous() or rel[d].is_contiguous(memory_format=torch.channels_last)):
             return None
         scale, shift, _ = aux
         return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused)
