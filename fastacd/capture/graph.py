@@ -72,6 +72,7 @@ class CapturedGraph:
         self.result_node = out
         self._fold_relus()
         self.last_use = self._last_uses()
+        self._position = {n: i for i, n in enumerate(self.nodes)}
 
     def _classify(self) -> None:
         """Give every input-dependent node its rule. Sizes read off the input and context
@@ -118,10 +119,12 @@ class CapturedGraph:
         """The true activation of every node for input x, as the model computes it, and what
         the rules keep of it (``aux``: weights, statistics, argmax indices).
 
-        Shared by the engine and the reference: max-pool indices come from these activations.
+        Shared by the engine and the reference: max-pool indices come from these activations,
+        and the magnitude scales (``Rule.magnitude``) that say when a part is numerically zero.
         """
         values: dict[fx.Node, Any] = {}
         aux: dict[fx.Node, Any] = {}
+        mags: dict[fx.Node, Any] = {self.input_node: x.abs()}
         value_of = values.__getitem__
         batch = x.shape[0]
         for node in self.nodes:
@@ -146,6 +149,10 @@ class CapturedGraph:
                         f"{tuple(getattr(t, 'shape', ()))} for a batch of {batch}); CD needs every "
                         "input-dependent op to treat samples independently")
             values[node] = out
+            mags[node], aux[node] = step.rule.magnitude(step, mags, value_of, aux[node])
+            for d in step.dep:  # a scale is needed only up to its last reader
+                if self.last_use.get(d, -1) <= self._position[node] and d is not self.result_node:
+                    mags.pop(d, None)
         return values, aux
 
 

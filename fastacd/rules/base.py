@@ -56,6 +56,12 @@ class Sliding:
     groups: int = 1
 
 
+# A part smaller than ZERO_TOL of its magnitude scale counts as exactly zero in the splits
+# (design.md section 9): rounding residues stay below it, in float32 and float64 alike
+# (docs/engine.md, "Numerical zero", has the measurements that chose it).
+ZERO_TOL = 1e-5
+
+
 class Rule:
     """One kind of op and its CD rule in every form (see the module docstring)."""
     kind: str = ""
@@ -91,6 +97,17 @@ class Rule:
     def total(self, step: Step, value_of: Callable) -> tuple[Any, Any]:
         """(the node's true output, aux for the other forms)."""
         return call_with(step, value_of, {}), None
+
+    def magnitude(self, step: Step, mags: dict, value_of: Callable, aux) -> tuple[Any, Any]:
+        """(the magnitude scale of the node's output, aux with what the splits need of it).
+
+        The scale bounds the magnitudes that flow into each element (``|W|*s + |b|`` for a
+        conv): the rounding of any part of that element is relative to it, so a part below
+        ``ZERO_TOL`` of it is numerically zero. Default: the op applied to the inputs'
+        scales, right for ops positive-linear in their input (pools, reshapes, sums) and for
+        activations with ``|f(x)| <= |x|``.
+        """
+        return call_with(step, value_of, {d: mags[d] for d in step.dep}), aux
 
     def reference(self, step: Step, parts: dict, value_of: Callable, aux) -> tuple:
         """(relevant, irrelevant) from the inputs' parts ``parts[d] = (r, i)``."""
