@@ -72,7 +72,6 @@ class CapturedGraph:
         self.result_node = out
         self._fold_relus()
         self.last_use = self._last_uses()
-        self._position = {n: i for i, n in enumerate(self.nodes)}
 
     def _classify(self) -> None:
         """Give every input-dependent node its rule. Sizes read off the input and context
@@ -120,12 +119,13 @@ class CapturedGraph:
         the rules keep of it (``aux``: weights, statistics, argmax indices).
 
         Shared by the engine and the reference: max-pool indices come from these activations,
-        and the magnitude scales (``Rule.magnitude``) that say when a part is numerically zero.
+        and the tolerances of numerical zero from the magnitude scales (``Rule.magnitude``).
         """
         values: dict[fx.Node, Any] = {}
         aux: dict[fx.Node, Any] = {}
-        mags: dict[fx.Node, Any] = {self.input_node: x.abs()}
+        mags: dict[fx.Node, Any] = {self.input_node: x.abs()}  # Rule.magnitude, while read
         value_of = values.__getitem__
+        position = {n: k for k, n in enumerate(self.nodes)}
         batch = x.shape[0]
         for node in self.nodes:
             if node.op == "output":
@@ -150,8 +150,8 @@ class CapturedGraph:
                         "input-dependent op to treat samples independently")
             values[node] = out
             mags[node], aux[node] = step.rule.magnitude(step, mags, value_of, aux[node])
-            for d in step.dep:  # a scale is needed only up to its last reader
-                if self.last_use.get(d, -1) <= self._position[node] and d is not self.result_node:
+            for d in step.dep:
+                if self.last_use.get(d, -1) <= position[node] and d is not self.result_node:
                     mags.pop(d, None)
         return values, aux
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-20  # the reference's constant in the conv/linear bias split
+SPLIT_FLOOR = 0.0  # a nonzero part's weight floor, in units of tol (see _ratio)
 
 
 def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -20,10 +21,23 @@ def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return p.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-def _magnitude(z: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor:
-    """|z|, and 0 where it is below ``tol`` (numerically zero: design.md section 9)."""
-    a = z.abs()
-    return a if tol is None else a.masked_fill(a < tol, 0)
+def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, eps):
+    """(relevant weight, irrelevant weight) of a split ratio ``w_r / (w_r + w_i)``.
+
+    Without ``tol``: ``|zr| + eps``, ``|zi| + eps`` (the reference's formula). With ``tol``
+    (the element's magnitude scale times ZERO_TOL), numerical zero (design.md section 9):
+    where the relevant part is nonzero, an irrelevant part below tol is a rounding residue of
+    total - relevant and counts as zero; and each nonzero part gets ``e^2 / (|zr| + |zi| + e)``
+    with ``e = SPLIT_FLOOR * tol``, which bounds the ratio's sensitivity to rounding (at most
+    ~1/e) where both parts are small and vanishes as (e / (|zr| + |zi|))^2 elsewhere.
+    """
+    ar, ai = zr.abs(), zi.abs()
+    if tol is None:
+        return ar + eps, ai + eps
+    ai = ai.masked_fill((ai < tol) & (ar > 0), 0)
+    e = tol * SPLIT_FLOOR
+    smooth = e * e / (ar + ai + e).clamp_min(torch.finfo(ar.dtype).tiny)
+    return ar + smooth * (ar > 0) + eps, ai + smooth * (ai > 0) + eps
 
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
@@ -33,14 +47,13 @@ def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tenso
     rel_pre:   (M, C, *S)  W * r, no bias
     total_pre: (1, C, *S)  W * a, no bias (a = r + i, shared by all masks)
     bias:      (C,)
-    tol:       (1, C, *S) or None: a part below it counts as zero in the ratio
+    tol:       (1, C, *S) or None: numerical zero (``split_weights``)
     Returns (M, C, *S): ``zr + pr * b`` with ``zi = total_pre - rel_pre`` and
     ``pr = (|zr| + eps) / ((|zr| + eps) + (|zi| + eps))``; followed by ``relu`` if asked
     (the ReLU rule's relevant part is ``relu(r)``).
     """
     zi = total_pre - rel_pre
-    prop_rel = _magnitude(rel_pre, tol) + EPS
-    prop_irrel = _magnitude(zi, tol) + EPS
+    prop_rel, prop_irrel = split_weights(rel_pre, zi, tol, EPS)
     out = rel_pre + prop_rel / (prop_rel + prop_irrel) * _channel_view(bias, rel_pre)
     return out.clamp_min(0) if relu else out
 
@@ -58,13 +71,13 @@ def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift:
     rel:   (M, C, *S) relevant input r
     total: (1, C, *S) true input a (i = a - r)
     scale, shift: (C,)
-    tol:   (1, C, *S) or None: a part ``|s r|``, ``|s i|`` below it counts as zero
+    tol:   (1, C, *S) or None: numerical zero (``split_weights``)
     Returns ``s*r + qr * shift`` with ``qr = |s r| / (|s r| + |s i|)`` and ``qr = 0``
     where that is 0/0 (no eps here, as in the reference); then ``relu`` if asked.
     """
     s = _channel_view(scale, rel)
     sr = s * rel
-    ar, ai = _magnitude(sr, tol), _magnitude(s * (total - rel), tol)
+    ar, ai = split_weights(sr, s * (total - rel), tol, 0)
     denom = ar + ai
     qr = torch.where(denom == 0, torch.zeros_like(denom), ar / denom)
     out = sr + qr * _channel_view(shift, rel)

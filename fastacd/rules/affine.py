@@ -8,9 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg
-from .base import Rule, Sliding, as_tuple, unsupported
-
-EPS = 1e-20  # the reference's constant in the bias split
+from ..ops.torch_ops import EPS, split_weights
+from .base import ZERO_TOL, Rule, Sliding, as_tuple, unsupported
 
 # oneDNN's linear (the kernel torch.compile's CPU backend calls) where torch has it, from
 # ONEDNN_LINEAR_MIN_ROWS rows on (below that the default GEMM is as fast): docs/kernels.md.
@@ -28,17 +27,20 @@ def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(t, weight)
 
 
-def affine_parts(step: Step, value_of: Callable):
-    """(apply the weights without bias to a tensor, the bias or None) for an affine step."""
+def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
+    """(apply the weights without bias to a tensor, the bias or None) for an affine step;
+    ``absolute``: the weights' magnitudes |W| instead (the magnitude scale)."""
     m = step.module
     if m is not None:
+        weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Linear):
-            return (lambda t: linear_no_bias(t, m.weight)), m.bias
-        return (lambda t: m._conv_forward(t, m.weight, None)), m.bias
+            return (lambda t: linear_no_bias(t, weight)), m.bias
+        return (lambda t: m._conv_forward(t, weight, None)), m.bias
     node = step.node
     args = list(load_arg(value_of, node.args[1:]))
     kwargs = dict(load_arg(value_of, node.kwargs))
     weight = args.pop(0) if args else kwargs.pop("weight")
+    weight = weight.abs() if absolute else weight
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
     if fn is F.linear and not args and not kwargs:
@@ -56,12 +58,13 @@ def bias_view(bias: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tenso
     return bias if last else bias.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, last: bool = False):
-    """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``."""
+def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, last: bool = False,
+               tol: torch.Tensor | None = None):
+    """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``,
+    with numerical zero where ``tol`` is given (``fastacd.ops.torch_ops.split_weights``)."""
     if bias is None:
         return zr, zi
-    prop_rel = zr.abs() + EPS
-    prop_irrel = zi.abs() + EPS
+    prop_rel, prop_irrel = split_weights(zr, zi, tol, EPS)
     prop_sum = prop_rel + prop_irrel
     b = bias_view(bias, zr, last)
     return zr + prop_rel / prop_sum * b, zi + prop_irrel / prop_sum * b
@@ -117,24 +120,33 @@ class Affine(Rule):
         weights, bias = affine_parts(step, value_of)
         pre = weights(value_of(step.dep[0]))
         out = pre if bias is None else pre + bias_view(bias, pre, channels_last(step, pre))
-        return out, (weights, bias, pre)
+        return out, (weights, bias, pre, None)
+
+    def magnitude(self, step, mags, value_of, aux):
+        # |W| |a| from the true input: the scale of W r's rounding (not |W| times the input's
+        # scale, which grows layer by layer far past the values)
+        weights, bias, pre, _ = aux
+        scale = affine_parts(step, value_of, absolute=True)[0](value_of(step.dep[0]).abs())
+        out = scale if bias is None else scale + bias_view(bias.abs(), scale, channels_last(step, pre))
+        return out, (weights, bias, pre, None if bias is None else ZERO_TOL * scale)
 
     def reference(self, step, parts, value_of, aux):
-        weights, bias, pre = aux
+        weights, bias, pre, tol = aux
         r, i = parts[step.dep[0]]
-        return split_bias(weights(r), weights(i), bias, channels_last(step, pre))
+        return split_bias(weights(r), weights(i), bias, channels_last(step, pre), tol)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        weights, bias, pre = aux
+        weights, bias, pre, tol = aux
         r = rel[step.dep[0]]
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
         if channels_last(step, zr):  # the split ops take channels at dim 1
-            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused).movedim(1, -1)
+            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused,
+                                  tol.movedim(-1, 1)).movedim(1, -1)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
-            return ops.bias_split_(zr, pre, bias, step.relu_fused)
-        return ops.bias_split(zr, pre, bias, step.relu_fused)
+            return ops.bias_split_(zr, pre, bias, step.relu_fused, tol)
+        return ops.bias_split(zr, pre, bias, step.relu_fused, tol)
 
     def fresh(self, step, rel, out):
         return own_buffer(out, rel[step.dep[0]])
@@ -149,9 +161,11 @@ class Affine(Rule):
     def crop_aux(self, step, aux, loc: Sliding, crop: Callable):
         """aux for a window: the convolution without padding (the crop carries it) and the
         total pre-activation cropped to the output window."""
-        _, bias, pre = aux
+        _, bias, pre, tol = aux
         weights = (lambda t: F.conv2d(t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
-        return weights, bias, (crop(pre) if bias is not None else None)
+        if bias is None:
+            return weights, None, None, None
+        return weights, bias, crop(pre), crop(tol)
 
     def macs(self, step, value_of):
         if step.module is not None:

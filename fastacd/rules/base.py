@@ -56,9 +56,10 @@ class Sliding:
     groups: int = 1
 
 
-# A part smaller than ZERO_TOL of its magnitude scale counts as exactly zero in the splits
-# (design.md section 9): rounding residues stay below it, in float32 and float64 alike
-# (docs/engine.md, "Numerical zero", has the measurements that chose it).
+# An irrelevant part smaller than ZERO_TOL of its element's magnitude scale (|W| |a| for a
+# conv, |s a| for a batchnorm) counts as exactly zero in the splits (design.md section 9): the
+# engine derives it as total - relevant, a rounding residue where it is zero in exact
+# arithmetic (docs/engine.md, "Numerical zero", has the measurements that chose it).
 ZERO_TOL = 1e-5
 
 
@@ -99,14 +100,11 @@ class Rule:
         return call_with(step, value_of, {}), None
 
     def magnitude(self, step: Step, mags: dict, value_of: Callable, aux) -> tuple[Any, Any]:
-        """(the magnitude scale of the node's output, aux with what the splits need of it).
-
-        The scale bounds the magnitudes that flow into each element (``|W|*s + |b|`` for a
-        conv): the rounding of any part of that element is relative to it, so a part below
-        ``ZERO_TOL`` of it is numerically zero. Default: the op applied to the inputs'
-        scales, right for ops positive-linear in their input (pools, reshapes, sums) and for
-        activations with ``|f(x)| <= |x|``.
-        """
+        """(the magnitude scale of each element of the node's output, aux with the tolerance
+        of numerical zero where the rule splits: design.md 9). The scale is the size the
+        element's rounding is relative to: a weight layer starts one from its true input
+        (``|W| |a| + |b|``), other ops carry their inputs'. Default: the op on the inputs'
+        scales (pools, reshapes, concatenations; activations, |f(x)| <= |x|)."""
         return call_with(step, value_of, {d: mags[d] for d in step.dep}), aux
 
     def reference(self, step: Step, parts: dict, value_of: Callable, aux) -> tuple:
@@ -133,6 +131,10 @@ class Rule:
     def locality(self, step: Step, values) -> Elementwise | Union | Sliding | None:
         """How the windowed pass recomputes this node (None: in full)."""
         return None
+
+    def crop_aux(self, step: Step, aux, loc, crop: Callable):
+        """aux in a window's coordinates (the windowed pass): ``crop`` crops a total-shaped map."""
+        return aux
 
     def macs(self, step: Step, value_of: Callable) -> int:
         """Multiply-adds per output position and mask (the windowed pass's cost model)."""

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, arg, load_arg
-from .base import Elementwise, Rule, unsupported
+from ..ops.torch_ops import split_weights
+from .base import ZERO_TOL, Elementwise, Rule, unsupported
 
 
 def batchnorm_parts(step: Step, value_of: Callable):
@@ -36,11 +37,14 @@ def batchnorm_parts(step: Step, value_of: Callable):
     return scale, shift, apply
 
 
-def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, apply):
-    """The reference's batchnorm: the shift goes by |s r| / (|s r| + |s i|), 0/0 -> 0."""
+def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, apply,
+                tol: torch.Tensor | None = None):
+    """The reference's batchnorm: the shift goes by |s r| / (|s r| + |s i|), 0/0 -> 0, with
+    numerical zero where ``tol`` is given (``fastacd.ops.torch_ops.split_weights``)."""
     view = (1, -1) + (1,) * (r.dim() - 2)
     sr, si = scale.reshape(view) * r, scale.reshape(view) * i
-    prop_rel = torch.nan_to_num(sr.abs() / (sr.abs() + si.abs()), nan=0.0)
+    ar, ai = split_weights(sr, si, tol, 0)
+    prop_rel = torch.nan_to_num(ar / (ar + ai), nan=0.0)
     rel = sr + prop_rel * shift.reshape(view)
     return rel, apply(r + i) - rel
 
@@ -63,16 +67,24 @@ class BatchNorm(Rule):
 
     def total(self, step, value_of):
         scale, shift, apply = batchnorm_parts(step, value_of)
-        return apply(value_of(step.dep[0])), (scale, shift, apply)
+        return apply(value_of(step.dep[0])), (scale, shift, apply, None)
+
+    def magnitude(self, step, mags, value_of, aux):
+        # |s| times the input's scale: the rounding of r and i comes from the layer before
+        scale, shift, apply, _ = aux
+        mag = mags[step.dep[0]]
+        view = (1, -1) + (1,) * (mag.dim() - 2)
+        scaled = scale.abs().reshape(view) * mag
+        return scaled + shift.abs().reshape(view), (scale, shift, apply, ZERO_TOL * scaled)
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return split_shift(r, i, *aux)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        scale, shift, _ = aux
+        scale, shift, _, tol = aux
         d = step.dep[0]
-        return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused)
+        return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused, tol)
 
     def inplace_operand(self, step):
         return step.dep[0] if step.node.args[:1] == (step.dep[0],) else None
@@ -81,11 +93,15 @@ class BatchNorm(Rule):
         d = step.dep[0]
         if not rel[d].is_contiguous():
             return None
-        scale, shift, _ = aux
-        return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused)
+        scale, shift, _, tol = aux
+        return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused, tol)
 
     def fresh(self, step, rel, out):
         return True
 
     def locality(self, step, values):
         return Elementwise()
+
+    def crop_aux(self, step, aux, loc, crop):
+        scale, shift, apply, tol = aux
+        return scale, shift, apply, crop(tol)
