@@ -5,14 +5,14 @@ from .activation import Activation, OffsetActivation
 from .affine import Affine
 from .gates import MatMul, Normaliser, Product
 from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
-from .norm import BatchNorm
+from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
 from .structural import (Add, Cat, Getitem, Linear, Neg, OutputSoftmax, Reshape, Scale, Shape, Split,
                          Sub)
 
-DEFAULT = RuleSet([Affine(), BatchNorm(), Activation(), OffsetActivation(), MaxPool(), Linear(), Reshape(),
-                   Getitem(), Split(), Add(), Sub(), Neg(), Scale(), MatMul(), Product(), Normaliser(),
-                   Cat(), OutputSoftmax(), Shape()], name="acd")
+DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), AddCMul(), Activation(),
+                   OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
+                   Scale(), MatMul(), Product(), Normaliser(), Cat(), OutputSoftmax(), Shape()], name="acd")
 
 
 def resolve(rules) -> RuleSet:

@@ -1,16 +1,20 @@
-"""Normalisation layers with fixed statistics (eval batchnorm): an affine map per channel
-whose shift is split by the parts' magnitudes."""
+"""Normalisation layers. Eval batchnorm (fixed statistics): an affine map per channel whose
+shift is split by the parts' magnitudes. LayerNorm, GroupNorm, RMSNorm (statistics of the
+sample): the statistics come from the total, each part is centred by its own mean and divided
+by the total's std, and beta is split by the affine rule; ResMLP's ``addcmul`` affine likewise."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, arg, load_arg
+from ..capture.nodes import Step, arg, call_with, load_arg
 from ..ops.torch_ops import split_weights
-from .base import ZERO_TOL, Elementwise, Rule, unsupported
+from .affine import EPS, split_bias
+from .base import ZERO_TOL, Elementwise, Rule, only_gates, unsupported
 
 
 def batchnorm_parts(step: Step, value_of: Callable):
@@ -105,3 +109,350 @@ class BatchNorm(Rule):
     def crop_aux(self, step, aux, loc, crop):
         scale, shift, apply, tol = aux
         return scale, shift, apply, crop(tol)
+
+# --------------------------------------------------------------------------------------
+# Normalisation with statistics from the total (design.md section 8)
+# --------------------------------------------------------------------------------------
+# LayerNorm, GroupNorm, RMSNorm: the mean and variance are the total's (computed once from the
+# true activation a, shared by all masks); each part is centred by its own mean over the same
+# dims (the mean is linear, so the parts' centred values sum to the total's), divided by the
+# total's std sqrt(var(a) + eps) (biased variance, the layer's own eps), times gamma:
+#   zr = (r - mean(r)) / std(a) * gamma,  zi = (i - mean(i)) / std(a) * gamma,  zr + zi = (a - mean(a)) / std(a) * gamma
+# and beta is split by the affine rule, pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps)). RMSNorm
+# has no centring (zr = r / rms(a) * gamma) and no beta.
+
+try:  # torchvision's channels-first LayerNorm (ConvNeXt's stem and downsampling): one node
+    from torchvision.models.convnext import LayerNorm2d as _TorchvisionLayerNorm2d
+    _CHANNELS_FIRST_LN: tuple[type, ...] = (_TorchvisionLayerNorm2d,)
+except ImportError:  # torchvision is optional
+    _CHANNELS_FIRST_LN = ()
+_RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+_RMS_NORM_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
+
+
+@dataclass
+class NormAux:
+    """What the total pass keeps of a normalisation (or an addcmul affine): the input its
+    statistics were computed from, the factor each centred part is multiplied by
+    (``gamma / std(a)``, broadcast against the input) and the total's output before beta,
+    ``pre = (a - mean(a)) / std(a) * gamma`` (the affine rule's total pre-activation)."""
+    source: torch.Tensor
+    factor: torch.Tensor | None
+    pre: torch.Tensor | None
+
+
+def rows_like(t: torch.Tensor, m: int) -> torch.Tensor:
+    """A total's statistics for m relevant rows: shared (batch 1), per-mask (a window's crops),
+    or N images repeated for K*N rows in mask-major order (the CDEP pass)."""
+    n = t.shape[0]
+    return t if n in (1, m) else t.repeat((m // n,) + (1,) * (t.dim() - 1))
+
+
+def inference(*ts: torch.Tensor) -> bool:
+    """Whether no autograd records these (the in-place and ``out=`` forms may run)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+
+def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | None,
+               relu: bool = False, own: bool = False) -> torch.Tensor:
+    """The affine rule's split of a shift ``beta`` (broadcast right-aligned against zr) for m
+    masks: ``zr + pr * beta`` with ``zi = pre - zr``, then ReLU if asked (``own``: zr is a
+    contiguous tensor of the caller's that may be overwritten). The compiled ``bias_split``
+    takes channels at dim 1: a per-channel beta goes as it is; a beta over the last dims
+    (LayerNorm, a token's features) sees each mask's whole map as one row of channels, beta
+    repeated along it. That keeps the model's layout (features last, contiguous): moving the
+    features to dim 1 and back cost two copies and left a strided output that made the next
+    Linear's GEMM 3.6x slower (ConvNeXt-Tiny, docs/engine.md "Norms")."""
+    if beta is None:
+        return zr.clamp_min(0) if relu else zr
+    pre = rows_like(pre, zr.shape[0])
+    split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split
+    b = beta.reshape((1,) * (zr.dim() - beta.dim()) + tuple(beta.shape))
+    spread = [k for k in range(zr.dim()) if b.shape[k] != 1]
+    if zr.dim() >= 2 and spread == [1] and b.shape[1] == zr.shape[1]:
+        return split(zr, pre, b.reshape(-1), relu)
+    if spread and spread[0] > 0 and spread == list(range(spread[0], zr.dim())) \
+            and b.shape[spread[0]:] == zr.shape[spread[0]:]:
+        rows = b.reshape(-1).repeat(zr[0].numel() // b.numel())
+        return split(zr.reshape(zr.shape[0], -1), pre.reshape(pre.shape[0], -1), rows, relu).reshape(zr.shape)
+    zi = pre - zr  # any other broadcast: the same arithmetic as ops.bias_split, in torch
+    prop_rel, prop_irrel = zr.abs() + EPS, zi.abs() + EPS
+    out = zr + prop_rel / (prop_rel + prop_irrel) * b
+    return out.clamp_min(0) if relu else out
+
+
+class _Norm(Rule):
+    """The shared form of LayerNorm, GroupNorm and RMSNorm; a subclass says which dims its
+    statistics run over (``params``, ``rstd``, ``mean``) and how they and gamma broadcast
+    (``factor``)."""
+    fuses_relu = True
+
+    def params(self, step: Step, value_of: Callable) -> dict:
+        """The layer's parameters: weight, bias, eps and its layout (normalised dims, groups)."""
+        raise NotImplementedError
+
+    def rstd(self, p: dict, a: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(var(a) + eps) (RMSNorm: 1 / sqrt(mean(a^2) + eps)) per normalised group."""
+        raise NotImplementedError
+
+    def mean(self, p: dict, t: torch.Tensor) -> torch.Tensor | None:
+        """t's own mean over the normalised dims (per group), broadcast against t (None: no
+        centring)."""
+        raise NotImplementedError
+
+    def factor(self, p: dict, rstd: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``gamma / std(a)`` broadcast against the input (computed once per image)."""
+        return rstd if p["weight"] is None else rstd * self.gamma_view(p, like, p["weight"])
+
+    def gamma_view(self, p: dict, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A per-element parameter (gamma, beta) shaped to broadcast against t."""
+        return w
+
+    def claim(self, graph, node, dep, module):
+        if module is None and dep != [arg(node, 0, "input")]:
+            raise unsupported(node, "a normalisation whose weight or bias depends on the input")
+        return Step(node, self, dep, module=module)
+
+    def _normalise(self, p: dict, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``(t - mean(t)) * factor``: the part's own centring, the total's std and gamma. Without
+        autograd into a fresh contiguous tensor (the model's layout: the input may be a permuted
+        view, as ConvNeXt's channels-last LayerNorm input is) in two passes."""
+        f = rows_like(factor, t.shape[0])
+        mean = self.mean(p, t)
+        if not inference(t, f):
+            return t * f if mean is None else (t - mean) * f
+        out = torch.empty(torch.broadcast_shapes(t.shape, f.shape), dtype=t.dtype, device=t.device)
+        if mean is None:
+            return torch.mul(t, f, out=out)
+        return torch.sub(t, mean, out=out).mul_(f)
+
+    def _aux(self, step: Step, value_of: Callable, a: torch.Tensor) -> tuple[NormAux, dict]:
+        p = self.params(step, value_of)
+        factor = self.factor(p, self.rstd(p, a), a)
+        pre = self._normalise(p, a, factor) if p["bias"] is not None else None
+        return NormAux(a, factor, pre), p
+
+    def total(self, step, value_of):
+        a = value_of(step.dep[0])
+        return call_with(step, value_of, {}), self._aux(step, value_of, a)[0]
+
+    def _stats(self, step, values, aux):
+        """aux and the parameters for the total that ``values`` holds: the shared total's (as
+        kept by the total pass), else recomputed from it (a window's per-mask crops, CDEP's)."""
+        a = values[step.dep[0]]
+        if aux is not None and aux.source is a:
+            return aux, self.params(step, values.__getitem__)
+        return self._aux(step, values.__getitem__, a)
+
+    def _beta(self, p: dict, like: torch.Tensor) -> torch.Tensor | None:
+        return None if p["bias"] is None else self.gamma_view(p, like, p["bias"])
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        p = self.params(step, value_of)
+        zr, zi = self._normalise(p, r, aux.factor), self._normalise(p, i, aux.factor)
+        return split_bias(zr, zi, self._beta(p, zr), last=True)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        aux, p = self._stats(step, values, aux)
+        zr = self._normalise(p, rel[step.dep[0]], aux.factor)
+        return split_beta(ops, zr, aux.pre, self._beta(p, zr), step.relu_fused, own=True)
+
+    def fresh(self, step, rel, out):
+        return True  # a tensor of its own (never a view of the input)
+
+
+def _layer_norm_params(step: Step, value_of: Callable) -> dict:
+    m = step.module
+    if m is not None:
+        return {"shape": tuple(m.normalized_shape), "weight": m.weight, "bias": m.bias, "eps": m.eps}
+    node = step.node
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    vals = dict(zip(names, load_arg(value_of, node.args)))
+    vals.update(load_arg(value_of, node.kwargs))
+    shape = vals["normalized_shape"]
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    return {"shape": shape, "weight": vals.get("weight"), "bias": vals.get("bias"),
+            "eps": vals.get("eps", 1e-5)}
+
+
+class LayerNorm(_Norm):
+    """``nn.LayerNorm`` / ``F.layer_norm`` over the last dims (any ``normalized_shape``, with or
+    without elementwise affine, ``bias=False``), and torchvision's channels-first
+    ``LayerNorm2d`` (normalised over dim 1 of (N, C, H, W): per position, so windowed)."""
+    kind = "layernorm"
+    modules = (nn.LayerNorm,) + _CHANNELS_FIRST_LN
+    functions = (F.layer_norm,)
+    row = ("LayerNorm (any normalized_shape), `F.layer_norm`, torchvision's LayerNorm2d (channels "
+           "first)", "`zr + pr*beta`, `zr = (r - mean(r)) / std(a) * gamma`", "`zi + (1-pr)*beta`")
+
+    def params(self, step, value_of):
+        p = _layer_norm_params(step, value_of)
+        p["channels_first"] = isinstance(step.module, _CHANNELS_FIRST_LN)
+        p["dims"] = (1,) if p["channels_first"] else tuple(range(-len(p["shape"]), 0))
+        return p
+
+    def rstd(self, p, a):
+        var = torch.var_mean(a, p["dims"], correction=0, keepdim=True)[0]  # biased, as the layer
+        return torch.rsqrt(var + p["eps"])
+
+    def mean(self, p, t):
+        return t.mean(p["dims"], keepdim=True)
+
+    def gamma_view(self, p, t, w):
+        return w.reshape((-1,) + (1,) * (t.dim() - 2)) if p["channels_first"] else w
+
+    def locality(self, step, values):
+        # per position over the channels of a (N, C, H, W) map: the parts' means and the total's
+        # std at a position read that position only (the window's crop of the total has them)
+        return Elementwise() if isinstance(step.module, _CHANNELS_FIRST_LN) else None
+
+
+class GroupNorm(_Norm):
+    """``nn.GroupNorm`` / ``F.group_norm``: statistics per sample and group of channels (over
+    the group's channels and all positions), from the total. Not windowed: a part's own mean
+    over a group reads the part at every position."""
+    kind = "groupnorm"
+    modules = (nn.GroupNorm,)
+    functions = (F.group_norm,)
+    row = ("GroupNorm, `F.group_norm`", "`zr + pr*beta`, `zr = (r - mean_g(r)) / std_g(a) * gamma` per group g",
+           "`zi + (1-pr)*beta`")
+
+    def params(self, step, value_of):
+        m = step.module
+        if m is not None:
+            return {"groups": m.num_groups, "weight": m.weight, "bias": m.bias, "eps": m.eps}
+        names = ["input", "num_groups", "weight", "bias", "eps"]
+        vals = dict(zip(names, load_arg(value_of, step.node.args)))
+        vals.update(load_arg(value_of, step.node.kwargs))
+        return {"groups": int(vals["num_groups"]), "weight": vals.get("weight"), "bias": vals.get("bias"),
+                "eps": vals.get("eps", 1e-5)}
+
+    @staticmethod
+    def _grouped(p, t):
+        return t.reshape(t.shape[0], p["groups"], -1)
+
+    def rstd(self, p, a):
+        var = torch.var_mean(self._grouped(p, a), -1, correction=0, keepdim=True)[0]
+        return torch.rsqrt(var + p["eps"])  # (N, G, 1)
+
+    def mean(self, p, t):
+        n, c = t.shape[:2]
+        g = self._grouped(p, t).mean(-1, keepdim=True)  # (N, G, 1) -> per channel
+        return g.expand(n, p["groups"], c // p["groups"]).reshape((n, c) + (1,) * (t.dim() - 2))
+
+    def factor(self, p, rstd, like):
+        n, c = like.shape[:2]
+        per_channel = rstd.expand(n, p["groups"], c // p["groups"]).reshape((n, c) + (1,) * (like.dim() - 2))
+        return per_channel if p["weight"] is None else per_channel * self.gamma_view(p, like, p["weight"])
+
+    def gamma_view(self, p, t, w):
+        return w.reshape((-1,) + (1,) * (t.dim() - 2))
+
+
+class RMSNorm(_Norm):
+    """``nn.RMSNorm`` / ``F.rms_norm``: no centring, divided by the total's RMS over the last
+    dims, times gamma (no beta): ``r / rms(a) * gamma``."""
+    kind = "rmsnorm"
+    modules = _RMS_NORM_MODULES
+    functions = _RMS_NORM_FUNCTIONS
+    row = ("RMSNorm, `F.rms_norm`", "`r / sqrt(mean(a^2) + eps) * gamma`", "`i / sqrt(mean(a^2) + eps) * gamma`")
+
+    def params(self, step, value_of):
+        m = step.module
+        if m is not None:
+            shape, weight, eps = tuple(m.normalized_shape), m.weight, m.eps
+        else:
+            names = ["input", "normalized_shape", "weight", "eps"]
+            vals = dict(zip(names, load_arg(value_of, step.node.args)))
+            vals.update(load_arg(value_of, step.node.kwargs))
+            shape, weight, eps = vals["normalized_shape"], vals.get("weight"), vals.get("eps")
+            shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+        return {"dims": tuple(range(-len(shape), 0)), "weight": weight, "bias": None, "eps": eps}
+
+    def rstd(self, p, a):
+        eps = p["eps"] if p["eps"] is not None else torch.finfo(a.dtype).eps  # F.rms_norm's default
+        return torch.rsqrt(a.pow(2).mean(p["dims"], keepdim=True) + eps)
+
+    def mean(self, p, t):
+        return None
+
+
+class AddCMul(Rule):
+    """``torch.addcmul(beta, alpha, x)`` = ``beta + value * alpha * x`` with constant (or
+    context) ``alpha`` and ``beta``: ResMLP's affine "norm" (timm's ``Affine``). The scaled part
+    ``value * alpha * r`` is the affine rule's ``zr``, beta is split by it."""
+    kind = "addcmul"
+    functions = (torch.addcmul,)
+    methods = ("addcmul",)
+    fuses_relu = True
+    row = ("`torch.addcmul(beta, alpha, x)` with constant alpha, beta (ResMLP's affine)",
+           "`zr + pr*beta`, `zr = alpha*r`", "`zi + (1-pr)*beta`")
+
+    @staticmethod
+    def _operands(node):
+        return node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("tensor1")), \
+            (node.args[2] if len(node.args) > 2 else node.kwargs.get("tensor2"))
+
+    def claim(self, graph, node, dep, module):
+        base, t1, t2 = self._operands(node)
+        dependent = graph.dependent
+        if base in dependent:
+            raise unsupported(node, "addcmul onto an input-dependent tensor (only a constant beta "
+                                    "plus a constant times the input, ResMLP's affine, has a rule)")
+        if (t1 in dependent) == (t2 in dependent):
+            raise unsupported(node, "addcmul of two input-dependent factors")
+        return Step(node, self, dep, extra={"x": t1 if t1 in dependent else t2})
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def context_operands(self, graph, node, reach, gates):
+        _, t1, t2 = self._operands(node)  # a gate as the factor is context (as in Scale)
+        if t1 in reach and t2 in reach and (t1 in gates) != (t2 in gates):
+            return {t1, t2} & gates
+        return set()
+
+    def _parts(self, step, value_of):
+        """(scale: t -> value * alpha * t, beta)."""
+        base, t1, t2 = self._operands(step.node)
+        alpha = load_arg(value_of, t2 if t1 is step.extra["x"] else t1)
+        value = load_arg(value_of, step.node.kwargs.get("value", 1))
+        beta = load_arg(value_of, base)
+        if not isinstance(beta, torch.Tensor):
+            beta = torch.as_tensor(beta, dtype=value_of(step.extra["x"]).dtype)
+
+        def scale(t):
+            out = t * alpha
+            return out if value == 1 else out * value
+        return scale, beta
+
+    def total(self, step, value_of):
+        scale, _ = self._parts(step, value_of)
+        a = value_of(step.extra["x"])
+        return call_with(step, value_of, {}), NormAux(a, None, scale(a))
+
+    def reference(self, step, parts, value_of, aux):
+        scale, beta = self._parts(step, value_of)
+        r, i = parts[step.extra["x"]]
+        zr, zi = scale(r), scale(i)
+        return split_bias(zr, zi, beta, last=True)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        scale, beta = self._parts(step, values.__getitem__)
+        a = values[step.extra["x"]]
+        pre = aux.pre if aux is not None and aux.source is a else scale(a)
+        return split_beta(ops, scale(rel[step.extra["x"]]), pre, beta, step.relu_fused, own=True)
+
+    def fresh(self, step, rel, out):
+        return True  # a tensor of its own (never a view of the input)
+
+    def locality(self, step, values):
+        # element-wise where alpha and beta are scalars or per channel (no extent over the map's
+        # positions): a window's crop of the total gives its own pre-activation
+        _, beta = self._parts(step, values.__getitem__)
+        _, t1, t2 = self._operands(step.node)
+        alpha = load_arg(values.__getitem__, t2 if t1 is step.extra["x"] else t1)
+        per_channel = all(not isinstance(c, torch.Tensor) or c.numel() == 1
+                          or (c.dim() >= 2 and tuple(c.shape[-2:]) == (1, 1)) for c in (alpha, beta))
+        return Elementwise() if per_channel else None
