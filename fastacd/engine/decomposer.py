@@ -141,7 +141,7 @@ class Decomposer:
         m = relevant_input.shape[0]
         plan = self.pass_plan(values, x, m, chunk_size=chunk_size)
         self._check_grad_budget(values, x, m, relevant_input)
-        with chunks.reuse_buffers(x.device, self.memory_budget):
+        with chunks.reuse_buffers(x.device, self.memory_budget), chunks.denormals_flushed():
             rel = self._planned_pass(relevant_input, values, aux, plan)
         return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
 

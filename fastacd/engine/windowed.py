@@ -423,6 +423,11 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
+    with chunks.denormals_flushed():
+        return _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals)
+
+
+def _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals):
     x = dec._check_input(x)
     if dec.backend == "reference" or x.dim() != 4:  # the oracle: mask by mask, no windows
         res = []

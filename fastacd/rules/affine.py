@@ -141,9 +141,12 @@ class Affine(Rule):
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
-        if channels_last(step, zr):  # the split ops take channels at dim 1
-            return ops.bias_split(zr.movedim(-1, 1), pre.movedim(-1, 1), bias, step.relu_fused,
-                                  tol.movedim(-1, 1)).movedim(1, -1)
+        if channels_last(step, zr):
+            # tokens (M, N, F): each mask's map as one row of channels, the bias repeated along
+            # it; a movedim to channels at dim 1 would copy twice and leave the next GEMM strided
+            rows = bias.repeat(zr[0].numel() // bias.numel())
+            flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
+            return ops.bias_split(flat(zr), flat(pre), rows, step.relu_fused, flat(tol)).reshape(zr.shape)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused, tol)
         return ops.bias_split(zr, pre, bias, step.relu_fused, tol)
