@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -139,36 +140,57 @@ at::Tensor& bias_split_inplace_cpu(at::Tensor& rel_pre, const at::Tensor& total_
 
 // One (mask, channel) row of the backward: gt and gb accumulate over masks. Its own
 // function with restrict pointers so that gcc vectorises it (OpenMP's outlining drops
-// the restrict of the caller's parameters).
-template <typename scalar_t, bool kTol>
+// the restrict of the caller's parameters). kRows: a span of a linear layer's (M, F) row,
+// the bias varies along it; else one channel's positions, one bias.
+template <typename scalar_t, bool kTol, bool kRows>
 FASTACD_CPU_CLONES void bias_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
                                                 const scalar_t* __restrict__ total,
-                                                const scalar_t* __restrict__ tol, scalar_t bias,
+                                                const scalar_t* __restrict__ tol, const scalar_t* __restrict__ bias,
                                                 scalar_t* __restrict__ g_rel, scalar_t* __restrict__ gt,
                                                 scalar_t* __restrict__ gb, int64_t S, bool relu) {
+  const scalar_t b0 = bias[0];
   for (int64_t s = 0; s < S; ++s) {
-    const auto d = math::bias_split_grad<kTol>(grad[s], rel[s], total[s], bias, relu, kTol ? tol[s] : scalar_t(0));
+    const auto d = math::bias_split_grad<kTol>(grad[s], rel[s], total[s], kRows ? bias[s] : b0, relu,
+                                               kTol ? tol[s] : scalar_t(0));
     g_rel[s] = d.rel;
     gt[s] += d.total;
     gb[s] += d.bias;
   }
 }
 
+// Features per task in the backward of a linear layer's (M, F) split.
+constexpr int64_t kRowBlock = 1024;
+
 // Parallel over channels: each thread owns its channel's slice of grad_total and of the
 // per-position bias partials (C, S), so the sums over masks need no atomics and the
-// inner loop has no reduction; the partials are summed over S afterwards.
+// inner loop has no reduction; the partials are summed over S afterwards. Linear layers
+// (S = 1): each thread owns a block of features and walks the masks' rows over it
+// (contiguous; walking the masks feature by feature strides by F, which thrashed the
+// caches: 120-250 ns an element at F = 4096, docs/kernels.md).
 template <typename scalar_t, bool kTol>
 void bias_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const scalar_t* total,
                                 const scalar_t* bias, const scalar_t* tol, scalar_t* g_rel, scalar_t* g_total,
                                 scalar_t* bias_partial, int64_t M, int64_t C, int64_t S, bool relu) {
   const int nt = threads_for(M * C * S);
+  if (S == 1) {
+    const int64_t blocks = (C + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t c0 = blk * kRowBlock, n = std::min(kRowBlock, C - c0);
+      for (int64_t m = 0; m < M; ++m)  // g_total and bias_partial are zero-initialised
+        bias_split_backward_row<scalar_t, kTol, true>(grad + m * C + c0, rel + m * C + c0, total + c0,
+                                                      kTol ? tol + c0 : tol, bias + c0, g_rel + m * C + c0,
+                                                      g_total + c0, bias_partial + c0, n, relu);
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t m = 0; m < M; ++m) {  // g_total and bias_partial are zero-initialised
+    for (int64_t m = 0; m < M; ++m) {
       const int64_t off = (m * C + c) * S;
-      bias_split_backward_row<scalar_t, kTol>(grad + off, rel + off, total + c * S, kTol ? tol + c * S : tol,
-                                              bias[c], g_rel + off, g_total + c * S, bias_partial + c * S, S,
-                                              relu);
+      bias_split_backward_row<scalar_t, kTol, false>(grad + off, rel + off, total + c * S,
+                                                     kTol ? tol + c * S : tol, bias + c, g_rel + off,
+                                                     g_total + c * S, bias_partial + c * S, S, relu);
     }
   }
 }
@@ -274,15 +296,17 @@ at::Tensor& bn_split_inplace_cpu(at::Tensor& rel, const at::Tensor& total, const
 }
 
 // Same structure as bias_split_backward_*: per-position partials, summed over S after.
-template <typename scalar_t, bool kTol>
+template <typename scalar_t, bool kTol, bool kRows>
 FASTACD_CPU_CLONES void bn_split_backward_row(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rel,
                                               const scalar_t* __restrict__ total, const scalar_t* __restrict__ tol,
-                                              scalar_t scale, scalar_t shift, scalar_t* __restrict__ g_rel,
-                                              scalar_t* __restrict__ gt, scalar_t* __restrict__ gsc,
-                                              scalar_t* __restrict__ gsh, int64_t S, bool relu) {
+                                              const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
+                                              scalar_t* __restrict__ g_rel, scalar_t* __restrict__ gt,
+                                              scalar_t* __restrict__ gsc, scalar_t* __restrict__ gsh, int64_t S,
+                                              bool relu) {
+  const scalar_t sc0 = scale[0], sh0 = shift[0];
   for (int64_t s = 0; s < S; ++s) {
-    const auto d =
-        math::bn_split_grad<kTol>(grad[s], rel[s], total[s], scale, shift, relu, kTol ? tol[s] : scalar_t(0));
+    const auto d = math::bn_split_grad<kTol>(grad[s], rel[s], total[s], kRows ? scale[s] : sc0,
+                                             kRows ? shift[s] : sh0, relu, kTol ? tol[s] : scalar_t(0));
     g_rel[s] = d.rel;
     gt[s] += d.total;
     gsc[s] += d.scale;
@@ -296,13 +320,26 @@ void bn_split_backward_kernel(const scalar_t* grad, const scalar_t* rel, const s
                               scalar_t* scale_partial, scalar_t* shift_partial, int64_t M, int64_t C, int64_t S,
                               bool relu) {
   const int nt = threads_for(M * C * S);
+  if (S == 1) {  // (M, F): blocks of features, as in bias_split_backward_kernel
+    const int64_t blocks = (C + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t c0 = blk * kRowBlock, n = std::min(kRowBlock, C - c0);
+      for (int64_t m = 0; m < M; ++m)  // g_total and the partials are zero-initialised
+        bn_split_backward_row<scalar_t, kTol, true>(grad + m * C + c0, rel + m * C + c0, total + c0,
+                                                    kTol ? tol + c0 : tol, scale + c0, shift + c0,
+                                                    g_rel + m * C + c0, g_total + c0, scale_partial + c0,
+                                                    shift_partial + c0, n, relu);
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t m = 0; m < M; ++m) {  // g_total and the partials are zero-initialised
+    for (int64_t m = 0; m < M; ++m) {
       const int64_t off = (m * C + c) * S;
-      bn_split_backward_row<scalar_t, kTol>(grad + off, rel + off, total + c * S, kTol ? tol + c * S : tol,
-                                            scale[c], shift[c], g_rel + off, g_total + c * S,
-                                            scale_partial + c * S, shift_partial + c * S, S, relu);
+      bn_split_backward_row<scalar_t, kTol, false>(grad + off, rel + off, total + c * S, kTol ? tol + c * S : tol,
+                                                   scale + c, shift + c, g_rel + off, g_total + c * S,
+                                                   scale_partial + c * S, shift_partial + c * S, S, relu);
     }
   }
 }
