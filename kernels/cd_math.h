@@ -6,7 +6,7 @@
 // of these functions and store. `T` is the accumulation type: the tensor's own type
 // for float32/float64, float32 for float16/bfloat16 (the caller converts).
 //
-// The pure-torch oracle of each formula is fastacd/_torch_ops.py; keep them in step.
+// The pure-torch oracle of each formula is fastacd/ops/torch_ops.py; keep them in step.
 #pragma once
 
 #include <math.h>
@@ -42,24 +42,44 @@ FASTACD_HOST_DEVICE T relu_(T x) { return x < T(0) ? T(0) : x; }
 template <typename T>
 FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 
+// Numerical zero (design.md section 9): a part whose magnitude is below the per-element
+// tolerance `tol` counts as exactly 0 in the split ratio (strict `<`; only in the ratio,
+// the part itself is unchanged). kTol is a compile-time switch: without it the split
+// functions below are exactly the formulas without a tolerance (no compare, no load), and
+// with it tol = 0 gives the same bits (|x| < 0 never holds, NaN included).
+template <bool kTol, typename T>
+FASTACD_HOST_DEVICE T magnitude(T x, T tol) {
+  const T a = abs_(x);
+  return (kTol && a < tol) ? T(0) : a;
+}
+
+// d magnitude / dx: sgn(x), and 0 where the magnitude was snapped to the constant 0.
+template <bool kTol, typename T>
+FASTACD_HOST_DEVICE T magnitude_grad(T x, T tol) {
+  return (kTol && abs_(x) < tol) ? T(0) : sgn(x);
+}
+
 // ---------------------------------------------------------------------------------
 // Conv / linear bias split, optionally followed by ReLU.
 //   zr = W r (no bias), total = W a (no bias), zi = total - zr
-//   pr = |zr| + eps, pi = |zi| + eps, q = pr / (pr + pi)
+//   ar = |zr|, ai = |zi|, each 0 where below tol (kTol only)
+//   pr = ar + eps, pi = ai + eps, q = pr / (pr + pi)
 //   out = zr + q * bias, then relu(out) when asked (the ReLU rule's relevant part).
+// Both parts snapped: q = eps / 2 eps = 1/2, half the bias to each part.
 // ---------------------------------------------------------------------------------
-template <typename T>
-FASTACD_HOST_DEVICE T bias_split(T zr, T total, T bias, bool relu) {
-  const T pr = abs_(zr) + eps<T>();
-  const T pi = abs_(total - zr) + eps<T>();
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE T bias_split(T zr, T total, T bias, bool relu, T tol = T(0)) {
+  const T pr = magnitude<kTol>(zr, tol) + eps<T>();
+  const T pi = magnitude<kTol>(total - zr, tol) + eps<T>();
   const T out = zr + pr / (pr + pi) * bias;
   return relu ? relu_(out) : out;
 }
 
 // Gradient of bias_split for one element, given the incoming gradient g.
-// d q / d zr = (pi sgn(zr) + pr sgn(zi)) / (pr + pi)^2 (zi = total - zr also moves),
-// d q / d total = -pr sgn(zi) / (pr + pi)^2. With relu, the gradient passes where
-// out >= 0 (the gradient of clamp_min(0), as in the pure-torch oracle).
+// d q / d zr = (pi dr + pr di) / (pr + pi)^2 (zi = total - zr also moves),
+// d q / d total = -pr di / (pr + pi)^2, with dr = d ar / d zr = sgn(zr) and di = sgn(zi),
+// 0 where that magnitude was snapped (a constant; tol itself gets no gradient). With relu,
+// the gradient passes where out >= 0 (the gradient of clamp_min(0), as in the oracle).
 template <typename T>
 struct BiasSplitGrad {
   T rel;    // d out / d zr * g
@@ -67,41 +87,45 @@ struct BiasSplitGrad {
   T bias;   // d out / d bias * g    (summed over masks and positions by the caller)
 };
 
-template <typename T>
-FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu, T tol = T(0)) {
   const T zi = total - zr;
-  const T pr = abs_(zr) + eps<T>();
-  const T pi = abs_(zi) + eps<T>();
+  const T pr = magnitude<kTol>(zr, tol) + eps<T>();
+  const T pi = magnitude<kTol>(zi, tol) + eps<T>();
+  const T dr = magnitude_grad<kTol>(zr, tol);
+  const T di = magnitude_grad<kTol>(zi, tol);
   const T inv = T(1) / (pr + pi);
   const T q = pr * inv;
   g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
   BiasSplitGrad<T> out;
-  out.rel = g + gb * ((pi * sgn(zr) + pr * sgn(zi)) * inv * inv);
-  out.total = -gb * (pr * sgn(zi) * inv * inv);
+  out.rel = g + gb * ((pi * dr + pr * di) * inv * inv);
+  out.total = -gb * (pr * di * inv * inv);
   out.bias = g * q;
   return out;
 }
 
 // ---------------------------------------------------------------------------------
 // Eval batchnorm split `scale * a + shift`, optionally followed by ReLU.
-//   sr = scale r, si = scale (total - r), q = |sr| / (|sr| + |si|), q = 0 where 0/0
-//   (no eps, as in the reference); out = sr + q * shift, then relu(out) when asked.
+//   sr = scale r, si = scale (total - r), A = |sr|, B = |si|, each 0 where below tol
+//   (kTol only); q = A / (A + B), q = 0 where 0/0 (no eps, as in the reference);
+//   out = sr + q * shift, then relu(out) when asked.
 // ---------------------------------------------------------------------------------
-template <typename T>
-FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu, T tol = T(0)) {
   const T sr = scale * r;
-  const T si = scale * (total - r);
-  const T denom = abs_(sr) + abs_(si);
-  // denom = 0 implies |sr| = 0, so dividing by 1 there gives the rule's q = 0. Written
+  const T a = magnitude<kTol>(sr, tol);
+  const T denom = a + magnitude<kTol>(scale * (total - r), tol);
+  // denom = 0 implies A = 0, so dividing by 1 there gives the rule's q = 0. Written
   // as arithmetic (not a branch around the division) so that gcc vectorises the loops.
-  const T q = abs_(sr) / (denom + T(denom == T(0)));
+  const T q = a / (denom + T(denom == T(0)));
   const T out = sr + q * shift;
   return relu ? relu_(out) : out;
 }
 
-// Gradient of bn_split for one element. With A = |sr|, B = |si|, D = A + B:
-//   dq/dA = B / D^2, dq/dB = -A / D^2; where D = 0, q is the constant 0 (zero gradient).
+// Gradient of bn_split for one element. With D = A + B:
+//   dq/dA = B / D^2, dq/dB = -A / D^2; where D = 0, q is the constant 0 (zero gradient);
+//   dA/d(sr) = sgn(sr), dB/d(si) = sgn(si), 0 where that magnitude was snapped.
 template <typename T>
 struct BnSplitGrad {
   T rel;    // per element
@@ -110,22 +134,23 @@ struct BnSplitGrad {
   T shift;  // summed over masks and positions by the caller
 };
 
-template <typename T>
-FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T shift, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T shift, bool relu,
+                                                 T tol = T(0)) {
   const T ir = total - r;
   const T sr = scale * r;
   const T si = scale * ir;
-  const T a = abs_(sr);
-  const T b = abs_(si);
+  const T a = magnitude<kTol>(sr, tol);
+  const T b = magnitude<kTol>(si, tol);
   const T denom = a + b;
   const T inv_any = T(1) / (denom + T(denom == T(0)));  // finite everywhere, no branch
   const T inv = denom == T(0) ? T(0) : inv_any;           // q is the constant 0 there
   const T q = a * inv;
   g = (relu && sr + q * shift < T(0)) ? T(0) : g;
-  // d q = (b sgn(sr) d(sr) - a sgn(si) d(si)) / D^2, with d(sr) = s dr + r ds and
+  // d q = (b dA d(sr) - a dB d(si)) / D^2, with d(sr) = s dr + r ds and
   // d(si) = s (dt - dr) + ir ds.
-  const T ka = b * sgn(sr) * inv * inv;   // dq/d(sr)
-  const T kb = -a * sgn(si) * inv * inv;  // dq/d(si)
+  const T ka = b * magnitude_grad<kTol>(sr, tol) * inv * inv;   // dq/d(sr)
+  const T kb = -a * magnitude_grad<kTol>(si, tol) * inv * inv;  // dq/d(si)
   const T gc = g * shift;
   BnSplitGrad<T> out;
   out.rel = g * scale + gc * (ka - kb) * scale;
