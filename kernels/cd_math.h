@@ -42,44 +42,69 @@ FASTACD_HOST_DEVICE T relu_(T x) { return x < T(0) ? T(0) : x; }
 template <typename T>
 FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 
-// Numerical zero (design.md section 9): a part whose magnitude is below the per-element
-// tolerance `tol` counts as exactly 0 in the split ratio (strict `<`; only in the ratio,
-// the part itself is unchanged). kTol is a compile-time switch: without it the split
-// functions below are exactly the formulas without a tolerance (no compare, no load), and
-// with it tol = 0 gives the same bits (|x| < 0 never holds, NaN included).
-template <bool kTol, typename T>
-FASTACD_HOST_DEVICE T magnitude(T x, T tol) {
-  const T a = abs_(x);
-  return (kTol && a < tol) ? T(0) : a;
-}
+// Numerical zero (design.md section 9; docs/engine.md "Numerical zero"). `tol` is the
+// element's magnitude scale times ZERO_TOL (computed in the total pass). A split's two
+// weights, w_r for the relevant part and w_i for the irrelevant one, from their magnitudes
+// ar = |relevant|, ai = |irrelevant| (irrelevant = total - relevant, derived):
+//   - where ar > 0, ai below tol is a rounding residue and counts as 0 (a constant);
+//   - each nonzero part gets s = e^2 / (ar + ai + e), e = kSplitFloor * tol: the ratio's
+//     sensitivity stays bounded where both parts are small, ~(e / (ar + ai))^2 elsewhere;
+//   - without tol (kTol false): w = magnitude, the reference's formula.
+// The caller adds its own epsilon. Mirrored in fastacd/ops/torch_ops.py (split_weights).
+constexpr double kSplitFloor = 100.0;
 
-// d magnitude / dx: sgn(x), and 0 where the magnitude was snapped to the constant 0.
+template <typename T>
+struct SplitWeights {
+  T wr, wi;                // the weights
+  T dwr_dar, dwr_dai;      // their derivatives by the magnitudes (0 where a part is snapped)
+  T dwi_dar, dwi_dai;
+};
+
 template <bool kTol, typename T>
-FASTACD_HOST_DEVICE T magnitude_grad(T x, T tol) {
-  return (kTol && abs_(x) < tol) ? T(0) : sgn(x);
+FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
+  SplitWeights<T> w;
+  if (!kTol) {
+    w.wr = ar; w.wi = ai;
+    w.dwr_dar = T(1); w.dwr_dai = T(0); w.dwi_dar = T(0); w.dwi_dai = T(1);
+    return w;
+  }
+  const T live_i = (ai < tol && ar > T(0)) ? T(0) : T(1);  // 0: a residue, snapped
+  ai = ai * live_i;
+  const T e = T(kSplitFloor) * tol;
+  const T de = ar + ai + e;
+  const T inv = T(1) / (de + T(de == T(0)));  // de = 0 only where ar = ai = tol = 0
+  const T sm = e * e * inv;                   // e^2 / (ar + ai + e)
+  const T dsm = -sm * inv;                    // its derivative by ar and by ai
+  const T hr = T(ar > T(0)), hi = T(ai > T(0));
+  w.wr = ar + hr * sm;
+  w.wi = ai + hi * sm;
+  w.dwr_dar = T(1) + hr * dsm;
+  w.dwr_dai = hr * dsm * live_i;
+  w.dwi_dar = hi * dsm;
+  w.dwi_dai = live_i * (T(1) + hi * dsm);
+  return w;
 }
 
 // ---------------------------------------------------------------------------------
 // Conv / linear bias split, optionally followed by ReLU.
 //   zr = W r (no bias), total = W a (no bias), zi = total - zr
-//   ar = |zr|, ai = |zi|, each 0 where below tol (kTol only)
-//   pr = ar + eps, pi = ai + eps, q = pr / (pr + pi)
-//   out = zr + q * bias, then relu(out) when asked (the ReLU rule's relevant part).
-// Both parts snapped: q = eps / 2 eps = 1/2, half the bias to each part.
+//   (wr, wi) = split_weights(|zr|, |zi|, tol); pr = wr + eps, pi = wi + eps
+//   q = pr / (pr + pi); out = zr + q * bias, then relu(out) when asked (the ReLU
+//   rule's relevant part). Without tol: the reference's formula.
 // ---------------------------------------------------------------------------------
 template <bool kTol = false, typename T>
 FASTACD_HOST_DEVICE T bias_split(T zr, T total, T bias, bool relu, T tol = T(0)) {
-  const T pr = magnitude<kTol>(zr, tol) + eps<T>();
-  const T pi = magnitude<kTol>(total - zr, tol) + eps<T>();
+  const SplitWeights<T> w = split_weights<kTol>(abs_(zr), abs_(total - zr), tol);
+  const T pr = w.wr + eps<T>();
+  const T pi = w.wi + eps<T>();
   const T out = zr + pr / (pr + pi) * bias;
   return relu ? relu_(out) : out;
 }
 
 // Gradient of bias_split for one element, given the incoming gradient g.
-// d q / d zr = (pi dr + pr di) / (pr + pi)^2 (zi = total - zr also moves),
-// d q / d total = -pr di / (pr + pi)^2, with dr = d ar / d zr = sgn(zr) and di = sgn(zi),
-// 0 where that magnitude was snapped (a constant; tol itself gets no gradient). With relu,
-// the gradient passes where out >= 0 (the gradient of clamp_min(0), as in the oracle).
+// dq = (pi d(wr) - pr d(wi)) / (pr + pi)^2 with d(wr), d(wi) through |zr| and |zi|
+// (zi = total - zr also moves with zr); tol gets no gradient. With relu, the gradient
+// passes where out >= 0 (the gradient of clamp_min(0), as in the oracle).
 template <typename T>
 struct BiasSplitGrad {
   T rel;    // d out / d zr * g
@@ -90,42 +115,44 @@ struct BiasSplitGrad {
 template <bool kTol = false, typename T>
 FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu, T tol = T(0)) {
   const T zi = total - zr;
-  const T pr = magnitude<kTol>(zr, tol) + eps<T>();
-  const T pi = magnitude<kTol>(zi, tol) + eps<T>();
-  const T dr = magnitude_grad<kTol>(zr, tol);
-  const T di = magnitude_grad<kTol>(zi, tol);
+  const SplitWeights<T> w = split_weights<kTol>(abs_(zr), abs_(zi), tol);
+  const T pr = w.wr + eps<T>();
+  const T pi = w.wi + eps<T>();
   const T inv = T(1) / (pr + pi);
   const T q = pr * inv;
   g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
+  // dq / d|zr| and dq / d|zi|
+  const T kr = (pi * w.dwr_dar - pr * w.dwi_dar) * inv * inv;
+  const T ki = (pi * w.dwr_dai - pr * w.dwi_dai) * inv * inv;
+  const T dq_dzi = ki * sgn(zi);
   BiasSplitGrad<T> out;
-  out.rel = g + gb * ((pi * dr + pr * di) * inv * inv);
-  out.total = -gb * (pr * di * inv * inv);
+  out.rel = g + gb * (kr * sgn(zr) - dq_dzi);
+  out.total = gb * dq_dzi;
   out.bias = g * q;
   return out;
 }
 
 // ---------------------------------------------------------------------------------
 // Eval batchnorm split `scale * a + shift`, optionally followed by ReLU.
-//   sr = scale r, si = scale (total - r), A = |sr|, B = |si|, each 0 where below tol
-//   (kTol only); q = A / (A + B), q = 0 where 0/0 (no eps, as in the reference);
+//   sr = scale r, si = scale (total - r), (A, B) = split_weights(|sr|, |si|, tol)
+//   q = A / (A + B), q = 0 where 0/0 (no eps, as in the reference);
 //   out = sr + q * shift, then relu(out) when asked.
 // ---------------------------------------------------------------------------------
 template <bool kTol = false, typename T>
 FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu, T tol = T(0)) {
   const T sr = scale * r;
-  const T a = magnitude<kTol>(sr, tol);
-  const T denom = a + magnitude<kTol>(scale * (total - r), tol);
+  const SplitWeights<T> w = split_weights<kTol>(abs_(sr), abs_(scale * (total - r)), tol);
+  const T denom = w.wr + w.wi;
   // denom = 0 implies A = 0, so dividing by 1 there gives the rule's q = 0. Written
   // as arithmetic (not a branch around the division) so that gcc vectorises the loops.
-  const T q = a / (denom + T(denom == T(0)));
+  const T q = w.wr / (denom + T(denom == T(0)));
   const T out = sr + q * shift;
   return relu ? relu_(out) : out;
 }
 
-// Gradient of bn_split for one element. With D = A + B:
-//   dq/dA = B / D^2, dq/dB = -A / D^2; where D = 0, q is the constant 0 (zero gradient);
-//   dA/d(sr) = sgn(sr), dB/d(si) = sgn(si), 0 where that magnitude was snapped.
+// Gradient of bn_split for one element. With D = A + B: dq = (B dA - A dB) / D^2, through
+// |sr| and |si|; where D = 0, q is the constant 0 (zero gradient).
 template <typename T>
 struct BnSplitGrad {
   T rel;    // per element
@@ -140,17 +167,16 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   const T ir = total - r;
   const T sr = scale * r;
   const T si = scale * ir;
-  const T a = magnitude<kTol>(sr, tol);
-  const T b = magnitude<kTol>(si, tol);
+  const SplitWeights<T> w = split_weights<kTol>(abs_(sr), abs_(si), tol);
+  const T a = w.wr, b = w.wi;
   const T denom = a + b;
   const T inv_any = T(1) / (denom + T(denom == T(0)));  // finite everywhere, no branch
   const T inv = denom == T(0) ? T(0) : inv_any;           // q is the constant 0 there
   const T q = a * inv;
   g = (relu && sr + q * shift < T(0)) ? T(0) : g;
-  // d q = (b dA d(sr) - a dB d(si)) / D^2, with d(sr) = s dr + r ds and
-  // d(si) = s (dt - dr) + ir ds.
-  const T ka = b * magnitude_grad<kTol>(sr, tol) * inv * inv;   // dq/d(sr)
-  const T kb = -a * magnitude_grad<kTol>(si, tol) * inv * inv;  // dq/d(si)
+  // dq/d(sr) and dq/d(si), with d(sr) = s dr + r ds and d(si) = s (dt - dr) + ir ds
+  const T ka = (b * w.dwr_dar - a * w.dwi_dar) * inv * inv * sgn(sr);
+  const T kb = (b * w.dwr_dai - a * w.dwi_dai) * inv * inv * sgn(si);
   const T gc = g * shift;
   BnSplitGrad<T> out;
   out.rel = g * scale + gc * (ka - kb) * scale;

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-20  # the reference's constant in the conv/linear bias split
-SPLIT_FLOOR = 0.0  # a nonzero part's weight floor, in units of tol (see _ratio)
+SPLIT_FLOOR = 100.0  # the smooth floor, in units of tol (split_weights; kernels/cd_math.h mirrors it)
 
 
 def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,8 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
         return ar + eps, ai + eps
     ai = ai.masked_fill((ai < tol) & (ar > 0), 0)
     e = tol * SPLIT_FLOOR
-    smooth = e * e / (ar + ai + e).clamp_min(torch.finfo(ar.dtype).tiny)
+    de = ar + ai + e
+    smooth = e * e * (1 / (de + (de == 0)))  # de = 0 only where ar = ai = tol = 0
     return ar + smooth * (ar > 0) + eps, ai + smooth * (ai > 0) + eps
 
 
