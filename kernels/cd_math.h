@@ -43,45 +43,25 @@ template <typename T>
 FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 
 // Numerical zero (design.md section 9; docs/engine.md "Numerical zero"). `tol` is the
-// element's magnitude scale times ZERO_TOL (computed in the total pass). A split's two
-// weights, w_r for the relevant part and w_i for the irrelevant one, from their magnitudes
-// ar = |relevant|, ai = |irrelevant| (irrelevant = total - relevant, derived):
-//   - where ar > 0, ai below tol is a rounding residue and counts as 0 (a constant);
-//   - each nonzero part gets s = e^2 / (ar + ai + e), e = kSplitFloor * tol: the ratio's
-//     sensitivity stays bounded where both parts are small, ~(e / (ar + ai))^2 elsewhere;
-//   - without tol (kTol false): w = magnitude, the reference's formula.
-// The caller adds its own epsilon. Mirrored in fastacd/ops/torch_ops.py (split_weights).
-constexpr double kSplitFloor = 100.0;
-
+// element's magnitude scale times the zero tolerance (computed in the total pass). A split's
+// two weights from the parts' magnitudes ar = |relevant|, ai = |irrelevant|: a part below tol
+// that is not the larger of the two counts as 0 (a rounding residue such as the full mask's
+// derived irrelevant part, or the empty mask's epsilon leak); both at 0 is the reference's 0/0.
+// Without tol (kTol false): the reference's formula. The caller adds its own epsilon.
+// Mirrored in fastacd/ops/torch_ops.py (split_weights).
 template <typename T>
 struct SplitWeights {
-  T wr, wi;                // the weights
-  T dwr_dar, dwr_dai;      // their derivatives by the magnitudes (0 where a part is snapped)
-  T dwi_dar, dwi_dai;
+  T wr, wi;        // the weights
+  T live_r, live_i;  // their derivatives by the magnitudes (0 where a part is snapped)
 };
 
 template <bool kTol, typename T>
 FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
   SplitWeights<T> w;
-  if (!kTol) {
-    w.wr = ar; w.wi = ai;
-    w.dwr_dar = T(1); w.dwr_dai = T(0); w.dwi_dar = T(0); w.dwi_dai = T(1);
-    return w;
-  }
-  const T live_i = (ai < tol && ar > T(0)) ? T(0) : T(1);  // 0: a residue, snapped
-  ai = ai * live_i;
-  const T e = T(kSplitFloor) * tol;
-  const T de = ar + ai + e;
-  const T inv = T(1) / (de + T(de == T(0)));  // de = 0 only where ar = ai = tol = 0
-  const T sm = e * e * inv;                   // e^2 / (ar + ai + e)
-  const T dsm = -sm * inv;                    // its derivative by ar and by ai
-  const T hr = T(ar > T(0)), hi = T(ai > T(0));
-  w.wr = ar + hr * sm;
-  w.wi = ai + hi * sm;
-  w.dwr_dar = T(1) + hr * dsm;
-  w.dwr_dai = hr * dsm * live_i;
-  w.dwi_dar = hi * dsm;
-  w.dwi_dai = live_i * (T(1) + hi * dsm);
+  w.live_r = (kTol && ar < tol && ar <= ai) ? T(0) : T(1);
+  w.live_i = (kTol && ai < tol && ai <= ar) ? T(0) : T(1);
+  w.wr = ar * w.live_r;
+  w.wi = ai * w.live_i;
   return w;
 }
 
@@ -123,8 +103,8 @@ FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias,
   g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
   // dq / d|zr| and dq / d|zi|
-  const T kr = (pi * w.dwr_dar - pr * w.dwi_dar) * inv * inv;
-  const T ki = (pi * w.dwr_dai - pr * w.dwi_dai) * inv * inv;
+  const T kr = pi * w.live_r * inv * inv;
+  const T ki = -pr * w.live_i * inv * inv;
   const T dq_dzi = ki * sgn(zi);
   BiasSplitGrad<T> out;
   out.rel = g + gb * (kr * sgn(zr) - dq_dzi);
@@ -175,8 +155,8 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   const T q = a * inv;
   g = (relu && sr + q * shift < T(0)) ? T(0) : g;
   // dq/d(sr) and dq/d(si), with d(sr) = s dr + r ds and d(si) = s (dt - dr) + ir ds
-  const T ka = (b * w.dwr_dar - a * w.dwi_dar) * inv * inv * sgn(sr);
-  const T kb = (b * w.dwr_dai - a * w.dwi_dai) * inv * inv * sgn(si);
+  const T ka = b * w.live_r * inv * inv * sgn(sr);
+  const T kb = -a * w.live_i * inv * inv * sgn(si);
   const T gc = g * shift;
   BnSplitGrad<T> out;
   out.rel = g * scale + gc * (ka - kb) * scale;

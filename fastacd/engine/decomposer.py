@@ -91,10 +91,14 @@ class Decomposer:
     ``memory_budget`` (bytes, or a string such as ``"2G"``) bounds the activations held for
     the masks of one chunk; the default is 1 GiB on the CPU and half the free memory on a
     GPU. ``rules``: the rule set (``fastacd.rules``; default ``fastacd.rules.DEFAULT``).
+    ``zero_tol``: numerical zero (docs/engine.md): a split's part below this fraction of its
+    magnitude scale, and not the larger part, counts as zero, so that float32, float64 and
+    batched calls agree; 0 gives the paper's formula (the original package's numbers).
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
-                 memory_budget: int | str | None = None, rules: rules_.RuleSet | None = None):
+                 memory_budget: int | str | None = None, rules: rules_.RuleSet | None = None,
+                 zero_tol: float = rules_.ZERO_TOL):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -102,6 +106,9 @@ class Decomposer:
         self.graph = CapturedGraph(model, self.rules)
         self.backend = resolve_backend(backend)
         self.memory_budget = chunks.parse_budget(memory_budget)
+        if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float)) or not 0 <= zero_tol < 1:
+            raise ValueError(f"zero_tol must be a number in [0, 1) (0: the paper's formula), got {zero_tol!r}")
+        self.zero_tol = float(zero_tol)
         self._ops = ops if self.backend == "compiled" else torch_ops
 
     # ---- public -------------------------------------------------------------------------
@@ -134,7 +141,7 @@ class Decomposer:
         if relevant_input.shape[0] == 0:
             raise ValueError("empty mask batch: pass at least one mask")
         if self.backend == "reference":
-            rel, irrel = _reference_cd(self.graph, x, relevant_input)
+            rel, irrel = _reference_cd(self.graph, x, relevant_input, self.zero_tol)
             return CDResult(relevant=rel, irrelevant=irrel, output=(rel[0] + irrel[0]))
         values, aux = self._total_pass(x)
         out = values[self.graph.result_node]
@@ -202,7 +209,7 @@ class Decomposer:
 
     # ---- the two passes -----------------------------------------------------------------
     def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
-        values, aux = self.graph.total_pass(x)
+        values, aux = self.graph.total_pass(x, self.zero_tol)
         if not all_finite(values[self.graph.result_node]):
             bad = [n for n, p in self.model.named_parameters() if not all_finite(p.detach())]
             raise ValueError("the model's output for this input is not finite (NaN or Inf)"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-20  # the reference's constant in the conv/linear bias split
-SPLIT_FLOOR = 100.0  # the smooth floor, in units of tol (split_weights; kernels/cd_math.h mirrors it)
 
 
 def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -25,20 +24,16 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
     """(relevant weight, irrelevant weight) of a split ratio ``w_r / (w_r + w_i)``.
 
     Without ``tol``: ``|zr| + eps``, ``|zi| + eps`` (the reference's formula). With ``tol``
-    (the element's magnitude scale times ZERO_TOL), numerical zero (design.md section 9):
-    where the relevant part is nonzero, an irrelevant part below tol is a rounding residue of
-    total - relevant and counts as zero; and each nonzero part gets ``e^2 / (|zr| + |zi| + e)``
-    with ``e = SPLIT_FLOOR * tol``, which bounds the ratio's sensitivity to rounding (at most
-    ~1/e) where both parts are small and vanishes as (e / (|zr| + |zi|))^2 elsewhere.
+    (the element's magnitude scale times the zero tolerance), numerical zero (design.md
+    section 9): a part below tol that is not the larger of the two counts as zero (a rounding
+    residue: the full mask's derived irrelevant part, the empty mask's epsilon leak).
     """
     ar, ai = zr.abs(), zi.abs()
     if tol is None:
         return ar + eps, ai + eps
-    ai = ai.masked_fill((ai < tol) & (ar > 0), 0)
-    e = tol * SPLIT_FLOOR
-    de = ar + ai + e
-    smooth = e * e * (1 / (de + (de == 0)))  # de = 0 only where ar = ai = tol = 0
-    return ar + smooth * (ar > 0) + eps, ai + smooth * (ai > 0) + eps
+    snap_r = (ar < tol) & (ar <= ai)
+    snap_i = (ai < tol) & (ai <= ar)
+    return ar.masked_fill(snap_r, 0) + eps, ai.masked_fill(snap_i, 0) + eps
 
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg
 from ..ops.torch_ops import EPS, split_weights
-from .base import ZERO_TOL, Rule, Sliding, as_tuple, unsupported
+from .base import Rule, Sliding, as_tuple, unsupported
 
 # oneDNN's linear (the kernel torch.compile's CPU backend calls) where torch has it, from
 # ONEDNN_LINEAR_MIN_ROWS rows on (below that the default GEMM is as fast): docs/kernels.md.
@@ -122,13 +122,13 @@ class Affine(Rule):
         out = pre if bias is None else pre + bias_view(bias, pre, channels_last(step, pre))
         return out, (weights, bias, pre, None)
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         # |W| |a| from the true input: the scale of W r's rounding (not |W| times the input's
         # scale, which grows layer by layer far past the values)
         weights, bias, pre, _ = aux
         scale = affine_parts(step, value_of, absolute=True)[0](value_of(step.dep[0]).abs())
         out = scale if bias is None else scale + bias_view(bias.abs(), scale, channels_last(step, pre))
-        return out, (weights, bias, pre, None if bias is None else ZERO_TOL * scale)
+        return out, (weights, bias, pre, None if bias is None else zero_tol * scale)
 
     def reference(self, step, parts, value_of, aux):
         weights, bias, pre, tol = aux

@@ -56,11 +56,11 @@ class Sliding:
     groups: int = 1
 
 
-# An irrelevant part smaller than ZERO_TOL of its element's magnitude scale (|W| |a| for a
-# conv, |s a| for a batchnorm) counts as exactly zero in the splits (design.md section 9): the
-# engine derives it as total - relevant, a rounding residue where it is zero in exact
-# arithmetic (docs/engine.md, "Numerical zero", has the measurements that chose it).
-ZERO_TOL = 1e-5
+# A split's part below ZERO_TOL of its element's magnitude scale (|W| |a| for a conv, |s a| for
+# a batchnorm), and not the larger part, counts as exactly zero (design.md section 9): above
+# float32's rounding of wide sums, so float32, float64 and batched calls agree. 0 gives the
+# paper's formula. docs/engine.md "Numerical zero" has the measurements that chose it.
+ZERO_TOL = 1e-4
 
 
 class Rule:
@@ -99,12 +99,13 @@ class Rule:
         """(the node's true output, aux for the other forms)."""
         return call_with(step, value_of, {}), None
 
-    def magnitude(self, step: Step, mags: dict, value_of: Callable, aux) -> tuple[Any, Any]:
+    def magnitude(self, step: Step, mags: dict, value_of: Callable, aux, zero_tol: float) -> tuple[Any, Any]:
         """(the magnitude scale of each element of the node's output, aux with the tolerance
         of numerical zero where the rule splits: design.md 9). The scale is the size the
         element's rounding is relative to: a weight layer starts one from its true input
         (``|W| |a| + |b|``), other ops carry their inputs'. Default: the op on the inputs'
-        scales (pools, reshapes, concatenations; activations, |f(x)| <= |x|)."""
+        scales (pools, reshapes, concatenations; activations, |f(x)| <= |x|). ``zero_tol``: the
+        tolerance as a fraction of the scale."""
         return call_with(step, value_of, {d: mags[d] for d in step.dep}), aux
 
     def reference(self, step: Step, parts: dict, value_of: Callable, aux) -> tuple:

@@ -66,7 +66,7 @@ class MatMul(Rule):
             x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
         return torch.matmul(x, y)
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         return self._apply(step, mags[step.dep[0]], lambda n: value_of(n).abs()), aux
 
     def reference(self, step, parts, value_of, aux):
@@ -99,7 +99,7 @@ class Product(Rule):
     def _times(self, step, u, v):
         return torch.matmul(u, v) if step.extra["matmul"] else u * v
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         a, b = operands(step.node)
         return self._times(step, mags[a], mags[b]), aux
 

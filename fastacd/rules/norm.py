@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..capture.nodes import Step, arg, call_with, load_arg
 from ..ops.torch_ops import split_weights
 from .affine import EPS, split_bias
-from .base import ZERO_TOL, Elementwise, Rule, only_gates, unsupported
+from .base import Elementwise, Rule, only_gates, unsupported
 
 
 def batchnorm_parts(step: Step, value_of: Callable):
@@ -73,13 +73,13 @@ class BatchNorm(Rule):
         scale, shift, apply = batchnorm_parts(step, value_of)
         return apply(value_of(step.dep[0])), (scale, shift, apply, None)
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         # |s| times the input's scale: the rounding of r and i comes from the layer before
         scale, shift, apply, _ = aux
         mag = mags[step.dep[0]]
         view = (1, -1) + (1,) * (mag.dim() - 2)
         scaled = scale.abs().reshape(view) * mag
-        return scaled + shift.abs().reshape(view), (scale, shift, apply, ZERO_TOL * scaled)
+        return scaled + shift.abs().reshape(view), (scale, shift, apply, zero_tol * scaled)
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
@@ -249,7 +249,7 @@ class _Norm(Rule):
         fresh.tol = None if aux is None else aux.tol  # cropped with the window (crop_aux)
         return fresh, p
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         # the rounding of a centred part (t - mean(t)) * factor is relative to
         # |factor| (|t| + |mean(t)|), bounded by the input's scale
         p = self.params(step, value_of)
@@ -258,7 +258,7 @@ class _Norm(Rule):
         scaled = aux.factor.abs() * (mag if mean is None else mag + mean)
         beta = self._beta(p, scaled)
         out = scaled if beta is None else scaled + beta.abs()
-        return out, NormAux(aux.source, aux.factor, aux.pre, ZERO_TOL * scaled)
+        return out, NormAux(aux.source, aux.factor, aux.pre, zero_tol * scaled)
 
     def crop_aux(self, step, aux, loc, crop):
         return NormAux(aux.source, aux.factor, aux.pre, None if aux.tol is None else crop(aux.tol))
@@ -451,10 +451,10 @@ class AddCMul(Rule):
         a = value_of(step.extra["x"])
         return call_with(step, value_of, {}), NormAux(a, None, scale(a))
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         scale, beta = self._parts(step, value_of)
         scaled = scale(mags[step.extra["x"]]).abs()
-        return scaled + beta.abs(), NormAux(aux.source, None, aux.pre, ZERO_TOL * scaled)
+        return scaled + beta.abs(), NormAux(aux.source, None, aux.pre, zero_tol * scaled)
 
     def crop_aux(self, step, aux, loc, crop):
         return NormAux(aux.source, None, aux.pre, None if aux.tol is None else crop(aux.tol))

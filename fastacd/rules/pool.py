@@ -70,7 +70,7 @@ class MaxPool(Rule):
         # (constant backgrounds) that sum's rounding would pick the position, mask by mask
         return maxpool_fn(step, value_of)(value_of(step.dep[0]))
 
-    def magnitude(self, step, mags, value_of, aux):
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
         return gather_at(mags[step.dep[0]], aux), aux
 
     def reference(self, step, parts, value_of, aux):
