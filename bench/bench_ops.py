@@ -5,6 +5,7 @@ formulas (fastacd._torch_ops), at the activation shapes of VGG16 on a 224x224 im
     .venv/bin/python -m pytest bench/bench_ops.py -q        # part of `make bench`
     .venv/bin/python bench/bench_ops.py                      # same, as a table
     .venv/bin/python bench/bench_ops.py --masks 16 --repeats 3 --only bias_split
+    .venv/bin/python bench/bench_ops.py --tol           # the split ops with a per-element tol
 
 Both implementations run in the same process, alternating per repeat (warm-up first,
 then the median of the repeats), so the ratio torch / compiled is what to read; the
@@ -106,6 +107,18 @@ def cases(masks: int, max_elements: int, device: str, dtype: torch.dtype):
     return out
 
 
+def with_tol(case):
+    """A split case with a per-element tolerance (numerical zero, design.md section 9): half of
+    |total|, so that some parts are snapped to zero and others not."""
+    name, op, m, make = case
+
+    def make_tol(make=make):
+        args = make()
+        return (*args, 0.5 * args[1].abs())  # args[1] is the total
+
+    return f"{name} tol", op, m, make_tol
+
+
 def impls(op: str):
     return {"compiled": getattr(torch.ops.fastacd, op).default, "torch": getattr(_torch_ops, op)}
 
@@ -158,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--only", default="", help="substring filter on case names")
+    p.add_argument("--tol", action="store_true", help="the split ops with a per-element tol, instead of all cases")
     args = p.parse_args(argv)
     if not ops.HAS_COMPILED:
         print("fastacd._C is not built: nothing to compare (build with `pip install --no-build-isolation -e .`)")
@@ -167,7 +181,10 @@ def main(argv=None) -> int:
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"{'case':44s} {'masks':>5s} {'compiled ms':>12s} {'torch ms':>10s} {'ratio':>6s}")
     total_c = total_t = 0.0
-    for name, op, m, make in cases(args.masks, args.max_elements, args.device, getattr(torch, args.dtype)):
+    todo = cases(args.masks, args.max_elements, args.device, getattr(torch, args.dtype))
+    if args.tol:
+        todo = [with_tol(c) for c in todo if c[1] in ("bias_split", "bn_split")]
+    for name, op, m, make in todo:
         if args.only not in name:
             continue
         f = measure(name, op, m, make, args.repeats, args.warmup, args.device, suite)

@@ -40,6 +40,13 @@ inline void check_device(const char* op, c10::DeviceType device_type, const Name
   }
 }
 
+// args plus an optional tensor (the split ops' tol) when it is given, for the device and
+// dtype checks.
+inline NamedTensors with_optional(NamedTensors args, const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value()) args.push_back({&*t, name});
+  return args;
+}
+
 // Floating dtypes the kernels handle: float32/float64, plus float16/bfloat16 on CUDA.
 inline void check_float_dtype(const char* op, const at::Tensor& t, const char* name, bool allow_reduced) {
   const auto st = t.scalar_type();
@@ -72,6 +79,15 @@ inline void check_rel_total(const char* op, const at::Tensor& rel, const char* r
   for (int64_t d = 1; ok && d < rel.dim(); ++d) ok = total.size(d) == rel.size(d);
   TORCH_CHECK(ok, op, ": ", total_name, " must have shape (1, C, *S) matching ", rel_name, " ",
               rel.sizes(), ", got ", total.sizes(), ".");
+}
+
+// The split ops' optional tolerance (design.md section 9): one threshold per element of the
+// total, so exactly total's shape (fastacd.ops broadcasts a smaller one first).
+inline void check_tol_shape(const char* op, const std::optional<at::Tensor>& tol, const at::Tensor& total,
+                            const char* total_name) {
+  if (!tol.has_value()) return;
+  TORCH_CHECK(tol->sizes() == total.sizes(), op, ": tol must have the shape of ", total_name, " ", total.sizes(),
+              " (one threshold per element), got ", tol->sizes(), ". Broadcast it to that shape or pass None.");
 }
 
 // A per-channel vector (C,).

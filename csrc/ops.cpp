@@ -11,19 +11,24 @@
 
 TORCH_LIBRARY(fastacd, m) {
   // Conv/linear bias split (+ optional ReLU): rel_pre (M,C,*S), total_pre (1,C,*S), bias (C,).
-  m.def("bias_split(Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor");
+  // tol: None or total's shape; a part whose magnitude is below it counts as zero in the
+  // split ratio (numerical zero, design.md section 9). Every split op takes it last.
+  m.def("bias_split(Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu=False, Tensor? tol=None) -> Tensor");
   // The same written into rel_pre (inference: no autograd). On the CPU a fresh (M,C,*S)
   // output costs its page faults, about as much as the split itself (docs/kernels.md).
-  m.def("bias_split_(Tensor(a!) rel_pre, Tensor total_pre, Tensor bias, bool relu=False) -> Tensor(a!)");
-  m.def("bias_split_backward(Tensor grad, Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("bias_split_(Tensor(a!) rel_pre, Tensor total_pre, Tensor bias, bool relu=False, Tensor? tol=None)"
+        " -> Tensor(a!)");
+  m.def("bias_split_backward(Tensor grad, Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu,"
+        " Tensor? tol=None) -> (Tensor, Tensor, Tensor)");
   // Eval batchnorm split (+ optional ReLU): rel (M,C,*S), total (1,C,*S), scale/shift (C,).
-  m.def("bn_split(Tensor rel, Tensor total, Tensor scale, Tensor shift, bool relu=False) -> Tensor");
+  m.def("bn_split(Tensor rel, Tensor total, Tensor scale, Tensor shift, bool relu=False, Tensor? tol=None)"
+        " -> Tensor");
   // The same written into rel (inference: no autograd), for a relevant part that no later
   // step reads (the engine's conv outputs before a batchnorm).
-  m.def("bn_split_(Tensor(a!) rel, Tensor total, Tensor scale, Tensor shift, bool relu=False) -> Tensor(a!)");
+  m.def("bn_split_(Tensor(a!) rel, Tensor total, Tensor scale, Tensor shift, bool relu=False,"
+        " Tensor? tol=None) -> Tensor(a!)");
   m.def("bn_split_backward(Tensor grad, Tensor rel, Tensor total, Tensor scale, Tensor shift,"
-        " bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+        " bool relu, Tensor? tol=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Max-pool of M relevant maps at the shared argmax: rel (M,C,*S), indices (1,C,*So) int64.
   m.def("maxpool_gather(Tensor rel, Tensor indices) -> Tensor");
   m.def("maxpool_gather_backward(Tensor grad, Tensor indices, SymInt[] rel_shape) -> Tensor");

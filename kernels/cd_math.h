@@ -6,7 +6,7 @@
 // of these functions and store. `T` is the accumulation type: the tensor's own type
 // for float32/float64, float32 for float16/bfloat16 (the caller converts).
 //
-// The pure-torch oracle of each formula is fastacd/_torch_ops.py; keep them in step.
+// The pure-torch oracle of each formula is fastacd/ops/torch_ops.py; keep them in step.
 #pragma once
 
 #include <math.h>
@@ -42,24 +42,49 @@ FASTACD_HOST_DEVICE T relu_(T x) { return x < T(0) ? T(0) : x; }
 template <typename T>
 FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 
+// Numerical zero (design.md section 9; docs/engine.md "Numerical zero"). `tol` is the
+// element's magnitude scale times the zero tolerance (computed in the total pass). A split's
+// two weights from the parts' magnitudes ar = |relevant|, ai = |irrelevant|: a part below tol
+// that is not the larger of the two counts as 0 (a rounding residue such as the full mask's
+// derived irrelevant part, or the empty mask's epsilon leak); both at 0 is the reference's 0/0.
+// Without tol (kTol false): the reference's formula. The caller adds its own epsilon.
+// Mirrored in fastacd/ops/torch_ops.py (split_weights).
+template <typename T>
+struct SplitWeights {
+  T wr, wi;        // the weights
+  T live_r, live_i;  // their derivatives by the magnitudes (0 where a part is snapped)
+};
+
+template <bool kTol, typename T>
+FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
+  SplitWeights<T> w;
+  w.live_r = (kTol && ar < tol && ar <= ai) ? T(0) : T(1);
+  w.live_i = (kTol && ai < tol && ai <= ar) ? T(0) : T(1);
+  w.wr = ar * w.live_r;
+  w.wi = ai * w.live_i;
+  return w;
+}
+
 // ---------------------------------------------------------------------------------
 // Conv / linear bias split, optionally followed by ReLU.
 //   zr = W r (no bias), total = W a (no bias), zi = total - zr
-//   pr = |zr| + eps, pi = |zi| + eps, q = pr / (pr + pi)
-//   out = zr + q * bias, then relu(out) when asked (the ReLU rule's relevant part).
+//   (wr, wi) = split_weights(|zr|, |zi|, tol); pr = wr + eps, pi = wi + eps
+//   q = pr / (pr + pi); out = zr + q * bias, then relu(out) when asked (the ReLU
+//   rule's relevant part). Without tol: the reference's formula.
 // ---------------------------------------------------------------------------------
-template <typename T>
-FASTACD_HOST_DEVICE T bias_split(T zr, T total, T bias, bool relu) {
-  const T pr = abs_(zr) + eps<T>();
-  const T pi = abs_(total - zr) + eps<T>();
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE T bias_split(T zr, T total, T bias, bool relu, T tol = T(0)) {
+  const SplitWeights<T> w = split_weights<kTol>(abs_(zr), abs_(total - zr), tol);
+  const T pr = w.wr + eps<T>();
+  const T pi = w.wi + eps<T>();
   const T out = zr + pr / (pr + pi) * bias;
   return relu ? relu_(out) : out;
 }
 
 // Gradient of bias_split for one element, given the incoming gradient g.
-// d q / d zr = (pi sgn(zr) + pr sgn(zi)) / (pr + pi)^2 (zi = total - zr also moves),
-// d q / d total = -pr sgn(zi) / (pr + pi)^2. With relu, the gradient passes where
-// out >= 0 (the gradient of clamp_min(0), as in the pure-torch oracle).
+// dq = (pi d(wr) - pr d(wi)) / (pr + pi)^2 with d(wr), d(wi) through |zr| and |zi|
+// (zi = total - zr also moves with zr); tol gets no gradient. With relu, the gradient
+// passes where out >= 0 (the gradient of clamp_min(0), as in the oracle).
 template <typename T>
 struct BiasSplitGrad {
   T rel;    // d out / d zr * g
@@ -67,41 +92,47 @@ struct BiasSplitGrad {
   T bias;   // d out / d bias * g    (summed over masks and positions by the caller)
 };
 
-template <typename T>
-FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu, T tol = T(0)) {
   const T zi = total - zr;
-  const T pr = abs_(zr) + eps<T>();
-  const T pi = abs_(zi) + eps<T>();
+  const SplitWeights<T> w = split_weights<kTol>(abs_(zr), abs_(zi), tol);
+  const T pr = w.wr + eps<T>();
+  const T pi = w.wi + eps<T>();
   const T inv = T(1) / (pr + pi);
   const T q = pr * inv;
   g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
+  // dq / d|zr| and dq / d|zi|
+  const T kr = pi * w.live_r * inv * inv;
+  const T ki = -pr * w.live_i * inv * inv;
+  const T dq_dzi = ki * sgn(zi);
   BiasSplitGrad<T> out;
-  out.rel = g + gb * ((pi * sgn(zr) + pr * sgn(zi)) * inv * inv);
-  out.total = -gb * (pr * sgn(zi) * inv * inv);
+  out.rel = g + gb * (kr * sgn(zr) - dq_dzi);
+  out.total = gb * dq_dzi;
   out.bias = g * q;
   return out;
 }
 
 // ---------------------------------------------------------------------------------
 // Eval batchnorm split `scale * a + shift`, optionally followed by ReLU.
-//   sr = scale r, si = scale (total - r), q = |sr| / (|sr| + |si|), q = 0 where 0/0
-//   (no eps, as in the reference); out = sr + q * shift, then relu(out) when asked.
+//   sr = scale r, si = scale (total - r), (A, B) = split_weights(|sr|, |si|, tol)
+//   q = A / (A + B), q = 0 where 0/0 (no eps, as in the reference);
+//   out = sr + q * shift, then relu(out) when asked.
 // ---------------------------------------------------------------------------------
-template <typename T>
-FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE T bn_split(T r, T total, T scale, T shift, bool relu, T tol = T(0)) {
   const T sr = scale * r;
-  const T si = scale * (total - r);
-  const T denom = abs_(sr) + abs_(si);
-  // denom = 0 implies |sr| = 0, so dividing by 1 there gives the rule's q = 0. Written
+  const SplitWeights<T> w = split_weights<kTol>(abs_(sr), abs_(scale * (total - r)), tol);
+  const T denom = w.wr + w.wi;
+  // denom = 0 implies A = 0, so dividing by 1 there gives the rule's q = 0. Written
   // as arithmetic (not a branch around the division) so that gcc vectorises the loops.
-  const T q = abs_(sr) / (denom + T(denom == T(0)));
+  const T q = w.wr / (denom + T(denom == T(0)));
   const T out = sr + q * shift;
   return relu ? relu_(out) : out;
 }
 
-// Gradient of bn_split for one element. With A = |sr|, B = |si|, D = A + B:
-//   dq/dA = B / D^2, dq/dB = -A / D^2; where D = 0, q is the constant 0 (zero gradient).
+// Gradient of bn_split for one element. With D = A + B: dq = (B dA - A dB) / D^2, through
+// |sr| and |si|; where D = 0, q is the constant 0 (zero gradient).
 template <typename T>
 struct BnSplitGrad {
   T rel;    // per element
@@ -110,22 +141,22 @@ struct BnSplitGrad {
   T shift;  // summed over masks and positions by the caller
 };
 
-template <typename T>
-FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T shift, bool relu) {
+template <bool kTol = false, typename T>
+FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T shift, bool relu,
+                                                 T tol = T(0)) {
   const T ir = total - r;
   const T sr = scale * r;
   const T si = scale * ir;
-  const T a = abs_(sr);
-  const T b = abs_(si);
+  const SplitWeights<T> w = split_weights<kTol>(abs_(sr), abs_(si), tol);
+  const T a = w.wr, b = w.wi;
   const T denom = a + b;
   const T inv_any = T(1) / (denom + T(denom == T(0)));  // finite everywhere, no branch
   const T inv = denom == T(0) ? T(0) : inv_any;           // q is the constant 0 there
   const T q = a * inv;
   g = (relu && sr + q * shift < T(0)) ? T(0) : g;
-  // d q = (b sgn(sr) d(sr) - a sgn(si) d(si)) / D^2, with d(sr) = s dr + r ds and
-  // d(si) = s (dt - dr) + ir ds.
-  const T ka = b * sgn(sr) * inv * inv;   // dq/d(sr)
-  const T kb = -a * sgn(si) * inv * inv;  // dq/d(si)
+  // dq/d(sr) and dq/d(si), with d(sr) = s dr + r ds and d(si) = s (dt - dr) + ir ds
+  const T ka = b * w.live_r * inv * inv * sgn(sr);
+  const T kb = -a * w.live_i * inv * inv * sgn(si);
   const T gc = g * shift;
   BnSplitGrad<T> out;
   out.rel = g * scale + gc * (ka - kb) * scale;

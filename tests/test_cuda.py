@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from fastacd import ops
 from fastacd.ops import torch_ops as _torch_ops
 
-from test_ops import CUDA_DTYPES, channel_vec, close, lstm_inputs, oracle_dtype, split_inputs
+from test_ops import (CUDA_DTYPES, _check_tol_snaps_everything, _check_tol_zero_is_no_tol, channel_vec, close,
+                      lstm_inputs, oracle_dtype, split_inputs, tol_like)
 
 needs_compiled = pytest.mark.skipif(not ops.HAS_COMPILED, reason="compiled extension fastacd._C not built")
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,14 +250,54 @@ def test_inplace_splits_cuda(dtype, shape):
 
 @needs_compiled
 @cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (4, 6), (2, 3, 7), (0, 3, 4, 4)], ids=str)
+def test_splits_with_tol_cuda(dtype, shape):
+    """The per-element tol on CUDA (the op tests check a random tol against the formula): tol = 0
+    is no tol bit for bit in every form (forward, in place, backward); a tol above every part
+    snaps them all (half the bias to each part, no shift); the in-place forms equal the
+    functional ones; float32 agrees with the CPU kernels."""
+    for relu in (False, True):
+        _check_tol_zero_is_no_tol("cuda", dtype, shape, relu)
+        _check_tol_snaps_everything("cuda", dtype, shape, relu)
+    gen = torch.Generator().manual_seed(21)
+    rel, total = split_inputs(shape, dtype, "cuda", gen, False)
+    c = channel_vec(shape[1], dtype, "cuda", gen)
+    tol = tol_like(total, gen)
+    for relu in (False, True):
+        assert torch.equal(torch.ops.fastacd.bias_split_(rel.clone(), total, c, relu, tol),
+                           torch.ops.fastacd.bias_split(rel, total, c, relu, tol))
+        assert torch.equal(ops.bn_split_(rel.clone(), total, c, c.flip(0), relu, tol),
+                           ops.bn_split(rel, total, c, c.flip(0), relu, tol))
+    if dtype == torch.float32:
+        args = [t.cpu() for t in (rel, total, c)]
+        close(ops.bias_split(rel, total, c, True, tol).cpu(), ops.bias_split(*args, True, tol.cpu()))
+        close(ops.bn_split(rel, total, c, c, False, tol).cpu(), ops.bn_split(*args, c.cpu(), False, tol.cpu()))
+
+
+@needs_compiled
+@cuda
+def test_tol_device_mismatch_cuda():
+    rel, total = torch.zeros(2, 3, device="cuda"), torch.zeros(1, 3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"expected tol on cuda"):
+        torch.ops.fastacd.bias_split(rel, total, torch.zeros(3, device="cuda"), False, torch.zeros(1, 3))
+    with pytest.raises(RuntimeError, match=r"fastacd::bn_split_backward: expected tol on cuda"):
+        torch.ops.fastacd.bn_split_backward(rel.expand(2, 3), rel, total, total[0], total[0], False,
+                                            torch.zeros(1, 3))
+
+
+@needs_compiled
+@cuda
 def test_inplace_opcheck_cuda():
     gen = torch.Generator().manual_seed(2)
     rel, total = split_inputs((2, 3, 4, 5), torch.float32, "cuda", gen, False, zeros=0)
     c = channel_vec(3, torch.float32, "cuda", gen)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastacd.bias_split_.default, (rel.clone(), total, c, True), test_utils=utils)
-    torch.library.opcheck(torch.ops.fastacd.bn_split_.default, (rel.clone(), total, c, c.flip(0), True),
-                          test_utils=utils)
+    for tol in (None, tol_like(total, gen)):
+        torch.library.opcheck(torch.ops.fastacd.bias_split_.default, (rel.clone(), total, c, True, tol),
+                              test_utils=utils)
+        torch.library.opcheck(torch.ops.fastacd.bn_split_.default, (rel.clone(), total, c, c.flip(0), True, tol),
+                              test_utils=utils)
 
 
 # ---- grid-stride loops past one pass: more than 2^28 = kMaxBlocks * kThreads elements
@@ -362,6 +403,13 @@ def test_m0_backward_cuda(dtype):
     s = channel_vec(3, dtype, "cuda", gen).requires_grad_()
     r = rel.requires_grad_()
     (ops.bias_split(r, total, c, True).sum() + ops.bn_split(r, total, s, c, True).sum()).backward()
+    assert r.grad.shape == (0, 3, 4, 4)
+    for t in (total, c, s):
+        assert t.grad is not None and not t.grad.any()
+    tol = tol_like(total.detach(), gen)
+    for t in (r, total, c, s):
+        t.grad = None
+    (ops.bias_split(r, total, c, True, tol).sum() + ops.bn_split(r, total, s, c, False, tol).sum()).backward()
     assert r.grad.shape == (0, 3, 4, 4)
     for t in (total, c, s):
         assert t.grad is not None and not t.grad.any()

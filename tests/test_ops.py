@@ -66,49 +66,211 @@ def channel_vec(c, dtype, device, gen, zeros=0.0):
     return randn(c, dtype=dtype, device=device, gen=gen, zeros=zeros)
 
 
+def tol_like(total, gen, noncontig=False):
+    """A per-element tolerance of total's shape (numerical zero, design.md section 9): random
+    thresholds of about the parts' own size, so that some parts snap to zero and others do
+    not; a few exact 0s (nothing snaps there)."""
+    t = randn(*total.shape, dtype=total.dtype, device=total.device, gen=gen, zeros=0.1, noncontig=noncontig)
+    return (0.5 * t).abs()
+
+
+def _to(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 # --------------------------------------------------------------------------- forward vs oracle
 
-def _check_bias_split(device, dtype, shape, relu, noncontig):
+def _check_bias_split(device, dtype, shape, relu, noncontig, with_tol=False):
     gen = torch.Generator().manual_seed(0)
     rel, total = split_inputs(shape, dtype, device, gen, noncontig)
     bias = channel_vec(shape[1], dtype, device, gen)
-    out = torch.ops.fastacd.bias_split(rel, total, bias, relu)
+    tol = tol_like(total, gen, noncontig) if with_tol else None
+    out = torch.ops.fastacd.bias_split(rel, total, bias, relu, tol)
     od = oracle_dtype(dtype)
-    expected = _torch_ops.bias_split(rel.to(od), total.to(od), bias.to(od), relu)
+    expected = _torch_ops.bias_split(rel.to(od), total.to(od), bias.to(od), relu, _to(tol, od))
     assert out.shape == rel.shape and out.dtype == dtype and out.device == rel.device
     close(out, expected, dtype)
-    close(ops.bias_split(rel, total, bias, relu), expected, dtype)
+    close(ops.bias_split(rel, total, bias, relu, tol), expected, dtype)
 
 
-def _check_bn_split(device, dtype, shape, relu, noncontig):
+def _check_bn_split(device, dtype, shape, relu, noncontig, with_tol=False):
     gen = torch.Generator().manual_seed(1)
     rel, total = split_inputs(shape, dtype, device, gen, noncontig)
     scale = channel_vec(shape[1], dtype, device, gen, zeros=0.3)
     shift = channel_vec(shape[1], dtype, device, gen)
-    out = torch.ops.fastacd.bn_split(rel, total, scale, shift, relu)
+    tol = tol_like(total, gen, noncontig) if with_tol else None
+    out = torch.ops.fastacd.bn_split(rel, total, scale, shift, relu, tol)
     od = oracle_dtype(dtype)
-    expected = _torch_ops.bn_split(rel.to(od), total.to(od), scale.to(od), shift.to(od), relu)
+    expected = _torch_ops.bn_split(rel.to(od), total.to(od), scale.to(od), shift.to(od), relu, _to(tol, od))
     assert out.shape == rel.shape and out.dtype == dtype
     close(out, expected, dtype)
-    close(ops.bn_split(rel, total, scale, shift, relu), expected, dtype)
+    close(ops.bn_split(rel, total, scale, shift, relu, tol), expected, dtype)
 
 
 @needs_compiled
+@pytest.mark.parametrize("with_tol", [False, True], ids=["notol", "tol"])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 @pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_bias_split_cpu(dtype, shape, relu, noncontig):
-    _check_bias_split("cpu", dtype, shape, relu, noncontig)
+def test_bias_split_cpu(dtype, shape, relu, noncontig, with_tol):
+    _check_bias_split("cpu", dtype, shape, relu, noncontig, with_tol)
 
 
 @needs_compiled
+@pytest.mark.parametrize("with_tol", [False, True], ids=["notol", "tol"])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 @pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_bn_split_cpu(dtype, shape, relu, noncontig):
-    _check_bn_split("cpu", dtype, shape, relu, noncontig)
+def test_bn_split_cpu(dtype, shape, relu, noncontig, with_tol):
+    _check_bn_split("cpu", dtype, shape, relu, noncontig, with_tol)
+
+
+# --------------------------------------------------------------------------- tol (numerical zero)
+
+def _split_calls(rel, total, bias, scale, relu, tol):
+    """Every compiled split form on one input, with tol: the functional ops, the in-place ops
+    and both backward ops (grad = a fixed random tensor)."""
+    grad = torch.linspace(-1, 2, rel.numel(), dtype=rel.dtype, device=rel.device).reshape(rel.shape)
+    return (torch.ops.fastacd.bias_split(rel, total, bias, relu, tol),
+            torch.ops.fastacd.bias_split_(rel.clone(), total, bias, relu, tol),
+            *torch.ops.fastacd.bias_split_backward(grad, rel, total, bias, relu, tol),
+            torch.ops.fastacd.bn_split(rel, total, scale, bias, relu, tol),
+            torch.ops.fastacd.bn_split_(rel.clone(), total, scale, bias, relu, tol),
+            *torch.ops.fastacd.bn_split_backward(grad, rel, total, scale, bias, relu, tol))
+
+
+def _check_tol_zero_is_no_tol(device, dtype, shape, relu):
+    gen = torch.Generator().manual_seed(16)
+    rel, total = split_inputs(shape, dtype, device, gen, False)
+    bias, scale = channel_vec(shape[1], dtype, device, gen), channel_vec(shape[1], dtype, device, gen, zeros=0.3)
+    without = _split_calls(rel, total, bias, scale, relu, None)
+    with_zero = _split_calls(rel, total, bias, scale, relu, torch.zeros_like(total))
+    for a, b in zip(without, with_zero):
+        assert torch.equal(a, b)  # bit for bit (|x| < 0 never holds)
+
+
+@needs_compiled
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_tol_zero_is_no_tol(dtype, shape, relu):
+    """tol = 0 gives the results without tol, bit for bit, in every form (forward, in place,
+    backward), with exact zeros in the inputs (the eps and 0/0 paths)."""
+    _check_tol_zero_is_no_tol("cpu", dtype, shape, relu)
+
+
+def _check_tol_snaps_everything(device, dtype, shape, relu):
+    """A tol above every part: every irrelevant part is a residue where the relevant part is
+    nonzero, so the bias (bn: the shift) goes to the relevant part there; where the relevant
+    part is exactly zero the irrelevant one keeps everything (the empty mask stays empty)."""
+    gen = torch.Generator().manual_seed(17)
+    rel, total = split_inputs(shape, dtype, device, gen, False)
+    bias, scale = channel_vec(shape[1], dtype, device, gen), channel_vec(shape[1], dtype, device, gen, zeros=0.3)
+    tol = torch.full_like(total, 1e4)
+    view = (1, -1) + (1,) * (rel.dim() - 2)
+    b, s = bias.reshape(view), scale.reshape(view)
+    act = (lambda x: x.clamp_min(0)) if relu else (lambda x: x)
+    want_bias = act(rel + torch.where(rel != 0, b, 0))
+    want_bn = act(s * rel + torch.where(s * rel != 0, b, 0))
+    tight = dict(rtol=1e-3, atol=1e-3) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-6, atol=1e-6)
+    for got in (torch.ops.fastacd.bias_split(rel, total, bias, relu, tol),
+                torch.ops.fastacd.bias_split_(rel.clone(), total, bias, relu, tol),
+                ops.bias_split(rel, total, bias, relu, tol), _torch_ops.bias_split(rel, total, bias, relu, tol)):
+        torch.testing.assert_close(got, want_bias, **tight)
+    for got in (torch.ops.fastacd.bn_split(rel, total, scale, bias, relu, tol),
+                torch.ops.fastacd.bn_split_(rel.clone(), total, scale, bias, relu, tol),
+                _torch_ops.bn_split(rel, total, scale, bias, relu, tol)):
+        torch.testing.assert_close(got, want_bn, **tight)
+
+
+def _split_by_hand(zr: float, zi: float, tol: float, floor: float = 100.0, eps: float = 1e-20):
+    """The numerical-zero weights (docs/engine.md), transcribed for scalars: an irrelevant part
+    below tol is zero where the relevant one is not; each nonzero part gets e^2/(ar+ai+e)."""
+    ar, ai = abs(zr), abs(zi)
+    if ai < tol and ar > 0:
+        ai = 0.0
+    e = floor * tol
+    sm = e * e / (ar + ai + e) if ar + ai + e > 0 else 0.0
+    return ar + (sm if ar > 0 else 0.0) + eps, ai + (sm if ai > 0 else 0.0) + eps
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_tol_threshold_is_strict(device):
+    """Hand-computed, a = 3, s = 1, bias / shift 6, two masks: r = 1 (i = 2) and r = 2 (i = 1),
+    against the scalar transcription: a part equal to its threshold is not a residue (strict
+    <), one ulp above it it is; the formula, the wrapper and every compiled form agree."""
+    d = dict(dtype=torch.float64, device=device)
+    rel, total = torch.tensor([[[1.0]], [[2.0]]], **d), torch.full((1, 1, 1), 3.0, **d)
+    one, b = torch.ones(1, **d), torch.tensor([6.0], **d)
+
+    def up(x):  # one ulp above x
+        return torch.nextafter(torch.tensor(x, dtype=torch.float64), torch.tensor(9.0, dtype=torch.float64)).item()
+
+    fns = [_torch_ops.bias_split, ops.bias_split]
+    bn_fns = [_torch_ops.bn_split, ops.bn_split]
+    if ops.HAS_COMPILED:
+        fns += [torch.ops.fastacd.bias_split, lambda r, *a: torch.ops.fastacd.bias_split_(r.clone(), *a)]
+        bn_fns += [torch.ops.fastacd.bn_split, lambda r, *a: torch.ops.fastacd.bn_split_(r.clone(), *a)]
+    for x in (1e-3, 1.0, up(1.0), 2.0, up(2.0)):
+        tol = torch.full((1, 1, 1), x, **d)
+        bias_want, bn_want = [], []
+        for r in (1.0, 2.0):
+            wr, wi = _split_by_hand(r, 3.0 - r, x)
+            bias_want.append(r + wr / (wr + wi) * 6)
+            wr, wi = _split_by_hand(r, 3.0 - r, x, eps=0.0)
+            bn_want.append(r + wr / (wr + wi) * 6)
+        for fn in fns:
+            assert fn(rel, total, b, False, tol).flatten().tolist() == pytest.approx(bias_want, rel=1e-13)
+        for fn in bn_fns:
+            assert fn(rel, total, one, b, False, tol).flatten().tolist() == pytest.approx(bn_want, rel=1e-13)
+    # one ulp above 1: the mask r = 2 has its irrelevant part (1) as a residue: all to relevant
+    tol = torch.full((1, 1, 1), up(1.0), **d)
+    assert _torch_ops.bias_split(rel, total, b, False, tol)[1].item() == pytest.approx(8.0, rel=1e-15)
+    assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 1.0, **d))[1].item() < 8.0 - 1e-3
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_tol_broadcasts_in_the_wrappers(dtype):
+    """fastacd.ops expands a tol that broadcasts to the total's shape (one per channel, one for
+    all) and casts it to the total's dtype; the compiled ops take exactly the total's shape."""
+    gen = torch.Generator().manual_seed(18)
+    for shape, tol_shape in (((3, 4, 5, 6), (1, 4, 1, 1)), ((3, 4, 5, 6), ()), ((5, 7), (1, 1)), ((5, 7), (7,)),
+                             ((2, 3, 4), (1, 1, 4))):
+        rel, total = split_inputs(shape, dtype, "cpu", gen, False)
+        c = channel_vec(shape[1], dtype, "cpu", gen)
+        tol = 0.5 * torch.rand(tol_shape, generator=gen, dtype=torch.float64)
+        full = tol.to(dtype).expand(total.shape).contiguous()
+        assert torch.equal(ops.bias_split(rel, total, c, True, tol), torch.ops.fastacd.bias_split(rel, total, c,
+                                                                                                  True, full))
+        assert torch.equal(ops.bn_split(rel, total, c, c, False, tol), torch.ops.fastacd.bn_split(rel, total, c, c,
+                                                                                                  False, full))
+        assert torch.equal(ops.bias_split_(rel.clone(), total, c, False, tol),
+                           torch.ops.fastacd.bias_split(rel, total, c, False, full))
+        assert torch.equal(ops.bn_split_(rel.clone(), total, c, c, True, tol),
+                           torch.ops.fastacd.bn_split(rel, total, c, c, True, full))
+        if tol.dim():
+            with pytest.raises(RuntimeError, match="tol must have the shape of total_pre"):
+                torch.ops.fastacd.bias_split(rel, total, c, True, tol.to(dtype))
+    with pytest.raises(RuntimeError):  # not broadcastable: torch's own error
+        ops.bias_split(rel, total, c, True, torch.zeros(1, 2, 1))
+
+
+@needs_compiled
+def test_tol_gets_no_gradient():
+    """tol is a threshold (from the total pass, under no_grad in practice): None for it, and
+    the other gradients are those of the formula with the snapped parts as constants."""
+    gen = torch.Generator().manual_seed(19)
+    rel, total = split_inputs((3, 2, 4), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(2, torch.float64, "cpu", gen)
+    for fn in (lambda r, t, tol: ops.bias_split(r, t, c, True, tol), lambda r, t, tol: ops.bn_split(r, t, c, c, True,
+                                                                                                   tol)):
+        r, t = rel.clone().requires_grad_(), total.clone().requires_grad_()
+        tol = tol_like(total, gen).requires_grad_()
+        fn(r, t, tol).sum().backward()
+        assert tol.grad is None and r.grad is not None and t.grad is not None
 
 
 def test_bias_split_eps_and_bn_zero_rules():
@@ -258,12 +420,23 @@ def _grad_cases(device="cpu", dtype=torch.float64):
     s2 = channel_vec(2, dtype, device, gen)
     prel, idx = pool_inputs((5, 6), F.max_pool2d, dict(kernel_size=3, stride=2, padding=1), 3, 2, dtype, device, gen)
     lstm = lstm_inputs(3, 4, dtype, device, gen)
+    # thresholds that snap some parts (one or both) and not others, none within gradcheck's
+    # step of a part (there the split jumps)
+    tol, lin_tol = tol_like(total, gen), tol_like(lin_total, gen)
     return [
         ("bias_split", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (False,)),
         ("bias_split_relu", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (True,)),
         ("bias_split_linear", ops.bias_split, _torch_ops.bias_split, (lin_rel, lin_total, c5), (True,)),
         ("bn_split", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (False,)),
         ("bn_split_relu", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (True,)),
+        ("bias_split_tol", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (False, tol)),
+        ("bias_split_relu_tol", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (True, tol)),
+        ("bias_split_linear_tol", ops.bias_split, _torch_ops.bias_split, (lin_rel, lin_total, c5),
+         (True, lin_tol)),
+        ("bn_split_tol", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (False, tol)),
+        ("bn_split_relu_tol", ops.bn_split, _torch_ops.bn_split, (rel, total, s2, c2), (True, tol)),
+        ("bn_split_linear_tol", ops.bn_split, _torch_ops.bn_split, (lin_rel, lin_total, c5, c5.flip(0)),
+         (False, lin_tol)),
         ("maxpool_gather", lambda r: ops.maxpool_gather(r, idx), lambda r: _torch_ops.maxpool_gather(r, idx),
          (prel,), ()),
         ("lstm_first", ops.lstm_cd_cell, _torch_ops.lstm_cd_cell, lstm, (True,)),
@@ -336,10 +509,14 @@ def _opcheck_cases():
     c = channel_vec(3, torch.float64, "cpu", gen)
     prel, idx = pool_inputs((6, 6), F.max_pool2d, dict(kernel_size=2), 2, 3, torch.float64, "cpu", gen)
     lstm = lstm_inputs(3, 4, torch.float64, "cpu", gen)
+    tol = tol_like(total, gen)
     return {
         "bias_split": ("bias_split", (rel, total, c, True)),
         "bias_split_linear": ("bias_split", (rel[:, :, 0, 0], total[:, :, 0, 0], c, False)),
         "bn_split": ("bn_split", (rel, total, c, c.flip(0), True)),
+        "bias_split_tol": ("bias_split", (rel, total, c, True, tol)),
+        "bias_split_linear_tol": ("bias_split", (rel[:, :, 0, 0], total[:, :, 0, 0], c, False, tol[:, :, 0, 0])),
+        "bn_split_tol": ("bn_split", (rel, total, c, c.flip(0), False, tol)),
         "maxpool_gather": ("maxpool_gather", (prel, idx)),
         "lstm_cd_cell": ("lstm_cd_cell", (*lstm, False)),
     }
@@ -349,8 +526,8 @@ def _opcheck_cases():
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
-    args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    args = tuple(a.detach().requires_grad_(a.is_floating_point() and i < 4) if isinstance(a, torch.Tensor) else a
+                 for i, a in enumerate(args))  # (tol, argument 5 or 6, is a threshold: no grad)
     torch.library.opcheck(getattr(torch.ops.fastacd, op).default, args)
 
 
@@ -362,9 +539,12 @@ def test_backward_ops_opcheck():
     _, idx = F.max_pool1d(total, 2, return_indices=True)
     lstm = lstm_inputs(2, 3, torch.float64, "cpu", gen)
     g = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    tol = tol_like(total, gen)
     checks = [
         (torch.ops.fastacd.bias_split_backward.default, (torch.randn_like(rel), rel, total, c, True)),
         (torch.ops.fastacd.bn_split_backward.default, (torch.randn_like(rel), rel, total, c, c, False)),
+        (torch.ops.fastacd.bias_split_backward.default, (torch.randn_like(rel), rel, total, c, True, tol)),
+        (torch.ops.fastacd.bn_split_backward.default, (torch.randn_like(rel), rel, total, c, c, False, tol)),
         (torch.ops.fastacd.maxpool_gather_backward.default, (torch.randn(2, 3, 2, dtype=torch.float64), idx,
                                                               [2, 3, 4])),
         (torch.ops.fastacd.lstm_cd_cell_backward.default, (g, g.flip(0), *lstm, False)),
@@ -398,6 +578,33 @@ def test_torch_compile_fullgraph():
         outs = fn(r, total, c, idx, lstm)
         (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), r)
         results.append((*outs, grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@needs_compiled
+def test_torch_compile_fullgraph_tol():
+    """The split ops with tol (a tensor argument of their own, no gradient) under
+    torch.compile(fullgraph=True): forward and backward as in eager."""
+    gen = torch.Generator().manual_seed(20)
+    rel, total = split_inputs((2, 3, 4, 4), torch.float64, "cpu", gen, False, zeros=0)
+    c = channel_vec(3, torch.float64, "cpu", gen)
+    tol = tol_like(total, gen)
+    lin_rel, lin_total = split_inputs((2, 5), torch.float64, "cpu", gen, False, zeros=0)
+    c5 = channel_vec(5, torch.float64, "cpu", gen)
+
+    def f(rel, total, c, tol, lin_rel):
+        x = ops.bias_split(rel, total, c, True, tol)
+        x = ops.bn_split(x, total, c, c.flip(0), False, tol)
+        y = ops.bias_split(lin_rel + x.sum(), lin_total, c5, False, 0.5 * lin_total.abs())
+        return x, y
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        r, lr = rel.detach().requires_grad_(), lin_rel.detach().requires_grad_()
+        outs = fn(r, total, c, tol, lr)
+        results.append((*outs, *torch.autograd.grad(sum(o.sum() for o in outs), (r, lr))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
 
@@ -437,6 +644,29 @@ def test_torch_compile_inductor():
                                           torch.zeros(3, dtype=torch.int64)), r"rel_pre has dtype Long"),
     (lambda: torch.ops.fastacd.bn_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(2)),
      r"shift must have shape \(C,\) = \(3,\)"),
+    # tol: total's shape, dtype and device, in every split form
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3, 4), torch.zeros(1, 3, 4), torch.zeros(3), False,
+                                          torch.zeros(2, 3, 4)),
+     r"fastacd::bias_split: tol must have the shape of total_pre \[1, 3, 4\] \(one threshold per element\), "
+     r"got \[2, 3, 4\]"),
+    (lambda: torch.ops.fastacd.bias_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3), False,
+                                          torch.zeros(1, 3, dtype=torch.float64)),
+     r"tol has dtype Double but rel_pre has dtype Float"),
+    (lambda: torch.ops.fastacd.bias_split_(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3), False,
+                                           torch.zeros(3)), r"fastacd::bias_split_: tol must have the shape of total_pre"),
+    (lambda: torch.ops.fastacd.bias_split_backward(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(1, 3),
+                                                   torch.zeros(3), False, torch.zeros(1, 1)),
+     r"fastacd::bias_split_backward: tol must have the shape of total_pre \[1, 3\]"),
+    (lambda: torch.ops.fastacd.bn_split(torch.zeros(2, 3, 2), torch.zeros(1, 3, 2), torch.zeros(3), torch.zeros(3),
+                                        True, torch.zeros(1, 3, 2, dtype=torch.int32)),
+     r"tol has dtype Int; supported on cpu: float32, float64"),
+    (lambda: torch.ops.fastacd.bn_split_(torch.zeros(2, 3, 2), torch.zeros(1, 3, 2), torch.zeros(3), torch.zeros(3),
+                                         True, torch.zeros(1, 3, 1)),
+     r"fastacd::bn_split_: tol must have the shape of total \[1, 3, 2\]"),
+    (lambda: torch.ops.fastacd.bn_split_backward(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(1, 3),
+                                                 torch.zeros(3), torch.zeros(3), False,
+                                                 torch.zeros(1, 3, dtype=torch.float64)),
+     r"fastacd::bn_split_backward: tol has dtype Double but rel has dtype Float"),
     (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 2, 2, dtype=torch.int32)),
      r"indices must be int64"),
     (lambda: torch.ops.fastacd.maxpool_gather(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 2, 2, dtype=torch.int64)),
@@ -469,6 +699,9 @@ def test_device_mismatch_error():
     fake kernel; the CUDA launchers check the same, see test_cuda_device_mismatch)."""
     with pytest.raises(RuntimeError, match=r"bias is on meta but rel_pre is on cpu"):
         torch.ops.fastacd.bias_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3, device="meta"))
+    with pytest.raises(RuntimeError, match=r"tol is on meta but rel is on cpu"):
+        torch.ops.fastacd.bn_split(torch.zeros(2, 3), torch.zeros(1, 3), torch.zeros(3), torch.zeros(3), False,
+                                   torch.zeros(1, 3, device="meta"))
 
 
 # --------------------------------------------------------------------------- dtype promotion
@@ -499,6 +732,17 @@ def test_mixed_dtypes_are_promoted(compiled, monkeypatch):
     buf = rel.float()
     ops.bn_split_(buf, total, s32.double(), c32, False)
     close(buf, _torch_ops.bn_split(rel.float(), total.float(), s32, c32, False))
+    # tol takes the total's dtype and promotes nothing (it is only compared with)
+    tol = tol_like(total, gen)
+    out = ops.bias_split(rel.float(), total.float(), c32, True, tol)
+    assert out.dtype == torch.float32
+    close(out, _torch_ops.bias_split(rel.float(), total.float(), c32, True, tol.float()))
+    out = ops.bn_split(rel, total, s32, c32, False, tol.float())
+    assert out.dtype == torch.float64
+    close(out, _torch_ops.bn_split(rel, total, s32.double(), c32.double(), False, tol.float().double()))
+    buf = rel.float()
+    ops.bn_split_(buf, total, s32, c32, True, tol)
+    close(buf, _torch_ops.bn_split(rel.float(), total.float(), s32, c32, True, tol.float()))
     lstm = list(lstm_inputs(3, 4, torch.float64, "cpu", gen))
     lstm[1], lstm[2] = lstm[1].float(), lstm[2].float()  # total_gates, bias in float32
     got = ops.lstm_cd_cell(*lstm, False)
@@ -523,6 +767,11 @@ def test_fallback_when_not_compiled(monkeypatch):
     c = channel_vec(3, torch.float64, "cpu", gen)
     assert torch.equal(ops.bias_split(rel, total, c, True), _torch_ops.bias_split(rel, total, c, True))
     assert torch.equal(ops.bn_split(rel, total, c, c), _torch_ops.bn_split(rel, total, c, c))
+    tol = tol_like(total, gen)
+    assert torch.equal(ops.bias_split(rel, total, c, True, tol), _torch_ops.bias_split(rel, total, c, True, tol))
+    assert torch.equal(ops.bn_split(rel, total, c, c, False, tol), _torch_ops.bn_split(rel, total, c, c, False, tol))
+    assert torch.equal(ops.bias_split_(rel.clone(), total, c, True, tol[0, 0]),  # broadcast here too
+                       _torch_ops.bias_split(rel, total, c, True, tol[0, 0].expand_as(total)))
     _, idx = F.max_pool1d(total, 2, return_indices=True)
     assert torch.equal(ops.maxpool_gather(rel, idx), _torch_ops.maxpool_gather(rel, idx))
     lstm = lstm_inputs(2, 3, torch.float64, "cpu", gen)
@@ -558,8 +807,9 @@ def test_build_info():
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (4, 6), (2, 2, 3, 4, 5), (0, 3, 4, 4)], ids=str)
 def test_split_ops_cuda(dtype, shape):
     for relu in (False, True):
-        _check_bias_split("cuda", dtype, shape, relu, noncontig=True)
-        _check_bn_split("cuda", dtype, shape, relu, noncontig=False)
+        for with_tol in (False, True):
+            _check_bias_split("cuda", dtype, shape, relu, noncontig=True, with_tol=with_tol)
+            _check_bn_split("cuda", dtype, shape, relu, noncontig=False, with_tol=with_tol)
 
 
 @needs_compiled
@@ -604,29 +854,32 @@ def test_opcheck_cuda():
 
 # --------------------------------------------------------------------------- in-place bias split
 @needs_compiled
+@pytest.mark.parametrize("with_tol", [False, True], ids=["notol", "tol"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 7), (2, 3, 4)])
 @pytest.mark.parametrize("relu", [False, True])
-def test_bias_split_inplace_equals_functional(shape, dtype, relu):
+def test_bias_split_inplace_equals_functional(shape, dtype, relu, with_tol):
     g = torch.Generator().manual_seed(3)
     rel = torch.randn(shape, generator=g, dtype=dtype)
     total = torch.randn((1,) + shape[1:], generator=g, dtype=dtype)
     bias = torch.randn(shape[1], generator=g, dtype=dtype)
-    want = _torch_ops.bias_split(rel, total, bias, relu)
+    tol = tol_like(total, g) if with_tol else None
+    want = _torch_ops.bias_split(rel, total, bias, relu, tol)
     buf = rel.clone()
-    got = torch.ops.fastacd.bias_split_(buf, total, bias, relu)
+    got = torch.ops.fastacd.bias_split_(buf, total, bias, relu, tol)
     assert got.data_ptr() == buf.data_ptr()  # written in place
     torch.testing.assert_close(buf, want)
-    torch.testing.assert_close(buf, ops.bias_split(rel, total, bias, relu), rtol=0, atol=0)
-    torch.testing.assert_close(ops.bias_split_(rel.clone(), total, bias, relu), want)
-    torch.testing.assert_close(_torch_ops.bias_split_(rel.clone(), total, bias, relu), want)
+    torch.testing.assert_close(buf, ops.bias_split(rel, total, bias, relu, tol), rtol=0, atol=0)
+    torch.testing.assert_close(ops.bias_split_(rel.clone(), total, bias, relu, tol), want)
+    torch.testing.assert_close(_torch_ops.bias_split_(rel.clone(), total, bias, relu, tol), want)
 
 
 @needs_compiled
 def test_bias_split_inplace_opcheck_and_errors():
     rel, total, bias = torch.randn(3, 4, 5), torch.randn(1, 4, 5), torch.randn(4)
-    torch.library.opcheck(torch.ops.fastacd.bias_split_.default, (rel.clone(), total, bias, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for tol in (None, total.abs()):
+        torch.library.opcheck(torch.ops.fastacd.bias_split_.default, (rel.clone(), total, bias, True, tol),
+                              test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match=r"rel_pre must be contiguous to be written in place"):
         torch.ops.fastacd.bias_split_(rel.transpose(1, 2), total.transpose(1, 2), torch.randn(5))
     with pytest.raises(RuntimeError, match=r"bias must have shape \(C,\) = \(4,\)"):
@@ -634,28 +887,31 @@ def test_bias_split_inplace_opcheck_and_errors():
 
 
 @needs_compiled
+@pytest.mark.parametrize("with_tol", [False, True], ids=["notol", "tol"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 7), (2, 3, 4), (0, 3, 2)])
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_split_inplace_equals_functional(shape, dtype, relu):
+def test_bn_split_inplace_equals_functional(shape, dtype, relu, with_tol):
     g = torch.Generator().manual_seed(4)
     rel, total = split_inputs(shape, dtype, "cpu", g, False)  # with exact zeros: the 0/0 rule
     scale, shift = channel_vec(shape[1], dtype, "cpu", g), channel_vec(shape[1], dtype, "cpu", g)
-    want = _torch_ops.bn_split(rel, total, scale, shift, relu)
+    tol = tol_like(total, g) if with_tol else None
+    want = _torch_ops.bn_split(rel, total, scale, shift, relu, tol)
     buf = rel.clone()
-    got = torch.ops.fastacd.bn_split_(buf, total, scale, shift, relu)
+    got = torch.ops.fastacd.bn_split_(buf, total, scale, shift, relu, tol)
     assert got.data_ptr() == buf.data_ptr()  # written in place
     close(buf, want)
-    torch.testing.assert_close(buf, ops.bn_split(rel, total, scale, shift, relu), rtol=0, atol=0)
-    close(ops.bn_split_(rel.clone(), total, scale, shift, relu), want)
-    torch.testing.assert_close(_torch_ops.bn_split_(rel.clone(), total, scale, shift, relu), want)
+    torch.testing.assert_close(buf, ops.bn_split(rel, total, scale, shift, relu, tol), rtol=0, atol=0)
+    close(ops.bn_split_(rel.clone(), total, scale, shift, relu, tol), want)
+    torch.testing.assert_close(_torch_ops.bn_split_(rel.clone(), total, scale, shift, relu, tol), want)
 
 
 @needs_compiled
 def test_bn_split_inplace_opcheck_and_errors():
     rel, total, c = torch.randn(3, 4, 5), torch.randn(1, 4, 5), torch.randn(4)
-    torch.library.opcheck(torch.ops.fastacd.bn_split_.default, (rel.clone(), total, c, c.flip(0), True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for tol in (None, total.abs()):
+        torch.library.opcheck(torch.ops.fastacd.bn_split_.default, (rel.clone(), total, c, c.flip(0), True, tol),
+                              test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match=r"rel must be contiguous to be written in place; use fastacd::bn_split"):
         torch.ops.fastacd.bn_split_(rel.transpose(1, 2), total.transpose(1, 2), torch.randn(5), torch.randn(5))
     with pytest.raises(RuntimeError, match=r"shift must have shape \(C,\) = \(4,\)"):

@@ -137,15 +137,19 @@ class CapturedGraph:
                     last[a] = order[node]
         return last
 
-    def total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
+    def total_pass(self, x: torch.Tensor, zero_tol: float) -> tuple[dict, dict]:
         """The true activation of every node for input x, as the model computes it, and what
         the rules keep of it (``aux``: weights, statistics, argmax indices).
 
-        Shared by the engine and the reference: max-pool indices come from these activations.
+        Shared by the engine and the reference: max-pool indices come from these activations,
+        and the tolerances of numerical zero from the magnitude scales (``Rule.magnitude``;
+        ``zero_tol = 0``: none, the paper's formula).
         """
         values: dict[fx.Node, Any] = {}
         aux: dict[fx.Node, Any] = {}
+        mags: dict[fx.Node, Any] = {self.input_node: x.abs()}  # Rule.magnitude, while read
         value_of = values.__getitem__
+        position = {n: k for k, n in enumerate(self.nodes)}
         batch = x.shape[0]
         for node in self.nodes:
             if node.op == "output":
@@ -172,6 +176,11 @@ class CapturedGraph:
                         f"{tuple(getattr(t, 'shape', ()))} for a batch of {batch}); CD needs every "
                         "input-dependent op to treat samples independently")
             values[node] = out
+            if zero_tol:
+                mags[node], aux[node] = step.rule.magnitude(step, mags, value_of, aux[node], zero_tol)
+            for d in step.dep:
+                if self.last_use.get(d, -1) <= position[node] and d is not self.result_node:
+                    mags.pop(d, None)
         return values, aux
 
 

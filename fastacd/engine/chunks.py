@@ -166,3 +166,16 @@ def reuse_buffers(device: torch.device, budget: int | None = None):
     if device.type != "cpu" or not ops.HAS_COMPILED:
         return contextlib.nullcontext(False)
     return ops.reuse_cpu_buffers(budget or default_memory_budget(device))
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Denormal floats read as zero inside (CPU): the relevant part far from a mask is often
+    tiny (an eps-sized bias share times small weights), and denormal arithmetic is 2-3x
+    slower (random-init ConvNeXt: CD twice as slow). torch has no getter for the flag: it is
+    restored to torch's default, off."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)

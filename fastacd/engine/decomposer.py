@@ -113,12 +113,17 @@ class Decomposer:
     exact float32). ``channels_last``: run the relevant maps of 2-d convolutions in
     channels_last memory format; None chooses (on for bf16 with 2-d convolutions, off for
     float32, where it measured slower end to end).
+
+    ``zero_tol``: numerical zero (docs/engine.md): a split's part below this fraction of its
+    magnitude scale, and not the larger part, counts as zero, so that float32, float64 and
+    batched calls agree; 0 gives the paper's formula (the original package's numbers).
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
                  memory_budget: int | str | None = None, rules: rules_.RuleSet | str | None = None,
                  capture: str = "auto", example_input: torch.Tensor | None = None,
-                 precision: str = "float32", channels_last: bool | None = None):
+                 precision: str = "float32", channels_last: bool | None = None,
+                 zero_tol: float = rules_.ZERO_TOL):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if capture not in CAPTURES:
@@ -152,6 +157,9 @@ class Decomposer:
             raise ValueError(f"precision={precision!r} needs a batched backend: the reference "
                              "backend is the exact oracle")
         self.memory_budget = chunks.parse_budget(memory_budget)
+        if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float)) or not 0 <= zero_tol < 1:
+            raise ValueError(f"zero_tol must be a number in [0, 1) (0: the paper's formula), got {zero_tol!r}")
+        self.zero_tol = float(zero_tol)
         self._ops = ops if self.backend == "compiled" else torch_ops
         self.precision = precision
         if channels_last is None:  # measured: docs/precision.md, "channels_last"
@@ -221,14 +229,14 @@ class Decomposer:
         if relevant_input.shape[0] == 0:
             raise ValueError("empty mask batch: pass at least one mask")
         if self.backend == "reference":
-            rel, irrel = _reference_cd(self.graph, x, relevant_input)
+            rel, irrel = _reference_cd(self.graph, x, relevant_input, self.zero_tol)
             return CDResult(relevant=rel, irrelevant=irrel, output=(rel[0] + irrel[0]))
         values, aux = self._total_pass(x)
         out = values[self.graph.result_node]
         m = relevant_input.shape[0]
         plan = self.pass_plan(values, x, m, chunk_size=chunk_size)
         self._check_grad_budget(values, x, m, relevant_input)
-        with chunks.reuse_buffers(x.device, self.memory_budget):
+        with chunks.reuse_buffers(x.device, self.memory_budget), chunks.denormals_flushed():
             rel = self._planned_pass(relevant_input, values, aux, plan)
         return CDResult(relevant=rel, irrelevant=out - rel, output=out[0])
 
@@ -312,7 +320,7 @@ class Decomposer:
     # ---- the two passes -----------------------------------------------------------------
     def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
         with ops.low_precision(None):  # the totals are exact float32, whatever the precision
-            values, aux = self.graph.total_pass(x)
+            values, aux = self.graph.total_pass(x, self.zero_tol)
         if not all_finite(values[self.graph.result_node]):
             bad = [n for n, p in self.model.named_parameters() if not all_finite(p.detach())]
             raise ValueError("the model's output for this input is not finite (NaN or Inf)"

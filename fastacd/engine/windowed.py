@@ -70,23 +70,27 @@ class _PerMaskOps:
     def _fold(t: torch.Tensor) -> torch.Tensor:
         return t.reshape((1, t.shape[0] * t.shape[1]) + tuple(t.shape[2:]))
 
-    def bias_split(self, rel, total, bias, relu=False, _op="bias_split"):
+    def _fold_tol(self, tol):
+        return None if tol is None else self._fold(tol)
+
+    def bias_split(self, rel, total, bias, relu=False, tol=None, _op="bias_split"):
         split = getattr(self.ops, _op)
         if total.shape[0] == 1:
-            return split(rel, total, bias, relu)
+            return split(rel, total, bias, relu, tol)
         m = rel.shape[0]
-        return split(self._fold(rel), self._fold(total), bias.repeat(m), relu).reshape(rel.shape)
+        return split(self._fold(rel), self._fold(total), bias.repeat(m), relu,
+                     self._fold_tol(tol)).reshape(rel.shape)
 
-    def bias_split_(self, rel, total, bias, relu=False):
+    def bias_split_(self, rel, total, bias, relu=False, tol=None):
         """In place into ``rel`` (folding a contiguous tensor is a view of it)."""
-        return self.bias_split(rel, total, bias, relu, _op="bias_split_")
+        return self.bias_split(rel, total, bias, relu, tol, _op="bias_split_")
 
-    def bn_split(self, rel, total, scale, shift, relu=False):
+    def bn_split(self, rel, total, scale, shift, relu=False, tol=None):
         if total.shape[0] == 1:
-            return self.ops.bn_split(rel, total, scale, shift, relu)
+            return self.ops.bn_split(rel, total, scale, shift, relu, tol)
         m = rel.shape[0]
         return self.ops.bn_split(self._fold(rel), self._fold(total), scale.repeat(m), shift.repeat(m),
-                                 relu).reshape(rel.shape)
+                                 relu, self._fold_tol(tol)).reshape(rel.shape)
 
     def maxpool_gather(self, rel, indices):
         return self.ops.maxpool_gather(rel, indices)
@@ -171,7 +175,9 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
                 out = gather_pool(dec._ops, base_rel[d0], rel[d0], wins[d0], aux[node], win)
             else:
                 crops = _Crops(dec._ops, values, g.dependent, win)
-                out = apply_rule(step, {d: on(d, win) for d in step.dep}, crops, aux.get(node), ops, m, want)
+                entry = step.rule.crop_aux(step, aux.get(node), None,
+                                           lambda t: gather_crop(dec._ops, t, None, None, win))
+                out = apply_rule(step, {d: on(d, win) for d in step.dep}, crops, entry, ops, m, want)
         rel[node], wins[node] = out, win
         if keep is not None:
             # a rule that passes its input through (a ReLU fused into its producer) shares its map
@@ -417,6 +423,11 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
+    with chunks.denormals_flushed():
+        return _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals)
+
+
+def _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals):
     x = dec._check_input(x)
     with dec.compute(x):  # the Decomposer's precision (its totals stay exact float32)
         return _cd_groups(dec, x, groups, chunk_size=chunk_size, max_fraction=max_fraction,

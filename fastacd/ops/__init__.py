@@ -142,6 +142,18 @@ def _like(out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]
     return tuple(t if t.dtype == out.dtype else t.to(out.dtype) for t in tensors)
 
 
+def _tol_for(tol: torch.Tensor | None, total: torch.Tensor) -> torch.Tensor | None:
+    """The split ops' ``tol`` as the kernels take it: ``total``'s dtype (a threshold does not
+    promote the split's dtype, as in the formulas, where it is only compared with) and shape
+    (a broadcastable one, such as one threshold per channel, is expanded; the kernels read
+    one per element)."""
+    if tol is None:
+        return None
+    if tol.dtype != total.dtype:
+        tol = tol.to(total.dtype)
+    return tol if tol.shape == total.shape else tol.expand(total.shape)
+
+
 def _check(cond: bool, op: str, msg: str) -> None:
     # Fake kernels check shapes too, so torch.compile reports bad input when tracing.
     torch._check(cond, lambda: f"fastacd::{op}: {msg}")
@@ -188,131 +200,158 @@ def _unrows(out: torch.Tensor, shape) -> torch.Tensor:
     return out.view(m, h, w, c).permute(0, 3, 1, 2)
 
 
+def _row_tol(tol: torch.Tensor | None) -> torch.Tensor | None:
+    """A (1, C, H, W) tolerance map in the rows form of ``_rows``."""
+    return None if tol is None else tol.permute(0, 2, 3, 1).reshape(1, -1)
+
+
+def _check_tol(op: str, tol, total, total_name: str) -> None:
+    if tol is not None:
+        _check(tol.shape == total.shape, op, f"tol must have the shape of {total_name} {list(total.shape)} (one "
+               f"threshold per element), got {list(tol.shape)}. Broadcast it to that shape or pass None.")
+
+
 # --------------------------------------------------------------------------- bias_split
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
-               relu: bool = False) -> torch.Tensor:
+               relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of a conv/linear layer for M masks (the bias split, then ReLU if asked).
 
     rel_pre (M, C, *S) = W r without bias; total_pre (1, C, *S) = W a without bias;
     bias (C,). Returns (M, C, *S). Linear layers pass (M, F), (1, F), (F,).
+    tol: None, or thresholds broadcastable to total_pre's shape: a part (``|zr|``,
+    ``|total_pre - zr|``) below its threshold counts as zero in the split ratio (design.md
+    section 9); no gradient flows to it.
     """
     rel_pre, total_pre, bias = _promoted(rel_pre, total_pre, bias)
+    tol = _tol_for(tol, total_pre)
     if _compiled(rel_pre) and nhwc(rel_pre):  # keep channels_last: the kernel's rows form
-        return _unrows(torch.ops.fastacd.bias_split.default(*_rows(rel_pre, total_pre, bias), relu), rel_pre.shape)
+        return _unrows(torch.ops.fastacd.bias_split.default(*_rows(rel_pre, total_pre, bias), relu, _row_tol(tol)),
+                       rel_pre.shape)
     if _compiled(rel_pre):
-        return torch.ops.fastacd.bias_split.default(rel_pre, total_pre, bias, relu)
-    return _torch_ops.bias_split(rel_pre, total_pre, bias, relu)
+        return torch.ops.fastacd.bias_split.default(rel_pre, total_pre, bias, relu, tol)
+    return _torch_ops.bias_split(rel_pre, total_pre, bias, relu, tol)
 
 
 if HAS_COMPILED:
     @torch.library.register_fake("fastacd::bias_split")
-    def _bias_split_fake(rel_pre, total_pre, bias, relu=False):
+    def _bias_split_fake(rel_pre, total_pre, bias, relu=False, tol=None):
         op = "bias_split"
-        _check_same_device(op, ("rel_pre", rel_pre), ("total_pre", total_pre), ("bias", bias))
+        _check_same_device(op, ("rel_pre", rel_pre), ("total_pre", total_pre), ("bias", bias),
+                           *([("tol", tol)] if tol is not None else []))
         _check_rel_total(op, rel_pre, "rel_pre", total_pre, "total_pre")
         _check_channel_vector(op, bias, "bias", rel_pre.shape[1])
+        _check_tol(op, tol, total_pre, "total_pre")
         return rel_pre.new_empty(rel_pre.shape)
 
     @torch.library.register_fake("fastacd::bias_split_backward")
-    def _bias_split_backward_fake(grad, rel_pre, total_pre, bias, relu):
+    def _bias_split_backward_fake(grad, rel_pre, total_pre, bias, relu, tol=None):
         return rel_pre.new_empty(rel_pre.shape), total_pre.new_empty(total_pre.shape), bias.new_empty(bias.shape)
 
     def _bias_split_setup(ctx, inputs, output):
-        rel_pre, total_pre, bias = inputs[:3]
-        ctx.relu = inputs[3] if len(inputs) > 3 else False
-        ctx.save_for_backward(rel_pre, total_pre, bias)
+        rel_pre, total_pre, bias, relu, tol = inputs  # (defaults filled in by torch.library)
+        ctx.relu = relu
+        ctx.save_for_backward(rel_pre, total_pre, bias, tol)
 
     def _bias_split_backward(ctx, grad):
-        rel_pre, total_pre, bias = ctx.saved_tensors
+        rel_pre, total_pre, bias, tol = ctx.saved_tensors
         g_rel, g_total, g_bias = torch.ops.fastacd.bias_split_backward.default(
-            grad, rel_pre, total_pre, bias, ctx.relu)
-        return g_rel, g_total, g_bias, None
+            grad, rel_pre, total_pre, bias, ctx.relu, tol)
+        return g_rel, g_total, g_bias, None, None  # tol: a threshold, no gradient
 
     torch.library.register_autograd("fastacd::bias_split", _bias_split_backward, setup_context=_bias_split_setup)
 
 
 def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
-                relu: bool = False) -> torch.Tensor:
+                relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bias_split`` written into ``rel_pre`` (contiguous) and returned; inference only (no
     autograd). On the CPU it saves the page faults of a fresh (M, C, *S) output."""
     if _compiled(rel_pre):
         total_pre, bias = _like(rel_pre, total_pre, bias)
+        tol = _tol_for(tol, total_pre)
         if nhwc(rel_pre):  # written through the rows view of the channels_last map
-            torch.ops.fastacd.bias_split_.default(*_rows(rel_pre, total_pre, bias), relu)
+            torch.ops.fastacd.bias_split_.default(*_rows(rel_pre, total_pre, bias), relu, _row_tol(tol))
             return rel_pre
-        return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu)
-    return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu)
+        return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu, tol)
+    return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu, _tol_for(tol, total_pre))
 
 
 if HAS_COMPILED:
     @torch.library.register_fake("fastacd::bias_split_")
-    def _bias_split_inplace_fake(rel_pre, total_pre, bias, relu=False):
-        _bias_split_fake(rel_pre, total_pre, bias, relu)  # the same checks
+    def _bias_split_inplace_fake(rel_pre, total_pre, bias, relu=False, tol=None):
+        _bias_split_fake(rel_pre, total_pre, bias, relu, tol)  # the same checks
         return rel_pre
 
 
 # --------------------------------------------------------------------------- bn_split
 
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-             relu: bool = False) -> torch.Tensor:
+             relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of an eval batchnorm ``scale * a + shift`` for M masks (then ReLU if asked).
 
     rel (M, C, *S), total (1, C, *S), scale and shift (C,). Returns (M, C, *S).
+    tol: None, or thresholds broadcastable to total's shape: a part (``|s r|``, ``|s i|``)
+    below its threshold counts as zero in the split ratio; no gradient flows to it.
     """
     rel, total, scale, shift = _promoted(rel, total, scale, shift)
+    tol = _tol_for(tol, total)
     if _compiled(rel) and nhwc(rel):  # keep channels_last: the kernel's rows form
-        return _unrows(torch.ops.fastacd.bn_split.default(*_rows(rel, total, scale, shift), relu), rel.shape)
+        return _unrows(torch.ops.fastacd.bn_split.default(*_rows(rel, total, scale, shift), relu, _row_tol(tol)),
+                       rel.shape)
     if _compiled(rel):
-        return torch.ops.fastacd.bn_split.default(rel, total, scale, shift, relu)
-    return _torch_ops.bn_split(rel, total, scale, shift, relu)
+        return torch.ops.fastacd.bn_split.default(rel, total, scale, shift, relu, tol)
+    return _torch_ops.bn_split(rel, total, scale, shift, relu, tol)
 
 
 if HAS_COMPILED:
     @torch.library.register_fake("fastacd::bn_split")
-    def _bn_split_fake(rel, total, scale, shift, relu=False):
+    def _bn_split_fake(rel, total, scale, shift, relu=False, tol=None):
         op = "bn_split"
-        _check_same_device(op, ("rel", rel), ("total", total), ("scale", scale), ("shift", shift))
+        _check_same_device(op, ("rel", rel), ("total", total), ("scale", scale), ("shift", shift),
+                           *([("tol", tol)] if tol is not None else []))
         _check_rel_total(op, rel, "rel", total, "total")
         _check_channel_vector(op, scale, "scale", rel.shape[1])
         _check_channel_vector(op, shift, "shift", rel.shape[1])
+        _check_tol(op, tol, total, "total")
         return rel.new_empty(rel.shape)
 
     @torch.library.register_fake("fastacd::bn_split_backward")
-    def _bn_split_backward_fake(grad, rel, total, scale, shift, relu):
+    def _bn_split_backward_fake(grad, rel, total, scale, shift, relu, tol=None):
         return (rel.new_empty(rel.shape), total.new_empty(total.shape), scale.new_empty(scale.shape),
                 shift.new_empty(shift.shape))
 
     def _bn_split_setup(ctx, inputs, output):
-        rel, total, scale, shift = inputs[:4]
-        ctx.relu = inputs[4] if len(inputs) > 4 else False
-        ctx.save_for_backward(rel, total, scale, shift)
+        rel, total, scale, shift, relu, tol = inputs  # (defaults filled in by torch.library)
+        ctx.relu = relu
+        ctx.save_for_backward(rel, total, scale, shift, tol)
 
     def _bn_split_backward(ctx, grad):
+        rel, total, scale, shift, tol = ctx.saved_tensors
         g_rel, g_total, g_scale, g_shift = torch.ops.fastacd.bn_split_backward.default(
-            grad, *ctx.saved_tensors, ctx.relu)
-        return g_rel, g_total, g_scale, g_shift, None
+            grad, rel, total, scale, shift, ctx.relu, tol)
+        return g_rel, g_total, g_scale, g_shift, None, None  # tol: a threshold, no gradient
 
     torch.library.register_autograd("fastacd::bn_split", _bn_split_backward, setup_context=_bn_split_setup)
 
 
 def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-              relu: bool = False) -> torch.Tensor:
+              relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bn_split`` written into ``rel`` (contiguous) and returned; inference only (no
     autograd). The engine uses it on a conv output that no later step reads."""
     if _compiled(rel):
         total, scale, shift = _like(rel, total, scale, shift)
+        tol = _tol_for(tol, total)
         if nhwc(rel):  # written through the rows view of the channels_last map
-            torch.ops.fastacd.bn_split_.default(*_rows(rel, total, scale, shift), relu)
+            torch.ops.fastacd.bn_split_.default(*_rows(rel, total, scale, shift), relu, _row_tol(tol))
             return rel
-        return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu)
-    return _torch_ops.bn_split_(rel, total, scale, shift, relu)
+        return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu, tol)
+    return _torch_ops.bn_split_(rel, total, scale, shift, relu, _tol_for(tol, total))
 
 
 if HAS_COMPILED:
     @torch.library.register_fake("fastacd::bn_split_")
-    def _bn_split_inplace_fake(rel, total, scale, shift, relu=False):
-        _bn_split_fake(rel, total, scale, shift, relu)  # the same checks
+    def _bn_split_inplace_fake(rel, total, scale, shift, relu=False, tol=None):
+        _bn_split_fake(rel, total, scale, shift, relu, tol)  # the same checks
         return rel
 
 

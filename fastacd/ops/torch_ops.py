@@ -20,53 +20,70 @@ def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return p.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
+def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, eps):
+    """(relevant weight, irrelevant weight) of a split ratio ``w_r / (w_r + w_i)``.
+
+    Without ``tol``: ``|zr| + eps``, ``|zi| + eps`` (the reference's formula). With ``tol``
+    (the element's magnitude scale times the zero tolerance), numerical zero (design.md
+    section 9): a part below tol that is not the larger of the two counts as zero (a rounding
+    residue: the full mask's derived irrelevant part, the empty mask's epsilon leak).
+    """
+    ar, ai = zr.abs(), zi.abs()
+    if tol is None:
+        return ar + eps, ai + eps
+    snap_r = (ar < tol) & (ar <= ai)
+    snap_i = (ai < tol) & (ai <= ar)
+    return ar.masked_fill(snap_r, 0) + eps, ai.masked_fill(snap_i, 0) + eps
+
+
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
-               relu: bool = False) -> torch.Tensor:
+               relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of a conv/linear layer for M masks.
 
     rel_pre:   (M, C, *S)  W * r, no bias
     total_pre: (1, C, *S)  W * a, no bias (a = r + i, shared by all masks)
     bias:      (C,)
+    tol:       (1, C, *S) or None: numerical zero (``split_weights``)
     Returns (M, C, *S): ``zr + pr * b`` with ``zi = total_pre - rel_pre`` and
     ``pr = (|zr| + eps) / ((|zr| + eps) + (|zi| + eps))``; followed by ``relu`` if asked
     (the ReLU rule's relevant part is ``relu(r)``).
     """
     zi = total_pre - rel_pre
-    prop_rel = rel_pre.abs() + EPS
-    prop_irrel = zi.abs() + EPS
+    prop_rel, prop_irrel = split_weights(rel_pre, zi, tol, EPS)
     out = rel_pre + prop_rel / (prop_rel + prop_irrel) * _channel_view(bias, rel_pre)
     return out.clamp_min(0) if relu else out
 
 
 def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
-                relu: bool = False) -> torch.Tensor:
+                relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bias_split`` written into ``rel_pre`` (the compiled op's in-place form)."""
-    return rel_pre.copy_(bias_split(rel_pre, total_pre, bias, relu))
+    return rel_pre.copy_(bias_split(rel_pre, total_pre, bias, relu, tol))
 
 
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-             relu: bool = False) -> torch.Tensor:
+             relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of an eval-mode batchnorm ``scale * a + shift`` for M masks.
 
     rel:   (M, C, *S) relevant input r
     total: (1, C, *S) true input a (i = a - r)
     scale, shift: (C,)
+    tol:   (1, C, *S) or None: numerical zero (``split_weights``)
     Returns ``s*r + qr * shift`` with ``qr = |s r| / (|s r| + |s i|)`` and ``qr = 0``
     where that is 0/0 (no eps here, as in the reference); then ``relu`` if asked.
     """
     s = _channel_view(scale, rel)
     sr = s * rel
-    si = s * (total - rel)
-    denom = sr.abs() + si.abs()
-    qr = torch.where(denom == 0, torch.zeros_like(denom), sr.abs() / denom)
+    ar, ai = split_weights(sr, s * (total - rel), tol, 0)
+    denom = ar + ai
+    qr = torch.where(denom == 0, torch.zeros_like(denom), ar / denom)
     out = sr + qr * _channel_view(shift, rel)
     return out.clamp_min(0) if relu else out
 
 
 def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-              relu: bool = False) -> torch.Tensor:
+              relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bn_split`` written into ``rel`` (the compiled op's in-place form)."""
-    return rel.copy_(bn_split(rel, total, scale, shift, relu))
+    return rel.copy_(bn_split(rel, total, scale, shift, relu, tol))
 
 
 def maxpool_gather(rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

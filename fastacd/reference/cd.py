@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .. import rules as rules_
 from ..capture.export import export_module
+from ..rules.base import ZERO_TOL
 from ..capture.graph import CapturedGraph
 from ..capture.inputs import check_input, check_masks
 from ..capture.nodes import TraceError
@@ -23,15 +24,16 @@ _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDic
 
 
 def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: torch.Tensor,
-                    pool_indices: dict | None = None, totals: tuple | None = None):
+                    pool_indices: dict | None = None, totals: tuple | None = None,
+                    zero_tol: float = ZERO_TOL):
     """Propagate one (relevant, irrelevant) split of the input through the captured graph.
 
     ``totals``: the graph's ``total_pass`` on the true input (its activations give the
     rules their context: max-pool positions, sizes); computed from ``relevant + irrelevant``
-    when omitted. ``pool_indices`` (node -> argmax indices) overrides the max-pool positions,
+    when omitted (with numerical zero at ``zero_tol``). ``pool_indices`` (node -> argmax indices) overrides the max-pool positions,
     e.g. a batch's own indices repeated for several masks per example.
     """
-    values, aux = totals if totals is not None else graph.total_pass(relevant + irrelevant)
+    values, aux = totals if totals is not None else graph.total_pass(relevant + irrelevant, zero_tol)
     if pool_indices:
         aux = {**aux, **pool_indices}
     value_of = values.__getitem__
@@ -43,10 +45,11 @@ def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: to
     return parts[graph.result_node]
 
 
-def cd_relevant_input(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor):
+def cd_relevant_input(graph: CapturedGraph, x: torch.Tensor, relevant_input: torch.Tensor,
+                      zero_tol: float = ZERO_TOL):
     """Reference CD of each row of ``relevant_input`` (M, *x.shape[1:]) against input x (1, ...):
     (relevant, irrelevant), each (M, *output_shape)."""
-    totals = graph.total_pass(x)
+    totals = graph.total_pass(x, zero_tol)
     pairs = [propagate_graph(graph, r[None], x - r[None], totals=totals) for r in relevant_input]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
@@ -74,18 +77,19 @@ def captured(model: torch.nn.Module, rules: rules_.RuleSet | None = None,
     return per_model[key]
 
 
-def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | None = None
-       ) -> tuple[torch.Tensor, torch.Tensor]:
+def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | None = None,
+       zero_tol: float = ZERO_TOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference CD of ``mask`` (any shape ``Decomposer.cd`` accepts; M masks -> M rows).
 
     Returns (relevant, irrelevant), each (M, *output_shape). The relevant input is
     ``mask * x`` and the irrelevant ``(1 - mask) * x``. A model torch.fx cannot trace is
-    captured with torch.export on x (as ``Decomposer(capture="auto")``).
+    captured with torch.export on x (as ``Decomposer(capture="auto")``). ``zero_tol``:
+    numerical zero (``fastacd.Decomposer``); 0 is the paper's formula.
     """
     x = check_input(x)
     masks = check_masks(x, mask)
     graph = captured(model, rules, x)
-    totals = graph.total_pass(x)
+    totals = graph.total_pass(x, zero_tol)
     rels, irrels = [], []
     for m in masks:
         r, i = propagate_graph(graph, m[None] * x, (1 - m[None]) * x, totals=totals)

@@ -7,7 +7,7 @@ from .affine import Affine
 from .attention import Einsum, MultiheadAttention, ScaledDotProductAttention, SwinWindowAttention
 from .gates import MatMul, Normaliser, Product
 from .cdt import cdt_rules
-from .base import Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
+from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
 from .recurrent import Recurrent

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg, op_is
 from ..ops.precision import weight_apply
+from ..ops.torch_ops import EPS, split_weights
 from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 aten = torch.ops.aten
-
-EPS = 1e-20  # the reference's constant in the bias split
 
 # oneDNN's linear (the kernel torch.compile's CPU backend calls) where torch has it, from
 # ONEDNN_LINEAR_MIN_ROWS rows on (below that the default GEMM is as fast): docs/kernels.md.
@@ -31,18 +30,21 @@ def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(t, weight)
 
 
-def affine_parts(step: Step, value_of: Callable):
+def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     """(apply the weights without bias to a tensor, the bias or None) for an affine step. The
-    weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``)."""
+    weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``);
+    ``absolute``: the weights' magnitudes |W| instead (the magnitude scale)."""
     m = step.module
     if m is not None:
+        weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Linear):
-            return (lambda t: weight_apply(linear_no_bias, t, m.weight)), m.bias
-        return (lambda t: weight_apply(m._conv_forward, t, m.weight, None)), m.bias
+            return (lambda t: weight_apply(linear_no_bias, t, weight)), m.bias
+        return (lambda t: weight_apply(m._conv_forward, t, weight, None)), m.bias
     node = step.node
     args = list(load_arg(value_of, node.args[1:]))
     kwargs = dict(load_arg(value_of, node.kwargs))
     weight = args.pop(0) if args else kwargs.pop("weight")
+    weight = weight.abs() if absolute else weight
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
     if op_is(fn, F.linear, aten.linear) and not args and not kwargs:
@@ -60,19 +62,20 @@ def bias_view(bias: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tenso
     return bias if last else bias.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, last: bool = False):
-    """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``."""
+def split_bias(zr: torch.Tensor, zi: torch.Tensor, bias: torch.Tensor | None, last: bool = False,
+               tol: torch.Tensor | None = None):
+    """The reference's bias split of the pre-bias parts: ``pr = (|zr|+eps) / ((|zr|+eps) + (|zi|+eps))``,
+    with numerical zero where ``tol`` is given (``fastacd.ops.torch_ops.split_weights``)."""
     if bias is None:
         return zr, zi
-    prop_rel = zr.abs() + EPS
-    prop_irrel = zi.abs() + EPS
+    prop_rel, prop_irrel = split_weights(zr, zi, tol, EPS)
     prop_sum = prop_rel + prop_irrel
     b = bias_view(bias, zr, last)
     return zr + prop_rel / prop_sum * b, zi + prop_irrel / prop_sum * b
 
 
 def split_bias_tokens(ops, zr: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor, relu: bool,
-                      inplace: bool) -> torch.Tensor:
+                      inplace: bool, tol: torch.Tensor | None = None) -> torch.Tensor:
     """The bias split of a Linear on tokens: zr (M masks of pre's shape (..., F)), pre the
     total's pre-bias output. Every element of one sample is a channel of its own, the bias
     repeated along the tokens, so the split ops run on (M, T) rows as they lie (moving the
@@ -82,10 +85,11 @@ def split_bias_tokens(ops, zr: torch.Tensor, pre: torch.Tensor, bias: torch.Tens
     rows = zr if mask_dim(zr.shape, pre.shape) == 0 and zr.is_contiguous() else per_mask(zr, pre.shape)
     flat = rows.reshape(m, pre.numel())  # a view where rows is contiguous
     b = bias.repeat(pre.numel() // bias.numel())
+    tol = None if tol is None else tol.expand(pre.shape).reshape(1, -1)  # tol: pre's shape (one per element)
     if inplace and flat.data_ptr() == zr.data_ptr() and flat.is_contiguous():
-        ops.bias_split_(flat, pre.reshape(1, -1), b, relu)
+        ops.bias_split_(flat, pre.reshape(1, -1), b, relu, tol)
         return zr
-    out = ops.bias_split(flat, pre.reshape(1, -1), b, relu)
+    out = ops.bias_split(flat, pre.reshape(1, -1), b, relu, tol)
     if rows is zr:
         return out.view(zr.shape)
     return merge_masks(out.view((m,) + tuple(pre.shape)), mask_dim(zr.shape, pre.shape))
@@ -147,24 +151,32 @@ class Affine(Rule):
         weights, bias = affine_parts(step, value_of)
         pre = weights(value_of(step.dep[0]))
         out = pre if bias is None else pre + bias_view(bias, pre, channels_last(step, pre))
-        return out, (weights, bias, pre)
+        return out, (weights, bias, pre, None)
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        # |W| |a| from the true input: the scale of W r's rounding (not |W| times the input's
+        # scale, which grows layer by layer far past the values)
+        weights, bias, pre, _ = aux
+        scale = affine_parts(step, value_of, absolute=True)[0](value_of(step.dep[0]).abs())
+        out = scale if bias is None else scale + bias_view(bias.abs(), scale, channels_last(step, pre))
+        return out, (weights, bias, pre, None if bias is None else zero_tol * scale)
 
     def reference(self, step, parts, value_of, aux):
-        weights, bias, pre = aux
+        weights, bias, pre, tol = aux
         r, i = parts[step.dep[0]]
-        return split_bias(weights(r), weights(i), bias, channels_last(step, pre))
+        return split_bias(weights(r), weights(i), bias, channels_last(step, pre), tol)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        weights, bias, pre = aux
+        weights, bias, pre, tol = aux
         r = rel[step.dep[0]]
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
         if channels_last(step, zr):
-            return split_bias_tokens(ops, zr, pre, bias, step.relu_fused, own_buffer(zr, r))
+            return split_bias_tokens(ops, zr, pre, bias, step.relu_fused, own_buffer(zr, r), tol)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
-            return ops.bias_split_(zr, pre, bias, step.relu_fused)
-        return ops.bias_split(zr, pre, bias, step.relu_fused)
+            return ops.bias_split_(zr, pre, bias, step.relu_fused, tol)
+        return ops.bias_split(zr, pre, bias, step.relu_fused, tol)
 
     def fresh(self, step, rel, out):
         return own_buffer(out, rel[step.dep[0]])
@@ -184,9 +196,11 @@ class Affine(Rule):
     def crop_aux(self, step, aux, loc: Sliding, crop: Callable):
         """aux for a window: the convolution without padding (the crop carries it) and the
         total pre-activation cropped to the output window."""
-        _, bias, pre = aux
+        _, bias, pre, tol = aux
         weights = (lambda t: weight_apply(F.conv2d, t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
-        return weights, bias, (crop(pre) if bias is not None else None)
+        if bias is None:
+            return weights, None, None, None
+        return weights, bias, crop(pre), (None if tol is None else crop(tol))
 
     def macs(self, step, value_of):
         if step.module is not None:

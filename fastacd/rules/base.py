@@ -58,6 +58,13 @@ class Sliding:
     groups: int = 1
 
 
+# A split's part below ZERO_TOL of its element's magnitude scale (|W| |a| for a conv, |s a| for
+# a batchnorm), and not the larger part, counts as exactly zero (design.md section 9): above
+# float32's rounding of wide sums, so float32, float64 and batched calls agree. 0 gives the
+# paper's formula. docs/engine.md "Numerical zero" has the measurements that chose it.
+ZERO_TOL = 1e-4
+
+
 class Rule:
     """One kind of op and its CD rule in every form (see the module docstring)."""
     kind: str = ""
@@ -94,6 +101,15 @@ class Rule:
         """(the node's true output, aux for the other forms)."""
         return call_with(step, value_of, {}), None
 
+    def magnitude(self, step: Step, mags: dict, value_of: Callable, aux, zero_tol: float) -> tuple[Any, Any]:
+        """(the magnitude scale of each element of the node's output, aux with the tolerance
+        of numerical zero where the rule splits: design.md 9). The scale is the size the
+        element's rounding is relative to: a weight layer starts one from its true input
+        (``|W| |a| + |b|``), other ops carry their inputs'. Default: the op on the inputs'
+        scales (pools, reshapes, concatenations; activations, |f(x)| <= |x|). ``zero_tol``: the
+        tolerance as a fraction of the scale."""
+        return call_with(step, value_of, {d: mags[d] for d in step.dep}), aux
+
     def reference(self, step: Step, parts: dict, value_of: Callable, aux) -> tuple:
         """(relevant, irrelevant) from the inputs' parts ``parts[d] = (r, i)``."""
         raise NotImplementedError
@@ -118,6 +134,10 @@ class Rule:
     def locality(self, step: Step, values) -> Elementwise | Union | Sliding | None:
         """How the windowed pass recomputes this node (None: in full)."""
         return None
+
+    def crop_aux(self, step: Step, aux, loc, crop: Callable):
+        """aux in a window's coordinates (the windowed pass): ``crop`` crops a total-shaped map."""
+        return aux
 
     # ---- the paired training pass (CDEP: fastacd.train.cdep.paired_cd) ------------------
     # ``p`` is the pass: ``p.values`` the true activations of N images (node -> (N, ...)),

@@ -94,7 +94,7 @@ class CDTAffine(Affine):
     row = (Affine.row[0], "`zr + pr*b`, `pr = abs(zr) / (abs(zr) + abs(zi) + tol)`", "`zi + (1-pr)*b`")
 
     def reference(self, step, parts, value_of, aux):
-        weights, bias, pre = aux
+        weights, bias, pre, _ = aux  # numerical zero: CD-T has its own tol
         r, i = parts[step.dep[0]]
         zr, zi = weights(r), weights(i)
         if bias is None:
@@ -104,7 +104,7 @@ class CDTAffine(Affine):
         return zr + pr * b, zi + (1 - pr) * b
 
     def relevant(self, step, rel, values, aux, ops, m):
-        weights, bias, pre = aux
+        weights, bias, pre, _ = aux  # numerical zero: CD-T has its own tol
         zr = weights(rel[step.dep[0]])
         if bias is None:
             return zr

@@ -71,6 +71,9 @@ class MatMul(Rule):
             x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
         return low_matmul(x, y)  # bfloat16 under Decomposer(precision="bf16")
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return self._apply(step, mags[step.dep[0]], lambda n: value_of(n).abs()), aux
+
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return self._apply(step, r, value_of), self._apply(step, i, value_of)
@@ -110,6 +113,10 @@ class Product(Rule):
 
     def _times(self, step, u, v):
         return torch.matmul(u, v) if step.extra["matmul"] else u * v
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        a, b = operands(step.node)
+        return self._times(step, mags[a], mags[b]), aux
 
     def reference(self, step, parts, value_of, aux):
         a, b = operands(step.node)

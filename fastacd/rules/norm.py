@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, arg, call_with, load_arg, op_is
+from ..ops.torch_ops import split_weights
 from .affine import EPS, split_bias
 from .base import Elementwise, Rule, only_gates, unsupported
 
@@ -44,11 +45,14 @@ def batchnorm_parts(step: Step, value_of: Callable):
     return scale, shift, apply
 
 
-def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, apply):
-    """The reference's batchnorm: the shift goes by |s r| / (|s r| + |s i|), 0/0 -> 0."""
+def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, apply,
+                tol: torch.Tensor | None = None):
+    """The reference's batchnorm: the shift goes by |s r| / (|s r| + |s i|), 0/0 -> 0, with
+    numerical zero where ``tol`` is given (``fastacd.ops.torch_ops.split_weights``)."""
     view = (1, -1) + (1,) * (r.dim() - 2)
     sr, si = scale.reshape(view) * r, scale.reshape(view) * i
-    prop_rel = torch.nan_to_num(sr.abs() / (sr.abs() + si.abs()), nan=0.0)
+    ar, ai = split_weights(sr, si, tol, 0)
+    prop_rel = torch.nan_to_num(ar / (ar + ai), nan=0.0)
     rel = sr + prop_rel * shift.reshape(view)
     return rel, apply(r + i) - rel
 
@@ -72,16 +76,24 @@ class BatchNorm(Rule):
 
     def total(self, step, value_of):
         scale, shift, apply = batchnorm_parts(step, value_of)
-        return apply(value_of(step.dep[0])), (scale, shift, apply)
+        return apply(value_of(step.dep[0])), (scale, shift, apply, None)
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        # |s| times the input's scale: the rounding of r and i comes from the layer before
+        scale, shift, apply, _ = aux
+        mag = mags[step.dep[0]]
+        view = (1, -1) + (1,) * (mag.dim() - 2)
+        scaled = scale.abs().reshape(view) * mag
+        return scaled + shift.abs().reshape(view), (scale, shift, apply, zero_tol * scaled)
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return split_shift(r, i, *aux)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        scale, shift, _ = aux
+        scale, shift, _, tol = aux
         d = step.dep[0]
-        return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused)
+        return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused, tol)
 
     def paired_relevant(self, step, p):
         # the channel parameters read once; the split keeps only its inputs for backward
@@ -96,8 +108,8 @@ class BatchNorm(Rule):
         d = step.dep[0]
         if not (rel[d].is_contiguous() or rel[d].is_contiguous(memory_format=torch.channels_last)):
             return None
-        scale, shift, _ = aux
-        return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused)
+        scale, shift, _, tol = aux
+        return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused, tol)
 
     def fresh(self, step, rel, out):
         return True
@@ -105,6 +117,9 @@ class BatchNorm(Rule):
     def locality(self, step, values):
         return Elementwise()
 
+    def crop_aux(self, step, aux, loc, crop):
+        scale, shift, apply, tol = aux
+        return scale, shift, apply, crop(tol)
 
 # --------------------------------------------------------------------------------------
 # Normalisation with statistics from the total (design.md section 8)
@@ -136,6 +151,7 @@ class NormAux:
     source: torch.Tensor
     factor: torch.Tensor | None
     pre: torch.Tensor | None
+    tol: torch.Tensor | None = None  # numerical zero of the beta split (Rule.magnitude)
 
 
 def rows_like(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -151,7 +167,7 @@ def inference(*ts: torch.Tensor) -> bool:
 
 
 def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | None,
-               relu: bool = False, own: bool = False) -> torch.Tensor:
+               relu: bool = False, own: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """The affine rule's split of a shift ``beta`` (broadcast right-aligned against zr) for m
     masks: ``zr + pr * beta`` with ``zi = pre - zr``, then ReLU if asked (``own``: zr is a
     contiguous tensor of the caller's that may be overwritten). The compiled ``bias_split``
@@ -163,6 +179,7 @@ def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | No
     if beta is None:
         return zr.clamp_min(0) if relu else zr
     pre = rows_like(pre, zr.shape[0])
+    tol = None if tol is None else rows_like(tol, zr.shape[0])
     split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split
     b = beta.reshape((1,) * (zr.dim() - beta.dim()) + tuple(beta.shape))
     spread = [k for k in range(zr.dim()) if b.shape[k] != 1]
@@ -170,13 +187,14 @@ def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | No
     # dim 1: nn.TransformerEncoder with batch_first=False) takes the torch arithmetic below
     masks_first = tuple(pre.shape[1:]) == tuple(zr.shape[1:])
     if masks_first and zr.dim() >= 2 and spread == [1] and b.shape[1] == zr.shape[1]:
-        return split(zr, pre, b.reshape(-1), relu)
+        return split(zr, pre, b.reshape(-1), relu, tol)
     if masks_first and spread and spread[0] > 0 and spread == list(range(spread[0], zr.dim())) \
             and b.shape[spread[0]:] == zr.shape[spread[0]:]:
         rows = b.reshape(-1).repeat(zr[0].numel() // b.numel())
-        return split(zr.reshape(zr.shape[0], -1), pre.reshape(pre.shape[0], -1), rows, relu).reshape(zr.shape)
+        flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
+        return split(flat(zr), flat(pre), rows, relu, flat(tol)).reshape(zr.shape)
     zi = pre - zr  # any other broadcast: the same arithmetic as ops.bias_split, in torch
-    prop_rel, prop_irrel = zr.abs() + EPS, zi.abs() + EPS
+    prop_rel, prop_irrel = split_weights(zr, zi, tol, EPS)
     out = zr + prop_rel / (prop_rel + prop_irrel) * b
     return out.clamp_min(0) if relu else out
 
@@ -242,7 +260,23 @@ class _Norm(Rule):
         a = values[step.dep[0]]
         if aux is not None and aux.source is a:
             return aux, self.params(step, values.__getitem__)
-        return self._aux(step, values.__getitem__, a)
+        fresh, p = self._aux(step, values.__getitem__, a)
+        fresh.tol = None if aux is None else aux.tol  # cropped with the window (crop_aux)
+        return fresh, p
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        # the rounding of a centred part (t - mean(t)) * factor is relative to
+        # |factor| (|t| + |mean(t)|), bounded by the input's scale
+        p = self.params(step, value_of)
+        mag = mags[step.dep[0]]
+        mean = self.mean(p, mag)
+        scaled = aux.factor.abs() * (mag if mean is None else mag + mean)
+        beta = self._beta(p, scaled)
+        out = scaled if beta is None else scaled + beta.abs()
+        return out, NormAux(aux.source, aux.factor, aux.pre, zero_tol * scaled)
+
+    def crop_aux(self, step, aux, loc, crop):
+        return NormAux(aux.source, aux.factor, aux.pre, None if aux.tol is None else crop(aux.tol))
 
     def _beta(self, p: dict, like: torch.Tensor) -> torch.Tensor | None:
         return None if p["bias"] is None else self.gamma_view(p, like, p["bias"])
@@ -251,12 +285,12 @@ class _Norm(Rule):
         r, i = parts[step.dep[0]]
         p = self.params(step, value_of)
         zr, zi = self._normalise(p, r, aux.factor), self._normalise(p, i, aux.factor)
-        return split_bias(zr, zi, self._beta(p, zr), last=True)
+        return split_bias(zr, zi, self._beta(p, zr), last=True, tol=aux.tol)
 
     def relevant(self, step, rel, values, aux, ops, m):
         aux, p = self._stats(step, values, aux)
         zr = self._normalise(p, rel[step.dep[0]], aux.factor)
-        return split_beta(ops, zr, aux.pre, self._beta(p, zr), step.relu_fused, own=True)
+        return split_beta(ops, zr, aux.pre, self._beta(p, zr), step.relu_fused, own=True, tol=aux.tol)
 
     def fresh(self, step, rel, out):
         return True  # a tensor of its own (never a view of the input)
@@ -432,17 +466,26 @@ class AddCMul(Rule):
         a = value_of(step.extra["x"])
         return call_with(step, value_of, {}), NormAux(a, None, scale(a))
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        scale, beta = self._parts(step, value_of)
+        scaled = scale(mags[step.extra["x"]]).abs()
+        return scaled + beta.abs(), NormAux(aux.source, None, aux.pre, zero_tol * scaled)
+
+    def crop_aux(self, step, aux, loc, crop):
+        return NormAux(aux.source, None, aux.pre, None if aux.tol is None else crop(aux.tol))
+
     def reference(self, step, parts, value_of, aux):
         scale, beta = self._parts(step, value_of)
         r, i = parts[step.extra["x"]]
         zr, zi = scale(r), scale(i)
-        return split_bias(zr, zi, beta, last=True)
+        return split_bias(zr, zi, beta, last=True, tol=aux.tol)
 
     def relevant(self, step, rel, values, aux, ops, m):
         scale, beta = self._parts(step, values.__getitem__)
         a = values[step.extra["x"]]
         pre = aux.pre if aux is not None and aux.source is a else scale(a)
-        return split_beta(ops, scale(rel[step.extra["x"]]), pre, beta, step.relu_fused, own=True)
+        return split_beta(ops, scale(rel[step.extra["x"]]), pre, beta, step.relu_fused, own=True,
+                          tol=None if aux is None else aux.tol)
 
     def fresh(self, step, rel, out):
         return True  # a tensor of its own (never a view of the input)

@@ -75,6 +75,9 @@ class MaxPool(Rule):
         # (constant backgrounds) that sum's rounding would pick the position, mask by mask
         return maxpool_fn(step, value_of)(value_of(step.dep[0]))
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return gather_at(mags[step.dep[0]], aux), aux
+
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return gather_at(r, aux), gather_at(i, aux)

@@ -200,6 +200,11 @@ class Add(Rule):
             raise unsupported(node, "add/sub with alpha")
         return Step(node, self, dep)
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        a, b = operands(step.node)
+        ma, mb = (mags[t] if t in step.dep else abs(load_arg(value_of, t)) for t in (a, b))
+        return ma + mb, aux  # a difference's rounding is relative to both operands too
+
     def reference(self, step, parts, value_of, aux):
         a, b = operands(step.node)
         pa = parts.get(a) if isinstance(a, fx.Node) else None
@@ -264,6 +269,9 @@ class Neg(Rule):
     def gate_like(self, graph, node, gates):
         return only_gates(node, graph.reach, gates)
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return mags[step.dep[0]], aux
+
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return -r, -i
@@ -314,6 +322,10 @@ class Scale(Rule):
         a, b = operands(step.node)
         return load_arg(value_of, b if a is step.dep[0] else a)
 
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        mag, c = mags[step.dep[0]], abs(self._constant(step, value_of))
+        return (mag / c if step.extra["divide"] else mag * c), aux
+
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         c = self._constant(step, value_of)
@@ -347,6 +359,11 @@ class Cat(Rule):
         if dim == batch:
             raise UnsupportedOpError(f"{describe_node(node)} concatenates along the batch dimension")
         return dim
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        node = step.node
+        pieces = [mags[t] if t in step.dep else abs(load_arg(value_of, t)) for t in node.args[0]]
+        return torch.cat(pieces, self._dim(node, value_of(node))), aux
 
     def reference(self, step, parts, value_of, aux):
         node = step.node
@@ -413,6 +430,9 @@ class OutputSoftmax(Rule):
 
     def total(self, step, value_of):
         return value_of(step.dep[0]), None
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return mags[step.dep[0]], aux
 
     def reference(self, step, parts, value_of, aux):
         return parts[step.dep[0]]
