@@ -162,18 +162,25 @@ def test_tol_zero_is_no_tol(dtype, shape, relu):
 
 
 def _check_tol_snaps_everything(device, dtype, shape, relu):
-    """A tol above every part: every irrelevant part is a residue where the relevant part is
-    nonzero, so the bias (bn: the shift) goes to the relevant part there; where the relevant
-    part is exactly zero the irrelevant one keeps everything (the empty mask stays empty)."""
+    """A tol above every part: the smaller part of each split is a residue and counts as zero,
+    so the bias (bn: the shift) goes whole to the larger part, halves where the parts are
+    equal (bn: to neither, its 0/0); where the relevant part is exactly zero the irrelevant one
+    keeps everything (the empty mask stays empty)."""
     gen = torch.Generator().manual_seed(17)
     rel, total = split_inputs(shape, dtype, device, gen, False)
     bias, scale = channel_vec(shape[1], dtype, device, gen), channel_vec(shape[1], dtype, device, gen, zeros=0.3)
     tol = torch.full_like(total, 1e4)
     view = (1, -1) + (1,) * (rel.dim() - 2)
-    b, s = bias.reshape(view), scale.reshape(view)
+    r64, t64 = rel.double(), total.double()
+    b, s = bias.double().reshape(view), scale.double().reshape(view)
     act = (lambda x: x.clamp_min(0)) if relu else (lambda x: x)
-    want_bias = act(rel + torch.where(rel != 0, b, 0))
-    want_bn = act(s * rel + torch.where(s * rel != 0, b, 0))
+
+    def share(zr, zi, tie):
+        ar, ai = zr.abs(), zi.abs()
+        return torch.where(ar > ai, 1.0, torch.where(ar < ai, 0.0, tie))
+
+    want_bias = act(r64 + share(r64, t64 - r64, 0.5) * b).to(dtype)
+    want_bn = act(s * r64 + share(s * r64, s * (t64 - r64), 0.0) * b).to(dtype)
     tight = dict(rtol=1e-3, atol=1e-3) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-6, atol=1e-6)
     for got in (torch.ops.fastacd.bias_split(rel, total, bias, relu, tol),
                 torch.ops.fastacd.bias_split_(rel.clone(), total, bias, relu, tol),
@@ -185,22 +192,21 @@ def _check_tol_snaps_everything(device, dtype, shape, relu):
         torch.testing.assert_close(got, want_bn, **tight)
 
 
-def _split_by_hand(zr: float, zi: float, tol: float, floor: float = 100.0, eps: float = 1e-20):
-    """The numerical-zero weights (docs/engine.md), transcribed for scalars: an irrelevant part
-    below tol is zero where the relevant one is not; each nonzero part gets e^2/(ar+ai+e)."""
+def _split_by_hand(zr: float, zi: float, tol: float, eps: float = 1e-20):
+    """The numerical-zero weights (docs/engine.md), transcribed for scalars: a part below tol
+    that is not the larger of the two counts as zero."""
     ar, ai = abs(zr), abs(zi)
-    if ai < tol and ar > 0:
-        ai = 0.0
-    e = floor * tol
-    sm = e * e / (ar + ai + e) if ar + ai + e > 0 else 0.0
-    return ar + (sm if ar > 0 else 0.0) + eps, ai + (sm if ai > 0 else 0.0) + eps
+    snap_r = ar < tol and ar <= ai
+    snap_i = ai < tol and ai <= ar
+    return (0.0 if snap_r else ar) + eps, (0.0 if snap_i else ai) + eps
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_tol_threshold_is_strict(device):
     """Hand-computed, a = 3, s = 1, bias / shift 6, two masks: r = 1 (i = 2) and r = 2 (i = 1),
     against the scalar transcription: a part equal to its threshold is not a residue (strict
-    <), one ulp above it it is; the formula, the wrapper and every compiled form agree."""
+    <), one ulp above it it is (the smaller part only); the formula, the wrapper and every
+    compiled form agree."""
     d = dict(dtype=torch.float64, device=device)
     rel, total = torch.tensor([[[1.0]], [[2.0]]], **d), torch.full((1, 1, 1), 3.0, **d)
     one, b = torch.ones(1, **d), torch.tensor([6.0], **d)
@@ -225,9 +231,11 @@ def test_tol_threshold_is_strict(device):
             assert fn(rel, total, b, False, tol).flatten().tolist() == pytest.approx(bias_want, rel=1e-13)
         for fn in bn_fns:
             assert fn(rel, total, one, b, False, tol).flatten().tolist() == pytest.approx(bn_want, rel=1e-13)
-    # one ulp above 1: the mask r = 2 has its irrelevant part (1) as a residue: all to relevant
+    # one ulp above 1: the mask r = 2 has its irrelevant part (1) as a residue: all to relevant;
+    # the mask r = 1 its relevant part: none to relevant
     tol = torch.full((1, 1, 1), up(1.0), **d)
     assert _torch_ops.bias_split(rel, total, b, False, tol)[1].item() == pytest.approx(8.0, rel=1e-15)
+    assert _torch_ops.bias_split(rel, total, b, False, tol)[0].item() == pytest.approx(1.0, rel=1e-15)
     assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 1.0, **d))[1].item() < 8.0 - 1e-3
 
 

@@ -266,14 +266,14 @@ def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tens
                 relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bias_split`` written into ``rel_pre`` (contiguous) and returned; inference only (no
     autograd). On the CPU it saves the page faults of a fresh (M, C, *S) output."""
+    total_pre, bias = _like(rel_pre, total_pre, bias)
+    tol = _tol_for(tol, total_pre)
     if _compiled(rel_pre):
-        total_pre, bias = _like(rel_pre, total_pre, bias)
-        tol = _tol_for(tol, total_pre)
         if nhwc(rel_pre):  # written through the rows view of the channels_last map
             torch.ops.fastacd.bias_split_.default(*_rows(rel_pre, total_pre, bias), relu, _row_tol(tol))
             return rel_pre
         return torch.ops.fastacd.bias_split_.default(rel_pre, total_pre, bias, relu, tol)
-    return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu, _tol_for(tol, total_pre))
+    return _torch_ops.bias_split_(rel_pre, total_pre, bias, relu, tol)
 
 
 if HAS_COMPILED:
@@ -338,14 +338,14 @@ def bn_split_(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift
               relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """``bn_split`` written into ``rel`` (contiguous) and returned; inference only (no
     autograd). The engine uses it on a conv output that no later step reads."""
+    total, scale, shift = _like(rel, total, scale, shift)
+    tol = _tol_for(tol, total)
     if _compiled(rel):
-        total, scale, shift = _like(rel, total, scale, shift)
-        tol = _tol_for(tol, total)
         if nhwc(rel):  # written through the rows view of the channels_last map
             torch.ops.fastacd.bn_split_.default(*_rows(rel, total, scale, shift), relu, _row_tol(tol))
             return rel
         return torch.ops.fastacd.bn_split_.default(rel, total, scale, shift, relu, tol)
-    return _torch_ops.bn_split_(rel, total, scale, shift, relu, _tol_for(tol, total))
+    return _torch_ops.bn_split_(rel, total, scale, shift, relu, tol)
 
 
 if HAS_COMPILED:
