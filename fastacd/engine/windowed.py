@@ -423,13 +423,9 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
-    with chunks.denormals_flushed():
-        return _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals)
-
-
-def _cd_groups(dec, x, groups, chunk_size, max_fraction, max_cost_ratio, stats, trusted, totals):
     x = dec._check_input(x)
-    with dec.compute(x):  # the Decomposer's precision (its totals stay exact float32)
+    # denormals flushed as in every CD pass; the Decomposer's precision (totals stay exact float32)
+    with chunks.denormals_flushed(), dec.compute(x):
         return _cd_groups(dec, x, groups, chunk_size=chunk_size, max_fraction=max_fraction,
                           max_cost_ratio=max_cost_ratio, stats=stats, trusted=trusted, totals=totals)
 

@@ -363,7 +363,8 @@ class Cat(Rule):
     def magnitude(self, step, mags, value_of, aux, zero_tol):
         node = step.node
         pieces = [mags[t] if t in step.dep else abs(load_arg(value_of, t)) for t in node.args[0]]
-        return torch.cat(pieces, self._dim(node, value_of(node))), aux
+        shapes = [tuple(p.shape) for p in pieces]
+        return torch.cat(pieces, self._dim(node, value_of(node), shapes)), aux
 
     def reference(self, step, parts, value_of, aux):
         node = step.node

@@ -1158,14 +1158,14 @@ class CDEPPenalty:
             return straightforward_cd(self.graph, x, r0)
         if self.backend == "engine":
             if self._decomposer is None:
-                self._decomposer = Decomposer(self.model, backend="auto", rules=self.graph.rules)
+                self._decomposer = Decomposer(self.model, backend="auto", rules=self.graph.rules, zero_tol=0)
                 self._decomposer.graph = self.graph
             dec = self._decomposer
             rows = [dec.cd_relevant_input(x[i:i + 1], r0[i::n]) for i in range(n)]
             rel = torch.stack([res.relevant for res in rows], 1)  # (K, N, *out)
             out = torch.stack([res.output for res in rows])
             return rel.reshape((k * n,) + tuple(out.shape[1:])), out
-        pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1])
+        pairs = [propagate_graph(self.graph, r0[j:j + 1], x[j % n:j % n + 1] - r0[j:j + 1], zero_tol=0)
                  for j in range(r0.shape[0])]
         rel = torch.cat([p[0] for p in pairs])
         out = torch.cat([p[0] + p[1] for p in pairs[:n]])
@@ -1199,7 +1199,7 @@ def straightforward_cd(graph: CapturedGraph, x: torch.Tensor, relevant_input: to
             paired_cd(graph, x, None, pool_indices=pool_indices)
     pools = {node: _repeat_total(idx, k) for node, idx in pool_indices.items()}
     rel, irrel = propagate_graph(graph, relevant_input, _repeat_total(x, k) - relevant_input,
-                                 pool_indices=pools)
+                                 pool_indices=pools, zero_tol=0)
     return rel, (rel + irrel)[:n]
 
 
