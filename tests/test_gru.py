@@ -477,11 +477,11 @@ def test_recurrent_rule_on_a_batch_of_sequences(cls):
     xs = torch.randn(N, T, E, dtype=F64)
     masks = (torch.rand(K * N, T, 1, generator=torch.Generator().manual_seed(5)) < 0.5).double()
     r = masks * xs.repeat(K, 1, 1)
-    values, _ = dec.graph.total_pass(xs)
+    values, _ = dec.graph.total_pass(xs, dec.zero_tol)
     out, state = step.rule.relevant(step, {step.dep[0]: r}, values, None, torch_ops, K * N)
     one = dec.graph
     for j in range(K * N):
-        v1, a1 = one.total_pass(xs[j % N][None])
+        v1, a1 = one.total_pass(xs[j % N][None], dec.zero_tol)
         node1 = next(n for n, st in one.steps.items() if st.kind == "recurrent")
         st1 = one.steps[node1]
         o1, s1 = st1.rule.relevant(st1, {st1.dep[0]: r[j:j + 1]}, v1, a1[node1], torch_ops, 1)
