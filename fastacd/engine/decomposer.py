@@ -163,8 +163,8 @@ class Decomposer:
         self._ops = ops if self.backend == "compiled" else torch_ops
         self.precision = precision
         if channels_last is None:  # measured: docs/precision.md, "channels_last"
-            channels_last = precision == "bf16" and (self._graph is None or any(  # export: not yet captured
-                isinstance(s.module, torch.nn.Conv2d) for s in self._graph.steps.values()))
+            # from the model, not the graph: an export graph has no modules and may not exist yet
+            channels_last = precision == "bf16" and any(isinstance(mod, torch.nn.Conv2d) for mod in model.modules())
         self.channels_last = bool(channels_last)
         self._weight_mode = (ops.WeightMode(torch.bfloat16 if precision == "bf16" else torch.float32,
                                             self.channels_last)
