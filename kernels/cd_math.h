@@ -43,25 +43,63 @@ template <typename T>
 FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 
 // Numerical zero (design.md section 9; docs/engine.md "Numerical zero"). `tol` is the
-// element's magnitude scale times the zero tolerance (computed in the total pass). A split's
-// two weights from the parts' magnitudes ar = |relevant|, ai = |irrelevant|: a part below tol
-// that is not the larger of the two counts as 0 (a rounding residue such as the full mask's
-// derived irrelevant part, or the empty mask's epsilon leak); both at 0 is the reference's 0/0.
-// Without tol (kTol false): the reference's formula. The caller adds its own epsilon.
+// element's magnitude scale times the zero tolerance (computed in the total pass). A part's
+// weight ramps from 0 at tol/2 to its magnitude t at tol (t * ramp(t)), so a rounding residue
+// next to a genuine part weighs exactly 0; the weight the ramp removes, (1 - ramp(top)) (ar +
+// ai) with top the larger part, is shared by 16th powers, the split of two small parts. The
+// weights are continuous except at two exact zeros, so rounding cannot flip a split.
+// Without tol (kTol false), or tol = 0: the reference's formula. The caller adds its epsilon.
 // Mirrored in fastacd/ops/torch_ops.py (split_weights).
 template <typename T>
 struct SplitWeights {
-  T wr, wi;        // the weights
-  T live_r, live_i;  // their derivatives by the magnitudes (0 where a part is snapped)
+  T wr, wi;                  // the weights
+  T dr_r, dr_i, di_r, di_i;  // d wr / d ar, d wr / d ai, d wi / d ar, d wi / d ai
 };
+
+constexpr int kSmallPower = 16;  // the both-small split's power (fastacd.ops.torch_ops.SMALL_POWER)
+
+template <typename T>
+FASTACD_HOST_DEVICE T ramp(T t, T tol) {
+  const T u = (T(2) * t - tol) / tol;
+  return tol > T(0) ? (u < T(0) ? T(0) : (u > T(1) ? T(1) : u)) : T(t > T(0));
+}
+
+template <typename T>
+FASTACD_HOST_DEVICE T ramp_slope(T t, T tol) {
+  const T u = (T(2) * t - tol) / tol;
+  return (tol > T(0) && u > T(0) && u < T(1)) ? T(2) / tol : T(0);
+}
 
 template <bool kTol, typename T>
 FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
   SplitWeights<T> w;
-  w.live_r = (kTol && ar < tol && ar <= ai) ? T(0) : T(1);
-  w.live_i = (kTol && ai < tol && ai <= ar) ? T(0) : T(1);
-  w.wr = ar * w.live_r;
-  w.wi = ai * w.live_i;
+  if (!kTol) {
+    w.wr = ar; w.wi = ai;
+    w.dr_r = T(1); w.dr_i = T(0); w.di_r = T(0); w.di_i = T(1);
+    return w;
+  }
+  const bool r_top = ar >= ai;
+  const T top = r_top ? ar : ai;
+  T rho = top > T(0) ? (r_top ? ai : ar) / top : T(0);  // smaller / larger, in [0, 1]
+  T pow = rho;
+  for (int k = 1; k < kSmallPower; k *= 2) pow *= pow;  // rho^16 (no underflow to NaN)
+  const T lo = pow / (T(1) + pow);                      // the smaller part's share
+  const T small = top > T(0) ? (r_top ? T(1) - lo : lo) : T(0);  // the relevant part's share
+  const T rr = ramp(ar, tol), ri = ramp(ai, tol), rt = r_top ? rr : ri;
+  const T sr = ramp_slope(ar, tol), si = ramp_slope(ai, tol);
+  const T rest = (T(1) - rt) * (ar + ai);
+  w.wr = ar * rr + rest * small;
+  w.wi = ai * ri + rest * (T(1) - small);
+  // d small / d ar = kSmallPower small (1 - small) / ar, and likewise for ai (0 at a zero part)
+  const T spread = T(kSmallPower) * small * (T(1) - small);
+  const T ds_dr = ar > T(0) ? spread / ar : T(0);
+  const T ds_di = ai > T(0) ? -spread / ai : T(0);
+  const T drest_dr = T(1) - rt - (r_top ? sr : T(0)) * (ar + ai);
+  const T drest_di = T(1) - rt - (r_top ? T(0) : si) * (ar + ai);
+  w.dr_r = rr + ar * sr + drest_dr * small + rest * ds_dr;
+  w.dr_i = drest_di * small + rest * ds_di;
+  w.di_r = drest_dr * (T(1) - small) - rest * ds_dr;
+  w.di_i = ri + ai * si + drest_di * (T(1) - small) - rest * ds_di;
   return w;
 }
 
@@ -103,8 +141,8 @@ FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias,
   g = (relu && zr + q * bias < T(0)) ? T(0) : g;
   const T gb = g * bias;
   // dq / d|zr| and dq / d|zi|
-  const T kr = pi * w.live_r * inv * inv;
-  const T ki = -pr * w.live_i * inv * inv;
+  const T kr = (pi * w.dr_r - pr * w.di_r) * inv * inv;
+  const T ki = (pi * w.dr_i - pr * w.di_i) * inv * inv;
   const T dq_dzi = ki * sgn(zi);
   BiasSplitGrad<T> out;
   out.rel = g + gb * (kr * sgn(zr) - dq_dzi);
@@ -155,8 +193,8 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   const T q = a * inv;
   g = (relu && sr + q * shift < T(0)) ? T(0) : g;
   // dq/d(sr) and dq/d(si), with d(sr) = s dr + r ds and d(si) = s (dt - dr) + ir ds
-  const T ka = b * w.live_r * inv * inv * sgn(sr);
-  const T kb = -a * w.live_i * inv * inv * sgn(si);
+  const T ka = (b * w.dr_r - a * w.di_r) * inv * inv * sgn(sr);
+  const T kb = (b * w.dr_i - a * w.di_i) * inv * inv * sgn(si);
   const T gc = g * shift;
   BnSplitGrad<T> out;
   out.rel = g * scale + gc * (ka - kb) * scale;

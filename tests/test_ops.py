@@ -68,8 +68,8 @@ def channel_vec(c, dtype, device, gen, zeros=0.0):
 
 def tol_like(total, gen, noncontig=False):
     """A per-element tolerance of total's shape (numerical zero, design.md section 9): random
-    thresholds of about the parts' own size, so that some parts snap to zero and others do
-    not; a few exact 0s (nothing snaps there)."""
+    thresholds of about the parts' own size, so that some parts are below theirs and others
+    not; a few exact 0s."""
     t = randn(*total.shape, dtype=total.dtype, device=total.device, gen=gen, zeros=0.1, noncontig=noncontig)
     return (0.5 * t).abs()
 
@@ -161,10 +161,10 @@ def test_tol_zero_is_no_tol(dtype, shape, relu):
     _check_tol_zero_is_no_tol("cpu", dtype, shape, relu)
 
 
-def _check_tol_snaps_everything(device, dtype, shape, relu):
-    """A tol above every part: the smaller part of each split is a residue and counts as zero,
-    so the bias (bn: the shift) goes whole to the larger part, halves where the parts are
-    equal (bn: to neither, its 0/0); where the relevant part is exactly zero the irrelevant one
+def _check_tol_above_every_part(device, dtype, shape, relu):
+    """A tol above every part: every split is one of two small parts, so the bias (bn: the
+    shift) goes by 16th powers ``|zr|^16 / (|zr|^16 + |zi|^16)``: half to each part where both
+    are 0 (bn: to neither, its 0/0); where the relevant part is exactly zero the irrelevant one
     keeps everything (the empty mask stays empty)."""
     gen = torch.Generator().manual_seed(17)
     rel, total = split_inputs(shape, dtype, device, gen, False)
@@ -176,8 +176,9 @@ def _check_tol_snaps_everything(device, dtype, shape, relu):
     act = (lambda x: x.clamp_min(0)) if relu else (lambda x: x)
 
     def share(zr, zi, tie):
-        ar, ai = zr.abs(), zi.abs()
-        return torch.where(ar > ai, 1.0, torch.where(ar < ai, 0.0, tie))
+        top = torch.maximum(zr.abs(), zi.abs())
+        wr, wi = (zr.abs() / top) ** 16, (zi.abs() / top) ** 16
+        return torch.where(top > 0, wr / (wr + wi), tie)
 
     want_bias = act(r64 + share(r64, t64 - r64, 0.5) * b).to(dtype)
     want_bn = act(s * r64 + share(s * r64, s * (t64 - r64), 0.0) * b).to(dtype)
@@ -192,21 +193,33 @@ def _check_tol_snaps_everything(device, dtype, shape, relu):
         torch.testing.assert_close(got, want_bn, **tight)
 
 
+@needs_compiled
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_tol_above_every_part(dtype, relu):
+    _check_tol_above_every_part("cpu", dtype, (3, 4, 5, 6), relu)
+
+
 def _split_by_hand(zr: float, zi: float, tol: float, eps: float = 1e-20):
-    """The numerical-zero weights (docs/engine.md), transcribed for scalars: a part below tol
-    that is not the larger of the two counts as zero."""
+    """The numerical-zero weights (docs/engine.md), transcribed for scalars: each part's
+    magnitude t times its ramp (0 below tol/2, 1 above tol, linear between), plus what the
+    larger part's ramp leaves of |zr| + |zi|, shared by 16th powers."""
     ar, ai = abs(zr), abs(zi)
-    snap_r = ar < tol and ar <= ai
-    snap_i = ai < tol and ai <= ar
-    return (0.0 if snap_r else ar) + eps, (0.0 if snap_i else ai) + eps
+
+    def ramp(t):
+        return min(max(2 * t / tol - 1, 0.0), 1.0)
+    top = max(ar, ai)
+    share = ar ** 16 / (ar ** 16 + ai ** 16) if top > 0 else 0.0
+    rest = (1 - ramp(top)) * (ar + ai)
+    return ar * ramp(ar) + rest * share + eps, ai * ramp(ai) + rest * (1 - share) + eps
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_tol_threshold_is_strict(device):
+def test_tol_split_is_continuous(device):
     """Hand-computed, a = 3, s = 1, bias / shift 6, two masks: r = 1 (i = 2) and r = 2 (i = 1),
-    against the scalar transcription: a part equal to its threshold is not a residue (strict
-    <), one ulp above it it is (the smaller part only); the formula, the wrapper and every
-    compiled form agree."""
+    against the scalar transcription for thresholds around the parts' sizes; the formula, the
+    wrapper and every compiled form agree; crossing a threshold moves the result by rounding
+    only (a hard threshold jumped there), and a tol far above both parts splits by squares."""
     d = dict(dtype=torch.float64, device=device)
     rel, total = torch.tensor([[[1.0]], [[2.0]]], **d), torch.full((1, 1, 1), 3.0, **d)
     one, b = torch.ones(1, **d), torch.tensor([6.0], **d)
@@ -219,7 +232,7 @@ def test_tol_threshold_is_strict(device):
     if ops.HAS_COMPILED:
         fns += [torch.ops.fastacd.bias_split, lambda r, *a: torch.ops.fastacd.bias_split_(r.clone(), *a)]
         bn_fns += [torch.ops.fastacd.bn_split, lambda r, *a: torch.ops.fastacd.bn_split_(r.clone(), *a)]
-    for x in (1e-3, 1.0, up(1.0), 2.0, up(2.0)):
+    for x in (1e-3, 1.0, up(1.0), 1.5, 2.0, up(2.0), 3.0, 4.0, 1e3):
         tol = torch.full((1, 1, 1), x, **d)
         bias_want, bn_want = [], []
         for r in (1.0, 2.0):
@@ -231,12 +244,17 @@ def test_tol_threshold_is_strict(device):
             assert fn(rel, total, b, False, tol).flatten().tolist() == pytest.approx(bias_want, rel=1e-13)
         for fn in bn_fns:
             assert fn(rel, total, one, b, False, tol).flatten().tolist() == pytest.approx(bn_want, rel=1e-13)
-    # one ulp above 1: the mask r = 2 has its irrelevant part (1) as a residue: all to relevant;
-    # the mask r = 1 its relevant part: none to relevant
-    tol = torch.full((1, 1, 1), up(1.0), **d)
-    assert _torch_ops.bias_split(rel, total, b, False, tol)[1].item() == pytest.approx(8.0, rel=1e-15)
-    assert _torch_ops.bias_split(rel, total, b, False, tol)[0].item() == pytest.approx(1.0, rel=1e-15)
-    assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 1.0, **d))[1].item() < 8.0 - 1e-3
+    for x in (1.0, 2.0, 4.0):  # no jump at a threshold (tol, tol / 2)
+        at, above = (_torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), t, **d)) for t in (x, up(x)))
+        torch.testing.assert_close(at, above, rtol=1e-14, atol=0)
+    # r = 2, i = 1: tol 1.5 ramps i to weight 1 * (2 / 1.5 - 1); tol 2 leaves i at tol/2 (weight
+    # 0: the bias whole to r, a residue's fate); tol 1e3 splits both by 16th powers
+    assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 1.5, **d))[1].item() == \
+        pytest.approx(2.0 + 6.0 * 2.0 / (2.0 + 1.0 / 3.0), rel=1e-14)
+    assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 2.0, **d))[1].item() == \
+        pytest.approx(8.0, rel=1e-15)
+    assert _torch_ops.bias_split(rel, total, b, False, torch.full((1, 1, 1), 1e3, **d))[1].item() == \
+        pytest.approx(2.0 + 6.0 * 2.0 ** 16 / (2.0 ** 16 + 1), rel=1e-13)
 
 
 @needs_compiled
@@ -269,7 +287,7 @@ def test_tol_broadcasts_in_the_wrappers(dtype):
 @needs_compiled
 def test_tol_gets_no_gradient():
     """tol is a threshold (from the total pass, under no_grad in practice): None for it, and
-    the other gradients are those of the formula with the snapped parts as constants."""
+    gradients for the other inputs."""
     gen = torch.Generator().manual_seed(19)
     rel, total = split_inputs((3, 2, 4), torch.float64, "cpu", gen, False, zeros=0)
     c = channel_vec(2, torch.float64, "cpu", gen)
@@ -428,8 +446,8 @@ def _grad_cases(device="cpu", dtype=torch.float64):
     s2 = channel_vec(2, dtype, device, gen)
     prel, idx = pool_inputs((5, 6), F.max_pool2d, dict(kernel_size=3, stride=2, padding=1), 3, 2, dtype, device, gen)
     lstm = lstm_inputs(3, 4, dtype, device, gen)
-    # thresholds that snap some parts (one or both) and not others, none within gradcheck's
-    # step of a part (there the split jumps)
+    # thresholds above some parts (one or both) and not others, none within gradcheck's
+    # step of a part (there the weight's derivative jumps)
     tol, lin_tol = tol_like(total, gen), tol_like(lin_total, gen)
     return [
         ("bias_split", ops.bias_split, _torch_ops.bias_split, (rel, total, c2), (False,)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-20  # the reference's constant in the conv/linear bias split
+SMALL_POWER = 16  # numerical zero's split of two small parts (kernels/cd_math.h kSmallPower)
 
 
 def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -25,15 +26,23 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
 
     Without ``tol``: ``|zr| + eps``, ``|zi| + eps`` (the reference's formula). With ``tol``
     (the element's magnitude scale times the zero tolerance), numerical zero (design.md
-    section 9): a part below tol that is not the larger of the two counts as zero (a rounding
-    residue: the full mask's derived irrelevant part, the empty mask's epsilon leak).
+    section 9, docs/engine.md "Numerical zero"): a part's weight ramps from 0 at tol/2 to its
+    magnitude at tol, so a rounding residue next to a genuine part weighs exactly 0; the weight
+    the ramp removes is shared by 16th powers (the split of two small parts). Continuous
+    except at two exact zeros, so rounding cannot flip a split; tol = 0 is the formula above.
     """
     ar, ai = zr.abs(), zi.abs()
     if tol is None:
         return ar + eps, ai + eps
-    snap_r = (ar < tol) & (ar <= ai)
-    snap_i = (ai < tol) & (ai <= ar)
-    return ar.masked_fill(snap_r, 0) + eps, ai.masked_fill(snap_i, 0) + eps
+    tiny = torch.finfo(ar.dtype).tiny
+
+    def ramp(t):
+        return torch.where(tol > 0, ((2 * t - tol) / tol.clamp_min(tiny)).clamp(0, 1), (t > 0).to(t.dtype))
+    top = torch.maximum(ar, ai)
+    qr, qi = (ar / top.clamp_min(tiny)) ** SMALL_POWER, (ai / top.clamp_min(tiny)) ** SMALL_POWER
+    small = qr / (qr + qi).clamp_min(tiny)  # the relevant part's share of two small parts
+    rest = (1 - ramp(top)) * (ar + ai)
+    return ar * ramp(ar) + rest * small + eps, ai * ramp(ai) + rest * (1 - small) + eps
 
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,

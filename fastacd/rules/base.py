@@ -58,9 +58,9 @@ class Sliding:
     groups: int = 1
 
 
-# A split's part below ZERO_TOL of its element's magnitude scale (|W| |a| for a conv, |s a| for
-# a batchnorm), and not the larger part, counts as exactly zero (design.md section 9): above
-# float32's rounding of wide sums, so float32, float64 and batched calls agree. 0 gives the
+# Numerical zero (design.md section 9): a split's part near or below ZERO_TOL of its element's
+# magnitude scale (|W| |a| for a conv, |s a| for a batchnorm) ramps out of the split weights, so
+# rounding residues do not steer a split (fastacd.ops.torch_ops.split_weights). 0 gives the
 # paper's formula. docs/engine.md "Numerical zero" has the measurements that chose it.
 ZERO_TOL = 1e-4
 
