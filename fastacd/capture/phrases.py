@@ -122,6 +122,18 @@ def _pair_masks(pairs: list[tuple[int, int]], length: int) -> np.ndarray:
     return (pos >= se[:, :1]) & (pos <= se[:, 1:])
 
 
+def check_token_masks(masks, length: int) -> torch.Tensor:
+    """Token masks as given, checked: (T,) or (M, T) 0/1 values -> an (M, T) tensor."""
+    mask = torch.as_tensor(masks)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 2 or mask.shape[1] != length:
+        raise ValueError(f"masks must be (T,) or (M, T) with T={length} tokens, got {tuple(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
+    return mask
+
+
 def phrase_masks(phrases, length: int, dtype=torch.float64) -> torch.Tensor:
     """(M, length) 0/1 masks of inclusive ``(start, stop)`` phrases."""
     return torch.from_numpy(_pair_masks(check_phrases(phrases, length), length)).to(dtype)

@@ -208,6 +208,18 @@ def _by_start(active: torch.Tensor, reverse: bool):
     return perm, start[perm].tolist()
 
 
+def _steps_by_start(rel_in, phrase, active, reverse: bool, xw, w_ih):
+    """The masks sorted by their first active step (``_by_start``) and their per-step inputs:
+    (order, perm, starts, phrase (T, M), the relevant input times w_ih (T, M, G)); ``rel_in``
+    None: token masks, ``phrase * xw``."""
+    order = _order(phrase.shape[1], reverse)
+    perm, starts = _by_start(active, reverse)
+    phrase_steps = phrase[perm].T.contiguous()
+    if rel_in is None:
+        return order, perm, starts, phrase_steps, phrase_steps.unsqueeze(2) * xw.unsqueeze(1)
+    return order, perm, starts, phrase_steps, rel_in[perm].transpose(0, 1) @ w_ih.T
+
+
 # --------------------------------------------------------------------------- LSTM
 
 
@@ -306,13 +318,8 @@ class LSTMDirection:
         """
         M, T = phrase.shape
         H = self.w_hh.shape[1]
-        order = _order(T, self.reverse)
-        perm, starts = _by_start(active, self.reverse)
-        phrase_steps = phrase[perm].T.contiguous()                      # (T, M)
-        if rel_in is None:
-            xw_steps = phrase_steps.unsqueeze(2) * self.xw.unsqueeze(1)
-        else:
-            xw_steps = rel_in[perm].transpose(0, 1) @ self.w_ih.T       # (T, M, 4H)
+        order, perm, starts, phrase_steps, xw_steps = _steps_by_start(rel_in, phrase, active, self.reverse,
+                                                                      self.xw, self.w_ih)  # xw: (T, M, 4H)
         new = phrase.new_zeros
         w_hh_t = self.w_hh_t if self.w_hh_t is not None else self.w_hh.T
         rel_h = rel_c = new(0, H)
@@ -426,13 +433,8 @@ class GRUDirection:
         is None: a GRU has no cell). ``cell`` is ignored (one pure-torch GRU cell)."""
         M, T = phrase.shape
         H = self.w_hh.shape[1]
-        order = _order(T, self.reverse)
-        perm, starts = _by_start(active, self.reverse)
-        phrase_steps = phrase[perm].T.contiguous()                      # (T, M)
-        if rel_in is None:
-            xw_steps = phrase_steps.unsqueeze(2) * self.xw[:, H:].unsqueeze(1)
-        else:
-            xw_steps = rel_in[perm].transpose(0, 1) @ self.w_ih[H:].T   # (T, M, 2H): z, n
+        order, perm, starts, phrase_steps, xw_steps = _steps_by_start(
+            rel_in, phrase, active, self.reverse, self.xw[:, H:], self.w_ih[H:])  # xw: (T, M, 2H): z, n
         new = phrase.new_zeros
         rel_h = new(0, H)
         seq = new(M, T, H) if keep_sequence else None

@@ -39,7 +39,7 @@ from .. import rules as rules_
 from ..capture.concrete import ConcreteTracer
 from ..capture.graph import _Tracer
 from ..capture.nodes import UnsupportedOpError, check_eval, fetch_attr, packing_error
-from ..capture.phrases import Batch, _pair_masks, check_phrases, tokens_of
+from ..capture.phrases import Batch, _pair_masks, check_phrases, check_token_masks, tokens_of
 from ..engine.decomposer import Decomposer
 from .lstm import TextCDResult, TextDecomposer
 
@@ -340,15 +340,7 @@ class ModelTextDecomposer(TextDecomposer):
         if phrases is not None:
             mask = torch.from_numpy(_pair_masks(check_phrases(phrases, T), T)).to(x.dtype)
         else:
-            mask = torch.as_tensor(masks)
-            if mask.dim() == 1:
-                mask = mask.unsqueeze(0)
-            if mask.dim() != 2 or mask.shape[1] != T:
-                raise ValueError(f"masks must be (T,) or (M, T) with T={T} tokens, got "
-                                 f"{tuple(mask.shape)}")
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
-            mask = mask.to(x.dtype)
+            mask = check_token_masks(masks, T).to(x.dtype)
         mask = mask.to(x.device)
         feats = sent.features
         if mask.shape[0] == 0:

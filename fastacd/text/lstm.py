@@ -43,7 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.nodes import UnsupportedOpError
-from ..capture.phrases import _pair_masks, check_phrase, check_phrases, tokens_of
+from ..capture.phrases import _pair_masks, check_phrase, check_phrases, check_token_masks, tokens_of
 from ..ops import torch_ops as _torch_ops
 from ..rules.recurrent import (LSTMDirection, cell_fn, lstm_true_pass as _true_pass,  # noqa: F401
                                lstm_true_pass_autograd as _true_pass_autograd)
@@ -362,15 +362,7 @@ class TextDecomposer:
             mask_np = _pair_masks(pairs, T)
             mask = _from_numpy(mask_np, self.dtype, dev)
         else:
-            mask = torch.as_tensor(masks).to(dev)
-            if mask.dim() == 1:
-                mask = mask.unsqueeze(0)
-            if mask.dim() != 2 or mask.shape[1] != T:
-                raise ValueError(f"masks must be (T,) or (M, T) with T={T} tokens, got "
-                                 f"{tuple(mask.shape)}")
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("masks must hold 0/1 values (1 = token is relevant)")
-            mask = mask.to(self.dtype)
+            mask = check_token_masks(masks, T).to(dev, self.dtype)
             if fast:
                 mask_np = mask.cpu().numpy() != 0
         M = mask.shape[0]
