@@ -53,24 +53,14 @@ FASTACD_HOST_DEVICE T sgn(T x) { return T(x > T(0)) - T(x < T(0)); }
 template <typename T>
 struct SplitWeights {
   T wr, wi;                  // the weights
-  T dr_r, dr_i, di_r, di_i;  // d wr / d ar, d wr / d ai, d wi / d ar, d wi / d ai
+  T dr_r, dr_i, di_r, di_i;  // d wr / d ar, d wr / d ai, d wi / d ar, d wi / d ai (kGrad only)
 };
 
 constexpr int kSmallPower = 16;  // the both-small split's power (fastacd.ops.torch_ops.SMALL_POWER)
 
-template <typename T>
-FASTACD_HOST_DEVICE T ramp(T t, T tol) {
-  const T u = (T(2) * t - tol) / tol;
-  return tol > T(0) ? (u < T(0) ? T(0) : (u > T(1) ? T(1) : u)) : T(t > T(0));
-}
-
-template <typename T>
-FASTACD_HOST_DEVICE T ramp_slope(T t, T tol) {
-  const T u = (T(2) * t - tol) / tol;
-  return (tol > T(0) && u > T(0) && u < T(1)) ? T(2) / tol : T(0);
-}
-
-template <bool kTol, typename T>
+// Written as arithmetic and selects, one division per quantity, so that gcc vectorises the
+// CPU loops; the derivatives only where asked (kGrad).
+template <bool kTol, typename T, bool kGrad = false>
 FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
   SplitWeights<T> w;
   if (!kTol) {
@@ -78,28 +68,35 @@ FASTACD_HOST_DEVICE SplitWeights<T> split_weights(T ar, T ai, T tol) {
     w.dr_r = T(1); w.dr_i = T(0); w.di_r = T(0); w.di_i = T(1);
     return w;
   }
+  const bool on = tol > T(0);
+  const T inv = T(1) / (on ? tol : T(1));
+  const T ur = T(2) * ar * inv - T(1), ui = T(2) * ai * inv - T(1);
+  const T rr = on ? (ur < T(0) ? T(0) : (ur > T(1) ? T(1) : ur)) : T(ar > T(0));
+  const T ri = on ? (ui < T(0) ? T(0) : (ui > T(1) ? T(1) : ui)) : T(ai > T(0));
   const bool r_top = ar >= ai;
-  const T top = r_top ? ar : ai;
-  T rho = top > T(0) ? (r_top ? ai : ar) / top : T(0);  // smaller / larger, in [0, 1]
-  T pow = rho;
-  for (int k = 1; k < kSmallPower; k *= 2) pow *= pow;  // rho^16 (no underflow to NaN)
-  const T lo = pow / (T(1) + pow);                      // the smaller part's share
-  const T small = top > T(0) ? (r_top ? T(1) - lo : lo) : T(0);  // the relevant part's share
-  const T rr = ramp(ar, tol), ri = ramp(ai, tol), rt = r_top ? rr : ri;
-  const T sr = ramp_slope(ar, tol), si = ramp_slope(ai, tol);
+  const T top = r_top ? ar : ai, low = r_top ? ai : ar;
+  const T rho = low / (top > T(0) ? top : T(1));  // smaller / larger, in [0, 1]
+  const T p2 = rho * rho, p4 = p2 * p2, p8 = p4 * p4, p16 = p8 * p8;  // rho^kSmallPower
+  const T lo = p16 / (T(1) + p16);                                     // the smaller part's share
+  const T small = top > T(0) ? (r_top ? T(1) - lo : lo) : T(0);        // the relevant part's share
+  const T rt = r_top ? rr : ri;
   const T rest = (T(1) - rt) * (ar + ai);
   w.wr = ar * rr + rest * small;
   w.wi = ai * ri + rest * (T(1) - small);
-  // d small / d ar = kSmallPower small (1 - small) / ar, and likewise for ai (0 at a zero part)
-  const T spread = T(kSmallPower) * small * (T(1) - small);
-  const T ds_dr = ar > T(0) ? spread / ar : T(0);
-  const T ds_di = ai > T(0) ? -spread / ai : T(0);
-  const T drest_dr = T(1) - rt - (r_top ? sr : T(0)) * (ar + ai);
-  const T drest_di = T(1) - rt - (r_top ? T(0) : si) * (ar + ai);
-  w.dr_r = rr + ar * sr + drest_dr * small + rest * ds_dr;
-  w.dr_i = drest_di * small + rest * ds_di;
-  w.di_r = drest_dr * (T(1) - small) - rest * ds_dr;
-  w.di_i = ri + ai * si + drest_di * (T(1) - small) - rest * ds_di;
+  if (kGrad) {
+    const T sr = (on && ur > T(0) && ur < T(1)) ? T(2) * inv : T(0);
+    const T si = (on && ui > T(0) && ui < T(1)) ? T(2) * inv : T(0);
+    // d small / d ar = kSmallPower small (1 - small) / ar, and likewise for ai (0 at a zero part)
+    const T spread = T(kSmallPower) * small * (T(1) - small);
+    const T ds_dr = ar > T(0) ? spread / ar : T(0);
+    const T ds_di = ai > T(0) ? -spread / ai : T(0);
+    const T drest_dr = T(1) - rt - (r_top ? sr : T(0)) * (ar + ai);
+    const T drest_di = T(1) - rt - (r_top ? T(0) : si) * (ar + ai);
+    w.dr_r = rr + ar * sr + drest_dr * small + rest * ds_dr;
+    w.dr_i = drest_di * small + rest * ds_di;
+    w.di_r = drest_dr * (T(1) - small) - rest * ds_dr;
+    w.di_i = ri + ai * si + drest_di * (T(1) - small) - rest * ds_di;
+  }
   return w;
 }
 
@@ -133,7 +130,7 @@ struct BiasSplitGrad {
 template <bool kTol = false, typename T>
 FASTACD_HOST_DEVICE BiasSplitGrad<T> bias_split_grad(T g, T zr, T total, T bias, bool relu, T tol = T(0)) {
   const T zi = total - zr;
-  const SplitWeights<T> w = split_weights<kTol>(abs_(zr), abs_(zi), tol);
+  const SplitWeights<T> w = split_weights<kTol, T, true>(abs_(zr), abs_(zi), tol);
   const T pr = w.wr + eps<T>();
   const T pi = w.wi + eps<T>();
   const T inv = T(1) / (pr + pi);
@@ -185,7 +182,7 @@ FASTACD_HOST_DEVICE BnSplitGrad<T> bn_split_grad(T g, T r, T total, T scale, T s
   const T ir = total - r;
   const T sr = scale * r;
   const T si = scale * ir;
-  const SplitWeights<T> w = split_weights<kTol>(abs_(sr), abs_(si), tol);
+  const SplitWeights<T> w = split_weights<kTol, T, true>(abs_(sr), abs_(si), tol);
   const T a = w.wr, b = w.wi;
   const T denom = a + b;
   const T inv_any = T(1) / (denom + T(denom == T(0)));  // finite everywhere, no branch

@@ -357,3 +357,164 @@ def test_shufflenet_v2_decomposes():
     scale = float(ref_rel.abs().max())
     torch.testing.assert_close(res.relevant, ref_rel, rtol=1e-5, atol=1e-5 * scale)
     assert_close_scaled(res.relevant + res.irrelevant, logits.expand_as(res.relevant), torch.float64)
+
+
+# ------------------------------------------------------------------------- stack
+class StackNet(nn.Module):
+    """Two branches and a constant stacked along ``dim``, an SK-style weighted sum over the
+    stack, a ReLU of the stack itself."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Conv2d(3, 4, 1)
+        self.register_buffer("const", torch.randn(1, 4, 6, 6))
+        shape = [1] * 5
+        shape[dim] = 3
+        self.register_buffer("w", torch.randn(shape))
+        self.fc = nn.Linear(2 * 4 * 6 * 6, 3)
+
+    def forward(self, x):
+        s = torch.stack([self.a(x), self.b(x), self.const], self.dim)
+        h = (s * self.w).sum(self.dim)
+        return self.fc(torch.cat([torch.flatten(h, 1), torch.flatten(torch.relu(s).mean(self.dim), 1)], 1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_stack(dim, capture):
+    from models import randomize_batchnorm
+    torch.manual_seed(0)
+    model = randomize_batchnorm(StackNet(dim)).eval().double()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    masks = torch.cat([(torch.rand(4, 1, 6, 6) > 0.5), torch.ones(1, 1, 6, 6)]).double()
+    with torch.no_grad():
+        ref = fastacd.Decomposer(model, capture=capture, backend="reference").cd(x, masks)
+        for dtype in (torch.float64, torch.float32):
+            model.to(dtype)
+            dec = fastacd.Decomposer(model, capture=capture)
+            res = dec.cd(x.to(dtype), masks.to(dtype))
+            assert_close_scaled(res.relevant, ref.relevant.to(dtype), dtype)
+            assert_close_scaled(res.irrelevant, ref.irrelevant.to(dtype), dtype)
+            assert_close_scaled(res.relevant + res.irrelevant, model(x.to(dtype)).expand_as(res.relevant), dtype)
+            one = torch.cat([dec.cd(x.to(dtype), mk).relevant for mk in masks.to(dtype)])
+            assert_close_scaled(res.relevant, one, dtype)
+    assert "stack" in {s.kind for s in dec.graph.steps.values()}
+
+
+class StackHeads(nn.Module):
+    """CrossViT's head: heads stacked along dim 0 and averaged, after a large map (the pass
+    runs the head with more masks than the conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.heads = nn.ModuleList([nn.Linear(8 * 4 * 4, 3), nn.Linear(8 * 2 * 2, 3)])
+
+    def forward(self, x):
+        h = self.conv(x)
+        a, b = F.avg_pool2d(h, 4).flatten(1), F.avg_pool2d(torch.relu(h), 8).flatten(1)
+        return torch.stack([self.heads[0](a), self.heads[1](b)], 0).mean(0)
+
+
+def test_chunked_pass_cuts_only_where_the_masks_are_in_dim_0():
+    torch.manual_seed(0)
+    model = StackHeads().eval().double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    masks = (torch.rand(5, 1, 16, 16) > 0.5).double()
+    dec = fastacd.Decomposer(model)
+    with torch.no_grad():
+        values, _ = dec._total_pass(x)
+        largest = max(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+        dec.memory_budget = largest * 6 * 2  # 2 masks a pass at the conv, more in the head
+        assert all(values[src].shape[0] == 1 for _, src, _ in dec.pass_plan(values, x, 5)[1:])
+        res, single = dec.cd(x, masks), dec.cd(x, masks, chunk_size=1)
+        ref_rel, _ = fastacd.reference.cd(model, x, masks)
+    assert_close_scaled(res.relevant, single.relevant, torch.float64)
+    assert_close_scaled(res.relevant, ref_rel, torch.float64)
+
+
+# ------------------------------------------------------------------------- the batch merged into dim 0
+class MergedRows(nn.Module):
+    """Tokens with the batch merged into dim 0: LeViT's BatchNorm1d and a Linear on (B * N, C),
+    MobileViT's LayerNorm on patches (B * P, N, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.lin = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        b, n, c = t.shape
+        t = torch.relu(self.bn(t.flatten(0, 1))).reshape(b, n, c)
+        t = self.lin(t.reshape(b * n, c)).reshape(b, n, c)
+        p = self.ln(t.reshape(b * 4, n // 4, c))  # 4 "patches"
+        return self.fc(p.reshape(b, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_merged_into_dim_0(dtype):
+    from models import randomize_batchnorm
+    torch.manual_seed(0)
+    model = randomize_batchnorm(MergedRows()).eval().double()
+    with torch.no_grad():
+        model.ln.bias.normal_()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    masks = torch.cat([(torch.rand(4, 1, 8, 8) > 0.5), torch.ones(1, 1, 8, 8)]).double()
+    with torch.no_grad():
+        ref_rel, ref_irrel = fastacd.reference.cd(model, x, masks)
+        model.to(dtype)
+        x, masks = x.to(dtype), masks.to(dtype)
+        for backend in fastacd.available_backends():
+            dec = fastacd.Decomposer(model, backend=backend)
+            res = dec.cd(x, masks)
+            assert_close_scaled(res.relevant, ref_rel.to(dtype), dtype)
+            assert_close_scaled(res.irrelevant, ref_irrel.to(dtype), dtype)
+            one = torch.cat([dec.cd(x, mk).relevant for mk in masks])
+            assert_close_scaled(res.relevant, one, dtype)
+    assert {"batchnorm", "affine", "layernorm"} <= {s.kind for s in dec.graph.steps.values()}
+
+
+# ------------------------------------------------------------------------- a proxy left by another trace
+class Cached(nn.Module):
+    """timm's LeViT / EfficientFormer: a per-device cache keyed by ``str(x.device)`` (a proxy's
+    name while traced), so an earlier torch.fx trace leaves its proxy there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.fc(x) + self.cache[key]
+
+
+def test_a_proxy_left_by_an_earlier_trace_is_dropped_or_named():
+    import torch.fx as fx
+    torch.manual_seed(0)
+    model = Cached().eval()
+    fx.Tracer().trace(model)  # leaves its proxy in model.cache
+    x, masks = torch.randn(1, 4), torch.eye(4)
+    with torch.no_grad():
+        res = fastacd.Decomposer(model).cd(x, masks)
+        assert_close_scaled(res.relevant + res.irrelevant, model(x).expand_as(res.relevant), torch.float32)
+    assert not any(isinstance(v, fx.Proxy) for v in model.cache.values())  # none left behind either
+
+    class Kept(Cached):
+        def forward(self, x):
+            if not hasattr(self, "kept"):
+                self.kept = self.bias * 2  # a plain attribute: not dropped
+            return self.fc(x) + self.kept
+    kept = Kept().eval()
+    fx.Tracer().trace(kept)
+    with pytest.raises(fastacd.UnsupportedOpError, match="another torch.fx trace"):
+        fastacd.Decomposer(kept)

@@ -8,6 +8,8 @@ op's result), so the graph computes what the model computes.
 """
 from __future__ import annotations
 
+import weakref
+
 import operator
 from typing import TYPE_CHECKING, Any
 
@@ -57,13 +59,23 @@ class CapturedGraph:
     graph); by default the model is traced with torch.fx.
     """
 
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model()
+
     def __init__(self, model: nn.Module, rules: "RuleSet", gm: fx.GraphModule | None = None):
-        self.model = model
+        # weakly: the reference caches graphs per model in a WeakKeyDictionary, which a strong
+        # reference from the graph would keep alive (every model passed to reference.cd leaked)
+        self._model = weakref.ref(model)
         self.rules = rules
         check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
         if gm is None:
             try:
-                graph = _Tracer(rules).trace(model)
+                _drop_proxies(model)  # stale ones from an earlier trace would join this graph
+                try:
+                    graph = _Tracer(rules).trace(model)
+                finally:
+                    _drop_proxies(model)
             except Exception as exc:  # torch.fx raises many types; say what to do
                 packing = packing_error(exc, model)
                 if packing is not None:
@@ -75,6 +87,7 @@ class CapturedGraph:
                     "type registered with fastacd.register_rule, or capture with torch.export: "
                     "Decomposer(model, capture='export').") from exc
             gm = fx.GraphModule(model, graph)
+            _check_own_nodes(gm.graph)
         self.gm = gm
         self.capture = gm.meta.get("capture", "fx")
         functionalise(self.gm)
@@ -182,6 +195,28 @@ class CapturedGraph:
                 if self.last_use.get(d, -1) <= position[node] and d is not self.result_node:
                     mags.pop(d, None)
         return values, aux
+
+
+def _drop_proxies(model: nn.Module) -> None:
+    """Remove the torch.fx proxies a trace left in modules' dict caches (timm's per-device
+    ``attention_bias_cache`` keys on ``str(x.device)``: a proxy's name while traced)."""
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if isinstance(v, dict):
+                for k in [k for k, t in v.items() if isinstance(t, fx.Proxy)]:
+                    del v[k]
+
+
+def _check_own_nodes(graph: fx.Graph) -> None:
+    """A node reading another graph's node read a proxy the model kept from another trace."""
+    own = set(graph.nodes)
+    for node in graph.nodes:
+        foreign = next((a for a in node.all_input_nodes if a not in own), None)
+        if foreign is not None:
+            raise UnsupportedOpError(
+                f"{describe_node(node)} reads {foreign.name!r} of another torch.fx trace: the model "
+                "keeps a traced value in a module attribute (a cache filled while traced). Clear "
+                "that cache before building the Decomposer.")
 
 
 def tensors(value) -> tuple:

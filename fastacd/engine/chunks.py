@@ -82,7 +82,9 @@ def pass_plan(g, values: dict, x: torch.Tensor, m: int, budget: int | None, *,
     if chunk_size:
         return [(0, g.input_node, min(chunk_size, m))]
     cuts = cut_points(g)
-    bounds = [i for i in sorted(cuts) if cuts[i] is not g.input_node]
+    # the chunks' parts are concatenated along dim 0: only where the batch of 1 is dim 0
+    # (not an attention's (3, M, ...) stack or a torch.stack along dim 0)
+    bounds = [i for i in sorted(cuts) if cuts[i] is not g.input_node and _batch_first(values.get(cuts[i]))]
     starts, sources = [0] + bounds, [g.input_node] + [cuts[i] for i in bounds]
     stops = bounds + [len(g.nodes)]
 
@@ -104,6 +106,10 @@ def pass_plan(g, values: dict, x: torch.Tensor, m: int, budget: int | None, *,
             continue  # the same chunk as the segment before: no cut here
         plan.append((start, src, c))
     return plan
+
+
+def _batch_first(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1
 
 
 _CUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

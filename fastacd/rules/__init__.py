@@ -12,12 +12,12 @@ from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pool import MaxPool
 from .recurrent import Recurrent
 from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, Repeat, Reshape, Roll,
-                         Scale, Shape, Split, Sub)
+                         Scale, Shape, Split, Stack, Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), AddCMul(), Activation(),
                    OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
-                   Scale(), MatMul(), Product(), Normaliser(), Cat(), OutputSoftmax(), Shape(), Roll(), Pad(),
-                   Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
+                   Scale(), MatMul(), Product(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
+                   Pad(), Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
                    Einsum(), Recurrent()], name="acd")
 
 

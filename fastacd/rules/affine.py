@@ -52,10 +52,13 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     return (lambda t: weight_apply(fn, t, weight, None, *args, **kwargs)), bias
 
 
+def is_linear(step: Step) -> bool:
+    return isinstance(step.module, nn.Linear) or op_is(step.node.target, F.linear, aten.linear)
+
+
 def channels_last(step: Step, t: torch.Tensor) -> bool:
     """Whether the layer's channels are the last dim: a Linear on (N, ..., F) (tokens)."""
-    linear = isinstance(step.module, nn.Linear) or op_is(step.node.target, F.linear, aten.linear)
-    return linear and t.dim() > 2
+    return is_linear(step) and t.dim() > 2
 
 
 def bias_view(bias: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
@@ -172,7 +175,7 @@ class Affine(Rule):
         zr = weights(r)
         if bias is None:
             return zr.clamp_min(0) if step.relu_fused else zr
-        if channels_last(step, zr):
+        if channels_last(step, zr) or (pre.shape[0] != 1 and is_linear(step)):  # or (B * N, F) rows
             return split_bias_tokens(ops, zr, pre, bias, step.relu_fused, own_buffer(zr, r), tol)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused, tol)

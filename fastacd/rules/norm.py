@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..capture.nodes import Step, arg, call_with, load_arg, op_is
 from ..ops.torch_ops import split_weights
 from .affine import EPS, split_bias
-from .base import Elementwise, Rule, only_gates, unsupported
+from .base import Elementwise, Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 aten = torch.ops.aten
 
@@ -93,7 +93,17 @@ class BatchNorm(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         scale, shift, _, tol = aux
         d = step.dep[0]
-        return ops.bn_split(rel[d], values[d], scale, shift, step.relu_fused, tol)
+        r, total = rel[d], values[d]
+        n = total.shape[0]
+        if n == 1:
+            return ops.bn_split(r, total, scale, shift, step.relu_fused, tol)
+        # n rows of one sample (LeViT's BatchNorm1d on (B * N, C)): the rows folded into the
+        # channels, as the kernels take a total of one row
+        k, shape = mask_dim(r.shape, total.shape), (1, n * total.shape[1]) + tuple(total.shape[2:])
+        fold = lambda t: t.reshape((-1,) + shape[1:])  # noqa: E731
+        out = ops.bn_split(fold(per_mask(r, total.shape)), fold(total), scale.repeat(n), shift.repeat(n),
+                           step.relu_fused, None if tol is None else fold(tol.expand(total.shape)))
+        return merge_masks(out.reshape((-1,) + tuple(total.shape)), k)
 
     def paired_relevant(self, step, p):
         # the channel parameters read once; the split keeps only its inputs for backward
@@ -106,7 +116,8 @@ class BatchNorm(Rule):
 
     def relevant_(self, step, rel, values, aux, ops):
         d = step.dep[0]
-        if not (rel[d].is_contiguous() or rel[d].is_contiguous(memory_format=torch.channels_last)):
+        if values[d].shape[0] != 1 or not (
+                rel[d].is_contiguous() or rel[d].is_contiguous(memory_format=torch.channels_last)):
             return None
         scale, shift, _, tol = aux
         return ops.bn_split_(rel[d], values[d], scale, shift, step.relu_fused, tol)
@@ -178,6 +189,16 @@ def split_beta(ops, zr: torch.Tensor, pre: torch.Tensor, beta: torch.Tensor | No
     Linear's GEMM 3.6x slower (ConvNeXt-Tiny, docs/engine.md "Norms")."""
     if beta is None:
         return zr.clamp_min(0) if relu else zr
+    n = pre.shape[0]
+    if n != 1 and zr.dim() >= 2 and zr.shape[1:] == pre.shape[1:] and zr.shape[0] % n == 0:
+        # n rows (MobileViT's patches (B * P, N, C), a window's per-mask crops, CDEP's images),
+        # the masks their outer factor: each mask's n rows as one row, as the kernels take a
+        # total of one row
+        split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split
+        flat = lambda t: None if t is None else t.expand(pre.shape).reshape(1, -1)  # noqa: E731
+        b = beta.reshape((1,) * (zr.dim() - beta.dim()) + tuple(beta.shape))
+        out = split(zr.reshape(zr.shape[0] // n, -1), flat(pre), flat(b)[0], relu, flat(tol))
+        return out.reshape(zr.shape)
     pre = rows_like(pre, zr.shape[0])
     tol = None if tol is None else rows_like(tol, zr.shape[0])
     split = ops.bias_split_ if own and zr.is_contiguous() and inference(zr, pre, beta) else ops.bias_split

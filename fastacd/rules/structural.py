@@ -409,6 +409,51 @@ class Cat(Rule):
         return None
 
 
+class Stack(Rule):
+    """``torch.stack`` along any dim: a new dim never mixes the samples (along dim 0 the masks
+    move to dim 1, as the total's batch does)."""
+    kind = "stack"
+    functions = (torch.stack, aten.stack)
+    row = ("`torch.stack`, `aten.stack`", "part-wise (zeros for a constant)", "part-wise (a constant joins here)")
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    @staticmethod
+    def _dim(node: fx.Node, total: torch.Tensor) -> int:
+        return arg(node, 1, "dim", 0) % total.dim()
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        node = step.node
+        pieces = [mags[t] if t in step.dep else abs(load_arg(value_of, t)) for t in node.args[0]]
+        return torch.stack(pieces, self._dim(node, value_of(node))), aux
+
+    def reference(self, step, parts, value_of, aux):
+        node = step.node
+        rs, is_ = [], []
+        for t in node.args[0]:
+            if isinstance(t, fx.Node) and t in parts:
+                rs.append(parts[t][0])
+                is_.append(parts[t][1])
+            else:  # a constant joins the irrelevant part
+                c = load_arg(value_of, t)
+                rs.append(torch.zeros_like(c))
+                is_.append(c)
+        dim = self._dim(node, value_of(node))
+        return torch.stack(rs, dim), torch.stack(is_, dim)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        node = step.node
+        total = values[node]
+        first = next(t for t in node.args[0] if isinstance(t, fx.Node) and t in rel)
+        k = mask_dim(rel[first].shape, values[first].shape)
+        factor = rel[first].shape[k] // max(1, values[first].shape[k])  # the masks (K*N rows in CDEP)
+        out = [rel[t] if isinstance(t, fx.Node) and t in rel else  # a constant: zeros for every mask
+               torch.zeros(rel_shape((values[t] if isinstance(t, fx.Node) else t).shape, k, factor),
+                           dtype=total.dtype, device=total.device) for t in node.args[0]]
+        return torch.stack(out, self._dim(node, total))
+
+
 class OutputSoftmax(Rule):
     """A trailing softmax / log-softmax: not decomposed (CD scores are logits)."""
     kind = "output_softmax"
