@@ -341,6 +341,21 @@ class Scale(Rule):
         return Elementwise() if per_channel else None
 
 
+def listed_parts(items, parts, value_of) -> tuple[list, list]:
+    """(relevant parts, irrelevant parts) of a cat's or stack's inputs: a constant joins the
+    irrelevant part (zeros for the relevant)."""
+    rs, is_ = [], []
+    for t in items:
+        if isinstance(t, fx.Node) and t in parts:
+            rs.append(parts[t][0])
+            is_.append(parts[t][1])
+        else:
+            c = load_arg(value_of, t)
+            rs.append(torch.zeros_like(c))
+            is_.append(c)
+    return rs, is_
+
+
 class Cat(Rule):
     kind = "cat"
     functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
@@ -370,15 +385,7 @@ class Cat(Rule):
         node = step.node
         shapes = [tuple(load_arg(value_of, t).shape) for t in node.args[0]]
         dim = self._dim(node, value_of(node), shapes)
-        rs, is_ = [], []
-        for t in node.args[0]:
-            if isinstance(t, fx.Node) and t in parts:
-                rs.append(parts[t][0])
-                is_.append(parts[t][1])
-            else:
-                c = load_arg(value_of, t)
-                rs.append(torch.zeros_like(c))
-                is_.append(c)
+        rs, is_ = listed_parts(node.args[0], parts, value_of)
         return torch.cat(rs, dim), torch.cat(is_, dim)
 
     def relevant(self, step, rel, values, aux, ops, m):
@@ -430,15 +437,7 @@ class Stack(Rule):
 
     def reference(self, step, parts, value_of, aux):
         node = step.node
-        rs, is_ = [], []
-        for t in node.args[0]:
-            if isinstance(t, fx.Node) and t in parts:
-                rs.append(parts[t][0])
-                is_.append(parts[t][1])
-            else:  # a constant joins the irrelevant part
-                c = load_arg(value_of, t)
-                rs.append(torch.zeros_like(c))
-                is_.append(c)
+        rs, is_ = listed_parts(node.args[0], parts, value_of)
         dim = self._dim(node, value_of(node))
         return torch.stack(rs, dim), torch.stack(is_, dim)
 
