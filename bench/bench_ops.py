@@ -109,7 +109,7 @@ def cases(masks: int, max_elements: int, device: str, dtype: torch.dtype):
 
 def with_tol(case):
     """A split case with a per-element tolerance (numerical zero, design.md section 9): half of
-    |total|, so that some parts are snapped to zero and others not."""
+    |total|, so that some parts are below their threshold and others not."""
     name, op, m, make = case
 
     def make_tol(make=make):

@@ -114,9 +114,9 @@ class Decomposer:
     channels_last memory format; None chooses (on for bf16 with 2-d convolutions, off for
     float32, where it measured slower end to end).
 
-    ``zero_tol``: numerical zero (docs/engine.md): a split's part below this fraction of its
-    magnitude scale, and not the larger part, counts as zero, so that float32, float64 and
-    batched calls agree; 0 gives the paper's formula (the original package's numbers).
+    ``zero_tol``: numerical zero (docs/engine.md): a split's part near or below this fraction of
+    its magnitude scale ramps out of the split's weights (a rounding residue weighs nothing), so
+    that rounding cannot flip a split; 0 gives the paper's formula (the original package's numbers).
     """
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto",
