@@ -57,6 +57,7 @@ struct SplitWeights {
 };
 
 constexpr int kSmallPower = 16;  // the both-small split's power (fastacd.ops.torch_ops.SMALL_POWER)
+static_assert(kSmallPower == 16, "split_weights computes rho^16 by four squarings");
 
 // Written as arithmetic and selects, one division per quantity, so that gcc vectorises the
 // CPU loops; the derivatives only where asked (kGrad).

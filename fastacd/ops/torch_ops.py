@@ -38,11 +38,12 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
 
     def ramp(t):
         return torch.where(tol > 0, ((2 * t - tol) / tol.clamp_min(tiny)).clamp(0, 1), (t > 0).to(t.dtype))
-    top = torch.maximum(ar, ai)
-    qr, qi = (ar / top.clamp_min(tiny)) ** SMALL_POWER, (ai / top.clamp_min(tiny)) ** SMALL_POWER
+    top = torch.maximum(ar, ai).clamp_min(tiny)
+    qr, qi = (ar / top) ** SMALL_POWER, (ai / top) ** SMALL_POWER
     small = qr / (qr + qi).clamp_min(tiny)  # the relevant part's share of two small parts
-    rest = (1 - ramp(top)) * (ar + ai)
-    return ar * ramp(ar) + rest * small + eps, ai * ramp(ai) + rest * (1 - small) + eps
+    rr, ri = ramp(ar), ramp(ai)
+    rest = (1 - torch.maximum(rr, ri)) * (ar + ai)  # the ramp is monotone: the larger part's
+    return ar * rr + rest * small + eps, ai * ri + rest * (1 - small) + eps
 
 
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
