@@ -45,7 +45,7 @@ from fastacd.api import _DECOMPOSERS  # noqa: E402
 
 from _results import record  # noqa: E402
 from bench_agg import SETTINGS, _setup, original_per_call  # noqa: E402
-from numerical_zero import trained_like  # noqa: E402
+from numerical_zero import trained_like, trained_parameters  # noqa: E402
 
 THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
@@ -66,15 +66,7 @@ def timm_vit(trained: bool, size: int, seed: int = 0):
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=size).eval()
     for blk in model.blocks:  # the written-out attention (softmax(q k^T) @ v), not SDPA
         blk.attn.fused_attn = False
-    if trained:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                    m.bias.normal_(0, 0.05)
-                if isinstance(m, torch.nn.LayerNorm):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0, 0.1)
-    return model
+    return trained_parameters(model, affine_norms=(torch.nn.LayerNorm,)) if trained else model
 
 
 def build(name: str, trained: bool, size: int):

@@ -31,8 +31,12 @@ def trained_like(name: str, seed: int = 0, init: str = "trained") -> torch.nn.Mo
     network's; ``init='torchvision'`` keeps torchvision's own initialisation."""
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None).eval()
-    if init == "torchvision":
-        return model
+    return model if init == "torchvision" else trained_parameters(model)
+
+
+def trained_parameters(model: torch.nn.Module, affine_norms=(torch.nn.BatchNorm2d,)) -> torch.nn.Module:
+    """Biases, batchnorm statistics and the affines of ``affine_norms`` like a trained
+    network's, in place (from torch's global generator)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
@@ -40,6 +44,7 @@ def trained_like(name: str, seed: int = 0, init: str = "trained") -> torch.nn.Mo
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.2, 2.0)
+            if isinstance(m, affine_norms):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
     return model
