@@ -46,6 +46,28 @@ class ConcatNet(nn.Module):
         return self.head(x)
 
 
+class TokenMaxNet(nn.Module):
+    """Hiera's token max-pool (``amax`` over a stride dim), VOLO's ``Unfold`` / ``F.fold`` and its
+    ``max(1)[0]`` head, SwiftFormer's ``F.normalize`` and additive attention (a product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.unfold = nn.Unfold(3, padding=1)
+        self.q = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = F.fold(self.unfold(h) * 0.5, (8, 8), 3, padding=1)
+        t = h.flatten(2).transpose(1, 2)
+        t = t.view(t.shape[0], 4, -1, t.shape[-1]).amax(dim=1)
+        q = F.normalize(self.q(t), dim=-1)
+        a = F.normalize(q.sum(-1, keepdim=True), dim=1)
+        t = a * q + t
+        return self.fc(t.max(1)[0] + torch.amax(t, dim=(1,), keepdim=True)[:, 0])
+
+
 class MLP(nn.Module):
     def __init__(self, d=12):
         super().__init__()

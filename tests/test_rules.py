@@ -14,6 +14,7 @@ from fastacd.capture.nodes import call_with
 from fastacd.rules import DEFAULT, Rule, RuleSet
 
 from conftest import assert_close_scaled
+from models import TokenMaxNet
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
 
@@ -518,3 +519,86 @@ def test_a_proxy_left_by_an_earlier_trace_is_dropped_or_named():
     fx.Tracer().trace(kept)
     with pytest.raises(fastacd.UnsupportedOpError, match="another torch.fx trace"):
         fastacd.Decomposer(kept)
+
+
+# ------------------------------------------------------------------------- max-reduce, F.normalize, unfold/fold
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_max_reduce_normalize_unfold_fold(capture):
+    torch.manual_seed(0)
+    model = TokenMaxNet().eval().double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    masks = torch.cat([(torch.rand(4, 1, 8, 8) > 0.5), torch.ones(1, 1, 8, 8)]).double()
+    with torch.no_grad():
+        ref = fastacd.Decomposer(model, capture=capture, backend="reference").cd(x, masks)
+        assert_close_scaled(ref.relevant + ref.irrelevant, model(x).expand_as(ref.relevant), torch.float64)
+        for dtype in (torch.float64, torch.float32):
+            model.to(dtype)
+            for backend in fastacd.available_backends():
+                dec = fastacd.Decomposer(model, capture=capture, backend=backend)
+                res = dec.cd(x.to(dtype), masks.to(dtype))
+                assert_close_scaled(res.relevant, ref.relevant.to(dtype), dtype)
+                assert_close_scaled(res.irrelevant, ref.irrelevant.to(dtype), dtype)
+                one = torch.cat([dec.cd(x.to(dtype), mk).relevant for mk in masks.to(dtype)])
+                assert_close_scaled(res.relevant, one, dtype)
+    kinds = {s.kind for s in dec.graph.steps.values()}
+    assert {"max_reduce", "linear", "product"} <= kinds and ("normalize" in kinds) == (capture == "fx")
+
+
+def test_max_reduce_and_normalize_by_hand():
+    """Relevant parts written out: the masked input at the argmax of the true input; the
+    masked input over the true input's norm; im2col of the masked input."""
+    class Heads(nn.Module):
+        def forward(self, x):
+            t = x.flatten(2)  # (1, C, HW)
+            return torch.cat([t.amax(-1), t.max(1)[0], F.normalize(t, dim=-1).flatten(1),
+                              F.unfold(x, 2).flatten(1)], 1)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    mask = (torch.rand(1, 1, 3, 3) > 0.5).double()
+    r = (mask * x).flatten(2)
+    t = x.flatten(2)
+    want = torch.cat([r.gather(-1, t.argmax(-1, keepdim=True))[..., 0],
+                      r.gather(1, t.argmax(1, keepdim=True))[:, 0],
+                      (r / t.norm(dim=-1, keepdim=True)).flatten(1),
+                      F.unfold(mask * x, 2).flatten(1)], 1)
+    for backend in ("reference", *fastacd.available_backends()):
+        res = fastacd.Decomposer(Heads().eval(), backend=backend).cd(x, mask)
+        torch.testing.assert_close(res.relevant, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.irrelevant, Heads()(x) - want, rtol=1e-12, atol=1e-12)
+
+
+def test_max_reduce_in_the_cdep_penalty():
+    from fastacd import cdep
+    torch.manual_seed(0)
+    model = TokenMaxNet().double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    masks = (torch.rand(3, 1, 8, 8) > 0.6).double().expand(3, 3, 8, 8)
+    values = []
+    for backend in ("reference", None):
+        pen = cdep.CDEPPenalty(model, **({"backend": backend, "reuse_forward": False} if backend else {}))
+        model.zero_grad()
+        loss = pen(x, masks)
+        loss.backward()
+        values.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        pen.remove_hooks()
+    (p_ref, g_ref), (p, g) = values
+    assert g_ref.abs().sum() > 0
+    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda t: torch.max(t, 2 * t), "element-wise max of two tensors"),
+    (lambda t: t.amax(0), "over the batch dim"),
+    (lambda t: t.max(), "over every dim"),
+    (lambda t: t.max(1)[0] + t.max(1)[1], "indices are read"),
+])
+def test_max_reduce_refusals_name_the_variant(body, message):
+    class Net(nn.Module):
+        def forward(self, x):
+            return body(x.flatten(1))
+
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(fastacd.UnsupportedOpError, match=message):
+        fastacd.Decomposer(Net().eval()).cd(x, torch.ones(1, 1, 3, 3))

@@ -16,7 +16,7 @@ from fastacd import agg_2d
 from fastacd.engine import windowed
 
 from conftest import assert_close_scaled
-from models import ConcatNet, FunctionalNet, MLP, torchvision_model
+from models import ConcatNet, FunctionalNet, MLP, TokenMaxNet, torchvision_model
 
 FAST_BACKENDS = [b for b in fastacd.available_backends() if b != "reference"]
 ALWAYS = dict(max_cost_ratio=float("inf"))  # window even where the cost model would not
@@ -145,7 +145,8 @@ class OddConvNet(nn.Module):
 
 SMALL = {"odd": (lambda: OddConvNet(), (1, 3, 40, 40)),
          "functional": (lambda: FunctionalNet(), (1, 3, 16, 16)),
-         "concat": (lambda: ConcatNet(), (1, 3, 12, 12))}
+         "concat": (lambda: ConcatNet(), (1, 3, 12, 12)),
+         "tokens_max": (lambda: TokenMaxNet(), (1, 3, 8, 8))}  # not local: recomputed in full
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -1149,31 +1149,34 @@ def markdown(data: dict) -> str:
         return sum(1 for n in names if _missing(entries[n], key) == {k})
 
     groups, ops = needed_ops(entries, by_group), needed_ops(entries)
-    L += ["## Rules needed", "",
-          f"What the {len(failing)} models that do not decompose need, as rules (each row groups the ops one "
-          "rule would cover: `tools/zoo.py` `RULE_GROUPS`), sorted by how many models need it. A model's list "
-          "is complete, not only its first failure: the survey walks past each unsupported node (taking it to "
-          "give an input-dependent tensor). **alone** = models for which this is the only thing missing. "
-          "Models torch.fx cannot trace are walked on fastacd's torch.export capture with the same rules "
-          "(their ops are ATen ops).", "",
-          "| rule | models | alone | ops | families |", "|---|---|---|---|---|"]
-    members: dict[str, set[str]] = {}
-    for k in ops:
-        members.setdefault(rule_group(k), set()).add(k)
-    for g, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        L.append(f"| {g} | {len(v)} | {alone(v, g, by_group)} | "
-                 f"{', '.join(f'`{m}`' for m in sorted(members.get(g, {g})))} | {fams(v)} |")
-    L += ["", "### Order of rules that unblocks the most models", "",
-          "Greedy: each row adds the rule that makes the most further models decompose (ties: the rule more "
-          "models need). A model counts once everything on its list has a rule.", "",
-          "| step | add | models unblocked | decompose then |", "|---|---|---|---|"]
-    for k, (o, d, w) in enumerate(unblock_order(entries, by_group), 1):
-        L.append(f"| {k} | {o} | {d} | {w} / {len(entries)} |")
-    L += ["", "### Ops needed", "",
-          "The same, op by op (function targets, module types, `.method()` names, as the graph has them).", "",
-          "| op | rule | models | alone | families |", "|---|---|---|---|---|"]
-    for k, v in sorted(ops.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        L.append(f"| `{k}` | {rule_group(k)} | {len(v)} | {alone(v, k, by_op)} | {fams(v)} |")
+    if not failing:
+        L += ["## Rules needed", "", "None: every model of the zoo decomposes."]
+    else:
+        L += ["## Rules needed", "",
+              f"What the {len(failing)} models that do not decompose need, as rules (each row groups the ops one "
+              "rule would cover: `tools/zoo.py` `RULE_GROUPS`), sorted by how many models need it. A model's list "
+              "is complete, not only its first failure: the survey walks past each unsupported node (taking it to "
+              "give an input-dependent tensor). **alone** = models for which this is the only thing missing. "
+              "Models torch.fx cannot trace are walked on fastacd's torch.export capture with the same rules "
+              "(their ops are ATen ops).", "",
+              "| rule | models | alone | ops | families |", "|---|---|---|---|---|"]
+        members: dict[str, set[str]] = {}
+        for k in ops:
+            members.setdefault(rule_group(k), set()).add(k)
+        for g, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            L.append(f"| {g} | {len(v)} | {alone(v, g, by_group)} | "
+                     f"{', '.join(f'`{m}`' for m in sorted(members.get(g, {g})))} | {fams(v)} |")
+        L += ["", "### Order of rules that unblocks the most models", "",
+              "Greedy: each row adds the rule that makes the most further models decompose (ties: the rule more "
+              "models need). A model counts once everything on its list has a rule.", "",
+              "| step | add | models unblocked | decompose then |", "|---|---|---|---|"]
+        for k, (o, d, w) in enumerate(unblock_order(entries, by_group), 1):
+            L.append(f"| {k} | {o} | {d} | {w} / {len(entries)} |")
+        L += ["", "### Ops needed", "",
+              "The same, op by op (function targets, module types, `.method()` names, as the graph has them).", "",
+              "| op | rule | models | alone | families |", "|---|---|---|---|---|"]
+        for k, v in sorted(ops.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            L.append(f"| `{k}` | {rule_group(k)} | {len(v)} | {alone(v, k, by_op)} | {fams(v)} |")
     exp_only = [n for n in order if not entries[n].get("fx", {}).get("ok", True)]
     if exp_only:
         L += ["", "## Where torch.fx fails", "",

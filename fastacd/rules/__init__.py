@@ -8,14 +8,14 @@ from .attention import Einsum, MultiheadAttention, ScaledDotProductAttention, Sw
 from .gates import MatMul, Normaliser, Product
 from .cdt import cdt_rules
 from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
-from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pool import MaxPool
+from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, Normalize, RMSNorm
+from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent
 from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, Repeat, Reshape, Roll,
                          Scale, Shape, Split, Stack, Sub)
 
-DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), AddCMul(), Activation(),
-                   OffsetActivation(), MaxPool(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
+DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), Normalize(), AddCMul(), Activation(),
+                   OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
                    Scale(), MatMul(), Product(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
                    Pad(), Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
                    Einsum(), Recurrent()], name="acd")

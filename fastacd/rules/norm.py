@@ -433,6 +433,28 @@ class RMSNorm(_Norm):
         return None
 
 
+class Normalize(_Norm):
+    """``F.normalize``: the parts divided by the total's p-norm over ``dim`` (a statistic of the
+    total, as the norms' std), no centring, no affine (SwiftFormer's additive attention)."""
+    kind = "normalize"
+    functions = (F.normalize,)
+    row = ("`F.normalize` (any p, dim)", "`r / max(norm_p(a), eps)`", "`i / max(norm_p(a), eps)`")
+
+    def params(self, step, value_of):
+        vals = dict(zip(["input", "p", "dim", "eps"], load_arg(value_of, step.node.args)))
+        vals.update(load_arg(value_of, step.node.kwargs))
+        if vals.get("out") is not None:
+            raise unsupported(step.node, "F.normalize with out=")
+        return {"p": vals.get("p", 2.0), "dim": vals.get("dim", 1), "eps": vals.get("eps", 1e-12),
+                "weight": None, "bias": None}
+
+    def rstd(self, p, a):
+        return a.norm(p["p"], p["dim"], keepdim=True).clamp_min(p["eps"]).reciprocal()
+
+    def mean(self, p, t):
+        return None
+
+
 class AddCMul(Rule):
     """``torch.addcmul(beta, alpha, x)`` = ``beta + value * alpha * x`` with constant (or
     context) ``alpha`` and ``beta``: ResMLP's affine "norm" (timm's ``Affine``). The scaled part

@@ -1,14 +1,17 @@
-"""Max-pools: both parts gathered at the argmax positions of the true activation."""
+"""Max-pools and max-reductions: both parts gathered at the argmax positions of the true
+activation."""
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, load_arg, op_is
-from .base import Rule, Sliding, as_tuple
+from ..capture.nodes import Step, arg, call_with, load_arg, op_is
+from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, per_mask, unsupported
 
 aten = torch.ops.aten
 
@@ -101,3 +104,77 @@ class MaxPool(Rule):
     def locality(self, step, values):
         pool = pool2d_params(step, values.__getitem__)
         return None if pool is None else Sliding(*pool)
+
+
+class MaxReduce(Rule):
+    """``amax`` and ``max(dim)`` over non-batch dims (Hiera's token max-pool, VOLO's token
+    head): both parts at the argmax of the true input, as for a max-pool. ``max(dim)`` gives
+    (values, indices); only its values (``[0]``) are decomposed."""
+    kind = "max_reduce"
+    functions = (torch.amax, torch.max, aten.amax, aten.max)
+    methods = ("amax", "max")
+    row = ("`amax`, `max(dim)[0]` over non-batch dims, `aten.amax`, `aten.max.dim`", "`r` at the argmax of `a`",
+           "`i` at the same positions")
+
+    def claim(self, graph, node, dep, module):
+        dims = arg(node, 1, "dim", None)
+        if isinstance(dims, fx.Node):
+            raise unsupported(node, "an element-wise max of two tensors (CD has no rule for it)")
+        if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+            raise unsupported(node, "a max over every dim, the batch included")
+        pair = not op_is(node.target, torch.amax, aten.amax, "amax")
+        if pair and any(not (u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users):
+            raise unsupported(node, "max's indices are read (only the values, max(dim)[0], are decomposed)")
+        return Step(node, self, dep, extra={"pair": pair})
+
+    @staticmethod
+    def _dims(step: Step, ndim: int) -> list[int]:
+        dims = arg(step.node, 1, "dim")
+        dims = sorted({d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])})
+        if 0 in dims:
+            raise unsupported(step.node, "a max over the batch dim")
+        return dims
+
+    def _gather(self, step: Step, t: torch.Tensor, total: torch.Tensor, idx=None):
+        """``t`` (M, *total.shape) at the argmax of ``total`` over the step's dims:
+        ((M, *out), the flat argmax indices)."""
+        dims = self._dims(step, total.dim())
+        kept = [d for d in range(total.dim()) if d not in dims]
+
+        def flat(x):  # the reduced dims last, as one
+            lead = x.dim() - total.dim()
+            x = x.permute(*range(lead), *(lead + d for d in kept + dims))
+            return x.reshape(*x.shape[:lead + len(kept)], -1)
+        if idx is None:
+            idx = flat(total).argmax(-1, keepdim=True)
+        ft = flat(t)
+        out = ft.gather(-1, idx.expand(*ft.shape[:-1], 1)).squeeze(-1)
+        if arg(step.node, 2, "keepdim", False):
+            for d in dims:
+                out = out.unsqueeze(1 + d)
+        return out, idx
+
+    def _apply(self, step, t: torch.Tensor, total: torch.Tensor, idx=None):
+        """A part ``t`` (masks in the dim where its shape differs from ``total``'s) reduced."""
+        k = mask_dim(t.shape, total.shape)
+        out, idx = self._gather(step, per_mask(t, total.shape), total, idx)
+        dims = self._dims(step, total.dim())
+        if not arg(step.node, 2, "keepdim", False):  # the masks' dim moves with the reduced dims
+            k = 0 if k in dims else k - sum(d < k for d in dims)
+        out = merge_masks(out, k)
+        return (out, None) if step.extra["pair"] else out  # max's indices: not decomposed
+
+    def total(self, step, value_of):
+        x = value_of(step.dep[0])
+        return call_with(step, value_of, {}), self._gather(step, x[None], x)[1]
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return self._apply(step, mags[step.dep[0]], value_of(step.dep[0]), aux), aux
+
+    def reference(self, step, parts, value_of, aux):
+        x = value_of(step.dep[0])
+        return tuple(self._apply(step, p, x, aux) for p in parts[step.dep[0]])
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.dep[0]
+        return self._apply(step, rel[d], values[d], aux)

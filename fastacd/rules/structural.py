@@ -28,7 +28,7 @@ _LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive
                 aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.mean, aten.sum, aten.permute,
                 aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.upsample_nearest1d,
                 aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
-                aten.flip, aten.dropout, aten.to, aten._to_copy)
+                aten.flip, aten.dropout, aten.to, aten._to_copy, aten.im2col, aten.col2im)
 
 
 def _batch_dim(node: fx.Node, dims) -> bool:
@@ -65,15 +65,16 @@ class Linear(Rule):
     kind = "linear"
     modules = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                nn.AdaptiveAvgPool3d, nn.Identity, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-               nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle) + _DROPOUT_MODULES
+               nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unfold, nn.Fold) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims
+                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold
                  ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
                "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
-           "upsampling, `permute`, `transpose`, `movedim`, `mean`, Swin's patch merging, ...; their `aten` ops, "
+           "upsampling, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
+           "merging, ...; their `aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def gate_like(self, graph, node, gates):
