@@ -9,7 +9,8 @@ plus the full and the empty mask. Largest gaps, as a fraction of the largest |lo
 * batched vs one-mask: the engine's batched call against one call per mask (float32);
 * vs paper: the float64 engine against the published formula (no numerical zero).
 
-    .venv/bin/python bench/numerical_zero.py [--models vgg16 ...] [--size 224] [--json out.json]
+    .venv/bin/python bench/numerical_zero.py [--models vgg16 ...] [--size 224] [--zero-tol 1e-4] [--seed 0]
+                                             [--json out.json]
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def block_masks(size: int) -> torch.Tensor:
 
 
 def gaps(name: str, size: int, backend: str = "auto", init: str = "trained",
-         zero_tol: float = fastacd.rules.ZERO_TOL) -> dict:
-    model = trained_like(name, init=init)
-    torch.manual_seed(1)
+         zero_tol: float = fastacd.rules.ZERO_TOL, seed: int = 0) -> dict:
+    model = trained_like(name, seed=seed, init=init)
+    torch.manual_seed(1 + seed)
     x = torch.randn(1, 3, size, size)
     masks = block_masks(size)
     with torch.no_grad():
@@ -98,12 +99,13 @@ def main(argv=None) -> int:
                    help="trained-like biases and batchnorm statistics, or torchvision's init")
     p.add_argument("--zero-tol", type=float, default=fastacd.rules.ZERO_TOL,
                    help="Decomposer's zero_tol (0 = the paper's formula, no numerical zero)")
+    p.add_argument("--seed", type=int, default=0, help="of the parameters (and the input: seed + 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = {}
     for name in args.models:
         t = time.perf_counter()
-        rows[name] = gaps(name, args.size, args.backend, args.init, args.zero_tol)
+        rows[name] = gaps(name, args.size, args.backend, args.init, args.zero_tol, args.seed)
         r = rows[name]
         print(f"{name:10s} vs paper (f64) {r['vs_paper_f64']:.1e}  f32 vs f64 {r['f32_vs_f64']:.1e}  engine vs reference (f64) "
               f"{r['engine_vs_reference_f64']:.1e}  batched vs one-mask (f32) {r['batched_vs_one_mask_f32']:.1e}"
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "zero_tol": args.zero_tol, "backend": args.backend,
+            json.dump({"size": args.size, "zero_tol": args.zero_tol, "seed": args.seed, "backend": args.backend,
                        "init": args.init, "rows": rows}, f, indent=1)
     return 0
 
