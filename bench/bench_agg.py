@@ -32,7 +32,8 @@ Figures (bench/results/agg.json), per model:
   its scoring forced onto the CPU) and ``identical_to_original`` compares every level's
   components; ``ACD_BENCH_ORIGINAL_CORRESPONDENCE=1`` lifts the original's 11-number limit in
   ``establish_correspondence`` for that run (fastacd's, nothing else changed; recorded under
-  ``<case>_original_correspondence_lifted``). ``original_previous_s``: the issue's figures for the original's full run on
+  ``<case>_original_correspondence_lifted``); ``ACD_BENCH_ZERO_TOL=0`` runs fastacd with the
+  published split formula instead of numerical zero (``<case>_zero_tol0``). ``original_previous_s``: the issue's figures for the original's full run on
   this box (VGG16 592 s, AlexNet ~220 s), and ``speedup_vs_original_previous`` against them;
 * with ``ACD_BENCH_CHECK_PLAIN=1``: ``plain_s``, the same run with windowed propagation off
   (``agglomerate(..., windowed=False)``), ``windowed_speedup = plain_s / fast_s``, and
@@ -51,6 +52,7 @@ import torch
 import torchvision
 
 from _results import record
+import fastacd
 from fastacd import agg_2d
 from fastacd.reference import agg_2d as ref_agg
 from fastacd.reference import cd as reference_cd
@@ -146,12 +148,13 @@ def bench(arch: str, full_reference: bool = False) -> dict:
     s = SETTINGS
     stats = {}
     fast, fast_s = _run(agg_2d.agglomerate, model, None, s["percentile_include"], s["method"],
-                        s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, stats=stats)
+                        s["sweep_dim"], im, lab, num_iters=s["num_iters"], im_torch=x, stats=stats,
+                        zero_tol=ZERO_TOL)
     per_mask = reference_per_mask(model, x)
     figures = dict(fast_s=fast_s, masks_requested=stats["requested"], masks_scored=stats["scored"],
                    masks_windowed=stats.get("windowed", 0), threads=THREADS,
                    engine_calls=stats["calls"], reference_per_mask_s=per_mask,
-                   num_levels=len(fast["comps_list"]) - 1,
+                   num_levels=len(fast["comps_list"]) - 1, zero_tol=ZERO_TOL,
                    max_components=int(max(np.max(c) for c in fast["comps_list"])))
     if os.environ.get("ACD_BENCH_CHECK_PLAIN", "") == "1":
         plain, plain_s = _run(agg_2d.agglomerate, model, None, s["percentile_include"], s["method"],
@@ -201,7 +204,8 @@ def bench(arch: str, full_reference: bool = False) -> dict:
     figures["original_previous_s"] = ORIGINAL_PREVIOUS_S[arch]
     figures["speedup_vs_original_previous"] = ORIGINAL_PREVIOUS_S[arch] / fast_s
     record(SUITE, f"{arch}_224_sweep14" + (f"_threads{THREADS}" if THREADS != 1 else "")
-           + ("_original_correspondence_lifted" if FULL_ORIGINAL and ORIGINAL_CORRESPONDENCE else ""), **figures)
+           + ("_original_correspondence_lifted" if FULL_ORIGINAL and ORIGINAL_CORRESPONDENCE else "")
+           + ("_zero_tol0" if ZERO_TOL == 0 else ""), **figures)
     print(f"\n{arch}: fast {fast_s:.1f} s, reference {figures['reference_s']:.1f} s "
           f"({'extrapolated' if figures['reference_extrapolated'] else 'measured'}), "
           f"{figures['speedup']:.1f}x; original {figures.get('original_s', float('nan')):.1f} s "
@@ -216,6 +220,8 @@ FULL_ORIGINAL = os.environ.get("ACD_BENCH_FULL_ORIGINAL", "") == "1"
 # ACD_BENCH_ORIGINAL_CORRESPONDENCE=1: the full original run uses fastacd's establish_correspondence
 # (the original's has 11 numbers and falls back to raw labels past them; docs/hierarchies.md)
 ORIGINAL_CORRESPONDENCE = os.environ.get("ACD_BENCH_ORIGINAL_CORRESPONDENCE", "") == "1"
+# ACD_BENCH_ZERO_TOL: fastacd's numerical zero (0: the published split formula, the original's numbers)
+ZERO_TOL = float(os.environ.get("ACD_BENCH_ZERO_TOL", fastacd.rules.ZERO_TOL))
 
 
 @pytest.mark.parametrize("arch", ["alexnet", "vgg16"])

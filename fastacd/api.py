@@ -10,16 +10,18 @@ from . import ops
 from ._version import __version__
 from .capture.inputs import check_masks
 from .engine.decomposer import Decomposer, available_backends
+from .rules import ZERO_TOL
 
 _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str = "float32") -> Decomposer:
-    """A Decomposer per (model, backend, precision), traced once and reused across calls."""
+def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str = "float32",
+                   zero_tol: float = ZERO_TOL) -> Decomposer:
+    """A Decomposer per (model, backend, precision, zero_tol), traced once and reused across calls."""
     per_model = _DECOMPOSERS.setdefault(model, {})
-    key = backend if precision == "float32" else (backend, precision)
+    key = (backend, precision, zero_tol)
     if key not in per_model:
-        per_model[key] = Decomposer(model, backend=backend, precision=precision)
+        per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol)
     return per_model[key]
 
 

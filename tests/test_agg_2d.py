@@ -259,3 +259,24 @@ def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         agg_2d.agglomerate(model, None, args["percentile_include"], args["method"], args["sweep_dim"],
                            x[0, 0].numpy(), args["lab_num"], num_iters=1, im_torch=x)
+
+
+def test_zero_tol_reaches_the_scores():
+    """``zero_tol`` goes to the engine: 0 scores the tiles with the published formula (the
+    original's numbers), the default with numerical zero; on AlexNet they differ."""
+    import fastacd
+    torch.manual_seed(0)
+    model = torchvision_model("alexnet").eval()
+    x = torch.randn(1, 3, 64, 64)
+    im = x[0].permute(1, 2, 0).numpy()
+    tiles = torch.as_tensor(np.stack(tiling_2d.gen_tiles(im[..., 0], fill=0, method="cd", sweep_dim=16)))
+    scores = {}
+    for tol in (0.0, fastacd.rules.ZERO_TOL):
+        lists = agg_2d.agglomerate(model, None, 90, "cd", 16, im, 0, num_iters=1, im_torch=x, zero_tol=tol)
+        with torch.no_grad():
+            want = fastacd.reference.cd(model, x, tiles[:, None].float(), zero_tol=tol)[0]
+        np.testing.assert_allclose(lists["scores_orig_raw"], want.numpy(), rtol=1e-4, atol=1e-6)
+        scores[tol] = lists["scores_orig_raw"]
+        h = fastacd.hierarchy(model, x, 0, sweep_dim=16, num_iters=1, percentile_include=90, zero_tol=tol)
+        assert h.params["zero_tol"] == tol
+    assert np.abs(scores[0.0] - scores[fastacd.rules.ZERO_TOL]).max() > 1e-3 * np.abs(scores[0.0]).max()

@@ -351,3 +351,23 @@ def test_dist_env_and_device(monkeypatch):
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(RunError):
         Dist.from_env()
+
+
+def test_zero_tol_flag(data, tmp_path, capsys):
+    """--zero-tol reaches the engine and the settings (recorded only when not the default, so
+    folders written before the flag resume); a bad value is a clean error."""
+    out = tmp_path / "o"
+    src = data / "ant"
+    assert run_cli("run", src, "--out", out, *COMMON) == 0
+    assert "zero_tol" not in json.loads((out / "run_settings.json").read_text())["settings"]
+    assert run_cli("run", src, "--out", out, "--zero-tol", "1e-4", *COMMON) == 0  # the default: resumes
+    capsys.readouterr()
+    assert run_cli("run", src, "--out", out, "--zero-tol", "0", *COMMON) == 2
+    assert "zero_tol" in capsys.readouterr().err
+    assert run_cli("run", src, "--out", out, "--zero-tol", "0", "--overwrite", *COMMON) == 0
+    assert json.loads((out / "run_settings.json").read_text())["settings"]["zero_tol"] == 0
+    h = Hierarchy.from_json((out / "hierarchies" / "img0.png.json").read_text())
+    assert h.params["zero_tol"] == 0
+    for bad in ("-1", "1", "nan"):
+        assert run_cli("run", src, "--out", tmp_path / "p", "--zero-tol", bad, *COMMON) == 2
+        assert "--zero-tol" in capsys.readouterr().err

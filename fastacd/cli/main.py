@@ -156,6 +156,9 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    "float32 (4-5x faster on CPUs with AMX, GPUs from Ampere; docs/precision.md); "
                    "tf32: TF32 tensor cores on a GPU for float32 convolutions and matmuls")
     g.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
+    g.add_argument("--zero-tol", type=float, default=None, help="numerical zero: a split's part near "
+                   "this fraction of its unit's magnitude counts as zero (default 1e-4; 0: the published "
+                   "split formula, the original package's numbers; docs/engine.md)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
                    "the cores this process may use // processes on this node)")
     g.add_argument("--barrier-timeout", type=float, default=7 * 24 * 3600,

@@ -49,6 +49,7 @@ from ..api import decomposer_for
 from ..capture import UnsupportedOpError
 from ..engine import Decomposer
 from ..image.hierarchy import Hierarchy, display_image, hierarchy
+from ..rules import ZERO_TOL
 from ..train.models import train_digits_cnn
 from .errors import RunError
 from .inputs import (IMAGE_EXTS, Item, collect_images, load_image, prefetch, read_class_index,  # noqa: F401
@@ -401,7 +402,13 @@ def run_settings(args, items) -> dict:
                 preprocess=preprocess_settings(args), dtype=dtype, tf32=bool(args.tf32),
                 outputs=dict(class_scores=not args.no_class_scores),
                 # only when not the default, so that folders written before --precision resume
-                **({"precision": args.precision} if getattr(args, "precision", "float32") not in ("float32", "tf32") else {}))
+                **({"precision": args.precision} if getattr(args, "precision", "float32") not in ("float32", "tf32") else {}),
+                **({"zero_tol": _zero_tol(args)} if _zero_tol(args) != ZERO_TOL else {}))
+
+
+def _zero_tol(args) -> float:
+    tol = getattr(args, "zero_tol", None)
+    return ZERO_TOL if tol is None else float(tol)
 
 
 def _check_args(args):
@@ -415,6 +422,8 @@ def _check_args(args):
         args.precision = precision
     if args.precision == "bf16" and getattr(args, "dtype", "float32") != "float32":
         raise RunError("--precision bf16 runs a float32 model's weights in bfloat16: use --dtype float32")
+    if not 0 <= _zero_tol(args) < 1:  # also NaN
+        raise RunError("--zero-tol must be within [0, 1) (0: the published split formula)")
     if args.image_size is not None and args.image_size < 1:
         raise RunError("--image-size must be >= 1 (0 keeps each image's own size)")
     if args.resize is not None and args.resize < 1:
@@ -437,9 +446,9 @@ def _check_args(args):
     parse_memory(args.memory_budget)
 
 
-def _decomposer(model, backend, precision="float32"):
+def _decomposer(model, backend, precision="float32", zero_tol=ZERO_TOL):
     try:
-        return decomposer_for(model, backend, precision)
+        return decomposer_for(model, backend, precision, zero_tol)
     except (UnsupportedOpError, RuntimeError) as e:  # an op without a rule; a backend not built
         raise RunError(f"the model cannot be decomposed: {_one_line(e)}") from e
 
@@ -484,7 +493,7 @@ def run(args) -> int:
         say(f"note: no --weights given: {args.model} is used as its factory returns it "
             "(random-init unless the factory loads weights)")
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
-    dec = _decomposer(model, args.backend, args.precision)
+    dec = _decomposer(model, args.backend, args.precision, _zero_tol(args))
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
 
@@ -590,7 +599,8 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                 h = hierarchy(model, x, label, sweep_dim=acd["sweep_dim"],
                               percentile_include=acd["percentile_include"], num_iters=acd["num_iters"],
                               method=acd["method"], backend=args.backend, base=acd["base"],
-                              corrected=acd["corrected"], precision=args.precision)
+                              corrected=acd["corrected"], precision=args.precision,
+                              zero_tol=_zero_tol(args))
                 if args.no_class_scores:
                     for node in h.nodes:
                         node.class_scores = []

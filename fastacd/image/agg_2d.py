@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..api import decomposer_for
 from ..engine.windowed import cd_groups
+from ..rules import ZERO_TOL
 from . import tiling_2d as tiling
 from .steps import (batched, check_args, establish_correspondence, is_batched,  # noqa: F401
                     logits_module, prepare_model_input, refine_scores, smooth_im_thresh,
@@ -476,7 +477,7 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
 def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig, lab_num,
                 num_iters=5, im_torch=None, model_type="mnist", device=None, *,
                 backend="auto", pred_ims_batched=None, progress=False, stats=None, windowed=True,
-                precision="float32"):
+                precision="float32", zero_tol=ZERO_TOL):
     """Agglomerative CD of one image (drop-in for ``acd.agg_2d.agglomerate``).
 
     Params
@@ -498,6 +499,8 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' (weight applications in bfloat16; the
         totals, splits and every comparison float32) or 'tf32' (CUDA): ``Decomposer``, docs/precision.md
+    zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula,
+        the original package's numbers and hierarchies
     progress: tqdm bars (off by default)
     stats: optional dict, filled with candidates requested / scored, engine calls and the
         candidates scored with windowed propagation
@@ -518,7 +521,7 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
         raise ValueError(f"method={method!r} needs pred_ims(model, im) or im_torch")
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
     model.eval()
-    dec = decomposer_for(model, backend, precision) if x is not None else None
+    dec = decomposer_for(model, backend, precision, zero_tol) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress,
@@ -534,12 +537,12 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
 
 def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_dim, im_orig,
                       lab_num, num_iters=5, im_torch=None, model_type="mnist", device=None, *,
-                      backend="auto", pred_ims_batched=None, precision="float32"):
+                      backend="auto", pred_ims_batched=None, precision="float32", zero_tol=ZERO_TOL):
     """The merge phase alone on a dict from ``agglomerate`` (drop-in)."""
     im_orig = np.asarray(im_orig)
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
     model.eval()
-    dec = decomposer_for(model, backend, precision) if x is not None else None
+    dec = decomposer_for(model, backend, precision, zero_tol) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched))

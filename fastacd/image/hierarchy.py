@@ -26,6 +26,7 @@ import torch
 from . import agg_2d
 from ..api import decomposer_for
 from ..capture.nodes import eval_mode
+from ..rules import ZERO_TOL
 from ..train.models import acd_mnist_cnn, digits_28, train_digits_cnn
 
 BASES = ("tiles", "slic", "felzenszwalb")
@@ -220,7 +221,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
               percentile_include: float = 95, num_iters: int = 5, method: str = "cd",
               backend: str = "auto", base: str = "tiles", segment_kwargs: dict | None = None,
               corrected: bool = False, device=None, progress: bool = False,
-              precision: str = "float32") -> Hierarchy:
+              precision: str = "float32", zero_tol: float = ZERO_TOL) -> Hierarchy:
     """The ACD hierarchy of one image.
 
     Params
@@ -235,6 +236,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' or 'tf32' (CUDA): docs/precision.md
+    zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
     corrected: False = exactly the original algorithm (same blobs as ``agg_2d.agglomerate``);
         True = the final selection also becomes a level, a tile bordering several blobs keeps
@@ -257,7 +259,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         sweep_dim = default_sweep_dim(hw, patch_size(decomposer_for(model, backend).graph))
     with eval_mode(model):
         return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
-                          backend, base, segment_kwargs, corrected, progress, precision)
+                          backend, base, segment_kwargs, corrected, progress, precision, zero_tol)
 
 
 def patch_size(graph) -> int | None:
@@ -286,11 +288,11 @@ def default_sweep_dim(hw, patch: int | None = None) -> int:
 
 
 def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
-               segment_kwargs, corrected, progress, precision="float32") -> Hierarchy:
+               segment_kwargs, corrected, progress, precision="float32", zero_tol=ZERO_TOL) -> Hierarchy:
     p = next(model.parameters(), None)
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)
-    dec = decomposer_for(model, backend, precision)
+    dec = decomposer_for(model, backend, precision, zero_tol)
     with torch.no_grad():
         out = dec.forward(x).reshape(-1)
     if label is None:
@@ -308,7 +310,8 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
-                  precision=dec.precision, corrected=corrected, segment_kwargs=segment_kwargs or {})
+                  precision=dec.precision, zero_tol=dec.zero_tol, corrected=corrected,
+                  segment_kwargs=segment_kwargs or {})
     stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
     return from_lists(lists, label, method, units, base=base,
                       sweep_dim=sweep_dim if base == "tiles" else None, params=params,
