@@ -66,3 +66,14 @@ def best_wall_and_cpu(fn, repeats: int = 3, warmup: int = 1) -> tuple[float, flo
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     return min(walls), min(cpus)
+
+
+def tile_masks(n: int, size: int = 224, tile: int = 14) -> torch.Tensor:
+    """n masks (n, size, size) of one tile each, tiles drawn without repeats (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    grid = size // tile
+    masks = torch.zeros(n, size, size)
+    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
+        r, c = divmod(cell, grid)
+        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
+    return masks

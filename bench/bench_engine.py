@@ -21,7 +21,7 @@ import torchvision
 
 import fastacd
 
-from _results import best_time, best_wall_and_cpu, record
+from _results import best_time, best_wall_and_cpu, record, tile_masks
 
 THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
@@ -30,22 +30,12 @@ REFERENCE_MASKS = 8
 ROUNDS = 3
 
 
-def _tile_masks(n: int, size: int = 224, tile: int = 14) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    grid = size // tile
-    masks = torch.zeros(n, size, size)
-    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
-        r, c = divmod(cell, grid)
-        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    return masks
-
-
 @pytest.mark.parametrize("arch", ["vgg16", "resnet18", "alexnet"])
 def test_cd_vs_forward(benchmark, arch):
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().eval()
     x = torch.randn(1, 3, 224, 224)
-    masks = _tile_masks(MASKS)
+    masks = tile_masks(MASKS)
     dec = fastacd.Decomposer(model)
     with torch.no_grad():
         # forward and CD interleaved, so that a change in the machine's load hits both; the
@@ -89,7 +79,7 @@ def test_backends_vgg16(benchmark, backend):
     torch.manual_seed(0)
     model = torchvision.models.vgg16().eval()
     x = torch.randn(1, 3, 224, 224)
-    masks = _tile_masks(MASKS)
+    masks = tile_masks(MASKS)
     dec = fastacd.Decomposer(model, backend=backend)
     with torch.no_grad():
         benchmark.pedantic(lambda: dec.cd(x, masks), rounds=1, warmup_rounds=1)

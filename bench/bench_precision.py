@@ -43,7 +43,7 @@ import fastacd  # noqa: E402
 from fastacd import agg_2d  # noqa: E402
 from fastacd.api import _DECOMPOSERS  # noqa: E402
 
-from _results import record  # noqa: E402
+from _results import record, tile_masks  # noqa: E402
 from bench_agg import SETTINGS, _setup, original_per_call  # noqa: E402
 from numerical_zero import trained_like, trained_parameters  # noqa: E402
 
@@ -188,11 +188,10 @@ def _best_cpu(fn, rounds: int = 2) -> float:
 
 
 def cd_over_forward(arch: str, masks_n: int = 64, batches=(1, 8, 64), rounds: int = 2) -> dict:
-    from bench_engine import _tile_masks
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().eval()
     x = torch.randn(1, 3, 224, 224)
-    masks = _tile_masks(masks_n)
+    masks = tile_masks(masks_n)
     figures = {}
     with torch.no_grad():
         for prec in ("float32", "bf16"):
@@ -225,11 +224,10 @@ def cd_over_forward(arch: str, masks_n: int = 64, batches=(1, 8, 64), rounds: in
 
 def layout(arch: str, size: int = 224, masks_n: int = 32) -> dict:
     """CD per mask in each (precision, layout): what ``channels_last=None`` chooses from."""
-    from bench_engine import _tile_masks
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().eval()
     x = torch.randn(1, 3, size, size)
-    masks = _tile_masks(masks_n, size)
+    masks = tile_masks(masks_n, size)
     base = torch.zeros(size, size)
     base[: size // 4, : size // 4] = 1
     figures = {}

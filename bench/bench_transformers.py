@@ -31,24 +31,13 @@ import fastacd
 from fastacd.ops import torch_ops
 from fastacd.rules.affine import split_bias_tokens
 
-from _results import best_wall_and_cpu, record
+from _results import best_wall_and_cpu, record, tile_masks
 
 THREADS = int(os.environ.get("ACD_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 MASKS = 64
 ROUNDS = int(os.environ.get("ACD_BENCH_ROUNDS", "3"))
 BATCHES = (1, 8, 16)
-
-
-def _tile_masks(n: int, size: int = 224, tile: int = 16) -> torch.Tensor:
-    """n masks of one 16x16 tile each (ViT's patches)."""
-    g = torch.Generator().manual_seed(0)
-    grid = size // tile
-    masks = torch.zeros(n, size, size)
-    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
-        r, c = divmod(cell, grid)
-        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    return masks
 
 
 def _model(arch: str) -> nn.Module:
@@ -60,7 +49,7 @@ def _model(arch: str) -> nn.Module:
 def test_cd_vs_forward(benchmark, arch):
     model = _model(arch)
     x = torch.randn(1, 3, 224, 224)
-    masks = _tile_masks(MASKS)
+    masks = tile_masks(MASKS, tile=16)  # ViT's patches
     dec = fastacd.Decomposer(model)
     with torch.no_grad():
         forward, forward_cpu, cd_wall, cd_cpu, total = {}, {}, [], [], []

@@ -22,17 +22,7 @@ import fastacd
 from fastacd.rules import affine as affine_rules
 from fastacd.rules.norm import split_beta
 
-from _results import record
-
-
-def tile_masks(n: int, size: int = 224, tile: int = 14) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    grid = size // tile
-    masks = torch.zeros(n, size, size)
-    for k, cell in enumerate(torch.randperm(grid * grid, generator=g)[:n].tolist()):
-        r, c = divmod(cell, grid)
-        masks[k, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = 1
-    return masks
+from _results import record, tile_masks
 
 
 def by_rule(dec: fastacd.Decomposer, x: torch.Tensor, masks: torch.Tensor) -> None:

@@ -60,14 +60,19 @@ def tokens_of(batch_or_tokens, vocab_size: int | None = None) -> torch.Tensor:
     return text
 
 
-def check_phrase(start, stop, length: int) -> tuple[int, int]:
-    """Validate an inclusive phrase ``start..stop`` of a sentence of ``length`` tokens."""
+def _integers(start, stop) -> tuple[int, int]:
+    """start and stop as ints (Python or numpy integers, one-element integer tensors)."""
     for name, v in (("start", start), ("stop", stop)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
                 continue
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    start, stop = int(start), int(stop)
+    return int(start), int(stop)
+
+
+def check_phrase(start, stop, length: int) -> tuple[int, int]:
+    """Validate an inclusive phrase ``start..stop`` of a sentence of ``length`` tokens."""
+    start, stop = _integers(start, stop)
     if start < 0:
         raise ValueError(f"start={start} is negative: phrases are 0-based positions")
     if start > stop:
@@ -88,12 +93,7 @@ def original_phrase(start, stop, length: int) -> np.ndarray:
     original; both warn, since they are more likely a slip (a Python negative index, swapped
     bounds) than meant. ``start`` and ``stop`` must be integers.
     """
-    for name, v in (("start", start), ("stop", stop)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
-                continue
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    start, stop = int(start), int(stop)
+    start, stop = _integers(start, stop)
     if start < 0:
         warnings.warn(f"start={start} is negative: read as position 0, as the original acd.cd_text "
                       "does (positions are 0-based, not Python negative indices)", stacklevel=3)
