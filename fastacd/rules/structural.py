@@ -17,6 +17,7 @@ from .base import (Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, 
 
 aten = torch.ops.aten
 
+
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -60,7 +61,21 @@ def _each(step: Step, parts: dict, value_of):
     return call_with(step, value_of, {d: r}), call_with(step, value_of, {d: i})
 
 
-class Linear(Rule):
+class PartWise(Rule):
+    """An op applied to each part as it is, ``f(r)`` and ``f(i)`` (the default forms); an op
+    on gates alone is gate-like."""
+
+    def gate_like(self, graph, node, gates):
+        return only_gates(node, graph.reach, gates)
+
+    def reference(self, step, parts, value_of, aux):
+        return _each(step, parts, value_of)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
+
+
+class Linear(PartWise):
     """A map linear in its input: ``f(r)``, ``f(i)``."""
     kind = "linear"
     modules = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -76,9 +91,6 @@ class Linear(Rule):
            "upsampling, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
            "merging, ...; their `aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if isinstance(module, _DROPOUT_MODULES + (nn.Identity,)):
@@ -97,17 +109,11 @@ class Linear(Rule):
             node.target, *_IDENTITY_ATEN)
         return Step(node, self, dep, module=module, extra={"identity": identity})
 
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
-
-    def relevant(self, step, rel, values, aux, ops, m):
-        return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
-
     def locality(self, step, values):
         return Elementwise() if step.extra.get("identity") else None
 
 
-class Reshape(Rule):
+class Reshape(PartWise):
     kind = "reshape"
     modules = (nn.Flatten, nn.Unflatten)
     functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, aten.view,
@@ -115,12 +121,6 @@ class Reshape(Rule):
     methods = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten")
     row = ("`flatten`, `view`, `reshape`, `squeeze`, `unsqueeze`, `unflatten`, `nn.Flatten`; window "
            "partitions merging the batch with the windows; their `aten` ops", "`f(r)`", "`f(i)`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
-
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
 
     def relevant(self, step, rel, values, aux, ops, m):
         d = step.dep[0]
@@ -135,14 +135,11 @@ class Reshape(Rule):
         return r.reshape(rel_shape(total, 0, r.numel() // max(1, math.prod(total))))
 
 
-class Getitem(Rule):
+class Getitem(PartWise):
     kind = "getitem"
     functions = (operator.getitem, aten.slice, aten.select, aten.narrow, aten.index)
     row = ("`x[:, ...]` keeping the batch dim; `aten.slice`, `aten.select`, `aten.narrow`, `aten.index`",
            "`r[idx]`", "`i[idx]`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if node.args[0] not in graph.dependent or (aten_indexing(node) and dep != [node.args[0]]):
@@ -155,18 +152,12 @@ class Getitem(Rule):
             raise unsupported(node, "slicing the batch dim")  # export's x[:, ...] is slice(x, 0, 0, 2**63-1)
         return Step(node, self, dep)
 
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
-
-    def relevant(self, step, rel, values, aux, ops, m):
-        return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
-
 
 def aten_indexing(node: fx.Node) -> bool:
     return op_is(node.target, aten.slice, aten.select, aten.narrow, aten.index)
 
 
-class Split(Rule):
+class Split(PartWise):
     """``chunk``, ``split``, ``unbind``: a tuple of pieces, each part cut alike (the pieces are
     read through ``getitem``)."""
     kind = "split"
@@ -175,26 +166,14 @@ class Split(Rule):
     methods = ("chunk", "split", "unbind")
     row = ("`chunk`, `split`, `unbind` along a non-batch dim", "the pieces of `r`", "the pieces of `i`")
 
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
-
-    def relevant(self, step, rel, values, aux, ops, m):
-        return call_with(step, values.__getitem__, {step.dep[0]: rel[step.dep[0]]})
-
-
-class Add(Rule):
+class Add(PartWise):
     """``a + b``: parts add; a constant operand joins the irrelevant part."""
     kind = "add"
     sign = 1
     functions = (operator.add, torch.add, operator.iadd, aten.add)
     methods = ("add", "add_")
     row = ("`+`, `+=`, `torch.add`", "`r1 + r2`", "`i1 + i2` (a constant joins here)")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if arg(node, 2, "alpha", 1) != 1:
@@ -261,14 +240,11 @@ class Sub(Add):
     row = ("`-`, `-=`, `torch.sub`", "`r1 - r2`", "`i1 - i2` (a constant joins here)")
 
 
-class Neg(Rule):
+class Neg(PartWise):
     kind = "neg"
     functions = (operator.neg, torch.neg, aten.neg)
     methods = ("neg",)
     row = ("unary `-`", "`-r`", "`-i`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def magnitude(self, step, mags, value_of, aux, zero_tol):
         return mags[step.dep[0]], aux
@@ -284,7 +260,7 @@ class Neg(Rule):
         return Elementwise()
 
 
-class Scale(Rule):
+class Scale(PartWise):
     """``x * c`` or ``x / c`` with c independent of the input."""
     kind = "scale"
     functions = (operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, operator.itruediv,
@@ -303,9 +279,6 @@ class Scale(Rule):
             raise unsupported(node, "a product or quotient of two input-dependent values "
                                     "(not linear; CD has no rule for it)")
         return Step(node, self, dep, extra={"divide": divide})
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def context_operands(self, graph, node, reach, gates):
         """A gate on a decomposed value (``x * sigmoid(s)``, ``attn * v``) and a denominator
@@ -357,13 +330,10 @@ def listed_parts(items, parts, value_of) -> tuple[list, list]:
     return rs, is_
 
 
-class Cat(Rule):
+class Cat(PartWise):
     kind = "cat"
     functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
     row = ("`torch.cat` along a non-batch dim", "part-wise (zeros for a constant)", "part-wise (a constant joins here)")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     @staticmethod
     def _dim(node: fx.Node, total: torch.Tensor, shapes: list, mask_dim: int | None = None) -> int:
@@ -417,15 +387,12 @@ class Cat(Rule):
         return None
 
 
-class Stack(Rule):
+class Stack(PartWise):
     """``torch.stack`` along any dim: a new dim never mixes the samples (along dim 0 the masks
     move to dim 1, as the total's batch does)."""
     kind = "stack"
     functions = (torch.stack, aten.stack)
     row = ("`torch.stack`, `aten.stack`", "part-wise (zeros for a constant)", "part-wise (a constant joins here)")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     @staticmethod
     def _dim(node: fx.Node, total: torch.Tensor) -> int:
@@ -527,18 +494,12 @@ def _dims(dims, ndim: int) -> set:
     return {int(x) % ndim for x in dims}
 
 
-class Roll(Rule):
+class Roll(PartWise):
     """``torch.roll``: part-wise (Swin's cyclic shift and its reverse)."""
     kind = "roll"
     functions = (torch.roll, aten.roll)
     methods = ("roll",)
     row = ("`torch.roll`, `aten.roll`", "`f(r)`", "`f(i)`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
-
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
 
     def relevant(self, step, rel, values, aux, ops, m):
         r = rel[step.dep[0]]
@@ -610,16 +571,13 @@ class Pad(Rule):
         return fn(r)
 
 
-class Expand(Rule):
+class Expand(PartWise):
     """``expand``, ``expand_as``, ``broadcast_to`` of a decomposed value: each mask's part
     broadcast as the total is (a size taken from the total keeps the masks' own)."""
     kind = "expand"
     functions = (torch.broadcast_to,)
     methods = ("expand", "expand_as")
     row = ("`expand`, `expand_as`, `broadcast_to`", "`f(r)` for each mask", "`f(i)`")
-
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
 
     def claim(self, graph, node, dep, module):
         if node.args[0] not in dep:
@@ -641,7 +599,7 @@ class Expand(Rule):
         return merge_masks(out, k + len(lead))  # a view unless the dim holding the masks is expanded
 
 
-class Repeat(Rule):
+class Repeat(PartWise):
     """``repeat``, ``tile``, ``repeat_interleave``: part-wise, each mask's part repeated as the
     total is."""
     kind = "repeat"
@@ -649,16 +607,10 @@ class Repeat(Rule):
     methods = ("repeat", "tile", "repeat_interleave")
     row = ("`repeat`, `tile`, `repeat_interleave`", "`f(r)` for each mask", "`f(i)`")
 
-    def gate_like(self, graph, node, gates):
-        return only_gates(node, graph.reach, gates)
-
     def claim(self, graph, node, dep, module):
         if dep != [node.args[0]]:
             raise unsupported(node, "repeats computed from the input")
         return Step(node, self, dep)
-
-    def reference(self, step, parts, value_of, aux):
-        return _each(step, parts, value_of)
 
     def relevant(self, step, rel, values, aux, ops, m):
         return each_mask(step, rel[step.dep[0]], values)
