@@ -603,35 +603,3 @@ def test_max_reduce_refusals_name_the_variant(body, message):
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(fastacd.UnsupportedOpError, match=message):
         fastacd.Decomposer(Net().eval()).cd(x, torch.ones(1, 1, 3, 3))
-
-
-def test_flip_in_every_spelling_and_refused_across_the_batch():
-    class Flips(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 3, 3, padding=1)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            return (h.flip(3) + h.flip(2, 3) + torch.flip(h, dims=(1,)) + h.flip(dims=[-1])).flatten(1)
-
-    torch.manual_seed(0)
-    model = Flips().eval().double()
-    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
-    masks = (torch.rand(3, 1, 5, 5) > 0.5).double()
-    h = torch.relu(model.conv(x))
-    for capture in ("fx", "export"):
-        res = fastacd.Decomposer(model, capture=capture).cd(x, masks)
-        ref = fastacd.Decomposer(model, capture=capture, backend="reference").cd(x, masks)
-        assert_close_scaled(res.relevant, ref.relevant, torch.float64)
-        assert_close_scaled(res.relevant + res.irrelevant, model(x).expand_as(res.relevant), torch.float64)
-    with torch.no_grad():  # a flip is a permutation: the full mask's relevant part is the output
-        full = fastacd.Decomposer(model).cd(x, torch.ones(1, 1, 5, 5, dtype=torch.float64))
-    assert_close_scaled(full.relevant, model(x), torch.float64)
-    del h
-
-    class BatchFlip(nn.Module):
-        def forward(self, x):
-            return x.flip(0, 1).flatten(1)
-    with pytest.raises(fastacd.UnsupportedOpError, match="flip across the batch"):
-        fastacd.Decomposer(BatchFlip().eval())

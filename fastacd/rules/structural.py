@@ -75,12 +75,6 @@ class PartWise(Rule):
         return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
 
 
-def _flip_dims(node: fx.Node) -> list:
-    """The dims of ``torch.flip(x, dims)``, ``x.flip(dims)`` or ``x.flip(d1, d2, ...)``."""
-    dims = node.kwargs.get("dims", node.args[1:] if len(node.args) > 2 else arg(node, 1, "dims", ()))
-    return list(dims) if isinstance(dims, (tuple, list)) else [dims]
-
-
 class Linear(PartWise):
     """A map linear in its input: ``f(r)``, ``f(i)``."""
     kind = "linear"
@@ -89,14 +83,14 @@ class Linear(PartWise):
                nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unfold, nn.Fold) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold,
-                 torch.flip) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
+                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold
+                 ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
-               "swapdims", "flip")
+               "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
            "upsampling, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
            "merging, ...; their `aten` ops, "
-           "`flip`", "`f(r)`", "`f(i)`")
+           "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def claim(self, graph, node, dep, module):
         if isinstance(module, _DROPOUT_MODULES + (nn.Identity,)):
@@ -109,7 +103,7 @@ class Linear(PartWise):
                                         "would see random masks. Pass training=self.training and "
                                         "call model.eval()")
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
-        if op_is(node.target, aten.flip, torch.flip, "flip") and _batch_dim(node, _flip_dims(node)):
+        if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
             raise unsupported(node, "a flip across the batch dim")
         identity = (node.op == "call_method" and node.target in _IDENTITY_METHODS) or op_is(
             node.target, *_IDENTITY_ATEN)
