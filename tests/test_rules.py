@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastacd
 from fastacd.capture.nodes import call_with
-from fastacd.rules import DEFAULT, Rule, RuleSet
+from fastacd.rules import DEFAULT, PartWise, Rule, RuleSet
 
 from conftest import assert_close_scaled
 from models import TokenMaxNet
@@ -56,6 +56,11 @@ class Flip(Rule):
         return call_with(step, values.__getitem__, {step.dep[0]: rel[step.dep[0]]})
 
 
+class PartWiseFlip(PartWise):
+    """The same rule from the part-wise defaults."""
+    kind, functions, methods, row = Flip.kind, Flip.functions, Flip.methods, Flip.row
+
+
 class FlipNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -67,15 +72,16 @@ class FlipNet(nn.Module):
         return self.fc(torch.flatten(torch.flip(h, dims=(3,)) + h.flip(2), 1))
 
 
+@pytest.mark.parametrize("flip", [Flip, PartWiseFlip])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_new_rule_kind_works_through_every_pass(dtype):
+def test_a_new_rule_kind_works_through_every_pass(dtype, flip):
     torch.manual_seed(0)
     model = FlipNet().eval().to(dtype)
     x = torch.randn(1, 3, 8, 8, dtype=dtype)
     masks = (torch.rand(5, 1, 8, 8) > 0.5).to(dtype)
     with pytest.raises(fastacd.UnsupportedOpError, match="torch.flip"):
         fastacd.Decomposer(model)  # the default set has no rule for it
-    rules = DEFAULT.replace(Flip())
+    rules = DEFAULT.replace(flip())
     with torch.no_grad():
         ref_rel, ref_irrel = fastacd.reference.cd(model.double(), x.double(), masks.double(), rules=rules)
         model.to(dtype)

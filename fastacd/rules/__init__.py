@@ -11,8 +11,8 @@ from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register
 from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, Normalize, RMSNorm
 from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent
-from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, Repeat, Reshape, Roll,
-                         Scale, Shape, Split, Stack, Sub)
+from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
+                         Roll, Scale, Shape, Split, Stack, Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), Normalize(), AddCMul(), Activation(),
                    OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
