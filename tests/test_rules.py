@@ -557,7 +557,8 @@ def test_max_reduce_and_normalize_by_hand():
         def forward(self, x):
             t = x.flatten(2)  # (1, C, HW)
             return torch.cat([t.amax(-1), t.max(1)[0], F.normalize(t, dim=-1).flatten(1),
-                              F.unfold(x, 2).flatten(1), x.amax((2, 3), keepdim=True).flatten(1)], 1)
+                              F.unfold(x, 2).flatten(1), x.amax((2, 3), keepdim=True).flatten(1),
+                              t.max(dim=-1).values], 1)
 
     torch.manual_seed(0)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
@@ -568,11 +569,13 @@ def test_max_reduce_and_normalize_by_hand():
                       r.gather(1, t.argmax(1, keepdim=True))[:, 0],
                       (r / t.norm(dim=-1, keepdim=True)).flatten(1),
                       F.unfold(mask * x, 2).flatten(1),
-                      r.gather(-1, t.argmax(-1, keepdim=True))[..., 0]], 1)  # a global max-pool
-    for backend in ("reference", *fastacd.available_backends()):
-        res = fastacd.Decomposer(Heads().eval(), backend=backend).cd(x, mask)
-        torch.testing.assert_close(res.relevant, want, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(res.irrelevant, Heads()(x) - want, rtol=1e-12, atol=1e-12)
+                      r.gather(-1, t.argmax(-1, keepdim=True))[..., 0],  # a global max-pool
+                      r.gather(-1, t.argmax(-1, keepdim=True))[..., 0]], 1)
+    for capture in ("fx", "export"):
+        for backend in ("reference", *fastacd.available_backends()):
+            res = fastacd.Decomposer(Heads().eval(), backend=backend, capture=capture).cd(x, mask)
+            torch.testing.assert_close(res.relevant, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(res.irrelevant, Heads()(x) - want, rtol=1e-12, atol=1e-12)
 
 
 def test_max_reduce_in_the_cdep_penalty():

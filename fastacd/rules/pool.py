@@ -106,6 +106,13 @@ class MaxPool(Rule):
         return None if pool is None else Sliding(*pool)
 
 
+def _reads_values(user: fx.Node) -> bool:
+    """Whether a user of ``max(dim)`` reads its values (``[0]``, ``.values``) or nothing."""
+    if user.target is operator.getitem:
+        return user.args[1] == 0 or not user.users
+    return user.target is getattr and user.args[1] == "values"
+
+
 class MaxReduce(Rule):
     """``amax`` and ``max(dim)`` over non-batch dims (Hiera's token max-pool, VOLO's token
     head): both parts at the argmax of the true input, as for a max-pool. ``max(dim)`` gives
@@ -113,7 +120,8 @@ class MaxReduce(Rule):
     kind = "max_reduce"
     functions = (torch.amax, torch.max, aten.amax, aten.max)
     methods = ("amax", "max")
-    row = ("`amax`, `max(dim)[0]` over non-batch dims, `aten.amax`, `aten.max.dim`", "`r` at the argmax of `a`",
+    row = ("`amax`, `max(dim)[0]`, `max(dim).values` over non-batch dims, `aten.amax`, `aten.max.dim`",
+           "`r` at the argmax of `a`",
            "`i` at the same positions")
 
     def claim(self, graph, node, dep, module):
@@ -123,8 +131,9 @@ class MaxReduce(Rule):
         if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
             raise unsupported(node, "a max over every dim, the batch included")
         pair = not op_is(node.target, torch.amax, aten.amax, "amax")
-        if pair and any(not (u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users):
-            raise unsupported(node, "max's indices are read (only the values, max(dim)[0], are decomposed)")
+        if pair and not all(_reads_values(u) for u in node.users):
+            raise unsupported(node, "max's indices are read (only the values, max(dim)[0] or .values, "
+                                    "are decomposed)")
         return Step(node, self, dep, extra={"pair": pair})
 
     @staticmethod
@@ -162,7 +171,7 @@ class MaxReduce(Rule):
         if not arg(step.node, 2, "keepdim", False):  # the masks' dim moves with the reduced dims
             k = 0 if k in dims else k - sum(d < k for d in dims)
         out = merge_masks(out, k)
-        return (out, None) if step.extra["pair"] else out  # max's indices: not decomposed
+        return torch.return_types.max((out, None)) if step.extra["pair"] else out  # indices: not decomposed
 
     def total(self, step, value_of):
         x = value_of(step.dep[0])

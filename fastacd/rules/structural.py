@@ -137,11 +137,13 @@ class Reshape(PartWise):
 
 class Getitem(PartWise):
     kind = "getitem"
-    functions = (operator.getitem, aten.slice, aten.select, aten.narrow, aten.index)
+    functions = (operator.getitem, aten.slice, aten.select, aten.narrow, aten.index, getattr)
     row = ("`x[:, ...]` keeping the batch dim; `aten.slice`, `aten.select`, `aten.narrow`, `aten.index`",
            "`r[idx]`", "`i[idx]`")
 
     def claim(self, graph, node, dep, module):
+        if node.target is getattr:  # a named field of a decomposed tuple: max(dim).values
+            return Step(node, self, dep) if node.args[1] == "values" else None
         if node.args[0] not in graph.dependent or (aten_indexing(node) and dep != [node.args[0]]):
             raise unsupported(node, "indexing with an index computed from the input")
         if op_is(node.target, aten.select, aten.narrow) and _batch_dim(node, arg(node, 1, "dim", 0)):
