@@ -116,7 +116,7 @@ def _reads_values(user: fx.Node) -> bool:
 class MaxReduce(Rule):
     """``amax`` and ``max(dim)`` over non-batch dims (Hiera's token max-pool, VOLO's token
     head): both parts at the argmax of the true input, as for a max-pool. ``max(dim)`` gives
-    (values, indices); only its values (``[0]``) are decomposed."""
+    (values, indices); only its values (``[0]``, ``.values``) are decomposed."""
     kind = "max_reduce"
     functions = (torch.amax, torch.max, aten.amax, aten.max)
     methods = ("amax", "max")
@@ -144,38 +144,35 @@ class MaxReduce(Rule):
             raise unsupported(step.node, "a max over the batch dim")
         return dims
 
-    def _gather(self, step: Step, t: torch.Tensor, total: torch.Tensor, idx=None):
-        """``t`` (M, *total.shape) at the argmax of ``total`` over the step's dims:
-        ((M, *out), the flat argmax indices)."""
-        dims = self._dims(step, total.dim())
-        kept = [d for d in range(total.dim()) if d not in dims]
+    @staticmethod
+    def _reduced_last(x: torch.Tensor, ndim: int, dims: list[int]) -> torch.Tensor:
+        """x (..., *S), S of rank ndim: the reduced dims moved last and flattened into one."""
+        lead = x.dim() - ndim
+        kept = [d for d in range(ndim) if d not in dims]
+        x = x.permute(*range(lead), *(lead + d for d in kept + dims))
+        return x.reshape(*x.shape[:lead + len(kept)], -1)
 
-        def flat(x):  # the reduced dims last, as one
-            lead = x.dim() - total.dim()
-            x = x.permute(*range(lead), *(lead + d for d in kept + dims))
-            return x.reshape(*x.shape[:lead + len(kept)], -1)
+    def _apply(self, step, t: torch.Tensor, total: torch.Tensor, idx=None):
+        """A part ``t`` (masks in the dim where its shape differs from ``total``'s) at the
+        total's argmax ``idx`` (computed from ``total`` when None: CDEP's paired pass)."""
+        dims = self._dims(step, total.dim())
         if idx is None:
-            idx = flat(total).argmax(-1, keepdim=True)
-        ft = flat(t)
-        out = ft.gather(-1, idx.expand(*ft.shape[:-1], 1)).squeeze(-1)
+            idx = self._reduced_last(total, total.dim(), dims).argmax(-1, keepdim=True)
+        k = mask_dim(t.shape, total.shape)
+        flat = self._reduced_last(per_mask(t, total.shape), total.dim(), dims)
+        out = flat.gather(-1, idx.expand(*flat.shape[:-1], 1)).squeeze(-1)
         if arg(step.node, 2, "keepdim", False):
             for d in dims:
                 out = out.unsqueeze(1 + d)
-        return out, idx
-
-    def _apply(self, step, t: torch.Tensor, total: torch.Tensor, idx=None):
-        """A part ``t`` (masks in the dim where its shape differs from ``total``'s) reduced."""
-        k = mask_dim(t.shape, total.shape)
-        out, idx = self._gather(step, per_mask(t, total.shape), total, idx)
-        dims = self._dims(step, total.dim())
-        if not arg(step.node, 2, "keepdim", False):  # the masks' dim moves with the reduced dims
+        else:  # the masks' dim moves with the reduced dims
             k = 0 if k in dims else k - sum(d < k for d in dims)
         out = merge_masks(out, k)
         return torch.return_types.max((out, None)) if step.extra["pair"] else out  # indices: not decomposed
 
     def total(self, step, value_of):
-        x = value_of(step.dep[0])
-        return call_with(step, value_of, {}), self._gather(step, x[None], x)[1]
+        x = value_of(step.dep[0])  # aux: the flat argmax over the reduced dims, (*kept sizes, 1)
+        return call_with(step, value_of, {}), self._reduced_last(x, x.dim(), self._dims(step, x.dim())).argmax(
+            -1, keepdim=True)
 
     def magnitude(self, step, mags, value_of, aux, zero_tol):
         return self._apply(step, mags[step.dep[0]], value_of(step.dep[0]), aux), aux
