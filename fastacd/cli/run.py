@@ -403,12 +403,7 @@ def run_settings(args, items) -> dict:
                 outputs=dict(class_scores=not args.no_class_scores),
                 # only when not the default, so that folders written before --precision resume
                 **({"precision": args.precision} if getattr(args, "precision", "float32") not in ("float32", "tf32") else {}),
-                **({"zero_tol": _zero_tol(args)} if _zero_tol(args) != ZERO_TOL else {}))
-
-
-def _zero_tol(args) -> float:
-    tol = getattr(args, "zero_tol", None)
-    return ZERO_TOL if tol is None else float(tol)
+                **({"zero_tol": args.zero_tol} if args.zero_tol != ZERO_TOL else {}))
 
 
 def _check_args(args):
@@ -422,7 +417,8 @@ def _check_args(args):
         args.precision = precision
     if args.precision == "bf16" and getattr(args, "dtype", "float32") != "float32":
         raise RunError("--precision bf16 runs a float32 model's weights in bfloat16: use --dtype float32")
-    if not 0 <= _zero_tol(args) < 1:  # also NaN
+    args.zero_tol = ZERO_TOL if getattr(args, "zero_tol", None) is None else float(args.zero_tol)
+    if not 0 <= args.zero_tol < 1:  # also NaN
         raise RunError("--zero-tol must be within [0, 1) (0: the published split formula)")
     if args.image_size is not None and args.image_size < 1:
         raise RunError("--image-size must be >= 1 (0 keeps each image's own size)")
@@ -493,7 +489,7 @@ def run(args) -> int:
         say(f"note: no --weights given: {args.model} is used as its factory returns it "
             "(random-init unless the factory loads weights)")
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
-    dec = _decomposer(model, args.backend, args.precision, _zero_tol(args))
+    dec = _decomposer(model, args.backend, args.precision, args.zero_tol)
     if args.memory_budget is not None:
         dec.memory_budget = parse_memory(args.memory_budget)
 
@@ -600,7 +596,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                               percentile_include=acd["percentile_include"], num_iters=acd["num_iters"],
                               method=acd["method"], backend=args.backend, base=acd["base"],
                               corrected=acd["corrected"], precision=args.precision,
-                              zero_tol=_zero_tol(args))
+                              zero_tol=args.zero_tol)
                 if args.no_class_scores:
                     for node in h.nodes:
                         node.class_scores = []
