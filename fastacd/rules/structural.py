@@ -17,7 +17,6 @@ from .base import (Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, 
 
 aten = torch.ops.aten
 
-
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
