@@ -565,12 +565,13 @@ def test_max_reduce_and_normalize_by_hand():
     mask = (torch.rand(1, 1, 3, 3) > 0.5).double()
     r = (mask * x).flatten(2)
     t = x.flatten(2)
-    want = torch.cat([r.gather(-1, t.argmax(-1, keepdim=True))[..., 0],
+    at_spatial_max = r.gather(-1, t.argmax(-1, keepdim=True))[..., 0]  # amax(-1), the global max-pool, .values
+    want = torch.cat([at_spatial_max,
                       r.gather(1, t.argmax(1, keepdim=True))[:, 0],
                       (r / t.norm(dim=-1, keepdim=True)).flatten(1),
                       F.unfold(mask * x, 2).flatten(1),
-                      r.gather(-1, t.argmax(-1, keepdim=True))[..., 0],  # a global max-pool
-                      r.gather(-1, t.argmax(-1, keepdim=True))[..., 0]], 1)
+                      at_spatial_max,
+                      at_spatial_max], 1)
     for capture in ("fx", "export"):
         for backend in ("reference", *fastacd.available_backends()):
             res = fastacd.Decomposer(Heads().eval(), backend=backend, capture=capture).cd(x, mask)
