@@ -59,16 +59,16 @@ FAST_KNOWN_GAPS = {
 }
 
 
-def _survey() -> dict:
-    path = zoo.RESULTS_JSON
+def _survey(init: str = "trained-like") -> dict:
+    path = zoo.RESULTS_JSON if init == "trained-like" else zoo.OWN_INIT_JSON
     return json.loads(path.read_text())["entries"] if path.exists() else {}
 
 
 @functools.lru_cache(maxsize=1)  # the checks of one model run one after the other (name-major)
-def zoo_results(name: str, size: int) -> dict:
+def zoo_results(name: str, size: int, init: str = "trained-like") -> dict:
     """Everything the four checks compare, for one entry at one size (CD of 4 block masks)."""
     entry = zoo.ENTRIES[name]
-    full = zoo.build(entry, size)
+    full = zoo.build(entry, size, init=init)
     model = zoo.decomposed_model(entry, full)
     x, _ = zoo.make_input(entry, full, size)
     masks = zoo.block_masks(entry, x)
@@ -86,9 +86,9 @@ def zoo_results(name: str, size: int) -> dict:
     return dict(logits=logits, res=res, one=one, logits64=logits64, res64=res64, ref=ref, m=masks.shape[0])
 
 
-def check(name: str, size: int, what: str) -> None:
+def check(name: str, size: int, what: str, init: str = "trained-like") -> None:
     """One of issue 16's acceptance checks, with the project's tolerances (tests/conftest.py)."""
-    r = zoo_results(name, size)
+    r = zoo_results(name, size, init)
     res, res64 = r["res"], r["res64"]
     if what == "complete":
         assert res.relevant.shape == (r["m"], *r["logits"].shape[1:])
@@ -120,15 +120,23 @@ def test_zoo_subset(name, what):
     check(name, zoo.ENTRIES[name].min_size, what)
 
 
+@pytest.mark.parametrize("what", CHECKS)
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_subset_own_init(name, what):
+    """The same models as a new user builds them (each library's own init, no randomised
+    statistics): every check holds, none expected to fail."""
+    check(name, zoo.ENTRIES[name].min_size, what, init="own")
+
+
 # Survey gap (fraction of the largest |logit|) above which a check is expected to fail.
 _SURVEY_FIELD = {"batched": ("batched_vs_one", 1e-4), "f32_f64": ("f32_vs_f64", 1e-4),
                  "reference": ("f64_vs_reference", 1e-10), "complete": ("complete", 1e-4)}
 
 
-def _zoo_params():
+def _zoo_params(init: str = "trained-like"):
     """The whole zoo at the survey's sizes, xfail where the last survey found a failure: the op
     with no rule, or a gap beyond the tolerance (so the marks match what was measured)."""
-    survey = _survey()
+    survey = _survey(init)
     params = []
     for name, entry in zoo.ENTRIES.items():
         rec = survey.get(name, {})
@@ -149,6 +157,11 @@ def _zoo_params():
 @pytest.mark.parametrize("name, what", _zoo_params())
 def test_zoo(name, what):
     check(name, zoo.ENTRIES[name].size, what)
+
+
+@pytest.mark.parametrize("name, what", _zoo_params("own"))
+def test_zoo_own_init(name, what):
+    check(name, zoo.ENTRIES[name].size, what, init="own")
 
 
 # ---- the registry and the harness -------------------------------------------------------
@@ -173,6 +186,9 @@ def test_build_is_deterministic_and_eval():
         assert na == nb and torch.equal(pa, pb)
     bn = a.bn1
     assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # randomised statistics
+    own = zoo.build(entry, 32, init="own")
+    assert torch.equal(own.bn1.running_mean, torch.zeros_like(own.bn1.running_mean))  # timm's own init
+    assert torch.equal(own.conv1.weight, a.conv1.weight)  # same draw; only the statistics differ
 
 
 def test_text_entries_decompose_from_embeddings():

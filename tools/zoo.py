@@ -56,6 +56,7 @@ import torch.fx as fx  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 RESULTS_JSON = ROOT / "bench" / "results" / "zoo.json"
+OWN_INIT_JSON = ROOT / "bench" / "results" / "zoo_own_init.json"  # the survey with --init own
 TIMING_MASKS = 64          # masks of the CD / forward timing (issue 16's setting)
 TIMING_BUDGET_S = 30.0     # fewer timing masks when 64 would take longer than this
 NUM_CLASSES = 10           # small heads: the head is not what the zoo is about
@@ -343,11 +344,20 @@ def seed_of(name: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2 ** 31)
 
 
-def build(entry: Entry, size: int | None = None, dtype=torch.float32) -> nn.Module:
-    """The entry's model: random init from its seed, eval, ``dtype``."""
+INITS = ("trained-like", "own")
+
+
+def build(entry: Entry, size: int | None = None, dtype=torch.float32, init: str = "trained-like") -> nn.Module:
+    """The entry's model: random init from its seed, eval, ``dtype``.
+
+    ``init="own"`` keeps the library's own initialisation (what a new user gets from
+    ``pretrained=False``); ``"trained-like"`` adds ``randomize``'s statistics and shifts.
+    """
     torch.manual_seed(seed_of(entry.name))
     model = entry.build_fn(size or entry.size)
-    return randomize(model, seed_of(entry.name)).eval().to(dtype)
+    if init == "trained-like":
+        randomize(model, seed_of(entry.name))
+    return model.eval().to(dtype)
 
 
 def decomposed_model(entry: Entry, model: nn.Module) -> nn.Module:
@@ -697,14 +707,14 @@ def _best(fn, repeats: int) -> tuple[float, float]:
 
 
 def check(entry: Entry, size: int | None = None, *, timing_masks: int = TIMING_MASKS,
-          do_export: bool = True, numbers: bool = True) -> dict:
+          do_export: bool = True, numbers: bool = True, init: str = "trained-like") -> dict:
     """Run every check on one entry; never raises for a failure of the model (records it)."""
     import fastacd
     size = size or entry.size
     t_start = time.perf_counter()
     rec: dict[str, Any] = {"name": entry.name, "source": entry.source, "family": entry.family,
                            "input_kind": entry.input_kind, "size": size, "note": entry.note}
-    full = build(entry, size)
+    full = build(entry, size, init=init)
     model = decomposed_model(entry, full)
     x, tokens = make_input(entry, full, size)
     rec["input_shape"] = list(x.shape) if tokens is None else list(tokens.shape)
@@ -890,6 +900,7 @@ def run_isolated(entry: Entry, args: argparse.Namespace) -> dict:
             cmd.append("--small")
         if args.no_export:
             cmd.append("--no-export")
+        cmd += ["--init", args.init]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                    PYTHONWARNINGS="ignore")
         t = time.perf_counter()
@@ -913,7 +924,7 @@ def _worker(name: str, out: str, args: argparse.Namespace) -> None:
     entry = ENTRIES[name]
     with no_network():
         rec = check(entry, entry.min_size if args.small else None, timing_masks=args.timing_masks,
-                    do_export=not args.no_export)
+                    do_export=not args.no_export, init=args.init)
     Path(out).write_text(json.dumps(rec, default=str))
 
 
@@ -928,7 +939,7 @@ def _meta(args) -> dict:
     return {"commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "transformers": transformers.__version__,
             "machine": platform.machine(), "threads": args.threads, "small": args.small,
-            "timing_masks": args.timing_masks, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "timing_masks": args.timing_masks, "init": args.init, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def survey(args: argparse.Namespace) -> dict:
@@ -1027,6 +1038,38 @@ def summary(entries: dict) -> dict:
     }
 
 
+CHECK_TOLERANCES = {"complete": 1e-4, "batched_vs_one": 1e-4, "f32_vs_f64": 1e-4, "f64_vs_reference": 1e-10}
+
+
+def passes_checks(rec: dict) -> bool:
+    """Decomposes, and every check is within the test tolerances (fractions of the logit scale)."""
+    nums = rec.get("numbers") or {}
+    return bool(rec.get("fastacd", {}).get("ok")) and all(
+        nums.get(k) is not None and nums[k] <= tol for k, tol in CHECK_TOLERANCES.items())
+
+
+def _own_init_section(data: dict) -> list[str]:
+    """A summary of the ``--init own`` survey, when this report is the trained-like one and it exists."""
+    if data.get("meta", {}).get("init", "trained-like") != "trained-like" or not OWN_INIT_JSON.exists():
+        return []
+    own = json.loads(OWN_INIT_JSON.read_text())
+    entries, meta = own["entries"], own.get("meta", {})
+    L = ["", f"With each library's own initialisation (`--init own`: what `pretrained=False` gives a new user, "
+         f"no randomised statistics; `{OWN_INIT_JSON.relative_to(ROOT)}`, commit `{meta.get('commit')}`, "
+         f"{meta.get('when')}, {'smallest' if meta.get('small') else 'native'} input sizes):", ""]
+    for src in sorted({r["source"] for r in entries.values()}):
+        names = [n for n, r in entries.items() if r["source"] == src]
+        worst = {k: max(((entries[n].get("numbers") or {}).get(k) or 0.0) for n in names) for k in CHECK_TOLERANCES}
+        L.append(f"- {src}: **{sum(bool(entries[n].get('fastacd', {}).get('ok')) for n in names)} / {len(names)}** "
+                 f"decompose, **{sum(passes_checks(entries[n]) for n in names)} / {len(names)}** within every "
+                 f"tolerance; worst complete {_fmt(worst['complete'])}, batched {_fmt(worst['batched_vs_one'])}, "
+                 f"f32/f64 {_fmt(worst['f32_vs_f64'])}, ref {_fmt(worst['f64_vs_reference'])}")
+    failing = sorted(_short(n) for n, r in entries.items() if not passes_checks(r))
+    if failing:
+        L.append(f"- beyond a tolerance: {', '.join(failing)}")
+    return L
+
+
 def _fmt(v, digits=1) -> str:
     if v is None:
         return ""
@@ -1081,9 +1124,13 @@ def markdown(data: dict) -> str:
          f"{meta.get('when')}." + _sizes_note(entries), "",
          "Every model is built with **random initialisation** (nothing is downloaded; the worker refuses "
          "network connections), in eval mode, from a seed fixed per entry, with "
-         f"{NUM_CLASSES} classes. Batchnorm statistics, norm scales and zero-initialised biases are "
-         "randomised (`zoo.randomize`) so the bias and shift splits of CD are exercised. Text models take "
-         "token ids; they are decomposed from their embeddings (the masks select tokens).", "",
+         f"{NUM_CLASSES} classes. " + (
+             "Batchnorm statistics, norm scales and zero-initialised biases are "
+             "randomised (`zoo.randomize`, `--init trained-like`, the default) so the bias and shift splits "
+             "of CD are exercised." if meta.get("init", "trained-like") == "trained-like" else
+             "Each library's own initialisation (`--init own`: what `pretrained=False` gives a new user; "
+             "batchnorm statistics 0 and 1, norm affines 1 and 0, biases as the library sets them).")
+         + " Text models take token ids; they are decomposed from their embeddings (the masks select tokens).", "",
          "## Summary", ""]
     for src, names in by_source.items():
         no_fx = [n for n in names if not entries[n].get("fx", {}).get("ok")]
@@ -1091,7 +1138,9 @@ def markdown(data: dict) -> str:
         how = (f"torch.fx traces {len(names) - len(no_fx)}; of the {len(no_fx)} it cannot, fastacd's "
                f"torch.export capture takes {sum(bool(entries[n].get('export', {}).get('ok')) for n in no_fx)} "
                f"and {via_export} decompose through it") if no_fx else f"torch.fx traces all {len(names)}"
-        L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose ({how})")
+        L.append(f"- {src}: **{sum(ok(entries[n]) for n in names)} / {len(names)}** decompose ({how}); "
+                 f"all four checks below within tolerance: {sum(passes_checks(entries[n]) for n in names)} / {len(names)}")
+    L += _own_init_section(data)
     L += ["", "Checks, for the 4 quadrant masks (text: 4 runs of tokens), as fractions of the largest |logit|: "
           "**complete** = max |relevant + irrelevant - logits| (float32); **batched** = max gap between the "
           "4-mask call and 4 one-mask calls; **f32/f64** = max gap between the float32 and the float64 "
@@ -1218,7 +1267,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", help="entry names, model names, globs, families or sources")
     p.add_argument("--list", action="store_true", help="print the registry and exit")
-    p.add_argument("--json", default=str(RESULTS_JSON), help="results file (default bench/results/zoo.json)")
+    p.add_argument("--json", help="results file (default bench/results/zoo.json; with --init own "
+                                  "bench/results/zoo_own_init.json)")
     p.add_argument("--merge", action="store_true", help="update the entries run in an existing JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the report from --json and exit "
                                                       "(no survey unless --run is given too)")
@@ -1227,10 +1277,13 @@ def main(argv=None) -> int:
     p.add_argument("--timing-masks", type=int, default=TIMING_MASKS, help="0: no timing")
     p.add_argument("--no-export", action="store_true", help="skip torch.export")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", choices=INITS, default="trained-like",
+                   help="trained-like: randomised statistics and shifts (zoo.randomize); own: each library's init")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per model")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.json = args.json or str(RESULTS_JSON if args.init == "trained-like" else OWN_INIT_JSON)
     if args.worker:
         _worker(args.worker, args.worker_out, args)
         return 0
