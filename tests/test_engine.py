@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 
 import pytest
@@ -400,3 +401,42 @@ def test_linear_layers_use_onednn_where_it_pays_and_give_the_same_numbers(rows, 
     y = graph.linear_no_bias(x.requires_grad_(True), w)  # autograd on: differentiable F.linear
     y.sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-4)
+
+
+def _bias_chain(depth: int) -> torch.nn.Module:
+    """Linear layers whose biases dwarf W x: every bias split shares a large bias by two small
+    parts, so CD amplifies a rounding difference a few times per layer."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layer = torch.nn.Linear(16, 16)
+        torch.nn.init.normal_(layer.weight, std=0.05)
+        torch.nn.init.normal_(layer.bias)
+        layers.append(layer)
+    return torch.nn.Sequential(*layers).eval()
+
+
+def test_rounding_gap_is_the_float32_float64_distance():
+    model, x = _bias_chain(3), torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(4, 16, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    dec = fastacd.Decomposer(model)
+    gap = dec.rounding_gap(x, masks)
+    with torch.no_grad():
+        rel32 = dec.cd(x, masks).relevant.double()
+        res64 = fastacd.reference.cd(copy.deepcopy(model).double(), x.double(), masks.double())
+    want = float((rel32 - res64[0]).abs().max() / (res64[0][0] + res64[1][0]).abs().max())
+    assert 0 < gap < 1e-5
+    assert gap == pytest.approx(want, rel=1e-3, abs=1e-12)  # the float64 engine = the reference to 1e-12
+
+
+def test_rounding_gap_flags_a_model_where_rounding_decides():
+    deep = _bias_chain(30)
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(4, 16, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    dec = fastacd.Decomposer(deep)
+    assert dec.rounding_gap(x, masks) > 1e-2  # float32's 6e-8 grown ~2x a layer
+    assert next(deep.parameters()).dtype == torch.float32  # the model is left as it was
+    # in float64 the second opinion is the reference: far closer, but growing with depth too
+    g10 = fastacd.Decomposer(_bias_chain(10).double()).rounding_gap(x.double(), masks)
+    g30 = fastacd.Decomposer(deep.double()).rounding_gap(x.double(), masks)
+    assert 0 <= g10 < 1e-12 and g10 < g30 < 1e-6

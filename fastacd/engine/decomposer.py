@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -212,6 +213,36 @@ class Decomposer:
         x = self._check_input(x)
         masks = check_masks(x, masks)
         return self.cd_relevant_input(x, masks * x, chunk_size=chunk_size, _checked=True)
+
+    def rounding_gap(self, x: torch.Tensor, masks) -> float:
+        """How far rounding moves these masks' CD scores: the largest gap between the relevant
+        parts of ``cd(x, masks)`` and a second decomposition with other rounding, as a fraction
+        of the largest |logit|. The second one is float64 (this model copied to float64, same
+        rules and settings) for a float32 or bf16 Decomposer, and the float64 reference
+        (``fastacd.reference``, its own order of operations) for a float64 one.
+
+        CD's splits can amplify rounding layer by layer (a large bias or shift split between
+        two small parts; deep batchnorm networks compound it: docs/engine.md "When float32 is
+        not enough", docs/zoo.md), so on some models the scores depend on rounding. Near the
+        dtype's resolution (1e-7 to 1e-5 in float32) the scores are sound; around 1e-3 and
+        above, read them with that error or decompose in float64. Costs one more CD of the
+        masks in float64 (2-3x this call on a CPU; the reference: one mask at a time).
+        """
+        x = self._check_input(x)
+        masks = check_masks(x, masks)
+        with torch.no_grad():
+            rel = self.cd(x, masks).relevant
+            x64, masks64 = x.double(), masks.double()
+            if x.dtype == torch.float64:
+                rel64, irrel64 = _reference_cd(self.graph, x64, masks64 * x64, self.zero_tol)
+            else:
+                model64 = copy.deepcopy(self.model).double()
+                dec64 = Decomposer(model64, backend=self.backend, memory_budget=self.memory_budget,
+                                   rules=self.rules, capture=self.capture, zero_tol=self.zero_tol)
+                res64 = dec64.cd(x64, masks64)
+                rel64, irrel64 = res64.relevant, res64.irrelevant
+        scale = float((rel64[0] + irrel64[0]).abs().max())
+        return float((rel.double() - rel64).abs().max()) / max(scale, torch.finfo(torch.float64).tiny)
 
     def cd_relevant_input(self, x: torch.Tensor, relevant_input: torch.Tensor, *,
                           chunk_size: int | None = None, _checked: bool = False) -> CDResult:
