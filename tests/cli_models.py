@@ -60,3 +60,29 @@ def flat_vit() -> nn.Module:
         model.heads.head.weight.zero_()
         model.heads.head.bias.zero_()
     return model
+
+
+class BiasChain(nn.Module):
+    """1x1 convolutions whose biases dwarf ``W x``: CD's bias splits amplify rounding a few
+    times a layer, so float32 and float64 scores part (``--rounding-check`` must say so)."""
+
+    def __init__(self, depth: int = 40, width: int = 16, num_classes: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, padding=1)]
+        for _ in range(depth):
+            conv = nn.Conv2d(width, width, 1)
+            nn.init.normal_(conv.weight, std=0.05)
+            nn.init.normal_(conv.bias)
+            layers.append(conv)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def rounding_sensitive() -> nn.Module:
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(0)
+        return BiasChain()

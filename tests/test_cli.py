@@ -371,3 +371,24 @@ def test_zero_tol_flag(data, tmp_path, capsys):
     for bad in ("-1", "1", "nan"):
         assert run_cli("run", src, "--out", tmp_path / "p", "--zero-tol", bad, *COMMON) == 2
         assert "--zero-tol" in capsys.readouterr().err
+
+
+def test_rounding_check(data, tmp_path, capsys):
+    """--rounding-check: the float64 comparison (Decomposer.rounding_gap) on the first image by
+    default, on every image, or none; a warning where rounding moves the scores."""
+    src = data / "ant"
+    n = len(list(src.iterdir()))
+    for mode, checked in (("first", 1), ("every", n), ("off", 0)):
+        out = tmp_path / mode
+        assert run_cli("run", src, "--out", out, *COMMON, *(["--rounding-check", mode] if mode != "first" else [])) == 0
+        gaps = [r["rounding_gap"] for r in manifest(out) if "rounding_gap" in r]
+        assert len(gaps) == checked
+        assert all(0 < g < 1e-5 for g in gaps)  # a small CNN: float32 at its best
+        assert "rounding moves" not in capsys.readouterr().err
+    out = tmp_path / "sensitive"
+    assert run_cli("run", src, "--out", out, "--model", "cli_models:rounding_sensitive", *ACD,
+                   "--threads", "1", "--no-progress", "--rounding-check", "every") == 0
+    err = capsys.readouterr().err
+    gaps = [r["rounding_gap"] for r in manifest(out) if "rounding_gap" in r]
+    assert len(gaps) == n and max(gaps) > 1e-3
+    assert err.count("rounding moves the CD scores") == 1 and "--dtype float64" in err

@@ -302,6 +302,18 @@ def node_masks(h):
     return np.stack([h.mask(n) for n in h.nodes]).astype(bool)
 
 
+ROUNDING_WARN = 1e-3  # a gap beyond float32's usual 1e-7..1e-5: the scores depend on rounding
+
+
+def rounding_gap(dec, x, h, most: int = 16) -> float:
+    """``Decomposer.rounding_gap`` on up to ``most`` of the hierarchy's nodes, spread over its levels."""
+    import numpy as np
+    import torch
+    masks = node_masks(h)
+    pick = np.unique(np.linspace(0, len(masks) - 1, min(most, len(masks))).round().astype(int))
+    return dec.rounding_gap(x, torch.from_numpy(masks[pick]).to(device=x.device, dtype=x.dtype))
+
+
 def prepare_outputs(h, record: dict, digest: str, figures: bool) -> dict:
     """The image's files as bytes (the figure, the JSON, then the .npz holding ``record``, which
     gets the other files' sizes): everything that may fail for the image before anything is written."""
@@ -556,8 +568,8 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
         part = ManifestPart(out / f"manifest.rank{dist.rank}.jsonl")
     except OSError as e:
         raise write_failed(e, f"manifest.rank{dist.rank}.jsonl") from e
-    n_err = n_ok = 0
-    flat_warned = False
+    n_err = n_ok = n_checked = 0
+    flat_warned = rounding_warned = False
     t_start = time.perf_counter()
     bar = tqdm(total=len(shard), initial=n_done, unit="img", dynamic_ncols=True, smoothing=0.1,
                desc=f"ACD rank {dist.rank}/{dist.world}" if dist.world > 1 else "ACD",
@@ -600,6 +612,15 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                 if args.no_class_scores:
                     for node in h.nodes:
                         node.class_scores = []
+                if h.nodes and (args.rounding_check == "every" or (args.rounding_check == "first" and n_checked == 0)):
+                    n_checked += 1
+                    rec["rounding_gap"] = rounding_gap(dec, x, h)
+                    if rec["rounding_gap"] > ROUNDING_WARN and not rounding_warned:
+                        rounding_warned = True
+                        say(f"WARNING: rounding moves the CD scores of {it.id} by {rec['rounding_gap']:.1e} of its "
+                            "largest logit (float64 gives other numbers): this model's CD amplifies rounding. "
+                            "Read the scores with that error, or run with --dtype float64 (docs/engine.md "
+                            "\"When float32 is not enough\")")
                 rec.update(label=label, prediction=pred, status="ok", error=None,
                            num_levels=h.num_levels, num_nodes=len(h.nodes),
                            outputs={k: os.path.relpath(p, out) for k, p in paths.items()
