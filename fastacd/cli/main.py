@@ -162,7 +162,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--rounding-check", choices=("first", "every", "off"), default="first",
                    help="compare up to 16 of an image's node scores with a float64 decomposition "
                    "(Decomposer.rounding_gap; recorded as rounding_gap in its record) on the first image "
-                   "each process computes (default), on every image (about +20%% time), or never; warns "
+                   "each process computes (default), on every image (about +25%% time), or never; warns "
                    "when rounding moves them by over 1e-3 of the largest logit (docs/run.md)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
                    "the cores this process may use // processes on this node)")

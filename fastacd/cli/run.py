@@ -618,9 +618,9 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                     if rec["rounding_gap"] > ROUNDING_WARN and not rounding_warned:
                         rounding_warned = True
                         say(f"WARNING: rounding moves the CD scores of {it.id} by {rec['rounding_gap']:.1e} of its "
-                            "largest logit (float64 gives other numbers): this model's CD amplifies rounding. "
-                            "Read the scores with that error, or run with --dtype float64 (docs/engine.md "
-                            "\"When float32 is not enough\")")
+                            "largest logit (float64 gives other numbers: rounding decides a max-pool's argmax "
+                            "at a near tie, or CD's splits amplify it). Read the scores with that error, or run "
+                            "with --dtype float64 (docs/engine.md \"When float32 is not enough\")")
                 rec.update(label=label, prediction=pred, status="ok", error=None,
                            num_levels=h.num_levels, num_nodes=len(h.nodes),
                            outputs={k: os.path.relpath(p, out) for k, p in paths.items()
