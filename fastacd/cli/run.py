@@ -302,7 +302,9 @@ def node_masks(h):
     return np.stack([h.mask(n) for n in h.nodes]).astype(bool)
 
 
-ROUNDING_WARN = 1e-3  # a gap beyond float32's usual 1e-7..1e-5: the scores depend on rounding
+# a gap beyond float32's usual 1e-7..1e-5 says the scores depend on rounding; bf16 weight
+# applications alone move them by ~0.5% to a few % of a logit (docs/precision.md)
+ROUNDING_WARN = {"float32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}
 
 
 def rounding_gap(dec, x, h, most: int = 16) -> float:
@@ -615,7 +617,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                 if h.nodes and (args.rounding_check == "every" or (args.rounding_check == "first" and n_checked == 0)):
                     n_checked += 1
                     rec["rounding_gap"] = rounding_gap(dec, x, h)
-                    if rec["rounding_gap"] > ROUNDING_WARN and not rounding_warned:
+                    if rec["rounding_gap"] > ROUNDING_WARN[args.precision] and not rounding_warned:
                         rounding_warned = True
                         say(f"WARNING: rounding moves the CD scores of {it.id} by {rec['rounding_gap']:.1e} of its "
                             "largest logit (float64 gives other numbers: rounding decides a max-pool's argmax "
