@@ -324,3 +324,39 @@ def test_export_attention_through_the_aten_sdpa_op_equals_fx(dtype):
     torch.testing.assert_close(ex_res.relevant, fx_res.relevant, rtol=tol, atol=tol * scale)
     torch.testing.assert_close(ex_res.relevant + ex_res.irrelevant, ex_res.output.expand_as(ex_res.relevant),
                                rtol=tol, atol=tol * scale)
+
+
+
+class _Float32Middle(nn.Module):
+    """A float64 model that multiplies two of its features in float32 (as timm's EfficientViT
+    runs its attention products in float32): torch.export records the casts as ``aten._to_copy``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(12, 16), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)).float()
+        return self.c((h[:, :8] * h[:, 8:]).to(x.dtype))
+
+
+def test_dtype_casts_keep_the_parts_adding_up(monkeypatch):
+    """The cast rule's irrelevant part is the cast total minus cast(r), the engine's ``a - r``:
+    the reference (separate parts) then equals the engine to float64 rounding although the
+    product runs in float32. Casting r and i apart (a linear map's form) rounds them apart,
+    and the reference departs from the engine by float32 rounding."""
+    torch.manual_seed(0)
+    model = _Float32Middle().double().eval()
+    x = torch.randn(1, 12, dtype=torch.float64)
+    masks = (torch.rand(5, 12) > 0.5).double()
+    with torch.no_grad():
+        dec = fastacd.Decomposer(model, capture="export")
+        res = dec.cd(x, masks)
+        assert [s.rule.kind for s in dec.graph.steps.values()].count("cast") == 2
+        rel, irrel = fastacd.reference.cd_relevant_input(dec.graph, x, masks * x)
+        assert_close_scaled(res.relevant, rel, torch.float64)
+        assert_close_scaled(rel + irrel, model(x).expand_as(rel), torch.float64)
+        monkeypatch.setattr(fastacd.rules.Cast, "reference", fastacd.rules.PartWise.reference)
+        apart = fastacd.reference.cd_relevant_input(dec.graph, x, masks * x)[0]
+    gap = float((apart - res.relevant).abs().max() / res.output.abs().max())
+    assert 1e-10 < gap < 1e-5

@@ -11,11 +11,11 @@ from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register
 from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, Normalize, RMSNorm
 from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent
-from .structural import (Add, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
+from .structural import (Add, Cast, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
                          Roll, Scale, Shape, Split, Stack, Sub)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), Normalize(), AddCMul(), Activation(),
-                   OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
+                   OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Cast(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
                    Scale(), MatMul(), Product(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
                    Pad(), Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
                    Einsum(), Recurrent()], name="acd")

@@ -28,7 +28,7 @@ _LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive
                 aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.mean, aten.sum, aten.permute,
                 aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.upsample_nearest1d,
                 aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
-                aten.flip, aten.dropout, aten.to, aten._to_copy, aten.im2col, aten.col2im)
+                aten.flip, aten.dropout, aten.im2col, aten.col2im)
 
 
 def _batch_dim(node: fx.Node, dims) -> bool:
@@ -110,6 +110,25 @@ class Linear(PartWise):
 
     def locality(self, step, values):
         return Elementwise() if step.extra.get("identity") else None
+
+
+class Cast(PartWise):
+    """A dtype cast in torch.export's graph (``aten.to``, ``aten._to_copy``; e.g. timm's
+    EfficientViT runs its attention in float32 whatever the model's dtype): ``cast(r)``, and
+    the irrelevant part the cast total minus it. Casting r and i apart would round them apart,
+    so that they no longer add up to the value the model computes (the batched engine's
+    ``i = a - r`` has this form)."""
+    kind = "cast"
+    functions = (aten.to, aten._to_copy)
+    row = ("dtype casts: `aten.to`, `aten._to_copy`", "`cast(r)`", "`cast(a) - cast(r)`")
+
+    def reference(self, step, parts, value_of, aux):
+        d = step.dep[0]
+        rel = call_with(step, value_of, {d: parts[d][0]})
+        return rel, value_of(step.node) - rel
+
+    def locality(self, step, values):
+        return Elementwise()
 
 
 class Reshape(PartWise):
