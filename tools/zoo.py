@@ -1068,8 +1068,9 @@ def _own_init_section(data: dict) -> list[str]:
     if failing:
         L.append(f"- beyond a tolerance: {', '.join(failing)}. On these CD amplifies rounding whatever the "
                  "statistics (convmixer_768_32: about 5x a block, in the float64 engine and the reference alike; "
-                 "docs/engine.md \"When float32 is not enough\"); `Decomposer.rounding_gap(x, masks)` measures "
-                 "it for any model and input.")
+                 "docs/engine.md \"When float32 is not enough\"; efficientvit_b0 runs its attention in float32 even "
+                 "in the float64 copy, so its float64 numbers carry float32 rounding); "
+                 "`Decomposer.rounding_gap(x, masks)` measures it for any model and input.")
     return L
 
 
