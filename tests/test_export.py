@@ -340,7 +340,8 @@ class _Float32Middle(nn.Module):
         return self.c((h[:, :8] * h[:, 8:]).to(x.dtype))
 
 
-def test_dtype_casts_keep_the_parts_adding_up(monkeypatch):
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_dtype_casts_keep_the_parts_adding_up(capture, monkeypatch):
     """The cast rule's irrelevant part is the cast total minus cast(r), the engine's ``a - r``:
     the reference (separate parts) then equals the engine to float64 rounding although the
     product runs in float32. Casting r and i apart (a linear map's form) rounds them apart,
@@ -350,7 +351,7 @@ def test_dtype_casts_keep_the_parts_adding_up(monkeypatch):
     x = torch.randn(1, 12, dtype=torch.float64)
     masks = (torch.rand(5, 12) > 0.5).double()
     with torch.no_grad():
-        dec = fastacd.Decomposer(model, capture="export")
+        dec = fastacd.Decomposer(model, capture=capture)
         res = dec.cd(x, masks)
         assert [s.rule.kind for s in dec.graph.steps.values()].count("cast") == 2
         rel, irrel = fastacd.reference.cd_relevant_input(dec.graph, x, masks * x)
@@ -360,3 +361,11 @@ def test_dtype_casts_keep_the_parts_adding_up(monkeypatch):
         apart = fastacd.reference.cd_relevant_input(dec.graph, x, masks * x)[0]
     gap = float((apart - res.relevant).abs().max() / res.output.abs().max())
     assert 1e-10 < gap < 1e-5
+
+
+def test_a_cast_to_another_tensors_type_is_refused():
+    class ToTensor(nn.Module):
+        def forward(self, x):
+            return (x * 2).to(x)
+    with pytest.raises(UnsupportedOpError, match=r"tensor\.dtype"):
+        fastacd.Decomposer(ToTensor().eval())

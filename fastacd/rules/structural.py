@@ -113,14 +113,22 @@ class Linear(PartWise):
 
 
 class Cast(PartWise):
-    """A dtype cast in torch.export's graph (``aten.to``, ``aten._to_copy``; e.g. timm's
+    """A dtype cast (``.float()``, ``.to(dtype)``; ``aten.to``, ``aten._to_copy``; e.g. timm's
     EfficientViT runs its attention in float32 whatever the model's dtype): ``cast(r)``, and
     the irrelevant part the cast total minus it. Casting r and i apart would round them apart,
     so that they no longer add up to the value the model computes (the batched engine's
     ``i = a - r`` has this form)."""
     kind = "cast"
     functions = (aten.to, aten._to_copy)
-    row = ("dtype casts: `aten.to`, `aten._to_copy`", "`cast(r)`", "`cast(a) - cast(r)`")
+    methods = ("float", "double", "half", "bfloat16", "to", "type")
+    row = ("dtype casts: `.float()`, `.double()`, `.half()`, `.bfloat16()`, `.to(dtype)`, `.type(dtype)`; "
+           "`aten.to`, `aten._to_copy`", "`cast(r)`", "`cast(a) - cast(r)`")
+
+    def claim(self, graph, node, dep, module):
+        if node.op == "call_method" and (len(dep) != 1 or dep[0] is not node.args[0]):
+            raise unsupported(node, "a cast to another input-dependent tensor's type (`.to(tensor)`): "
+                                    "write `.to(tensor.dtype)`")
+        return Step(node, self, dep, module=module)
 
     def reference(self, step, parts, value_of, aux):
         d = step.dep[0]
