@@ -76,7 +76,7 @@ def manifest(out: Path) -> list[dict]:
 
 def outputs(out: Path) -> dict[str, object]:
     """Every per-image output, comparable across runs: JSON text, npz arrays (record minus its
-    timing / rank fields)."""
+    timing / rank / rounding-check fields)."""
     res = {}
     for p in sorted((out / "hierarchies").rglob("*")):
         rel = p.relative_to(out).as_posix()
@@ -86,6 +86,7 @@ def outputs(out: Path) -> dict[str, object]:
             d = load_masks(p)
             for k in ("time_s", "finished", "rank", "path"):
                 d["record"].pop(k)
+            d["record"].pop("rounding_gap", None)  # --rounding-check first: the first image this run computed
             d["record"]["outputs"].pop("figure", None)  # present with --figures only
             d["record"]["bytes"].pop("figure", None)
             res[rel] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}

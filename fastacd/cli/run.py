@@ -313,7 +313,8 @@ def rounding_gap(dec, x, h, most: int = 16) -> float:
     import torch
     masks = node_masks(h)
     pick = np.unique(np.linspace(0, len(masks) - 1, min(most, len(masks))).round().astype(int))
-    return dec.rounding_gap(x, torch.from_numpy(masks[pick]).to(device=x.device, dtype=x.dtype))
+    # (K, 1, H, W): K = C masks of shape (H, W) would read as one per-channel mask
+    return dec.rounding_gap(x, torch.from_numpy(masks[pick])[:, None].to(device=x.device, dtype=x.dtype))
 
 
 def prepare_outputs(h, record: dict, digest: str, figures: bool) -> dict:
