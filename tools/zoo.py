@@ -1119,7 +1119,8 @@ def markdown(data: dict) -> str:
          "- Tests: `pytest tests/test_zoo.py` runs a fast subset that decomposes today (smallest inputs, "
          "~35 s of CPU on one thread): completeness, batched = one mask, float32 = float64, float64 engine = "
          "reference, each its own test, xfail (not strict) where rounding decides the split today "
-         "(design.md section 9, issue 17). `pytest tests/test_zoo.py --zoo` (or `FASTACD_ZOO=1`) runs the "
+         "(design.md section 9, issue 17); the same models with their libraries' own initialisation "
+         "(`test_zoo_subset_own_init`) pass every check, none expected to fail. `pytest tests/test_zoo.py --zoo` (or `FASTACD_ZOO=1`) runs the "
          "whole zoo at the survey's sizes, xfail (not strict) wherever this JSON records a failure (the "
          "reason names the op), so entries turn to XPASS as rules land: rerun the survey then.",
          "- Adding a model: one line in `_TORCHVISION` / `_TIMM` (or an `_add(Entry(...))` for other "
