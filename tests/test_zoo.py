@@ -128,9 +128,9 @@ def test_zoo_subset_own_init(name, what):
     check(name, zoo.ENTRIES[name].min_size, what, init="own")
 
 
-# Survey gap (fraction of the largest |logit|) above which a check is expected to fail.
-_SURVEY_FIELD = {"batched": ("batched_vs_one", 1e-4), "f32_f64": ("f32_vs_f64", 1e-4),
-                 "reference": ("f64_vs_reference", 1e-10), "complete": ("complete", 1e-4)}
+# Each check's survey field; a gap (fraction of the largest |logit|) beyond zoo.CHECK_TOLERANCES fails.
+_SURVEY_FIELD = {"batched": "batched_vs_one", "f32_f64": "f32_vs_f64", "reference": "f64_vs_reference",
+                 "complete": "complete"}
 
 
 def _zoo_params(init: str = "trained-like"):
@@ -146,7 +146,8 @@ def _zoo_params(init: str = "trained-like"):
                 marks.append(pytest.mark.xfail(reason=f"no rule yet: {rec['fastacd'].get('op', '?')}",
                                                strict=False))
             elif rec:
-                field, tol = _SURVEY_FIELD[what]
+                field = _SURVEY_FIELD[what]
+                tol = zoo.CHECK_TOLERANCES[field]
                 gap = (rec.get("numbers") or {}).get(field)
                 if gap is not None and gap > tol:
                     marks.append(pytest.mark.xfail(reason=f"survey gap {gap:.1e}: {ROUNDING}", strict=False))

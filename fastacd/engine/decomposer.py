@@ -231,7 +231,7 @@ class Decomposer:
         x = self._check_input(x)
         masks = check_masks(x, masks)
         with torch.no_grad():
-            rel = self.cd(x, masks).relevant
+            rel = self.cd_relevant_input(x, masks * x, _checked=True).relevant
             x64, masks64 = x.double(), masks.double()
             if x.dtype == torch.float64:
                 rel64, irrel64 = _reference_cd(self.graph, x64, masks64 * x64, self.zero_tol)
