@@ -19,6 +19,7 @@ import contextlib
 import functools
 import re
 import warnings
+import weakref
 
 import torch
 
@@ -35,7 +36,7 @@ except ImportError as exc:  # not built (or built against another torch): pure t
     HAS_COMPILED = False
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell")
+_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell", "winograd_conv3x3")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -515,6 +516,73 @@ if HAS_COMPILED:
 
     torch.library.register_autograd("fastacd::lstm_cd_cell", _lstm_cd_cell_backward,
                                     setup_context=_lstm_cd_cell_setup)
+
+
+# --------------------------------------------------------------------------- 3x3 convolutions
+
+# Winograd F(2x2, 3x3) for float32 CPU 3x3 stride-1 convolutions with at least this many input
+# and output channels: 16 multiply-adds per 2x2 outputs instead of 36; at fewer channels (and
+# large maps) oneDNN's direct convolution is faster. Measured in docs/kernels.md, "Winograd".
+WINOGRAD_MIN_CHANNELS = 128
+_WINOGRAD = {"on": True}
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_WEIGHTS: dict = {}  # id(parameter) -> (weakref, version, transformed weights)
+
+
+@contextlib.contextmanager
+def direct_convolutions():
+    """Within this scope ``conv2d`` never uses Winograd (every convolution is the vendor's)."""
+    saved = _WINOGRAD["on"]
+    _WINOGRAD["on"] = False
+    try:
+        yield
+    finally:
+        _WINOGRAD["on"] = saved
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(16, C_in, C_out): ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in float64."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def _winograd_weight_cached(weight: torch.nn.Parameter) -> torch.Tensor:
+    key = id(weight)
+    hit = _WINOGRAD_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    u = winograd_weight(weight)
+    _WINOGRAD_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _WINOGRAD_WEIGHTS.pop(k, None)),
+                              weight._version, u)
+    return u
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d(t, weight)`` without bias. A float32 CPU 3x3 stride-1 convolution of a
+    parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side, outside autograd, runs as
+    Winograd F(2x2, 3x3) (``torch.ops.fastacd.winograd_conv3x3``; float32 rounding about twice
+    the direct convolution's); everything else is ``F.conv2d``."""
+    if (_WINOGRAD["on"] and isinstance(weight, torch.nn.Parameter) and t.device.type == "cpu"
+            and t.dtype == weight.dtype == torch.float32 and t.dim() == 4 and weight.shape[2:] == (3, 3)
+            and groups == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
+            and not isinstance(padding, str) and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
+            and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))
+            and _has_kernel("winograd_conv3x3", "CPU")):
+        ph, pw = _pair(padding)
+        if t.shape[2] + 2 * ph >= 3 and t.shape[3] + 2 * pw >= 3:
+            return torch.ops.fastacd.winograd_conv3x3.default(t, _winograd_weight_cached(weight), ph, pw)
+    return torch.nn.functional.conv2d(t, weight, None, stride, padding, dilation, groups)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::winograd_conv3x3")
+    def _winograd_conv3x3_fake(x, u, pad_h, pad_w):
+        return x.new_empty((x.shape[0], u.shape[2], x.shape[2] + 2 * pad_h - 2, x.shape[3] + 2 * pad_w - 2))
 
 
 # --------------------------------------------------------------------------- build info

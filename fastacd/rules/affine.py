@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg, op_is
+from ..ops import conv2d
 from ..ops.precision import weight_apply
 from ..ops.torch_ops import EPS, split_weights
 from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
@@ -39,6 +40,8 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
         weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Linear):
             return (lambda t: weight_apply(linear_no_bias, t, weight)), m.bias
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            return (lambda t: weight_apply(conv2d, t, weight, m.stride, m.padding, m.dilation, m.groups)), m.bias
         return (lambda t: weight_apply(m._conv_forward, t, weight, None)), m.bias
     node = step.node
     args = list(load_arg(value_of, node.args[1:]))
@@ -200,7 +203,7 @@ class Affine(Rule):
         """aux for a window: the convolution without padding (the crop carries it) and the
         total pre-activation cropped to the output window."""
         _, bias, pre, tol = aux
-        weights = (lambda t: weight_apply(F.conv2d, t, loc.weight, None, loc.stride, 0, loc.dilation, loc.groups))
+        weights = (lambda t: weight_apply(conv2d, t, loc.weight, loc.stride, 0, loc.dilation, loc.groups))
         if bias is None:
             return weights, None, None, None
         return weights, bias, crop(pre), (None if tol is None else crop(tol))
