@@ -29,8 +29,8 @@ from ..engine.windowed import cd_groups
 from ..rules import ZERO_TOL
 from . import tiling_2d as tiling
 from .steps import (batched, check_args, establish_correspondence, is_batched,  # noqa: F401
-                    logits_module, prepare_model_input, refine_scores, smooth_im_thresh,
-                    threshold_scores)
+                    logits_module, prepare_model_input, refine_scores, selected, smooth_im_thresh,
+                    threshold_scores, threshold_value)
 
 _CHUNK = 256  # candidates per engine call: bounds the (M, C, H, W) relevant inputs held at once
 
@@ -166,8 +166,11 @@ class Scorer:
     """
 
     def __init__(self, units, method, model, *, dec=None, x=None, im_orig=None, pred_ims=None,
-                 pred_ims_batched=False, progress=False, windowed=True):
+                 pred_ims_batched=False, progress=False, windowed=True, exact_dec=None):
         self.units, self.method, self.model = units, method, model
+        # float32 scores for the candidates a reduced-precision run's decisions hinge on (TieCheck)
+        self.exact = None if exact_dec is None else Scorer(units, method, model, dec=exact_dec, x=x,
+                                                           windowed=windowed)
         self.dec, self.x, self.im_orig, self.pred_ims = dec, x, im_orig, pred_ims
         self.pred_ims_batched = pred_ims_batched
         self.cache: dict = {}
@@ -351,8 +354,99 @@ class Scorer:
 
 
 # ------------------------------------------------------------------------------------------
+# Decisions in float32 for a reduced-precision run
+# ------------------------------------------------------------------------------------------
+class TieCheck:
+    """Makes a bf16 run's decisions with float32 scores (docs/precision.md, "Hierarchies").
+
+    Every candidate is scored in bf16; a decision (which units reach the percentile threshold,
+    which pair merges) reads float32 scores for the values it hinges on: the ``NEAREST`` values
+    on each side of the threshold (below the best), and every value within ``MARGIN`` times the
+    largest bf16 error seen so far, repeated until no unchecked value is that close. A decision
+    then differs from float32's only where a bf16 error exceeds that margin.
+    """
+
+    NEAREST = 4
+    MARGIN = 3.0
+
+    def __init__(self, scorer, lab: int):
+        self.exact, self.lab = scorer.exact, lab
+        self.err = 0.0        # the largest |bf16 - float32| of a checked value
+        self.checked = 0      # values checked
+        self.sources: dict = {}   # flat unit index -> its value's (candidate, bases) pairs (see _values)
+        self.known: set = set()   # flat unit indices whose tracked value is float32's
+
+    def _values(self, items) -> np.ndarray:
+        """float32 values of items, each a list of (candidate, bases) pairs: the largest over its
+        pairs of ``score(candidate) - max(score(base) for base in bases)`` (class ``lab``; no
+        bases: the candidate's score)."""
+        masks = [m for pairs in items for cand, bases in pairs for m in (cand, *bases)]
+        rows = iter(self.exact(masks)[:, self.lab].astype(np.float64))
+        out = []
+        for pairs in items:
+            vals = []
+            for _, bases in pairs:
+                v = next(rows)
+                base = [next(rows) for _ in bases]
+                vals.append(v - max(base) if base else v)
+            out.append(max(vals))
+        return np.asarray(out)
+
+    def _close(self, values: np.ndarray, target: float, unknown: np.ndarray, above_only=False) -> np.ndarray:
+        """Indices among ``unknown`` to check: within the margin of ``target`` or among the
+        NEAREST on each side (``above_only``: the NEAREST largest)."""
+        finite = np.flatnonzero(~np.isnan(values))
+        pick = set(finite[np.abs(values[finite] - target) <= self.MARGIN * self.err].tolist())
+        if above_only:
+            pick |= set(finite[np.argsort(-values[finite], kind="stable")[:self.NEAREST]].tolist())
+        else:
+            for side in (finite[values[finite] >= target], finite[values[finite] < target]):
+                pick |= set(side[np.argsort(np.abs(values[side] - target), kind="stable")[:self.NEAREST]].tolist())
+        return np.array(sorted(i for i in pick if unknown[i]), dtype=np.int64)
+
+    def _check(self, values: np.ndarray, idx: np.ndarray, items) -> None:
+        new = self._values(items)
+        self.err = max(self.err, float(np.max(np.abs(new - values[idx]))))
+        self.checked += len(idx)
+        values[idx] = new
+
+    def threshold(self, scores: np.ndarray, percentile_include):
+        """(scores with the values near the threshold made float32's, the selection)."""
+        flat = np.array(scores, dtype=np.float64).reshape(-1)
+        while True:
+            thresh = threshold_value(flat, percentile_include)
+            unknown = np.array([i not in self.known for i in range(flat.size)])
+            idx = self._close(flat, thresh, unknown)
+            if idx.size == 0:
+                return flat.reshape(np.shape(scores)).astype(np.asarray(scores).dtype), \
+                    selected(flat, thresh).reshape(np.shape(scores))
+            self._check(flat, idx, [self.sources[i] for i in idx])
+            self.known.update(idx.tolist())
+
+    def best(self, values: np.ndarray, items) -> int:
+        """The index of the largest value after checking those close to it; ``items[i]``: the
+        (candidate, base) pairs of value i (the largest difference over them)."""
+        values = np.array(values, dtype=np.float64)
+        unknown = np.ones(values.size, dtype=bool)
+        while True:
+            if np.isnan(values).all():
+                return -1
+            top = int(np.nanargmax(values))
+            idx = self._close(values, values[top], unknown, above_only=True)
+            if idx.size == 0:
+                return top
+            self._check(values, idx, [items[i] for i in idx])
+            unknown[idx] = False
+
+
+# ------------------------------------------------------------------------------------------
 # The algorithm, once, over units
 # ------------------------------------------------------------------------------------------
+def _flat(units, t) -> int:
+    """The flat index of a unit (a tile's grid index tuple, a segment's (i,))."""
+    return int(np.ravel_multi_index(tuple(np.atleast_1d(t)), units.shape))
+
+
 def _check_label(scores_raw, lab_num):
     n = scores_raw.shape[1]
     if not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
@@ -363,10 +457,20 @@ def _check_label(scores_raw, lab_num):
 def run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
                    image_shape, corrected=False, progress=False) -> dict:
     """Tile scores, then ``num_iters`` rounds of grow-and-select (design.md section 3)."""
-    scores_orig_raw = scorer(list(units.singles()))
+    singles = list(units.singles())
+    scores_orig_raw = scorer(singles)
     _check_label(scores_orig_raw, lab_num)
     scores_track = np.copy(refine_scores(scores_orig_raw, lab_num)).reshape(units.shape)
-    im_thresh = threshold_scores(scores_track, percentile_include, method)
+    ties = TieCheck(scorer, lab_num) if scorer.exact is not None else None
+
+    def select(scores):
+        if ties is None:
+            return scores, threshold_scores(scores, percentile_include, method)
+        return ties.threshold(scores, percentile_include)
+
+    if ties is not None:
+        ties.sources = {i: [(m, ())] for i, m in enumerate(singles)}
+    scores_track, im_thresh = select(scores_track)
     scores_list, im_thresh_list, comps_list = [np.copy(scores_track)], [im_thresh], []
     comp_scores_raw_list = [{0: scorer([FULL])[0]}]
     combined_list = []
@@ -404,13 +508,20 @@ def run_iterations(units, scorer, percentile_include, method, lab_num, num_iters
             for i, t in enumerate(around[k]):
                 gain = np.max(rows[pos + 2 + i][lab_num] - score_comp)
                 # the original keeps the last component's gain; corrected keeps the best one
+                pair = (cands[pos + 2 + i], (masks[k],))
                 if corrected and t in gains:
                     gain = max(gain, gains[t])
+                    pair_list = ties.sources[_flat(units, t)] + [pair] if ties is not None else None
+                else:
+                    pair_list = [pair]
                 gains[t] = gain
                 scores_track[t] = gain
+                if ties is not None:
+                    ties.sources[_flat(units, t)] = pair_list
+                    ties.known.discard(_flat(units, t))
             pos += 2 + len(around[k])
         scores_track[im_thresh_list[-1]] = np.nan
-        im_thresh = threshold_scores(scores_track, percentile_include, method)
+        scores_track, im_thresh = select(scores_track)
         scores_list.append(np.copy(scores_track))
         im_thresh_list.append(units.smooth(im_thresh_list[-1], im_thresh))
         comps_list.append(comps)
@@ -440,8 +551,11 @@ def run_iterations(units, scorer, percentile_include, method, lab_num, num_iters
 def run_merges(lists, scorer, lab_num, progress=False) -> dict:
     """Merge the pair whose union gains most over its better part until one component is left.
 
-    Pair unions come from the scorer's cache unless one of the pair was just merged.
+    Pair unions come from the scorer's cache unless one of the pair was just merged. With a
+    float32 scorer beside a bf16 one (``scorer.exact``), the pair is chosen by float32 scores
+    of the pairs close to the best (``TieCheck``).
     """
+    ties = TieCheck(scorer, lab_num) if scorer.exact is not None else None
     bar = tqdm(disable=not progress, desc="ACD merges")
     while np.unique(lists["comps_list"][-1]).size > 2:
         comps = np.copy(lists["comps_list"][-1])
@@ -449,7 +563,8 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
         nums = [k for k in np.unique(comps) if k > 0]
         masks = {k: comps == k for k in nums}
         pairs = [(a, b) for a in nums for b in nums if a < b]
-        rows = scorer([masks[a] | masks[b] for a, b in pairs])
+        unions = [masks[a] | masks[b] for a, b in pairs]
+        rows = scorer(unions)
         best, best_pair, best_row = -np.inf, None, None
         for (a, b), row in zip(pairs, rows):
             diff = np.copy(row[lab_num]) - max(raw[a][lab_num], raw[b][lab_num])
@@ -457,6 +572,11 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
                 best, best_pair, best_row = diff, (a, b), np.copy(row)
         if best_pair is None:
             raise FloatingPointError("every pair's merge score is NaN; check the model's output")
+        if ties is not None:  # the pair by float32 scores among those close to the best
+            diffs = [row[lab_num] - max(raw[a][lab_num], raw[b][lab_num]) for (a, b), row in zip(pairs, rows)]
+            i = ties.best(np.asarray(diffs, dtype=np.float64),
+                          [[(u, (masks[a], masks[b]))] for u, (a, b) in zip(unions, pairs)])
+            best_pair, best_row = pairs[i], np.copy(scorer.exact([unions[i]])[0])
         a, b = best_pair
         comps[comps == b] = a
         raw[a] = best_row
@@ -474,10 +594,17 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
 # ------------------------------------------------------------------------------------------
 # The drop-in
 # ------------------------------------------------------------------------------------------
+def exact_decomposer(dec, method: str, exact_decisions: bool):
+    """The float32 Decomposer that decides a bf16 run's near ties (None: no such run)."""
+    if dec is None or method != "cd" or dec.precision != "bf16" or not exact_decisions:
+        return None
+    return decomposer_for(dec.model, dec.backend, "float32", dec.zero_tol)
+
+
 def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig, lab_num,
                 num_iters=5, im_torch=None, model_type="mnist", device=None, *,
                 backend="auto", pred_ims_batched=None, progress=False, stats=None, windowed=True,
-                precision="float32", zero_tol=ZERO_TOL):
+                precision="float32", zero_tol=ZERO_TOL, exact_decisions=True):
     """Agglomerative CD of one image (drop-in for ``acd.agg_2d.agglomerate``).
 
     Params
@@ -499,6 +626,9 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' (weight applications in bfloat16; the
         totals, splits and every comparison float32) or 'tf32' (CUDA): ``Decomposer``, docs/precision.md
+    exact_decisions: with precision='bf16', the candidates a decision hinges on (close to the
+        threshold, close to the best merge) are scored again in float32 and the decision made
+        with those scores (``TieCheck``; docs/precision.md "Hierarchies"); False: bf16 alone
     zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula,
         the original package's numbers and hierarchies
     progress: tqdm bars (off by default)
@@ -525,19 +655,20 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress,
-                    windowed=windowed)
+                    windowed=windowed, exact_dec=exact_decomposer(dec, method, exact_decisions))
     lists = run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
                            im_orig.shape, progress=progress)
     lists = run_merges(lists, scorer, lab_num, progress=progress)
     if stats is not None:
         stats.update(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls,
-                     windowed=scorer.windowed)
+                     windowed=scorer.windowed, scored_exact=scorer.exact.scored if scorer.exact else 0)
     return lists
 
 
 def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_dim, im_orig,
                       lab_num, num_iters=5, im_torch=None, model_type="mnist", device=None, *,
-                      backend="auto", pred_ims_batched=None, precision="float32", zero_tol=ZERO_TOL):
+                      backend="auto", pred_ims_batched=None, precision="float32", zero_tol=ZERO_TOL,
+                      exact_decisions=True):
     """The merge phase alone on a dict from ``agglomerate`` (drop-in)."""
     im_orig = np.asarray(im_orig)
     model, x = prepare_model_input(model, im_torch, device, im_orig.shape[:2])
@@ -545,5 +676,6 @@ def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_
     dec = decomposer_for(model, backend, precision, zero_tol) if x is not None else None
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
-                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched))
+                    pred_ims_batched=is_batched(pred_ims, pred_ims_batched),
+                    exact_dec=exact_decomposer(dec, method, exact_decisions))
     return run_merges(lists, scorer, lab_num)

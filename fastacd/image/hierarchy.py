@@ -221,7 +221,7 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
               percentile_include: float = 95, num_iters: int = 5, method: str = "cd",
               backend: str = "auto", base: str = "tiles", segment_kwargs: dict | None = None,
               corrected: bool = False, device=None, progress: bool = False,
-              precision: str = "float32", zero_tol: float = ZERO_TOL) -> Hierarchy:
+              precision: str = "float32", zero_tol: float = ZERO_TOL, exact_decisions: bool = True) -> Hierarchy:
     """The ACD hierarchy of one image.
 
     Params
@@ -236,6 +236,8 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' or 'tf32' (CUDA): docs/precision.md
+    exact_decisions: with 'bf16', the decisions read float32 scores of the candidates close to
+        them (as in ``agg_2d.agglomerate``); False: bf16 alone
     zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
     corrected: False = exactly the original algorithm (same blobs as ``agg_2d.agglomerate``);
@@ -259,7 +261,8 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         sweep_dim = default_sweep_dim(hw, patch_size(decomposer_for(model, backend).graph))
     with eval_mode(model):
         return _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method,
-                          backend, base, segment_kwargs, corrected, progress, precision, zero_tol)
+                          backend, base, segment_kwargs, corrected, progress, precision, zero_tol,
+                          exact_decisions)
 
 
 def patch_size(graph) -> int | None:
@@ -288,7 +291,8 @@ def default_sweep_dim(hw, patch: int | None = None) -> int:
 
 
 def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, method, backend, base,
-               segment_kwargs, corrected, progress, precision="float32", zero_tol=ZERO_TOL) -> Hierarchy:
+               segment_kwargs, corrected, progress, precision="float32", zero_tol=ZERO_TOL,
+               exact_decisions=True) -> Hierarchy:
     p = next(model.parameters(), None)
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)
@@ -305,14 +309,16 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
         units = agg_2d.TileUnits(hw, sweep_dim)
     else:
         units = agg_2d.SegmentUnits(segment(shown, base, **(segment_kwargs or {})))
-    scorer = agg_2d.Scorer(units, method, model, dec=dec, x=x, progress=progress)
+    scorer = agg_2d.Scorer(units, method, model, dec=dec, x=x, progress=progress,
+                           exact_dec=agg_2d.exact_decomposer(dec, method, exact_decisions))
     lists = agg_2d.run_iterations(units, scorer, percentile_include, method, label, num_iters,
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
                   precision=dec.precision, zero_tol=dec.zero_tol, corrected=corrected,
                   segment_kwargs=segment_kwargs or {})
-    stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls)
+    stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls,
+                 scored_exact=scorer.exact.scored if scorer.exact else 0)
     return from_lists(lists, label, method, units, base=base,
                       sweep_dim=sweep_dim if base == "tiles" else None, params=params,
                       image=shown, stats=stats)

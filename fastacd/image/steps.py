@@ -25,17 +25,26 @@ def threshold_scores(scores, percentile_include, method=None):
     time until something is selected (never below 0, where the original crashed).
     """
     scores = np.asarray(scores)
+    return selected(scores, threshold_value(scores, percentile_include))
+
+
+def threshold_value(scores, percentile_include) -> float:
+    """The threshold ``threshold_scores`` selects at."""
+    scores = np.asarray(scores)
     if np.isnan(scores).all():
         raise ValueError("threshold_scores: every score is NaN (everything is already selected)")
     if np.sum(np.isnan(scores)) > scores.size / 3:
         percentile_include -= 15
     while True:
         thresh = np.nanpercentile(scores, min(max(percentile_include, 0), 100))
-        with np.errstate(invalid="ignore"):
-            im_thresh = np.logical_and(scores >= thresh, ~np.isnan(scores))
-        if im_thresh.any():
-            return im_thresh
+        if selected(scores, thresh).any():
+            return thresh
         percentile_include -= 4
+
+
+def selected(scores, thresh) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.logical_and(scores >= thresh, ~np.isnan(scores))
 
 
 _CROSS = np.zeros((3, 3))

@@ -1,0 +1,133 @@
+"""Decisions in float32 for a bf16 ACD run (``agg_2d.TieCheck``): with scores that are exact
+plus an error, the hierarchy equals the exact one; with the error alone it does not."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastacd import agg_2d
+from fastacd.image.agg_2d import TieCheck, TileUnits, run_iterations, run_merges
+
+GRID = 8
+
+
+class FakeScorer:
+    """Rows (1, 2) for unit masks: class 1 scores a mask by tile weights plus a pair bonus for
+    neighbouring tiles (an interaction, so merges matter), optionally plus a fixed
+    pseudo-random error per mask (what bf16 adds), and an ``exact`` twin without it."""
+
+    def __init__(self, weights, noise=0.0, exact=None):
+        self.weights, self.noise, self.exact = weights, noise, exact
+        self.scored = 0
+        self.asked: list = []
+
+    def value(self, m) -> float:
+        m = np.asarray(m, dtype=bool)
+        pairs = (m[1:] & m[:-1]).sum() + (m[:, 1:] & m[:, :-1]).sum()
+        v = float((self.weights * m).sum() + 0.01 * pairs)
+        if self.noise:
+            seed = int.from_bytes(np.packbits(m).tobytes()[:8].ljust(8, b"\0"), "little") % (2 ** 32)
+            v += self.noise * np.random.default_rng(seed).standard_normal()
+        return v
+
+    def __call__(self, cands):
+        rows = []
+        for c in cands:
+            m = np.ones((GRID, GRID), bool) if isinstance(c, str) else c
+            rows.append([0.0, self.value(m)])
+            self.asked.append(c)
+        self.scored += len(cands)
+        return np.asarray(rows)
+
+
+def hierarchy(scorer):
+    units = TileUnits((GRID * 2, GRID * 2), 2)
+    lists = run_iterations(units, scorer, 90, "cd", 1, 3, (GRID * 2, GRID * 2))
+    return run_merges(lists, scorer, 1)["comps_list"]
+
+
+def test_noisy_scores_with_exact_decisions_give_the_exact_hierarchy():
+    rng = np.random.default_rng(0)
+    # many near ties: weights spaced far below the error
+    weights = 1.0 + 1e-3 * rng.standard_normal((GRID, GRID))
+    exact = hierarchy(FakeScorer(weights))
+    alone = hierarchy(FakeScorer(weights, noise=3e-3))
+    checked = FakeScorer(weights, noise=3e-3, exact=FakeScorer(weights))
+    with_ties = hierarchy(checked)
+    assert not all(np.array_equal(a, b) for a, b in zip(exact, alone)) or len(exact) != len(alone)
+    assert len(with_ties) == len(exact)
+    for a, b in zip(exact, with_ties):
+        np.testing.assert_array_equal(a, b)
+    assert checked.exact.scored > 0
+
+
+def test_threshold_checks_only_values_near_it():
+    exact_vals = np.arange(20, dtype=np.float64)  # 0..19, clear gaps of 1
+    noisy = exact_vals + np.where(np.arange(20) % 2, 0.05, -0.05)
+
+    class Exact:
+        def __call__(self, masks):
+            return np.asarray([[0.0, exact_vals[int(np.flatnonzero(m)[0])]] for m in masks])
+
+    class Holder:
+        exact = Exact()
+
+    ties = TieCheck(Holder(), 1)
+    singles = [np.eye(1, 20, i, dtype=bool)[0] for i in range(20)]
+    ties.sources = {i: [(singles[i], ())] for i in range(20)}
+    scores, sel = ties.threshold(noisy.copy(), 90)
+    np.testing.assert_array_equal(sel, exact_vals >= np.percentile(exact_vals, 90))
+    assert ties.err == pytest.approx(0.05)
+    # the threshold is 17.1: the NEAREST below it (14..17) and the two above (18, 19); nothing
+    # else lies within 3 x 0.05 of it
+    assert sorted(ties.known) == list(range(17 - TieCheck.NEAREST + 1, 20))
+    assert np.all(scores[sorted(ties.known)] == exact_vals[sorted(ties.known)])
+
+
+def test_best_pair_by_exact_scores():
+    values = np.array([1.0, 2.0, 2.004, 1.999, 0.5])     # noisy: index 2 looks best
+    truth = np.array([1.0, 2.003, 2.0, 1.998, 0.5])      # exact: index 1 is
+    masks = [np.eye(1, 5, i, dtype=bool)[0] for i in range(5)]
+
+    class Exact:
+        def __call__(self, ms):
+            return np.asarray([[0.0, truth[int(np.flatnonzero(m)[0])]] for m in ms])
+
+    class Holder:
+        exact = Exact()
+
+    ties = TieCheck(Holder(), 1)
+    assert ties.best(values, [[(m, ())] for m in masks]) == 1
+
+
+def test_agglomerate_bf16_decisions_match_float32_on_a_cnn():
+    """A small random CNN: bf16 with exact decisions gives float32's hierarchy; the float32
+    scorer ran (some candidates, not all)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 16 * 16, 5)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    im = x[0].permute(1, 2, 0).numpy()
+    lab = int(model(x).argmax())
+    kw = dict(num_iters=4, im_torch=x)
+    f32 = agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, **kw)
+    stats = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a CPU without fast bf16 warns once
+        b16 = agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, precision="bf16", stats=stats, **kw)
+    assert 0 < stats["scored_exact"] < stats["scored"]
+    assert len(b16["comps_list"]) == len(f32["comps_list"])
+    for a, b in zip(f32["comps_list"], b16["comps_list"]):
+        np.testing.assert_array_equal(a, b)
+    stats = {}
+    agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, precision="bf16", exact_decisions=False, stats=stats, **kw)
+    assert stats["scored_exact"] == 0
+    # float32 runs never build the second scorer
+    stats = {}
+    agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, stats=stats, **kw)
+    assert stats["scored_exact"] == 0
+
