@@ -424,8 +424,9 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
     x = dec._check_input(x)
-    # denormals flushed as in every CD pass; the Decomposer's precision (totals stay exact float32)
-    with chunks.denormals_flushed(), dec.compute(x):
+    # denormals flushed as in every CD pass; the Decomposer's precision (totals stay exact float32);
+    # the large blocks a chunk frees reused by the next (the crops and conv outputs repeat)
+    with chunks.denormals_flushed(), dec.compute(x), chunks.reuse_buffers(x.device, dec.memory_budget):
         return _cd_groups(dec, x, groups, chunk_size=chunk_size, max_fraction=max_fraction,
                           max_cost_ratio=max_cost_ratio, stats=stats, trusted=trusted, totals=totals)
 

@@ -523,7 +523,7 @@ if HAS_COMPILED:
 # Winograd F(2x2, 3x3) for float32 CPU 3x3 stride-1 convolutions with at least this many input
 # and output channels: 16 multiply-adds per 2x2 outputs instead of 36; at fewer channels (and
 # large maps) oneDNN's direct convolution is faster. Measured in docs/kernels.md, "Winograd".
-WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD = {"on": True}
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _WINOGRAD_WEIGHTS: dict = {}  # id(parameter) -> (weakref, version, transformed weights)
