@@ -21,6 +21,7 @@ class FakeScorer:
 
     def __init__(self, weights, noise=0.0, exact=None):
         self.weights, self.noise, self.exact = weights, noise, exact
+        self.ties = None  # what agg_2d.TieCheck.of keeps on a scorer
         self.scored = 0
         self.asked: list = []
 

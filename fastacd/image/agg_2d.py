@@ -171,6 +171,7 @@ class Scorer:
         # float32 scores for the candidates a reduced-precision run's decisions hinge on (TieCheck)
         self.exact = None if exact_dec is None else Scorer(units, method, model, dec=exact_dec, x=x,
                                                            windowed=windowed)
+        self.ties = None  # TieCheck.of
         self.dec, self.x, self.im_orig, self.pred_ims = dec, x, im_orig, pred_ims
         self.pred_ims_batched = pred_ims_batched
         self.cache: dict = {}
@@ -360,13 +361,17 @@ class TieCheck:
     """Makes a bf16 run's decisions with float32 scores (docs/precision.md, "Hierarchies").
 
     Every candidate is scored in bf16; a decision (which units reach the percentile threshold,
-    which pair merges) reads float32 scores for the values it hinges on: the ``NEAREST`` values
-    on each side of the threshold (below the best), and every value within ``MARGIN`` times the
-    largest bf16 error seen so far, repeated until no unchecked value is that close. A decision
-    then differs from float32's only where a bf16 error exceeds that margin.
+    which pair merges) reads float32 scores for the values it hinges on: every value within
+    ``MARGIN`` times the largest bf16 error seen so far, repeated until no unchecked value is
+    that close, and until ``SEED`` values have been checked in the run also the ``NEAREST``
+    values on each side of the threshold (below the best), which give the first error
+    estimate. A decision then differs from float32's only where a bf16 error exceeds that
+    margin. Each float32 score costs a windowed float32 pass (and its base's), so the seed
+    is kept small.
     """
 
     NEAREST = 4
+    SEED = 8
     MARGIN = 3.0
 
     def __init__(self, scorer, lab: int):
@@ -375,6 +380,16 @@ class TieCheck:
         self.checked = 0      # values checked
         self.sources: dict = {}   # flat unit index -> its value's (candidate, bases) pairs (see _values)
         self.known: set = set()   # flat unit indices whose tracked value is float32's
+
+    @classmethod
+    def of(cls, scorer, lab: int) -> "TieCheck | None":
+        """The scorer's TieCheck for class ``lab`` (one per run: its error estimate carries
+        from the iterations to the merges), or None without a float32 scorer."""
+        if scorer.exact is None:
+            return None
+        if scorer.ties is None or scorer.ties.lab != lab:
+            scorer.ties = cls(scorer, lab)
+        return scorer.ties
 
     def _values(self, items) -> np.ndarray:
         """float32 values of items, each a list of (candidate, bases) pairs: the largest over its
@@ -393,13 +408,13 @@ class TieCheck:
         return np.asarray(out)
 
     def _close(self, values: np.ndarray, target: float, unknown: np.ndarray, above_only=False) -> np.ndarray:
-        """Indices among ``unknown`` to check: within the margin of ``target`` or among the
-        NEAREST on each side (``above_only``: the NEAREST largest)."""
+        """Indices among ``unknown`` to check: within the margin of ``target`` and, before the
+        SEED, the NEAREST on each side (``above_only``: the NEAREST largest)."""
         finite = np.flatnonzero(~np.isnan(values))
         pick = set(finite[np.abs(values[finite] - target) <= self.MARGIN * self.err].tolist())
-        if above_only:
+        if self.checked < self.SEED and above_only:  # no error estimate yet: the nearest give one
             pick |= set(finite[np.argsort(-values[finite], kind="stable")[:self.NEAREST]].tolist())
-        else:
+        elif self.checked < self.SEED:
             for side in (finite[values[finite] >= target], finite[values[finite] < target]):
                 pick |= set(side[np.argsort(np.abs(values[side] - target), kind="stable")[:self.NEAREST]].tolist())
         return np.array(sorted(i for i in pick if unknown[i]), dtype=np.int64)
@@ -461,7 +476,7 @@ def run_iterations(units, scorer, percentile_include, method, lab_num, num_iters
     scores_orig_raw = scorer(singles)
     _check_label(scores_orig_raw, lab_num)
     scores_track = np.copy(refine_scores(scores_orig_raw, lab_num)).reshape(units.shape)
-    ties = TieCheck(scorer, lab_num) if scorer.exact is not None else None
+    ties = TieCheck.of(scorer, lab_num)
 
     def select(scores):
         if ties is None:
@@ -555,7 +570,7 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
     float32 scorer beside a bf16 one (``scorer.exact``), the pair is chosen by float32 scores
     of the pairs close to the best (``TieCheck``).
     """
-    ties = TieCheck(scorer, lab_num) if scorer.exact is not None else None
+    ties = TieCheck.of(scorer, lab_num)
     bar = tqdm(disable=not progress, desc="ACD merges")
     while np.unique(lists["comps_list"][-1]).size > 2:
         comps = np.copy(lists["comps_list"][-1])
