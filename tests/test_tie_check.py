@@ -101,7 +101,7 @@ def test_best_pair_by_exact_scores():
         exact = Exact()
 
     ties = TieCheck(Holder(), 1)
-    assert ties.best(values, [[(m, ())] for m in masks]) == 1
+    assert ties.best(values, [[(m, ())] for m in masks]) == (1, True)
 
 
 def test_agglomerate_bf16_decisions_match_float32_on_a_cnn():

@@ -438,18 +438,20 @@ class TieCheck:
             self._check(flat, idx, [self.sources[i] for i in idx])
             self.known.update(idx.tolist())
 
-    def best(self, values: np.ndarray, items) -> int:
-        """The index of the largest value after checking those close to it; ``items[i]``: the
-        (candidate, base) pairs of value i (the largest difference over them)."""
+    def best(self, values: np.ndarray, items) -> tuple[int, bool]:
+        """(the index of the largest value after checking those close to it, whether its value
+        is float32's); ``items[i]``: the (candidate, bases) pairs of value i (see ``_values``).
+        A largest value that no other comes within the margin of is taken as it is."""
         values = np.array(values, dtype=np.float64)
         unknown = np.ones(values.size, dtype=bool)
         while True:
-            if np.isnan(values).all():
-                return -1
             top = int(np.nanargmax(values))
+            rivals = np.flatnonzero(values >= values[top] - self.MARGIN * self.err)
+            if self.checked >= self.SEED and rivals.size == 1:
+                return top, not unknown[top]
             idx = self._close(values, values[top], unknown, above_only=True)
             if idx.size == 0:
-                return top
+                return top, not unknown[top]
             self._check(values, idx, [items[i] for i in idx])
             unknown[idx] = False
 
@@ -589,9 +591,9 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
             raise FloatingPointError("every pair's merge score is NaN; check the model's output")
         if ties is not None:  # the pair by float32 scores among those close to the best
             diffs = [row[lab_num] - max(raw[a][lab_num], raw[b][lab_num]) for (a, b), row in zip(pairs, rows)]
-            i = ties.best(np.asarray(diffs, dtype=np.float64),
-                          [[(u, (masks[a], masks[b]))] for u, (a, b) in zip(unions, pairs)])
-            best_pair, best_row = pairs[i], np.copy(scorer.exact([unions[i]])[0])
+            i, exact = ties.best(np.asarray(diffs, dtype=np.float64),
+                                 [[(u, (masks[a], masks[b]))] for u, (a, b) in zip(unions, pairs)])
+            best_pair, best_row = pairs[i], np.copy(scorer.exact([unions[i]])[0] if exact else rows[i])
         a, b = best_pair
         comps[comps == b] = a
         raw[a] = best_row
