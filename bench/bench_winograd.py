@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from fastacd import ops  # noqa: E402
 
-from _results import record  # noqa: E402
+from _results import best_time, record  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("ACD_BENCH_THREADS", "1")))
 
@@ -31,14 +30,8 @@ SHAPES = [(1, 64, 64, 224, 1), (1, 64, 128, 112, 1), (1, 128, 128, 112, 1), (16,
           (16, 512, 512, 13, 0), (16, 512, 512, 11, 0), (4, 512, 512, 15, 0)]
 
 
-def best_ms(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
+def best_ms(fn) -> float:
+    return best_time(fn, repeats=5) * 1e3
 
 
 def main() -> int:

@@ -65,18 +65,18 @@ def test_noisy_scores_with_exact_decisions_give_the_exact_hierarchy():
     assert checked.exact.scored > 0
 
 
+class ExactOf:
+    """A scorer holder whose float32 scorer gives ``values[i]`` for the one-hot mask of unit i."""
+
+    def __init__(self, values):
+        self.exact = lambda masks: np.asarray([[0.0, values[int(np.flatnonzero(m)[0])]] for m in masks])
+
+
 def test_threshold_checks_only_values_near_it():
     exact_vals = np.arange(20, dtype=np.float64)  # 0..19, clear gaps of 1
     noisy = exact_vals + np.where(np.arange(20) % 2, 0.05, -0.05)
 
-    class Exact:
-        def __call__(self, masks):
-            return np.asarray([[0.0, exact_vals[int(np.flatnonzero(m)[0])]] for m in masks])
-
-    class Holder:
-        exact = Exact()
-
-    ties = TieCheck(Holder(), 1)
+    ties = TieCheck(ExactOf(exact_vals), 1)
     singles = [np.eye(1, 20, i, dtype=bool)[0] for i in range(20)]
     ties.sources = {i: [(singles[i], ())] for i in range(20)}
     scores, sel = ties.threshold(noisy.copy(), 90)
@@ -93,14 +93,7 @@ def test_best_pair_by_exact_scores():
     truth = np.array([1.0, 2.003, 2.0, 1.998, 0.5])      # exact: index 1 is
     masks = [np.eye(1, 5, i, dtype=bool)[0] for i in range(5)]
 
-    class Exact:
-        def __call__(self, ms):
-            return np.asarray([[0.0, truth[int(np.flatnonzero(m)[0])]] for m in ms])
-
-    class Holder:
-        exact = Exact()
-
-    ties = TieCheck(Holder(), 1)
+    ties = TieCheck(ExactOf(truth), 1)
     assert ties.best(values, [[(m, ())] for m in masks]) == (1, True)
 
 
