@@ -116,6 +116,15 @@ def test_weight_mode_casts_and_caches():
         with ops.low_precision(mode):
             out64 = ops.weight_apply(nn.functional.conv2d, x.double(), conv.weight.double())
         assert out64.dtype == torch.float64
+        # a Linear on (N, H, W, C) tokens (ConvNeXt's MLP) reads them as they lie: no
+        # channels_last cast, which made the product a batched matmul through copies
+        lin = nn.Linear(5, 6)
+        tokens = torch.randn(2, 3, 4, 5)
+        seen = []
+        with ops.low_precision(mode):
+            out = ops.weight_apply(lambda t, w: seen.append(t) or nn.functional.linear(t, w), tokens, lin.weight)
+        assert seen[0].dtype == torch.bfloat16 and seen[0].is_contiguous()
+        torch.testing.assert_close(out, nn.functional.linear(tokens, lin.weight), rtol=2e-2, atol=2e-2)
 
 
 def test_bf16_totals_and_splits_float32(monkeypatch):

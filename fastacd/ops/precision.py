@@ -170,8 +170,11 @@ class WeightMode:
         self._weights[id(w)] = (w, w._version, low)
         return low
 
-    def cast(self, t: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and t.dim() == 4:
+    def cast(self, t: torch.Tensor, image: bool = True) -> torch.Tensor:
+        """``t`` in the low dtype; a 4-d ``image`` (N, C, H, W) also channels_last (not the
+        (N, H, W, C) tokens a Linear reads: channels_last there made every product a strided
+        batched matmul through copies, ConvNeXt's bf16 CD 5x slower than float32)."""
+        if self.channels_last and image and t.dim() == 4:
             return t.to(self.dtype, memory_format=torch.channels_last)
         return t.to(self.dtype)
 
@@ -197,7 +200,7 @@ def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> 
     low = _LOW.get()
     if low is None or t.dtype != torch.float32 or weight.dtype != torch.float32:
         return fn(t, weight, *args, **kwargs)
-    return fn(low.cast(t), low.weight(weight), *args, **kwargs).to(torch.float32)
+    return fn(low.cast(t, image=weight.dim() == 4), low.weight(weight), *args, **kwargs).to(torch.float32)
 
 
 def low_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
