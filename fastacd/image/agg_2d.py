@@ -582,15 +582,14 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
         pairs = [(a, b) for a in nums for b in nums if a < b]
         unions = [masks[a] | masks[b] for a, b in pairs]
         rows = scorer(unions)
+        diffs = [np.copy(row[lab_num]) - max(raw[a][lab_num], raw[b][lab_num]) for (a, b), row in zip(pairs, rows)]
         best, best_pair, best_row = -np.inf, None, None
-        for (a, b), row in zip(pairs, rows):
-            diff = np.copy(row[lab_num]) - max(raw[a][lab_num], raw[b][lab_num])
+        for pair, row, diff in zip(pairs, rows, diffs):
             if diff > best:
-                best, best_pair, best_row = diff, (a, b), np.copy(row)
+                best, best_pair, best_row = diff, pair, np.copy(row)
         if best_pair is None:
             raise FloatingPointError("every pair's merge score is NaN; check the model's output")
         if ties is not None:  # the pair by float32 scores among those close to the best
-            diffs = [row[lab_num] - max(raw[a][lab_num], raw[b][lab_num]) for (a, b), row in zip(pairs, rows)]
             i, exact = ties.best(np.asarray(diffs, dtype=np.float64),
                                  [[(u, (masks[a], masks[b]))] for u, (a, b) in zip(unions, pairs)])
             best_pair, best_row = pairs[i], np.copy(scorer.exact([unions[i]])[0] if exact else rows[i])
