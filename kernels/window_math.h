@@ -40,15 +40,24 @@ FASTACD_HOST_DEVICE void source_position(const int64_t* idx_c, int64_t Wo, int64
   }
 }
 
-// One candidate's map of channel c at (py, px): base_c is the base's H x W map of channel c,
-// win_jc the candidate's wh x ww window of it at (wy, wx), or nullptr (the base alone).
+// One candidate's map of channel c at (py, px): base_c is the base's H x W map of channel c
+// (row stride sy, column stride sx: a channels_last base is read where it lies), win_jc the
+// candidate's wh x ww window of it at (wy, wx), or nullptr (the base alone).
 template <typename scalar_t>
 FASTACD_HOST_DEVICE scalar_t candidate_at(const scalar_t* base_c, const scalar_t* win_jc, int64_t H, int64_t W,
-                                          int64_t wy, int64_t wx, int64_t wh, int64_t ww, int64_t py, int64_t px) {
+                                          int64_t wy, int64_t wx, int64_t wh, int64_t ww, int64_t py, int64_t px,
+                                          int64_t sy, int64_t sx) {
   if (py < 0 || py >= H || px < 0 || px >= W) return scalar_t(0);
   const int64_t ry = py - wy, rx = px - wx;
   if (win_jc != nullptr && ry >= 0 && ry < wh && rx >= 0 && rx < ww) return win_jc[ry * ww + rx];
-  return base_c[py * W + px];
+  return base_c[py * sy + px * sx];
+}
+
+// The same for a contiguous (N, C, H, W) base.
+template <typename scalar_t>
+FASTACD_HOST_DEVICE scalar_t candidate_at(const scalar_t* base_c, const scalar_t* win_jc, int64_t H, int64_t W,
+                                          int64_t wy, int64_t wx, int64_t wh, int64_t ww, int64_t py, int64_t px) {
+  return candidate_at(base_c, win_jc, H, W, wy, wx, wh, ww, py, px, W, int64_t(1));
 }
 
 // The same rule by output row, for loops that copy spans (the CPU): output row y of a crop

@@ -119,6 +119,33 @@ def test_compiled_cpu_non_contiguous_and_multithreaded():
 @needs_compiled
 @pytest.mark.parametrize("pool", [False, True], ids=["crop", "pool"])
 @pytest.mark.parametrize("with_win", [True, False], ids=["win", "base_only"])
+def test_compiled_cpu_reads_a_channels_last_base_in_place(pool, with_win, monkeypatch):
+    """The bf16 pass keeps its maps channels_last: the kernel reads them where they lie (the
+    values equal the formula's) instead of copying the whole map for each gather."""
+    gen = torch.Generator().manual_seed(23 + 2 * pool + with_win)
+    checked = 0
+    for _ in range(200):
+        case = list(random_case(gen, pool, with_win, torch.float32))
+        base = case[0]
+        case[0] = base.to(memory_format=torch.channels_last)
+        if base.shape[1] > 1 and base.shape[2] * base.shape[3] > 1:
+            assert not case[0].is_contiguous()
+            checked += 1
+        assert torch.equal(torch.ops.fastacd.window_gather.default(*case),
+                           _torch_ops.window_gather(base, *case[1:]))
+    assert checked > 100
+    # large enough to split rows over threads, and no copy of the base (a full-map copy_ would show)
+    base = torch.randn(1, 64, 40, 40, generator=gen).to(memory_format=torch.channels_last)
+    oy, ox = torch.randint(-3, 35, (9,), generator=gen), torch.randint(-3, 35, (9,), generator=gen)
+    with torch.profiler.profile() as prof:
+        out = torch.ops.fastacd.window_gather.default(base, None, None, None, oy, ox, 12, 11)
+    assert not [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone")]
+    assert torch.equal(out, definition(base.contiguous(), None, None, None, oy, ox, 12, 11))
+
+
+@needs_compiled
+@pytest.mark.parametrize("pool", [False, True], ids=["crop", "pool"])
+@pytest.mark.parametrize("with_win", [True, False], ids=["win", "base_only"])
 def test_opcheck(pool, with_win):
     gen = torch.Generator().manual_seed(2)
     case = random_case(gen, pool, with_win, m=3)

@@ -20,6 +20,13 @@ namespace {
 // Below this many output elements the loop runs on one thread: the fork costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
 
+// Where channel c, row y, column x of the base lies: base + c * c + y * y + x * x. A
+// channels_last base (the bf16 pass's maps) is read in place: copying a whole map to NCHW for a
+// few small crops cost more than the gather (docs/kernels.md, "window_gather").
+struct Strides {
+  int64_t c, y, x;
+};
+
 struct Corners {
   const int64_t* oy;      // output window corner per candidate (crop: may lie outside the map)
   const int64_t* ox;
@@ -29,29 +36,36 @@ struct Corners {
 
 // A crop (or paste): each output row is copied as spans (window_math.h crop_row_spans).
 template <typename scalar_t>
-void crop_loop(const scalar_t* base, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C, int64_t H,
-               int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w) {
+void crop_loop(const scalar_t* base, Strides sb, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C,
+               int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w) {
   const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t row = 0; row < M * C; ++row) {
     const int64_t j = row / C, c = row - j * C;
-    const scalar_t* base_c = base + c * H * W;
+    const scalar_t* base_c = base + c * sb.c;
     const scalar_t* win_jc = win == nullptr ? nullptr : win + row * wh * ww;
     const int64_t wy = win == nullptr ? 0 : k.win_oy[j], wx = win == nullptr ? 0 : k.win_ox[j];
     const int64_t oy = k.oy[j], ox = k.ox[j];
+    auto copy_base = [&](const scalar_t* b, int64_t lo, int64_t hi, scalar_t* o) {  // o[x] = b[x], x in [lo, hi)
+      if (sb.x == 1) {
+        std::copy(b + lo, b + hi, o + lo);
+      } else {
+        for (int64_t x = lo; x < hi; ++x) o[x] = b[x * sb.x];
+      }
+    };
     for (int64_t y = 0; y < h; ++y) {
       scalar_t* o = out + (row * h + y) * w;
       const int64_t py = oy + y;
       const window::RowSpans s = window::crop_row_spans(py, ox, w, H, W, win != nullptr, wy, wx, wh, ww);
       std::fill(o, o + s.lo, scalar_t(0));
       if (s.hi > s.lo) {
-        const scalar_t* b = base_c + py * W + ox;  // b[x]: the base at output column x
+        const scalar_t* b = base_c + py * sb.y + ox * sb.x;  // b[x * sb.x]: the base at output column x
         const bool in_win = s.win_hi > s.win_lo;
-        std::copy(b + s.lo, b + (in_win ? s.win_lo : s.hi), o + s.lo);
+        copy_base(b, s.lo, in_win ? s.win_lo : s.hi, o);
         if (in_win) {
           const scalar_t* v = win_jc + (py - wy) * ww + (ox - wx);  // v[x]: the window at output column x
           std::copy(v + s.win_lo, v + s.win_hi, o + s.win_lo);
-          std::copy(b + s.win_hi, b + s.hi, o + s.win_hi);
+          copy_base(b, s.win_hi, s.hi, o);
         }
       }
       std::fill(o + s.hi, o + w, scalar_t(0));
@@ -64,16 +78,16 @@ void crop_loop(const scalar_t* base, const scalar_t* win, Corners k, scalar_t* o
 // indices inside the windows are read, so only those are checked (a scan of the whole pooled
 // map cost more than the gather of a small window).
 template <typename scalar_t>
-FASTACD_CPU_CLONES bool pool_loop(const scalar_t* base, const scalar_t* win, const int64_t* idx, Corners k,
-                                  scalar_t* out, int64_t M, int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww,
-                                  int64_t h, int64_t w, int64_t Ho, int64_t Wo) {
+FASTACD_CPU_CLONES bool pool_loop(const scalar_t* base, Strides sb, const scalar_t* win, const int64_t* idx,
+                                  Corners k, scalar_t* out, int64_t M, int64_t C, int64_t H, int64_t W, int64_t wh,
+                                  int64_t ww, int64_t h, int64_t w, int64_t Ho, int64_t Wo) {
   const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
   const double inv_W = 1.0 / static_cast<double>(W);
   int64_t bad = 0;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(+ : bad)
   for (int64_t row = 0; row < M * C; ++row) {
     const int64_t j = row / C, c = row - j * C;
-    const scalar_t* base_c = base + c * H * W;
+    const scalar_t* base_c = base + c * sb.c;
     const scalar_t* win_jc = win == nullptr ? nullptr : win + row * wh * ww;
     const int64_t* idx_c = idx + c * Ho * Wo;
     const int64_t wy = win == nullptr ? 0 : k.win_oy[j], wx = win == nullptr ? 0 : k.win_ox[j];
@@ -84,7 +98,7 @@ FASTACD_CPU_CLONES bool pool_loop(const scalar_t* base, const scalar_t* win, con
       for (int64_t x = 0; x < w; ++x) {
         int64_t py, px;
         window::source_position(idx_c, Wo, W, inv_W, k.oy[j] + y, k.ox[j] + x, py, px);
-        o[y * w + x] = window::candidate_at(base_c, win_jc, H, W, wy, wx, wh, ww, py, px);
+        o[y * w + x] = window::candidate_at(base_c, win_jc, H, W, wy, wx, wh, ww, py, px, sb.y, sb.x);
       }
     }
   }
@@ -109,7 +123,9 @@ at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Ten
   const int64_t C = base.size(1), H = base.size(2), W = base.size(3);
   at::Tensor out = at::empty({M, C, h, w}, base.options());
   if (out.numel() == 0) return out;
-  const at::Tensor b = base.contiguous(), y0 = oy.contiguous(), x0 = ox.contiguous();
+  const at::Tensor b = base.is_contiguous(at::MemoryFormat::ChannelsLast) ? base : base.contiguous();
+  const Strides sb{b.stride(1), b.stride(2), b.stride(3)};
+  const at::Tensor y0 = oy.contiguous(), x0 = ox.contiguous();
   const at::Tensor wv = win.has_value() ? win->contiguous() : at::Tensor();
   const at::Tensor wy = win.has_value() ? win_oy->contiguous() : at::Tensor();
   const at::Tensor wx = win.has_value() ? win_ox->contiguous() : at::Tensor();
@@ -127,12 +143,12 @@ at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Ten
     const int64_t wh = wv.defined() ? wv.size(2) : 0, ww = wv.defined() ? wv.size(3) : 0;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (ix.defined()) {
-      const bool ok = pool_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, ix.const_data_ptr<int64_t>(), k, o, M, C,
+      const bool ok = pool_loop<scalar_t>(b.const_data_ptr<scalar_t>(), sb, wp, ix.const_data_ptr<int64_t>(), k, o, M, C,
                                           H, W, wh, ww, h, w, Ho, Wo);
       TORCH_CHECK(ok, op, ": indices must lie in [0, ", H * W,
                   ") (flat positions into the H x W map of base); some inside the windows do not.");
     } else {
-      crop_loop<scalar_t>(b.const_data_ptr<scalar_t>(), wp, k, o, M, C, H, W, wh, ww, h, w);
+      crop_loop<scalar_t>(b.const_data_ptr<scalar_t>(), sb, wp, k, o, M, C, H, W, wh, ww, h, w);
     }
   });
   return out;
