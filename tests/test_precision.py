@@ -108,6 +108,11 @@ def test_weight_mode_casts_and_caches():
         with ops.low_precision(mode):
             out = ops.weight_apply(nn.functional.conv2d, x, conv.weight)
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+        # the windowed pass's crops come NCHW from window_gather and go back NCHW (same values)
+        with ops.low_precision(mode):
+            nchw = ops.weight_apply(nn.functional.conv2d, x, conv.weight, nchw_out=True)
+        assert nchw.is_contiguous() and not nchw.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(nchw, out, rtol=0, atol=0)
         # outside the scope: exact float32
         assert ops.weight_apply(nn.functional.conv2d, x, conv.weight).dtype == torch.float32
         torch.testing.assert_close(ops.weight_apply(nn.functional.conv2d, x, conv.weight),
@@ -324,8 +329,8 @@ def test_maxpool_gather_channels_last(kernel, stride, padding):
 
 
 def test_window_gather_channels_last():
-    """The windowed pass's gather takes channels_last maps (the kernel reads them through
-    .contiguous()): the NCHW numbers."""
+    """The windowed pass's gather takes channels_last maps (the kernel reads a channels_last
+    base in place, a window through .contiguous()): the NCHW numbers."""
     g = torch.Generator().manual_seed(4)
     base = torch.randn(1, 3, 10, 10, generator=g, dtype=torch.float64)
     win = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)

@@ -194,13 +194,16 @@ def current_low_precision() -> "WeightMode | None":
     return _LOW.get()
 
 
-def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, nchw_out: bool = False,
+                 **kwargs) -> torch.Tensor:
     """``fn(t, weight, *args, **kwargs)`` (a conv or linear without bias), in bfloat16 inside a
-    ``low_precision`` scope (float32 in, float32 out), exact otherwise."""
+    ``low_precision`` scope (float32 in, float32 out), exact otherwise. ``nchw_out``: a 4-d
+    output comes back NCHW, not channels_last (the windowed pass's crops: docs/precision.md)."""
     low = _LOW.get()
     if low is None or t.dtype != torch.float32 or weight.dtype != torch.float32:
         return fn(t, weight, *args, **kwargs)
-    return fn(low.cast(t, image=weight.dim() == 4), low.weight(weight), *args, **kwargs).to(torch.float32)
+    out = fn(low.cast(t, image=weight.dim() == 4), low.weight(weight), *args, **kwargs)
+    return out.to(torch.float32, memory_format=torch.contiguous_format if nchw_out else torch.preserve_format)
 
 
 def low_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,8 @@ class Affine(Rule):
         """aux for a window: the convolution without padding (the crop carries it) and the
         total pre-activation cropped to the output window."""
         _, bias, pre, tol = aux
-        weights = (lambda t: weight_apply(conv2d, t, loc.weight, loc.stride, 0, loc.dilation, loc.groups))
+        weights = (lambda t: weight_apply(conv2d, t, loc.weight, loc.stride, 0, loc.dilation, loc.groups,
+                                          nchw_out=True))
         if bias is None:
             return weights, None, None, None
         return weights, bias, crop(pre), (None if tol is None else crop(tol))
