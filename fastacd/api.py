@@ -9,7 +9,7 @@ import torch
 from . import ops
 from ._version import __version__
 from .capture.inputs import check_masks
-from .engine.decomposer import Decomposer, available_backends
+from .engine.decomposer import Decomposer, available_backends, resolve_backend
 from .rules import ZERO_TOL
 
 _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -17,9 +17,10 @@ _DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakK
 
 def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str = "float32",
                    zero_tol: float = ZERO_TOL) -> Decomposer:
-    """A Decomposer per (model, backend, precision, zero_tol), traced once and reused across calls."""
+    """A Decomposer per (model, backend, precision, zero_tol), traced once and reused across calls
+    ("auto" and the backend it resolves to are one)."""
     per_model = _DECOMPOSERS.setdefault(model, {})
-    key = (backend, precision, zero_tol)
+    key = (resolve_backend(backend), precision, zero_tol)
     if key not in per_model:
         per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol)
     return per_model[key]

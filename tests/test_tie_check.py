@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastacd import agg_2d
+from fastacd.api import _DECOMPOSERS
 from fastacd.image.agg_2d import TieCheck, TileUnits, run_iterations, run_merges
 
 GRID = 8
@@ -114,6 +115,8 @@ def test_agglomerate_bf16_decisions_match_float32_on_a_cnn():
         warnings.simplefilter("ignore", RuntimeWarning)  # a CPU without fast bf16 warns once
         b16 = agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, precision="bf16", stats=stats, **kw)
     assert 0 < stats["scored_exact"] < stats["scored"]
+    # the float32 checks reuse the float32 run's Decomposer ("auto" is the backend it resolves to)
+    assert sorted(k[1] for k in _DECOMPOSERS[model]) == ["bf16", "float32"]
     assert len(b16["comps_list"]) == len(f32["comps_list"])
     for a, b in zip(f32["comps_list"], b16["comps_list"]):
         np.testing.assert_array_equal(a, b)
