@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, load_arg, op_is
-from ..ops import conv2d, parameter_derived
+from ..ops import conv2d
 from ..ops.precision import weight_apply
 from ..ops.torch_ops import EPS, split_weights
 from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
@@ -31,20 +31,13 @@ def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(t, weight)
 
 
-def absolute_weight(w: torch.Tensor) -> torch.Tensor:
-    """|W|, kept per parameter outside training (VGG16's first Linear: 0.7 s an image to recompute)."""
-    if isinstance(w, nn.Parameter) and not (torch.is_grad_enabled() and w.requires_grad):
-        return parameter_derived(w, "abs", torch.abs)
-    return w.abs()
-
-
 def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     """(apply the weights without bias to a tensor, the bias or None) for an affine step. The
     weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``);
     ``absolute``: the weights' magnitudes |W| instead (the magnitude scale)."""
     m = step.module
     if m is not None:
-        weight = absolute_weight(m.weight) if absolute else m.weight
+        weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Linear):
             return (lambda t: weight_apply(linear_no_bias, t, weight)), m.bias
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
