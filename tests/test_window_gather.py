@@ -119,7 +119,7 @@ def test_compiled_cpu_non_contiguous_and_multithreaded():
 @needs_compiled
 @pytest.mark.parametrize("pool", [False, True], ids=["crop", "pool"])
 @pytest.mark.parametrize("with_win", [True, False], ids=["win", "base_only"])
-def test_compiled_cpu_reads_a_channels_last_base_in_place(pool, with_win, monkeypatch):
+def test_compiled_cpu_reads_a_channels_last_base_in_place(pool, with_win):
     """The bf16 pass keeps its maps channels_last: the kernel reads them where they lie (the
     values equal the formula's) instead of copying the whole map for each gather."""
     gen = torch.Generator().manual_seed(23 + 2 * pool + with_win)

@@ -109,7 +109,10 @@ def test_transformed_weights_follow_in_place_changes():
         before = ops.conv2d(x, conv.weight)
         conv.weight.mul_(2)
         after = ops.conv2d(x, conv.weight)
+        conv.weight.data = conv.weight.data * 3  # new data, not an in-place change
+        swapped = ops.conv2d(x, conv.weight)
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(swapped, 6 * before, rtol=1e-5, atol=1e-5)
 
 
 class WideVGG(nn.Module):

@@ -20,7 +20,7 @@ namespace {
 // Below this many output elements the loop runs on one thread: the fork costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
 
-// Where channel c, row y, column x of the base lies: base + c * c + y * y + x * x. A
+// The base's strides: channel c, row y, column x lies at base + c * sb.c + y * sb.y + x * sb.x. A
 // channels_last base (the bf16 pass's maps) is read in place: copying a whole map to NCHW for a
 // few small crops cost more than the gather (docs/kernels.md, "window_gather").
 struct Strides {

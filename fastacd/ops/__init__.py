@@ -526,20 +526,7 @@ if HAS_COMPILED:
 WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD = {"on": True}
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_PARAMETER_CACHE: dict = {}  # (id(parameter), what) -> (weakref, (version, storage), derived tensor)
-
-
-def parameter_derived(weight: torch.Tensor, what: str, make) -> torch.Tensor:
-    """``make(weight)`` for a parameter, kept until the parameter changes in place, gets new
-    data (``model.double()``, ``.to(device)``) or is freed (its transformed or absolute
-    weights: computed once, not per pass)."""
-    key, state = (id(weight), what), (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    hit = _PARAMETER_CACHE.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == state:
-        return hit[2]
-    value = make(weight)
-    _PARAMETER_CACHE[key] = (weakref.ref(weight, lambda _, k=key: _PARAMETER_CACHE.pop(k, None)), state, value)
-    return value
+_WINOGRAD_WEIGHTS: dict = {}  # id(parameter) -> (weakref, (version, data pointer, dtype, device), transformed)
 
 
 @contextlib.contextmanager
@@ -560,6 +547,18 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+def _winograd_weight_cached(weight: torch.nn.Parameter) -> torch.Tensor:
+    """``winograd_weight`` once per parameter, made again when it changes in place or gets new
+    data (``param.data = ...``, ``model.double()``)."""
+    key, state = id(weight), (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    hit = _WINOGRAD_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == state:
+        return hit[2]
+    u = winograd_weight(weight)
+    _WINOGRAD_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _WINOGRAD_WEIGHTS.pop(k, None)), state, u)
+    return u
+
+
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -577,7 +576,7 @@ def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
             and _has_kernel("winograd_conv3x3", "CPU")):
         ph, pw = _pair(padding)
         if t.shape[2] + 2 * ph >= 3 and t.shape[3] + 2 * pw >= 3:
-            return torch.ops.fastacd.winograd_conv3x3.default(t, parameter_derived(weight, "winograd", winograd_weight), ph, pw)
+            return torch.ops.fastacd.winograd_conv3x3.default(t, _winograd_weight_cached(weight), ph, pw)
     return torch.nn.functional.conv2d(t, weight, None, stride, padding, dilation, groups)
 
 
