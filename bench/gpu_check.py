@@ -196,41 +196,84 @@ def parse_junit(path: Path) -> dict:
     return out
 
 
-def stage_tests(args, timeout: float) -> dict:
+RESULT_LINE = re.compile(r"^(\S+::.+?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+STARTED_LINE = re.compile(r"^(\S+\.py::[^\s\[]+(?:\[.*?\])?) ")
+MAX_CRASHES = 5
+
+
+def crash_report(output: str) -> tuple[str | None, str]:
+    """The test that was running when pytest died (the last one ``-v`` started without a
+    result) and the interpreter's last words (faulthandler's dump, a device assert)."""
+    running = None
+    for line in output.splitlines():
+        if RESULT_LINE.match(line):
+            running = None
+        elif m := STARTED_LINE.match(line):
+            running = m[1]
+    i = max(output.rfind("Fatal Python error"), output.rfind("terminate called"))
+    return running, (output[i:i + 3000] if i >= 0 else tail(output, 3000))
+
+
+def stage_tests(args, timeout: float, log_path: Path | None = None) -> dict:
+    """pytest -m needs_cuda. A test that kills the interpreter (a device assert aborts the
+    process) is recorded as crashed, with the dump, and pytest runs again without it and
+    without the tests already done, so one crash does not hide the rest."""
     # the dry run collects one file (every test there skips without a GPU); a GPU runs them all
     targets = ["tests/test_cuda.py"] if args.dry_run else ["tests"]
-    junit = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "junit.xml"
+    t0 = time.monotonic()
     counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
-    seen = {"n": 0}
+    done: list[str] = []
+    crashed: list[dict] = []
+    failures: list = []
+    outputs: list[str] = []
+    base = [sys.executable, "-m", "pytest", "-m", "needs_cuda", "-v", "--tb=short", "-p", "no:cacheprovider"]
+    r = {"rc": None, "timed_out": True, "output": ""}  # if no time is left for a run
 
     def echo(line):
-        m = re.match(r"^(\S+::.+?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", line)
+        m = RESULT_LINE.match(line)
         if not m:
             return None
         status = m[2].lower()
         counts[{"xfail": "skipped", "xpass": "passed"}.get(status, status)] += 1
-        seen["n"] += 1
+        done.append(m[1])
         if status in ("failed", "error"):
             return f"  | {m[2]} {m[1]}"
-        if seen["n"] % 50 == 0:
-            return f"  | {seen['n']} tests: {counts['passed']} passed, {counts['failed']} failed, " \
+        if len(done) % 50 == 0:
+            return f"  | {len(done)} tests: {counts['passed']} passed, {counts['failed']} failed, " \
                    f"{counts['skipped']} skipped"
         return None
 
-    cmd = [sys.executable, "-m", "pytest", "-m", "needs_cuda", "-v", "--tb=short", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *targets]
-    log(f"tests: {' '.join(cmd[1:])}")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    r = run_logged(cmd, timeout, env=env, echo=echo)
-    res = {"command": " ".join(["python"] + cmd[1:]), "seconds": r["seconds"], "counts": counts, "rc": r["rc"],
-           **parse_junit(junit), "output_tail": tail(r["output"], 4000)}
-    if "junit_counts" in res:  # complete: pytest's own totals
-        res["counts"] = counts = res.pop("junit_counts")
-    shutil.rmtree(junit.parent, ignore_errors=True)
+    while timeout - (time.monotonic() - t0) > 15:
+        before = dict(counts)
+        junit = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "junit.xml"
+        skip = done + [c["test"] for c in crashed]
+        log(f"tests: {' '.join(base[1:])} {' '.join(targets)}" + (f" (less {len(skip)} done)" if skip else ""))
+        r = run_logged(base + [f"--junitxml={junit}", *targets, *(f"--deselect={t}" for t in skip)], timeout - (time.monotonic() - t0), env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                       echo=echo)
+        outputs.append(r["output"])
+        if log_path is not None:
+            log_path.write_text("\n".join(outputs))
+        parsed = parse_junit(junit)
+        shutil.rmtree(junit.parent, ignore_errors=True)
+        failures += parsed["failures"]
+        if "junit_counts" in parsed:  # complete: this run's totals from pytest itself
+            counts = {k: before[k] + parsed["junit_counts"][k] for k in counts}
+            break
+        if r["timed_out"] or len(crashed) == MAX_CRASHES:
+            break
+        test, dump = crash_report(r["output"])
+        if test is None:  # died outside a test (collection, start-up): nothing to skip
+            break
+        log(f"tests: pytest died in {test} (rc {r['rc']}); running the rest without it")
+        crashed.append({"test": test, "rc": r["rc"], "output": dump})
+        counts["failed"] += 1
+    res = {"command": " ".join(["python"] + base[1:] + targets), "seconds": round(time.monotonic() - t0, 2),
+           "counts": counts, "rc": r["rc"], "failures": failures, "crashed": crashed,
+           "output_tail": tail(r["output"], 4000), **({"log": str(log_path)} if log_path else {})}
     if r["timed_out"]:
         return {"status": "timeout", **res}
     # rc 5: nothing selected (no needs_cuda test collected) is a failure of the check too
-    ok = r["rc"] == 0 and counts["failed"] == 0 and counts["error"] == 0
+    ok = r["rc"] == 0 and counts["failed"] == 0 and counts["error"] == 0 and not crashed
     return {"status": "ok" if ok else "failed", **res}
 
 
@@ -294,7 +337,7 @@ def orchestrate(args) -> int:
             if group == ["build"]:
                 results = {"build": stage_build(args, timeout)}
             elif group == ["tests"]:
-                results = {"tests": stage_tests(args, timeout)}
+                results = {"tests": stage_tests(args, timeout, out.with_suffix(".tests.log"))}
             else:
                 results = stage_worker(args, group, timeout)
         except Exception as e:  # noqa: BLE001 - a broken stage is recorded, the others run
@@ -558,7 +601,9 @@ def check_cd(ctx, name: str, size: int, n_masks: int, precisions: dict) -> dict:
         m32 = copy.deepcopy(model).to(dev)
         with ops.float32_precision():
             got = fastacd.Decomposer(m32).cd(x.to(dev), masks.to(dev))
+            cpu32 = fastacd.Decomposer(copy.deepcopy(model)).cd(x, masks)
         res["float32_exact_err"] = rel_err(got.relevant, ref.relevant, scale)
+        res["cpu_float32_err"] = rel_err(cpu32.relevant, ref.relevant, scale)
         res["float32_default_flags_err"] = rel_err(fastacd.Decomposer(m32).cd(x.to(dev), masks.to(dev)).relevant,
                                                    ref.relevant, scale)
         for p, state in precisions.items():
@@ -567,9 +612,11 @@ def check_cd(ctx, name: str, size: int, n_masks: int, precisions: dict) -> dict:
                 continue
             low = fastacd.Decomposer(m32, precision=p).cd(x.to(dev), masks.to(dev))
             res[f"{p}_err"] = rel_err(low.relevant, ref.relevant, scale)
-    # float64 across devices: rounding only; float32 exact: the tests' float32 tolerance
-    res["pass"] = res["float64_err"] <= 1e-8 and res["float32_exact_err"] <= 1e-4
-    res["summary"] = (f"float64 {res['float64_err']:.1e}, float32 exact {res['float32_exact_err']:.1e}, "
+    # float64 across devices: rounding only. Exact float32: the tests' float32 tolerance, or as
+    # accurate as the CPU's float32 (a random AlexNet at 64x64 cancels to 1e-3 of its output there)
+    res["pass"] = res["float64_err"] <= 1e-8 and res["float32_exact_err"] <= max(1e-4, 4 * res["cpu_float32_err"])
+    res["summary"] = (f"float64 {res['float64_err']:.1e}, float32 exact {res['float32_exact_err']:.1e} "
+                      f"(CPU float32 {res['cpu_float32_err']:.1e}), "
                       f"default flags {res['float32_default_flags_err']:.1e} of the output scale")
     if not res["pass"]:
         res["status"] = "failed"

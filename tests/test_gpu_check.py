@@ -55,3 +55,54 @@ def test_gpu_check_rejects_unknown_stages():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--stages", "build,nope"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown stages: nope" in r.stderr
+
+
+def _gpu_check_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tests_stage_survives_a_test_that_kills_pytest(tmp_path, monkeypatch):
+    """A device assert aborts the interpreter mid-run (seen on the first H200 run): the stage
+    names the test that was running, keeps the dump, and runs the rest without it and without
+    the tests already done; the full output of both runs goes to the log."""
+    gc = _gpu_check_module()
+    crashed = "tests/test_cuda.py::test_c[(1, 2)-torch.float16]"
+    calls = []
+
+    def fake_run(cmd, timeout, env=None, echo=None, cwd=None):
+        calls.append(cmd)
+        if len(calls) == 1:
+            lines = ["tests/test_cuda.py::test_a PASSED  [  1%]",
+                     "tests/test_cuda.py::test_b[(3, 4)-torch.float32] SKIPPED (one GPU)  [  2%]",
+                     f"{crashed} Fatal Python error: Aborted", "", "Current thread 0x1 (most recent call first):",
+                     '  File "tests/test_cuda.py", line 7 in test_c']
+            rc = -6
+        else:
+            junit = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+            Path(junit).write_text('<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0">'
+                                   '<testcase classname="tests.test_cuda" name="test_d"/>'
+                                   '<testcase classname="tests.test_cuda" name="test_e"><failure message="boom"/>'
+                                   '</testcase></testsuite></testsuites>')
+            lines = ["tests/test_cuda.py::test_d PASSED  [ 50%]", "tests/test_cuda.py::test_e FAILED  [100%]"]
+            rc = 1
+        for line in lines:
+            echo(line + "\n")
+        return {"rc": rc, "timed_out": False, "seconds": 1.0, "output": "\n".join(lines) + "\n"}
+
+    monkeypatch.setattr(gc, "run_logged", fake_run)
+    log = tmp_path / "tests.log"
+    res = gc.stage_tests(type("Args", (), {"dry_run": False})(), 300, log)
+    assert len(calls) == 2
+    deselected = {a.split("=", 1)[1] for a in calls[1] if a.startswith("--deselect=")}
+    assert deselected == {"tests/test_cuda.py::test_a", "tests/test_cuda.py::test_b[(3, 4)-torch.float32]", crashed}
+    assert [c["test"] for c in res["crashed"]] == [crashed] and res["crashed"][0]["rc"] == -6
+    assert res["crashed"][0]["output"].startswith("Fatal Python error: Aborted") and "line 7" in res["crashed"][0]["output"]
+    assert res["status"] == "failed"
+    assert res["counts"] == {"passed": 2, "skipped": 1, "failed": 2, "error": 0}
+    assert [f["test"] for f in res["failures"]] == ["tests.test_cuda::test_e"]
+    text = log.read_text()
+    assert "Fatal Python error" in text and "test_e FAILED" in text

@@ -10,10 +10,27 @@ broadcast over dim 1 (``C``); any trailing dims are spatial.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 EPS = 1e-20  # the reference's constant in the conv/linear bias split
 SMALL_POWER = 16  # numerical zero's split of two small parts (kernels/cd_math.h kSmallPower)
+
+
+def in_opmath(fn):
+    """Run ``fn`` on half and bfloat16 tensors in float32 and round its results once, as the
+    compiled kernels do (``at::opmath_type``): in half the 16th powers of the split and the
+    eps underflow or overflow (NaN splits), and bfloat16 would round at every step."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if low not in (torch.float16, torch.bfloat16):
+            return fn(*args, **kwargs)
+        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype == low else a  # noqa: E731
+        out = fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+        return tuple(o.to(low) for o in out) if isinstance(out, tuple) else out.to(low)
+    return wrapped
 
 
 def _channel_view(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -46,6 +63,7 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
     return ar * rr + rest * small + eps, ai * ri + rest * (1 - small) + eps
 
 
+@in_opmath
 def bias_split(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor,
                relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of a conv/linear layer for M masks.
@@ -70,6 +88,7 @@ def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tens
     return rel_pre.copy_(bias_split(rel_pre, total_pre, bias, relu, tol))
 
 
+@in_opmath
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
     """Relevant output of an eval-mode batchnorm ``scale * a + shift`` for M masks.
@@ -156,6 +175,7 @@ def window_gather(base: torch.Tensor, win: torch.Tensor | None, win_oy: torch.Te
     return out.reshape(c, m, h, w).transpose(0, 1).contiguous()
 
 
+@in_opmath
 def lstm_cd_cell(rel_gates: torch.Tensor, total_gates: torch.Tensor, bias: torch.Tensor,
                  out_gate: torch.Tensor, prev_rel_c: torch.Tensor, prev_total_c: torch.Tensor,
                  in_phrase: torch.Tensor, first_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
