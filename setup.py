@@ -107,7 +107,10 @@ def extensions():
         include_dirs=[ROOT],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        # An explicit -lstdc++ binds the shared libstdc++ that torch uses, also where the compiler
+        # links a private copy (as the H200 image's /opt/gcc appears to): that copy had no locale,
+        # and formatting a number into an error message crashed there (docs/gpu_check.md).
+        extra_link_args=["-fopenmp", "-lstdc++"],
     )
     print("fastacd build:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")
@@ -116,7 +119,7 @@ def extensions():
         print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (targets {arch_tag(archs)})  "
               f"nvcc flags: {' '.join(nvcc)}")
     print(f"  sources: {' '.join(sources)}")
-    print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
+    print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp -lstdc++  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
     return [ext_cls(**kwargs)]
 
 

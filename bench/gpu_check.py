@@ -111,8 +111,13 @@ def git_commit() -> str:
 
 def probe_extension(timeout: float) -> dict:
     """What the importable fastacd has: build_info() from a fresh interpreter."""
+    # error_messages_whole: an error that formats numbers (a private libstdc++ in the library
+    # crashed there on the first H200 run, or cut the message short)
     code = ("import json, torch, fastacd.ops as o; i = o.build_info(); i['cuda_available'] = torch.cuda.is_available(); "
             "i['capability'] = list(torch.cuda.get_device_capability(0)) if i['cuda_available'] else None; "
+            "m = ''\ntry: torch.ops.fastacd.maxpool_gather(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 1, 1), 7))\n"
+            "except Exception as e: m = str(e)\n"
+            "i['error_messages_whole'] = 'found values in [7, 7]' in m if i['compiled'] else None; "
             "print('PROBE' + json.dumps(i))")
     r = run_logged([sys.executable, "-c", code], timeout)
     for line in r["output"].splitlines():
@@ -137,7 +142,8 @@ def stage_build(args, timeout: float) -> dict:
         return {"status": "failed", "reason": "torch sees no CUDA device (use --dry-run on a machine without one)",
                 **result}
     so = Path(info["library"]) if info.get("library") else None
-    current = (info.get("compiled") and info.get("cuda_kernels") and so is not None and so.exists()
+    current = (info.get("compiled") and info.get("cuda_kernels") and info.get("error_messages_whole")
+               and so is not None and so.exists()
                and so.stat().st_mtime >= newest_source_mtime()
                and all(d.get("kernels_fit") for d in info.get("cuda_devices", [])))
     if current and not args.rebuild:
@@ -172,9 +178,11 @@ def stage_build(args, timeout: float) -> dict:
         return {"status": "timeout" if r["timed_out"] else "failed", **result}
     info = probe_extension(60)
     result["build_info"] = info
-    ok = info.get("cuda_kernels") and all(d.get("kernels_fit") for d in info.get("cuda_devices", []))
-    return {"status": "ok" if ok else "failed", **result,
-            **({} if ok else {"reason": "built, but without CUDA kernels that fit this GPU"})}
+    fits = info.get("cuda_kernels") and all(d.get("kernels_fit") for d in info.get("cuda_devices", []))
+    reason = ("built, but without CUDA kernels that fit this GPU" if not fits else None if info.get(
+        "error_messages_whole") else "built, but its error messages crash or are cut short (a private libstdc++? "
+        "see docs/gpu_check.md): " + str(info.get("error", ""))[-300:])
+    return {"status": "failed" if reason else "ok", **result, **({"reason": reason} if reason else {})}
 
 
 def parse_junit(path: Path) -> dict:

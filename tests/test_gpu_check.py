@@ -106,3 +106,14 @@ def test_tests_stage_survives_a_test_that_kills_pytest(tmp_path, monkeypatch):
     assert [f["test"] for f in res["failures"]] == ["tests.test_cuda::test_e"]
     text = log.read_text()
     assert "Fatal Python error" in text and "test_e FAILED" in text
+
+
+def test_build_probe_checks_that_error_messages_format_numbers():
+    """The build stage's probe formats an error with numbers in a fresh interpreter: a library
+    linked with a private libstdc++ cut such messages short here and crashed on the H200
+    image, and counts as a failed build there (docs/gpu_check.md)."""
+    gc = _gpu_check_module()
+    info = gc.probe_extension(120)
+    from fastacd import ops
+    assert info["compiled"] == ops.HAS_COMPILED
+    assert info["error_messages_whole"] is (True if ops.HAS_COMPILED else None)

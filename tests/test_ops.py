@@ -151,6 +151,27 @@ def _check_tol_zero_is_no_tol(device, dtype, shape, relu):
         assert torch.equal(a, b)  # bit for bit (|x| < 0 never holds)
 
 
+def test_torch_ops_promote_a_half_tol():
+    """A float16 tol with float32 parts is promoted, not computed in half: there ``tiny``
+    flushed to 0 and the ramp divided 0 by 0 (NaN gradients, seen as the oracle of the CUDA
+    float16 backward test on the first H200 run)."""
+    gen = torch.Generator().manual_seed(24)
+    rel, total = split_inputs((3, 2, 4, 3), torch.float32, "cpu", gen, False)
+    bias = channel_vec(2, torch.float32, "cpu", gen)
+    tol = tol_like(total, gen).half()
+    grads = []
+    for tl in (tol, tol.float()):
+        parts = [x.clone().requires_grad_() for x in (rel, total)]
+        out = _torch_ops.bias_split(*parts, bias, False, tl)
+        out.sum().backward()
+        grads.append((out.detach(), *(p.grad for p in parts)))
+    assert all(torch.isfinite(g).all() for g in grads[0])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # bn: values only (its pure-torch 0/0 has NaN gradients, test_bn_split_backward_zero_over_zero_is_finite)
+    bn = [_torch_ops.bn_split(rel, total, bias, bias.flip(0), False, tl) for tl in (tol, tol.float())]
+    assert torch.isfinite(bn[0]).all() and torch.equal(*bn)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_torch_ops_compute_half_types_in_float32(dtype):
     """The pure-torch splits and LSTM cell take half and bfloat16 as the kernels do: computed in

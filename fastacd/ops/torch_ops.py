@@ -51,6 +51,7 @@ def split_weights(zr: torch.Tensor, zi: torch.Tensor, tol: torch.Tensor | None, 
     ar, ai = zr.abs(), zi.abs()
     if tol is None:
         return ar + eps, ai + eps
+    tol = tol.to(ar.dtype)  # a half tol would flush ``tiny`` to 0 (0/0 in the ramp)
     tiny = torch.finfo(ar.dtype).tiny
 
     def ramp(t):
