@@ -447,6 +447,9 @@ def _seeded(builder):
     torch.manual_seed(0)
     model = builder()
     _randomize_batchnorm(model)
+    for m in model.modules():  # torchvision's ViT head is zero at init: every score 0, no levels
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            m.reset_parameters()
     return model.eval()
 
 

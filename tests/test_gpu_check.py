@@ -45,7 +45,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert bench[f"cd_per_mask_{name}"]["float32"]["cd_per_mask_over_best_forward"] > 0
     assert bench["acd_vgg16"]["levels"] >= 1 and bench["acd_resnet50"]["seconds"] > 0
     vit = bench["acd_vit_b_16"]
-    assert vit["status"] == "ok" or (vit["status"] == "skipped" and vit["reason"])
+    assert (vit["status"] == "ok" and vit["levels"] >= 1) or (vit["status"] == "skipped" and vit["reason"])
     assert bench["fastacd_run"]["images_ok"] == 2 and bench["fastacd_run"]["images_per_second"] > 0
     # one CPU thread: under a minute of CPU time (the wall time also counts the machine's other load)
     assert cpu < 60, f"dry run took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
