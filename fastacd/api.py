@@ -22,7 +22,7 @@ def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str
     per_model = _DECOMPOSERS.setdefault(model, {})
     key = (resolve_backend(backend), precision, zero_tol)
     if key not in per_model:
-        per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol)
+        per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol).refer_weakly()
     return per_model[key]
 
 

@@ -129,3 +129,26 @@ def test_logits_module_drops_the_trailing_softmax(net_and_image):
     with torch.no_grad():
         expected = model[:-1](batch)
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_hierarchy_does_not_keep_the_model_alive():
+    """``hierarchy`` caches a Decomposer per model (``fastacd.api.decomposer_for``); the cache
+    must not keep the model alive once the caller drops it (it did: the cached Decomposer
+    held the model, the key of its own weak dictionary). A Decomposer from the cache still
+    works while the model lives, and says so when it is gone."""
+    import gc
+    import weakref
+
+    from fastacd.api import decomposer_for
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    ref = weakref.ref(model)
+    h = hierarchy(model, torch.randn(1, 3, 8, 8), sweep_dim=2, num_iters=1)
+    assert h.num_levels >= 1
+    dec = decomposer_for(model)
+    assert dec.model is model and dec.forward(torch.randn(1, 3, 8, 8)).shape == (1, 3)
+    del model, h
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError, match="model has been freed"):
+        dec.model

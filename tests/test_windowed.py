@@ -330,3 +330,19 @@ def test_base_cache_stays_within_its_budget():
             cache = totals["bases"]
             assert len(cache.items) <= 2 and sum(bm.size for bm in cache.items) <= cache.limit
         assert torch.equal(cache.items[-1].mask.reshape(64, 64), bases[-1])  # the newest is kept
+
+
+def test_single_live_cache_does_not_keep_graphs_alive():
+    """``single_live`` caches per graph; the cache held every graph it saw (and through it the
+    model's layers and weights) for the life of the process: a hierarchy of a 224x224
+    AlexNet kept its Linear layers alive after the model was dropped."""
+    import gc
+    import weakref
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    layer = weakref.ref(model[3])
+    dec = fastacd.Decomposer(model)
+    assert windowed.single_live(dec.graph)  # computed and cached
+    assert windowed.single_live(dec.graph) is windowed.single_live(dec.graph)
+    del model, dec
+    gc.collect()
+    assert layer() is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -131,7 +132,7 @@ class Decomposer:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         if precision not in ops.PRECISIONS:
             raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
-        self.model = model
+        self._model: torch.nn.Module | weakref.ref = model
         self.rules = rules_.resolve(rules)
         self.capture = capture
         self._graph: CapturedGraph | None = None
@@ -170,6 +171,19 @@ class Decomposer:
         self._weight_mode = (ops.WeightMode(torch.bfloat16 if precision == "bf16" else torch.float32,
                                             self.channels_last)
                              if precision == "bf16" or self.channels_last else None)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        model = self._model() if isinstance(self._model, weakref.ref) else self._model
+        if model is None:
+            raise RuntimeError("this Decomposer's model has been freed")
+        return model
+
+    def refer_weakly(self) -> "Decomposer":
+        """Hold the model by a weak reference (for caches keyed by the model: a strong one
+        would keep the model, its graph and its buffers alive for ever)."""
+        self._model = weakref.ref(self.model)
+        return self
 
     @property
     def graph(self) -> CapturedGraph:

@@ -24,6 +24,8 @@ docs/engine.md "Windowed propagation".
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx as fx
 
@@ -271,14 +273,13 @@ def input_crop(ops, cand: torch.Tensor, x: torch.Tensor, win0: Window) -> torch.
     return mask_win * gather_crop(ops, x, None, None, w_all)
 
 
-_LIVE: dict = {}  # id(graph) -> {index: node}, see single_live
+_LIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> single_live(graph)
 
 
 def single_live(g) -> dict:
     """{index i: node d} for the positions where the only input-dependent value computed
     before node i that node i or a later node reads is d (a place to cut the graph)."""
-    key = id(g)
-    if key not in _LIVE or _LIVE[key][0] is not g:
+    if g not in _LIVE:
         out: dict = {}
         defined = []
         for i, node in enumerate(g.nodes):
@@ -287,8 +288,8 @@ def single_live(g) -> dict:
                 out[i] = live[0]
             if node is g.input_node or node in g.steps:
                 defined.append(node)
-        _LIVE[key] = (g, out)
-    return _LIVE[key][1]
+        _LIVE[g] = out
+    return _LIVE[g]
 
 
 def head_cut(g, plans: dict) -> tuple | None:
