@@ -32,7 +32,7 @@ import torch.fx as fx
 from ..capture.inputs import check_masks
 from . import chunks
 from .batched import apply_rule
-from .windows import WINDOW_MAX_FRACTION, Window, diff_boxes, input_windows, plan
+from .windows import WINDOW_MAX_FRACTION, Window, diff_boxes, input_windows, on_device, plan
 
 # Use windowing only when (base pass + M windowed candidates) is estimated below this fraction
 # of M full passes (multiply-adds of the affine layers).
@@ -134,7 +134,11 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
     g, m = dec.graph, e - s
     dev = r0_win.device
     ops = _PerMaskOps(dec._ops)
-    wins: dict = {g.input_node: win0.part(s, e, dev)}   # node -> window (None: full map)
+    # the plan's windows (CPU) for candidates s:e, on the device; compared on the CPU
+    planned = [win0] + [w for p in plans.values() for w in (p.win, p.crop) if w is not None]
+    moved = {id(w): d for w, d in zip(planned, on_device(planned, s, e, dev))}
+    wins: dict = {g.input_node: moved[id(win0)]}        # node -> window (None: full map)
+    cpu_wins: dict = {g.input_node: win0}
     rel: dict = {g.input_node: r0_win}                   # node -> window values (or full map)
     fulls: dict = keep if keep is not None else {}       # windowed node -> its full maps, once built
 
@@ -146,11 +150,11 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
             fulls[d] = paste(dec._ops, base_rel[d], rel[d], wins[d])
         return fulls[d]
 
-    def on(d, win: Window):
-        """Node d's candidates' values over ``win`` (re-gathered if d's window differs)."""
-        if wins[d].same(win):
+    def on(d, planned_win: Window):
+        """Node d's candidates' values over the planned window (re-gathered if d's differs)."""
+        if cpu_wins[d] is planned_win or cpu_wins[d].part(s, e, "cpu").same(planned_win.part(s, e, "cpu")):
             return rel[d]
-        return gather_crop(dec._ops, base_rel[d], rel[d], wins[d], win)
+        return gather_crop(dec._ops, base_rel[d], rel[d], wins[d], moved[id(planned_win)])
 
     for index, node in enumerate(g.nodes):
         if cut is not None and index == cut[0]:
@@ -165,11 +169,11 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
             out = apply_rule(step, {d: full(d) for d in step.dep}, values, aux.get(node), dec._ops, m)
             win = None
         else:
-            win = p.win.part(s, e, dev)
+            win = moved[id(p.win)]
             want = (m, values[node].shape[1], win.h, win.w)
             d0 = step.dep[0]
             if p.crop is not None:  # a convolution on the input crop, without its padding
-                x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], p.crop.part(s, e, dev))
+                x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], moved[id(p.crop)])
                 entry = step.rule.crop_aux(step, aux[node], p.sliding,
                                            lambda t: gather_crop(dec._ops, t, None, None, win))
                 out = apply_rule(step, {d0: x_crop}, values, entry, ops, m, want)
@@ -179,8 +183,8 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
                 crops = _Crops(dec._ops, values, g.dependent, win)
                 entry = step.rule.crop_aux(step, aux.get(node), None,
                                            lambda t: gather_crop(dec._ops, t, None, None, win))
-                out = apply_rule(step, {d: on(d, win) for d in step.dep}, crops, entry, ops, m, want)
-        rel[node], wins[node] = out, win
+                out = apply_rule(step, {d: on(d, p.win) for d in step.dep}, crops, entry, ops, m, want)
+        rel[node], wins[node], cpu_wins[node] = out, win, p.win
         if keep is not None:
             # a rule that passes its input through (a ReLU fused into its producer) shares its map
             same = [d for d in step.dep if rel.get(d) is out and wins.get(d) is not None]
@@ -209,6 +213,7 @@ class BaseMaps:
 
     def __init__(self, mask: torch.Tensor, rel: dict, upto: int):
         self.mask, self.rel, self.upto = mask, rel, upto
+        self.mask_cpu = mask.cpu()  # looked up on the CPU: no device synchronisation per kept base
         self.size = self._nbytes()
 
     def run_to(self, dec, values: dict, aux: dict, stop: int) -> "BaseMaps":
@@ -234,8 +239,9 @@ class BaseCache:
         self.limit, self.items = limit, []  # oldest first
 
     def get(self, mask: torch.Tensor) -> BaseMaps | None:
+        key = mask.cpu()
         for i, bm in enumerate(self.items):
-            if bm.mask.shape == mask.shape and torch.equal(bm.mask, mask):
+            if bm.mask.shape == mask.shape and torch.equal(bm.mask_cpu, key):
                 self.items.append(self.items.pop(i))
                 return bm
         return None

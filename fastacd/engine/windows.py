@@ -35,11 +35,22 @@ class Window:
     w: int
 
     def part(self, s: int, e: int, device) -> "Window":
-        return Window(self.oy[s:e].to(device), self.ox[s:e].to(device), self.h, self.w)
+        return on_device([self], s, e, device)[0]
 
     def same(self, other: "Window") -> bool:
         return (self.h == other.h and self.w == other.w and torch.equal(self.oy, other.oy)
                 and torch.equal(self.ox, other.ox))
+
+
+def on_device(windows: list, s: int, e: int, device) -> list:
+    """Candidates s:e of each window (or None) on ``device``, in one host-to-device copy: the
+    plan is made on the CPU, and a copy per window and chunk kept a GPU waiting (about 25,000
+    copies in one ACD of VGG16, docs/gpu_check.md)."""
+    real = [w for w in windows if w is not None]
+    if not real or all(w.oy.device == torch.device(device) for w in real):
+        return [None if w is None else Window(w.oy[s:e], w.ox[s:e], w.h, w.w) for w in windows]
+    flat = iter(torch.cat([t[s:e].cpu() for w in real for t in (w.oy, w.ox)]).to(device).split(e - s))
+    return [None if w is None else Window(next(flat), next(flat), w.h, w.w) for w in windows]
 
 
 @dataclass
@@ -101,13 +112,14 @@ def diff_boxes(cand: torch.Tensor, base: torch.Tensor):
 
 def input_windows(cand: torch.Tensor, base: torch.Tensor) -> Window:
     """The bounding box (common size) of the pixels where each candidate mask differs from the base."""
-    y0, y1, x0, x1 = diff_boxes(cand, base)
+    # one copy to the host; the rest is planning, on the CPU like the plan
+    y0, y1, x0, x1 = torch.stack(diff_boxes(cand, base)).cpu()
     hgt, wid = cand.shape[-2:]
     empty = y1 <= y0
     y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
     y1, x1 = torch.where(empty, 1, y1), torch.where(empty, 1, x1)
     h, w = int((y1 - y0).max()), int((x1 - x0).max())
-    return Window(y0.clamp(0, hgt - h).cpu(), x0.clamp(0, wid - w).cpu(), h, w)
+    return Window(y0.clamp(0, hgt - h), x0.clamp(0, wid - w), h, w)
 
 
 # --------------------------------------------------------------------------------------------
