@@ -558,15 +558,17 @@ def _sorted_chunks(dec, order: torch.Tensor, base_rel: dict, values: dict, aux: 
     own plan (its windows padded only to its own largest); results in the candidates' order."""
     g, dev = dec.graph, r0_win.device
     order = order.to(win0.oy.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    order_dev, inverse = torch.stack([order, inverse]).to(dev)  # one copy, not one per chunk
     outs = []
     for s in range(0, order.shape[0], size):
         idx = order[s:s + size]
         w0 = Window(win0.oy[idx], win0.ox[idx], win0.h, win0.w)
         cplans = plan(g, values, w0, max_fraction)[0]
-        outs.append(windowed_pass(dec, cplans, base_rel, values, aux, r0_win[idx.to(dev)], w0, 0, idx.shape[0], cut))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.shape[0], device=order.device)
-    return torch.cat(outs).index_select(0, inverse.to(dev))
+        outs.append(windowed_pass(dec, cplans, base_rel, values, aux, r0_win[order_dev[s:s + size]], w0, 0,
+                                  idx.shape[0], cut))
+    return torch.cat(outs).index_select(0, inverse)
 
 
 def _derive(dec, parent: BaseMaps, dwin: Window, dplans: dict, base: torch.Tensor, x: torch.Tensor,
