@@ -214,7 +214,7 @@ class Decomposer:
         """The model's output for x (trailing softmax not applied)."""
         x = self._check_input(x)
         with self.compute(x):
-            values, _ = self._total_pass(x)
+            values, _ = self._total_pass(x, magnitudes=False)
         return values[self.graph.result_node]
 
     def cd(self, x: torch.Tensor, masks, *, chunk_size: int | None = None) -> CDResult:
@@ -363,9 +363,11 @@ class Decomposer:
                 "gradients, pass fewer masks per call, or train with fastacd.CDEPPenalty.")
 
     # ---- the two passes -----------------------------------------------------------------
-    def _total_pass(self, x: torch.Tensor) -> tuple[dict, dict]:
+    def _total_pass(self, x: torch.Tensor, magnitudes: bool = True) -> tuple[dict, dict]:
+        """``magnitudes=False``: no tolerances of numerical zero in ``aux`` (the values are the
+        same; the magnitude pass costs |W| of every layer, about a forward more)."""
         with ops.low_precision(None):  # the totals are exact float32, whatever the precision
-            values, aux = self.graph.total_pass(x, self.zero_tol)
+            values, aux = self.graph.total_pass(x, self.zero_tol if magnitudes else 0)
         if not all_finite(values[self.graph.result_node]):
             bad = [n for n, p in self.model.named_parameters() if not all_finite(p.detach())]
             raise ValueError("the model's output for this input is not finite (NaN or Inf)"
