@@ -44,6 +44,7 @@ def test_gpu_check_dry_run(tmp_path):
     for name in ("vgg16", "resnet18", "alexnet"):
         assert bench[f"cd_per_mask_{name}"]["float32"]["cd_per_mask_over_best_forward"] > 0
     assert bench["acd_vgg16"]["levels"] >= 1 and bench["acd_resnet50"]["seconds"] > 0
+    assert bench["acd_vgg16"]["warm_seconds"] > 0
     vit = bench["acd_vit_b_16"]
     assert (vit["status"] == "ok" and vit["levels"] >= 1) or (vit["status"] == "skipped" and vit["reason"])
     assert bench["fastacd_run"]["images_ok"] == 2 and bench["fastacd_run"]["images_per_second"] > 0
