@@ -128,3 +128,26 @@ def test_agglomerate_bf16_decisions_match_float32_on_a_cnn():
     agg_2d.agglomerate(model, None, 90, "cd", 4, im, lab, stats=stats, **kw)
     assert stats["scored_exact"] == 0
 
+
+
+def test_exact_decisions_for_bf16_everywhere_and_tf32_on_a_gpu():
+    """Which runs get a float32 Decomposer for their near ties: bf16 on any device, TF32 only on
+    a GPU (on the CPU "tf32" is float32 already; on an H200 TF32 alone kept 1 of 19 levels of
+    a VGG16 hierarchy, docs/gpu_check.md), never float32, occlusion or exact_decisions=False."""
+    from fastacd.api import decomposer_for
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)).eval()
+    cpu = torch.zeros(1, 3, 6, 6)
+    gpu = type("OnCuda", (), {"device": torch.device("cuda")})()  # only the device is read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf32 / bf16 without the hardware warn once
+        dec = {p: decomposer_for(model, precision=p) for p in ("float32", "bf16", "tf32")}
+    exact = decomposer_for(model, precision="float32")
+    assert agg_2d.exact_decomposer(dec["bf16"], "cd", True, cpu) is exact
+    assert agg_2d.exact_decomposer(dec["bf16"], "cd", True, gpu) is exact
+    assert agg_2d.exact_decomposer(dec["tf32"], "cd", True, gpu) is exact
+    assert agg_2d.exact_decomposer(dec["tf32"], "cd", True, cpu) is None
+    assert agg_2d.exact_decomposer(dec["float32"], "cd", True, gpu) is None
+    assert agg_2d.exact_decomposer(dec["bf16"], "cd", False, cpu) is None
+    assert agg_2d.exact_decomposer(dec["bf16"], "occlusion", True, cpu) is None
+    assert agg_2d.exact_decomposer(None, "cd", True, None) is None

@@ -610,9 +610,12 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
 # ------------------------------------------------------------------------------------------
 # The drop-in
 # ------------------------------------------------------------------------------------------
-def exact_decomposer(dec, method: str, exact_decisions: bool):
-    """The float32 Decomposer that decides a bf16 run's near ties (None: no such run)."""
-    if dec is None or method != "cd" or dec.precision != "bf16" or not exact_decisions:
+def exact_decomposer(dec, method: str, exact_decisions: bool, x: torch.Tensor | None):
+    """The float32 Decomposer that decides a reduced-precision run's near ties: bf16, and TF32
+    on a GPU (on the CPU it is float32 already); None: no such run."""
+    reduced = dec is not None and (dec.precision == "bf16" or (
+        dec.precision == "tf32" and x is not None and x.device.type == "cuda"))
+    if not reduced or method != "cd" or not exact_decisions:
         return None
     return decomposer_for(dec.model, dec.backend, "float32", dec.zero_tol)
 
@@ -642,9 +645,10 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' (weight applications in bfloat16; the
         totals, splits and every comparison float32) or 'tf32' (CUDA): ``Decomposer``, docs/precision.md
-    exact_decisions: with precision='bf16', the candidates a decision hinges on (close to the
-        threshold, close to the best merge) are scored again in float32 and the decision made
-        with those scores (``TieCheck``; docs/precision.md "Hierarchies"); False: bf16 alone
+    exact_decisions: with precision='bf16' (or 'tf32' on a GPU), the candidates a decision
+        hinges on (close to the threshold, close to the best merge) are scored again in float32
+        and the decision made with those scores (``TieCheck``; docs/precision.md "Hierarchies");
+        False: the reduced precision alone
     zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula,
         the original package's numbers and hierarchies
     progress: tqdm bars (off by default)
@@ -671,7 +675,7 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched), progress=progress,
-                    windowed=windowed, exact_dec=exact_decomposer(dec, method, exact_decisions))
+                    windowed=windowed, exact_dec=exact_decomposer(dec, method, exact_decisions, x))
     lists = run_iterations(units, scorer, percentile_include, method, lab_num, num_iters,
                            im_orig.shape, progress=progress)
     lists = run_merges(lists, scorer, lab_num, progress=progress)
@@ -693,5 +697,5 @@ def agglomerate_final(lists, model, pred_ims, percentile_include, method, sweep_
     units = TileUnits(im_orig.shape[:2], sweep_dim)
     scorer = Scorer(units, method, model, dec=dec, x=x, im_orig=im_orig, pred_ims=pred_ims,
                     pred_ims_batched=is_batched(pred_ims, pred_ims_batched),
-                    exact_dec=exact_decomposer(dec, method, exact_decisions))
+                    exact_dec=exact_decomposer(dec, method, exact_decisions, x))
     return run_merges(lists, scorer, lab_num)

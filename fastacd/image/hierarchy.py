@@ -236,8 +236,8 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
     percentile_include, num_iters, method: as in ``agg_2d.agglomerate``
     backend: engine backend ('auto', 'torch', 'compiled', 'reference')
     precision: 'float32' (exact, default), 'bf16' or 'tf32' (CUDA): docs/precision.md
-    exact_decisions: with 'bf16', the decisions read float32 scores of the candidates close to
-        them (as in ``agg_2d.agglomerate``); False: bf16 alone
+    exact_decisions: with 'bf16' (or 'tf32' on a GPU), the decisions read float32 scores of the
+        candidates close to them (as in ``agg_2d.agglomerate``); False: the reduced precision alone
     zero_tol: numerical zero (``Decomposer``, docs/engine.md); 0 = the published split formula
     base: 'tiles', 'slic' or 'felzenszwalb'; ``segment_kwargs`` go to scikit-image
     corrected: False = exactly the original algorithm (same blobs as ``agg_2d.agglomerate``);
@@ -310,7 +310,7 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
     else:
         units = agg_2d.SegmentUnits(segment(shown, base, **(segment_kwargs or {})))
     scorer = agg_2d.Scorer(units, method, model, dec=dec, x=x, progress=progress,
-                           exact_dec=agg_2d.exact_decomposer(dec, method, exact_decisions))
+                           exact_dec=agg_2d.exact_decomposer(dec, method, exact_decisions, x))
     lists = agg_2d.run_iterations(units, scorer, percentile_include, method, label, num_iters,
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
