@@ -15,6 +15,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -110,7 +111,7 @@ def extensions():
         # An explicit -lstdc++ binds the shared libstdc++ that torch uses, also where the compiler
         # links a private copy (as the H200 image's /opt/gcc appears to): that copy had no locale,
         # and formatting a number into an error message crashed there (docs/gpu_check.md).
-        extra_link_args=["-fopenmp", "-lstdc++"],
+        extra_link_args=["-fopenmp"] + (["-lstdc++"] if sys.platform.startswith("linux") else []),
     )
     print("fastacd build:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")
@@ -119,7 +120,7 @@ def extensions():
         print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (targets {arch_tag(archs)})  "
               f"nvcc flags: {' '.join(nvcc)}")
     print(f"  sources: {' '.join(sources)}")
-    print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp -lstdc++  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
+    print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp -lstdc++ (Linux)  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
     return [ext_cls(**kwargs)]
 
 
