@@ -120,7 +120,8 @@ def extensions():
         print(f"  TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (targets {arch_tag(archs)})  "
               f"nvcc flags: {' '.join(nvcc)}")
     print(f"  sources: {' '.join(sources)}")
-    print(f"  cxx flags: {' '.join(cxx)}  link: -fopenmp -lstdc++ (Linux)  MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
+    print(f"  cxx flags: {' '.join(cxx)}  link: {' '.join(kwargs['extra_link_args'])}  "
+          f"MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
     return [ext_cls(**kwargs)]
 
 

@@ -178,11 +178,12 @@ def stage_build(args, timeout: float) -> dict:
         return {"status": "timeout" if r["timed_out"] else "failed", **result}
     info = probe_extension(60)
     result["build_info"] = info
-    fits = info.get("cuda_kernels") and all(d.get("kernels_fit") for d in info.get("cuda_devices", []))
-    reason = ("built, but without CUDA kernels that fit this GPU" if not fits else None if info.get(
-        "error_messages_whole") else "built, but its error messages crash or are cut short (a private libstdc++? "
-        "see docs/gpu_check.md): " + str(info.get("error", ""))[-300:])
-    return {"status": "failed" if reason else "ok", **result, **({"reason": reason} if reason else {})}
+    if not (info.get("cuda_kernels") and all(d.get("kernels_fit") for d in info.get("cuda_devices", []))):
+        return {"status": "failed", **result, "reason": "built, but without CUDA kernels that fit this GPU"}
+    if not info.get("error_messages_whole"):
+        return {"status": "failed", **result, "reason": "built, but its error messages crash or are cut short "
+                "(a private libstdc++? see docs/gpu_check.md): " + str(info.get("error", ""))[-300:]}
+    return {"status": "ok", **result}
 
 
 def parse_junit(path: Path) -> dict:
@@ -256,8 +257,8 @@ def stage_tests(args, timeout: float, log_path: Path | None = None) -> dict:
         junit = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "junit.xml"
         skip = done + [c["test"] for c in crashed]
         log(f"tests: {' '.join(base[1:])} {' '.join(targets)}" + (f" (less {len(skip)} done)" if skip else ""))
-        r = run_logged(base + [f"--junitxml={junit}", *targets, *(f"--deselect={t}" for t in skip)], timeout - (time.monotonic() - t0), env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                       echo=echo)
+        r = run_logged(base + [f"--junitxml={junit}", *targets, *(f"--deselect={t}" for t in skip)],
+                       timeout - (time.monotonic() - t0), env=dict(os.environ, PYTHONUNBUFFERED="1"), echo=echo)
         outputs.append(r["output"])
         if log_path is not None:
             log_path.write_text("\n".join(outputs))

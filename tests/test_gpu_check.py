@@ -118,3 +118,21 @@ def test_build_probe_checks_that_error_messages_format_numbers():
     from fastacd import ops
     assert info["compiled"] == ops.HAS_COMPILED
     assert info["error_messages_whole"] is (True if ops.HAS_COMPILED else None)
+
+
+def test_build_stage_fails_a_library_whose_error_messages_break(monkeypatch):
+    """After a build, kernels that fit the GPU are not enough: a probe whose error message
+    crashed or came out cut short fails the stage with the reason."""
+    gc = _gpu_check_module()
+    gpu = {"cuda_available": True, "capability": [9, 0], "compiled": True, "cuda_kernels": True,
+           "cuda_devices": [{"kernels_fit": True}], "library": None}
+    probes = iter([dict(gpu, cuda_kernels=False), dict(gpu, error_messages_whole=False)])
+    monkeypatch.setattr(gc, "probe_extension", lambda timeout: next(probes))
+    monkeypatch.setattr(gc, "run_logged", lambda *a, **k: {"rc": 0, "timed_out": False, "seconds": 1.0, "output": ""})
+    args = type("Args", (), {"dry_run": False, "rebuild": False, "arch_list": "auto"})()
+    res = gc.stage_build(args, 100)
+    assert res["status"] == "failed" and "error messages crash or are cut short" in res["reason"]
+    probes = iter([dict(gpu, cuda_kernels=False), dict(gpu, error_messages_whole=True)])
+    assert gc.stage_build(args, 100)["status"] == "ok"
+    probes = iter([dict(gpu, cuda_kernels=False), dict(gpu, cuda_devices=[{"kernels_fit": False}])])
+    assert "without CUDA kernels that fit" in gc.stage_build(args, 100)["reason"]
