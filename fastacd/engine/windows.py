@@ -44,8 +44,7 @@ class Window:
 
 def on_device(windows: list, s: int, e: int, device) -> list:
     """Candidates s:e of each window (or None) on ``device``, in one host-to-device copy: the
-    plan is made on the CPU, and a copy per window and chunk kept a GPU waiting (about 25,000
-    copies in one ACD of VGG16, docs/gpu_check.md)."""
+    plan is made on the CPU, and a copy per window and chunk kept a GPU waiting (docs/gpu_check.md)."""
     real = [w for w in windows if w is not None]
     if not real or all(w.oy.device == torch.device(device) for w in real):
         return [None if w is None else Window(w.oy[s:e], w.ox[s:e], w.h, w.w) for w in windows]
