@@ -37,7 +37,7 @@ TORCH_LIBRARY(fastacd, m) {
   // read over an h x w window at oy/ox (M,), or through a max-pool's indices (1,C,Ho,Wo).
   m.def("window_gather(Tensor base, Tensor? win, Tensor? win_oy, Tensor? win_ox, Tensor oy, Tensor ox,"
         " int h, int w, Tensor? indices=None) -> Tensor");
-  // 3x3 stride-1 convolution (no bias) by Winograd F(2x2, 3x3), CPU: x (N,C,H,W), u (16,C,Co)
+  // 3x3 stride-1 convolution (no bias) by Winograd F(2x2 or 4x4, 3x3), CPU: x (N,C,H,W), u (16 or 36,C,Co)
   // the transformed weights (fastacd.ops.winograd_weight), zero padding pad_h / pad_w.
   m.def("winograd_conv3x3(Tensor x, Tensor u, int pad_h, int pad_w) -> Tensor");
   // One LSTM step of CD for M masks: rel_gates (M,4H), total_gates (1,4H), bias (4H,),

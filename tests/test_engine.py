@@ -404,6 +404,23 @@ def test_linear_layers_use_onednn_where_it_pays_and_give_the_same_numbers(rows, 
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-4)
 
 
+def test_linear_abs_in_blocks_equals_the_whole_abs(monkeypatch):
+    """The magnitude pass's t @ |W|^T in row blocks (a whole |W| of VGG16's first Linear is a
+    400 MB allocation): the same numbers as with |W| whole, for blocks that do not divide the
+    rows; under autograd |W| whole, differentiable."""
+    from fastacd.rules import affine
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 300, generator=g)
+    t = torch.randn(5, 300, generator=g).abs()
+    monkeypatch.setattr(affine, "ABS_BLOCK_BYTES", 300 * 4 * 64 + 7)  # 64 rows a block
+    with torch.no_grad():
+        assert torch.equal(affine.linear_abs(t, w), affine.linear_no_bias(t, w.abs()))
+        assert torch.equal(affine.linear_abs(t[0], w), affine.linear_no_bias(t[0], w.abs()))
+    wg = w.clone().requires_grad_(True)
+    affine.linear_abs(t, wg).sum().backward()
+    torch.testing.assert_close(wg.grad, torch.sign(w) * t.sum(0))
+
+
 def _bias_chain(depth: int) -> torch.nn.Module:
     """Linear layers whose biases dwarf W x: every bias split shares a large bias by two small
     parts, so CD amplifies a rounding difference a few times per layer."""

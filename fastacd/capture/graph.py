@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import direct_convolutions
 from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, describe_node,
                     fetch_attr, packing_error, run_plain)
 from .transformer import traced_forward
@@ -158,6 +159,12 @@ class CapturedGraph:
         and the tolerances of numerical zero from the magnitude scales (``Rule.magnitude``;
         ``zero_tol = 0``: none, the paper's formula).
         """
+        # the model's own activations: no Winograd (its rounding would move the max-pool argmaxes
+        # the rules gather at; docs/kernels.md "Winograd")
+        with direct_convolutions():
+            return self._total_pass(x, zero_tol)
+
+    def _total_pass(self, x: torch.Tensor, zero_tol: float) -> tuple[dict, dict]:
         values: dict[fx.Node, Any] = {}
         aux: dict[fx.Node, Any] = {}
         mags: dict[fx.Node, Any] = {self.input_node: x.abs()}  # Rule.magnitude, while read

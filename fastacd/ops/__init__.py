@@ -520,13 +520,19 @@ if HAS_COMPILED:
 
 # --------------------------------------------------------------------------- 3x3 convolutions
 
-# Winograd F(2x2, 3x3) for float32 CPU 3x3 stride-1 convolutions with at least this many input
-# and output channels: 16 multiply-adds per 2x2 outputs instead of 36; at fewer channels (and
-# large maps) oneDNN's direct convolution is faster. Measured in docs/kernels.md, "Winograd".
+# Winograd for float32 CPU 3x3 stride-1 convolutions with at least this many input and output
+# channels; at fewer channels (and large maps) oneDNN's direct convolution is faster. F(4x4, 3x3)
+# (36 multiply-adds per 4x4 outputs instead of 144) where it has at least WINOGRAD_F4_MIN_TILES
+# tiles and fewer products than F(2x2, 3x3) (16 per 2x2): below that its 2.25x larger
+# transformed weights, read once per call, cost more than the products it saves. Measured in
+# docs/kernels.md, "Winograd".
 WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_F4_MIN_TILES = 32
 _WINOGRAD = {"on": True}
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINOGRAD_WEIGHTS: dict = {}  # id(parameter) -> (weakref, (version, data pointer, dtype, device), transformed)
+_WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+               4: ((1.0, 0.0, 0.0), (-1 / 3, -1 / 3, -1 / 3), (1 / 3, -1 / 3, 1 / 3),  # points 0, 1, -1, 2, -1/2
+                   (1 / 15, 2 / 15, 4 / 15), (-16 / 15, 8 / 15, -4 / 15), (0.0, 0.0, 1.0))}
+_WINOGRAD_WEIGHTS: dict = {}  # (id(parameter), tile) -> (weakref, (version, data pointer, dtype, device), transformed)
 
 
 @contextlib.contextmanager
@@ -540,23 +546,33 @@ def direct_convolutions():
         _WINOGRAD["on"] = saved
 
 
-def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(16, C_in, C_out): ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in float64."""
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """((tile+2)^2, C_in, C_out): ``G w G^T`` of a (C_out, C_in, 3, 3) weight for Winograd
+    F(tile x tile, 3x3), tile 2 or 4, computed in float64."""
+    if tile not in _WINOGRAD_G:
+        raise ValueError(f"winograd_weight: tile must be 2 or 4, got {tile!r}")
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    return u.reshape((tile + 2) ** 2, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def _winograd_weight_cached(weight: torch.nn.Parameter) -> torch.Tensor:
-    """``winograd_weight`` once per parameter, made again when it changes in place or gets new
-    data (``param.data = ...``, ``model.double()``)."""
-    key, state = id(weight), (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+def _winograd_weight_cached(weight: torch.nn.Parameter, tile: int) -> torch.Tensor:
+    """``winograd_weight`` once per parameter and tile, made again when it changes in place or
+    gets new data (``param.data = ...``, ``model.double()``)."""
+    key, state = (id(weight), tile), (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     hit = _WINOGRAD_WEIGHTS.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == state:
         return hit[2]
-    u = winograd_weight(weight)
+    u = winograd_weight(weight, tile)
     _WINOGRAD_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _WINOGRAD_WEIGHTS.pop(k, None)), state, u)
     return u
+
+
+def winograd_tile(n: int, h_out: int, w_out: int) -> int:
+    """The Winograd output tile (2 or 4) ``conv2d`` uses for n maps of h_out x w_out outputs."""
+    t2 = n * -(-h_out // 2) * -(-w_out // 2)
+    t4 = n * -(-h_out // 4) * -(-w_out // 4)
+    return 4 if t4 >= WINOGRAD_F4_MIN_TILES and 36 * t4 < 16 * t2 else 2
 
 
 def _pair(v) -> tuple:
@@ -566,8 +582,9 @@ def _pair(v) -> tuple:
 def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d(t, weight)`` without bias. A float32 CPU 3x3 stride-1 convolution of a
     parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side, outside autograd, runs as
-    Winograd F(2x2, 3x3) (``torch.ops.fastacd.winograd_conv3x3``; float32 rounding about twice
-    the direct convolution's); everything else is ``F.conv2d``."""
+    Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd_tile``; ``torch.ops.fastacd.winograd_conv3x3``;
+    float32 rounding 2x and 30x the direct convolution's, docs/kernels.md); everything else is
+    ``F.conv2d``."""
     if (_WINOGRAD["on"] and isinstance(weight, torch.nn.Parameter) and t.device.type == "cpu"
             and t.dtype == weight.dtype == torch.float32 and t.dim() == 4 and weight.shape[2:] == (3, 3)
             and groups == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
@@ -575,8 +592,10 @@ def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
             and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))
             and _has_kernel("winograd_conv3x3", "CPU")):
         ph, pw = _pair(padding)
-        if t.shape[2] + 2 * ph >= 3 and t.shape[3] + 2 * pw >= 3:
-            return torch.ops.fastacd.winograd_conv3x3.default(t, _winograd_weight_cached(weight), ph, pw)
+        h_out, w_out = t.shape[2] + 2 * ph - 2, t.shape[3] + 2 * pw - 2
+        if h_out >= 1 and w_out >= 1:
+            u = _winograd_weight_cached(weight, winograd_tile(t.shape[0], h_out, w_out))
+            return torch.ops.fastacd.winograd_conv3x3.default(t, u, ph, pw)
     return torch.nn.functional.conv2d(t, weight, None, stride, padding, dilation, groups)
 
 

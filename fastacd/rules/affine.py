@@ -31,15 +31,34 @@ def linear_no_bias(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(t, weight)
 
 
+# |W| of a Linear larger than this is taken in row blocks through one buffer: a whole |W| is a
+# fresh allocation of the weight's size whose page faults cost more than the product
+# (VGG16's first Linear, 400 MB: docs/kernels.md "CPU buffer reuse").
+ABS_BLOCK_BYTES = 1 << 24
+
+
+def linear_abs(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``linear_no_bias(t, weight.abs())`` without a whole |W| in memory."""
+    rows = max(1, ABS_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    if weight.shape[0] <= rows or (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad)):
+        return linear_no_bias(t, weight.abs())
+    out = t.new_empty(t.shape[:-1] + (weight.shape[0],))
+    buf = weight.new_empty((rows, weight.shape[1]))
+    for i in range(0, weight.shape[0], rows):
+        block = torch.abs(weight[i:i + rows], out=buf[:min(rows, weight.shape[0] - i)])
+        out[..., i:i + rows] = linear_no_bias(t, block)
+    return out
+
+
 def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     """(apply the weights without bias to a tensor, the bias or None) for an affine step. The
     weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``);
     ``absolute``: the weights' magnitudes |W| instead (the magnitude scale)."""
     m = step.module
     if m is not None:
-        weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Linear):
-            return (lambda t: weight_apply(linear_no_bias, t, weight)), m.bias
+            return (lambda t: weight_apply(linear_abs if absolute else linear_no_bias, t, m.weight)), m.bias
+        weight = m.weight.abs() if absolute else m.weight
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
             return (lambda t: weight_apply(conv2d, t, weight, m.stride, m.padding, m.dilation, m.groups)), m.bias
         return (lambda t: weight_apply(m._conv_forward, t, weight, None)), m.bias
@@ -47,11 +66,11 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     args = list(load_arg(value_of, node.args[1:]))
     kwargs = dict(load_arg(value_of, node.kwargs))
     weight = args.pop(0) if args else kwargs.pop("weight")
-    weight = weight.abs() if absolute else weight
     bias = args.pop(0) if args else kwargs.pop("bias", None)
     fn = node.target
     if op_is(fn, F.linear, aten.linear) and not args and not kwargs:
-        return (lambda t: weight_apply(linear_no_bias, t, weight)), bias
+        return (lambda t: weight_apply(linear_abs if absolute else linear_no_bias, t, weight)), bias
+    weight = weight.abs() if absolute else weight
     return (lambda t: weight_apply(fn, t, weight, None, *args, **kwargs)), bias
 
 
