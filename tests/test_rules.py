@@ -613,3 +613,24 @@ def test_max_reduce_refusals_name_the_variant(body, message):
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(fastacd.UnsupportedOpError, match=message):
         fastacd.Decomposer(Net().eval()).cd(x, torch.ones(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("size", [(4, 4), (2, 2)])
+def test_adaptive_avg_pool_of_its_own_size_is_the_identity(size, monkeypatch):
+    """An adaptive avg-pool to the map's own size (VGG16's head at 224 px) passes the relevant
+    part through without calling the pool (torch's took 15 ms there); to another size it pools.
+    Both equal the float64 reference."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(size),
+                          nn.Flatten(), nn.Linear(4 * size[0] * size[1], 3)).eval().double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    masks = (torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    calls = []
+    real = F.adaptive_avg_pool2d
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", lambda t, s: calls.append(t.shape[0]) or real(t, s))
+    with torch.no_grad():
+        fast = fastacd.Decomposer(model).cd(x, masks)
+    ref = fastacd.Decomposer(model, backend="reference").cd(x, masks)
+    torch.testing.assert_close(fast.relevant, ref.relevant, rtol=1e-10, atol=1e-12)
+    assert (5 in calls) == (size != (4, 4))  # the pool ran on the 5 masks' relevant parts only when it pools
