@@ -18,6 +18,11 @@ TORCH_LIBRARY(fastacd, m) {
   // output costs its page faults, about as much as the split itself (docs/kernels.md).
   m.def("bias_split_(Tensor(a!) rel_pre, Tensor total_pre, Tensor bias, bool relu=False, Tensor? tol=None)"
         " -> Tensor(a!)");
+  // The windowed pass's split, CPU: rel_pre (M,C,h,w) written in place against total_pre (and
+  // tol) (1,C,H,W) read at each candidate's window corner oy, ox (M,) int64 (inside the map),
+  // instead of (M,C,h,w) crops of them.
+  m.def("bias_split_window_(Tensor(a!) rel_pre, Tensor total_pre, Tensor bias, Tensor oy, Tensor ox,"
+        " bool relu=False, Tensor? tol=None) -> Tensor(a!)");
   m.def("bias_split_backward(Tensor grad, Tensor rel_pre, Tensor total_pre, Tensor bias, bool relu,"
         " Tensor? tol=None) -> (Tensor, Tensor, Tensor)");
   // Eval batchnorm split (+ optional ReLU): rel (M,C,*S), total (1,C,*S), scale/shift (C,).

@@ -25,6 +25,7 @@ docs/engine.md "Windowed propagation".
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -61,9 +62,25 @@ def gather_pool(ops, base: torch.Tensor, win_t: torch.Tensor, win: Window, indic
                              indices)
 
 
+class AtWindows(NamedTuple):
+    """A total (1, C, H, W) as read at each candidate's window ``win``: what a convolution's
+    ``crop_aux`` gets in place of (m, C, h, w) crops of its pre-activation and tolerance; the
+    bias split reads them in place (``bias_split_window_``)."""
+    full: torch.Tensor
+    win: Window
+
+    @property
+    def shape(self) -> tuple:
+        return (self.win.oy.shape[0], self.full.shape[1], self.win.h, self.win.w)
+
+    def crops(self, ops) -> torch.Tensor:
+        return gather_crop(ops, self.full, None, None, self.win)
+
+
 class _PerMaskOps:
     """The engine's fused ops with a per-mask total ((m, C, ...) crops, not one shared (1, C, ...)):
-    masks are folded into channels, (1, m*C, ...), so the compiled kernels apply unchanged."""
+    masks are folded into channels, (1, m*C, ...), so the compiled kernels apply unchanged; a
+    total ``AtWindows`` is read at the windows in place."""
 
     def __init__(self, ops):
         self.ops = ops
@@ -76,6 +93,10 @@ class _PerMaskOps:
         return None if tol is None else self._fold(tol)
 
     def bias_split(self, rel, total, bias, relu=False, tol=None, _op="bias_split"):
+        if isinstance(total, AtWindows):
+            rel = rel if _op == "bias_split_" else rel.clone(memory_format=torch.contiguous_format)
+            return self.ops.bias_split_window_(rel, total.full, bias, total.win.oy, total.win.ox, relu,
+                                               None if tol is None else tol.full)
         split = getattr(self.ops, _op)
         if total.shape[0] == 1:
             return split(rel, total, bias, relu, tol)
@@ -174,8 +195,7 @@ def windowed_pass(dec, plans: dict, base_rel: dict, values: dict, aux: dict, r0_
             d0 = step.dep[0]
             if p.crop is not None:  # a convolution on the input crop, without its padding
                 x_crop = gather_crop(dec._ops, base_rel[d0], rel[d0], wins[d0], moved[id(p.crop)])
-                entry = step.rule.crop_aux(step, aux[node], p.sliding,
-                                           lambda t: gather_crop(dec._ops, t, None, None, win))
+                entry = step.rule.crop_aux(step, aux[node], p.sliding, lambda t: AtWindows(t, win))
                 out = apply_rule(step, {d0: x_crop}, values, entry, ops, m, want)
             elif p.sliding is not None:  # a max-pool: gathered at the total's argmax (its aux)
                 out = gather_pool(dec._ops, base_rel[d0], rel[d0], wins[d0], aux[node], win)

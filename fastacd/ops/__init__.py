@@ -36,7 +36,8 @@ except ImportError as exc:  # not built (or built against another torch): pure t
     HAS_COMPILED = False
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_OP_NAMES = ("bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell", "winograd_conv3x3")
+_OP_NAMES = ("bias_split", "bias_split_window_", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell",
+             "winograd_conv3x3")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -281,6 +282,39 @@ if HAS_COMPILED:
     @torch.library.register_fake("fastacd::bias_split_")
     def _bias_split_inplace_fake(rel_pre, total_pre, bias, relu=False, tol=None):
         _bias_split_fake(rel_pre, total_pre, bias, relu, tol)  # the same checks
+        return rel_pre
+
+
+def bias_split_window_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor, oy: torch.Tensor,
+                       ox: torch.Tensor, relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias_split_`` of the windowed pass: rel_pre (M, C, h, w) (contiguous), each candidate's
+    window values, against total_pre (and tol) (1, C, H, W) read at the window's corner oy, ox
+    (M,) int64, which keeps it inside the map. Written into rel_pre and returned; inference
+    only. The CPU kernel reads the total in place; elsewhere (no kernel: CUDA) the total is
+    cropped first (``window_gather``), as the windowed pass did before."""
+    total_pre, bias = _like(rel_pre, total_pre, bias)
+    tol = _tol_for(tol, total_pre)
+    if _compiled(rel_pre) and rel_pre.is_contiguous() and _has_kernel("bias_split_window_", "CPU") \
+            and rel_pre.device.type == "cpu":
+        return torch.ops.fastacd.bias_split_window_.default(rel_pre, total_pre, bias, oy, ox, relu, tol)
+    h, w = rel_pre.shape[2:]
+    crops = [window_gather(t, None, None, None, oy, ox, h, w) for t in (total_pre, tol) if t is not None]
+    m, c = rel_pre.shape[:2]
+    fold = (1, m * c, h, w)  # masks folded into channels: the crops are per-mask totals
+    bias_split_(rel_pre.reshape(fold), crops[0].reshape(fold), bias.repeat(m), relu,
+                crops[1].reshape(fold) if tol is not None else None)
+    return rel_pre
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::bias_split_window_")
+    def _bias_split_window_fake(rel_pre, total_pre, bias, oy, ox, relu=False, tol=None):
+        op = "bias_split_window_"
+        _check(rel_pre.dim() == 4 and total_pre.dim() == 4 and total_pre.shape[0] == 1
+               and total_pre.shape[1] == rel_pre.shape[1], op,
+               f"rel_pre must be (M, C, h, w) and total_pre (1, C, H, W), got {tuple(rel_pre.shape)} "
+               f"and {tuple(total_pre.shape)}")
+        _check(tuple(oy.shape) == tuple(ox.shape) == (rel_pre.shape[0],), op, "oy, ox must be (M,)")
         return rel_pre
 
 

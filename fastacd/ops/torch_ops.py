@@ -89,6 +89,19 @@ def bias_split_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tens
     return rel_pre.copy_(bias_split(rel_pre, total_pre, bias, relu, tol))
 
 
+def bias_split_window_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: torch.Tensor, oy: torch.Tensor,
+                       ox: torch.Tensor, relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias_split_`` of the windowed pass: rel_pre (M, C, h, w), each candidate's window
+    values, against total_pre (and tol) (1, C, H, W) read at its window's corner oy, ox (M,)
+    int64 (the window inside the map). Written into rel_pre and returned."""
+    h, w = rel_pre.shape[2:]
+
+    def at_windows(t):
+        return window_gather(t, None, None, None, oy, ox, h, w)
+    return rel_pre.copy_(bias_split(rel_pre, at_windows(total_pre), bias, relu,
+                                    None if tol is None else at_windows(tol.expand_as(total_pre))))
+
+
 @in_opmath
 def bn_split(rel: torch.Tensor, total: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              relu: bool = False, tol: torch.Tensor | None = None) -> torch.Tensor:

@@ -136,7 +136,9 @@ class Rule:
         return None
 
     def crop_aux(self, step: Step, aux, loc, crop: Callable):
-        """aux in a window's coordinates (the windowed pass): ``crop`` crops a total-shaped map."""
+        """aux in a window's coordinates (the windowed pass): ``crop`` crops a total-shaped map;
+        at a convolution's window (a ``Sliding`` with weights) it gives the map as read at the
+        windows (``fastacd.engine.windowed.AtWindows``), which the split ops read in place."""
         return aux
 
     # ---- the paired training pass (CDEP: fastacd.train.cdep.paired_cd) ------------------
