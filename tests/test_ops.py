@@ -864,13 +864,14 @@ def test_build_info():
     assert info["compiled"] == ops.HAS_COMPILED
     assert info["torch"] == torch.__version__
     if ops.HAS_COMPILED:
-        assert set(info["ops"]) == {"bias_split", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell",
-                                    "winograd_conv3x3"}
+        assert set(info["ops"]) == {"bias_split", "bias_split_window_", "bn_split", "maxpool_gather", "window_gather",
+                                    "lstm_cd_cell", "winograd_conv3x3"}
         assert all("CPU" in keys for keys in info["ops"].values())
-        # Winograd is CPU only (cuDNN picks its own algorithms); every other op has a CUDA kernel
-        assert info["ops"]["winograd_conv3x3"] == ["CPU"]
-        assert info["cuda_kernels"] == all("CUDA" in keys for op, keys in info["ops"].items()
-                                           if op != "winograd_conv3x3")
+        # CPU only: Winograd (cuDNN picks its own algorithms) and the split at the windows (on
+        # CUDA the wrapper crops first); every other op has a CUDA kernel
+        cpu_only = {"winograd_conv3x3", "bias_split_window_"}
+        assert all(info["ops"][op] == ["CPU"] for op in cpu_only)
+        assert info["cuda_kernels"] == all("CUDA" in keys for op, keys in info["ops"].items() if op not in cpu_only)
     else:
         assert info["import_error"]
 
