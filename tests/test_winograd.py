@@ -134,6 +134,18 @@ def test_conv2d_chooses_winograd_only_where_it_applies():
     assert not _uses_winograd(x.requires_grad_(), conv.weight, padding=1)
 
 
+def test_f4_alone_from_128_channels_on_small_maps():
+    """Between WINOGRAD_F4_MIN_CHANNELS and WINOGRAD_MIN_CHANNELS only F(4x4) runs, on maps of
+    at most WINOGRAD_F4_MAX_PIXELS outputs (F(2x2) and large maps lose to oneDNN there)."""
+    conv = nn.Conv2d(128, 128, 3, padding=1, bias=False)
+    narrow = nn.Conv2d(64, 128, 3, bias=False)
+    with torch.no_grad():
+        assert _uses_winograd(torch.randn(4, 128, 24, 24), conv.weight, padding=1)      # 144 tiles of 4x4
+        assert not _uses_winograd(torch.randn(1, 128, 12, 12), conv.weight, padding=1)  # 9 tiles: F(2x2)
+        assert not _uses_winograd(torch.randn(1, 128, 64, 64), conv.weight, padding=1)  # 4096 outputs
+        assert not _uses_winograd(torch.randn(16, 64, 13, 13), narrow.weight)           # 64 channels
+
+
 def test_transformed_weights_follow_in_place_changes():
     c = ops.WINOGRAD_MIN_CHANNELS
     conv = nn.Conv2d(c, c, 3, bias=False)

@@ -562,6 +562,10 @@ if HAS_COMPILED:
 # docs/kernels.md, "Winograd".
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_F4_MIN_TILES = 32
+# From 128 channels F(4x4) alone also wins, on maps of at most this many outputs (crops, and
+# 56x56 maps: 1.15-1.97x); on 112x112 maps it loses (0.85x) and F(2x2) loses everywhere there.
+WINOGRAD_F4_MIN_CHANNELS = 128
+WINOGRAD_F4_MAX_PIXELS = 56 * 56
 _WINOGRAD = {"on": True}
 _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
                4: ((1.0, 0.0, 0.0), (-1 / 3, -1 / 3, -1 / 3), (1 / 3, -1 / 3, 1 / 3),  # points 0, 1, -1, 2, -1/2
@@ -615,21 +619,23 @@ def _pair(v) -> tuple:
 
 def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d(t, weight)`` without bias. A float32 CPU 3x3 stride-1 convolution of a
-    parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side, outside autograd, runs as
+    parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side (F(4x4) from
+    ``WINOGRAD_F4_MIN_CHANNELS`` on small maps), outside autograd, runs as
     Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd_tile``; ``torch.ops.fastacd.winograd_conv3x3``;
     float32 rounding 2x and 30x the direct convolution's, docs/kernels.md); everything else is
     ``F.conv2d``."""
     if (_WINOGRAD["on"] and isinstance(weight, torch.nn.Parameter) and t.device.type == "cpu"
             and t.dtype == weight.dtype == torch.float32 and t.dim() == 4 and weight.shape[2:] == (3, 3)
             and groups == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
-            and not isinstance(padding, str) and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
+            and not isinstance(padding, str) and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_F4_MIN_CHANNELS
             and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))
             and _has_kernel("winograd_conv3x3", "CPU")):
         ph, pw = _pair(padding)
         h_out, w_out = t.shape[2] + 2 * ph - 2, t.shape[3] + 2 * pw - 2
-        if h_out >= 1 and w_out >= 1:
-            u = _winograd_weight_cached(weight, winograd_tile(t.shape[0], h_out, w_out))
-            return torch.ops.fastacd.winograd_conv3x3.default(t, u, ph, pw)
+        tile = winograd_tile(t.shape[0], h_out, w_out) if h_out >= 1 and w_out >= 1 else 0
+        if tile and (min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
+                     or (tile == 4 and h_out * w_out <= WINOGRAD_F4_MAX_PIXELS)):
+            return torch.ops.fastacd.winograd_conv3x3.default(t, _winograd_weight_cached(weight, tile), ph, pw)
     return torch.nn.functional.conv2d(t, weight, None, stride, padding, dilation, groups)
 
 
