@@ -76,6 +76,11 @@ def test_tile_choice():
     assert ops.winograd_tile(1, 12, 12) == 2        # 9 tiles: its weights cost more than it saves
     assert ops.winograd_tile(16, 6, 6) == 2         # 64 tiles, but 2304 products either way
     assert ops.winograd_tile(16, 5, 5) == 2
+    assert ops.conv3x3_tile(1, 512, 28, 28) == 4 and ops.conv3x3_tile(1, 512, 12, 12) == 2
+    assert ops.conv3x3_tile(4, 128, 24, 24) == 4                         # F(4x4) alone from 128 channels
+    assert ops.conv3x3_tile(1, 128, 12, 12) == 0                         # not F(2x2) there
+    assert ops.conv3x3_tile(1, 128, 112, 112) == 0                       # nor on a large map
+    assert ops.conv3x3_tile(64, 64, 20, 20) == 0
 
 
 def test_op_rejects_bad_input():

@@ -607,10 +607,23 @@ def _winograd_weight_cached(weight: torch.nn.Parameter, tile: int) -> torch.Tens
 
 
 def winograd_tile(n: int, h_out: int, w_out: int) -> int:
-    """The Winograd output tile (2 or 4) ``conv2d`` uses for n maps of h_out x w_out outputs."""
+    """The Winograd output tile (2 or 4) that needs the least time for n maps of h_out x w_out
+    outputs at 256 channels and more."""
     t2 = n * -(-h_out // 2) * -(-w_out // 2)
     t4 = n * -(-h_out // 4) * -(-w_out // 4)
     return 4 if t4 >= WINOGRAD_F4_MIN_TILES and 36 * t4 < 16 * t2 else 2
+
+
+def conv3x3_tile(n: int, channels: int, h_out: int, w_out: int) -> int:
+    """What ``conv2d`` runs a 3x3 stride-1 float32 CPU convolution of n maps with as
+    (``channels``: the fewer of its input and output channels): 4 or 2 (Winograd F(4x4) or
+    F(2x2)), or 0 (oneDNN's direct convolution)."""
+    if channels < WINOGRAD_F4_MIN_CHANNELS or h_out < 1 or w_out < 1:
+        return 0
+    tile = winograd_tile(n, h_out, w_out)
+    if channels >= WINOGRAD_MIN_CHANNELS or (tile == 4 and h_out * w_out <= WINOGRAD_F4_MAX_PIXELS):
+        return tile
+    return 0
 
 
 def _pair(v) -> tuple:
@@ -627,14 +640,13 @@ def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
     if (_WINOGRAD["on"] and isinstance(weight, torch.nn.Parameter) and t.device.type == "cpu"
             and t.dtype == weight.dtype == torch.float32 and t.dim() == 4 and weight.shape[2:] == (3, 3)
             and groups == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
-            and not isinstance(padding, str) and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_F4_MIN_CHANNELS
+            and not isinstance(padding, str)
             and not (torch.is_grad_enabled() and (t.requires_grad or weight.requires_grad))
             and _has_kernel("winograd_conv3x3", "CPU")):
         ph, pw = _pair(padding)
-        h_out, w_out = t.shape[2] + 2 * ph - 2, t.shape[3] + 2 * pw - 2
-        tile = winograd_tile(t.shape[0], h_out, w_out) if h_out >= 1 and w_out >= 1 else 0
-        if tile and (min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
-                     or (tile == 4 and h_out * w_out <= WINOGRAD_F4_MAX_PIXELS)):
+        tile = conv3x3_tile(t.shape[0], min(weight.shape[0], weight.shape[1]), t.shape[2] + 2 * ph - 2,
+                            t.shape[3] + 2 * pw - 2)
+        if tile:
             return torch.ops.fastacd.winograd_conv3x3.default(t, _winograd_weight_cached(weight, tile), ph, pw)
     return torch.nn.functional.conv2d(t, weight, None, stride, padding, dilation, groups)
 
