@@ -79,7 +79,8 @@ def test_tile_choice():
     assert ops.conv3x3_tile(1, 512, 28, 28) == 4 and ops.conv3x3_tile(1, 512, 12, 12) == 2
     assert ops.conv3x3_tile(4, 128, 24, 24) == 4                         # F(4x4) alone from 128 channels
     assert ops.conv3x3_tile(1, 128, 12, 12) == 0                         # not F(2x2) there
-    assert ops.conv3x3_tile(1, 128, 112, 112) == 0                       # nor on a large map
+    assert ops.conv3x3_tile(1, 128, 112, 112) == 4                       # 12544 outputs
+    assert ops.conv3x3_tile(8, 128, 56, 56) == 0                         # 25088: past the caches
     assert ops.conv3x3_tile(64, 64, 20, 20) == 0
 
 
@@ -140,14 +141,15 @@ def test_conv2d_chooses_winograd_only_where_it_applies():
 
 
 def test_f4_alone_from_128_channels_on_small_maps():
-    """Between WINOGRAD_F4_MIN_CHANNELS and WINOGRAD_MIN_CHANNELS only F(4x4) runs, on maps of
-    at most WINOGRAD_F4_MAX_PIXELS outputs (F(2x2) and large maps lose to oneDNN there)."""
+    """Between WINOGRAD_F4_MIN_CHANNELS and WINOGRAD_MIN_CHANNELS only F(4x4) runs, up to
+    WINOGRAD_F4_MAX_OUTPUTS outputs per channel (F(2x2) and large batches lose to oneDNN there)."""
     conv = nn.Conv2d(128, 128, 3, padding=1, bias=False)
     narrow = nn.Conv2d(64, 128, 3, bias=False)
     with torch.no_grad():
         assert _uses_winograd(torch.randn(4, 128, 24, 24), conv.weight, padding=1)      # 144 tiles of 4x4
         assert not _uses_winograd(torch.randn(1, 128, 12, 12), conv.weight, padding=1)  # 9 tiles: F(2x2)
-        assert not _uses_winograd(torch.randn(1, 128, 64, 64), conv.weight, padding=1)  # 4096 outputs
+        assert _uses_winograd(torch.randn(1, 128, 64, 64), conv.weight, padding=1)      # 4096 outputs
+        assert not _uses_winograd(torch.randn(5, 128, 60, 60), conv.weight, padding=1)  # 18000 outputs
         assert not _uses_winograd(torch.randn(16, 64, 13, 13), narrow.weight)           # 64 channels
 
 

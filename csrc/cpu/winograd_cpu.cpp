@@ -115,7 +115,8 @@ FASTACD_CPU_CLONES void input_transform(const scalar_t* xh, scalar_t* V, Tiles g
 }
 
 // y = A^T M A for each tile's alpha^2 products M[a * alpha + b][t][co], written into Y
-// (N, Ho, Wo, Co) where the tile lies inside the output.
+// (N, Co, Ho, Wo) where the tile lies inside the output: NCHW directly, rows of m outputs per
+// channel (an NHWC map and a transposing copy after it cost a pass over the output more).
 template <typename F, typename scalar_t>
 FASTACD_CPU_CLONES void output_transform(const scalar_t* Mm, scalar_t* Y, Tiles g) {
   constexpr int A = F::alpha, R = F::m;
@@ -124,14 +125,18 @@ FASTACD_CPU_CLONES void output_transform(const scalar_t* Mm, scalar_t* Y, Tiles 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
       const int64_t rows = std::min<int64_t>(R, g.Ho - R * i), cols = std::min<int64_t>(R, g.Wo - R * j);
-      scalar_t* y0 = Y + ((n * g.Ho + R * i) * g.Wo + R * j) * Co;
+      const int64_t map = g.Ho * g.Wo;
+      scalar_t* y0 = Y + n * Co * map + R * i * g.Wo + R * j;  // channel 0's first output of the tile
       for (int64_t c0 = 0; c0 < Co; c0 += kBlock) {
         const int64_t cn = std::min<int64_t>(kBlock, Co - c0);
         scalar_t s[R][A][kBlock], y[R][R][kBlock];
         for (int b = 0; b < A; ++b) F::at(Mm + b * plane + t * Co + c0, A * plane, s[0][b], A * kBlock, cn);
         for (int r = 0; r < R; ++r) F::at(s[r][0], kBlock, y[r][0], kBlock, cn);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c) std::copy(y[r][c], y[r][c] + cn, y0 + (r * g.Wo + c) * Co + c0);
+        for (int64_t k = 0; k < cn; ++k) {
+          scalar_t* yk = y0 + (c0 + k) * map;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) yk[r * g.Wo + c] = y[r][c][k];
+        }
       }
     }
   });
@@ -167,14 +172,14 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, int64_
   if (g.count() == 0 || g.C == 0 || g.Co == 0) return at::zeros({g.N, g.Co, g.Ho, g.Wo}, x.options());
   const at::Tensor xh = x.permute({0, 2, 3, 1}).contiguous();  // NHWC: channels contiguous per pixel
   const at::Tensor uc = u.contiguous();
-  at::Tensor Y = at::empty({g.N, g.Ho, g.Wo, g.Co}, x.options());
+  at::Tensor Y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_cpu", [&] {
     if (m == 2)
       winograd<F2, scalar_t>(xh.const_data_ptr<scalar_t>(), uc, Y, g);
     else
       winograd<F4, scalar_t>(xh.const_data_ptr<scalar_t>(), uc, Y, g);
   });
-  return Y.permute({0, 3, 1, 2}).contiguous();
+  return Y;
 }
 
 }  // namespace

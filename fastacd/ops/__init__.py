@@ -562,10 +562,11 @@ if HAS_COMPILED:
 # docs/kernels.md, "Winograd".
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_F4_MIN_TILES = 32
-# From 128 channels F(4x4) alone also wins, on maps of at most this many outputs (crops, and
-# 56x56 maps: 1.15-1.97x); on 112x112 maps it loses (0.85x) and F(2x2) loses everywhere there.
+# From 128 channels F(4x4) alone also wins, up to this many outputs per channel over the batch
+# (1.25-2.1x); beyond, its transformed maps outgrow the caches and it loses (0.8-0.9x), and
+# F(2x2) loses at 128 channels nearly everywhere.
 WINOGRAD_F4_MIN_CHANNELS = 128
-WINOGRAD_F4_MAX_PIXELS = 56 * 56
+WINOGRAD_F4_MAX_OUTPUTS = 16384
 _WINOGRAD = {"on": True}
 _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
                4: ((1.0, 0.0, 0.0), (-1 / 3, -1 / 3, -1 / 3), (1 / 3, -1 / 3, 1 / 3),  # points 0, 1, -1, 2, -1/2
@@ -621,7 +622,7 @@ def conv3x3_tile(n: int, channels: int, h_out: int, w_out: int) -> int:
     if channels < WINOGRAD_F4_MIN_CHANNELS or h_out < 1 or w_out < 1:
         return 0
     tile = winograd_tile(n, h_out, w_out)
-    if channels >= WINOGRAD_MIN_CHANNELS or (tile == 4 and h_out * w_out <= WINOGRAD_F4_MAX_PIXELS):
+    if channels >= WINOGRAD_MIN_CHANNELS or (tile == 4 and n * h_out * w_out <= WINOGRAD_F4_MAX_OUTPUTS):
         return tile
     return 0
 
@@ -633,7 +634,7 @@ def _pair(v) -> tuple:
 def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d(t, weight)`` without bias. A float32 CPU 3x3 stride-1 convolution of a
     parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side (F(4x4) from
-    ``WINOGRAD_F4_MIN_CHANNELS`` on small maps), outside autograd, runs as
+    ``WINOGRAD_F4_MIN_CHANNELS`` on small batches of maps), outside autograd, runs as
     Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd_tile``; ``torch.ops.fastacd.winograd_conv3x3``;
     float32 rounding 2x and 30x the direct convolution's, docs/kernels.md); everything else is
     ``F.conv2d``."""
