@@ -37,7 +37,7 @@ def test_op_equals_conv2d_float64(shape, pad, tile):
 
 @pytest.mark.parametrize("tile,limit", [(2, 4), (4, 24)])
 def test_op_float32_rounding_and_layouts(tile, limit):
-    """float32: within 4x (F(2x2)) and 24x (F(4x4), measured 13-17x: docs/kernels.md) the direct
+    """float32: within 4x (F(2x2)) and 24x (F(4x4), measured 8-20x: docs/kernels.md) the direct
     convolution's error against float64; a channels_last or non-contiguous input gives the
     same numbers."""
     g = torch.Generator().manual_seed(1)

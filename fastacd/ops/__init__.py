@@ -636,7 +636,7 @@ def conv2d(t: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
     parameter with >= ``WINOGRAD_MIN_CHANNELS`` channels each side (F(4x4) from
     ``WINOGRAD_F4_MIN_CHANNELS`` on small batches of maps), outside autograd, runs as
     Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd_tile``; ``torch.ops.fastacd.winograd_conv3x3``;
-    float32 rounding 2x and 30x the direct convolution's, docs/kernels.md); everything else is
+    float32 rounding 2x and 8-20x the direct convolution's, docs/kernels.md); everything else is
     ``F.conv2d``."""
     if (_WINOGRAD["on"] and isinstance(weight, torch.nn.Parameter) and t.device.type == "cpu"
             and t.dtype == weight.dtype == torch.float32 and t.dim() == 4 and weight.shape[2:] == (3, 3)
