@@ -180,11 +180,12 @@ class WideVGG(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def test_engine_with_winograd_against_reference():
+@pytest.mark.parametrize("channels", [ops.WINOGRAD_F4_MIN_CHANNELS, ops.WINOGRAD_MIN_CHANNELS])
+def test_engine_with_winograd_against_reference(channels):
     """float32 CD (full and windowed) with Winograd convolutions against the float64 reference,
-    and against the same engine with direct convolutions."""
+    and against the same engine with direct convolutions; 128 channels: F(4x4) alone."""
     torch.manual_seed(0)
-    model = WideVGG().eval()
+    model = WideVGG(channels).eval()
     x = torch.randn(1, 3, 16, 16)
     masks = torch.zeros(5, 1, 16, 16)
     for i in range(5):
