@@ -13,3 +13,11 @@
 #else
 #define FASTACD_CPU_CLONES
 #endif
+
+// Keeps gcc from turning a short copy loop into a memmove / memset call (the windowed pass's
+// rows are 12-20 values, where the call costs most of the row); other compilers: nothing.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTACD_INLINE_COPIES __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define FASTACD_INLINE_COPIES
+#endif

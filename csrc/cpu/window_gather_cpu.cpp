@@ -35,7 +35,8 @@ struct Corners {
 };
 
 // o[x] = v[x] for x in [lo, hi): a plain loop, not std::copy / std::fill (a memmove / memset
-// call each: the crops' rows are 12-20 values, where the call cost most of the row).
+// call each: the crops' rows are 12-20 values, where the call cost most of the row); kept a
+// loop in crop_loop by FASTACD_INLINE_COPIES.
 template <typename scalar_t>
 inline void copy_span(const scalar_t* __restrict v, scalar_t* __restrict o, int64_t lo, int64_t hi) {
 #pragma GCC unroll 4
@@ -49,7 +50,7 @@ inline void zero_span(scalar_t* o, int64_t lo, int64_t hi) {
 
 // A crop (or paste): each output row is copied as spans (window_math.h crop_row_spans).
 template <typename scalar_t>
-__attribute__((optimize("no-tree-loop-distribute-patterns"))) void crop_loop(const scalar_t* base, Strides sb, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C,
+FASTACD_INLINE_COPIES void crop_loop(const scalar_t* base, Strides sb, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C,
                int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w) {
   const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
