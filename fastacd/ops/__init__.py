@@ -294,8 +294,8 @@ def bias_split_window_(rel_pre: torch.Tensor, total_pre: torch.Tensor, bias: tor
     cropped first (``window_gather``), as the windowed pass did before."""
     total_pre, bias = _like(rel_pre, total_pre, bias)
     tol = _tol_for(tol, total_pre)
-    if _compiled(rel_pre) and rel_pre.is_contiguous() and _has_kernel("bias_split_window_", "CPU") \
-            and rel_pre.device.type == "cpu":
+    if (rel_pre.device.type == "cpu" and _compiled(rel_pre) and rel_pre.is_contiguous()
+            and _has_kernel("bias_split_window_", "CPU")):
         return torch.ops.fastacd.bias_split_window_.default(rel_pre, total_pre, bias, oy, ox, relu, tol)
     h, w = rel_pre.shape[2:]
     crops = [window_gather(t, None, None, None, oy, ox, h, w) for t in (total_pre, tol) if t is not None]
