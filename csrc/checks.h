@@ -123,6 +123,16 @@ inline void check_corner(const char* op, const at::Tensor& t, const char* name, 
               t.scalar_type(), " of shape ", t.sizes(), ".");
 }
 
+// Corners (M,) int64, contiguous on the CPU, that keep a window of `size` inside [0, n) (the
+// window inside `map`); `context` prefixes the message.
+inline void check_corners_inside(const char* op, const at::Tensor& corner, const char* name, int64_t size, int64_t n,
+                                 const char* context, const char* map) {
+  const int64_t* p = corner.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < corner.numel(); ++j)
+    TORCH_CHECK(p[j] >= 0 && p[j] + size <= n, op, ": ", context, name, " must lie in [0, ", n - size,
+                "] (the window inside ", map, "), got ", p[j], " for candidate ", j, ".");
+}
+
 // window_gather's arguments, for both launchers: every tensor on `device_type` (one device),
 // base a float dtype (float16/bfloat16 too when allow_reduced) that win shares; shapes: base
 // (1, C, H, W); oy, ox (M,); win (M, C, wh, ww) with win_oy, win_ox (M,), all three or none;

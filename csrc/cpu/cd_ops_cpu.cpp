@@ -170,17 +170,6 @@ FASTACD_CPU_CLONES void bias_split_window_loop(scalar_t* rel, const scalar_t* to
   }
 }
 
-// Window corners (M,) int64 on the CPU that keep an h x w window inside an H x W map.
-void check_window_inside(const char* op, const at::Tensor& corner, const char* name, int64_t M, int64_t size,
-                         int64_t n) {
-  check_corner(op, corner, name, M);
-  const at::Tensor k = corner.contiguous();
-  const int64_t* p = k.const_data_ptr<int64_t>();
-  for (int64_t j = 0; j < M; ++j)
-    TORCH_CHECK(p[j] >= 0 && p[j] + size <= n, op, ": ", name, " must lie in [0, ", n - size,
-                "] (the window inside the map), got ", p[j], " for candidate ", j, ".");
-}
-
 at::Tensor& bias_split_window_inplace_cpu(at::Tensor& rel_pre, const at::Tensor& total_pre, const at::Tensor& bias,
                                           const at::Tensor& oy, const at::Tensor& ox, bool relu,
                                           const std::optional<at::Tensor>& tol) {
@@ -196,10 +185,13 @@ at::Tensor& bias_split_window_inplace_cpu(at::Tensor& rel_pre, const at::Tensor&
   check_tol_shape(op, tol, total_pre, "total_pre");
   const int64_t M = rel_pre.size(0), C = rel_pre.size(1), h = rel_pre.size(2), w = rel_pre.size(3);
   const int64_t H = total_pre.size(2), W = total_pre.size(3);
-  check_window_inside(op, oy, "oy", M, h, H);
-  check_window_inside(op, ox, "ox", M, w, W);
+  check_corner(op, oy, "oy", M);
+  check_corner(op, ox, "ox", M);
+  const at::Tensor y0 = oy.contiguous(), x0 = ox.contiguous();
+  check_corners_inside(op, y0, "oy", h, H, "", "the map");
+  check_corners_inside(op, x0, "ox", w, W, "", "the map");
   if (rel_pre.numel() == 0) return rel_pre;
-  const at::Tensor t = total_pre.contiguous(), b = bias.contiguous(), y0 = oy.contiguous(), x0 = ox.contiguous();
+  const at::Tensor t = total_pre.contiguous(), b = bias.contiguous();
   const at::Tensor tl = tol.has_value() ? tol->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(rel_pre.scalar_type(), "bias_split_window_cpu", [&] {
     with_flags(relu, tl.defined(), [&](auto kRelu, auto kTol) {

@@ -119,14 +119,6 @@ FASTACD_CPU_CLONES bool pool_loop(const scalar_t* base, Strides sb, const scalar
   return bad == 0;
 }
 
-// A max-pool's output window must lie inside the pooled map (its indices are read there).
-void check_pool_corners(const char* op, const at::Tensor& corner, const char* name, int64_t size, int64_t n) {
-  const int64_t* p = corner.const_data_ptr<int64_t>();
-  for (int64_t j = 0; j < corner.numel(); ++j)
-    TORCH_CHECK(p[j] >= 0 && p[j] + size <= n, op, ": with indices, ", name, " must lie in [0, ", n - size,
-                "] (the window inside the pooled map), got ", p[j], " for candidate ", j, ".");
-}
-
 at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Tensor>& win,
                              const std::optional<at::Tensor>& win_oy, const std::optional<at::Tensor>& win_ox,
                              const at::Tensor& oy, const at::Tensor& ox, int64_t h, int64_t w,
@@ -146,8 +138,9 @@ at::Tensor window_gather_cpu(const at::Tensor& base, const std::optional<at::Ten
   const at::Tensor ix = indices.has_value() ? indices->contiguous() : at::Tensor();
   const int64_t Ho = ix.defined() ? ix.size(2) : 0, Wo = ix.defined() ? ix.size(3) : 0;
   if (ix.defined()) {
-    check_pool_corners(op, y0, "oy", h, Ho);
-    check_pool_corners(op, x0, "ox", w, Wo);
+    // a max-pool's output window lies inside the pooled map (its indices are read there)
+    check_corners_inside(op, y0, "oy", h, Ho, "with indices, ", "the pooled map");
+    check_corners_inside(op, x0, "ox", w, Wo, "with indices, ", "the pooled map");
   }
   const Corners k{y0.const_data_ptr<int64_t>(), x0.const_data_ptr<int64_t>(),
                   wv.defined() ? wy.const_data_ptr<int64_t>() : nullptr,

@@ -73,9 +73,6 @@ class AtWindows(NamedTuple):
     def shape(self) -> tuple:
         return (self.win.oy.shape[0], self.full.shape[1], self.win.h, self.win.w)
 
-    def crops(self, ops) -> torch.Tensor:
-        return gather_crop(ops, self.full, None, None, self.win)
-
 
 class _PerMaskOps:
     """The engine's fused ops with a per-mask total ((m, C, ...) crops, not one shared (1, C, ...)):
