@@ -4,6 +4,8 @@ rounding), float32 within a few times the direct convolution's rounding; when th
 chooses it, and CD through it against the float64 reference."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,18 +108,25 @@ def test_opcheck():
         torch.library.opcheck(winograd, (x, u, 1, 0), test_utils=("test_schema", "test_faketensor"))
 
 
-def _uses_winograd(t, weight, **kw) -> bool:
+@contextlib.contextmanager
+def winograd_calls():
+    """The input shapes of every ``winograd_conv3x3`` call made inside."""
     calls = []
     real = torch.ops.fastacd.winograd_conv3x3
 
     class Spy:
-        default = staticmethod(lambda *a: calls.append(1) or real.default(*a))
+        default = staticmethod(lambda *a: calls.append(tuple(a[0].shape)) or real.default(*a))
 
     torch.ops.fastacd.winograd_conv3x3 = Spy
     try:
-        out = ops.conv2d(t, weight, **kw)
+        yield calls
     finally:
         torch.ops.fastacd.winograd_conv3x3 = real
+
+
+def _uses_winograd(t, weight, **kw) -> bool:
+    with winograd_calls() as calls:
+        out = ops.conv2d(t, weight, **kw)
     torch.testing.assert_close(out, F.conv2d(t.double(), weight.double(), None, **kw).to(out.dtype),
                                rtol=1e-4, atol=1e-4 * float(out.detach().abs().max()))
     return bool(calls)
@@ -213,20 +222,10 @@ def test_totals_are_the_models_own_activations():
     model = WideVGG().eval()
     x = torch.randn(2, 3, 16, 16)
     dec = fastacd.Decomposer(model)
-    calls = []
-    real = torch.ops.fastacd.winograd_conv3x3
-
-    class Spy:
-        default = staticmethod(lambda *a: calls.append(a[0].shape) or real.default(*a))
-
-    torch.ops.fastacd.winograd_conv3x3 = Spy
-    try:
-        with torch.no_grad():
-            values, _ = dec._total_pass(x)
-            assert not calls
-            dec.cd(x[:1], torch.ones(1, 1, 16, 16))
-    finally:
-        torch.ops.fastacd.winograd_conv3x3 = real
+    with winograd_calls() as calls, torch.no_grad():
+        values, _ = dec._total_pass(x)
+        assert not calls
+        dec.cd(x[:1], torch.ones(1, 1, 16, 16))
     assert calls
     with torch.no_grad():
         torch.testing.assert_close(values[dec.graph.result_node], model(x), rtol=1e-5, atol=1e-6)

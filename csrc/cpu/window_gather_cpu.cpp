@@ -50,8 +50,9 @@ inline void zero_span(scalar_t* o, int64_t lo, int64_t hi) {
 
 // A crop (or paste): each output row is copied as spans (window_math.h crop_row_spans).
 template <typename scalar_t>
-FASTACD_INLINE_COPIES void crop_loop(const scalar_t* base, Strides sb, const scalar_t* win, Corners k, scalar_t* out, int64_t M, int64_t C,
-               int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h, int64_t w) {
+FASTACD_INLINE_COPIES void crop_loop(const scalar_t* base, Strides sb, const scalar_t* win, Corners k, scalar_t* out,
+                                     int64_t M, int64_t C, int64_t H, int64_t W, int64_t wh, int64_t ww, int64_t h,
+                                     int64_t w) {
   const int nt = M * C * h * w < kParallelGrain ? 1 : at::get_num_threads();
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t row = 0; row < M * C; ++row) {
