@@ -45,6 +45,9 @@ TORCH_LIBRARY(fastacd, m) {
   // 3x3 stride-1 convolution (no bias) by Winograd F(2x2 or 4x4, 3x3), CPU: x (N,C,H,W), u (16 or 36,C,Co)
   // the transformed weights (fastacd.ops.winograd_weight), zero padding pad_h / pad_w.
   m.def("winograd_conv3x3(Tensor x, Tensor u, int pad_h, int pad_w) -> Tensor");
+  // x (N,C,H,W) converted to dtype and moved between layouts in one pass, CPU: NCHW-contiguous
+  // in, channels_last out (channels_last=True), or the reverse; float32 <-> bfloat16.
+  m.def("transpose_cast(Tensor x, ScalarType dtype, bool channels_last) -> Tensor");
   // One LSTM step of CD for M masks: rel_gates (M,4H), total_gates (1,4H), bias (4H,),
   // out_gate (1,H), prev_rel_c (M,H), prev_total_c (1,H), in_phrase (M,) -> rel_c, rel_h (M,H).
   m.def("lstm_cd_cell(Tensor rel_gates, Tensor total_gates, Tensor bias, Tensor out_gate, Tensor prev_rel_c,"

@@ -865,11 +865,12 @@ def test_build_info():
     assert info["torch"] == torch.__version__
     if ops.HAS_COMPILED:
         assert set(info["ops"]) == {"bias_split", "bias_split_window_", "bn_split", "maxpool_gather", "window_gather",
-                                    "lstm_cd_cell", "winograd_conv3x3"}
+                                    "lstm_cd_cell", "winograd_conv3x3", "transpose_cast"}
         assert all("CPU" in keys for keys in info["ops"].values())
-        # CPU only: Winograd (cuDNN picks its own algorithms) and the split at the windows (on
-        # CUDA the wrapper crops first); every other op has a CUDA kernel
-        cpu_only = {"winograd_conv3x3", "bias_split_window_"}
+        # CPU only: Winograd (cuDNN picks its own algorithms), the split at the windows (on
+        # CUDA the wrapper crops first) and the transposing cast (torch's copy on CUDA); every
+        # other op has a CUDA kernel
+        cpu_only = {"winograd_conv3x3", "bias_split_window_", "transpose_cast"}
         assert all(info["ops"][op] == ["CPU"] for op in cpu_only)
         assert info["cuda_kernels"] == all("CUDA" in keys for op, keys in info["ops"].items() if op not in cpu_only)
     else:

@@ -37,7 +37,7 @@ except ImportError as exc:  # not built (or built against another torch): pure t
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _OP_NAMES = ("bias_split", "bias_split_window_", "bn_split", "maxpool_gather", "window_gather", "lstm_cd_cell",
-             "winograd_conv3x3")
+             "winograd_conv3x3", "transpose_cast")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -490,6 +490,36 @@ if HAS_COMPILED:
                                    and indices.shape[:2] == (1, base.shape[1])), op,
                f"indices must be int64 (1, C, Ho, Wo) with C = {base.shape[1]}.")
         return base.new_empty((m, base.shape[1], h, w))
+
+
+# --------------------------------------------------------------------------- transpose_cast
+
+_TRANSPOSE_CASTS = frozenset({(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)})
+_TRANSPOSE_CAST_MIN = 4096  # values; below it the op's call costs more than torch's slower copy
+
+
+def transpose_cast(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """``x.to(dtype, memory_format=torch.channels_last if channels_last else
+    torch.contiguous_format)``: on the CPU, from NCHW-contiguous to channels_last (or back) in
+    one blocked pass for float32 <-> bfloat16 (``torch.ops.fastacd.transpose_cast``;
+    docs/kernels.md "Transposing casts"), torch's copy elsewhere and for any other input. The
+    same values either way."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if (x.device.type == "cpu" and x.dim() == 4 and (x.dtype, dtype) in _TRANSPOSE_CASTS
+            and x.numel() >= _TRANSPOSE_CAST_MIN
+            and x.is_contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+            and not x.is_contiguous(memory_format=fmt) and _has_kernel("transpose_cast", "CPU")
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return torch.ops.fastacd.transpose_cast.default(x, dtype, channels_last)
+    return x.to(dtype, memory_format=fmt)
+
+
+if HAS_COMPILED:
+    @torch.library.register_fake("fastacd::transpose_cast")
+    def _transpose_cast_fake(x, dtype, channels_last):
+        _check(x.dim() == 4, "transpose_cast", f"x must be a 4-d map (N, C, H, W), got {x.dim()} dims.")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty_like(x, dtype=dtype, memory_format=fmt)
 
 
 # --------------------------------------------------------------------------- lstm_cd_cell

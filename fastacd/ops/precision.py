@@ -175,7 +175,8 @@ class WeightMode:
         (N, H, W, C) tokens a Linear reads: channels_last there made every product a strided
         batched matmul through copies, ConvNeXt's bf16 CD 5x slower than float32)."""
         if self.channels_last and image and t.dim() == 4:
-            return t.to(self.dtype, memory_format=torch.channels_last)
+            from . import transpose_cast  # the package imports this module first
+            return transpose_cast(t, self.dtype, channels_last=True)
         return t.to(self.dtype)
 
 
@@ -203,7 +204,10 @@ def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, nchw_out: boo
     if low is None or t.dtype != torch.float32 or weight.dtype != torch.float32:
         return fn(t, weight, *args, **kwargs)
     out = fn(low.cast(t, image=weight.dim() == 4), low.weight(weight), *args, **kwargs)
-    return out.to(torch.float32, memory_format=torch.contiguous_format if nchw_out else torch.preserve_format)
+    if nchw_out and out.dim() == 4:
+        from . import transpose_cast
+        return transpose_cast(out, torch.float32, channels_last=False)
+    return out.to(torch.float32)
 
 
 def low_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
