@@ -22,7 +22,9 @@ Figures (bench/results/run.json), per model and process count:
   per-image compute times alone (``3600 / (per_image_s x threads)``: start-up left out).
 
 Configurations ``P`` or ``PxT`` (``--configs 1 1x1 2``: 1 process with every core, 1 process
-with one thread, 2 processes); ``--repeats R`` runs R interleaved rounds and keeps the fastest
+with one thread, 2 processes); ``--precisions float32 bf16 bf16-alone`` runs each in float32,
+in bf16 with its decisions checked in float32 (``--precision bf16``) and in bf16 alone
+(``--no-exact-decisions``); ``--repeats R`` runs R interleaved rounds and keeps the fastest
 (``all_wall_s`` has every round).
 
 Also ``cpu_vgg16_forward_1thread.gflops``: achieved FP32 GFLOP/s of a plain VGG16 forward pass
@@ -57,8 +59,13 @@ def write_photos(folder: Path, n: int) -> None:
         Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{k:02d}_{name}.png")
 
 
-def one(arch: str, procs: int, threads: int | None, data: Path, out: Path) -> dict:
-    args = [str(data), "--arch", arch, "--out", str(out), "--no-progress", *SETTINGS]
+# --precisions: the name of each mode and the flags it adds to ``fastacd run``
+PRECISIONS = {"float32": [], "bf16": ["--precision", "bf16"],
+              "bf16-alone": ["--precision", "bf16", "--no-exact-decisions"]}
+
+
+def one(arch: str, procs: int, threads: int | None, data: Path, out: Path, precision: str = "float32") -> dict:
+    args = [str(data), "--arch", arch, "--out", str(out), "--no-progress", *SETTINGS, *PRECISIONS[precision]]
     if threads:
         args += ["--threads", str(threads)]
     if procs == 1:
@@ -118,6 +125,8 @@ def main(argv=None) -> None:
                    help="P or PxT: P processes (torchrun when > 1), T threads each (default: cores // P)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the configs, interleaved")
     p.add_argument("--no-flops", action="store_true", help="skip the CPU GFLOP/s measurement")
+    p.add_argument("--precisions", nargs="+", default=["float32"], choices=list(PRECISIONS),
+                   help="float32; bf16 (decisions checked in float32); bf16-alone (--no-exact-decisions)")
     a = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     if not a.no_flops:
@@ -128,30 +137,30 @@ def main(argv=None) -> None:
         data = Path(tmp) / "photos"
         write_photos(data, a.n)
         for arch in a.archs:
-            runs = {c: [] for c in a.configs}
+            runs = {(c, pr): [] for pr in a.precisions for c in a.configs}
             for k in range(a.repeats):
-                for c in a.configs:
+                for c, pr in runs:
                     procs, threads = parse_config(c)
-                    r = one(arch, procs, threads, data, Path(tmp) / f"out_{arch}_{c}_{k}")
-                    runs[c].append(r)
-                    print(f"{arch} {procs} process(es) x {threads or cores // procs} thread(s), round {k}: "
+                    r = one(arch, procs, threads, data, Path(tmp) / f"out_{arch}_{c}_{pr}_{k}", pr)
+                    runs[c, pr].append(r)
+                    print(f"{arch} {pr} {procs} process(es) x {threads or cores // procs} thread(s), round {k}: "
                           f"{r['images']} images in {r['wall_s']:.0f} s = {r['images_per_hour']:.1f} "
                           f"images/hour (per image {r['per_image_s']:.0f} s, load {r['load_avg_1min']:.1f})",
                           flush=True)
             base = None
-            for c in a.configs:
+            for (c, pr), rs in runs.items():
                 procs, threads = parse_config(c)
-                best = min(runs[c], key=lambda r: r["wall_s"])
+                best = min(rs, key=lambda r: r["wall_s"])
                 fig = dict(best, processes=procs, threads_per_process=threads or max(1, cores // procs),
-                           cpu_cores=cores, settings=" ".join(SETTINGS), rounds=len(runs[c]),
-                           all_wall_s=[r["wall_s"] for r in runs[c]],
-                           all_load_avg_1min=[r["load_avg_1min"] for r in runs[c]])
+                           cpu_cores=cores, settings=" ".join(SETTINGS + PRECISIONS[pr]), rounds=len(rs),
+                           all_wall_s=[r["wall_s"] for r in rs], all_load_avg_1min=[r["load_avg_1min"] for r in rs])
                 used = procs * fig["threads_per_process"]
-                fig.update(dtype="float32", images_per_hour_per_core=fig["images_per_hour"] / used,
+                fig.update(dtype="float32", precision=pr, images_per_hour_per_core=fig["images_per_hour"] / used,
                            steady_images_per_hour_per_core=3600 / (fig["per_image_s"] * fig["threads_per_process"]))
                 base = base or fig["images_per_hour"]
                 fig["images_per_hour_vs_first_config"] = fig["images_per_hour"] / base
-                name = f"{arch}_224_sweep14_{procs}proc" + (f"_{threads}thread" if threads else "")
+                name = (f"{arch}_224_sweep14_{procs}proc" + (f"_{threads}thread" if threads else "")
+                        + ("" if pr == "float32" else f"_{pr}"))
                 record("run", name, **fig)
 
 

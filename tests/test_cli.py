@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +353,26 @@ def test_dist_env_and_device(monkeypatch):
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(RunError):
         Dist.from_env()
+
+
+def test_no_exact_decisions_flag(data, tmp_path, capsys):
+    """--precision bf16 checks near-tied decisions in float32 unless --no-exact-decisions; the
+    choice reaches the hierarchy and the settings (a folder of checked decisions does not resume
+    unchecked)."""
+    src = data / "ant"
+    for flags, decisions in ((["--precision", "bf16"], "float32"),
+                             (["--precision", "bf16", "--no-exact-decisions"], "bf16")):
+        out = tmp_path / decisions
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no fast bf16 path on some CPUs
+            assert run_cli("run", src, "--out", out, *flags, *COMMON) == 0
+        h = Hierarchy.from_json((out / "hierarchies" / "img0.png.json").read_text())
+        assert h.params["precision"] == "bf16" and h.params["decisions"] == decisions
+        assert (h.stats["scored_exact"] > 0) == (decisions == "float32")
+    capsys.readouterr()
+    assert run_cli("run", src, "--out", tmp_path / "float32", "--precision", "bf16", "--no-exact-decisions",
+                   *COMMON) == 2
+    assert "exact_decisions" in capsys.readouterr().err
 
 
 def test_zero_tol_flag(data, tmp_path, capsys):

@@ -384,4 +384,15 @@ def test_cli_precision_flag(tmp_path):
                               "--precision", "bf16", "--dtype", "float64"])
     with pytest.raises(RunError, match="float32"):
         _check_args(args)
-    del run_settings
+    # bf16 scores alone decide: recorded (a folder of checked decisions refuses to resume without)
+    base = ["run", str(tmp_path), "--out", str(tmp_path / "o"), "--arch", "resnet18"]
+    args = parser.parse_args(base + ["--precision", "bf16", "--no-exact-decisions"])
+    _check_args(args)
+    assert args.exact_decisions is False
+    assert run_settings(args, [])["exact_decisions"] is False
+    args = parser.parse_args(base + ["--precision", "bf16"])
+    _check_args(args)
+    assert args.exact_decisions is True and "exact_decisions" not in run_settings(args, [])
+    args = parser.parse_args(base + ["--no-exact-decisions"])
+    with pytest.raises(RunError, match="--no-exact-decisions goes with --precision bf16"):
+        _check_args(args)

@@ -152,10 +152,15 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    help="CD engine backend (default: %(default)s: the fastest built)")
     g.add_argument("--precision", choices=("float32", "bf16", "tf32"), default="float32",
                    help="float32: exact (default); bf16: convolutions, linear layers and attention "
-                   "products in bfloat16, the splits and everything that decides the hierarchy in "
-                   "float32 (4-5x faster on CPUs with AMX, GPUs from Ampere; docs/precision.md); "
+                   "products in bfloat16 (fast on CPUs with AMX and GPUs from Ampere), the splits in "
+                   "float32, and the hierarchy's near-tied decisions checked with float32 scores "
+                   "(on a CPU that costs what bf16 saves: docs/precision.md); "
                    "tf32: TF32 tensor cores on a GPU for float32 convolutions and matmuls")
     g.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
+    g.add_argument("--no-exact-decisions", dest="exact_decisions", action="store_false",
+                   help="with --precision bf16 (or tf32 on a GPU): decide the hierarchy from the "
+                   "reduced-precision scores alone, without float32 checks of near ties (faster; the "
+                   "hierarchy can differ from float32's from the first near tie on)")
     g.add_argument("--zero-tol", type=float, default=None, help="numerical zero: a split's part near "
                    "this fraction of its unit's magnitude counts as zero (default 1e-4; 0: the published "
                    "split formula, the original package's numbers; docs/engine.md)")

@@ -418,6 +418,7 @@ def run_settings(args, items) -> dict:
                 outputs=dict(class_scores=not args.no_class_scores),
                 # only when not the default, so that folders written before --precision resume
                 **({"precision": args.precision} if getattr(args, "precision", "float32") not in ("float32", "tf32") else {}),
+                **({"exact_decisions": False} if not getattr(args, "exact_decisions", True) else {}),
                 **({"zero_tol": args.zero_tol} if args.zero_tol != ZERO_TOL else {}))
 
 
@@ -432,6 +433,9 @@ def _check_args(args):
         args.precision = precision
     if args.precision == "bf16" and getattr(args, "dtype", "float32") != "float32":
         raise RunError("--precision bf16 runs a float32 model's weights in bfloat16: use --dtype float32")
+    args.exact_decisions = getattr(args, "exact_decisions", True)
+    if not args.exact_decisions and args.precision == "float32":
+        raise RunError("--no-exact-decisions goes with --precision bf16 or tf32: float32 decisions are exact already")
     args.zero_tol = ZERO_TOL if getattr(args, "zero_tol", None) is None else float(args.zero_tol)
     if not 0 <= args.zero_tol < 1:  # also NaN
         raise RunError("--zero-tol must be within [0, 1) (0: the published split formula)")
@@ -611,7 +615,7 @@ def _run_locked(args, dist, device, out, items, kind, settings, digest, model, d
                               percentile_include=acd["percentile_include"], num_iters=acd["num_iters"],
                               method=acd["method"], backend=args.backend, base=acd["base"],
                               corrected=acd["corrected"], precision=args.precision,
-                              zero_tol=args.zero_tol)
+                              zero_tol=args.zero_tol, exact_decisions=args.exact_decisions)
                 if args.no_class_scores:
                     for node in h.nodes:
                         node.class_scores = []

@@ -314,9 +314,11 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
     lists = agg_2d.run_iterations(units, scorer, percentile_include, method, label, num_iters,
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
+    reduced_alone = scorer.exact is None and (dec.precision == "bf16" or (
+        dec.precision == "tf32" and x.device.type == "cuda"))
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
-                  precision=dec.precision, zero_tol=dec.zero_tol, corrected=corrected,
-                  segment_kwargs=segment_kwargs or {})
+                  precision=dec.precision, decisions=dec.precision if reduced_alone else "float32",
+                  zero_tol=dec.zero_tol, corrected=corrected, segment_kwargs=segment_kwargs or {})
     stats = dict(requested=scorer.requested, scored=scorer.scored, calls=scorer.calls,
                  scored_exact=scorer.exact.scored if scorer.exact else 0)
     return from_lists(lists, label, method, units, base=base,
