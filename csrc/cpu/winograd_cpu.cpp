@@ -86,31 +86,38 @@ struct Tiles {
   int64_t count() const { return N * th * tw; }
 };
 
-// V[a * alpha + b][t][c] = (B^T d B)[a][b] for the alpha x alpha input patch d of tile t (rows
-// m i - ph.., cols m j - pw..); xh is the input in NHWC, zero outside.
+// V[a * alpha + b][t][c] = (B^T d B)[a][b] for the alpha x alpha input patch d of tiles t in
+// [t0, t1) (rows m i - ph.., cols m j - pw..); xh is the input in NHWC, zero outside. A function
+// of its own, not at::parallel_for's lambda: target_clones does not reach into a lambda.
 template <typename F, typename scalar_t>
-FASTACD_CPU_CLONES void input_transform(const scalar_t* xh, scalar_t* V, Tiles g) {
+FASTACD_CPU_CLONES void input_tiles(const scalar_t* xh, scalar_t* V, const Tiles& g, const scalar_t* zero,
+                                    int64_t t0, int64_t t1) {
   constexpr int A = F::alpha;
   const int64_t T = g.count(), C = g.C, plane = T * C;
-  const std::vector<scalar_t> zero(C, scalar_t(0));
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-      const scalar_t* p[A][A];
-      for (int a = 0; a < A; ++a)
-        for (int b = 0; b < A; ++b) {
-          const int64_t y = F::m * i + a - g.ph, x = F::m * j + b - g.pw;
-          p[a][b] = (y >= 0 && y < g.H && x >= 0 && x < g.W) ? xh + ((n * g.H + y) * g.W + x) * C : zero.data();
-        }
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t cn = std::min<int64_t>(kBlock, C - c0);
-        scalar_t d[A][A][kBlock], r[A][A][kBlock];  // local copies: no aliasing, so the loops vectorise
-        for (int a = 0; a < A; ++a)
-          for (int b = 0; b < A; ++b) std::copy(p[a][b] + c0, p[a][b] + c0 + cn, d[a][b]);
-        for (int b = 0; b < A; ++b) F::bt(d[0][b], A * kBlock, r[0][b], A * kBlock, cn);  // B^T d
-        for (int a = 0; a < A; ++a) F::bt(r[a][0], kBlock, V + a * A * plane + t * C + c0, plane, cn);  // (B^T d) B
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+    const scalar_t* p[A][A];
+    for (int a = 0; a < A; ++a)
+      for (int b = 0; b < A; ++b) {
+        const int64_t y = F::m * i + a - g.ph, x = F::m * j + b - g.pw;
+        p[a][b] = (y >= 0 && y < g.H && x >= 0 && x < g.W) ? xh + ((n * g.H + y) * g.W + x) * C : zero;
       }
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t cn = std::min<int64_t>(kBlock, C - c0);
+      scalar_t d[A][A][kBlock], r[A][A][kBlock];  // local copies: no aliasing, so the loops vectorise
+      for (int a = 0; a < A; ++a)
+        for (int b = 0; b < A; ++b) std::copy(p[a][b] + c0, p[a][b] + c0 + cn, d[a][b]);
+      for (int b = 0; b < A; ++b) F::bt(d[0][b], A * kBlock, r[0][b], A * kBlock, cn);  // B^T d
+      for (int a = 0; a < A; ++a) F::bt(r[a][0], kBlock, V + a * A * plane + t * C + c0, plane, cn);  // (B^T d) B
     }
+  }
+}
+
+template <typename F, typename scalar_t>
+void input_transform(const scalar_t* xh, scalar_t* V, const Tiles& g) {
+  const std::vector<scalar_t> zero(g.C, scalar_t(0));
+  at::parallel_for(0, g.count(), 16, [&](int64_t t0, int64_t t1) {
+    input_tiles<F, scalar_t>(xh, V, g, zero.data(), t0, t1);
   });
 }
 
@@ -118,28 +125,31 @@ FASTACD_CPU_CLONES void input_transform(const scalar_t* xh, scalar_t* V, Tiles g
 // (N, Co, Ho, Wo) where the tile lies inside the output: NCHW directly, rows of m outputs per
 // channel (an NHWC map and a transposing copy after it cost a pass over the output more).
 template <typename F, typename scalar_t>
-FASTACD_CPU_CLONES void output_transform(const scalar_t* Mm, scalar_t* Y, Tiles g) {
+FASTACD_CPU_CLONES void output_tiles(const scalar_t* Mm, scalar_t* Y, const Tiles& g, int64_t t0, int64_t t1) {
   constexpr int A = F::alpha, R = F::m;
   const int64_t T = g.count(), Co = g.Co, plane = T * Co;
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-      const int64_t rows = std::min<int64_t>(R, g.Ho - R * i), cols = std::min<int64_t>(R, g.Wo - R * j);
-      const int64_t map = g.Ho * g.Wo;
-      scalar_t* y0 = Y + n * Co * map + R * i * g.Wo + R * j;  // channel 0's first output of the tile
-      for (int64_t c0 = 0; c0 < Co; c0 += kBlock) {
-        const int64_t cn = std::min<int64_t>(kBlock, Co - c0);
-        scalar_t s[R][A][kBlock], y[R][R][kBlock];
-        for (int b = 0; b < A; ++b) F::at(Mm + b * plane + t * Co + c0, A * plane, s[0][b], A * kBlock, cn);
-        for (int r = 0; r < R; ++r) F::at(s[r][0], kBlock, y[r][0], kBlock, cn);
-        for (int64_t k = 0; k < cn; ++k) {
-          scalar_t* yk = y0 + (c0 + k) * map;
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; ++c) yk[r * g.Wo + c] = y[r][c][k];
-        }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+    const int64_t rows = std::min<int64_t>(R, g.Ho - R * i), cols = std::min<int64_t>(R, g.Wo - R * j);
+    const int64_t map = g.Ho * g.Wo;
+    scalar_t* y0 = Y + n * Co * map + R * i * g.Wo + R * j;  // channel 0's first output of the tile
+    for (int64_t c0 = 0; c0 < Co; c0 += kBlock) {
+      const int64_t cn = std::min<int64_t>(kBlock, Co - c0);
+      scalar_t s[R][A][kBlock], y[R][R][kBlock];
+      for (int b = 0; b < A; ++b) F::at(Mm + b * plane + t * Co + c0, A * plane, s[0][b], A * kBlock, cn);
+      for (int r = 0; r < R; ++r) F::at(s[r][0], kBlock, y[r][0], kBlock, cn);
+      for (int64_t k = 0; k < cn; ++k) {
+        scalar_t* yk = y0 + (c0 + k) * map;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) yk[r * g.Wo + c] = y[r][c][k];
       }
     }
-  });
+  }
+}
+
+template <typename F, typename scalar_t>
+void output_transform(const scalar_t* Mm, scalar_t* Y, const Tiles& g) {
+  at::parallel_for(0, g.count(), 16, [&](int64_t t0, int64_t t1) { output_tiles<F, scalar_t>(Mm, Y, g, t0, t1); });
 }
 
 template <typename F, typename scalar_t>
