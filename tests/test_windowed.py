@@ -311,6 +311,29 @@ def test_kept_and_derived_bases_equal_full(name):
             assert len(totals["bases"].items) == 3
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_paste_one_and_many_candidates(channels_last):
+    """``paste``: one candidate (a derived base) is a copy of the base in its own layout with
+    the window written in; several go through window_gather (NCHW). The same values both ways."""
+    from fastacd import ops
+    from fastacd.engine.windows import Window
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 6, 9, 10, generator=gen)
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    win_t = torch.randn(3, 6, 4, 3, generator=gen)
+    win = Window(torch.tensor([0, 5, 2]), torch.tensor([7, 1, 4]), 4, 3)
+    before = base.clone()
+    many = windowed.paste(ops, base, win_t, win)
+    for j in range(3):
+        one = windowed.paste(ops, base, win_t[j:j + 1], Window(win.oy[j:j + 1], win.ox[j:j + 1], 4, 3))
+        want = base.clone()
+        want[0, :, int(win.oy[j]):int(win.oy[j]) + 4, int(win.ox[j]):int(win.ox[j]) + 3] = win_t[j]
+        assert torch.equal(one, want) and torch.equal(many[j:j + 1], want)
+        assert one.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(base, before)  # the base is left as it was
+
+
 def test_base_cache_stays_within_its_budget():
     torch.manual_seed(0)
     model = small_vgg()

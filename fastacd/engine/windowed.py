@@ -136,6 +136,13 @@ class _Crops:
 def paste(ops, base: torch.Tensor, win_t: torch.Tensor, win: Window) -> torch.Tensor:
     """(m, C, H, W): the candidates' full maps, ``base`` (1, C, H, W) with each candidate's
     window values ``win_t`` (m, C, h, w) written over its window (node windows lie inside)."""
+    if win_t.shape[0] == 1 and win_t.device.type == "cpu":
+        # one candidate (a derived base): a copy in the base's own layout; window_gather's NCHW
+        # output read a channels_last (bf16) base value by value, strided
+        y, x = int(win.oy[0]), int(win.ox[0])
+        out = base.clone()
+        out[:, :, y:y + win_t.shape[2], x:x + win_t.shape[3]] = win_t
+        return out
     zero = torch.zeros_like(win.oy)
     return ops.window_gather(base, win_t, win.oy, win.ox, zero, zero, base.shape[2], base.shape[3])
 
