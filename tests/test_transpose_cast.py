@@ -9,6 +9,7 @@ import torch
 
 import fastacd
 from fastacd import ops
+from fastacd.ops import precision as prec
 
 needs_compiled = pytest.mark.skipif(not ops.HAS_COMPILED, reason="compiled extension fastacd._C not built")
 kernel = torch.ops.fastacd.transpose_cast.default if ops.HAS_COMPILED else None
@@ -122,7 +123,7 @@ def test_bf16_cd_through_the_kernel_equals_cd_through_torchs_copy(monkeypatch):
     monkeypatch.setattr(torch.ops.fastacd.transpose_cast, "default", spy)
     with_kernel = run()
     assert {c for c in calls} >= {(torch.bfloat16, True), (torch.float32, False)}
-    monkeypatch.setattr(ops, "_TRANSPOSE_CAST_MIN", 1 << 62)
+    monkeypatch.setattr(prec, "_TRANSPOSE_CAST_MIN", 1 << 62)
     calls.clear()
     with_torch = run()
     assert not calls

@@ -25,7 +25,7 @@ import torch
 
 from . import torch_ops as _torch_ops
 from .precision import (PRECISIONS, WeightMode, fast_bf16, float32_precision, low_precision,  # noqa: F401
-                        low_matmul, tf32_enabled, weight_apply)
+                        low_matmul, tf32_enabled, transpose_cast, weight_apply)
 
 try:
     from .. import _C  # loading the library registers torch.ops.fastacd.*
@@ -493,26 +493,7 @@ if HAS_COMPILED:
 
 
 # --------------------------------------------------------------------------- transpose_cast
-
-_TRANSPOSE_CASTS = frozenset({(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)})
-_TRANSPOSE_CAST_MIN = 4096  # values; below it the op's call costs more than torch's slower copy
-
-
-def transpose_cast(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """``x.to(dtype, memory_format=torch.channels_last if channels_last else
-    torch.contiguous_format)``: on the CPU, from NCHW-contiguous to channels_last (or back) in
-    one blocked pass for float32 <-> bfloat16 (``torch.ops.fastacd.transpose_cast``;
-    docs/kernels.md "Transposing casts"), torch's copy elsewhere and for any other input. The
-    same values either way."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if (x.device.type == "cpu" and x.dim() == 4 and (x.dtype, dtype) in _TRANSPOSE_CASTS
-            and x.numel() >= _TRANSPOSE_CAST_MIN
-            and x.is_contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
-            and not x.is_contiguous(memory_format=fmt) and _has_kernel("transpose_cast", "CPU")
-            and not (torch.is_grad_enabled() and x.requires_grad)):
-        return torch.ops.fastacd.transpose_cast.default(x, dtype, channels_last)
-    return x.to(dtype, memory_format=fmt)
-
+# (the wrapper is in precision.py, beside the bf16 casts that use it)
 
 if HAS_COMPILED:
     @torch.library.register_fake("fastacd::transpose_cast")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import warnings
 
 import torch
@@ -175,9 +176,35 @@ class WeightMode:
         (N, H, W, C) tokens a Linear reads: channels_last there made every product a strided
         batched matmul through copies, ConvNeXt's bf16 CD 5x slower than float32)."""
         if self.channels_last and image and t.dim() == 4:
-            from . import transpose_cast  # the package imports this module first
             return transpose_cast(t, self.dtype, channels_last=True)
         return t.to(self.dtype)
+
+
+_TRANSPOSE_CASTS = frozenset({(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)})
+_TRANSPOSE_CAST_MIN = 4096  # values; below it the op's call costs more than torch's slower copy
+
+
+@functools.cache
+def _transpose_kernel() -> bool:
+    """Whether the compiled CPU kernel is registered (fastacd._C loads before any call)."""
+    return hasattr(torch.ops.fastacd, "transpose_cast") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastacd::transpose_cast", "CPU")
+
+
+def transpose_cast(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """``x.to(dtype, memory_format=torch.channels_last if channels_last else
+    torch.contiguous_format)``: on the CPU, from NCHW-contiguous to channels_last (or back) in
+    one blocked pass for float32 <-> bfloat16 (``torch.ops.fastacd.transpose_cast``;
+    docs/kernels.md "Transposing casts"), torch's copy elsewhere and for any other input. The
+    same values either way."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if (x.device.type == "cpu" and x.dim() == 4 and (x.dtype, dtype) in _TRANSPOSE_CASTS
+            and x.numel() >= _TRANSPOSE_CAST_MIN
+            and x.is_contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+            and not x.is_contiguous(memory_format=fmt) and _transpose_kernel()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return torch.ops.fastacd.transpose_cast.default(x, dtype, channels_last)
+    return x.to(dtype, memory_format=fmt)
 
 
 @contextlib.contextmanager
@@ -205,7 +232,6 @@ def weight_apply(fn, t: torch.Tensor, weight: torch.Tensor, *args, nchw_out: boo
         return fn(t, weight, *args, **kwargs)
     out = fn(low.cast(t, image=weight.dim() == 4), low.weight(weight), *args, **kwargs)
     if nchw_out and out.dim() == 4:
-        from . import transpose_cast
         return transpose_cast(out, torch.float32, channels_last=False)
     return out.to(torch.float32)
 
