@@ -306,6 +306,14 @@ def test_split_ops_on_channels_last(relu, total_layout):
         out = getattr(ops, name + "_")(buf, t, *args, relu)
         assert out is buf and buf.is_contiguous(memory_format=CL)
         torch.testing.assert_close(buf, want, rtol=1e-15, atol=1e-15)
+    # the rows forms of the total, tol and vectors are kept per tensor: changed in place, made again
+    tol = torch.rand(1, c, h, w, generator=g, dtype=torch.float64) * 0.3
+    for step in range(2):
+        if step:
+            for v in (t, tol, v1):
+                v.mul_(-0.5 if v is not tol else 2.0)
+        want = torch_ops.bias_split(rel, t.contiguous(), v1, relu, tol)
+        torch.testing.assert_close(ops.bias_split(_cl(rel), t, v1, relu, tol), want, rtol=1e-15, atol=1e-15)
 
 
 def test_split_ops_channels_last_grad():

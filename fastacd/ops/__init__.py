@@ -188,13 +188,39 @@ def nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+_ROWS_CACHE: dict = {}  # (id(tensor), tag) -> (weak ref, version, derived copy): see _kept
+
+
+def _kept(t: torch.Tensor, tag, make):
+    """``make(t)``, made once per tensor (and ``tag``) while ``t`` lives unchanged: the rows form
+    of a total, its tolerance or a bias is read by every split of every chunk of a pass, and
+    copying them each time cost 10-20 ms a 64 x 224 x 224 layer (bf16 base passes). Not kept
+    where autograd records (a kept copy would carry the first call's graph)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return make(t)
+    key = (id(t), tag)
+    hit = _ROWS_CACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    out = make(t)
+    _ROWS_CACHE[key] = (weakref.ref(t, lambda _, k=key: _ROWS_CACHE.pop(k, None)), t._version, out)
+    return out
+
+
+def _nhwc_rows(t: torch.Tensor) -> torch.Tensor:
+    """A (1, C, H, W) map as (1, H*W*C) rows: a view if it is channels_last, else a kept copy."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(1, -1)
+    return _kept(t, "rows", lambda u: u.permute(0, 2, 3, 1).reshape(1, -1))
+
+
 def _rows(rel: torch.Tensor, total: torch.Tensor, *vectors: torch.Tensor):
     """A channels_last (M, C, H, W) map as the linear layout's rows: rel (M, H*W*C) (a view),
-    total (1, H*W*C) (a view if the total is channels_last too, else a copy of one map) and
-    each per-channel vector repeated over the positions (one map's worth each)."""
+    total (1, H*W*C) (``_nhwc_rows``) and each per-channel vector repeated over the positions
+    (one map's worth each, kept)."""
     m, c, h, w = rel.shape
-    return ((rel.permute(0, 2, 3, 1).reshape(m, -1), total.permute(0, 2, 3, 1).reshape(1, -1))
-            + tuple(v.repeat(h * w) for v in vectors))
+    return ((rel.permute(0, 2, 3, 1).reshape(m, -1), _nhwc_rows(total))
+            + tuple(_kept(v, ("repeat", h * w), lambda u: u.repeat(h * w)) for v in vectors))
 
 
 def _unrows(out: torch.Tensor, shape) -> torch.Tensor:
@@ -204,7 +230,7 @@ def _unrows(out: torch.Tensor, shape) -> torch.Tensor:
 
 def _row_tol(tol: torch.Tensor | None) -> torch.Tensor | None:
     """A (1, C, H, W) tolerance map in the rows form of ``_rows``."""
-    return None if tol is None else tol.permute(0, 2, 3, 1).reshape(1, -1)
+    return None if tol is None else _nhwc_rows(tol)
 
 
 def _check_tol(op: str, tol, total, total_name: str) -> None:
