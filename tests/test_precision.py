@@ -314,6 +314,13 @@ def test_split_ops_on_channels_last(relu, total_layout):
                 v.mul_(-0.5 if v is not tol else 2.0)
         want = torch_ops.bias_split(rel, t.contiguous(), v1, relu, tol)
         torch.testing.assert_close(ops.bias_split(_cl(rel), t, v1, relu, tol), want, rtol=1e-15, atol=1e-15)
+    # a Parameter whose data is replaced by another dtype (what model.float() does) is made again
+    p = torch.nn.Parameter(v1.clone(), requires_grad=False)
+    with torch.no_grad():
+        ops.bias_split(_cl(rel), t, p, relu)
+        p.data = p.data.float()
+        got = ops.bias_split(_cl(rel).float(), t.float(), p, relu)
+    torch.testing.assert_close(got, torch_ops.bias_split(rel.float(), t.contiguous().float(), p, relu))
 
 
 def test_split_ops_channels_last_grad():

@@ -188,7 +188,7 @@ def nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-_ROWS_CACHE: dict = {}  # (id(tensor), tag) -> (weak ref, version, derived copy): see _kept
+_ROWS_CACHE: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived copy): see _kept
 
 
 def _kept(t: torch.Tensor, tag, make):
@@ -199,11 +199,14 @@ def _kept(t: torch.Tensor, tag, make):
     if torch.is_grad_enabled() and t.requires_grad:
         return make(t)
     key = (id(t), tag)
+    # the version sees in-place writes; the data pointer and dtype see ``.data`` replaced
+    # (``model.float()`` keeps the Parameter objects)
+    state = (t._version, t.data_ptr(), t.dtype, t.shape)
     hit = _ROWS_CACHE.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    if hit is not None and hit[0]() is t and hit[1] == state:
         return hit[2]
     out = make(t)
-    _ROWS_CACHE[key] = (weakref.ref(t, lambda _, k=key: _ROWS_CACHE.pop(k, None)), t._version, out)
+    _ROWS_CACHE[key] = (weakref.ref(t, lambda _, k=key: _ROWS_CACHE.pop(k, None)), state, out)
     return out
 
 
