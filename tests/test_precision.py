@@ -104,6 +104,10 @@ def test_weight_mode_casts_and_caches():
         w2 = mode.weight(conv.weight)
         assert w2 is not w1
         torch.testing.assert_close(w2.float(), conv.weight.bfloat16().float())
+        conv.weight.data = conv.weight.data * 3  # new data, no version bump: cast again
+        w3 = mode.weight(conv.weight)
+        assert w3 is not w2
+        torch.testing.assert_close(w3.float(), conv.weight.bfloat16().float())
         x = torch.randn(2, 3, 8, 8)
         with ops.low_precision(mode):
             out = ops.weight_apply(nn.functional.conv2d, x, conv.weight)

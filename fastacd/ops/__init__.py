@@ -188,25 +188,24 @@ def nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-_ROWS_CACHE: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived copy): see _kept
+_KEPT: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived tensor): see kept
 
 
-def _kept(t: torch.Tensor, tag, make):
-    """``make(t)``, made once per tensor (and ``tag``) while ``t`` lives unchanged: the rows form
-    of a total, its tolerance or a bias is read by every split of every chunk of a pass, and
-    copying them each time cost 10-20 ms a 64 x 224 x 224 layer (bf16 base passes). Not kept
-    where autograd records (a kept copy would carry the first call's graph)."""
+def kept(t: torch.Tensor, tag, make):
+    """``make(t)``, made once per tensor and ``tag`` while ``t`` lives unchanged: the version
+    sees in-place writes, the data pointer, dtype, device and shape see ``.data`` replaced
+    (``model.double()`` keeps the Parameter objects). Winograd's transformed weights, and the
+    rows forms of a total, its tolerance and a bias, which every split of every chunk of a
+    pass reads (copied each time they cost 10-20 ms a 64 x 224 x 224 layer of a bf16 base
+    pass). Not kept where autograd records (a kept tensor would carry the first call's graph)."""
     if torch.is_grad_enabled() and t.requires_grad:
         return make(t)
-    key = (id(t), tag)
-    # the version sees in-place writes; the data pointer and dtype see ``.data`` replaced
-    # (``model.float()`` keeps the Parameter objects)
-    state = (t._version, t.data_ptr(), t.dtype, t.shape)
-    hit = _ROWS_CACHE.get(key)
+    key, state = (id(t), tag), (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+    hit = _KEPT.get(key)
     if hit is not None and hit[0]() is t and hit[1] == state:
         return hit[2]
     out = make(t)
-    _ROWS_CACHE[key] = (weakref.ref(t, lambda _, k=key: _ROWS_CACHE.pop(k, None)), state, out)
+    _KEPT[key] = (weakref.ref(t, lambda _, k=key: _KEPT.pop(k, None)), state, out)
     return out
 
 
@@ -214,7 +213,7 @@ def _nhwc_rows(t: torch.Tensor) -> torch.Tensor:
     """A (1, C, H, W) map as (1, H*W*C) rows: a view if it is channels_last, else a kept copy."""
     if t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1).reshape(1, -1)
-    return _kept(t, "rows", lambda u: u.permute(0, 2, 3, 1).reshape(1, -1))
+    return kept(t, "rows", lambda u: u.permute(0, 2, 3, 1).reshape(1, -1))
 
 
 def _rows(rel: torch.Tensor, total: torch.Tensor, *vectors: torch.Tensor):
@@ -223,7 +222,7 @@ def _rows(rel: torch.Tensor, total: torch.Tensor, *vectors: torch.Tensor):
     (one map's worth each, kept)."""
     m, c, h, w = rel.shape
     return ((rel.permute(0, 2, 3, 1).reshape(m, -1), _nhwc_rows(total))
-            + tuple(_kept(v, ("repeat", h * w), lambda u: u.repeat(h * w)) for v in vectors))
+            + tuple(kept(v, ("repeat", h * w), lambda u: u.repeat(h * w)) for v in vectors))
 
 
 def _unrows(out: torch.Tensor, shape) -> torch.Tensor:
@@ -611,7 +610,6 @@ _WINOGRAD = {"on": True}
 _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
                4: ((1.0, 0.0, 0.0), (-1 / 3, -1 / 3, -1 / 3), (1 / 3, -1 / 3, 1 / 3),  # points 0, 1, -1, 2, -1/2
                    (1 / 15, 2 / 15, 4 / 15), (-16 / 15, 8 / 15, -4 / 15), (0.0, 0.0, 1.0))}
-_WINOGRAD_WEIGHTS: dict = {}  # (id(parameter), tile) -> (weakref, (version, data pointer, dtype, device), transformed)
 
 
 @contextlib.contextmanager
@@ -636,15 +634,8 @@ def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
 
 
 def _winograd_weight_cached(weight: torch.nn.Parameter, tile: int) -> torch.Tensor:
-    """``winograd_weight`` once per parameter and tile, made again when it changes in place or
-    gets new data (``param.data = ...``, ``model.double()``)."""
-    key, state = (id(weight), tile), (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    hit = _WINOGRAD_WEIGHTS.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == state:
-        return hit[2]
-    u = winograd_weight(weight, tile)
-    _WINOGRAD_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _WINOGRAD_WEIGHTS.pop(k, None)), state, u)
-    return u
+    """``winograd_weight`` once per parameter and tile (``kept``)."""
+    return kept(weight, ("winograd", tile), lambda w: winograd_weight(w, tile))
 
 
 def winograd_tile(n: int, h_out: int, w_out: int) -> int:

@@ -164,11 +164,13 @@ class WeightMode:
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, torch.nn.Parameter) or (torch.is_grad_enabled() and w.requires_grad):
             return self.cast(w)  # a computed weight (new each image) or one being trained
+        # the version sees in-place writes, the data pointer ``.data`` replaced (no version bump)
+        state = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
         hit = self._weights.get(id(w))
-        if hit is not None and hit[0] is w and hit[1] == w._version and hit[2].device == w.device:
+        if hit is not None and hit[0] is w and hit[1] == state:
             return hit[2]
         low = self.cast(w.detach())
-        self._weights[id(w)] = (w, w._version, low)
+        self._weights[id(w)] = (w, state, low)
         return low
 
     def cast(self, t: torch.Tensor, image: bool = True) -> torch.Tensor:
