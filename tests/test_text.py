@@ -351,6 +351,19 @@ def test_cached_weights_follow_in_place_updates():
     assert not np.allclose(before, after)
     expected = rt.cd_text(batch, model, 1, 3)
     np.testing.assert_allclose(after, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+    # a kept TextDecomposer after new data without a version bump (param.data = ...): the
+    # head's weights and bias made again, as a fresh decomposer has them
+    model = model.float()  # float32 weights, float64 arithmetic: the head's are converted copies
+    dec = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label, dtype=torch.float64)
+    tokens = batch.text[:, 0]
+    with torch.no_grad():
+        dec.cd(tokens, phrases=[(1, 3)])
+        model.hidden_to_label.bias.data = model.hidden_to_label.bias.data + 3.0
+        got = dec.cd(tokens, phrases=[(1, 3)])
+        want = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label, dtype=torch.float64).cd(
+            tokens, phrases=[(1, 3)])
+    torch.testing.assert_close(got.relevant, want.relevant, rtol=0, atol=0)
+    torch.testing.assert_close(got.bias, want.bias, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ drop-in

@@ -389,7 +389,8 @@ class TextDecomposer:
         w, b = self.head.weight, self.head.bias
         if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
             return w.to(self.dtype).T, None if b is None else b.to(self.dtype)
-        key = (w._version, w.data_ptr(), None if b is None else b._version)
+        # versions see in-place writes, data pointers ``.data`` replaced (no version bump)
+        key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in (w, b))
         hit = getattr(self, "_head_cache", None)
         if hit is None or hit[0] != key:
             hit = self._head_cache = (key, (w.to(self.dtype).T.contiguous(),
