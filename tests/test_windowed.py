@@ -334,6 +334,27 @@ def test_paste_one_and_many_candidates(channels_last):
     assert torch.equal(base, before)  # the base is left as it was
 
 
+def test_kept_totals_follow_the_weights():
+    """``totals`` kept across calls are made again when the model's weights change (in place or
+    new ``.data``): the numbers are those of the new weights, never the kept ones."""
+    torch.manual_seed(0)
+    model = small_vgg().double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    dec = fastacd.Decomposer(model)
+    comp = box(64, 64, 16, 16, 16).double()
+    tiles = torch.stack([box(64, 64, 8, 16, 8), box(64, 64, 40, 40, 8)]).double()[:, None]
+    totals = {}
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        for change in (None, lambda: conv.weight.mul_(1.5), lambda: setattr(conv.bias, "data", conv.bias.data + 0.3)):
+            if change is not None:
+                change()
+            [(b_rel, rel)], out = windowed.cd_groups(dec, x, [(comp, tiles, True)], totals=totals, **ALWAYS)
+            assert_close_scaled(out, dec.forward(x), torch.float64)
+            assert_close_scaled(rel, dec.cd(x, torch.maximum(comp, tiles)).relevant, torch.float64)
+            assert_close_scaled(b_rel, dec.cd(x, comp).relevant, torch.float64)
+
+
 def test_base_cache_stays_within_its_budget():
     torch.manual_seed(0)
     model = small_vgg()

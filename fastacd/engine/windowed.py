@@ -450,7 +450,8 @@ def cd_groups(dec, x: torch.Tensor, groups, *, chunk_size: int | None = None,
     ``trusted``: the masks are already (M, H, W) / (H, W) tensors of x's dtype and device
     holding finite values (as ``agg_2d.Scorer`` builds them): skip the checks.
     ``totals``: a dict kept by the caller across calls for the same ``x`` (and model): the
-    total pass is run once and reused, and so are the kept bases. The linear head after the
+    total pass is run once and reused, and so are the kept bases (made again when ``x``, the
+    Decomposer or any weight or buffer of the model changes). The linear head after the
     last windowed node runs once for all windowed groups of the call, and every mask scored
     by full propagation (groups that do not window, lone bases) in one batched pass at the end.
     """
@@ -473,15 +474,18 @@ def _cd_groups(dec, x, groups, *, chunk_size, max_fraction, max_cost_ratio, stat
         return res, dec.forward(x)
     g, dev = dec.graph, x.device
     budget = dec.memory_budget or chunks.default_memory_budget(dev)
+    # the model's weights and buffers as they are now: kept totals and bases of other weights
+    # (trained in between, ``param.data`` replaced) are not reused
+    weights = tuple((t._version, t.data_ptr()) for t in (*dec.model.parameters(), *dec.model.buffers()))
     if (totals is not None and totals.get("x") is x and totals.get("version") == x._version
-            and totals.get("dec") is dec):
+            and totals.get("dec") is dec and totals.get("weights") == weights):
         values, aux, cache = totals["values"], totals["aux"], totals["bases"]
     else:
         values, aux = dec._total_pass(x)
         cache = BaseCache(budget // 2)
         if totals is not None:
             totals.clear()
-            totals.update(x=x, version=x._version, dec=dec, values=values, aux=aux, bases=cache)
+            totals.update(x=x, version=x._version, dec=dec, weights=weights, values=values, aux=aux, bases=cache)
     if trusted:
         def masks_of(t):
             return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t
