@@ -8,18 +8,24 @@ import torch
 
 from . import ops
 from ._version import __version__
+from .capture.graph import module_identities
 from .capture.inputs import check_masks
 from .engine.decomposer import Decomposer, available_backends, resolve_backend
 from .rules import ZERO_TOL
 
-_DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_DECOMPOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (modules, {key: dec})
 
 
 def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str = "float32",
                    zero_tol: float = ZERO_TOL) -> Decomposer:
     """A Decomposer per (model, backend, precision, zero_tol), traced once and reused across calls
-    ("auto" and the backend it resolves to are one)."""
-    per_model = _DECOMPOSERS.setdefault(model, {})
+    ("auto" and the backend it resolves to are one) while the model's modules stay the same
+    objects (a replaced submodule is traced again)."""
+    modules = module_identities(model)
+    kept_for, per_model = _DECOMPOSERS.get(model, (None, {}))
+    if kept_for != modules:  # a submodule replaced since: the kept traces call the old one
+        per_model = {}
+        _DECOMPOSERS[model] = (modules, per_model)
     key = (resolve_backend(backend), precision, zero_tol)
     if key not in per_model:
         per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol).refer_weakly()

@@ -2,8 +2,10 @@
 import importlib.util
 
 import pytest
+import torch
 
 import fastacd
+from fastacd.reference import cd as reference_cd
 
 # the names notebooks written for acd 0.0.2 call (top level and submodules)
 DROP_IN = {
@@ -51,3 +53,24 @@ def test_every_public_function_of_the_original_is_provided_or_documented_as_repl
         theirs = getattr(acd, sub)
         missing = sorted(n for n in _own_functions(theirs) if not hasattr(getattr(fastacd, sub), n))
         assert missing == [], f"fastacd.{sub} lacks {missing}"
+
+
+def test_replaced_submodule_is_traced_again():
+    """``acd.cd`` keeps a traced Decomposer per model (and the reference a graph): after
+    ``model[3] = nn.Linear(...)`` both decompose the model as it is now, not the kept trace."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    mask = torch.zeros(8, 8)
+    mask[:4] = 1
+    with torch.no_grad():
+        before, _ = fastacd.cd(x, model, mask)
+        reference_cd(model, x, mask[None])
+        model[3] = torch.nn.Linear(4 * 6 * 6, 5)
+        after, _ = fastacd.cd(x, model, mask)
+        fresh = fastacd.Decomposer(model).cd(x, mask[None]).relevant
+        ref_after = reference_cd(model, x, mask[None])[0]
+    assert not torch.allclose(before, fresh)
+    torch.testing.assert_close(after, fresh)
+    torch.testing.assert_close(ref_after, fresh, rtol=1e-5, atol=1e-6)

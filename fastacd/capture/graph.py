@@ -204,6 +204,13 @@ class CapturedGraph:
         return values, aux
 
 
+def module_identities(model: nn.Module) -> tuple:
+    """The identities of a model's modules. A graph captured from the model calls those modules,
+    so a cache of captured graphs keyed by the model is only good while this is unchanged
+    (``model.fc = nn.Linear(...)`` after a capture needs a new one)."""
+    return tuple(map(id, model.modules()))
+
+
 def _drop_proxies(model: nn.Module) -> None:
     """Remove the torch.fx proxies a trace left in modules' dict caches (timm's per-device
     ``attention_bias_cache`` keys on ``str(x.device)``: a proxy's name while traced)."""

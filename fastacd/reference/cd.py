@@ -16,11 +16,11 @@ import torch.fx as fx
 from .. import rules as rules_
 from ..capture.export import export_module
 from ..rules.base import ZERO_TOL
-from ..capture.graph import CapturedGraph
+from ..capture.graph import CapturedGraph, module_identities
 from ..capture.inputs import check_input, check_masks
 from ..capture.nodes import TraceError
 
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (modules, {key: graph})
 
 
 def propagate_graph(graph: CapturedGraph, relevant: torch.Tensor, irrelevant: torch.Tensor,
@@ -56,11 +56,15 @@ def cd_relevant_input(graph: CapturedGraph, x: torch.Tensor, relevant_input: tor
 
 def captured(model: torch.nn.Module, rules: rules_.RuleSet | None = None,
              example: torch.Tensor | None = None) -> CapturedGraph:
-    """The captured graph of a model under a rule set, traced once per model object with
-    torch.fx; where fx cannot trace it and ``example`` (an input) is given, torch.export's
+    """The captured graph of a model under a rule set, traced once per model object (and its
+    modules: a replaced submodule is traced again) with torch.fx; where fx cannot trace it and ``example`` (an input) is given, torch.export's
     graph for inputs of its shape (docs/engine.md, "Capture")."""
     rules = rules_.resolve(rules)
-    per_model = _GRAPHS.setdefault(model, {})
+    modules = module_identities(model)
+    kept_for, per_model = _GRAPHS.get(model, (None, {}))
+    if kept_for != modules:  # a submodule replaced since: the kept graphs call the old one
+        per_model = {}
+        _GRAPHS[model] = (modules, per_model)
     if id(rules) not in per_model:
         try:
             per_model[id(rules)] = CapturedGraph(model, rules)
