@@ -74,3 +74,8 @@ def test_replaced_submodule_is_traced_again():
     assert not torch.allclose(before, fresh)
     torch.testing.assert_close(after, fresh)
     torch.testing.assert_close(ref_after, fresh, rtol=1e-5, atol=1e-6)
+    # a Decomposer the user holds says so instead of decomposing the old module
+    dec = fastacd.Decomposer(model)
+    model[3] = torch.nn.Linear(4 * 6 * 6, 5).eval()
+    with pytest.raises(ValueError, match="modules changed since this Decomposer captured it"):
+        dec.cd(x, mask[None])

@@ -22,7 +22,7 @@ import torch
 
 from .. import ops, rules as rules_
 from ..capture.export import export_module
-from ..capture.graph import CapturedGraph
+from ..capture.graph import CapturedGraph, module_identities
 from ..capture.inputs import all_finite, check_input, check_masks
 from ..capture.nodes import TraceError, UnsupportedOpError, check_eval
 from ..ops import torch_ops
@@ -99,7 +99,8 @@ class Decomposer:
     GPU. ``rules``: the rule set (``fastacd.rules``; default ``fastacd.rules.DEFAULT``; ``"cdt"``
     or ``fastacd.rules.CDT``: CD-T's formulas, docs/engine.md "Rule sets: default and cdt").
 
-    ``capture``: how the model becomes a graph (docs/engine.md, "Capture"). ``"fx"``: traced
+    ``capture``: how the model becomes a graph (docs/engine.md, "Capture"), once: a call after a
+    submodule was replaced or added is an error (make a new Decomposer). ``"fx"``: traced
     by torch.fx, once for any input shape. ``"export"``: torch.export's ATen graph, recorded
     on ``example_input`` or on the first input (and again for an input of another shape:
     every size but the batch is fixed by export); for models with Python control flow on
@@ -133,6 +134,7 @@ class Decomposer:
         if precision not in ops.PRECISIONS:
             raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
         self._model: torch.nn.Module | weakref.ref = model
+        self._modules = module_identities(model)  # what the captured graph calls (_check_input)
         self.rules = rules_.resolve(rules)
         self.capture = capture
         self._graph: CapturedGraph | None = None
@@ -333,6 +335,10 @@ class Decomposer:
     def _check_input(self, x) -> torch.Tensor:
         x = check_input(x)
         check_eval(self.model)
+        if module_identities(self.model) != self._modules:
+            raise ValueError("the model's modules changed since this Decomposer captured it (a submodule "
+                             "was replaced or added): its graph would still call the old ones. Make a new "
+                             "Decomposer(model) (fastacd.cd, hierarchy and agg_2d do so themselves)")
         param = next(self.model.parameters(), None)
         if param is not None:
             if param.device != x.device:
