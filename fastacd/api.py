@@ -8,7 +8,7 @@ import torch
 
 from . import ops
 from ._version import __version__
-from .capture.graph import module_identities
+from .capture.graph import per_model
 from .capture.inputs import check_masks
 from .engine.decomposer import Decomposer, available_backends, resolve_backend
 from .rules import ZERO_TOL
@@ -21,15 +21,11 @@ def decomposer_for(model: torch.nn.Module, backend: str = "auto", precision: str
     """A Decomposer per (model, backend, precision, zero_tol), traced once and reused across calls
     ("auto" and the backend it resolves to are one) while the model's modules stay the same
     objects (a replaced submodule is traced again)."""
-    modules = module_identities(model)
-    kept_for, per_model = _DECOMPOSERS.get(model, (None, {}))
-    if kept_for != modules:  # a submodule replaced since: the kept traces call the old one
-        per_model = {}
-        _DECOMPOSERS[model] = (modules, per_model)
+    kept = per_model(_DECOMPOSERS, model)
     key = (resolve_backend(backend), precision, zero_tol)
-    if key not in per_model:
-        per_model[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol).refer_weakly()
-    return per_model[key]
+    if key not in kept:
+        kept[key] = Decomposer(model, backend=backend, precision=precision, zero_tol=zero_tol).refer_weakly()
+    return kept[key]
 
 
 def cd(im_torch: torch.Tensor, model: torch.nn.Module, mask=None, model_type=None, device=None,

@@ -211,6 +211,17 @@ def module_identities(model: nn.Module) -> tuple:
     return tuple(map(id, model.modules()))
 
 
+def per_model(cache, model: nn.Module) -> dict:
+    """``cache``'s dict for ``model`` (a WeakKeyDictionary of (module identities, dict)), emptied
+    when a submodule was replaced since: what it holds was captured from the old modules."""
+    modules = module_identities(model)
+    kept_for, entries = cache.get(model, (None, {}))
+    if kept_for != modules:
+        entries = {}
+        cache[model] = (modules, entries)
+    return entries
+
+
 def _drop_proxies(model: nn.Module) -> None:
     """Remove the torch.fx proxies a trace left in modules' dict caches (timm's per-device
     ``attention_bias_cache`` keys on ``str(x.device)``: a proxy's name while traced)."""

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..capture.inputs import check_masks
+from ..ops import tensor_state
 from . import chunks
 from .batched import apply_rule
 from .windows import WINDOW_MAX_FRACTION, Window, diff_boxes, input_windows, on_device, plan
@@ -476,7 +477,7 @@ def _cd_groups(dec, x, groups, *, chunk_size, max_fraction, max_cost_ratio, stat
     budget = dec.memory_budget or chunks.default_memory_budget(dev)
     # the model's weights and buffers as they are now: kept totals and bases of other weights
     # (trained in between, ``param.data`` replaced) are not reused
-    weights = tuple((t._version, t.data_ptr()) for t in (*dec.model.parameters(), *dec.model.buffers()))
+    weights = tuple(map(tensor_state, (*dec.model.parameters(), *dec.model.buffers())))
     if (totals is not None and totals.get("x") is x and totals.get("version") == x._version
             and totals.get("dec") is dec and totals.get("weights") == weights):
         values, aux, cache = totals["values"], totals["aux"], totals["bases"]

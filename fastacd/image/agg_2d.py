@@ -610,12 +610,17 @@ def run_merges(lists, scorer, lab_num, progress=False) -> dict:
 # ------------------------------------------------------------------------------------------
 # The drop-in
 # ------------------------------------------------------------------------------------------
-def exact_decomposer(dec, method: str, exact_decisions: bool, x: torch.Tensor | None):
-    """The float32 Decomposer that decides a reduced-precision run's near ties: bf16, and TF32
-    on a GPU (on the CPU it is float32 already); None: no such run."""
-    reduced = dec is not None and (dec.precision == "bf16" or (
+def reduced_precision(dec, x: torch.Tensor | None) -> bool:
+    """Whether ``dec`` scores in reduced precision: bf16, and TF32 on a GPU (on the CPU it is
+    float32 already)."""
+    return dec is not None and (dec.precision == "bf16" or (
         dec.precision == "tf32" and x is not None and x.device.type == "cuda"))
-    if not reduced or method != "cd" or not exact_decisions:
+
+
+def exact_decomposer(dec, method: str, exact_decisions: bool, x: torch.Tensor | None):
+    """The float32 Decomposer that decides a reduced-precision run's near ties
+    (``reduced_precision``); None: no such run."""
+    if not reduced_precision(dec, x) or method != "cd" or not exact_decisions:
         return None
     return decomposer_for(dec.model, dec.backend, "float32", dec.zero_tol)
 

@@ -314,8 +314,7 @@ def _hierarchy(model, x, hw, label, sweep_dim, percentile_include, num_iters, me
     lists = agg_2d.run_iterations(units, scorer, percentile_include, method, label, num_iters,
                                   hw, corrected=corrected, progress=progress)
     lists = agg_2d.run_merges(lists, scorer, label, progress=progress)
-    reduced_alone = scorer.exact is None and (dec.precision == "bf16" or (
-        dec.precision == "tf32" and x.device.type == "cuda"))
+    reduced_alone = scorer.exact is None and agg_2d.reduced_precision(dec, x)
     params = dict(percentile_include=percentile_include, num_iters=num_iters, backend=dec.backend,
                   precision=dec.precision, decisions=dec.precision if reduced_alone else "float32",
                   zero_tol=dec.zero_tol, corrected=corrected, segment_kwargs=segment_kwargs or {})

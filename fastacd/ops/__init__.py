@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from . import torch_ops as _torch_ops
+from .kept import kept, tensor_state  # noqa: F401
 from .precision import (PRECISIONS, WeightMode, fast_bf16, float32_precision, low_precision,  # noqa: F401
                         low_matmul, tf32_enabled, transpose_cast, weight_apply)
 
@@ -186,27 +187,6 @@ def nhwc(t: torch.Tensor) -> bool:
     """Whether ``t`` is a 4-d map stored channels_last (and not also plainly contiguous, as a
     map with C == 1 or H * W == 1 is): the split ops then run on its (M, H*W*C) rows."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-_KEPT: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived tensor): see kept
-
-
-def kept(t: torch.Tensor, tag, make):
-    """``make(t)``, made once per tensor and ``tag`` while ``t`` lives unchanged: the version
-    sees in-place writes, the data pointer, dtype, device and shape see ``.data`` replaced
-    (``model.double()`` keeps the Parameter objects). Winograd's transformed weights, and the
-    rows forms of a total, its tolerance and a bias, which every split of every chunk of a
-    pass reads (copied each time they cost 10-20 ms a 64 x 224 x 224 layer of a bf16 base
-    pass). Not kept where autograd records (a kept tensor would carry the first call's graph)."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return make(t)
-    key, state = (id(t), tag), (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
-    hit = _KEPT.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == state:
-        return hit[2]
-    out = make(t)
-    _KEPT[key] = (weakref.ref(t, lambda _, k=key: _KEPT.pop(k, None)), state, out)
-    return out
 
 
 def _nhwc_rows(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from .kept import tensor_state
+
 MODES = ("ieee", "tf32")
 
 # Every (backend, op) of the per-backend fp32_precision API ("cuda" holds cuDNN's conv and
@@ -164,8 +166,7 @@ class WeightMode:
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, torch.nn.Parameter) or (torch.is_grad_enabled() and w.requires_grad):
             return self.cast(w)  # a computed weight (new each image) or one being trained
-        # the version sees in-place writes, the data pointer ``.data`` replaced (no version bump)
-        state = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
+        state = tensor_state(w)
         hit = self._weights.get(id(w))
         if hit is not None and hit[0] is w and hit[1] == state:
             return hit[2]

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .. import rules as rules_
 from ..capture.export import export_module
 from ..rules.base import ZERO_TOL
-from ..capture.graph import CapturedGraph, module_identities
+from ..capture.graph import CapturedGraph, per_model
 from ..capture.inputs import check_input, check_masks
 from ..capture.nodes import TraceError
 
@@ -57,28 +57,25 @@ def cd_relevant_input(graph: CapturedGraph, x: torch.Tensor, relevant_input: tor
 def captured(model: torch.nn.Module, rules: rules_.RuleSet | None = None,
              example: torch.Tensor | None = None) -> CapturedGraph:
     """The captured graph of a model under a rule set, traced once per model object (and its
-    modules: a replaced submodule is traced again) with torch.fx; where fx cannot trace it and ``example`` (an input) is given, torch.export's
-    graph for inputs of its shape (docs/engine.md, "Capture")."""
+    modules: a replaced submodule is traced again) with torch.fx; where fx cannot trace it and
+    ``example`` (an input) is given, torch.export's graph for inputs of its shape
+    (docs/engine.md, "Capture")."""
     rules = rules_.resolve(rules)
-    modules = module_identities(model)
-    kept_for, per_model = _GRAPHS.get(model, (None, {}))
-    if kept_for != modules:  # a submodule replaced since: the kept graphs call the old one
-        per_model = {}
-        _GRAPHS[model] = (modules, per_model)
-    if id(rules) not in per_model:
+    graphs = per_model(_GRAPHS, model)
+    if id(rules) not in graphs:
         try:
-            per_model[id(rules)] = CapturedGraph(model, rules)
+            graphs[id(rules)] = CapturedGraph(model, rules)
         except TraceError:
             if example is None:
                 raise
-            per_model[id(rules)] = None  # fx cannot trace it: export, per input shape
-    graph = per_model[id(rules)]
+            graphs[id(rules)] = None  # fx cannot trace it: export, per input shape
+    graph = graphs[id(rules)]
     if graph is not None:
         return graph
     key = (id(rules), tuple(example.shape[1:]))
-    if key not in per_model:
-        per_model[key] = CapturedGraph(model, rules, export_module(model, example))
-    return per_model[key]
+    if key not in graphs:
+        graphs[key] = CapturedGraph(model, rules, export_module(model, example))
+    return graphs[key]
 
 
 def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | None = None,

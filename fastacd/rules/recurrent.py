@@ -179,7 +179,7 @@ def direction_weights(rnn: nn.Module, layer: int, reverse: bool, dtype: torch.dt
     cache = None
     if not (torch.is_grad_enabled() and any(q.requires_grad for q in params)):
         cache = _WEIGHTS.setdefault(rnn, {})
-        key = (dtype,) + tuple((q.data_ptr(), q._version, q.dtype, q.device, q.shape) for q in params)
+        key = (dtype,) + tuple(map(ops.tensor_state, params))
         hit = cache.get((sfx, dtype))
         if hit is not None and hit[0] == key:
             return hit[1]

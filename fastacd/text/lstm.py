@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from ..capture.nodes import UnsupportedOpError
 from ..capture.phrases import _pair_masks, check_phrase, check_phrases, check_token_masks, tokens_of
-from ..ops import torch_ops as _torch_ops
+from ..ops import tensor_state, torch_ops as _torch_ops
 from ..rules.recurrent import (LSTMDirection, cell_fn, lstm_true_pass as _true_pass,  # noqa: F401
                                lstm_true_pass_autograd as _true_pass_autograd)
 
@@ -268,8 +268,7 @@ class TextDecomposer:
         cache = None
         if not (torch.is_grad_enabled() and any(q.requires_grad for q in params)):
             cache = _WEIGHT_CACHE.setdefault(lstm, {})
-            key = (sfx, dt) + tuple((q.data_ptr(), q._version, q.dtype, q.device, q.shape)
-                                    for q in params)
+            key = (sfx, dt) + tuple(map(tensor_state, params))
             hit = cache.get(sfx)
             if hit is not None and hit[0] == key:
                 return hit[1]
@@ -389,8 +388,7 @@ class TextDecomposer:
         w, b = self.head.weight, self.head.bias
         if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
             return w.to(self.dtype).T, None if b is None else b.to(self.dtype)
-        # versions see in-place writes, data pointers ``.data`` replaced (no version bump)
-        key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in (w, b))
+        key = tuple(None if t is None else tensor_state(t) for t in (w, b))
         hit = getattr(self, "_head_cache", None)
         if hit is None or hit[0] != key:
             hit = self._head_cache = (key, (w.to(self.dtype).T.contiguous(),
