@@ -24,8 +24,6 @@ import warnings
 
 import torch
 
-from .kept import tensor_state
-
 MODES = ("ieee", "tf32")
 
 # Every (backend, op) of the per-backend fp32_precision API ("cuda" holds cuDNN's conv and
@@ -166,7 +164,9 @@ class WeightMode:
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, torch.nn.Parameter) or (torch.is_grad_enabled() and w.requires_grad):
             return self.cast(w)  # a computed weight (new each image) or one being trained
-        state = tensor_state(w)
+        # kept.tensor_state's tuple, written out: this module is also loaded on its own, without
+        # its package (tests/test_cuda.py runs it in a bare interpreter)
+        state = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
         hit = self._weights.get(id(w))
         if hit is not None and hit[0] is w and hit[1] == state:
             return hit[2]
