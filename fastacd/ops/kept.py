@@ -20,9 +20,9 @@ _KEPT: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived tensor)
 def kept(t: torch.Tensor, tag, make):
     """``make(t)``, made once per tensor and ``tag`` while ``t`` lives with the same
     ``tensor_state``. Winograd's transformed weights, and the rows forms of a total, its
-    tolerance and a bias, which every split of every chunk of a pass reads (copied each time
-    they cost 10-20 ms a 64 x 224 x 224 layer of a bf16 base pass). Not kept where autograd
-    records (a kept tensor would carry the first call's graph)."""
+    tolerance and a bias, which every split of every chunk of a pass reads (docs/precision.md,
+    "channels_last"). Not kept where autograd records (a kept tensor would carry the first
+    call's graph)."""
     if torch.is_grad_enabled() and t.requires_grad:
         return make(t)
     key, state = (id(t), tag), tensor_state(t)
