@@ -79,3 +79,32 @@ def test_replaced_submodule_is_traced_again():
     model[3] = torch.nn.Linear(4 * 6 * 6, 5).eval()
     with pytest.raises(ValueError, match="modules changed since this Decomposer captured it"):
         dec.cd(x, mask[None])
+
+
+def test_forward_replaced_on_an_instance_is_what_is_decomposed():
+    """A forward replaced on a module instance (``model.fc.forward = ...``, as wrappers such as
+    accelerate's do) is what the model computes: the capture traces it instead of applying the
+    module type's rule, and a replacement after capture is traced again (a held Decomposer
+    refuses)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4], masks[1, :, 2:5] = 1, 1
+    fc = model[3]
+    with torch.no_grad():
+        fastacd.cd(x, model, masks)
+        dec = fastacd.Decomposer(model)
+        fc.forward = lambda v: torch.nn.functional.linear(v, 3 * fc.weight, fc.bias)
+        rel, irrel = fastacd.cd(x, model, masks)
+        torch.testing.assert_close(rel + irrel, model(x).expand(2, -1))
+        ref_rel, _ = reference_cd(model, x, masks)
+        torch.testing.assert_close(rel, ref_rel, rtol=1e-5, atol=1e-6)
+        del fc.forward
+        plain_rel, _ = fastacd.cd(x, model, masks)
+        assert not torch.allclose(plain_rel, rel, atol=1e-3)
+        torch.testing.assert_close(plain_rel, reference_cd(model, x, masks)[0], rtol=1e-5, atol=1e-6)
+        fc.forward = fc.forward
+        with pytest.raises(ValueError, match="or a forward replaced"):
+            dec.cd(x, masks)

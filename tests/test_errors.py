@@ -253,3 +253,59 @@ def test_grad_mode_beyond_the_budget_is_a_clear_error():
         assert dec.cd(x, masks).relevant.shape == (500, 3)
     small = dec.cd(x, masks[:2])  # within the budget: differentiable as before
     assert small.relevant.requires_grad
+
+
+def test_forward_hooks_are_refused_not_skipped(model, x):
+    """CD never calls the modules: a hook that changes an output would be missed silently
+    (rel + irrel != model(x)); with one registered, before or after capture, every path
+    refuses and names it."""
+    from fastacd import reference
+    dec = fastacd.Decomposer(model)
+    dec.cd(x, torch.ones(16, 16))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    for register in (lambda: conv.register_forward_hook(lambda mod, i, o: 2 * o),
+                     lambda: conv.register_forward_pre_hook(lambda mod, i: (0 * i[0],))):
+        handle = register()
+        for call in (lambda: dec.cd(x, torch.ones(16, 16)), lambda: fastacd.cd(x, model, torch.ones(16, 16)),
+                     lambda: fastacd.Decomposer(model), lambda: reference.cd(model, x, torch.ones(16, 16))):
+            with pytest.raises(fastacd.UnsupportedOpError, match=r"forward (pre-)?hook <lambda> on 'conv2'.*Remove the hooks"):
+                call()
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: None)
+    try:
+        with pytest.raises(fastacd.UnsupportedOpError, match="global module forward hooks"):
+            dec.cd(x, torch.ones(16, 16))
+    finally:
+        handle.remove()
+    res = dec.cd(x, torch.ones(16, 16))  # hooks gone: decomposes again
+    with torch.no_grad():
+        torch.testing.assert_close(res.relevant + res.irrelevant, model(x))
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_old_style_weight_and_spectral_norm_use_the_forwards_weight(x, norm):
+    """torch.nn.utils.weight_norm / spectral_norm keep the weight as an attribute a forward
+    pre-hook recomputes; CD runs that hook first, so it uses the forward's weight (before the
+    first forward, and after the weight's parts changed) and matches the parametrized form."""
+    torch.manual_seed(0)
+    old, new = FunctionalNet().eval(), FunctionalNet().eval()
+    new.load_state_dict(old.state_dict())
+    getattr(nn.utils, norm)(old.conv2)
+    getattr(nn.utils.parametrizations, norm)(new.conv2)
+    if norm == "spectral_norm":  # the same power-iteration vectors in both
+        new.conv2.parametrizations.weight[0]._u.copy_(old.conv2.weight_u)
+        new.conv2.parametrizations.weight[0]._v.copy_(old.conv2.weight_v)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :8], masks[1, :, 5:] = 1, 1
+    for _ in range(2):
+        rel, irrel = fastacd.cd(x, old, masks)
+        with torch.no_grad():
+            expected = new(x)
+            torch.testing.assert_close(rel + irrel, expected.expand(2, -1), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rel, fastacd.cd(x, new, masks)[0], rtol=1e-5, atol=1e-5)
+            part = "weight_g" if norm == "weight_norm" else "weight_orig"  # the parts change
+            getattr(old.conv2, part).mul_(1.5)
+            if norm == "weight_norm":
+                new.conv2.parametrizations.weight.original0.mul_(1.5)
+            else:
+                new.conv2.parametrizations.weight.original.mul_(1.5)

@@ -155,6 +155,33 @@ def test_bf16_totals_and_splits_float32(monkeypatch):
     assert all(dtypes == {torch.float32} for _, dtypes in seen), seen
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_inference_mode(precision):
+    """Under torch.inference_mode (inference tensors have no version counter, which the caches
+    of weights and rows forms read): the numbers of a run outside it, for an input and a model
+    made inside it too, and an in-place weight change inside it is seen (nothing stale kept)."""
+    model, hw = MODELS["resnet18"]
+    x = torch.randn(1, 3, hw, hw, generator=torch.Generator().manual_seed(3))
+    masks = _masks(4, hw, hw)
+    with torch.no_grad():
+        want = Decomposer(model, precision=precision).cd(x, masks).relevant
+    with torch.inference_mode():
+        inner = torchvision.models.resnet18(num_classes=10).eval()  # inference-tensor parameters
+        inner.load_state_dict(model.state_dict())
+        xi = x.clone()
+        for m in (model, inner):
+            dec = Decomposer(m, precision=precision)
+            torch.testing.assert_close(dec.cd(xi, masks).relevant, want, rtol=0, atol=0)
+            assert dec.cd(xi, masks).relevant.is_inference()
+        inner.fc.weight.mul_(2)
+        got = dec.cd(xi, masks).relevant
+        assert not torch.allclose(got, want)
+        torch.testing.assert_close(got, Decomposer(inner, precision=precision).cd(xi, masks).relevant, rtol=0, atol=0)
+        levels = fastacd.hierarchy(model, xi, label=3, sweep_dim=8, num_iters=2, precision=precision).levels()
+    with torch.no_grad():
+        assert levels == fastacd.hierarchy(model, x, label=3, sweep_dim=8, num_iters=2, precision=precision).levels()
+
+
 def test_bf16_windowed_equals_full_bf16():
     """cd_delta in bf16 gives the numbers of cd in bf16 on the union masks."""
     model, hw = MODELS["vgg11"]

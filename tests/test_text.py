@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from fastacd.ops import torch_ops as _torch_ops
+import fastacd
 from fastacd import text as ft
 from fastacd.text import lstm as ft_lstm
 from fastacd.reference import text as rt
@@ -599,3 +600,28 @@ def test_toy_cd_not_good_is_negative_where_good_alone_is_positive(toy):
     assert score(4, 4) > 0      # "good" alone pushes towards positive
     assert score(3, 4) < 0      # "not good" as a unit is negative
     assert score(3, 4) < score(3, 3)  # more negative than "not" alone: an interaction
+
+
+def test_forward_hooks_and_replaced_forwards_are_refused():
+    """The recurrent engine computes the LSTM and the head from their weights: a hook on either,
+    or a forward replaced on the instance, would be missed, so CD refuses and names it. The
+    embedding is called, so a hook on it is part of what CD decomposes."""
+    model = TextModel(hidden=8, seed=0).eval()
+    dec = ft.TextDecomposer(model.embed, model.lstm, model.hidden_to_label)
+    tokens = torch.randint(0, 40, (6,))
+    for part in (model.lstm, model.hidden_to_label):
+        handle = part.register_forward_hook(lambda mod, i, o: o)
+        with pytest.raises(fastacd.UnsupportedOpError, match="forward hook <lambda> on '(LSTM|Linear)'"):
+            dec.cd(tokens, phrases=[(0, 2)])
+        handle.remove()
+        part.forward = part.forward
+        with pytest.raises(fastacd.UnsupportedOpError, match="forward was replaced on the instance"):
+            dec.cd(tokens, phrases=[(0, 2)])
+        del part.forward
+    handle = model.embed.register_forward_hook(lambda mod, i, o: 2 * o)
+    res = dec.cd(tokens, phrases=[(0, 2)])
+    with torch.no_grad():
+        expected = model(ft.Batch(tokens)) - model.hidden_to_label.bias
+    handle.remove()
+    torch.testing.assert_close(res.relevant + res.irrelevant, expected.to(res.relevant.dtype), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, model(ft.Batch(tokens)) - model.hidden_to_label.bias)

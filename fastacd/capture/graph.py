@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import direct_convolutions
-from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, describe_node,
+from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, check_hooks, describe_node,
                     fetch_attr, packing_error, run_plain)
 from .transformer import traced_forward
 
@@ -40,6 +40,8 @@ class _Tracer(fx.Tracer):
         return None if self.rules.claims_module(m) else traced_forward(m)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if "forward" in vars(m):  # replaced on the instance: its type's rule is not what it computes
+            return False
         if self._traced_forward(m) is not None:
             return False
         return self.rules.claims_module(m) or super().is_leaf_module(m, qualname)
@@ -70,6 +72,7 @@ class CapturedGraph:
         self._model = weakref.ref(model)
         self.rules = rules
         check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
+        check_hooks(model)
         if gm is None:
             try:
                 _drop_proxies(model)  # stale ones from an earlier trace would join this graph
@@ -205,10 +208,11 @@ class CapturedGraph:
 
 
 def module_identities(model: nn.Module) -> tuple:
-    """The identities of a model's modules. A graph captured from the model calls those modules,
-    so a cache of captured graphs keyed by the model is only good while this is unchanged
-    (``model.fc = nn.Linear(...)`` after a capture needs a new one)."""
-    return tuple(map(id, model.modules()))
+    """The identities of a model's modules and of any forward replaced on an instance. A graph
+    captured from the model calls those modules, so a cache of captured graphs keyed by the
+    model is only good while this is unchanged (``model.fc = nn.Linear(...)`` or
+    ``model.fc.forward = ...`` after a capture needs a new one)."""
+    return tuple((id(m), id(vars(m).get("forward"))) for m in model.modules())
 
 
 def per_model(cache, model: nn.Module) -> dict:

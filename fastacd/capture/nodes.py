@@ -109,6 +109,41 @@ def check_eval(model: nn.Module) -> None:
             "(dropout off, batchnorm running statistics). Call model.eval() first.")
 
 
+def _weight_hook_types() -> tuple:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return WeightNorm, SpectralNorm
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Raise if a module has a forward hook: CD computes each layer from its parameters and
+    never calls the module, so what a hook does to inputs or outputs would be missed silently.
+    The pre-hooks of ``torch.nn.utils.weight_norm`` / ``spectral_norm`` only recompute the
+    weight from its parts: they are run instead (the weight the forward would use; eval mode,
+    so no power iteration). fastacd's own observing hooks (``fastacd_observer``) are allowed."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        raise UnsupportedOpError(
+            "global module forward hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook / register_module_forward_pre_hook); CD never calls the "
+            "modules, so what they do would be missed. Remove them while decomposing.")
+    weight_hooks, found = _weight_hook_types(), []
+    for name, mod in model.named_modules():
+        for kind, hooks in (("forward pre-hook", mod._forward_pre_hooks), ("forward hook", mod._forward_hooks)):
+            for hook in hooks.values():
+                if isinstance(hook, weight_hooks):
+                    hook(mod, ())
+                elif not getattr(hook, "fastacd_observer", False):
+                    what = getattr(hook, "__name__", type(hook).__name__)
+                    found.append(f"{kind} {what} on {name or type(model).__name__!r}")
+    if found:
+        raise UnsupportedOpError(
+            f"the model has {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}. CD computes "
+            "each layer from its parameters and never calls the module, so a hook's change to its "
+            "inputs or outputs would be missed (and an observing hook would not fire). Remove the "
+            "hooks while decomposing (handle.remove()), or move what they do into forward().")
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode for the block (CD is defined on eval behaviour), each module's

@@ -24,7 +24,7 @@ from .. import ops, rules as rules_
 from ..capture.export import export_module
 from ..capture.graph import CapturedGraph, module_identities
 from ..capture.inputs import all_finite, check_input, check_masks
-from ..capture.nodes import TraceError, UnsupportedOpError, check_eval
+from ..capture.nodes import TraceError, UnsupportedOpError, check_eval, check_hooks
 from ..ops import torch_ops
 from . import chunks
 from .batched import walk
@@ -202,6 +202,7 @@ class Decomposer:
     def _capture_export(self, x: torch.Tensor) -> None:
         """torch.export's graph of the model for inputs shaped like x (any batch)."""
         check_eval(self.model)
+        check_hooks(self.model)
         try:
             gm = export_module(self.model, x)
         except UnsupportedOpError as exc:
@@ -335,9 +336,10 @@ class Decomposer:
     def _check_input(self, x) -> torch.Tensor:
         x = check_input(x)
         check_eval(self.model)
+        check_hooks(self.model)
         if module_identities(self.model) != self._modules:
             raise ValueError("the model's modules changed since this Decomposer captured it (a submodule "
-                             "was replaced or added): its graph would still call the old ones. Make a new "
+                             "was replaced or added, or a forward replaced): its graph would still call the old ones. Make a new "
                              "Decomposer(model) (fastacd.cd, hierarchy and agg_2d do so themselves)")
         param = next(self.model.parameters(), None)
         if param is not None:

@@ -478,7 +478,7 @@ def _cd_groups(dec, x, groups, *, chunk_size, max_fraction, max_cost_ratio, stat
     # the model's weights and buffers as they are now: kept totals and bases of other weights
     # (trained in between, ``param.data`` replaced) are not reused
     weights = tuple(map(tensor_state, (*dec.model.parameters(), *dec.model.buffers())))
-    if (totals is not None and totals.get("x") is x and totals.get("version") == x._version
+    if (totals is not None and totals.get("x") is x and totals.get("state") == tensor_state(x)
             and totals.get("dec") is dec and totals.get("weights") == weights):
         values, aux, cache = totals["values"], totals["aux"], totals["bases"]
     else:
@@ -486,7 +486,7 @@ def _cd_groups(dec, x, groups, *, chunk_size, max_fraction, max_cost_ratio, stat
         cache = BaseCache(budget // 2)
         if totals is not None:
             totals.clear()
-            totals.update(x=x, version=x._version, dec=dec, weights=weights, values=values, aux=aux, bases=cache)
+            totals.update(x=x, state=tensor_state(x), dec=dec, weights=weights, values=values, aux=aux, bases=cache)
     if trusted:
         def masks_of(t):
             return t.reshape((-1, 1) + tuple(t.shape[-2:])) if t.dim() in (2, 3) else t

@@ -10,8 +10,9 @@ import torch
 def tensor_state(t: torch.Tensor) -> tuple:
     """What tells a tensor's values unchanged: the version sees in-place writes, the data
     pointer, dtype, device and shape see ``.data`` replaced (no version bump; ``model.double()``
-    keeps the Parameter objects)."""
-    return (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+    keeps the Parameter objects). An inference tensor (made under ``torch.inference_mode``) has
+    no version: its state equals no other, so nothing derived from it is reused."""
+    return (object() if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, t.shape)
 
 
 _KEPT: dict = {}  # (id(tensor), tag) -> (weak ref, its state, derived tensor)

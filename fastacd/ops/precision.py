@@ -166,7 +166,7 @@ class WeightMode:
             return self.cast(w)  # a computed weight (new each image) or one being trained
         # kept.tensor_state's tuple, written out: this module is also loaded on its own, without
         # its package (tests/test_cuda.py runs it in a bare interpreter)
-        state = (w._version, w.data_ptr(), w.dtype, w.device, w.shape)
+        state = (object() if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, w.shape)
         hit = self._weights.get(id(w))
         if hit is not None and hit[0] is w and hit[1] == state:
             return hit[2]

@@ -307,7 +307,10 @@ class RuleSet(Mapping):
 
     # ---- lookup ---------------------------------------------------------------------------
     def claims_module(self, module: nn.Module) -> bool:
-        """Whether a rule takes this module whole (the tracer keeps it as one node)."""
+        """Whether a rule takes this module whole (the tracer keeps it as one node); not when its
+        forward was replaced on the instance (the rule is its type's)."""
+        if "forward" in vars(module):
+            return False
         return type(module) in _USER_RULES or bool(self._module_rules(module))
 
     def _module_rules(self, module: nn.Module) -> list[Rule]:

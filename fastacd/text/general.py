@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from .. import rules as rules_
 from ..capture.concrete import ConcreteTracer
 from ..capture.graph import _Tracer
-from ..capture.nodes import UnsupportedOpError, check_eval, fetch_attr, packing_error
+from ..capture.nodes import UnsupportedOpError, check_eval, check_hooks, fetch_attr, packing_error
 from ..capture.phrases import Batch, _pair_masks, check_phrases, check_token_masks, tokens_of
 from ..engine.decomposer import Decomposer
+from ..ops import tensor_state
 from .lstm import TextCDResult, TextDecomposer
 
 # ops between the input ids and the token embedding that keep the ids as they are
@@ -58,7 +59,7 @@ def _converted(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     params = list(model.parameters())
     if not params or all(p.dtype == dtype for p in params if p.is_floating_point()):
         return model
-    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+    key = (dtype,) + tuple(map(tensor_state, params))
     hit = _CONVERTED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -222,6 +223,7 @@ class ModelTextDecomposer(TextDecomposer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_eval(model)
+        check_hooks(model)
         param = next(model.parameters(), None)
         self.model = model
         self.dtype = dtype or (param.dtype if param is not None else torch.float32)
@@ -294,6 +296,7 @@ class ModelTextDecomposer(TextDecomposer):
     def prepare(self, tokens, keep_states: bool = False) -> ModelSentence:
         """Run the model once on a sentence and cut out the graph from its word vectors to the
         head's input. ``keep_states`` has no effect (the recurrent engine's phrase states)."""
+        check_hooks(self.model)
         ids = tokens_of(tokens, self.vocab_size)
         dev = self.embed.weight.device
         ids = ids.to(dev)

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture.nodes import UnsupportedOpError
+from ..capture.nodes import UnsupportedOpError, check_hooks
 from ..capture.phrases import _pair_masks, check_phrase, check_phrases, check_token_masks, tokens_of
 from ..ops import tensor_state, torch_ops as _torch_ops
 from ..rules.recurrent import (LSTMDirection, cell_fn, lstm_true_pass as _true_pass,  # noqa: F401
@@ -305,6 +305,14 @@ class TextDecomposer:
         phrases one word at a time). Used by the one-layer forward fast path for
         ``phrases=``; a few kB per phrase.
         """
+        for part in (self.rnn, self.head):  # computed from their weights (the embedding is called)
+            if part is not None:
+                check_hooks(part)
+                if "forward" in vars(part):
+                    raise UnsupportedOpError(
+                        f"the {type(part).__name__}'s forward was replaced on the instance; the recurrent "
+                        "engine computes it from its weights. Decompose the whole model with "
+                        "fastacd.text.ModelTextDecomposer(model), which traces what it computes")
         tokens = tokens_of(tokens, self.vocab_size)
         x = self.embed_tokens(tokens)
         T = x.shape[0]

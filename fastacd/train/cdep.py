@@ -859,6 +859,8 @@ def _mode_dependent(module: nn.Module) -> bool:
 
 
 class _NoHook:
+    fastacd_observer = True  # changes nothing: the engine may decompose a model carrying it
+
     def __call__(self, *args):
         return None
 
@@ -867,6 +869,8 @@ class _Hook:
     """A forward (pre-)hook that calls a recorder through a weak reference (the model keeps
     its hooks; they must not keep the penalty alive). Pickles (``torch.save(model)``) and
     copies (``copy.deepcopy(model)``) as a hook that does nothing."""
+
+    fastacd_observer = True  # records, changes nothing: the engine may decompose a model carrying it
 
     def __init__(self, recorder: "ForwardRecorder", what: str):
         self.ref, self.what = weakref.ref(recorder), what
