@@ -244,6 +244,7 @@ def test_tiles_match_the_original_layout():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lab_num=10), "lab_num"),
     (dict(lab_num=-1), "lab_num"),
+    (dict(lab_num=True), "lab_num"),  # a bool is an int: read as class 1 otherwise
     (dict(sweep_dim=40), "larger than the image"),
     (dict(sweep_dim=0), "sweep_dim"),
     (dict(percentile_include=101), "percentile_include"),

@@ -205,6 +205,14 @@ def test_bad_input_errors():
         A.attribute(model, x, 0, "saliency", segments=torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="one index per input"):
         A.attribute(model, x, [0, 1], "saliency")
+    # targets read silently otherwise: -1 as the last class, 2.7 as 2, True as 1
+    for method in ("cd", "occlusion", "saliency"):
+        with pytest.raises(ValueError, match=r"target must be class indices in 0\.\.\d+ \(the model has"):
+            A.attribute(model, x, -1, method)
+        for bad in (2.7, True, "3"):
+            with pytest.raises(TypeError, match="target must be"):
+                A.attribute(model, x, bad, method)
+    assert A.attribute(model, x, 2.0, "saliency").target.tolist() == [2] * x.shape[0]
     with pytest.raises(ValueError, match="batch dimension"):
         A.attribute(model, x[0, 0, 0], 0, "saliency")
     with pytest.raises(ValueError, match="training mode"):

@@ -82,6 +82,10 @@ def test_attributions_follow_path_explain_conventions():
         e.attributions(x, torch.zeros(1, 5, dtype=D), 5, False)
     with pytest.raises(ValueError, match="use_expectation=True"):
         e.attributions(x, torch.zeros(4, 5, dtype=D), 5, False, 0)
+    with pytest.raises(ValueError, match=r"output_indices must be class indices in 0\.\."):
+        e.attributions(x, torch.zeros(5, dtype=D), 5, False, -1)  # not the last output, silently
+    with pytest.raises(TypeError, match="output_indices must be integer"):
+        e.attributions(x, torch.zeros(5, dtype=D), 5, False, 0.5)
 
 
 def test_expected_hessians_statistics():

@@ -139,18 +139,38 @@ def _model_device_dtype(model):
     return (p.device, p.dtype) if p is not None else (None, None)
 
 
-def _targets(model, x: torch.Tensor, target) -> torch.Tensor:
-    """(N,) long: an int for all inputs, one per input, or None for the predicted class."""
-    n = x.shape[0]
-    if target is None:
-        with torch.no_grad():
-            return _forward(model, x).argmax(1)
-    t = torch.as_tensor(target, device=x.device).long().reshape(-1)
+def output_indices(value, n: int, device, what: str = "target") -> torch.Tensor:
+    """(n,) long from an int for all inputs or one integer per input. Fractions and bools are
+    refused: ``.long()`` would read 2.7 as 2 and True as 1."""
+    try:
+        t = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{what} must be an int or one integer per input, got {value!r}") from exc
+    if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())):
+        raise TypeError(f"{what} must be integer class indices, got {value!r}")
+    t = t.long().reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
-        raise ValueError(f"target must be an int or one index per input ({n}), got {t.numel()}")
+        raise ValueError(f"{what} must be an int or one index per input ({n}), got {t.numel()}")
     return t.clone()
+
+
+def check_classes(t: torch.Tensor, num_classes: int, what: str = "target") -> None:
+    """Refuse indices outside 0..num_classes-1 (a negative one would pick a class from the end)."""
+    if bool(((t < 0) | (t >= num_classes)).any()):
+        raise ValueError(f"{what} must be class indices in 0..{num_classes - 1} (the model has "
+                         f"{num_classes} outputs), got {t.tolist()}")
+
+
+def _targets(model, x: torch.Tensor, target) -> torch.Tensor:
+    """(N,) long: an int for all inputs, one per input, or None for the predicted class."""
+    with torch.no_grad():
+        if target is None:
+            return _forward(model, x).argmax(1)
+        t = output_indices(target, x.shape[0], x.device)
+        check_classes(t, _forward(model, x[:1]).shape[1])
+    return t
 
 
 def _forward(model, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .baselines import segment_labels, segment_masks
+from .baselines import check_classes, output_indices as _output_indices, segment_labels, segment_masks
 from ..api import decomposer_for
 
 
@@ -30,6 +30,7 @@ def _gather_output(out: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             raise ValueError(f"the model has {out.shape[1]} outputs: pass output_indices (one output "
                              "index per input, or an int) to say which one to explain")
         return out[:, 0]
+    check_classes(idx, out.shape[1], "output_indices")
     return out.gather(1, idx[:, None])[:, 0]
 
 
@@ -55,12 +56,7 @@ class PathExplainer:
     def _indices(self, x: torch.Tensor, output_indices):
         if output_indices is None:
             return None
-        idx = torch.as_tensor(output_indices, device=x.device).long().reshape(-1)
-        if idx.numel() == 1:
-            idx = idx.expand(x.shape[0])
-        if idx.numel() != x.shape[0]:
-            raise ValueError(f"output_indices must be an int or one index per input ({x.shape[0]})")
-        return idx
+        return _output_indices(output_indices, x.shape[0], x.device, "output_indices")
 
     def _check_baseline(self, x: torch.Tensor, baseline, use_expectation: bool) -> torch.Tensor:
         b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)

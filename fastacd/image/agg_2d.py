@@ -466,7 +466,7 @@ def _flat(units, t) -> int:
 
 def _check_label(scores_raw, lab_num):
     n = scores_raw.shape[1]
-    if not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
+    if isinstance(lab_num, bool) or not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
         raise ValueError(f"lab_num must be a class index in 0..{n - 1} (the model has {n} outputs), "
                          f"got {lab_num!r}")
 

@@ -103,7 +103,7 @@ def agglomerate(model, pred_ims, percentile_include, method, sweep_dim, im_orig,
         tiles = tiling.gen_tiles(im_orig, fill=0, method=method, sweep_dim=sweep_dim)
     scores_orig_raw = S.scores(tiles)
     n = scores_orig_raw.shape[1]
-    if not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
+    if isinstance(lab_num, bool) or not (isinstance(lab_num, (int, np.integer)) and 0 <= lab_num < n):
         raise ValueError(f"lab_num must be a class index in 0..{n - 1}, got {lab_num!r}")
     scores_track = np.copy(refine_scores(scores_orig_raw, lab_num)).reshape(size_downsampled)
     im_thresh = threshold_scores(scores_track, percentile_include, method)
