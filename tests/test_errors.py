@@ -1,6 +1,7 @@
 """Bad input gets a clear error that says what was wrong and what to do."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -309,3 +310,16 @@ def test_old_style_weight_and_spectral_norm_use_the_forwards_weight(x, norm):
                 new.conv2.parametrizations.weight.original0.mul_(1.5)
             else:
                 new.conv2.parametrizations.weight.original.mul_(1.5)
+
+
+def test_hierarchy_refuses_raw_pixels_and_channels_last_pictures():
+    """A uint8 image was cast to float and decomposed as 0..255 model input; an (H, W, C)
+    array was read as C=H channels."""
+    model = _api_model().eval()
+    raw = (torch.rand(1, 1, 8, 8) * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"floating-point tensor .* got torch.uint8 \(raw pixels\?\)"):
+        fastacd.hierarchy(model, raw, sweep_dim=4, num_iters=1)
+    with pytest.raises(TypeError, match="raw pixels"):
+        fastacd.agg_2d.agglomerate(model, None, 90, "cd", 4, raw[0, 0].numpy(), 0, num_iters=1, im_torch=raw)
+    with pytest.raises(ValueError, match=r"\(8, 8, 1\), an \(H, W, C\) picture"):
+        fastacd.hierarchy(model, np.random.rand(8, 8, 1), sweep_dim=4, num_iters=1)

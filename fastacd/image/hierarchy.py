@@ -249,6 +249,9 @@ def hierarchy(model: torch.nn.Module, image, label: int | None = None, *, sweep_
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     if not isinstance(image, torch.Tensor):
         image = torch.as_tensor(np.asarray(image))
+    if image.dim() == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image has shape {tuple(image.shape)}, an (H, W, C) picture; pass the model "
+                         "input (C, H, W) or (1, C, H, W), preprocessed as the model expects")
     if image.dim() == 3:
         image = image[None]
     if image.dim() != 4 or image.shape[0] != 1:

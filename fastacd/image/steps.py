@@ -145,6 +145,10 @@ def prepare_model_input(model, im_torch, device, image_hw=None):
         im_torch = torch.from_numpy(im_torch)
     if not isinstance(im_torch, torch.Tensor):
         raise TypeError(f"im_torch must be a torch.Tensor (1, C, H, W), got {type(im_torch).__name__}")
+    if not im_torch.is_floating_point():  # cast, raw pixels would be read as the model's input
+        raise TypeError(f"the model input must be a floating-point tensor preprocessed as the model "
+                        f"expects, got {im_torch.dtype} (raw pixels?); convert it, e.g. x.float() / 255, "
+                        "and normalise it as in training")
     if im_torch.dim() == 3:
         im_torch = im_torch[None]
     if image_hw is not None and tuple(im_torch.shape[-2:]) != tuple(image_hw):
