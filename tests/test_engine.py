@@ -460,6 +460,27 @@ def test_rounding_gap_flags_a_model_where_rounding_decides():
     assert 0 <= g10 < 1e-12 and g10 < g30 < 1e-6
 
 
+def test_float64_copy_is_a_converted_deepcopy():
+    """rounding_gap's float64 model: what ``copy.deepcopy(model).double()`` gives (values, dtypes,
+    Parameter types and flags, tied weights still tied, integer buffers kept), the original
+    untouched and sharing no storage."""
+    from fastacd.engine.decomposer import _float64_copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    model[4].weight = model[3].weight  # tied
+    model[0].bias.requires_grad_(False)
+    got, want = _float64_copy(model), copy.deepcopy(model).double()
+    assert got[4].weight is got[3].weight and got[3].weight is not model[3].weight
+    assert not got[0].bias.requires_grad and got[0].weight.requires_grad
+    assert all(isinstance(p, nn.Parameter) for p in got.parameters())
+    assert got[1].num_batches_tracked.dtype == torch.long
+    for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    assert next(model.parameters()).dtype == torch.float32
+    ptrs = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not ptrs & {t.data_ptr() for t in [*got.parameters(), *got.buffers()]}
+
+
 def test_forward_skips_the_magnitude_pass():
     """``Decomposer.forward`` needs no tolerances: it runs the total pass without the magnitude
     pass (|W| of every layer: VGG16's forward took 0.72 s instead of 0.26 s, once per hierarchy),

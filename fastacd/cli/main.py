@@ -165,7 +165,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    "this fraction of its unit's magnitude counts as zero (default 1e-4; 0: the published "
                    "split formula, the original package's numbers; docs/engine.md)")
     g.add_argument("--rounding-check", choices=("first", "every", "off"), default="first",
-                   help="compare up to 16 of an image's node scores with a float64 decomposition "
+                   help="compare up to 4 of an image's node scores with a float64 decomposition "
                    "(Decomposer.rounding_gap; recorded as rounding_gap in its record) on the first image "
                    "each process computes (default), on every image (about +25%% time), or never; warns "
                    "when rounding moves them by over 1e-3 of the largest logit (docs/run.md)")

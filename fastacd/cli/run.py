@@ -307,7 +307,7 @@ def node_masks(h):
 ROUNDING_WARN = {"float32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}
 
 
-def rounding_gap(dec, x, h, most: int = 16) -> float:
+def rounding_gap(dec, x, h, most: int = 4) -> float:
     """``Decomposer.rounding_gap`` on up to ``most`` of the hierarchy's nodes, spread over its levels."""
     import numpy as np
     import torch

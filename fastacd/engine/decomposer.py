@@ -85,6 +85,17 @@ class CDResult:
                 "output": self.output.tolist()}
 
 
+
+def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model).double()`` without copying the weights in their own dtype first
+    (VGG16: 528 MB copied, then converted)."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            d = t.detach().double()
+            memo[id(t)] = torch.nn.Parameter(d, t.requires_grad) if isinstance(t, torch.nn.Parameter) else d
+    return copy.deepcopy(model, memo)
+
 class Decomposer:
     """Trace a model once; compute CD for many masks per call.
 
@@ -253,7 +264,7 @@ class Decomposer:
             if x.dtype == torch.float64:
                 rel64, irrel64 = _reference_cd(self.graph, x64, masks64 * x64, self.zero_tol)
             else:
-                model64 = copy.deepcopy(self.model).double()
+                model64 = _float64_copy(self.model)
                 dec64 = Decomposer(model64, backend=self.backend, memory_budget=self.memory_budget,
                                    rules=self.rules, capture=self.capture, zero_tol=self.zero_tol)
                 res64 = dec64.cd(x64, masks64)
