@@ -10,7 +10,7 @@ import torch
 
 from fastacd import agg_2d
 from fastacd.api import _DECOMPOSERS
-from fastacd.image.agg_2d import TieCheck, TileUnits, run_iterations, run_merges
+from fastacd.image.agg_2d import Scorer, TieCheck, TileUnits, run_iterations, run_merges
 
 GRID = 8
 
@@ -87,6 +87,38 @@ def test_threshold_checks_only_values_near_it():
     # else lies within 3 x 0.05 of it
     assert sorted(ties.known) == list(range(17 - TieCheck.NEAREST + 1, 20))
     assert np.all(scores[sorted(ties.known)] == exact_vals[sorted(ties.known)])
+
+
+class ExactAndRows(ExactOf):
+    """ExactOf with the bf16 rows a Scorer keeps (``cache``): unit i's row has largest |value|
+    ``scales[i]``."""
+
+    def __init__(self, values, scales):
+        super().__init__(values)
+        self.cache = {Scorer.key(np.eye(1, len(values), i, dtype=bool)[0]): np.array([0.0, scales[i]])
+                      for i in range(len(values))}
+
+
+def test_margins_follow_each_values_scale():
+    """bf16's error grows with the outputs' size (a blob's ~10x a tile's on VGG16): each value's
+    margin is the error ratio seen times its own scale, so one large error on a large value does
+    not send every small value near the threshold to float32. The selection is float32's."""
+    exact_vals = np.arange(20, dtype=np.float64)
+    noisy = exact_vals + np.where(np.arange(20) % 2, 0.01, -0.01)
+    noisy[19] += 5.0                                   # a large value, 5% of its scale off
+    scales = np.ones(20)
+    scales[19] = 100.0
+    singles = [np.eye(1, 20, i, dtype=bool)[0] for i in range(20)]
+    for holder, checked in ((ExactAndRows(exact_vals, scales), range(14, 20)), (ExactOf(exact_vals), range(3, 20))):
+        ties = TieCheck(holder, 1)
+        ties.sources = {i: [(singles[i], ())] for i in range(20)}
+        scores, sel = ties.threshold(noisy.copy(), 90)
+        np.testing.assert_array_equal(sel, exact_vals >= np.percentile(exact_vals, 90))
+        # the seed (the NEAREST on each side of 17.1) sees the 5.01 error: ratio 0.05 gives the
+        # unit-scale values a margin of 0.15, nothing near; one error for all (no rows): 15, down to 3
+        assert sorted(ties.known) == list(checked)
+        assert ties.err == pytest.approx(5.01)
+    assert TieCheck(ExactAndRows(exact_vals, scales), 1)._scales([[(singles[19], (singles[3],))]]) == [100.0]
 
 
 def test_best_pair_by_exact_scores():

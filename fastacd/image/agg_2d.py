@@ -361,13 +361,18 @@ class TieCheck:
     """Makes a bf16 run's decisions with float32 scores (docs/precision.md, "Hierarchies").
 
     Every candidate is scored in bf16; a decision (which units reach the percentile threshold,
-    which pair merges) reads float32 scores for the values it hinges on: every value within
-    ``MARGIN`` times the largest bf16 error seen so far, repeated until no unchecked value is
-    that close, and until ``SEED`` values have been checked in the run also the ``NEAREST``
-    values on each side of the threshold (below the best), which give the first error
-    estimate. A decision then differs from float32's only where a bf16 error exceeds that
-    margin. Each float32 score costs a windowed float32 pass (and its base's), so the seed
-    is kept small.
+    which pair merges) reads float32 scores for the values it hinges on. A value's bf16 error
+    grows with the size of its candidates' outputs (the activations rounded to bf16), so it is
+    estimated as ``ratio`` times its scale: the largest |bf16 output| over the rows of its
+    candidate and bases, ``ratio`` the largest |bf16 - float32| / scale of a value checked so far
+    (scale 1 where a scorer keeps no rows: one error for all). The values the threshold or the
+    best value comes from are checked, and every value within ``MARGIN`` times its estimate of
+    it, repeated until none is left; until ``SEED`` values have been checked in the run, also
+    the ``NEAREST`` values on each side of the threshold (below the best), which give the first
+    estimate. An unchecked value then lies further from a float32 threshold (or best) than
+    MARGIN times its estimate, so a decision differs from float32's only where a bf16 error
+    exceeds that margin. Each float32 score costs a
+    windowed float32 pass (and its base's), so the seed is kept small.
     """
 
     NEAREST = 4
@@ -376,7 +381,9 @@ class TieCheck:
 
     def __init__(self, scorer, lab: int):
         self.exact, self.lab = scorer.exact, lab
+        self.rows = getattr(scorer, "cache", None)  # the bf16 rows, by Scorer.key
         self.err = 0.0        # the largest |bf16 - float32| of a checked value
+        self.ratio = 0.0      # the largest |bf16 - float32| / scale of a checked value
         self.checked = 0      # values checked
         self.sources: dict = {}   # flat unit index -> its value's (candidate, bases) pairs (see _values)
         self.known: set = set()   # flat unit indices whose tracked value is float32's
@@ -407,11 +414,28 @@ class TieCheck:
             out.append(max(vals))
         return np.asarray(out)
 
-    def _close(self, values: np.ndarray, target: float, unknown: np.ndarray, above_only=False) -> np.ndarray:
-        """Indices among ``unknown`` to check: within the margin of ``target`` and, before the
-        SEED, the NEAREST on each side (``above_only``: the NEAREST largest)."""
+    def _scales(self, items) -> np.ndarray:
+        """Each item's scale: the largest |bf16 output| over its masks' rows; a mask without a
+        row takes the largest scale found (the wider margin), all 1 without rows."""
+        out = []
+        for pairs in items:
+            rows = [None if self.rows is None else self.rows.get(Scorer.key(m))
+                    for cand, bases in pairs for m in (cand, *bases)]
+            found = [float(np.max(np.abs(r))) for r in rows if r is not None]
+            out.append(max(found) if found and len(found) == len(rows) else np.nan)
+        out = np.asarray(out, dtype=np.float64)
+        return np.where(np.isnan(out), 1.0 if np.isnan(out).all() else np.nanmax(out), out)
+
+    def _close(self, values, target, unknown, scales, above_only=False) -> np.ndarray:
+        """Indices among ``unknown`` to check: the values ``target`` comes from (the nearest at
+        or below it and at or above it), those within the margin of it and, before the SEED,
+        the NEAREST on each side (``above_only``: the NEAREST largest)."""
         finite = np.flatnonzero(~np.isnan(values))
-        pick = set(finite[np.abs(values[finite] - target) <= self.MARGIN * self.err].tolist())
+        dist = np.abs(values[finite] - target)
+        pick = set(finite[dist <= self.MARGIN * self.ratio * scales[finite]].tolist())
+        for side in (values[finite] <= target, values[finite] >= target):
+            if side.any():
+                pick.add(int(finite[side][np.argmin(dist[side])]))
         if self.checked < self.SEED and above_only:  # no error estimate yet: the nearest give one
             pick |= set(finite[np.argsort(-values[finite], kind="stable")[:self.NEAREST]].tolist())
         elif self.checked < self.SEED:
@@ -419,23 +443,28 @@ class TieCheck:
                 pick |= set(side[np.argsort(np.abs(values[side] - target), kind="stable")[:self.NEAREST]].tolist())
         return np.array(sorted(i for i in pick if unknown[i]), dtype=np.int64)
 
-    def _check(self, values: np.ndarray, idx: np.ndarray, items) -> None:
+    def _check(self, values: np.ndarray, idx: np.ndarray, items, scales: np.ndarray) -> None:
         new = self._values(items)
-        self.err = max(self.err, float(np.max(np.abs(new - values[idx]))))
+        gap = np.abs(new - values[idx])
+        self.err = max(self.err, float(np.max(gap)))
+        self.ratio = max(self.ratio, float(np.max(gap / scales[idx])))
         self.checked += len(idx)
         values[idx] = new
 
     def threshold(self, scores: np.ndarray, percentile_include):
         """(scores with the values near the threshold made float32's, the selection)."""
         flat = np.array(scores, dtype=np.float64).reshape(-1)
+        finite = ~np.isnan(flat)
+        scales = np.ones(flat.size)
+        scales[finite] = self._scales([self.sources[i] for i in np.flatnonzero(finite)])
         while True:
             thresh = threshold_value(flat, percentile_include)
             unknown = np.array([i not in self.known for i in range(flat.size)])
-            idx = self._close(flat, thresh, unknown)
+            idx = self._close(flat, thresh, unknown, scales)
             if idx.size == 0:
                 return flat.reshape(np.shape(scores)).astype(np.asarray(scores).dtype), \
                     selected(flat, thresh).reshape(np.shape(scores))
-            self._check(flat, idx, [self.sources[i] for i in idx])
+            self._check(flat, idx, [self.sources[i] for i in idx], scales)
             self.known.update(idx.tolist())
 
     def best(self, values: np.ndarray, items) -> tuple[int, bool]:
@@ -443,16 +472,18 @@ class TieCheck:
         is float32's); ``items[i]``: the (candidate, bases) pairs of value i (see ``_values``).
         A largest value that no other comes within the margin of is taken as it is."""
         values = np.array(values, dtype=np.float64)
+        scales = self._scales(items)
         unknown = np.ones(values.size, dtype=bool)
         while True:
             top = int(np.nanargmax(values))
-            rivals = np.flatnonzero(values >= values[top] - self.MARGIN * self.err)
+            reach = self.MARGIN * self.ratio * np.maximum(scales, scales[top] if unknown[top] else 0.0)
+            rivals = np.flatnonzero(values >= values[top] - reach)
             if self.checked >= self.SEED and rivals.size == 1:
                 return top, not unknown[top]
-            idx = self._close(values, values[top], unknown, above_only=True)
+            idx = self._close(values, values[top], unknown, scales, above_only=True)
             if idx.size == 0:
                 return top, not unknown[top]
-            self._check(values, idx, [items[i] for i in idx])
+            self._check(values, idx, [items[i] for i in idx], scales)
             unknown[idx] = False
 
 
