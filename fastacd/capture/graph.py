@@ -37,7 +37,8 @@ class _Tracer(fx.Tracer):
         self.rules = rules
 
     def _traced_forward(self, m: nn.Module):
-        return None if self.rules.claims_module(m) else traced_forward(m)
+        replaced = "forward" in vars(m)  # on the instance: fx traces it; the type's path is not it
+        return None if replaced or self.rules.claims_module(m) else traced_forward(m)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if "forward" in vars(m):  # replaced on the instance: its type's rule is not what it computes

@@ -85,7 +85,6 @@ class CDResult:
                 "output": self.output.tolist()}
 
 
-
 def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
     """``copy.deepcopy(model).double()`` without copying the weights in their own dtype first
     (VGG16: 528 MB copied, then converted)."""
@@ -95,6 +94,7 @@ def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
             d = t.detach().double()
             memo[id(t)] = torch.nn.Parameter(d, t.requires_grad) if isinstance(t, torch.nn.Parameter) else d
     return copy.deepcopy(model, memo)
+
 
 class Decomposer:
     """Trace a model once; compute CD for many masks per call.
@@ -350,8 +350,9 @@ class Decomposer:
         check_hooks(self.model)
         if module_identities(self.model) != self._modules:
             raise ValueError("the model's modules changed since this Decomposer captured it (a submodule "
-                             "was replaced or added, or a forward replaced): its graph would still call the old ones. Make a new "
-                             "Decomposer(model) (fastacd.cd, hierarchy and agg_2d do so themselves)")
+                             "was replaced or added, or a forward replaced): its graph would still call "
+                             "the old ones. Make a new Decomposer(model) (fastacd.cd, hierarchy and "
+                             "agg_2d do so themselves)")
         param = next(self.model.parameters(), None)
         if param is not None:
             if param.device != x.device:

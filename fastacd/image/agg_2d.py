@@ -371,8 +371,8 @@ class TieCheck:
     the ``NEAREST`` values on each side of the threshold (below the best), which give the first
     estimate. An unchecked value then lies further from a float32 threshold (or best) than
     MARGIN times its estimate, so a decision differs from float32's only where a bf16 error
-    exceeds that margin. Each float32 score costs a
-    windowed float32 pass (and its base's), so the seed is kept small.
+    exceeds that margin. Each float32 score costs a windowed float32 pass (and its base's), so
+    the seed is kept small.
     """
 
     NEAREST = 4
@@ -424,7 +424,8 @@ class TieCheck:
             found = [float(np.max(np.abs(r))) for r in rows if r is not None]
             out.append(max(found) if found and len(found) == len(rows) else np.nan)
         out = np.asarray(out, dtype=np.float64)
-        return np.where(np.isnan(out), 1.0 if np.isnan(out).all() else np.nanmax(out), out)
+        out = np.where(np.isnan(out), 1.0 if np.isnan(out).all() else np.nanmax(out), out)
+        return np.maximum(out, np.finfo(np.float64).tiny)  # an all-zero row: no 0 / 0 in the ratio
 
     def _close(self, values, target, unknown, scales, above_only=False) -> np.ndarray:
         """Indices among ``unknown`` to check: the values ``target`` comes from (the nearest at
