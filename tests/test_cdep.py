@@ -368,6 +368,26 @@ def test_hooks_do_not_keep_the_penalty_and_pickle_as_no_ops():
     assert hooks() == 0 and torch.isfinite(pen(x, torch.ones(28, 28)))
 
 
+def test_a_hook_added_after_the_penalty_is_refused():
+    """The penalty's CD never calls the modules: a hook that doubles a conv's output moved the
+    penalty (0.529 -> 0.544 on this model) without changing the relevant part's path. Its own
+    recorder hooks are allowed; a user's hook is named at the next call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    pen = cdep.CDEPPenalty(model)
+    x, masks = torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
+    masks[:, :, :2] = 1
+    model(x)
+    before = pen(x, masks)
+    handle = model[0].register_forward_hook(lambda mod, i, o: 2 * o)
+    model(x)
+    with pytest.raises(TypeError, match="forward hook <lambda> on '0'"):
+        pen(x, masks)
+    handle.remove()
+    model(x)
+    assert torch.equal(pen(x, masks), before)
+
+
 def test_penalty_equals_straightforward_on_vgg_style_cnn_float64():
     """The benchmark's 3-block VGG-style CNN (narrow): fused default vs the straightforward
     implementation (relevant and irrelevant parts propagated separately)."""
@@ -524,6 +544,10 @@ def test_text_scores_match_reference_cd(layers, bidirectional, readout):
             assert torch.allclose(irrel[k, n], model.hidden_to_label.weight @ i, atol=1e-12)
     if readout == "last":  # the shared true pass is the model's forward
         assert torch.allclose(logits, model(tokens), atol=1e-12)
+    handle = model.lstm.register_forward_hook(lambda mod, i, o: o)  # computed from weights: refused
+    with pytest.raises(TypeError, match="forward hook <lambda> on 'LSTM'"):
+        pen.scores(tokens, masks)
+    handle.remove()
 
 
 def _param_grads(model, fn):

@@ -135,6 +135,21 @@ class TextCDResult:
                 "bias": None if self.bias is None else self.bias.tolist()}
 
 
+def check_computed_parts(*parts) -> None:
+    """Refuse a hook on, or a forward replaced on, a module the recurrent engines compute from its
+    weights (the LSTM / GRU and the head; the embedding is called, so its hooks apply): either
+    would be missed."""
+    for part in parts:
+        if part is None:
+            continue
+        check_hooks(part)
+        if "forward" in vars(part):
+            raise UnsupportedOpError(
+                f"the {type(part).__name__}'s forward was replaced on the instance; the recurrent "
+                "engine computes it from its weights. Decompose the whole model with "
+                "fastacd.text.ModelTextDecomposer(model), which traces what it computes")
+
+
 class TextDecomposer:
     """CD for ``head(readout(lstm(embed(tokens))))``, many phrases per call.
 
@@ -305,14 +320,7 @@ class TextDecomposer:
         phrases one word at a time). Used by the one-layer forward fast path for
         ``phrases=``; a few kB per phrase.
         """
-        for part in (self.rnn, self.head):  # computed from their weights (the embedding is called)
-            if part is not None:
-                check_hooks(part)
-                if "forward" in vars(part):
-                    raise UnsupportedOpError(
-                        f"the {type(part).__name__}'s forward was replaced on the instance; the recurrent "
-                        "engine computes it from its weights. Decompose the whole model with "
-                        "fastacd.text.ModelTextDecomposer(model), which traces what it computes")
+        check_computed_parts(self.rnn, self.head)
         tokens = tokens_of(tokens, self.vocab_size)
         x = self.embed_tokens(tokens)
         T = x.shape[0]

@@ -67,10 +67,10 @@ import torch.nn.functional as F
 from ..ops import torch_ops as _torch_ops
 from .. import ops, rules as rules_
 from ..capture.graph import CapturedGraph
-from ..capture.nodes import call_with, fetch_attr, run_plain
+from ..capture.nodes import call_with, check_hooks, fetch_attr, run_plain
 from ..engine.decomposer import Decomposer, compiled_ops
 from ..reference.cd import propagate_graph
-from ..text.lstm import TextDecomposer
+from ..text.lstm import TextDecomposer, check_computed_parts
 
 REDUCTIONS = ("mean", "sum")
 
@@ -1126,6 +1126,7 @@ class CDEPPenalty:
     def scores(self, x: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(relevant, irrelevant) each (K, N, *out), and the output (N, *out)."""
         x = self._check_batch(x)
+        check_hooks(self.model)  # a hook added since the capture would be missed
         masks = canonical_masks(x, masks)
         k, n = masks.shape[:2]
         r0 = (masks * x[None]).reshape((k * n,) + tuple(x.shape[1:]))
@@ -1432,6 +1433,7 @@ class TextCDEPPenalty:
         return self._scores(tokens, masks)[:3]
 
     def _scores(self, tokens, masks):
+        check_computed_parts(self.lstm, self.head)
         x = self._vectors(tokens)
         T, N = x.shape[:2]
         m = self._masks(masks, T, N, x)
