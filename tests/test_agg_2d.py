@@ -262,6 +262,22 @@ def test_bad_input(kwargs, match):
                            x[0, 0].numpy(), args["lab_num"], num_iters=1, im_torch=x)
 
 
+@pytest.mark.parametrize("method", ["occlusion", "build_up"])
+def test_bad_pred_ims_output_is_named(method):
+    """pred_ims returning (C,) was read as one class ("lab_num must be in 0..0"), NaN scores as
+    "everything is already selected"; both now say what pred_ims returned."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 14 * 14, 3)).eval()
+    im = np.random.default_rng(0).standard_normal((16, 16))
+    run = lambda pred, **kw: agg_2d.agglomerate(model, pred, 90, method, 4, im, 1, num_iters=1, **kw)
+    with pytest.raises(ValueError, match=r"pred_ims must return \(1, num_classes\) .* got shape \(3,\)"):
+        run(lambda m, x: np.zeros(3))
+    with pytest.raises(ValueError, match=r"batched pred_ims must return \(N, num_classes\)"):
+        run(lambda m, xs: np.zeros(3), pred_ims_batched=True)
+    with pytest.raises(ValueError, match="NaN or Inf.*from pred_ims"):
+        run(lambda m, x: np.full((1, 3), np.nan))
+    assert len(run(lambda m, x: np.asarray([[0.0, float(x.sum()), 1.0]]))["comps_list"]) > 1
+
+
 def test_zero_tol_reaches_the_scores():
     """``zero_tol`` goes to the engine: 0 scores the tiles with the published formula (the
     original's numbers), the default with numerical zero; on AlexNet they differ."""

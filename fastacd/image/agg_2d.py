@@ -345,9 +345,19 @@ class Scorer:
                 rows = _numpy_rows(self._logits(torch.stack([self._input(c) for c in cands])))
         elif self.pred_ims_batched:
             rows = _numpy_rows(self.pred_ims(self.model, np.stack([self._image(c) for c in cands])))
+            if rows.ndim != 2 or rows.shape[0] != len(cands):
+                raise ValueError(f"a batched pred_ims must return (N, num_classes) scores for N images; "
+                                 f"got shape {rows.shape} for {len(cands)}")
         else:
-            rows = np.stack([_numpy_rows(self.pred_ims(self.model, self._image(c)))[0] for c in cands])
+            outs = [_numpy_rows(self.pred_ims(self.model, self._image(c))) for c in cands]
+            bad = next((o.shape for o in outs if o.ndim != 2 or o.shape[0] != 1), None)
+            if bad is not None:
+                raise ValueError(f"pred_ims must return (1, num_classes) scores for one image, got shape {bad}")
+            rows = np.stack([o[0] for o in outs])
         rows = rows.reshape(len(cands), -1)
+        if not np.isfinite(rows).all():
+            raise ValueError("the model's scores of the occluded / built-up images contain NaN or Inf"
+                             + (" (from pred_ims)" if self.pred_ims is not None else ""))
         if self.method == "occlusion":  # occlusion scores are negated, the full image's never
             sign = np.array([1 if isinstance(c, str) else -1 for c in cands]).reshape(-1, 1)
             rows = np.where(sign > 0, rows, -1 * rows)
