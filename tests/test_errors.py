@@ -323,3 +323,11 @@ def test_hierarchy_refuses_raw_pixels_and_channels_last_pictures():
         fastacd.agg_2d.agglomerate(model, None, 90, "cd", 4, raw[0, 0].numpy(), 0, num_iters=1, im_torch=raw)
     with pytest.raises(ValueError, match=r"\(8, 8, 1\), an \(H, W, C\) picture"):
         fastacd.hierarchy(model, np.random.rand(8, 8, 1), sweep_dim=4, num_iters=1)
+
+
+def test_torchscript_module_is_named(model, x):
+    """fx and torch.export both fail on TorchScript with messages about a missing
+    ``traced_func_name``; the error says what it is and what to pass instead."""
+    scripted = torch.jit.trace(model, x)
+    with pytest.raises(fastacd.UnsupportedOpError, match="is a TorchScript module .* pass the Python nn.Module"):
+        fastacd.cd(x, scripted, torch.ones(16, 16))

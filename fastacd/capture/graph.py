@@ -72,6 +72,9 @@ class CapturedGraph:
         # reference from the graph would keep alive (every model passed to reference.cd leaked)
         self._model = weakref.ref(model)
         self.rules = rules
+        if isinstance(model, torch.jit.ScriptModule):  # neither fx nor export reads TorchScript
+            raise UnsupportedOpError(f"{type(model).__name__} is a TorchScript module (torch.jit.script / "
+                                     "trace); pass the Python nn.Module it was made from")
         check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
         check_hooks(model)
         if gm is None:
