@@ -109,31 +109,40 @@ def check_eval(model: nn.Module) -> None:
             "(dropout off, batchnorm running statistics). Call model.eval() first.")
 
 
-def _weight_hook_types() -> tuple:
+def _recompute_weight(hook, mod: nn.Module) -> bool:
+    """Run a ``torch.nn.utils.weight_norm`` / ``spectral_norm`` pre-hook's weight recomputation
+    (spectral_norm without its power step, in any mode); False for any other hook."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
-    return WeightNorm, SpectralNorm
+    if isinstance(hook, WeightNorm):
+        setattr(mod, hook.name, hook.compute_weight(mod))
+    elif isinstance(hook, SpectralNorm):
+        setattr(mod, hook.name, hook.compute_weight(mod, do_power_iteration=False))
+    else:
+        return False
+    return True
 
 
 def check_hooks(model: nn.Module) -> None:
     """Raise if a module has a forward hook: CD computes each layer from its parameters and
     never calls the module, so what a hook does to inputs or outputs would be missed silently.
     The pre-hooks of ``torch.nn.utils.weight_norm`` / ``spectral_norm`` only recompute the
-    weight from its parts: they are run instead (the weight the forward would use; eval mode,
-    so no power iteration). fastacd's own observing hooks (``fastacd_observer``) are allowed."""
+    weight from its parts: that is done instead (the weight the forward would use; never a
+    power step, which would change the model). fastacd's own observing hooks
+    (``fastacd_observer``) are allowed."""
     from torch.nn.modules import module as torch_module
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         raise UnsupportedOpError(
             "global module forward hooks are registered (torch.nn.modules.module."
             "register_module_forward_hook / register_module_forward_pre_hook); CD never calls the "
             "modules, so what they do would be missed. Remove them while decomposing.")
-    weight_hooks, found = _weight_hook_types(), []
+    found = []
     for name, mod in model.named_modules():
         for kind, hooks in (("forward pre-hook", mod._forward_pre_hooks), ("forward hook", mod._forward_hooks)):
             for hook in hooks.values():
-                if isinstance(hook, weight_hooks):
-                    hook(mod, ())
-                elif not getattr(hook, "fastacd_observer", False):
+                if kind == "forward pre-hook" and _recompute_weight(hook, mod):
+                    continue
+                if not getattr(hook, "fastacd_observer", False):
                     what = getattr(hook, "__name__", type(hook).__name__)
                     found.append(f"{kind} {what} on {name or type(model).__name__!r}")
     if found:

@@ -1126,11 +1126,11 @@ class CDEPPenalty:
     def scores(self, x: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(relevant, irrelevant) each (K, N, *out), and the output (N, *out)."""
         x = self._check_batch(x)
-        check_hooks(self.model)  # a hook added since the capture would be missed
         masks = canonical_masks(x, masks)
         k, n = masks.shape[:2]
         r0 = (masks * x[None]).reshape((k * n,) + tuple(x.shape[1:]))
         with eval_mode(self.model):
+            check_hooks(self.model)  # one added since the capture; in eval: spectral_norm does no power step
             rel, out = self._relevant(x, r0, k)
         rel = rel.reshape((k, n) + tuple(out.shape[1:]))
         return rel, out[None] - rel, out
