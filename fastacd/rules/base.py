@@ -315,10 +315,12 @@ class RuleSet(Mapping):
 
     def _module_rules(self, module: nn.Module) -> list[Rule]:
         """Rules for the module's type, or for a base class whose forward it keeps (a subclass
-        with a forward of its own computes something else)."""
+        with a forward of its own, or a convolution's ``_conv_forward``, computes something
+        else: the tracer follows it instead)."""
         typ = type(module)
         for cls in typ.__mro__:
-            if cls in self._modules and (cls is typ or typ.forward is cls.forward):
+            if cls in self._modules and (cls is typ or all(
+                    getattr(typ, f, None) is getattr(cls, f, None) for f in ("forward", "_conv_forward"))):
                 return self._modules[cls]
         return []
 
