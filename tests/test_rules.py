@@ -659,3 +659,34 @@ def test_adaptive_avg_pool_of_its_own_size_is_the_identity(size, monkeypatch):
     ref = fastacd.Decomposer(model, backend="reference").cd(x, masks)
     torch.testing.assert_close(fast.relevant, ref.relevant, rtol=1e-10, atol=1e-12)
     assert (5 in calls) == (size != (4, 4))  # the pool ran on the 5 masks' relevant parts only when it pools
+
+
+def _prelu_or_shuffle_net(mid: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), mid, nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval().double()
+
+
+class _ExplicitShuffle(nn.Module):
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_prelu_and_channel_shuffle(capture):
+    """PReLU (an activation with f(0) = 0, its slope read at each call) gives LeakyReLU's CD at
+    the same slope, and per-channel slopes the reference's; ChannelShuffle gives the CD of the
+    same permutation written as reshape / transpose. Both were refused ('no CD rule')."""
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.5).double()
+    cd = lambda net: fastacd.Decomposer(net, capture=capture).cd(x, masks).relevant
+    with torch.no_grad():
+        prelu, leaky = _prelu_or_shuffle_net(nn.PReLU(init=0.25)), _prelu_or_shuffle_net(nn.LeakyReLU(0.25))
+        torch.testing.assert_close(cd(prelu), cd(leaky), rtol=1e-12, atol=1e-14)
+        per_channel = _prelu_or_shuffle_net(nn.PReLU(4))
+        per_channel[1].weight.copy_(torch.tensor([0.1, -0.2, 0.5, 0.0]))
+        torch.testing.assert_close(cd(per_channel), fastacd.reference.cd(per_channel, x, masks)[0],
+                                   rtol=1e-10, atol=1e-12)
+        shuffled, explicit = _prelu_or_shuffle_net(nn.ChannelShuffle(2)), _prelu_or_shuffle_net(_ExplicitShuffle())
+        torch.testing.assert_close(cd(shuffled), cd(explicit), rtol=1e-12, atol=1e-14)

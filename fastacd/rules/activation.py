@@ -16,6 +16,7 @@ _MODULE_FUNCTIONS = {
     nn.ReLU: lambda m: F.relu,
     nn.ReLU6: lambda m: F.relu6,
     nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)),
+    nn.PReLU: lambda m: (lambda t: F.prelu(t, m.weight)),  # the slope read at each call (trained)
     nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)),
     nn.CELU: lambda m: (lambda t: F.celu(t, m.alpha)),
     nn.SELU: lambda m: F.selu,
@@ -34,13 +35,13 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, aten.relu)
 class Activation(Rule):
     kind = "activation"
     modules = tuple(_MODULE_FUNCTIONS)
-    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
+    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torch.prelu, F.elu, F.celu, F.selu, F.gelu,
                  F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
                  F.tanhshrink, torch.relu_, F.relu_,
-                 aten.relu, aten.relu6, aten.leaky_relu, aten.elu, aten.celu, aten.selu, aten.gelu, aten.silu,
+                 aten.relu, aten.relu6, aten.leaky_relu, aten.prelu, aten._prelu_kernel, aten.elu, aten.celu, aten.selu, aten.gelu, aten.silu,
                  aten.mish, aten.hardswish, aten.hardtanh, aten.tanh)
     methods = ("relu", "relu_", "tanh", "tanh_")
-    row = ("ReLU, and ReLU6, LeakyReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
+    row = ("ReLU, and ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
            "Tanh, Softsign, Tanhshrink; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
 
     def claim(self, graph, node, dep, module):

@@ -26,7 +26,8 @@ _IDENTITY_ATEN = (aten.clone, aten.alias, aten.detach, aten.contiguous)
 # torch.export's ATen forms of the linear maps (the training IR keeps these whole)
 _LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
                 aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.mean, aten.sum, aten.permute,
-                aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.upsample_nearest1d,
+                aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
+                aten.native_channel_shuffle, aten.upsample_nearest1d,
                 aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
                 aten.flip, aten.dropout, aten.im2col, aten.col2im)
 
@@ -85,15 +86,16 @@ class Linear(PartWise):
     kind = "linear"
     modules = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                nn.AdaptiveAvgPool3d, nn.Identity, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-               nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unfold, nn.Fold) + _DROPOUT_MODULES
+               nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Unfold, nn.Fold
+               ) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold
+                 F.interpolate, F.pixel_shuffle, F.channel_shuffle, torch.channel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold
                  ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
                "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
-           "upsampling, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
+           "upsampling, channel shuffle, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
            "merging, ...; their `aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
 
