@@ -460,16 +460,16 @@ def test_rounding_gap_flags_a_model_where_rounding_decides():
     assert 0 <= g10 < 1e-12 and g10 < g30 < 1e-6
 
 
-def test_float64_copy_is_a_converted_deepcopy():
-    """rounding_gap's float64 model: what ``copy.deepcopy(model).double()`` gives (values, dtypes,
-    Parameter types and flags, tied weights still tied, integer buffers kept), the original
-    untouched and sharing no storage."""
-    from fastacd.engine.decomposer import _float64_copy
+def test_converted_copy_is_a_converted_deepcopy():
+    """rounding_gap's float64 model (and the text engine's): what
+    ``copy.deepcopy(model).double()`` gives (values, dtypes, Parameter types and flags, tied
+    weights still tied, integer buffers kept), the original untouched and sharing no storage."""
+    from fastacd.engine.decomposer import converted_copy
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 4)).eval()
     model[4].weight = model[3].weight  # tied
     model[0].bias.requires_grad_(False)
-    got, want = _float64_copy(model), copy.deepcopy(model).double()
+    got, want = converted_copy(model, torch.float64), copy.deepcopy(model).double()
     assert got[4].weight is got[3].weight and got[3].weight is not model[3].weight
     assert not got[0].bias.requires_grad and got[0].weight.requires_grad
     assert all(isinstance(p, nn.Parameter) for p in got.parameters())

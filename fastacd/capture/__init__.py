@@ -2,4 +2,4 @@
 rule that decomposes it; what a step is (``nodes``); the inputs of a call (``inputs``:
 images and masks, ``phrases``: token ids and phrases)."""
 from .graph import CapturedGraph  # noqa: F401
-from .nodes import Step, UnsupportedOpError, check_eval, check_hooks, describe_node  # noqa: F401
+from .nodes import Step, UnsupportedOpError, check_eval, check_hooks, check_model, describe_node  # noqa: F401

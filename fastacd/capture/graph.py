@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import direct_convolutions
-from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_eval, check_hooks, describe_node,
+from .nodes import (Step, TraceError, UnsupportedOpError, aten_op, check_model, describe_node,
                     fetch_attr, packing_error, run_plain)
 from .transformer import traced_forward
 
@@ -75,8 +75,7 @@ class CapturedGraph:
         if isinstance(model, torch.jit.ScriptModule):  # neither fx nor export reads TorchScript
             raise UnsupportedOpError(f"{type(model).__name__} is a TorchScript module (torch.jit.script / "
                                      "trace); pass the Python nn.Module it was made from")
-        check_eval(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
-        check_hooks(model)
+        check_model(model)  # tracing bakes `self.training` into the graph: capture eval behaviour
         if gm is None:
             try:
                 _drop_proxies(model)  # stale ones from an earlier trace would join this graph

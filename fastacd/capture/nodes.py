@@ -153,6 +153,12 @@ def check_hooks(model: nn.Module) -> None:
             "hooks while decomposing (handle.remove()), or move what they do into forward().")
 
 
+def check_model(model: nn.Module) -> None:
+    """What every capture and every call needs of the model: eval mode and no forward hooks."""
+    check_eval(model)
+    check_hooks(model)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode for the block (CD is defined on eval behaviour), each module's

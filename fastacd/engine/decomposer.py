@@ -24,7 +24,7 @@ from .. import ops, rules as rules_
 from ..capture.export import export_module
 from ..capture.graph import CapturedGraph, module_identities
 from ..capture.inputs import all_finite, check_input, check_masks
-from ..capture.nodes import TraceError, UnsupportedOpError, check_eval, check_hooks
+from ..capture.nodes import TraceError, UnsupportedOpError, check_model
 from ..ops import torch_ops
 from . import chunks
 from .batched import walk
@@ -85,13 +85,13 @@ class CDResult:
                 "output": self.output.tolist()}
 
 
-def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(model).double()`` without copying the weights in their own dtype first
-    (VGG16: 528 MB copied, then converted)."""
+def converted_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``copy.deepcopy(model).to(dtype)`` without copying the weights in their own dtype first
+    (VGG16 to float64: 528 MB copied, then converted)."""
     memo = {}
     for t in [*model.parameters(), *model.buffers()]:
         if t.is_floating_point():
-            d = t.detach().double()
+            d = t.detach().to(dtype)
             memo[id(t)] = torch.nn.Parameter(d, t.requires_grad) if isinstance(t, torch.nn.Parameter) else d
     return copy.deepcopy(model, memo)
 
@@ -212,8 +212,7 @@ class Decomposer:
 
     def _capture_export(self, x: torch.Tensor) -> None:
         """torch.export's graph of the model for inputs shaped like x (any batch)."""
-        check_eval(self.model)
-        check_hooks(self.model)
+        check_model(self.model)
         try:
             gm = export_module(self.model, x)
         except UnsupportedOpError as exc:
@@ -264,7 +263,7 @@ class Decomposer:
             if x.dtype == torch.float64:
                 rel64, irrel64 = _reference_cd(self.graph, x64, masks64 * x64, self.zero_tol)
             else:
-                model64 = _float64_copy(self.model)
+                model64 = converted_copy(self.model, torch.float64)
                 dec64 = Decomposer(model64, backend=self.backend, memory_budget=self.memory_budget,
                                    rules=self.rules, capture=self.capture, zero_tol=self.zero_tol)
                 res64 = dec64.cd(x64, masks64)
@@ -346,8 +345,7 @@ class Decomposer:
     # ---- validation -----------------------------------------------------------------------
     def _check_input(self, x) -> torch.Tensor:
         x = check_input(x)
-        check_eval(self.model)
-        check_hooks(self.model)
+        check_model(self.model)
         if module_identities(self.model) != self._modules:
             raise ValueError("the model's modules changed since this Decomposer captured it (a submodule "
                              "was replaced or added, or a forward replaced): its graph would still call "

@@ -18,7 +18,7 @@ from ..capture.export import export_module
 from ..rules.base import ZERO_TOL
 from ..capture.graph import CapturedGraph, per_model
 from ..capture.inputs import check_input, check_masks
-from ..capture.nodes import TraceError, check_eval, check_hooks
+from ..capture.nodes import TraceError, check_model
 
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (modules, {key: graph})
 
@@ -89,8 +89,7 @@ def cd(model: torch.nn.Module, x: torch.Tensor, mask, rules: rules_.RuleSet | No
     """
     x = check_input(x)
     masks = check_masks(x, mask)
-    check_eval(model)
-    check_hooks(model)  # the graph may be a cached one, captured before a hook was added
+    check_model(model)  # the graph may be a cached one, captured before a hook was added
     graph = captured(model, rules, x)
     totals = graph.total_pass(x, zero_tol)
     rels, irrels = [], []

@@ -35,14 +35,14 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, aten.relu)
 class Activation(Rule):
     kind = "activation"
     modules = tuple(_MODULE_FUNCTIONS)
-    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torch.prelu, F.elu, F.celu, F.selu, F.gelu,
-                 F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
+    functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torch.prelu, F.elu, F.celu,
+                 F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
                  F.tanhshrink, torch.relu_, F.relu_,
-                 aten.relu, aten.relu6, aten.leaky_relu, aten.prelu, aten._prelu_kernel, aten.elu, aten.celu, aten.selu, aten.gelu, aten.silu,
-                 aten.mish, aten.hardswish, aten.hardtanh, aten.tanh)
+                 aten.relu, aten.relu6, aten.leaky_relu, aten.prelu, aten._prelu_kernel, aten.elu, aten.celu,
+                 aten.selu, aten.gelu, aten.silu, aten.mish, aten.hardswish, aten.hardtanh, aten.tanh)
     methods = ("relu", "relu_", "tanh", "tanh_")
-    row = ("ReLU, and ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, Hardtanh, "
-           "Tanh, Softsign, Tanhshrink; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
+    row = ("ReLU, and ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, "
+           "Hardtanh, Tanh, Softsign, Tanhshrink; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
 
     def claim(self, graph, node, dep, module):
         if module is not None:

@@ -90,13 +90,14 @@ class Linear(PartWise):
                ) + _DROPOUT_MODULES
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
-                 F.interpolate, F.pixel_shuffle, F.channel_shuffle, torch.channel_shuffle, torch.movedim, torch.swapaxes, torch.swapdims, F.unfold, F.fold
+                 F.interpolate, F.pixel_shuffle, F.channel_shuffle, torch.channel_shuffle, torch.movedim,
+                 torch.swapaxes, torch.swapdims, F.unfold, F.fold
                  ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
                "swapdims")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
-           "upsampling, channel shuffle, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` (im2col, col2im), Swin's patch "
-           "merging, ...; their `aten` ops, "
+           "upsampling, channel shuffle, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` "
+           "(im2col, col2im), Swin's patch merging, ...; their `aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def claim(self, graph, node, dep, module):

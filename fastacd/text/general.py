@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from .. import rules as rules_
 from ..capture.concrete import ConcreteTracer
 from ..capture.graph import _Tracer
-from ..capture.nodes import UnsupportedOpError, check_eval, check_hooks, fetch_attr, packing_error
+from ..capture.nodes import UnsupportedOpError, check_hooks, check_model, fetch_attr, packing_error
 from ..capture.phrases import Batch, _pair_masks, check_phrases, check_token_masks, tokens_of
-from ..engine.decomposer import Decomposer
+from ..engine.decomposer import Decomposer, converted_copy
 from ..ops import tensor_state
 from .lstm import TextCDResult, TextDecomposer
 
@@ -63,7 +63,7 @@ def _converted(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     hit = _CONVERTED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    copy_ = copy.deepcopy(model).to(dtype).eval()
+    copy_ = converted_copy(model, dtype).eval()
     _CONVERTED[model] = (key, copy_)
     return copy_
 
@@ -222,8 +222,7 @@ class ModelTextDecomposer(TextDecomposer):
                  readout: str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_eval(model)
-        check_hooks(model)
+        check_model(model)
         param = next(model.parameters(), None)
         self.model = model
         self.dtype = dtype or (param.dtype if param is not None else torch.float32)

@@ -1130,7 +1130,7 @@ class CDEPPenalty:
         k, n = masks.shape[:2]
         r0 = (masks * x[None]).reshape((k * n,) + tuple(x.shape[1:]))
         with eval_mode(self.model):
-            check_hooks(self.model)  # one added since the capture; in eval: spectral_norm does no power step
+            check_hooks(self.model)  # one added since the capture would be missed
             rel, out = self._relevant(x, r0, k)
         rel = rel.reshape((k, n) + tuple(out.shape[1:]))
         return rel, out[None] - rel, out
