@@ -194,7 +194,7 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
                  torch.relu_: torch.relu, F.relu_: torch.relu}
 # inplace is the last positional argument of these
 _INPLACE_LAST = (F.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.hardtanh, F.hardsigmoid,
-                 F.hardswish, F.silu, F.mish)
+                 F.hardswish, F.silu, F.mish, F.threshold, F.rrelu)
 
 
 def call_with(step: Step, value_of: Callable[[fx.Node], Any], replace: dict[fx.Node, Any]) -> Any:

@@ -5,18 +5,19 @@ paper's formulas for transformers (``cdt``; docs/engine.md, "Rule sets: default 
 from .activation import Activation, OffsetActivation
 from .affine import Affine
 from .attention import Einsum, MultiheadAttention, ScaledDotProductAttention, SwinWindowAttention
-from .gates import MatMul, Normaliser, Product
+from .gates import GLU, MatMul, Normaliser, Product
 from .cdt import cdt_rules
 from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
-from .norm import AddCMul, BatchNorm, GroupNorm, LayerNorm, Normalize, RMSNorm
+from .norm import AddCMul, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, LocalResponseNorm, Normalize, RMSNorm
 from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent
 from .structural import (Add, Cast, Cat, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
                          Roll, Scale, Shape, Split, Stack, Sub)
 
-DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), RMSNorm(), Normalize(), AddCMul(), Activation(),
+DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), InstanceNorm(), RMSNorm(), Normalize(),
+                   LocalResponseNorm(), AddCMul(), Activation(),
                    OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Cast(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
-                   Scale(), MatMul(), Product(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
+                   Scale(), MatMul(), Product(), GLU(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
                    Pad(), Expand(), Repeat(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
                    Einsum(), Recurrent()], name="acd")
 

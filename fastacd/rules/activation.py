@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, call_with, op_is
-from .base import Elementwise, Rule
+from ..capture.nodes import Step, arg, call_with, op_is
+from .base import Elementwise, Rule, unsupported
 
 aten = torch.ops.aten
 
@@ -28,6 +28,9 @@ _MODULE_FUNCTIONS = {
     nn.Tanh: lambda m: torch.tanh,
     nn.Softsign: lambda m: F.softsign,
     nn.Tanhshrink: lambda m: F.tanhshrink,
+    nn.Hardshrink: lambda m: (lambda t: F.hardshrink(t, m.lambd)),
+    nn.Softshrink: lambda m: (lambda t: F.softshrink(t, m.lambd)),
+    nn.RReLU: lambda m: (lambda t: F.rrelu(t, m.lower, m.upper)),  # eval: the mean slope
 }
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, aten.relu)
 
@@ -37,14 +40,18 @@ class Activation(Rule):
     modules = tuple(_MODULE_FUNCTIONS)
     functions = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torch.prelu, F.elu, F.celu,
                  F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
-                 F.tanhshrink, torch.relu_, F.relu_,
+                 F.tanhshrink, torch.relu_, F.relu_, F.hardshrink, F.softshrink, F.rrelu,
                  aten.relu, aten.relu6, aten.leaky_relu, aten.prelu, aten._prelu_kernel, aten.elu, aten.celu,
-                 aten.selu, aten.gelu, aten.silu, aten.mish, aten.hardswish, aten.hardtanh, aten.tanh)
+                 aten.selu, aten.gelu, aten.silu, aten.mish, aten.hardswish, aten.hardtanh, aten.tanh,
+                 aten.hardshrink, aten.softshrink, aten.rrelu)
     methods = ("relu", "relu_", "tanh", "tanh_")
     row = ("ReLU, and ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, "
-           "Hardtanh, Tanh, Softsign, Tanhshrink; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
+           "Hardtanh, Tanh, Softsign, Tanhshrink, Hardshrink, Softshrink, RReLU in eval; their `aten` ops",
+           "`f(r)`", "`f(a) - f(r)`")
 
     def claim(self, graph, node, dep, module):
+        if module is None and op_is(node.target, F.rrelu, aten.rrelu) and arg(node, 3, "training", False):
+            raise unsupported(node, "rrelu with training=True draws a random slope at each call")
         if module is not None:
             typ = next(c for c in type(module).__mro__ if c in _MODULE_FUNCTIONS)
             return Step(node, self, dep, fn=_MODULE_FUNCTIONS[typ](module), module=module,
@@ -85,19 +92,23 @@ class Activation(Rule):
 
 
 _OFFSET_MODULES = {nn.Sigmoid: lambda m: torch.sigmoid, nn.Hardsigmoid: lambda m: F.hardsigmoid,
-                   nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold))}
+                   nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold)),
+                   nn.LogSigmoid: lambda m: F.logsigmoid,
+                   nn.Threshold: lambda m: (lambda t: F.threshold(t, m.threshold, m.value))}
 
 
 class OffsetActivation(Rule):
     """An element-wise function with f(0) != 0 used on its own (a sigmoid output, softplus):
-    ``rel = f(r) - f(0)``, so an empty mask stays empty. As a gate on a decomposed value it is
+    ``rel = f(r) - f(0)``, so an empty mask stays empty (Threshold's f(0) is 0 or its value,
+    by the threshold's sign: one form for both). As a gate on a decomposed value it is
     context instead (``RuleSet.context``)."""
     kind = "offset_activation"
     modules = tuple(_OFFSET_MODULES)
-    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, aten.sigmoid, aten.hardsigmoid,
-                 aten.softplus)
+    functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.threshold, aten.sigmoid,
+                 aten.hardsigmoid, aten.softplus, aten.log_sigmoid, aten.threshold)
     methods = ("sigmoid", "sigmoid_")
-    row = ("Sigmoid, Hardsigmoid, Softplus on their own (f(0) != 0); their `aten` ops", "`f(r) - f(0)`",
+    row = ("Sigmoid, Hardsigmoid, Softplus, LogSigmoid, Threshold on their own (f(0) != 0); their `aten` ops",
+           "`f(r) - f(0)`",
            "`f(a) - rel`")
 
     def claim(self, graph, node, dep, module):

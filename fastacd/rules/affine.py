@@ -59,6 +59,10 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
         if isinstance(m, nn.Linear):
             return (lambda t: weight_apply(linear_abs if absolute else linear_no_bias, t, m.weight)), m.bias
         weight = m.weight.abs() if absolute else m.weight
+        if isinstance(m, _CONV_TRANSPOSE):
+            fn, output_padding = _transposed(m, step, value_of)
+            return (lambda t: weight_apply(fn, t, weight, None, m.stride, m.padding, output_padding, m.groups,
+                                           m.dilation)), m.bias
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
             return (lambda t: weight_apply(conv2d, t, weight, m.stride, m.padding, m.dilation, m.groups)), m.bias
         return (lambda t: weight_apply(m._conv_forward, t, weight, None)), m.bias
@@ -72,6 +76,22 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
         return (lambda t: weight_apply(linear_abs if absolute else linear_no_bias, t, weight)), bias
     weight = weight.abs() if absolute else weight
     return (lambda t: weight_apply(fn, t, weight, None, *args, **kwargs)), bias
+
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _transposed(m: nn.Module, step: Step, value_of: Callable):
+    """(the functional transposed convolution, its output padding) of a ConvTranspose module
+    call, with the ``output_size`` argument the call may pass (the padding that reaches it)."""
+    nd = len(m.kernel_size)
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    size = load_arg(value_of, step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs.get("output_size"))
+    if size is None:
+        return fn, m.output_padding
+    x = value_of(step.dep[0])
+    return fn, m._output_padding(x, list(size), list(m.stride), list(m.padding), list(m.kernel_size), nd,
+                                 list(m.dilation))
 
 
 def is_linear(step: Step) -> bool:
@@ -156,11 +176,13 @@ def conv2d_params(step: Step, value_of: Callable):
 
 class Affine(Rule):
     kind = "affine"
-    modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    functions = (F.conv1d, F.conv2d, F.conv3d, F.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+    modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _CONV_TRANSPOSE
+    functions = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                 aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.conv_transpose1d, aten.conv_transpose2d,
+                 aten.conv_transpose3d)
     fuses_relu = True
-    row = ("Conv1d/2d/3d, Linear, `F.conv*`, `F.linear`; `aten.conv*d`, `aten.linear`", "`zr + pr*b`",
-           "`zi + (1-pr)*b`")
+    row = ("Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, `F.conv*`, `F.conv_transpose*`, `F.linear`; their `aten` "
+           "ops", "`zr + pr*b`", "`zi + (1-pr)*b`")
 
     def claim(self, graph, node, dep, module):
         if module is None and dep != [node.args[0]]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from ..capture.nodes import Step, load_arg, op_is, operands
+from ..capture.nodes import Step, arg, load_arg, op_is, operands
 from ..ops.precision import low_matmul
 from .attention import shared_matmul, without_subnormals
-from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
+from .base import Elementwise, Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 aten = torch.ops.aten
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", aten.matmul, aten.bmm)
@@ -127,3 +129,53 @@ class Product(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         a, b = operands(step.node)
         return self._times(step, rel[a], rel[b])
+
+
+class GLU(Rule):
+    """``F.glu(x, dim)`` = ``a * sigmoid(b)`` for x's halves a, b along dim: the sigmoid gates
+    a, so it is context from the total (as the same gate written with ``chunk`` and
+    ``torch.sigmoid`` is): relevant ``ar * sigmoid(b)``."""
+    kind = "glu"
+    modules = (nn.GLU,)
+    functions = (F.glu, aten.glu)
+    row = ("GLU, `F.glu`, `aten.glu` (x's halves a, b)", "`ar * sigmoid(b)`, b from the total",
+           "`a * sigmoid(b) - rel`")
+
+    def _dim(self, step, total):
+        d = step.module.dim if step.module is not None else arg(step.node, 1, "dim", -1)
+        d %= total.dim()
+        if d == 0:
+            raise unsupported(step.node, "glu over the batch dim mixes the samples")
+        return d
+
+    def _gated(self, step, t, total):
+        """t's first half times the total's gate; t: parts of masks of total's shape."""
+        d = self._dim(step, total)
+        gate = torch.sigmoid(total.chunk(2, d)[1])
+        if t.shape == total.shape:
+            return t.chunk(2, d)[0] * gate
+        out = per_mask(t, total.shape).chunk(2, d + 1)[0] * gate
+        return merge_masks(out, mask_dim(t.shape, total.shape))
+
+    def total(self, step, value_of):
+        self._dim(step, value_of(step.dep[0]))
+        return super().total(step, value_of)
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return self._gated(step, mags[step.dep[0]], value_of(step.dep[0])), aux
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        total = value_of(step.dep[0])
+        return self._gated(step, r, total), self._gated(step, i, total)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.dep[0]
+        return self._gated(step, rel[d], values[d])
+
+    def fresh(self, step, rel, out):
+        return True
+
+    def locality(self, step, values):
+        # halves of the channels at each position of an (N, C, ...) map
+        return Elementwise() if self._dim(step, values[step.dep[0]]) == 1 else None

@@ -27,7 +27,7 @@ def batchnorm_parts(step: Step, value_of: Callable):
     else:
         node = step.node
         names = ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
-        if op_is(node.target, aten.batch_norm):  # ATen's order: weight and bias first
+        if op_is(node.target, aten.batch_norm, aten.instance_norm):  # ATen's order: weight and bias first
             names = ["weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"]
         vals = dict(zip(names, load_arg(value_of, node.args[1:])))
         vals.update(load_arg(value_of, node.kwargs))
@@ -57,15 +57,30 @@ def split_shift(r: torch.Tensor, i: torch.Tensor, scale: torch.Tensor, shift: to
     return rel, apply(r + i) - rel
 
 
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def instance_statistics(node, module) -> bool:
+    """Whether an instance norm normalises with each sample's own statistics (the default;
+    otherwise, in eval with ``track_running_stats``, with fixed ones: a batchnorm)."""
+    if module is not None:
+        return module.running_mean is None
+    return bool(arg(node, 5, "use_input_stats", True))
+
+
 class BatchNorm(Rule):
     kind = "batchnorm"
-    modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    functions = (F.batch_norm, aten.batch_norm)
+    modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm) + _INSTANCE_NORMS
+    functions = (F.batch_norm, aten.batch_norm, F.instance_norm, aten.instance_norm)
     fuses_relu = True
-    row = ("BatchNorm1d/2d/3d in eval, `F.batch_norm(training=False)`, `aten.batch_norm`", "`s*r + qr*c`",
-           "`bn(a) - rel`")
+    row = ("BatchNorm1d/2d/3d and SyncBatchNorm in eval, `F.batch_norm(training=False)`, `aten.batch_norm`; "
+           "InstanceNorm with running statistics in eval", "`s*r + qr*c`", "`bn(a) - rel`")
 
     def claim(self, graph, node, dep, module):
+        if isinstance(module, _INSTANCE_NORMS) or op_is(node.target, F.instance_norm, aten.instance_norm):
+            if instance_statistics(node, module):
+                return None  # the InstanceNorm rule's
+            return Step(node, self, dep, module=module)
         if module is not None and module.running_mean is None:
             raise unsupported(node, "batchnorm without running statistics (track_running_stats="
                                     "False) normalises with the batch's own statistics")
@@ -405,6 +420,38 @@ class GroupNorm(_Norm):
         return w.reshape((-1,) + (1,) * (t.dim() - 2))
 
 
+class InstanceNorm(GroupNorm):
+    """``nn.InstanceNorm1d/2d/3d`` / ``F.instance_norm`` with each sample's own statistics: a
+    GroupNorm with a group per channel (with running statistics in eval it is a batchnorm)."""
+    kind = "instancenorm"
+    modules = _INSTANCE_NORMS
+    functions = (F.instance_norm, aten.instance_norm)
+    row = ("InstanceNorm1d/2d/3d, `F.instance_norm`, `aten.instance_norm` (the sample's statistics)",
+           "`zr + pr*beta`, `zr = (r - mean_c(r)) / std_c(a) * gamma` per channel c", "`zi + (1-pr)*beta`")
+
+    def claim(self, graph, node, dep, module):
+        if not instance_statistics(node, module):
+            return None  # running statistics: the BatchNorm rule's
+        if module is None and dep != [arg(node, 0, "input")]:
+            raise unsupported(node, "a normalisation whose weight or bias depends on the input")
+        return Step(node, self, dep, module=module)
+
+    def params(self, step, value_of):
+        a = value_of(step.dep[0])
+        m = step.module
+        if m is not None:
+            if a.dim() == m._get_no_batch_dim():
+                raise unsupported(step.node, "an instance norm of an unbatched input")
+            return {"groups": a.shape[1], "weight": m.weight, "bias": m.bias, "eps": m.eps}
+        names = ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"]
+        if op_is(step.node.target, aten.instance_norm):
+            names = ["input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps"]
+        vals = dict(zip(names, load_arg(value_of, step.node.args)))
+        vals.update(load_arg(value_of, step.node.kwargs))
+        return {"groups": a.shape[1], "weight": vals.get("weight"), "bias": vals.get("bias"),
+                "eps": vals.get("eps", 1e-5)}
+
+
 class RMSNorm(_Norm):
     """``nn.RMSNorm`` / ``F.rms_norm``: no centring, divided by the total's RMS over the last
     dims, times gamma (no beta): ``r / rms(a) * gamma``."""
@@ -453,6 +500,64 @@ class Normalize(_Norm):
 
     def mean(self, p, t):
         return None
+
+
+def _lrn_denominator(a: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """``(k + alpha * mean of a^2 over size neighbouring channels)^beta``, by the same ops as
+    ``F.local_response_norm`` (whose output is ``a / this``)."""
+    div = a.mul(a)
+    if a.dim() == 3:
+        div = F.avg_pool2d(F.pad(div.unsqueeze(1), (0, 0, size // 2, (size - 1) // 2)), (size, 1), stride=1).squeeze(1)
+    else:
+        sizes = a.size()
+        div = F.pad(div.view(sizes[0], 1, sizes[1], sizes[2], -1), (0, 0, 0, 0, size // 2, (size - 1) // 2))
+        div = F.avg_pool3d(div, (size, 1, 1), stride=1).squeeze(1).view(sizes)
+    return div.mul(alpha).add(k).pow(beta)
+
+
+class LocalResponseNorm(Rule):
+    """``nn.LocalResponseNorm`` / ``F.local_response_norm`` (AlexNet's original, GoogLeNet's):
+    the input divided by a statistic of the total over neighbouring channels at each position,
+    shared by the parts as the norms' std is."""
+    kind = "lrn"
+    modules = (nn.LocalResponseNorm,)
+    functions = (F.local_response_norm,)
+    row = ("LocalResponseNorm, `F.local_response_norm`", "`r / d(a)`, `d(a) = (k + alpha * avg_c(a^2))^beta` over "
+           "neighbouring channels", "`i / d(a)`")
+
+    def _denominator(self, step, a, aux):
+        if aux is not None and aux[0] is a:
+            return aux[1]
+        m = step.module
+        if m is not None:
+            p = {"size": m.size, "alpha": m.alpha, "beta": m.beta, "k": m.k}
+        else:
+            p = dict(zip(["input", "size", "alpha", "beta", "k"], step.node.args))
+            p.update(step.node.kwargs)
+            p.pop("input", None)
+        return _lrn_denominator(a, **p)
+
+    def total(self, step, value_of):
+        a = value_of(step.dep[0])
+        div = self._denominator(step, a, None)
+        return a / div, (a, div)
+
+    def magnitude(self, step, mags, value_of, aux, zero_tol):
+        return mags[step.dep[0]] / aux[1], aux
+
+    def reference(self, step, parts, value_of, aux):
+        r, i = parts[step.dep[0]]
+        return r / aux[1], i / aux[1]
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        d = step.dep[0]
+        return rel[d] / rows_like(self._denominator(step, values[d], aux), rel[d].shape[0])
+
+    def fresh(self, step, rel, out):
+        return True
+
+    def locality(self, step, values):
+        return Elementwise()  # over the channels at each position
 
 
 class AddCMul(Rule):

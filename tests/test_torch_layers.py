@@ -1,0 +1,289 @@
+"""torch.nn layers outside the classification zoo that had no rule (transposed convolutions,
+instance and local response norms, GLU, SyncBatchNorm, the shrink / threshold / RReLU /
+LogSigmoid activations): each against an independent formulation the engine already
+decomposes (the same map written with other layers), the reference, both captures, the
+windowed pass and the CDEP penalty; and the variants that stay refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastacd
+from conftest import assert_close_scaled
+from models import randomize_batchnorm
+
+CAPTURES = ["fx", "export"]
+
+
+def _x_and_masks(size=8, channels=3, masks=3):
+    x = torch.randn(1, channels, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    m = (torch.rand(masks, 1, size, size, generator=torch.Generator().manual_seed(2)) > 0.5).double()
+    return x, m
+
+
+def _around(mid: nn.Module, out_channels: int = 4, size: int = 8) -> nn.Module:
+    """conv -> mid -> conv -> ReLU -> linear head, seeded: two calls give the same weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), mid, nn.Conv2d(out_channels, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    return net.eval().double()
+
+
+def _cd(net, x, masks, capture="fx", **kw):
+    with torch.no_grad():
+        return fastacd.Decomposer(net, capture=capture, **kw).cd(x, masks)
+
+
+def _same_cd(a: nn.Module, b: nn.Module, capture: str, rtol=1e-10):
+    x, masks = _x_and_masks()
+    ra, rb = _cd(a, x, masks, capture), _cd(b, x, masks, capture)
+    torch.testing.assert_close(ra.relevant, rb.relevant, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(ra.irrelevant, rb.irrelevant, rtol=rtol, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ra.relevant + ra.irrelevant, a(x).expand_as(ra.relevant), rtol=1e-12, atol=1e-12)
+    ref = fastacd.reference.cd(a, x, masks)
+    torch.testing.assert_close(ra.relevant, ref[0], rtol=1e-10, atol=1e-12)
+    return ra
+
+
+def _flipped_as_conv(t: nn.ConvTranspose2d) -> nn.Conv2d:
+    """A stride-1 transposed convolution as the convolution it is: weights flipped, in and out
+    channels swapped, padding k - 1 - p."""
+    k, p = t.kernel_size[0], t.padding[0]
+    conv = nn.Conv2d(t.in_channels, t.out_channels, k, padding=k - 1 - p).double().eval()
+    with torch.no_grad():
+        conv.weight.copy_(t.weight.flip(2, 3).transpose(0, 1))
+        conv.bias.copy_(t.bias)
+    return conv
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_conv_transpose_is_the_flipped_convolution(capture):
+    """ConvTranspose2d (stride 1) gives the CD of the same map written as a Conv2d."""
+    transposed = _around(nn.ConvTranspose2d(4, 4, 3, padding=1))
+    as_conv = _around(nn.Identity())
+    as_conv[1] = _flipped_as_conv(transposed[1])
+    _same_cd(transposed, as_conv, capture)
+
+
+class _UpNet(nn.Module):
+    """A decoder step: strided transposed convolutions with output_padding and output_size, the
+    functional form, a 1-d one on the rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+        self.up_sized = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+        self.w = nn.Parameter(torch.randn(2, 2, 2, 2) * 0.4)
+        self.line = nn.ConvTranspose1d(2, 2, 3, stride=2)
+        self.head = nn.Linear(2 * 163, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.up(torch.relu(self.down(x))))
+        y = self.up_sized(self.down2(y), output_size=x.shape[2:])  # (8, 8): output padding 1
+        y = F.conv_transpose2d(torch.relu(y), self.w, stride=1, padding=0)  # (9, 9)
+        y = self.line(y.flatten(2))  # (N, 2, 81) -> (N, 2, 163)
+        return self.head(y.flatten(1))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_strided_conv_transpose_against_the_reference(capture):
+    torch.manual_seed(0)
+    net = _UpNet().eval().double()
+    x, masks = _x_and_masks()
+    res = _cd(net, x, masks, capture)
+    ref = fastacd.reference.cd(net, x, masks)
+    torch.testing.assert_close(res.relevant, ref[0], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(res.relevant + res.irrelevant, net(x).expand(3, -1), rtol=1e-12, atol=1e-12)
+    f32 = _cd(net.float(), x.float(), masks.float(), capture)
+    assert_close_scaled(f32.relevant.double(), ref[0], torch.float32)
+
+
+def _set_affine(norm: nn.Module, other: nn.Module):
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(norm, name, None) is not None:
+                getattr(norm, name).copy_(torch.linspace(0.3, 1.7, 4) if name in ("weight", "running_var")
+                                          else torch.linspace(-0.5, 0.4, 4))
+                getattr(other, name).copy_(getattr(norm, name))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_is_a_group_norm_per_channel(capture, affine):
+    inorm, gnorm = nn.InstanceNorm2d(4, affine=affine), nn.GroupNorm(4, 4, affine=affine)
+    if affine:
+        _set_affine(inorm, gnorm)
+    _same_cd(_around(inorm), _around(gnorm), capture)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("norm", ["instance", "sync"])
+def test_running_statistics_norms_are_batchnorms(capture, norm):
+    """An instance norm with running statistics (eval) and an eval SyncBatchNorm normalise
+    with fixed statistics: a BatchNorm2d's CD."""
+    layer = nn.InstanceNorm2d(4, affine=True, track_running_stats=True) if norm == "instance" else nn.SyncBatchNorm(4)
+    bn = nn.BatchNorm2d(4)
+    _set_affine(layer, bn)
+    _same_cd(_around(layer), _around(bn), capture)
+
+
+class _ExplicitLRN(nn.Module):
+    """F.local_response_norm's arithmetic written out: the denominator is context (computed
+    from the total), as any normaliser dividing a decomposed value."""
+
+    def __init__(self, size, alpha, beta, k):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x):
+        div = F.avg_pool3d(F.pad((x * x).unsqueeze(1), (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2)),
+                           (self.size, 1, 1), stride=1).squeeze(1)
+        return x / (div * self.alpha + self.k) ** self.beta
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_local_response_norm_divides_by_the_totals_statistic(capture):
+    lrn = _around(nn.LocalResponseNorm(3, alpha=0.5, beta=0.75, k=1.0))
+    explicit = _around(_ExplicitLRN(3, 0.5, 0.75, 1.0))
+    _same_cd(lrn, explicit, capture)
+
+
+class _ExplicitGLU(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return a * torch.sigmoid(b)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_glu_gates_with_the_totals_sigmoid(capture):
+    """GLU's gate is context, as a sigmoid gate written out with chunk and sigmoid is."""
+    _same_cd(_around(nn.GLU(dim=1), out_channels=2), _around(_ExplicitGLU(), out_channels=2), capture)
+
+
+def _activation_map(act: nn.Module | None) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten())
+    if act is not None:
+        net.insert(1, act)
+    return net.eval().double()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("act, f", [
+    (nn.Hardshrink(0.3), lambda t: F.hardshrink(t, 0.3)),
+    (nn.Softshrink(0.3), lambda t: F.softshrink(t, 0.3)),
+    (nn.RReLU(0.1, 0.3), lambda t: F.leaky_relu(t, 0.2)),  # eval: the mean slope
+    (nn.Threshold(-0.2, 0.0), lambda t: F.threshold(t, -0.2, 0.0)),  # f(0) = 0
+    (nn.Threshold(0.1, 0.5), lambda t: F.threshold(t, 0.1, 0.5) - 0.5),  # f(0) = 0.5: offset
+    (nn.LogSigmoid(), lambda t: F.logsigmoid(t) - F.logsigmoid(torch.zeros((), dtype=t.dtype))),
+], ids=["hardshrink", "softshrink", "rrelu", "threshold", "threshold_offset", "logsigmoid"])
+def test_activations_apply_to_the_relevant_part(capture, act, f):
+    """At the activation's output the relevant part is f(r) - f(0), r the convolution's."""
+    x, masks = _x_and_masks()
+    conv = _cd(_activation_map(None), x, masks, capture).relevant
+    res = _cd(_activation_map(act), x, masks, capture)
+    torch.testing.assert_close(res.relevant, f(conv), rtol=1e-12, atol=1e-14)
+    ref = fastacd.reference.cd(_activation_map(act), x, masks)
+    torch.testing.assert_close(res.relevant, ref[0], rtol=1e-12, atol=1e-14)
+
+
+class _AllNew(nn.Module):
+    """Every new rule in one net, for the windowed pass and the CDEP penalty."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.lrn = nn.LocalResponseNorm(3, alpha=0.3)
+        self.glu = nn.GLU(1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.shrink = nn.Softshrink(0.05)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.gn = nn.InstanceNorm2d(4, affine=True)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.inorm(self.glu(self.lrn(self.c1(x))))
+        x = F.max_pool2d(self.shrink(self.c2(x)), 2)
+        x = F.hardshrink(F.rrelu(self.up(x), 0.1, 0.2), 0.01)
+        # not straight into the global pool: a per-channel norm's pooled relevant part is 0
+        return self.head(F.adaptive_avg_pool2d(self.c3(self.gn(x)), 1).flatten(1))
+
+
+def test_windowed_pass_equals_full():
+    from test_windowed import ALWAYS, box
+    torch.manual_seed(0)
+    model = randomize_batchnorm(_AllNew()).eval().double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    dec = fastacd.Decomposer(model)
+    deltas = torch.stack([box(16, 16, 0, 0, 3), box(16, 16, 12, 12, 4), box(16, 16, 8, 1, 2, 5)])[:, None].double()
+    base = box(16, 16, 2, 2, 5).double()
+    with torch.no_grad():
+        full = dec.cd(x, torch.maximum(base, deltas))
+        res = dec.cd_delta(x, base, deltas, **ALWAYS)
+    assert_close_scaled(res.relevant, full.relevant, torch.float64)
+    assert_close_scaled(full.relevant, fastacd.reference.cd(model, x, torch.maximum(base, deltas))[0], torch.float64)
+
+
+def test_cdep_penalty_and_gradients_match_the_reference():
+    from fastacd import cdep
+    torch.manual_seed(0)
+    model = randomize_batchnorm(_AllNew()).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    masks = (torch.rand(2, 1, 8, 8) > 0.6).double().expand(2, 3, 8, 8)
+    values = []
+    for backend in ("reference", None):
+        pen = cdep.CDEPPenalty(model, **({"backend": backend, "reuse_forward": False} if backend else {}))
+        model.zero_grad()
+        loss = pen(x, masks)
+        loss.backward()
+        values.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        pen.remove_hooks()
+    (p_ref, g_ref), (p, g) = values
+    assert g_ref.abs().sum() > 0
+    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+class _Fn(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body  # a function, or a layer (a submodule, as the tracer needs)
+
+    def forward(self, x):
+        return self.body(x).flatten(1)
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda t: F.glu(t, 0), "batch dim"),
+    (lambda t: F.rrelu(t, training=True), "random slope"),
+    (nn.LPPool2d(2, 2), "LPPool2d"),
+    (nn.Softmax2d(), "Softmax2d"),
+    (nn.FractionalMaxPool2d(2, output_size=2), "FractionalMaxPool2d"),
+], ids=["glu_batch", "rrelu_training", "lppool", "softmax2d", "fractional_max_pool"])
+def test_refused_variants_are_named(body, message):
+    net = _Fn(body).eval()
+    with pytest.raises(fastacd.UnsupportedOpError, match=message):
+        fastacd.Decomposer(net).cd(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 4))
+
+
+def test_unbatched_instance_norm_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.InstanceNorm2d(3)
+
+        def forward(self, x):
+            return self.norm(x[0]).flatten()[None]
+
+    with pytest.raises(fastacd.UnsupportedOpError, match="unbatched"):
+        fastacd.Decomposer(Net().eval()).cd(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 4))
