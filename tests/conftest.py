@@ -40,6 +40,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def assert_cdep_matches_reference(model, x, masks):
+    """The CDEP penalty and its parameter gradients from the fast paired pass equal the
+    reference backend's (float64), and the gradients are not all zero."""
+    from fastacd import cdep
+    values = []
+    for backend in ("reference", None):
+        pen = cdep.CDEPPenalty(model, **({"backend": backend, "reuse_forward": False} if backend else {}))
+        model.zero_grad()
+        loss = pen(x, masks)
+        loss.backward()
+        values.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        pen.remove_hooks()
+    (p_ref, g_ref), (p, g) = values
+    assert g_ref.abs().sum() > 0
+    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
 def assert_close_scaled(actual, expected, dtype):
     """assert_close with the dtype's rtol and an atol scaled by the magnitude of ``expected``."""
     rtol, atol = TOLERANCES[dtype]

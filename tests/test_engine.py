@@ -66,9 +66,12 @@ FULL_MASK_EXACT = {"vgg16", "alexnet", "functional", "mnist_cnn"}
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_engine_matches_reference(name, dtype, backend):
-    if dtype == torch.float32 and name in ILL_CONDITIONED_IN_FLOAT32:
-        pytest.skip("float32 CD of this random-init net is ill-conditioned (reference included)")
     model, x, masks = _case(name, dtype)
+    if dtype == torch.float32 and name in ILL_CONDITIONED_IN_FLOAT32:
+        # not compared: rounding alone moves these scores, as the library's own check says
+        gap = fastacd.Decomposer(model, backend=backend).rounding_gap(x, masks[:-2, None])
+        assert gap > 1e-2, f"rounding gap {gap:.1e}: no longer ill-conditioned, compare it"
+        return
     tiles = masks[:-2]  # the random tile masks
     with torch.no_grad():
         # The oracle runs in float64 even for float32 (its own float32 arithmetic is off by

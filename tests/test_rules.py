@@ -13,7 +13,7 @@ import fastacd
 from fastacd.capture.nodes import call_with
 from fastacd.rules import DEFAULT, PartWise, Rule, RuleSet
 
-from conftest import assert_close_scaled
+from conftest import assert_cdep_matches_reference, assert_close_scaled
 from models import TokenMaxNet
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
@@ -605,23 +605,11 @@ def test_max_reduce_and_normalize_by_hand():
 
 
 def test_max_reduce_in_the_cdep_penalty():
-    from fastacd import cdep
     torch.manual_seed(0)
     model = TokenMaxNet().double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     masks = (torch.rand(3, 1, 8, 8) > 0.6).double().expand(3, 3, 8, 8)
-    values = []
-    for backend in ("reference", None):
-        pen = cdep.CDEPPenalty(model, **({"backend": backend, "reuse_forward": False} if backend else {}))
-        model.zero_grad()
-        loss = pen(x, masks)
-        loss.backward()
-        values.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
-        pen.remove_hooks()
-    (p_ref, g_ref), (p, g) = values
-    assert g_ref.abs().sum() > 0
-    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+    assert_cdep_matches_reference(model, x, masks)
 
 
 @pytest.mark.parametrize("body, message", [

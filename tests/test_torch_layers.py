@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastacd
-from conftest import assert_close_scaled
+from conftest import assert_cdep_matches_reference, assert_close_scaled
 from models import randomize_batchnorm
 
 CAPTURES = ["fx", "export"]
@@ -235,23 +235,11 @@ def test_windowed_pass_equals_full():
 
 
 def test_cdep_penalty_and_gradients_match_the_reference():
-    from fastacd import cdep
     torch.manual_seed(0)
     model = randomize_batchnorm(_AllNew()).eval().double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     masks = (torch.rand(2, 1, 8, 8) > 0.6).double().expand(2, 3, 8, 8)
-    values = []
-    for backend in ("reference", None):
-        pen = cdep.CDEPPenalty(model, **({"backend": backend, "reuse_forward": False} if backend else {}))
-        model.zero_grad()
-        loss = pen(x, masks)
-        loss.backward()
-        values.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
-        pen.remove_hooks()
-    (p_ref, g_ref), (p, g) = values
-    assert g_ref.abs().sum() > 0
-    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+    assert_cdep_matches_reference(model, x, masks)
 
 
 class _Fn(nn.Module):
