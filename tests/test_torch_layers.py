@@ -275,3 +275,112 @@ def test_unbatched_instance_norm_is_refused():
 
     with pytest.raises(fastacd.UnsupportedOpError, match="unbatched"):
         fastacd.Decomposer(Net().eval()).cd(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 4))
+
+
+class _Body(nn.Module):
+    """conv -> body -> linear head: the body written with tensor methods and operators."""
+
+    def __init__(self, body, features=4 * 8 * 8):
+        super().__init__()
+        self.conv, self.body, self.fc = nn.Conv2d(3, 4, 3, padding=1), body, nn.Linear(features, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(self.conv(x)).flatten(1))
+
+
+def _body_net(body, features=4 * 8 * 8):
+    torch.manual_seed(0)
+    return _Body(body, features).eval().double()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("body, same", [
+    (lambda t: t ** 2, lambda t: t * t),
+    (lambda t: t.square(), lambda t: t * t),
+    (lambda t: torch.pow(t, 3), lambda t: t * t * t),
+    (lambda t: t.clamp(-0.3, 0.2), lambda t: F.hardtanh(t, -0.3, 0.2)),
+    (lambda t: torch.clamp(t, min=0), F.relu),
+    (lambda t: t.clamp_max(0.2), lambda t: F.hardtanh(t, -1e30, 0.2)),
+], ids=["pow", "square", "cube", "clamp", "clamp_min", "clamp_max"])
+def test_powers_and_clamps_are_activations(capture, body, same):
+    """``x ** 2`` and ``x.square()`` give the CD of ``x * x`` (the product rule: only relevant
+    times relevant is relevant), clamps to a range holding 0 that of Hardtanh / ReLU (StarReLU's
+    ``relu(x) ** 2``, clamps written as methods)."""
+    x, masks = _x_and_masks()
+    got = _cd(_body_net(body), x, masks, capture)
+    torch.testing.assert_close(got.relevant, _cd(_body_net(same), x, masks, capture).relevant, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.relevant, fastacd.reference.cd(_body_net(body), x, masks)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_abs_applies_to_the_relevant_part(capture):
+    x, masks = _x_and_masks()
+    conv = _cd(_activation_map(None), x, masks, capture).relevant
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Fn(torch.abs)).eval().double()
+    torch.testing.assert_close(_cd(net, x, masks, capture).relevant, conv.abs(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda t: t ** 0.5, "integer p"),
+    (lambda t: t.pow(-1), "integer p"),
+    (lambda t: 2 ** t, "integer p"),
+    (lambda t: t.clamp(min=0.1), "range without 0"),
+    (lambda t: t.clamp(min=t.mean()), "tensors"),
+    (lambda t: t.unfold(0, 1, 1), "batch dim"),
+], ids=["sqrt", "reciprocal", "exp2", "clamp_eps", "clamp_tensor", "unfold_batch"])
+def test_powers_and_clamps_refused_where_f0_is_not_0(body, message):
+    with pytest.raises(fastacd.UnsupportedOpError, match=message):
+        _cd(_body_net(body), *_x_and_masks())
+
+
+class _PatchesAsBatch(nn.Module):
+    """TNT's inner stream: the image's patches as rows of a batch, a convolution and a
+    batchnorm over them, then back to one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(-1, c, 4, 4)
+        y = torch.relu(self.bn(self.conv(patches)))  # (n * 4, 4, 4, 4)
+        return self.fc(y.reshape(n, -1))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_convolution_over_rows_of_one_sample(capture):
+    """A convolution whose total has several rows of one sample crashed in the split kernel
+    ("total_pre must have shape (1, C, *S)"); each mask's rows now fold into the channels, as
+    the batchnorm's did. Against the reference in float64 and float32."""
+    torch.manual_seed(0)
+    net = randomize_batchnorm(_PatchesAsBatch()).eval().double()
+    x, masks = _x_and_masks()
+    ref = fastacd.reference.cd(net, x, masks)[0]
+    torch.testing.assert_close(_cd(net, x, masks, capture).relevant, ref, rtol=1e-10, atol=1e-12)
+    assert_close_scaled(_cd(net.float(), x.float(), masks.float(), capture).relevant.double(), ref, torch.float32)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_tensor_unfold_takes_windows_of_each_part(capture):
+    """Non-overlapping ``unfold`` windows give the CD of the same split written with
+    ``unflatten``; overlapping ones (HaloNet's halos) the reference's."""
+    x, masks = _x_and_masks()
+    tiles = _cd(_body_net(lambda t: t.unfold(3, 2, 2)), x, masks, capture).relevant
+    torch.testing.assert_close(tiles, _cd(_body_net(lambda t: t.unflatten(3, (4, 2))), x, masks, capture).relevant,
+                               rtol=1e-12, atol=1e-14)
+    halo = _body_net(lambda t: t.unfold(2, 4, 2), features=4 * 3 * 8 * 4)
+    torch.testing.assert_close(_cd(halo, x, masks, capture).relevant, fastacd.reference.cd(halo, x, masks)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_expand_as_in_an_exported_graph():
+    """``aten.expand`` / ``aten.expand_as`` (MobileViTv2's attention in a torch.export graph)."""
+    net = _body_net(lambda t: t.mean(1, keepdim=True).expand_as(t) + t.sum(2, keepdim=True).expand(-1, -1, 8, -1))
+    x, masks = _x_and_masks()
+    torch.testing.assert_close(_cd(net, x, masks, "export").relevant, _cd(net, x, masks, "fx").relevant,
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_cd(net, x, masks, "export").relevant, fastacd.reference.cd(net, x, masks)[0],
+                               rtol=1e-10, atol=1e-12)

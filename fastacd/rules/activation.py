@@ -1,6 +1,8 @@
 """Element-wise activations with f(0) = 0: relevant ``f(r)``, irrelevant ``f(r + i) - f(r)``."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,6 +35,34 @@ _MODULE_FUNCTIONS = {
     nn.RReLU: lambda m: (lambda t: F.rrelu(t, m.lower, m.upper)),  # eval: the mean slope
 }
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, aten.relu)
+_POWERS = (operator.pow, torch.pow, aten.pow, "pow")
+_CLAMPS = {torch.clamp: (1, 2), torch.clip: (1, 2), aten.clamp: (1, 2), aten.clip: (1, 2), "clamp": (1, 2),
+           "clip": (1, 2), torch.clamp_min: (1, None), aten.clamp_min: (1, None), "clamp_min": (1, None),
+           torch.clamp_max: (None, 1), aten.clamp_max: (None, 1), "clamp_max": (None, 1)}  # (min, max) positions
+
+
+def _is(node, table) -> bool:
+    """Whether the node calls one of the table's functions / ATen ops, or methods (names)."""
+    if node.op == "call_method":
+        return node.target in [t for t in table if isinstance(t, str)]
+    return op_is(node.target, *[t for t in table if not isinstance(t, str)])
+
+
+def _zero_preserving(node) -> str | None:
+    """Why a power or clamp node is not an activation with f(0) = 0 defined everywhere (None: it is)."""
+    if _is(node, _POWERS):
+        p = arg(node, 1, "exponent")
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+            return "x ** p is an activation (f(0) = 0, defined for every part) only for a constant integer p >= 1"
+    elif _is(node, _CLAMPS):
+        lo_at, hi_at = next(at for t, at in _CLAMPS.items() if _is(node, (t,)))
+        bounds = [arg(node, at, name) if at is not None else None for at, name in ((lo_at, "min"), (hi_at, "max"))]
+        if not all(b is None or isinstance(b, (int, float)) for b in bounds):
+            return "a clamp to bounds that are tensors"
+        lo, hi = bounds
+        if (lo is not None and lo > 0) or (hi is not None and hi < 0):
+            return "a clamp to a range without 0 (f(0) != 0)"
+    return None
 
 
 class Activation(Rule):
@@ -43,13 +73,18 @@ class Activation(Rule):
                  F.tanhshrink, torch.relu_, F.relu_, F.hardshrink, F.softshrink, F.rrelu,
                  aten.relu, aten.relu6, aten.leaky_relu, aten.prelu, aten._prelu_kernel, aten.elu, aten.celu,
                  aten.selu, aten.gelu, aten.silu, aten.mish, aten.hardswish, aten.hardtanh, aten.tanh,
-                 aten.hardshrink, aten.softshrink, aten.rrelu)
-    methods = ("relu", "relu_", "tanh", "tanh_")
+                 aten.hardshrink, aten.softshrink, aten.rrelu, torch.abs, aten.abs, torch.square, aten.square,
+                 operator.pow, torch.pow, aten.pow) + tuple(f for f in _CLAMPS if not isinstance(f, str))
+    methods = ("relu", "relu_", "tanh", "tanh_", "abs", "square", "pow") + tuple(f for f in _CLAMPS if isinstance(f, str))
     row = ("ReLU, and ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish, "
-           "Hardtanh, Tanh, Softsign, Tanhshrink, Hardshrink, Softshrink, RReLU in eval; their `aten` ops",
-           "`f(r)`", "`f(a) - f(r)`")
+           "Hardtanh, Tanh, Softsign, Tanhshrink, Hardshrink, Softshrink, RReLU in eval; `abs`, `square`, "
+           "`x ** p` (integer p >= 1), `clamp` to a range holding 0; their `aten` ops", "`f(r)`", "`f(a) - f(r)`")
 
     def claim(self, graph, node, dep, module):
+        if module is None and (_is(node, _POWERS) or _is(node, _CLAMPS)):
+            why = _zero_preserving(node)
+            if why is not None or dep != [node.args[0]]:
+                raise unsupported(node, why or "an exponent or bound computed from the input")
         if module is None and op_is(node.target, F.rrelu, aten.rrelu) and arg(node, 3, "training", False):
             raise unsupported(node, "rrelu with training=True draws a random slope at each call")
         if module is not None:

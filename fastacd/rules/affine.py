@@ -11,7 +11,7 @@ from ..capture.nodes import Step, load_arg, op_is
 from ..ops import conv2d
 from ..ops.precision import weight_apply
 from ..ops.torch_ops import EPS, split_weights
-from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, unsupported
+from .base import Rule, Sliding, as_tuple, mask_dim, merge_masks, only_gates, per_mask, split_by_rows, unsupported
 
 aten = torch.ops.aten
 
@@ -221,6 +221,10 @@ class Affine(Rule):
             return zr.clamp_min(0) if step.relu_fused else zr
         if channels_last(step, zr) or (pre.shape[0] != 1 and is_linear(step)):  # or (B * N, F) rows
             return split_bias_tokens(ops, zr, pre, bias, step.relu_fused, own_buffer(zr, r), tol)
+        if isinstance(pre, torch.Tensor) and pre.shape[0] != 1:  # a convolution over rows of one sample
+            n = pre.shape[0]
+            return split_by_rows(lambda r_, t_, tol_: ops.bias_split(r_, t_, bias.repeat(n), step.relu_fused, tol_),
+                                 zr, pre, tol)
         if own_buffer(zr, r):  # write the split into the fresh conv output (CPU page faults)
             return ops.bias_split_(zr, pre, bias, step.relu_fused, tol)
         return ops.bias_split(zr, pre, bias, step.relu_fused, tol)

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg
+from ..capture.nodes import Step, UnsupportedOpError, call_with, describe_node, load_arg
 from .affine import linear_no_bias, own_buffer, split_bias, split_bias_tokens
 from .base import Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 

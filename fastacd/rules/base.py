@@ -218,6 +218,18 @@ def merge_masks(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.movedim(0, k).flatten(k, k + 1)
 
 
+def split_by_rows(split: Callable, rel: torch.Tensor, total: torch.Tensor, tol: torch.Tensor | None = None):
+    """A compiled split (bias_split, bn_split) for a total of n > 1 rows of one sample (LeViT's
+    (B * N, C) tokens, TNT's pixel patches as a batch): each mask's n rows folded into the
+    channels, as the kernels take a total of one row. ``split(rel, total, tol)`` gets
+    (M, n*C, ...), (1, n*C, ...) and the tolerance so folded; per-channel parameters go
+    repeated n times."""
+    n = total.shape[0]
+    fold = lambda t: t.reshape((-1, n * total.shape[1]) + tuple(total.shape[2:]))  # noqa: E731
+    out = split(fold(per_mask(rel, total.shape)), fold(total), None if tol is None else fold(tol.expand(total.shape)))
+    return merge_masks(out.reshape((-1,) + tuple(total.shape)), mask_dim(rel.shape, total.shape))
+
+
 def rel_shape(total, k: int, m: int) -> tuple:
     """The shape of m masks' relevant part of a total of shape ``total``, masks in dim k."""
     shape = list(total)

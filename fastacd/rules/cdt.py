@@ -25,7 +25,7 @@ import torch
 from ..capture.nodes import Step, call_with
 from .activation import Activation, OffsetActivation
 from .affine import Affine, bias_view, channels_last
-from .base import Rule, RuleSet, mask_dim, merge_masks, per_mask
+from .base import Rule, RuleSet, mask_dim
 from .norm import LayerNorm
 
 TOL = 1e-8  # CD-T's ``tol`` in prop_linear_core and prop_layer_norm (cdt_core.py)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..capture.nodes import Step, arg, call_with, load_arg, op_is
 from ..ops.torch_ops import split_weights
 from .affine import EPS, split_bias
-from .base import Elementwise, Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
+from .base import Elementwise, Rule, only_gates, split_by_rows, unsupported
 
 aten = torch.ops.aten
 
@@ -112,13 +112,8 @@ class BatchNorm(Rule):
         n = total.shape[0]
         if n == 1:
             return ops.bn_split(r, total, scale, shift, step.relu_fused, tol)
-        # n rows of one sample (LeViT's BatchNorm1d on (B * N, C)): the rows folded into the
-        # channels, as the kernels take a total of one row
-        k, shape = mask_dim(r.shape, total.shape), (1, n * total.shape[1]) + tuple(total.shape[2:])
-        fold = lambda t: t.reshape((-1,) + shape[1:])  # noqa: E731
-        out = ops.bn_split(fold(per_mask(r, total.shape)), fold(total), scale.repeat(n), shift.repeat(n),
-                           step.relu_fused, None if tol is None else fold(tol.expand(total.shape)))
-        return merge_masks(out.reshape((-1,) + tuple(total.shape)), k)
+        return split_by_rows(lambda r_, t_, tol_: ops.bn_split(r_, t_, scale.repeat(n), shift.repeat(n),
+                                                             step.relu_fused, tol_), r, total, tol)
 
     def paired_relevant(self, step, p):
         # the channel parameters read once; the split keeps only its inputs for backward

@@ -29,7 +29,7 @@ _LINEAR_ATEN = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive
                 aten.transpose, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
                 aten.native_channel_shuffle, aten.upsample_nearest1d,
                 aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
-                aten.flip, aten.dropout, aten.im2col, aten.col2im)
+                aten.flip, aten.dropout, aten.im2col, aten.col2im, aten.unfold)
 
 
 _ADAPTIVE_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -94,10 +94,11 @@ class Linear(PartWise):
                  torch.swapaxes, torch.swapdims, F.unfold, F.fold
                  ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
-               "swapdims")
+               "swapdims", "unfold")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
            "upsampling, channel shuffle, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` "
-           "(im2col, col2im), Swin's patch merging, ...; their `aten` ops, "
+           "(im2col, col2im), `Tensor.unfold` (windows along a non-batch dim), Swin's patch merging, ...; their "
+           "`aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def claim(self, graph, node, dep, module):
@@ -113,6 +114,9 @@ class Linear(PartWise):
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
         if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
             raise unsupported(node, "a flip across the batch dim")
+        if (node.target == "unfold" and node.op == "call_method" or op_is(node.target, aten.unfold)) and _batch_dim(
+                node, arg(node, 1, "dimension", 0)):
+            raise unsupported(node, "sliding windows along the batch dim")
         identity = (node.op == "call_method" and node.target in _IDENTITY_METHODS) or op_is(
             node.target, *_IDENTITY_ATEN)
         adaptive = isinstance(module, _ADAPTIVE_POOL_MODULES) or op_is(node.target, *_ADAPTIVE_POOLS)
@@ -619,9 +623,9 @@ class Expand(PartWise):
     """``expand``, ``expand_as``, ``broadcast_to`` of a decomposed value: each mask's part
     broadcast as the total is (a size taken from the total keeps the masks' own)."""
     kind = "expand"
-    functions = (torch.broadcast_to,)
+    functions = (torch.broadcast_to, aten.expand, aten.expand_as)
     methods = ("expand", "expand_as")
-    row = ("`expand`, `expand_as`, `broadcast_to`", "`f(r)` for each mask", "`f(i)`")
+    row = ("`expand`, `expand_as`, `broadcast_to`; their `aten` ops", "`f(r)` for each mask", "`f(i)`")
 
     def claim(self, graph, node, dep, module):
         if node.args[0] not in dep:
