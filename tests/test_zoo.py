@@ -45,23 +45,33 @@ FAST = ["tv:resnet18", "tv:vgg11_bn", "tv:mobilenet_v2", "tv:densenet121", "tv:g
         "tv:squeezenet1_0", "tv:mobilenet_v3_small", "tv:convnext_tiny", "timm:resnet18", "timm:dla46_c",
         "timm:nf_resnet26", "timm:convit_tiny"]
 
-# Checks of FAST that fail today at the smallest size (measured here, 1 thread): on these deep
-# batchnorm networks with trained-like statistics CD's splits amplify rounding differences layer by
-# layer (float32 vs float64, batched vs one-mask, ``a - r`` vs a propagated ``i``; design.md
-# section 9, issue 17). xfail, not strict: they pass once CD stops amplifying rounding there.
+# Checks that fail today are xfail (not strict) where the last survey measured a gap beyond the
+# tolerance at the same size (the same measure: ``_assert_gap``): on deep batchnorm networks with
+# trained-like statistics CD's splits amplify rounding differences layer by layer (float32 vs
+# float64, batched vs one-mask, ``a - r`` vs a propagated ``i``; design.md section 9, issue 17).
 ROUNDING = "rounding amplified through CD's splits (design.md section 9, issue 17)"
-FAST_KNOWN_GAPS = {
-    ("tv:mobilenet_v2", "batched"), ("tv:mobilenet_v2", "f32_f64"), ("tv:mobilenet_v2", "reference"),
-    ("tv:googlenet", "batched"), ("tv:googlenet", "f32_f64"), ("tv:googlenet", "reference"),
-    # float64 engine vs reference 9.5e-8 of the scale (tolerance 1e-10): as efficientnet_b0 in test_context.py
-    ("tv:mobilenet_v3_small", "batched"), ("tv:mobilenet_v3_small", "f32_f64"),
-    ("tv:mobilenet_v3_small", "reference"),
-}
+# Each check's survey field; a gap (fraction of the largest |logit|) beyond zoo.CHECK_TOLERANCES fails.
+_SURVEY_FIELD = {"batched": "batched_vs_one", "f32_f64": "f32_vs_f64", "reference": "f64_vs_reference",
+                 "complete": "complete"}
 
 
 def _survey(init: str = "trained-like") -> dict:
     path = zoo.RESULTS_JSON if init == "trained-like" else zoo.OWN_INIT_JSON
     return json.loads(path.read_text())["entries"] if path.exists() else {}
+
+
+def _survey_marks(rec: dict, what: str, size: int) -> list:
+    """xfail where the survey's record of the entry (at this size) found a failure: the op with no
+    rule, or a gap beyond the tolerance (so the marks match what was measured)."""
+    if not rec or rec.get("size", size) != size:
+        return []
+    if not rec.get("fastacd", {}).get("ok", False):
+        return [pytest.mark.xfail(reason=f"no rule yet: {rec['fastacd'].get('op', '?')}", strict=False)]
+    field = _SURVEY_FIELD[what]
+    gap = (rec.get("numbers") or {}).get(field)
+    if gap is not None and gap > zoo.CHECK_TOLERANCES[field]:
+        return [pytest.mark.xfail(reason=f"survey gap {gap:.1e}: {ROUNDING}", strict=False)]
+    return []
 
 
 @functools.lru_cache(maxsize=1)  # the checks of one model run one after the other (name-major)
@@ -86,32 +96,38 @@ def zoo_results(name: str, size: int, init: str = "trained-like") -> dict:
     return dict(logits=logits, res=res, one=one, logits64=logits64, res64=res64, ref=ref, m=masks.shape[0])
 
 
+def _assert_gap(a: torch.Tensor, b: torch.Tensor, logits: torch.Tensor, check: str) -> None:
+    """The survey's measure (tools/zoo.py): the largest gap as a fraction of the largest |logit|,
+    within ``zoo.CHECK_TOLERANCES``, so a survey's verdict and the test's are the same."""
+    gap = zoo._gap(a, b, max(float(logits.abs().max()), 1e-300))
+    assert gap <= zoo.CHECK_TOLERANCES[check], f"{check}: gap {gap:.2e} of the largest |logit|"
+
+
 def check(name: str, size: int, what: str, init: str = "trained-like") -> None:
-    """One of issue 16's acceptance checks, with the project's tolerances (tests/conftest.py)."""
+    """One of issue 16's acceptance checks, with the survey's tolerances (tools/zoo.py)."""
     r = zoo_results(name, size, init)
-    res, res64 = r["res"], r["res64"]
+    res, res64, logits, logits64 = r["res"], r["res64"], r["logits"], r["logits64"]
     if what == "complete":
-        assert res.relevant.shape == (r["m"], *r["logits"].shape[1:])
-        assert_close_scaled(res.relevant + res.irrelevant, r["logits"].expand_as(res.relevant), torch.float32)
-        assert_close_scaled(res64.relevant + res64.irrelevant, r["logits64"].expand_as(res64.relevant),
-                            torch.float64)
+        assert res.relevant.shape == (r["m"], *logits.shape[1:])
+        _assert_gap(res.relevant + res.irrelevant, logits.expand_as(res.relevant), logits, "complete")
+        assert_close_scaled(res64.relevant + res64.irrelevant, logits64.expand_as(res64.relevant), torch.float64)
         # the masks split the input: a model whose output depends on it gives non-zero parts
         assert float(res.relevant.abs().max()) > 0 and float(res.irrelevant.abs().max()) > 0
     elif what == "batched":
-        assert_close_scaled(res.relevant, r["one"], torch.float32)
+        _assert_gap(res.relevant, r["one"], logits, "batched_vs_one")
     elif what == "f32_f64":
-        assert_close_scaled(res.relevant.double(), res64.relevant, torch.float32)
+        _assert_gap(res.relevant, res64.relevant, logits64, "f32_vs_f64")
     elif what == "reference":
-        assert_close_scaled(res64.relevant, r["ref"][0], torch.float64)
-        assert_close_scaled(res64.irrelevant, r["ref"][1], torch.float64)
+        _assert_gap(res64.relevant, r["ref"][0], logits64, "f64_vs_reference")
+        _assert_gap(res64.irrelevant, r["ref"][1], logits64, "f64_vs_reference")
     else:
         raise ValueError(what)
 
 
 def _fast_params():
-    return [pytest.param(name, what, id=f"{name}-{what}",
-                         marks=[pytest.mark.xfail(reason=ROUNDING, strict=False)]
-                         if (name, what) in FAST_KNOWN_GAPS else [])
+    survey = _survey()
+    return [pytest.param(name, what, marks=_survey_marks(survey.get(name, {}), what, zoo.ENTRIES[name].min_size),
+                         id=f"{name}-{what}")
             for name in FAST for what in CHECKS]
 
 
@@ -128,41 +144,27 @@ def test_zoo_subset_own_init(name, what):
     check(name, zoo.ENTRIES[name].min_size, what, init="own")
 
 
-# Each check's survey field; a gap (fraction of the largest |logit|) beyond zoo.CHECK_TOLERANCES fails.
-_SURVEY_FIELD = {"batched": "batched_vs_one", "f32_f64": "f32_vs_f64", "reference": "f64_vs_reference",
-                 "complete": "complete"}
-
-
 def _zoo_params(init: str = "trained-like"):
-    """The whole zoo at the survey's sizes, xfail where the last survey found a failure: the op
-    with no rule, or a gap beyond the tolerance (so the marks match what was measured)."""
+    """The whole zoo at the survey's sizes, xfail where the last survey found a failure."""
     survey = _survey(init)
     params = []
     for name, entry in zoo.ENTRIES.items():
         rec = survey.get(name, {})
+        size = rec.get("size") or entry.size  # the survey's size (--small: the smallest)
         for what in CHECKS:
-            marks = [pytest.mark.zoo, pytest.mark.slow]
-            if rec and not rec.get("fastacd", {}).get("ok", False):
-                marks.append(pytest.mark.xfail(reason=f"no rule yet: {rec['fastacd'].get('op', '?')}",
-                                               strict=False))
-            elif rec:
-                field = _SURVEY_FIELD[what]
-                tol = zoo.CHECK_TOLERANCES[field]
-                gap = (rec.get("numbers") or {}).get(field)
-                if gap is not None and gap > tol:
-                    marks.append(pytest.mark.xfail(reason=f"survey gap {gap:.1e}: {ROUNDING}", strict=False))
-            params.append(pytest.param(name, what, marks=marks, id=f"{name}-{what}"))
+            params.append(pytest.param(name, what, size, id=f"{name}-{what}",
+                                       marks=[pytest.mark.zoo, pytest.mark.slow, *_survey_marks(rec, what, size)]))
     return params
 
 
-@pytest.mark.parametrize("name, what", _zoo_params())
-def test_zoo(name, what):
-    check(name, zoo.ENTRIES[name].size, what)
+@pytest.mark.parametrize("name, what, size", _zoo_params())
+def test_zoo(name, what, size):
+    check(name, size, what)
 
 
-@pytest.mark.parametrize("name, what", _zoo_params("own"))
-def test_zoo_own_init(name, what):
-    check(name, zoo.ENTRIES[name].size, what, init="own")
+@pytest.mark.parametrize("name, what, size", _zoo_params("own"))
+def test_zoo_own_init(name, what, size):
+    check(name, size, what, init="own")
 
 
 # ---- the registry and the harness -------------------------------------------------------

@@ -220,6 +220,11 @@ _TIMM = [
     ("volo", "volo_d1_224", 224, 32, "img_size", {}, "outlook attention (unfold/fold)"),
     ("hiera", "hiera_tiny_224", 224, 32, "img_size", {}, "mask-unit attention"),
     ("sequencer", "sequencer2d_s", 224, 32, "img_size", {}, "bidirectional LSTMs over rows/cols"),
+    ("metaformer", "caformer_s18", 224, 32, None, {}, "StarReLU (relu(x) ** 2), conv + attention mixers"),
+    ("halonet", "halonet26t", 256, 256, None, {}, "blocked local attention with halos (Tensor.unfold)"),
+    ("mobilevitv2", "mobilevitv2_050", 256, 32, None, {}, "separable linear attention (expand_as)"),
+    ("tnt", "tnt_s_patch16_224", 224, 32, "img_size", {}, "transformer in transformer (pixel patches as a batch)"),
+    ("mvitv2", "mvitv2_tiny", 224, 32, "img_size", {}, "pooling attention, relative position (in-place copy_)"),
 ]
 for _fam, _n, _size, _min, _skw, _kw, _note in _TIMM:
     _add(Entry(f"timm:{_n}", "timm", _fam, _size, _min, _timm_builder(_n, _skw, **_kw), note=_note))
@@ -595,6 +600,7 @@ def op_key(item: dict) -> str:
 # Rule groups: the ops one rule (or one capture feature) would cover, for prioritising. The
 # first pattern that matches an op key wins; an op matching none is its own group.
 RULE_GROUPS = [
+    (r"aten\.copy_|aten\.\w+_\.", "in-place writes into a view (MViTv2's attention bias)"),
     (r"^capture", "capture: torch.export where torch.fx fails"),
     (r"layer_norm|LayerNorm", "LayerNorm (nn.LayerNorm, F.layer_norm)"),
     (r"group_norm|GroupNorm", "GroupNorm (nn.GroupNorm, F.group_norm)"),
@@ -945,8 +951,12 @@ def _meta(args) -> dict:
 def survey(args: argparse.Namespace) -> dict:
     path = Path(args.json)
     data = json.loads(path.read_text()) if (args.merge and path.exists()) else {"entries": {}}
+    for rec in data["entries"].values():  # entries kept by a merge ran at the file's last commit
+        rec.setdefault("commit", data.get("meta", {}).get("commit"))
+    meta = _meta(args)
     for k, entry in enumerate(select(args.only), 1):
         rec = run_isolated(entry, args)
+        rec["commit"] = meta["commit"]
         data["entries"][entry.name] = rec
         fa = rec.get("fastacd", {})
         nums = rec.get("numbers") or {}
@@ -955,7 +965,7 @@ def survey(args: argparse.Namespace) -> dict:
         print(f"[{k}] {entry.name:44s} fx={'ok' if rec.get('fx', {}).get('ok') else 'FAIL'} "
               f"export={('ok' if rec['export'].get('ok') else 'FAIL') if 'export' in rec else '-'} fastacd={status}"
               + (f" cd/fwd={ratio:.2f}" if ratio else "") + f" ({rec.get('seconds')} s)", flush=True)
-        data["meta"] = _meta(args)
+        data["meta"] = meta
         data["summary"] = summary(data["entries"])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
@@ -967,6 +977,17 @@ def survey(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
+def _commits(entries: dict, meta: dict) -> str:
+    """The commits the entries ran at (a merged survey mixes them), most entries first."""
+    counts: dict[str, int] = {}
+    for rec in entries.values():
+        c = rec.get("commit") or meta.get("commit")
+        counts[c] = counts.get(c, 0) + 1
+    if len(counts) == 1:
+        return f"commit `{next(iter(counts))}`"
+    return "commits " + ", ".join(f"`{c}` ({n} entries)" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _missing(rec: dict, key: Callable[[dict], str]) -> set[str]:
     keys = {key(i) for i in rec.get("unsupported") or []}
     return keys or {rec.get("fastacd", {}).get("op", "?")}
@@ -1055,7 +1076,7 @@ def _own_init_section(data: dict) -> list[str]:
     own = json.loads(OWN_INIT_JSON.read_text())
     entries, meta = own["entries"], own.get("meta", {})
     L = ["", f"With each library's own initialisation (`--init own`: what `pretrained=False` gives a new user, "
-         f"no randomised statistics; `{OWN_INIT_JSON.relative_to(ROOT)}`, commit `{meta.get('commit')}`, "
+         f"no randomised statistics; `{OWN_INIT_JSON.relative_to(ROOT)}`, {_commits(entries, meta)}, "
          f"{meta.get('when')}, {'smallest' if meta.get('small') else 'native'} input sizes):", ""]
     for src in sorted({r["source"] for r in entries.values()}):
         names = [n for n, r in entries.items() if r["source"] == src]
@@ -1064,7 +1085,10 @@ def _own_init_section(data: dict) -> list[str]:
                  f"decompose, **{sum(passes_checks(entries[n]) for n in names)} / {len(names)}** within every "
                  f"tolerance; worst complete {_fmt(worst['complete'])}, batched {_fmt(worst['batched_vs_one'])}, "
                  f"f32/f64 {_fmt(worst['f32_vs_f64'])}, ref {_fmt(worst['f64_vs_reference'])}")
-    failing = sorted(_short(n) for n, r in entries.items() if not passes_checks(r))
+    refused = sorted(_short(n) for n, r in entries.items() if not r.get("fastacd", {}).get("ok"))
+    failing = sorted(_short(n) for n, r in entries.items() if r.get("fastacd", {}).get("ok") and not passes_checks(r))
+    if refused:
+        L.append(f"- refused (see Rules needed): {', '.join(refused)}")
     if failing:
         L.append(f"- beyond a tolerance: {', '.join(failing)}. On these CD amplifies rounding whatever the "
                  "statistics (convmixer_768_32: about 5x a block, in the float64 engine and the reference alike; "
@@ -1125,7 +1149,7 @@ def markdown(data: dict) -> str:
          "reason names the op), so entries turn to XPASS as rules land: rerun the survey then.",
          "- Adding a model: one line in `_TORCHVISION` / `_TIMM` (or an `_add(Entry(...))` for other "
          "sources) in `tools/zoo.py`, then `python tools/zoo.py --only <name> --merge` and regenerate.", "",
-         f"Run: commit `{meta.get('commit')}`, torch {meta.get('torch')}, torchvision {meta.get('torchvision')}, "
+         f"Run: {_commits(entries, meta)}, torch {meta.get('torch')}, torchvision {meta.get('torchvision')}, "
          f"timm {meta.get('timm')}, transformers {meta.get('transformers')}, {meta.get('threads')} thread(s), "
          f"{meta.get('when')}." + _sizes_note(entries), "",
          "Every model is built with **random initialisation** (nothing is downloaded; the worker refuses "
