@@ -384,3 +384,45 @@ def test_expand_as_in_an_exported_graph():
                                rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(_cd(net, x, masks, "export").relevant, fastacd.reference.cd(net, x, masks)[0],
                                rtol=1e-10, atol=1e-12)
+
+
+class _Sequence(nn.Module):
+    """A 1-d (N, C, L) body: conv1d -> layer -> conv1d, then tokens (N, L, C) -> layer2 -> head."""
+
+    def __init__(self, layer: nn.Module, on_tokens: nn.Module, channels: int = 4, features: int = 4):
+        super().__init__()
+        self.c1, self.layer, self.c2 = nn.Conv1d(3, 4, 3, padding=1), layer, nn.Conv1d(channels, 4, 3, padding=1)
+        self.tokens, self.fc = on_tokens, nn.Linear(8 * features, 3)
+
+    def forward(self, x):
+        y = self.c2(self.layer(self.c1(x.flatten(2)[..., :8])))
+        return self.fc(self.tokens(y.transpose(1, 2)).flatten(1))
+
+
+class _ExplicitGLULast(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return a * torch.sigmoid(b)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("layer, same, tokens, same_tokens, features", [
+    (nn.InstanceNorm1d(4, affine=True), nn.GroupNorm(4, 4), nn.Identity(), nn.Identity(), 4),
+    (nn.LocalResponseNorm(2, alpha=0.4), None, nn.Identity(), nn.Identity(), 4),
+    (nn.Identity(), nn.Identity(), nn.GLU(-1), _ExplicitGLULast(), 2),
+], ids=["instance_norm_1d", "lrn_1d", "glu_last_dim"])
+def test_one_dimensional_forms(capture, layer, same, tokens, same_tokens, features):
+    """The 1-d forms: InstanceNorm1d as GroupNorm per channel, LRN on (N, C, L) (against the
+    reference), GLU over the last dim of tokens as its chunk / sigmoid form."""
+    def net(a, b):
+        torch.manual_seed(0)
+        return _Sequence(a, b, features=features).eval().double()
+    if isinstance(layer, nn.InstanceNorm1d):
+        _set_affine(layer, same)
+    x, masks = _x_and_masks()
+    got = _cd(net(layer, tokens), x, masks, capture)
+    torch.testing.assert_close(got.relevant, fastacd.reference.cd(net(layer, tokens), x, masks)[0],
+                               rtol=1e-10, atol=1e-12)
+    if same is not None:
+        torch.testing.assert_close(got.relevant, _cd(net(same, same_tokens), x, masks, capture).relevant,
+                                   rtol=1e-10, atol=1e-12)
