@@ -86,3 +86,9 @@ def rounding_sensitive() -> nn.Module:
     with g:
         torch.manual_seed(0)
         return BiasChain()
+
+
+def timm_resnet18_3() -> nn.Module:
+    """timm's resnet18 with 3 classes, as ``--arch timm:resnet18 --num-classes 3`` builds it."""
+    import timm
+    return timm.create_model("resnet18", pretrained=False, num_classes=3)

@@ -263,6 +263,25 @@ def test_arch_without_weights_warns_random_init(data, tmp_path, capsys):
     assert "not a torchvision classification model" in capsys.readouterr().err
 
 
+def test_timm_arch(data, tmp_path, capsys):
+    """``--arch timm:NAME`` builds the timm model (random-init, a warning); its hierarchy equals
+    the one of the same model given as --model, and a misspelt name is refused with near names."""
+    pytest.importorskip("timm")
+    src = data / "ant" / "img0.png"
+    common = ("--image-size", "32", "--sweep-dim", "16", "--num-iters", "1", "--label", "1", "--threads", "1",
+              "--num-classes", "3", "--no-progress")
+    assert run_cli("run", src, "--out", tmp_path / "a", "--arch", "timm:resnet18", *common) == 0
+    assert "RANDOM-INIT" in capsys.readouterr().err
+    (rec,) = manifest(tmp_path / "a")
+    assert rec["status"] == "ok"
+    assert run_cli("run", src, "--out", tmp_path / "b", "--model", "cli_models:timm_resnet18_3", *common) == 0
+    assert (tmp_path / "a" / "hierarchies" / "img0.png.json").read_text() == \
+        (tmp_path / "b" / "hierarchies" / "img0.png.json").read_text()
+    assert run_cli("run", src, "--out", tmp_path / "c", "--arch", "timm:resnet_18", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "not a timm model" in err and "resnet18" in err
+
+
 def test_sources_and_class_index(data, tmp_path):
     items, kind = collect_images(str(data))
     assert kind == "folder" and len(items) == N_GOOD + 1

@@ -92,7 +92,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (created; re-use it to resume)")
 
     g = r.add_argument_group("model (one of --arch / --model)")
-    g.add_argument("--arch", help="a torchvision classification model by name, e.g. vgg16, alexnet, resnet50")
+    g.add_argument("--arch", help="a torchvision classification model by name, e.g. vgg16, alexnet, resnet50; "
+                   "or timm:NAME for a timm model, e.g. timm:convnext_tiny (random-init unless --weights)")
     g.add_argument("--model", help="your model: 'package.module:factory' or 'file.py:factory'; the "
                    "factory is called with no arguments and returns an nn.Module (or name a module object)")
     g.add_argument("--weights", help="local weights file (a state_dict, or a checkpoint dict with "

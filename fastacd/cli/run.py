@@ -161,7 +161,8 @@ def _import_factory(spec: str):
 def model_settings(args) -> dict:
     """What identifies the model in the settings hash (the weights by their sha256)."""
     if (args.arch is None) == (args.model is None):
-        raise RunError("give exactly one of --arch NAME (a torchvision model) or --model module:factory")
+        raise RunError("give exactly one of --arch NAME (a torchvision model, or timm:NAME) or --model "
+                       "module:factory")
     module = args.model
     if module is not None and ":" in module and module.rsplit(":", 1)[0].endswith(".py"):
         file, attr = module.rsplit(":", 1)  # relative or absolute: one file, one setting
@@ -186,14 +187,31 @@ def build_model(args):
         return _build_model(args)
 
 
+def _timm_model(arch: str, num_classes: int | None):
+    """``--arch timm:NAME``: the timm model, random-init (``pretrained=False``: nothing is downloaded)."""
+    name = arch[len("timm:"):]
+    try:
+        import timm
+    except ImportError as e:
+        raise RunError(f"--arch {arch!r}: timm is not installed (pip install timm)") from e
+    if name not in timm.list_models():
+        near = timm.list_models(f"*{name}*")[:8]
+        raise RunError(f"--arch {arch!r}: not a timm model" + (f"; close: {', '.join(near)}" if near else
+                                                                "; timm.list_models() names them"))
+    kw = {} if num_classes is None else dict(num_classes=num_classes)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
 def _build_model(args):
     import torch
-    if args.arch is not None:
+    if args.arch is not None and args.arch.startswith("timm:"):
+        model = _timm_model(args.arch, args.num_classes)
+    elif args.arch is not None:
         import torchvision
         names = torchvision.models.list_models(module=torchvision.models)
         if args.arch not in names:
             raise RunError(f"--arch {args.arch!r}: not a torchvision classification model; one of: "
-                           f"{', '.join(names)}")
+                           f"{', '.join(names)} (or timm:NAME for a timm model)")
         kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
         model = torchvision.models.get_model(args.arch, weights=None, **kw)
     else:
