@@ -111,8 +111,12 @@ def check(name: str, size: int, what: str, init: str = "trained-like") -> None:
         assert res.relevant.shape == (r["m"], *logits.shape[1:])
         _assert_gap(res.relevant + res.irrelevant, logits.expand_as(res.relevant), logits, "complete")
         assert_close_scaled(res64.relevant + res64.irrelevant, logits64.expand_as(res64.relevant), torch.float64)
-        # the masks split the input: a model whose output depends on it gives non-zero parts
-        assert float(res.relevant.abs().max()) > 0 and float(res.irrelevant.abs().max()) > 0
+        # the masks split the input: non-zero parts, unless the rules themselves give 0 (the
+        # reference too): a zero-initialised head (own init of ViT, MLP-Mixer) gives 0 logits, and
+        # CoaT reads its class token, whose attention output is a product with the query of a
+        # constant token (relevant part 0)
+        if float(r["ref"][0].abs().max()) > 0:
+            assert float(res.relevant.abs().max()) > 0 and float(res.irrelevant.abs().max()) > 0
     elif what == "batched":
         _assert_gap(res.relevant, r["one"], logits, "batched_vs_one")
     elif what == "f32_f64":

@@ -50,6 +50,22 @@ def linear_abs(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _transposed(m: nn.Module, step: Step, value_of: Callable):
+    """(the functional transposed convolution, its output padding) of a ConvTranspose module
+    call, with the ``output_size`` argument the call may pass (the padding that reaches it)."""
+    nd = len(m.kernel_size)
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    size = load_arg(value_of, step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs.get("output_size"))
+    if size is None:
+        return fn, m.output_padding
+    x = value_of(step.dep[0])
+    return fn, m._output_padding(x, list(size), list(m.stride), list(m.padding), list(m.kernel_size), nd,
+                                 list(m.dilation))
+
+
 def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
     """(apply the weights without bias to a tensor, the bias or None) for an affine step. The
     weights apply in bfloat16 inside a ``low_precision`` scope (``Decomposer(precision="bf16")``);
@@ -76,22 +92,6 @@ def affine_parts(step: Step, value_of: Callable, absolute: bool = False):
         return (lambda t: weight_apply(linear_abs if absolute else linear_no_bias, t, weight)), bias
     weight = weight.abs() if absolute else weight
     return (lambda t: weight_apply(fn, t, weight, None, *args, **kwargs)), bias
-
-
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _transposed(m: nn.Module, step: Step, value_of: Callable):
-    """(the functional transposed convolution, its output padding) of a ConvTranspose module
-    call, with the ``output_size`` argument the call may pass (the padding that reaches it)."""
-    nd = len(m.kernel_size)
-    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    size = load_arg(value_of, step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs.get("output_size"))
-    if size is None:
-        return fn, m.output_padding
-    x = value_of(step.dep[0])
-    return fn, m._output_padding(x, list(size), list(m.stride), list(m.padding), list(m.kernel_size), nd,
-                                 list(m.dilation))
 
 
 def is_linear(step: Step) -> bool:
