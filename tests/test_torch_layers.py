@@ -426,3 +426,85 @@ def test_one_dimensional_forms(capture, layer, same, tokens, same_tokens, featur
     if same is not None:
         torch.testing.assert_close(got.relevant, _cd(net(same, same_tokens), x, masks, capture).relevant,
                                    rtol=1e-10, atol=1e-12)
+
+
+# ---- in-place writes into slices, under torch.export ---------------------------------------
+class _Written(nn.Module):
+    """conv -> writes into slices of its output (a constant row, another branch's channels) ->
+    a token attention whose logits get a bias written into a slice (MViTv2) -> head."""
+
+    def __init__(self, explicit: bool = False):
+        super().__init__()
+        self.explicit = explicit
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 1)
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.rel = nn.Parameter(torch.randn(63, 63) * 0.3)
+        self.head = nn.Linear(64 * 4, 3)
+
+    def forward(self, x):
+        y, z = self.c1(x), self.c2(x)
+        if self.explicit:
+            keep = torch.ones(8, 1, device=x.device, dtype=x.dtype)
+            keep[0] = 0
+            y = torch.cat([z, (y * keep)[:, 2:]], 1)
+        else:
+            y[:, :, 0] = 0
+            y[:, :2] = z
+        t = y.flatten(2).transpose(1, 2)  # (1, 64, 4)
+        attn = self.q(t) @ self.k(t).transpose(1, 2)
+        if self.explicit:
+            attn = attn + F.pad(self.rel, (1, 0, 1, 0))
+        else:
+            attn[:, 1:, 1:] = attn[:, 1:, 1:] + self.rel
+        return self.head((attn.softmax(-1) @ self.v(t)).flatten(1))
+
+
+def test_writes_into_slices_under_export():
+    """An in-place write into a chain of slices (``aten.copy_`` / ``fill_`` on a view) is made
+    out of place at capture (slice_scatter / select_scatter back into the tensor): CD equals that
+    of the same net written out of place (a constant row: a product with a 0/1 constant; another
+    branch's channels: a cat; the attention bias: context, added), and the reference's. It was
+    refused ("modifies in place a tensor that shares memory with another value")."""
+    torch.manual_seed(0)
+    written = _Written().eval().double()
+    explicit = _Written(explicit=True).eval().double()
+    explicit.load_state_dict(written.state_dict())
+    x, masks = _x_and_masks()
+    with torch.no_grad():
+        torch.testing.assert_close(written(x.clone()), explicit(x), rtol=1e-12, atol=1e-12)
+    got = _cd(written, x, masks, "export")
+    torch.testing.assert_close(got.relevant, _cd(explicit, x, masks, "export").relevant, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.relevant, fastacd.reference.cd(written, x, masks)[0], rtol=1e-10, atol=1e-12)
+    assert_close_scaled(_cd(written.float(), x.float(), masks.float(), "export").relevant.double(), got.relevant,
+                        torch.float32)
+
+
+def test_in_place_op_on_a_slice_read_again_under_export():
+    """``v = y[:, :1]; v.relu_(); y + v``: the later reader of v reads the new values, the
+    reader of y the tensor with them written back, as the model computes (the reference too)."""
+    class ViewThenInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            v = y[:, :1]
+            v.relu_()
+            return (y + v).flatten(1)
+
+    class OutOfPlace(ViewThenInPlace):
+        def forward(self, x):
+            y = self.conv(x)
+            v = torch.relu(y[:, :1])
+            return (torch.cat([v, y[:, 1:]], 1) + v).flatten(1)
+
+    torch.manual_seed(0)
+    net = ViewThenInPlace().eval().double()
+    plain = OutOfPlace().eval().double()
+    plain.load_state_dict(net.state_dict())
+    x, masks = _x_and_masks()
+    got = _cd(net, x, masks, "export")
+    torch.testing.assert_close(got.relevant, _cd(plain, x, masks, "export").relevant, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        torch.testing.assert_close(got.relevant + got.irrelevant, net(x.clone()).expand_as(got.relevant))

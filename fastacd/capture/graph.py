@@ -340,6 +340,8 @@ def functionalise(gm: fx.GraphModule) -> None:
                                      f"or buffer {t.target!r} in forward()")
         pos = order[node]
         family = _view_family(t, order, pos)
+        if any(order[u] > pos for a in family if a is not t for u in a.users) and _write_back(gm, node, t, order):
+            continue
         if any(order[u] > pos for a in family if a is not t for u in a.users):
             raise UnsupportedOpError(
                 f"fastacd cannot decompose {where}: it modifies in place a tensor that shares "
@@ -351,6 +353,51 @@ def functionalise(gm: fx.GraphModule) -> None:
         if aten_schema(node) is not None:  # aten.relu_ -> aten.relu: the rules run it out of place
             node.target = _out_of_place_aten(node)
     gm.recompile()
+
+
+_SCATTERS = {torch.ops.aten.slice.Tensor: torch.ops.aten.slice_scatter.default,
+             torch.ops.aten.select.int: torch.ops.aten.select_scatter.default}
+
+
+def _write_back(gm: fx.GraphModule, node: fx.Node, t: fx.Node, order: dict) -> bool:
+    """An ATen in-place op on a chain of slices / selects of a tensor (MViTv2's
+    ``attn[:, :, 1:, 1:] = ...``, an ``aten.copy_`` into a view) made out of place: the op gives
+    the view's new values, and ``slice_scatter`` / ``select_scatter`` put them back into the
+    tensor the chain starts from, which later readers then read. False (nothing changed) where
+    that does not apply: another view of the chain read later, a view other than slice / select,
+    an op that is not ATen, shapes unknown."""
+    if aten_schema(node) is None:
+        return False
+    chain, root = [], t
+    while aten_op(root) in _SCATTERS:
+        chain.append(root)
+        root = root.args[0]
+    pos = order[node]
+    if not chain or _is_view(root) or any(order[u] > pos for v in chain[1:] for u in v.users):
+        return False
+    if any("val" not in n.meta for n in [root, node, *chain]) or any(
+            isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
+        return False
+    node.target = _out_of_place_aten(node)
+    try:
+        node.meta["val"] = node.target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args],
+                                       **node.kwargs)
+    except Exception:  # noqa: BLE001 -- e.g. a copy_ that broadcasts: keep the refusal
+        return False
+    later = [u for u in root.users if order[u] > pos]
+    for u in [u for u in t.users if u is not node and order[u] > pos]:  # the written view: its new values
+        u.replace_input_with(t, node)
+    value, anchor = node, node
+    for view in chain:  # innermost view first: scatter into its parent
+        parent = view.args[0]
+        with gm.graph.inserting_after(anchor):
+            value = gm.graph.call_function(_SCATTERS[aten_op(view)], (parent, value, *view.args[1:]), view.kwargs)
+        value.meta["val"] = value.target(parent.meta["val"], value.args[1].meta["val"], *view.args[1:], **view.kwargs)
+        order[value] = order[anchor] + 1e-3  # after the op, before the next original node
+        anchor = value
+    for u in later:
+        u.replace_input_with(root, value)
+    return True
 
 
 def _from_input(nodes: list[fx.Node]) -> set[fx.Node]:

@@ -508,15 +508,18 @@ class Shape(Rule):
     of the total, not decomposed."""
     kind = "shape"
     functions = (getattr, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, aten.sym_size,
-                 aten.sym_numel)
+                 aten.sym_numel, aten.fill)
     methods = ("size", "dim", "new_zeros", "new_ones", "new_full", "new_empty")
     value = False
-    row = ("`x.size()`, `x.shape`, `x.dim()`, `x.new_zeros(...)`, `torch.zeros_like(x)`, `aten.sym_size`, ...",
+    row = ("`x.size()`, `x.shape`, `x.dim()`, `x.new_zeros(...)`, `torch.zeros_like(x)`, `aten.sym_size`, "
+           "`aten.fill` (a slice filled with a constant), ...",
            "a plain value of `a`", "")
 
     def claim(self, graph, node, dep, module):
         if node.target is getattr and node.args[1] not in ("shape", "ndim", "dtype", "device"):
             return None
+        if op_is(node.target, aten.fill) and arg(node, 1, "value") in graph.dependent:
+            return None  # filled with an input-dependent value
         return Step(node, self, dep)
 
 
@@ -540,6 +543,95 @@ def each_mask(step: Step, r: torch.Tensor, values, fn=None) -> torch.Tensor:
 def _dims(dims, ndim: int) -> set:
     dims = dims if isinstance(dims, (tuple, list)) else [dims]
     return {int(x) % ndim for x in dims}
+
+
+class Scatter(Rule):
+    """``slice_scatter`` / ``select_scatter``: an in-place write into a slice (``y[:, :, 0] = v``,
+    MViTv2's ``attn[..., 1:, 1:] = ...``), made out of place at capture: the written region
+    takes the source's parts, the rest the target's; a constant operand (a fill) joins the
+    irrelevant part, as a constant added does."""
+    kind = "scatter"
+    functions = (aten.slice_scatter, aten.select_scatter)
+    row = ("writes into a slice (`y[:, :, 0] = v` under torch.export): `aten.slice_scatter`, `aten.select_scatter`",
+           "the target's `r` with the source's `r` written in (0 for a constant)", "the same of `i` (the constant)")
+
+    def claim(self, graph, node, dep, module):
+        whole = op_is(node.target, aten.slice_scatter) and arg(node, 3, "start", None) in (None, 0) and (
+            arg(node, 4, "end", None) is None or arg(node, 4, "end", None) >= 2 ** 62) and arg(node, 5, "step", 1) == 1
+        if _batch_dim(node, arg(node, 2, "dim", 0)) and not whole:  # y[:] = v keeps every sample's row
+            raise unsupported(node, "a write across the batch dim")
+        return Step(node, self, dep)
+
+    def _write(self, step, part, total_shape, m):
+        """The op on each mask's parts (``part(operand)``: (m, *its total) or a constant)."""
+        node = step.node
+        target, source = node.args[:2]
+        dim = arg(node, 2, "dim", 0) % len(total_shape)
+        rest = list(node.args[3:])
+        a, b = (part(t) for t in (target, source))
+        a, b = (t.expand((m,) + tuple(t.shape[1:])) for t in (a, b))
+        return node.target(a.contiguous(), b.contiguous(), dim + 1, *rest)
+
+    def _part(self, step, values, rel, m, irrelevant=False):
+        def part(t):
+            total = load_arg(values.__getitem__, t)
+            if t in step.dep:
+                return per_mask(rel[t], total.shape)
+            return (total if irrelevant else torch.zeros_like(total)).unsqueeze(0)  # a constant
+        return part
+
+    def reference(self, step, parts, value_of, aux):
+        total = value_of(step.node).shape
+        m = next(parts[d][0].numel() // max(1, math.prod(value_of(d).shape)) for d in step.dep)
+        values = _Values(value_of)
+        r = self._write(step, self._part(step, values, {d: parts[d][0] for d in step.dep}, m), total, m)
+        i = self._write(step, self._part(step, values, {d: parts[d][1] for d in step.dep}, m, True), total, m)
+        return merge_masks(r, 0), merge_masks(i, 0)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        total = values[step.node].shape
+        d = step.dep[0]
+        m = rel[d].numel() // max(1, math.prod(values[d].shape))
+        return merge_masks(self._write(step, self._part(step, values, rel, m), total, m), 0)
+
+
+class Copy(Rule):
+    """``aten.copy(view, src)``, an in-place copy into a slice made out of place (what ``Scatter``
+    then writes back): the source's values, of the view's shape; a constant source is
+    irrelevant."""
+    kind = "copy"
+    functions = (aten.copy,)
+    row = ("`aten.copy` of a write into a slice (`y[:, :2] = z` under torch.export)", "`r` of the source (0: a "
+           "constant)", "`i` of the source (the constant)")
+
+    def claim(self, graph, node, dep, module):
+        view, src = node.args[:2]
+        vals = [getattr(a, "meta", {}).get("val") for a in (view, src)]
+        if any(v is None for v in vals) or vals[0].shape != vals[1].shape or vals[0].dtype != vals[1].dtype:
+            raise unsupported(node, "a copy that broadcasts or casts its source")
+        return Step(node, self, dep)
+
+    def reference(self, step, parts, value_of, aux):
+        src = step.node.args[1]
+        if src in step.dep:
+            return parts[src]
+        c = load_arg(value_of, src)
+        r = next(iter(parts.values()))[0]  # the view's parts: their mask layout
+        return torch.zeros_like(r), c.expand_as(r)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        view, src = step.node.args[:2]
+        return rel[src] if src in step.dep else torch.zeros_like(rel[view])
+
+
+class _Values:
+    """``value_of`` as a mapping (what ``Scatter._part`` reads)."""
+
+    def __init__(self, value_of):
+        self.value_of = value_of
+
+    def __getitem__(self, n):
+        return self.value_of(n)
 
 
 class Roll(PartWise):
