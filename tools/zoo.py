@@ -985,7 +985,8 @@ def _commits(entries: dict, meta: dict) -> str:
         counts[c] = counts.get(c, 0) + 1
     if len(counts) == 1:
         return f"commit `{next(iter(counts))}`"
-    return "commits " + ", ".join(f"`{c}` ({n} entries)" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return "commits " + ", ".join(f"`{c}` ({n} {'entry' if n == 1 else 'entries'})"
+                                  for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _missing(rec: dict, key: Callable[[dict], str]) -> set[str]:
