@@ -508,3 +508,21 @@ def test_in_place_op_on_a_slice_read_again_under_export():
     torch.testing.assert_close(got.relevant, _cd(plain, x, masks, "export").relevant, rtol=1e-12, atol=1e-14)
     with torch.no_grad():
         torch.testing.assert_close(got.relevant + got.irrelevant, net(x.clone()).expand_as(got.relevant))
+
+
+def test_write_into_a_slice_of_a_buffer_is_refused():
+    """A write into a slice of a buffer changes the model's state at every call: refused by
+    name, not made out of place (CD would not see the change the model keeps)."""
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+            self.register_buffer("seen", torch.zeros(1, 2, 8, 8))
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.seen[:, :1] = y[:, :1]
+            return (y + self.seen).flatten(1)
+
+    with pytest.raises(fastacd.UnsupportedOpError, match="buffer"):
+        _cd(Cache().eval().double(), *_x_and_masks(), capture="export")

@@ -375,15 +375,18 @@ def _write_back(gm: fx.GraphModule, node: fx.Node, t: fx.Node, order: dict) -> b
     pos = order[node]
     if not chain or _is_view(root) or any(order[u] > pos for v in chain[1:] for u in v.users):
         return False
+    if root.op == "get_attr":
+        raise UnsupportedOpError(f"fastacd cannot decompose {describe_node(node)}: it modifies the parameter "
+                                 f"or buffer {root.target!r} in forward()")
     if any("val" not in n.meta for n in [root, node, *chain]) or any(
             isinstance(a, fx.Node) and "val" not in a.meta for a in node.args):
         return False
-    node.target = _out_of_place_aten(node)
+    functional = _out_of_place_aten(node)
     try:
-        node.meta["val"] = node.target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args],
-                                       **node.kwargs)
+        val = functional(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args], **node.kwargs)
     except Exception:  # noqa: BLE001 -- e.g. a copy_ that broadcasts: keep the refusal
         return False
+    node.target, node.meta["val"] = functional, val
     later = [u for u in root.users if order[u] > pos]
     for u in [u for u in t.users if u is not node and order[u] > pos]:  # the written view: its new values
         u.replace_input_with(t, node)
