@@ -526,3 +526,23 @@ def test_write_into_a_slice_of_a_buffer_is_refused():
 
     with pytest.raises(fastacd.UnsupportedOpError, match="buffer"):
         _cd(Cache().eval().double(), *_x_and_masks(), capture="export")
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_flip_and_cumsum_along_non_batch_dims(capture):
+    """``flip`` and ``cumsum`` along non-batch dims are linear, part by part: a flip equals the
+    same permutation by indexing, a cumsum a product with a triangular constant; across
+    the batch dim they are refused (the dims are read against the input, negative ones too)."""
+    x, masks = _x_and_masks()
+    rev = torch.arange(7, -1, -1)
+    tri = torch.triu(torch.ones(8, 8, dtype=torch.float64))
+    pairs = [(lambda t: t.flip(-1), lambda t: t[:, :, :, rev]),
+             (lambda t: torch.flip(t, (2, 3)), lambda t: t[:, :, rev][:, :, :, rev]),
+             (lambda t: t.cumsum(2), lambda t: (t.transpose(2, 3) @ tri).transpose(2, 3))]
+    for body, same in pairs:
+        got = _cd(_body_net(body), x, masks, capture).relevant
+        torch.testing.assert_close(got, _cd(_body_net(same), x, masks, capture).relevant, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, fastacd.reference.cd(_body_net(body), x, masks)[0], rtol=1e-10, atol=1e-12)
+    for body in (lambda t: t.flip(-4), lambda t: t.cumsum(0)):
+        with pytest.raises(fastacd.UnsupportedOpError, match="batch dim"):
+            _cd(_body_net(body), x, masks, capture)

@@ -81,6 +81,14 @@ class PartWise(Rule):
         return call_with(step, values.__getitem__, {d: rel[d] for d in step.dep})
 
 
+def _along(node: fx.Node) -> bool:
+    """Whether the node flips or cumulatively sums along given dims (fx forms; ``aten.flip`` is
+    checked on its graph's shapes)."""
+    if node.op == "call_method":
+        return node.target in ("flip", "cumsum")
+    return node.op == "call_function" and op_is(node.target, torch.flip, torch.cumsum, aten.cumsum)
+
+
 class Linear(PartWise):
     """A map linear in its input: ``f(r)``, ``f(i)``."""
     kind = "linear"
@@ -91,14 +99,14 @@ class Linear(PartWise):
     functions = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.permute, torch.transpose,
                  F.interpolate, F.pixel_shuffle, F.channel_shuffle, torch.channel_shuffle, torch.movedim,
-                 torch.swapaxes, torch.swapdims, F.unfold, F.fold
+                 torch.swapaxes, torch.swapdims, F.unfold, F.fold, torch.flip, torch.cumsum, aten.cumsum
                  ) + _DROPOUT_FUNCTIONS + tuple(_STOCHASTIC_DEPTH) + _TV_LINEAR + _IDENTITY_ATEN + _LINEAR_ATEN
     methods = ("contiguous", "clone", "permute", "transpose", "mean", "sum", "movedim", "swapaxes",
-               "swapdims", "unfold")
+               "swapdims", "unfold", "flip", "cumsum")
     row = ("avg-pools, adaptive avg-pools, dropout and stochastic depth (eval), Identity, padding, "
            "upsampling, channel shuffle, `permute`, `transpose`, `movedim`, `mean`, `Unfold`/`Fold` "
-           "(im2col, col2im), `Tensor.unfold` (windows along a non-batch dim), Swin's patch merging, ...; their "
-           "`aten` ops, "
+           "(im2col, col2im), `Tensor.unfold` (windows along a non-batch dim), `flip`, `cumsum`, Swin's patch "
+           "merging, ...; their `aten` ops, "
            "`aten.flip`", "`f(r)`", "`f(i)`")
 
     def claim(self, graph, node, dep, module):
@@ -114,6 +122,8 @@ class Linear(PartWise):
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
         if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
             raise unsupported(node, "a flip across the batch dim")
+        if _along(node):  # flip / cumsum: the dims are checked against the input at each call
+            return Step(node, self, dep, extra={"dims": arg(node, 1, "dims" if "flip" in str(node.target) else "dim")})
         if (node.target == "unfold" and node.op == "call_method" or op_is(node.target, aten.unfold)) and _batch_dim(
                 node, arg(node, 1, "dimension", 0)):
             raise unsupported(node, "sliding windows along the batch dim")
@@ -122,10 +132,17 @@ class Linear(PartWise):
         adaptive = isinstance(module, _ADAPTIVE_POOL_MODULES) or op_is(node.target, *_ADAPTIVE_POOLS)
         return Step(node, self, dep, module=module, extra={"identity": identity, "adaptive_pool": adaptive})
 
+    def total(self, step, value_of):
+        if "dims" in step.extra and 0 in _dims(step.extra["dims"], value_of(step.dep[0]).dim()):
+            raise unsupported(step.node, "a flip or cumulative sum across the batch dim")
+        return super().total(step, value_of)
+
     def relevant(self, step, rel, values, aux, ops, m):
         d = step.dep[0]
         if step.extra.get("adaptive_pool") and values[step.node].shape == values[d].shape:
             return rel[d]  # the mean of one value is that value; torch's pool took 15 ms a VGG16 head
+        if "dims" in step.extra and mask_dim(rel[d].shape, values[d].shape) in _dims(step.extra["dims"], rel[d].dim()):
+            return each_mask(step, rel[d], values)  # along the dim that holds the masks: each mask alone
         return super().relevant(step, rel, values, aux, ops, m)
 
     def locality(self, step, values):
