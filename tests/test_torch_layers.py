@@ -546,3 +546,24 @@ def test_flip_and_cumsum_along_non_batch_dims(capture):
     for body in (lambda t: t.flip(-4), lambda t: t.cumsum(0)):
         with pytest.raises(fastacd.UnsupportedOpError, match="batch dim"):
             _cd(_body_net(body), x, masks, capture)
+
+
+_KEEP = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+_FILL = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("body, same", [
+    (lambda t: torch.where(_KEEP, t, 0.0), lambda t: t * _KEEP.double()),
+    (lambda t: t.masked_fill(_KEEP, 0.0), lambda t: t * (~_KEEP).double()),
+    (lambda t: torch.where(_KEEP, t, _FILL), lambda t: t * _KEEP.double() + _FILL * (~_KEEP).double()),
+    (lambda t: torch.where(t > 0, t, 0.1 * t), lambda t: t * (t > 0) + 0.1 * t * (t <= 0)),
+], ids=["where_constant", "masked_fill", "where_constant_branch", "where_from_the_input"])
+def test_where_is_linear_in_its_branches(capture, body, same):
+    """``torch.where`` / ``masked_fill`` with a constant condition, or one computed from the input
+    (context, as a gate: ``t > 0``), give the CD of the same selection written as products with
+    0/1 masks; a constant branch joins the irrelevant part, as a constant added does."""
+    x, masks = _x_and_masks()
+    got = _cd(_body_net(body), x, masks, capture)
+    torch.testing.assert_close(got.relevant, _cd(_body_net(same), x, masks, capture).relevant, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.relevant, fastacd.reference.cd(_body_net(body), x, masks)[0], rtol=1e-10, atol=1e-12)

@@ -11,14 +11,14 @@ from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register
 from .norm import AddCMul, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, LocalResponseNorm, Normalize, RMSNorm
 from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent
-from .structural import (Add, Cast, Cat, Copy, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
-                         Roll, Scale, Scatter, Shape, Split, Stack, Sub)
+from .structural import (Add, Cast, Cat, Comparison, Copy, Expand, Getitem, Linear, Neg, OutputSoftmax, Pad, PartWise, Repeat, Reshape,  # noqa: F401
+                         Roll, Scale, Scatter, Shape, Split, Stack, Sub, Where)
 
 DEFAULT = RuleSet([Affine(), BatchNorm(), LayerNorm(), GroupNorm(), InstanceNorm(), RMSNorm(), Normalize(),
                    LocalResponseNorm(), AddCMul(), Activation(),
                    OffsetActivation(), MaxPool(), MaxReduce(), Linear(), Cast(), Reshape(), Getitem(), Split(), Add(), Sub(), Neg(),
                    Scale(), MatMul(), Product(), GLU(), Normaliser(), Cat(), Stack(), OutputSoftmax(), Shape(), Roll(),
-                   Pad(), Expand(), Repeat(), Scatter(), Copy(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
+                   Pad(), Expand(), Repeat(), Scatter(), Copy(), Where(), Comparison(), ScaledDotProductAttention(), MultiheadAttention(), SwinWindowAttention(),
                    Einsum(), Recurrent()], name="acd")
 
 

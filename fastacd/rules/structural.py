@@ -362,7 +362,8 @@ class Scale(PartWise):
         return load_arg(value_of, b if a is step.dep[0] else a)
 
     def magnitude(self, step, mags, value_of, aux, zero_tol):
-        mag, c = mags[step.dep[0]], abs(self._constant(step, value_of))
+        c = self._constant(step, value_of)
+        mag, c = mags[step.dep[0]], c if isinstance(c, torch.Tensor) and c.dtype == torch.bool else abs(c)
         return (mag / c if step.extra["divide"] else mag * c), aux
 
     def reference(self, step, parts, value_of, aux):
@@ -562,7 +563,37 @@ def _dims(dims, ndim: int) -> set:
     return {int(x) % ndim for x in dims}
 
 
-class Scatter(Rule):
+class _ConstantsIrrelevant(Rule):
+    """An op part-wise in several operands where a constant operand joins the irrelevant part
+    (0 in the relevant one), as a constant added does: the op runs on each mask's operands,
+    (m, *total) each, the masks then back in dim 0."""
+
+    def _apply(self, step, part, values) -> torch.Tensor:
+        """The op on ``part(operand)`` ((m, *its total), or a constant) -> (m, *output)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _part(step, values, rel, irrelevant: bool = False):
+        def part(t):
+            total = load_arg(values.__getitem__, t)
+            if t in step.dep:
+                return per_mask(rel[t], total.shape)
+            if not isinstance(total, torch.Tensor):
+                return total if irrelevant else 0 * total  # a number
+            return (total if irrelevant else torch.zeros_like(total)).unsqueeze(0)
+        return part
+
+    def reference(self, step, parts, value_of, aux):
+        values = _Values(value_of)
+        r = self._apply(step, self._part(step, values, {d: parts[d][0] for d in step.dep}), values)
+        i = self._apply(step, self._part(step, values, {d: parts[d][1] for d in step.dep}, True), values)
+        return merge_masks(r, 0), merge_masks(i, 0)
+
+    def relevant(self, step, rel, values, aux, ops, m):
+        return merge_masks(self._apply(step, self._part(step, values, rel), values), 0)
+
+
+class Scatter(_ConstantsIrrelevant):
     """``slice_scatter`` / ``select_scatter``: an in-place write into a slice (``y[:, :, 0] = v``,
     MViTv2's ``attn[..., 1:, 1:] = ...``), made out of place at capture: the written region
     takes the source's parts, the rest the target's; a constant operand (a fill) joins the
@@ -579,37 +610,66 @@ class Scatter(Rule):
             raise unsupported(node, "a write across the batch dim")
         return Step(node, self, dep)
 
-    def _write(self, step, part, total_shape, m):
-        """The op on each mask's parts (``part(operand)``: (m, *its total) or a constant)."""
+    def _apply(self, step, part, values):
         node = step.node
-        target, source = node.args[:2]
-        dim = arg(node, 2, "dim", 0) % len(total_shape)
-        rest = list(node.args[3:])
-        a, b = (part(t) for t in (target, source))
-        a, b = (t.expand((m,) + tuple(t.shape[1:])) for t in (a, b))
-        return node.target(a.contiguous(), b.contiguous(), dim + 1, *rest)
+        target, source = (part(t) for t in node.args[:2])
+        m = max(target.shape[0], source.shape[0])
+        dim = arg(node, 2, "dim", 0) % (target.dim() - 1)
+        target, source = (t.expand((m,) + tuple(t.shape[1:])).contiguous() for t in (target, source))
+        return node.target(target, source, dim + 1, *node.args[3:])
 
-    def _part(self, step, values, rel, m, irrelevant=False):
-        def part(t):
-            total = load_arg(values.__getitem__, t)
-            if t in step.dep:
-                return per_mask(rel[t], total.shape)
-            return (total if irrelevant else torch.zeros_like(total)).unsqueeze(0)  # a constant
-        return part
 
-    def reference(self, step, parts, value_of, aux):
-        total = value_of(step.node).shape
-        m = next(parts[d][0].numel() // max(1, math.prod(value_of(d).shape)) for d in step.dep)
-        values = _Values(value_of)
-        r = self._write(step, self._part(step, values, {d: parts[d][0] for d in step.dep}, m), total, m)
-        i = self._write(step, self._part(step, values, {d: parts[d][1] for d in step.dep}, m, True), total, m)
-        return merge_masks(r, 0), merge_masks(i, 0)
+class Where(_ConstantsIrrelevant):
+    """``torch.where(cond, a, b)``, ``a.masked_fill(mask, v)``: the condition is a constant or
+    context (a mask computed from the total, as a gate is), so the op is linear in a and b: each
+    part takes a's part where cond holds and b's elsewhere, a constant branch irrelevant."""
+    kind = "where"
+    functions = (torch.where, aten.where, aten.masked_fill)
+    methods = ("where", "masked_fill")
+    row = ("`torch.where(cond, a, b)`, `masked_fill` (cond a constant or from the total: context)",
+           "`where(cond, ar, br)` (0 for a constant)", "`where(cond, ai, bi)` (the constant)")
 
-    def relevant(self, step, rel, values, aux, ops, m):
-        total = values[step.node].shape
-        d = step.dep[0]
-        m = rel[d].numel() // max(1, math.prod(values[d].shape))
-        return merge_masks(self._write(step, self._part(step, values, rel, m), total, m), 0)
+    @staticmethod
+    def _operands(node):
+        """(cond, a, b) of the node, whatever its form."""
+        if node.op == "call_method" and node.target == "masked_fill" or op_is(node.target, aten.masked_fill):
+            return node.args[1], node.args[2], node.args[0]  # where(mask, value, self)
+        if node.op == "call_method":
+            return node.args[1], node.args[0], node.args[2]  # self.where(cond, other)
+        return tuple(node.args[:3])
+
+    def claim(self, graph, node, dep, module):
+        if len(node.args) < 3 or node.kwargs:
+            raise unsupported(node, "where / masked_fill with keyword or missing operands")
+        cond = self._operands(node)[0]
+        if cond in dep:
+            raise unsupported(node, "a condition that is decomposed")
+        return Step(node, self, dep)
+
+    def context_operands(self, graph, node, reach, gates):
+        cond = self._operands(node)[0]
+        return {cond} if isinstance(cond, fx.Node) and cond in reach else set()
+
+    def _apply(self, step, part, values):
+        cond, a, b = self._operands(step.node)
+        return torch.where(load_arg(values.__getitem__, cond), part(a), part(b))
+
+
+class Comparison(Rule):
+    """``a > b``, ``eq``, ...: a boolean mask of the total, context where it gates a decomposed
+    value (``x * (x > 0)``, ``torch.where(x > 0, ...)``); no rule on its own."""
+    kind = "comparison"
+    context_only = True
+    functions = (operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le,
+                 torch.eq, torch.ne, aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne)
+    methods = ("gt", "lt", "ge", "le", "eq", "ne")
+    row = ("comparisons (`>`, `<`, `eq`, ...) gating a decomposed value", "context: from the total", "")
+
+    def claim(self, graph, node, dep, module):
+        raise unsupported(node, "a comparison that gates no decomposed value")
+
+    def gate_like(self, graph, node, gates):
+        return True
 
 
 class Copy(Rule):
