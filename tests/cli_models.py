@@ -24,19 +24,19 @@ def factory() -> nn.Module:
         return TinyCNN()
 
 
-class Cumsum(nn.Module):
-    """A model with an op that has no CD rule (``cumsum``): ``fastacd run`` must refuse it cleanly."""
+class Sorted(nn.Module):
+    """A model with an op that has no CD rule (``sort``): ``fastacd run`` must refuse it cleanly."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return self.conv(x).flatten(1).cumsum(1)[:, :3]
+        return self.conv(x).flatten(1).sort(1)[0][:, :3]
 
 
 def unsupported() -> nn.Module:
-    return Cumsum()
+    return Sorted()
 
 
 def tiny_vit() -> nn.Module:

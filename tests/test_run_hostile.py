@@ -425,7 +425,7 @@ CLI_ERRORS = [  # extra arguments, words the one-line message must hold
     (["--class-index", "{tmp}/missing.json"], "needs --label folder"),
     (["--memory-budget", "-5"], "expected a positive size"),
     (["--num-iters", "0"], "--num-iters must be >= 1"),
-    (["--model", "cli_models:unsupported"], "cannot be decomposed: fastacd has no CD rule for method .cumsum"),
+    (["--model", "cli_models:unsupported"], "cannot be decomposed: fastacd has no CD rule for method .sort"),
 ]
 
 
