@@ -131,25 +131,25 @@ def test_token_linear_float32_close_to_float64():
 
 
 # ---------------------------------------------------------------------------- a new rule
-class Flip(Rule):
-    """``torch.flip``: part-wise (relevant ``f(r)``, irrelevant ``f(i)``), written with the
+class Rot90(Rule):
+    """``torch.rot90``: part-wise (relevant ``f(r)``, irrelevant ``f(i)``), written with the
     reference form only: the paired pass builds its relevant form from it."""
-    kind = "flip"
-    functions = (torch.flip,)
-    methods = ("flip",)
-    row = ("`torch.flip`", "`f(r)`", "`f(i)`")
+    kind = "rot90"
+    functions = (torch.rot90,)
+    methods = ("rot90",)
+    row = ("`torch.rot90`", "`f(r)`", "`f(i)`")
 
     def reference(self, step, parts, value_of, aux):
         r, i = parts[step.dep[0]]
         return (call_with(step, value_of, {step.dep[0]: r}), call_with(step, value_of, {step.dep[0]: i}))
 
 
-class FlipWithRelevant(Flip):
+class Rot90WithRelevant(Rot90):
     def relevant(self, step, rel, values, aux, ops, m):
         return call_with(step, values.__getitem__, {step.dep[0]: rel[step.dep[0]]})
 
 
-class FlipNet(nn.Module):
+class Rot90Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
@@ -157,24 +157,24 @@ class FlipNet(nn.Module):
         self.fc = nn.Linear(4 * 4 * 4, 3)
 
     def forward(self, x):
-        h = torch.flip(F.relu(self.conv1(x)), dims=[-1])
+        h = torch.rot90(F.relu(self.conv1(x)), 1, dims=[2, 3])
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return self.fc(h.flip(-2).flatten(1))
+        return self.fc(h.rot90(2, (2, 3)).flatten(1))
 
 
-@pytest.mark.parametrize("rule", [Flip, FlipWithRelevant])
+@pytest.mark.parametrize("rule", [Rot90, Rot90WithRelevant])
 @pytest.mark.parametrize("k", [1, 2])
 def test_a_rule_added_to_a_set_works_in_the_penalty(rule, k):
     """No edit in cdep.py: a rule with only a reference form (paired from it, ``i = a - r``
     with the totals repeated for K*N rows) or with a relevant form too."""
     torch.manual_seed(2)
-    model = FlipNet().double()
+    model = Rot90Net().double()
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     masks = (torch.rand((3, 8, 8) if k == 1 else (k, 3, 1, 8, 8), generator=torch.Generator().manual_seed(4))
              > 0.5).double()
     rules = fastacd.rules.DEFAULT.replace(rule())
     with pytest.raises(fastacd.UnsupportedOpError):
-        cdep.CDEPPenalty(model)  # the default set has no flip rule
+        cdep.CDEPPenalty(model)  # the default set has no rot90 rule
     ref_p, ref_g = _grads(model, cdep.CDEPPenalty(model, backend="reference", rules=rules), x, masks)
     for kw in ({}, {"fuse": False}, {"low_memory": False}):
         p, g = _grads(model, cdep.CDEPPenalty(model, rules=rules, **kw), x, masks, readme=False)

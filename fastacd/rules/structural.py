@@ -122,8 +122,11 @@ class Linear(PartWise):
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
         if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
             raise unsupported(node, "a flip across the batch dim")
-        if _along(node):  # flip / cumsum: the dims are checked against the input at each call
-            return Step(node, self, dep, extra={"dims": arg(node, 1, "dims" if "flip" in str(node.target) else "dim")})
+        if _along(node):  # flip / cumsum: negative dims are checked against the input at each call
+            dims = arg(node, 1, "dims" if "flip" in str(node.target) else "dim")
+            if _batch_dim(node, dims):
+                raise unsupported(node, "a flip or cumulative sum across the batch dim")
+            return Step(node, self, dep, extra={"dims": dims})
         if (node.target == "unfold" and node.op == "call_method" or op_is(node.target, aten.unfold)) and _batch_dim(
                 node, arg(node, 1, "dimension", 0)):
             raise unsupported(node, "sliding windows along the batch dim")
