@@ -340,9 +340,9 @@ def functionalise(gm: fx.GraphModule) -> None:
                                      f"or buffer {t.target!r} in forward()")
         pos = order[node]
         family = _view_family(t, order, pos)
-        if any(order[u] > pos for a in family if a is not t for u in a.users) and _write_back(gm, node, t, order):
-            continue
         if any(order[u] > pos for a in family if a is not t for u in a.users):
+            if _write_back(gm, node, t, order):
+                continue
             raise UnsupportedOpError(
                 f"fastacd cannot decompose {where}: it modifies in place a tensor that shares "
                 "memory with another value the model reads later (a view). Write the op out of "

@@ -7,7 +7,7 @@ from .affine import Affine
 from .attention import Einsum, MultiheadAttention, ScaledDotProductAttention, SwinWindowAttention
 from .gates import GLU, MatMul, Normaliser, Product
 from .cdt import cdt_rules
-from .base import ZERO_TOL, Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
+from .base import ZERO_TOL, ContextOnly, Elementwise, Rule, RuleSet, Sliding, Union, register_rule, unsupported  # noqa: F401
 from .norm import AddCMul, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, LocalResponseNorm, Normalize, RMSNorm
 from .pool import MaxPool, MaxReduce
 from .recurrent import Recurrent

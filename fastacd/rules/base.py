@@ -181,6 +181,20 @@ class Rule:
         return f"<{type(self).__name__} rule {self.kind!r}>"
 
 
+class ContextOnly(Rule):
+    """A value that is context wherever it modulates a decomposed one (a normaliser, a
+    comparison's mask; design.md section 8): computed from the total, no rule of its own.
+    ``alone`` says why a use that modulates nothing is refused."""
+    context_only = True
+    alone = ""
+
+    def claim(self, graph, node, dep, module):
+        raise unsupported(node, self.alone)
+
+    def gate_like(self, graph, node, gates):
+        return True
+
+
 def only_gates(node: fx.Node, reach: set, gates: set) -> bool:
     """Whether the node's input-dependent inputs are all gate-like (and there is one): an
     op on gates alone (a reshape, ``1 - g``, ``g1 * g2``) is gate-like too."""

@@ -17,26 +17,20 @@ import torch.nn.functional as F
 from ..capture.nodes import Step, arg, load_arg, op_is, operands
 from ..ops.precision import low_matmul
 from .attention import shared_matmul, without_subnormals
-from .base import Elementwise, Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
+from .base import ContextOnly, Elementwise, Rule, mask_dim, merge_masks, only_gates, per_mask, unsupported
 
 aten = torch.ops.aten
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", aten.matmul, aten.bmm)
 
 
-class Normaliser(Rule):
+class Normaliser(ContextOnly):
     """``rsqrt`` / ``reciprocal`` of an input-dependent value: a normaliser, context wherever it
     scales a decomposed value (``(x - mean) * torch.rsqrt(var + eps)``); no rule on its own."""
     kind = "normaliser"
-    context_only = True
     functions = (torch.rsqrt, torch.reciprocal, aten.rsqrt, aten.reciprocal)
     methods = ("rsqrt", "reciprocal")
     row = ("`rsqrt`, `reciprocal` scaling a decomposed value", "context: from the total", "")
-
-    def claim(self, graph, node, dep, module):
-        raise unsupported(node, "a normaliser that scales no decomposed value")
-
-    def gate_like(self, graph, node, gates):
-        return True
+    alone = "a normaliser that scales no decomposed value"
 
 
 class MatMul(Rule):

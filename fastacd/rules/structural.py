@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.nodes import Step, UnsupportedOpError, arg, call_with, describe_node, load_arg, op_is, operands
-from .base import (Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, per_mask, rel_shape,
+from .base import (ContextOnly, Elementwise, Rule, Union, mask_dim, merge_masks, only_gates, per_mask, rel_shape,
                    unsupported)
 
 aten = torch.ops.aten
@@ -82,11 +82,10 @@ class PartWise(Rule):
 
 
 def _along(node: fx.Node) -> bool:
-    """Whether the node flips or cumulatively sums along given dims (fx forms; ``aten.flip`` is
-    checked on its graph's shapes)."""
+    """Whether the node flips or cumulatively sums along given dims."""
     if node.op == "call_method":
         return node.target in ("flip", "cumsum")
-    return node.op == "call_function" and op_is(node.target, torch.flip, torch.cumsum, aten.cumsum)
+    return node.op == "call_function" and op_is(node.target, torch.flip, torch.cumsum, aten.flip, aten.cumsum)
 
 
 class Linear(PartWise):
@@ -120,10 +119,8 @@ class Linear(PartWise):
                                         "would see random masks. Pass training=self.training and "
                                         "call model.eval()")
             return Step(node, self, dep, fn=_identity, extra={"identity": True})
-        if op_is(node.target, aten.flip) and _batch_dim(node, arg(node, 1, "dims", ())):
-            raise unsupported(node, "a flip across the batch dim")
-        if _along(node):  # flip / cumsum: negative dims are checked against the input at each call
-            dims = arg(node, 1, "dims" if "flip" in str(node.target) else "dim")
+        if _along(node):  # flip / cumsum: negative dims without shapes are checked at each call (total)
+            dims = arg(node, 1, "dims", node.kwargs.get("dim"))  # flip's dims, cumsum's dim
             if _batch_dim(node, dims):
                 raise unsupported(node, "a flip or cumulative sum across the batch dim")
             return Step(node, self, dep, extra={"dims": dims})
@@ -571,14 +568,14 @@ class _ConstantsIrrelevant(Rule):
     (0 in the relevant one), as a constant added does: the op runs on each mask's operands,
     (m, *total) each, the masks then back in dim 0."""
 
-    def _apply(self, step, part, values) -> torch.Tensor:
+    def _apply(self, step, part, value_of) -> torch.Tensor:
         """The op on ``part(operand)`` ((m, *its total), or a constant) -> (m, *output)."""
         raise NotImplementedError
 
     @staticmethod
-    def _part(step, values, rel, irrelevant: bool = False):
+    def _part(step, value_of, rel, irrelevant: bool = False):
         def part(t):
-            total = load_arg(values.__getitem__, t)
+            total = load_arg(value_of, t)
             if t in step.dep:
                 return per_mask(rel[t], total.shape)
             if not isinstance(total, torch.Tensor):
@@ -587,13 +584,12 @@ class _ConstantsIrrelevant(Rule):
         return part
 
     def reference(self, step, parts, value_of, aux):
-        values = _Values(value_of)
-        r = self._apply(step, self._part(step, values, {d: parts[d][0] for d in step.dep}), values)
-        i = self._apply(step, self._part(step, values, {d: parts[d][1] for d in step.dep}, True), values)
+        r = self._apply(step, self._part(step, value_of, {d: parts[d][0] for d in step.dep}), value_of)
+        i = self._apply(step, self._part(step, value_of, {d: parts[d][1] for d in step.dep}, True), value_of)
         return merge_masks(r, 0), merge_masks(i, 0)
 
     def relevant(self, step, rel, values, aux, ops, m):
-        return merge_masks(self._apply(step, self._part(step, values, rel), values), 0)
+        return merge_masks(self._apply(step, self._part(step, values.__getitem__, rel), values.__getitem__), 0)
 
 
 class Scatter(_ConstantsIrrelevant):
@@ -613,7 +609,7 @@ class Scatter(_ConstantsIrrelevant):
             raise unsupported(node, "a write across the batch dim")
         return Step(node, self, dep)
 
-    def _apply(self, step, part, values):
+    def _apply(self, step, part, value_of):
         node = step.node
         target, source = (part(t) for t in node.args[:2])
         m = max(target.shape[0], source.shape[0])
@@ -653,26 +649,20 @@ class Where(_ConstantsIrrelevant):
         cond = self._operands(node)[0]
         return {cond} if isinstance(cond, fx.Node) and cond in reach else set()
 
-    def _apply(self, step, part, values):
+    def _apply(self, step, part, value_of):
         cond, a, b = self._operands(step.node)
-        return torch.where(load_arg(values.__getitem__, cond), part(a), part(b))
+        return torch.where(load_arg(value_of, cond), part(a), part(b))
 
 
-class Comparison(Rule):
+class Comparison(ContextOnly):
     """``a > b``, ``eq``, ...: a boolean mask of the total, context where it gates a decomposed
     value (``x * (x > 0)``, ``torch.where(x > 0, ...)``); no rule on its own."""
     kind = "comparison"
-    context_only = True
     functions = (operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le,
                  torch.eq, torch.ne, aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne)
     methods = ("gt", "lt", "ge", "le", "eq", "ne")
     row = ("comparisons (`>`, `<`, `eq`, ...) gating a decomposed value", "context: from the total", "")
-
-    def claim(self, graph, node, dep, module):
-        raise unsupported(node, "a comparison that gates no decomposed value")
-
-    def gate_like(self, graph, node, gates):
-        return True
+    alone = "a comparison that gates no decomposed value"
 
 
 class Copy(Rule):
@@ -702,16 +692,6 @@ class Copy(Rule):
     def relevant(self, step, rel, values, aux, ops, m):
         view, src = step.node.args[:2]
         return rel[src] if src in step.dep else torch.zeros_like(rel[view])
-
-
-class _Values:
-    """``value_of`` as a mapping (what ``Scatter._part`` reads)."""
-
-    def __init__(self, value_of):
-        self.value_of = value_of
-
-    def __getitem__(self, n):
-        return self.value_of(n)
 
 
 class Roll(PartWise):
